@@ -1,0 +1,261 @@
+//! Extreme eigenpairs of a symmetric operator known only through products
+//! (SPEC §4): a thick-restarted block Krylov method (block Davidson with the
+//! identity preconditioner, which spans the same space as block Lanczos) with
+//! full re-orthogonalization, Rayleigh–Ritz on the operator itself, and a
+//! residual test relative to an estimate of `‖Op‖₂`.
+//!
+//! Everything is block (BLAS-3) work: one product `Op · X` per block, Gram
+//! matrices with GEMM, two passes of classical Gram–Schmidt.
+
+use faer::{Accum, Mat, MatRef, Par};
+
+/// A symmetric linear operator on `R^dim`.
+pub trait SymmetricOperator: Sync {
+    fn dim(&self) -> usize;
+    /// `Op · X` for a block `X` (`dim × k`).
+    fn apply(&self, x: MatRef<'_, f64>) -> Mat<f64>;
+}
+
+#[derive(Clone, Debug)]
+pub struct KrylovOptions {
+    /// Pairs that must reach `tol`.
+    pub nev: usize,
+    /// Further pairs (after the first `nev`) that must reach `loose_tol`; used to
+    /// measure the gap `λ_{nev+1} − λ_nev`.
+    pub extra: usize,
+    /// Vectors added per step.
+    pub block: usize,
+    /// Largest basis before a thick restart.
+    pub max_basis: usize,
+    /// Residual tolerance relative to the `‖Op‖₂` estimate.
+    pub tol: f64,
+    pub loose_tol: f64,
+    /// Budget of single-vector operator applications.
+    pub max_applications: usize,
+    /// Seed of the (deterministic) random start block.
+    pub seed: u64,
+    /// Seek the largest eigenvalues instead of the smallest.
+    pub largest: bool,
+    pub par: Par,
+}
+
+#[derive(Clone, Debug)]
+pub struct KrylovResult {
+    /// `nev + extra` Ritz values, ascending (descending when `largest`).
+    pub values: Vec<f64>,
+    /// The matching Ritz vectors, `dim × (nev + extra)`.
+    pub vectors: Mat<f64>,
+    /// Residuals `‖Op v − θ v‖ / ‖Op‖₂(est)` from the last Rayleigh–Ritz step.
+    pub residuals: Vec<f64>,
+    /// Largest `|θ|` ever seen: a lower bound on `‖Op‖₂`.
+    pub norm_estimate: f64,
+    pub applications: usize,
+    pub iterations: usize,
+    pub converged: bool,
+}
+
+/// SplitMix64-driven standard normal numbers: a fixed, platform-independent
+/// start block, so solves are reproducible.
+pub fn gaussian_block(n: usize, k: usize, seed: u64) -> Mat<f64> {
+    let mut state = seed ^ 0x9E37_79B9_7F4A_7C15;
+    let mut next = || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        ((z >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    };
+    Mat::from_fn(n, k, |_, _| {
+        let (u1, u2) = (next(), next());
+        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+    })
+}
+
+fn matmul(dst: faer::MatMut<'_, f64>, beta: Accum, a: MatRef<'_, f64>, b: MatRef<'_, f64>, alpha: f64, par: Par) {
+    faer::linalg::matmul::matmul(dst, beta, a, b, alpha, par);
+}
+
+/// Orthonormalize the columns of `t` against the orthonormal `basis` and among
+/// themselves; columns that vanish (already in the span) are dropped, and
+/// replaced by fresh random directions when nothing is left.
+fn orthonormalize_against(basis: MatRef<'_, f64>, mut t: Mat<f64>, seed: u64, par: Par) -> Mat<f64> {
+    let n = t.nrows();
+    let p = basis.ncols();
+    let room = n.saturating_sub(p);
+    for attempt in 0..4u64 {
+        let norms: Vec<f64> = (0..t.ncols()).map(|j| t.col(j).norm_l2()).collect();
+        // Two passes of block classical Gram–Schmidt against the basis.
+        for _ in 0..2 {
+            if p > 0 {
+                let mut c = Mat::<f64>::zeros(p, t.ncols());
+                matmul(c.as_mut(), Accum::Replace, basis.transpose(), t.as_ref(), 1.0, par);
+                matmul(t.as_mut(), Accum::Add, basis, c.as_ref(), -1.0, par);
+            }
+        }
+        // Within the block: column-wise Gram–Schmidt, twice, dropping dependent columns.
+        let mut kept: Vec<faer::Col<f64>> = Vec::new();
+        for j in 0..t.ncols() {
+            if kept.len() >= room {
+                break;
+            }
+            let mut v = t.col(j).to_owned();
+            for _ in 0..2 {
+                for q in &kept {
+                    let d = q.transpose() * &v;
+                    v -= q * faer::Scale(d);
+                }
+                if p > 0 {
+                    let mut c = Mat::<f64>::zeros(p, 1);
+                    matmul(c.as_mut(), Accum::Replace, basis.transpose(), v.as_mat(), 1.0, Par::Seq);
+                    let mut vm = v.as_mat_mut();
+                    matmul(vm.as_mut(), Accum::Add, basis, c.as_ref(), -1.0, Par::Seq);
+                }
+            }
+            let nv = v.norm_l2();
+            if nv > 1e-10 * norms[j] && nv > 0.0 && nv.is_finite() {
+                v *= faer::Scale(1.0 / nv);
+                kept.push(v);
+            }
+        }
+        if !kept.is_empty() || room == 0 {
+            return Mat::from_fn(n, kept.len(), |i, j| kept[j][i]);
+        }
+        t = gaussian_block(n, t.ncols().min(room).max(1), seed.wrapping_add(attempt + 1));
+    }
+    Mat::zeros(n, 0)
+}
+
+/// Symmetric eigen-decomposition of a small dense matrix, ascending.
+pub fn small_eigh(h: MatRef<'_, f64>) -> (Vec<f64>, Mat<f64>) {
+    let k = h.nrows();
+    let hs = Mat::from_fn(k, k, |i, j| 0.5 * (h[(i, j)] + h[(j, i)]));
+    let evd = hs
+        .self_adjoint_eigen(faer::Side::Lower)
+        .expect("symmetric eigendecomposition of a finite matrix");
+    let s = evd.S();
+    let mut order: Vec<usize> = (0..k).collect();
+    order.sort_by(|&a, &b| s[a].total_cmp(&s[b]));
+    let values = order.iter().map(|&i| s[i]).collect();
+    let u = evd.U();
+    let vectors = Mat::from_fn(k, k, |i, j| u[(i, order[j])]);
+    (values, vectors)
+}
+
+/// The `nev + extra` extreme eigenpairs of `op` (see the module docs).
+pub fn block_krylov(op: &dyn SymmetricOperator, opts: &KrylovOptions) -> KrylovResult {
+    let n = op.dim();
+    let sign = if opts.largest { -1.0 } else { 1.0 };
+    let apply = |x: MatRef<'_, f64>| {
+        let mut y = op.apply(x);
+        if opts.largest {
+            y *= faer::Scale(-1.0);
+        }
+        y
+    };
+    let want = (opts.nev + opts.extra).min(n);
+    let block = opts.block.max(want).min(n).max(1);
+    let max_basis = opts.max_basis.max(2 * block + want).min(n);
+
+    let mut basis = orthonormalize_against(Mat::<f64>::zeros(n, 0).as_ref(), gaussian_block(n, block, opts.seed), opts.seed, opts.par);
+    let mut image = apply(basis.as_ref());
+    let mut applications = basis.ncols();
+    let mut h = Mat::<f64>::zeros(basis.ncols(), basis.ncols());
+    matmul(h.as_mut(), Accum::Replace, basis.transpose(), image.as_ref(), 1.0, opts.par);
+    let mut norm_estimate: f64 = 0.0;
+    let mut iterations = 0;
+
+    loop {
+        iterations += 1;
+        let p = basis.ncols();
+        let (theta, u) = small_eigh(h.as_ref());
+        norm_estimate = norm_estimate.max(theta[0].abs()).max(theta[p - 1].abs());
+        let scale = if norm_estimate > 0.0 { norm_estimate } else { 1.0 };
+        let k = block.max(want).min(p);
+        let uk = u.subcols(0, k);
+        let mut ritz = Mat::<f64>::zeros(n, k);
+        matmul(ritz.as_mut(), Accum::Replace, basis.as_ref(), uk, 1.0, opts.par);
+        let mut resid = Mat::<f64>::zeros(n, k);
+        matmul(resid.as_mut(), Accum::Replace, image.as_ref(), uk, 1.0, opts.par);
+        for j in 0..k {
+            let th = theta[j];
+            let mut rj = resid.col_mut(j);
+            rj -= ritz.col(j) * faer::Scale(th);
+        }
+        let res: Vec<f64> = (0..k).map(|j| resid.col(j).norm_l2() / scale).collect();
+        let done = p >= n
+            || ((0..want.min(k)).all(|j| res[j] <= if j < opts.nev { opts.tol } else { opts.loose_tol })
+                && k >= want);
+        if done || applications >= opts.max_applications {
+            let converged = done;
+            return KrylovResult {
+                values: theta[..want.min(p)].iter().map(|t| sign * t).collect(),
+                vectors: ritz.subcols(0, want.min(k)).to_owned(),
+                residuals: res[..want.min(k)].to_vec(),
+                norm_estimate,
+                applications,
+                iterations,
+                converged,
+            };
+        }
+        // Expand with the residuals of the pairs not yet converged.
+        let pending: Vec<usize> = (0..k)
+            .filter(|&j| res[j] > if j < opts.nev { opts.tol } else { opts.loose_tol })
+            .collect();
+        let expand = Mat::from_fn(n, pending.len(), |i, j| resid[(i, pending[j])]);
+        // Thick restart: keep the best Ritz vectors when the basis is full.
+        if p + expand.ncols() > max_basis {
+            let keep = (max_basis / 2).max(want + block).min(p);
+            basis = ritz_subspace(basis.as_ref(), u.subcols(0, keep), opts.par);
+            image = ritz_subspace(image.as_ref(), u.subcols(0, keep), opts.par);
+            h = Mat::from_fn(keep, keep, |i, j| if i == j { theta[i] } else { 0.0 });
+        }
+        let p = basis.ncols();
+        let fresh = orthonormalize_against(basis.as_ref(), expand, opts.seed.wrapping_add(iterations as u64 * 7919), opts.par);
+        let t = fresh.ncols();
+        if t == 0 {
+            // The basis spans an invariant subspace of dimension n.
+            let (theta, u) = small_eigh(h.as_ref());
+            let uk = u.subcols(0, want.min(p));
+            let mut ritz = Mat::<f64>::zeros(n, uk.ncols());
+            matmul(ritz.as_mut(), Accum::Replace, basis.as_ref(), uk, 1.0, opts.par);
+            return KrylovResult {
+                values: theta[..uk.ncols()].iter().map(|t| sign * t).collect(),
+                vectors: ritz,
+                residuals: vec![0.0; uk.ncols()],
+                norm_estimate,
+                applications,
+                iterations,
+                converged: true,
+            };
+        }
+        let fresh_image = apply(fresh.as_ref());
+        applications += t;
+        // H gains the new columns: Vᵀ (Op T) and Tᵀ (Op T).
+        let mut hv = Mat::<f64>::zeros(p, t);
+        matmul(hv.as_mut(), Accum::Replace, basis.transpose(), fresh_image.as_ref(), 1.0, opts.par);
+        let mut ht = Mat::<f64>::zeros(t, t);
+        matmul(ht.as_mut(), Accum::Replace, fresh.transpose(), fresh_image.as_ref(), 1.0, opts.par);
+        let mut h2 = Mat::<f64>::zeros(p + t, p + t);
+        h2.submatrix_mut(0, 0, p, p).copy_from(h.as_ref());
+        h2.submatrix_mut(0, p, p, t).copy_from(hv.as_ref());
+        h2.submatrix_mut(p, 0, t, p).copy_from(hv.transpose());
+        h2.submatrix_mut(p, p, t, t).copy_from(ht.as_ref());
+        h = h2;
+        basis = hcat(basis.as_ref(), fresh.as_ref());
+        image = hcat(image.as_ref(), fresh_image.as_ref());
+    }
+}
+
+fn ritz_subspace(v: MatRef<'_, f64>, u: MatRef<'_, f64>, par: Par) -> Mat<f64> {
+    let mut out = Mat::<f64>::zeros(v.nrows(), u.ncols());
+    matmul(out.as_mut(), Accum::Replace, v, u, 1.0, par);
+    out
+}
+
+fn hcat(a: MatRef<'_, f64>, b: MatRef<'_, f64>) -> Mat<f64> {
+    let mut out = Mat::<f64>::zeros(a.nrows(), a.ncols() + b.ncols());
+    out.subcols_mut(0, a.ncols()).copy_from(a);
+    out.subcols_mut(a.ncols(), b.ncols()).copy_from(b);
+    out
+}

@@ -1,0 +1,59 @@
+//! One error type for the whole core. Each variant maps to one Python exception
+//! class (`python/lora_da/errors.py`); messages name the offending value and,
+//! where the caller gave one, the module (`Error::context`).
+
+use std::fmt;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Error {
+    /// An array has the wrong shape or length.
+    Shape(String),
+    /// NaN or ±inf where a finite number is required.
+    NonFinite(String),
+    /// A scalar argument is out of its domain (rank, n_pop, damping, ...).
+    InvalidArgument(String),
+    /// `Z + λI` is not numerically positive definite (SPEC §3 step 1).
+    NotPositiveDefinite(String),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    pub fn message(&self) -> &str {
+        match self {
+            Error::Shape(m) | Error::NonFinite(m) | Error::InvalidArgument(m) | Error::NotPositiveDefinite(m) => m,
+        }
+    }
+
+    /// Prefix the message with the module (or other object) it concerns.
+    pub fn context(self, name: &str) -> Error {
+        if name.is_empty() {
+            return self;
+        }
+        let wrap = |m: String| format!("{name}: {m}");
+        match self {
+            Error::Shape(m) => Error::Shape(wrap(m)),
+            Error::NonFinite(m) => Error::NonFinite(wrap(m)),
+            Error::InvalidArgument(m) => Error::InvalidArgument(wrap(m)),
+            Error::NotPositiveDefinite(m) => Error::NotPositiveDefinite(wrap(m)),
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.message())
+    }
+}
+
+impl std::error::Error for Error {}
+
+/// The first non-finite entry of `values`, as an error naming `what` and the index.
+pub fn check_finite(what: &str, values: impl IntoIterator<Item = f64>) -> Result<()> {
+    for (i, v) in values.into_iter().enumerate() {
+        if !v.is_finite() {
+            return Err(Error::NonFinite(format!("{what} has a non-finite value {v} at flat index {i}")));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,576 @@
+//! Streaming K-FAC factors (SPEC §2).
+//!
+//! * [`InputFactor`]: `Σ_t x_t x_tᵀ` over token rows, one triangle, float64;
+//!   `Z = (1/T) Σ_t x_t x_tᵀ`.
+//! * [`OutputFactor`]: `Σ_t g_t ⊙ g_t`, float64; `y = (1/T) Σ_t g_t ⊙ g_t`;
+//!   optionally the per-sample sums `u_s = Σ_{t∈s} g_t` (`sequence_lowrank`).
+//!
+//! Precision: a product of two float32 (or bfloat16) numbers is exact in
+//! float64, so the only rounding is in the sums. Within one chunk of at most
+//! [`TOKEN_CHUNK`] rows a float64 GEMM sums exact products (worst-case relative
+//! error `TOKEN_CHUNK · 2⁻⁵³ ≈ 2.3e-13` of `Σ|x_i x_j|`); chunk results are
+//! added to the running total with Neumaier compensation, so the error does
+//! not grow with the length of the stream.
+//!
+//! Determinism: the work is split into column panels of the triangle; each
+//! panel is computed sequentially in a fixed order by one thread. The result
+//! is therefore bit-identical whatever the number of threads.
+
+use faer::{Accum, MatMut, MatRef, Par};
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+
+/// Rows per float64 GEMM along the token axis (see the module docs).
+pub const TOKEN_CHUNK: usize = 2048;
+/// Width of one column panel of the triangle: the unit of parallel work.
+const PANEL: usize = 96;
+
+/// A flat buffer of Neumaier-compensated float64 sums.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CompensatedSum {
+    sum: Vec<f64>,
+    comp: Vec<f64>,
+}
+
+impl CompensatedSum {
+    pub fn zeros(len: usize) -> Self {
+        Self { sum: vec![0.0; len], comp: vec![0.0; len] }
+    }
+
+    pub fn len(&self) -> usize {
+        self.sum.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sum.is_empty()
+    }
+
+    /// The compensated value of entry `i`.
+    #[inline]
+    pub fn value(&self, i: usize) -> f64 {
+        self.sum[i] + self.comp[i]
+    }
+
+    pub fn values(&self) -> Vec<f64> {
+        (0..self.len()).map(|i| self.value(i)).collect()
+    }
+
+    /// Add `other` entry-wise (sum and compensation), keeping compensation.
+    pub fn merge(&mut self, other: &CompensatedSum) {
+        assert_eq!(self.len(), other.len());
+        for i in 0..self.len() {
+            neumaier(&mut self.sum[i], &mut self.comp[i], other.sum[i]);
+            neumaier(&mut self.sum[i], &mut self.comp[i], other.comp[i]);
+        }
+    }
+
+    fn parts_mut(&mut self) -> (&mut [f64], &mut [f64]) {
+        (&mut self.sum, &mut self.comp)
+    }
+}
+
+/// `s + c ← s + c + v` with the rounding error of `s + v` kept in `c`.
+#[inline(always)]
+fn neumaier(s: &mut f64, c: &mut f64, v: f64) {
+    let t = *s + v;
+    if s.abs() >= v.abs() {
+        *c += (*s - t) + v;
+    } else {
+        *c += (v - t) + *s;
+    }
+    *s = t;
+}
+
+/// Offset of column `j` in the packed lower triangle (column-major, rows `j..n`).
+#[inline]
+pub fn packed_col_start(n: usize, j: usize) -> usize {
+    j * n - (j * (j + 1)) / 2 + j
+}
+
+/// Length of a packed `n × n` triangle.
+#[inline]
+pub fn packed_len(n: usize) -> usize {
+    n * (n + 1) / 2
+}
+
+/// Something that can write rows `t0..t1` of a `(T, n)` matrix into a
+/// row-major float64 buffer of `(t1 - t0) · n` entries. The binding layer
+/// implements it for float32, float64 and bfloat16-bit arrays of any strides.
+pub trait RowSource: Sync {
+    fn rows(&self) -> usize;
+    fn cols(&self) -> usize;
+    fn fill(&self, t0: usize, t1: usize, out: &mut [f64]);
+}
+
+/// A row-major float64 slice as a [`RowSource`].
+pub struct DenseRows<'a> {
+    pub data: &'a [f64],
+    pub cols: usize,
+}
+
+impl RowSource for DenseRows<'_> {
+    fn rows(&self) -> usize {
+        if self.cols == 0 {
+            0
+        } else {
+            self.data.len() / self.cols
+        }
+    }
+    fn cols(&self) -> usize {
+        self.cols
+    }
+    fn fill(&self, t0: usize, t1: usize, out: &mut [f64]) {
+        out.copy_from_slice(&self.data[t0 * self.cols..t1 * self.cols]);
+    }
+}
+
+/// Check every value of `src` is finite before anything is accumulated, so that
+/// a bad batch leaves the accumulator exactly as it was.
+fn validate_rows(src: &dyn RowSource, what: &str) -> Result<()> {
+    let (t, n) = (src.rows(), src.cols());
+    let mut buf = vec![0.0; TOKEN_CHUNK.min(t.max(1)) * n];
+    let mut t0 = 0;
+    while t0 < t {
+        let t1 = (t0 + TOKEN_CHUNK).min(t);
+        let chunk = &mut buf[..(t1 - t0) * n];
+        src.fill(t0, t1, chunk);
+        if let Some(k) = chunk.iter().position(|v| !v.is_finite()) {
+            return Err(Error::NonFinite(format!(
+                "{what}: non-finite value {} at row {}, column {}",
+                chunk[k],
+                t0 + k / n,
+                k % n
+            )));
+        }
+        t0 = t1;
+    }
+    Ok(())
+}
+
+/// Streaming accumulator of `Σ_t x_t x_tᵀ` (SPEC §2, input factor `Z`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct InputFactor {
+    n: usize,
+    tokens: u64,
+    /// Packed lower triangle, column-major.
+    gram: CompensatedSum,
+}
+
+impl InputFactor {
+    pub fn new(n: usize) -> Result<Self> {
+        if n == 0 {
+            return Err(Error::InvalidArgument("InputFactor: n must be at least 1, got 0".into()));
+        }
+        Ok(Self { n, tokens: 0, gram: CompensatedSum::zeros(packed_len(n)) })
+    }
+
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    pub fn tokens(&self) -> u64 {
+        self.tokens
+    }
+
+    /// Add the token rows of `src` (`T × n`). Validates everything first.
+    pub fn add_rows(&mut self, src: &dyn RowSource) -> Result<()> {
+        if src.cols() != self.n {
+            return Err(Error::Shape(format!(
+                "InputFactor.add: rows have {} columns, the factor has n = {}",
+                src.cols(),
+                self.n
+            )));
+        }
+        validate_rows(src, "InputFactor.add")?;
+        let (t, n) = (src.rows(), self.n);
+        let mut buf = vec![0.0; TOKEN_CHUNK.min(t.max(1)) * n];
+        let mut t0 = 0;
+        while t0 < t {
+            let t1 = (t0 + TOKEN_CHUNK).min(t);
+            let chunk = &mut buf[..(t1 - t0) * n];
+            src.fill(t0, t1, chunk);
+            self.add_chunk(chunk, t1 - t0);
+            t0 = t1;
+        }
+        self.tokens += t as u64;
+        Ok(())
+    }
+
+    /// Add one chunk of `tc` rows (row-major, `tc × n`): `Σ x xᵀ` panel by panel.
+    fn add_chunk(&mut self, rows: &[f64], tc: usize) {
+        let n = self.n;
+        // Rows of X are the columns of the column-major n × tc matrix Xᵀ.
+        let xt = MatRef::from_column_major_slice(rows, n, tc);
+        let (sum, comp) = self.gram.parts_mut();
+        // Split the packed triangle into the disjoint slices of each panel.
+        let mut panels: Vec<(usize, &mut [f64], &mut [f64])> = Vec::new();
+        let (mut rest_s, mut rest_c) = (sum, comp);
+        let mut j0 = 0;
+        while j0 < n {
+            let j1 = (j0 + PANEL).min(n);
+            let len = packed_col_start(n, j1) - packed_col_start(n, j0);
+            let (s, rs) = std::mem::take(&mut rest_s).split_at_mut(len);
+            let (c, rc) = std::mem::take(&mut rest_c).split_at_mut(len);
+            panels.push((j0, s, c));
+            rest_s = rs;
+            rest_c = rc;
+            j0 = j1;
+        }
+        panels.into_par_iter().for_each(|(j0, s, c)| {
+            let w = PANEL.min(n - j0);
+            let h = n - j0;
+            let mut block = faer::Mat::<f64>::zeros(h, w);
+            // block = Xᵀ[j0.., :] · X[:, j0..j0+w]
+            faer::linalg::matmul::matmul(
+                block.as_mut(),
+                Accum::Replace,
+                xt.submatrix(j0, 0, h, tc),
+                xt.submatrix(j0, 0, w, tc).transpose(),
+                1.0,
+                Par::Seq,
+            );
+            let base = packed_col_start(n, j0);
+            for jj in 0..w {
+                let j = j0 + jj;
+                let off = packed_col_start(n, j) - base;
+                let col = block.col(jj);
+                for i in j..n {
+                    let k = off + (i - j);
+                    neumaier(&mut s[k], &mut c[k], col[i - j0]);
+                }
+            }
+        });
+    }
+
+    /// Add a precomputed partial Gram matrix `Σ x xᵀ` over `tokens` rows (its
+    /// lower triangle is read), e.g. one formed on a GPU.
+    pub fn add_gram(&mut self, gram: MatRef<'_, f64>, tokens: u64) -> Result<()> {
+        let n = self.n;
+        if gram.nrows() != n || gram.ncols() != n {
+            return Err(Error::Shape(format!(
+                "InputFactor.add_gram: expected a ({n}, {n}) matrix, got ({}, {})",
+                gram.nrows(),
+                gram.ncols()
+            )));
+        }
+        for j in 0..n {
+            for i in j..n {
+                let v = gram[(i, j)];
+                if !v.is_finite() {
+                    return Err(Error::NonFinite(format!(
+                        "InputFactor.add_gram: non-finite value {v} at ({i}, {j})"
+                    )));
+                }
+            }
+        }
+        let (s, c) = self.gram.parts_mut();
+        for j in 0..n {
+            let off = packed_col_start(n, j);
+            for i in j..n {
+                neumaier(&mut s[off + i - j], &mut c[off + i - j], gram[(i, j)]);
+            }
+        }
+        self.tokens += tokens;
+        Ok(())
+    }
+
+    pub fn merge(&mut self, other: &InputFactor) -> Result<()> {
+        if other.n != self.n {
+            return Err(Error::Shape(format!(
+                "InputFactor.merge: n = {} cannot merge into n = {}",
+                other.n, self.n
+            )));
+        }
+        self.gram.merge(&other.gram);
+        self.tokens += other.tokens;
+        Ok(())
+    }
+
+    /// The packed lower triangle of `Σ x xᵀ` (compensated values).
+    pub fn packed_sum(&self) -> Vec<f64> {
+        self.gram.values()
+    }
+
+    /// Rebuild from a packed triangle (as written by [`Self::packed_sum`]).
+    pub fn from_packed(n: usize, packed: &[f64], tokens: u64) -> Result<Self> {
+        let mut f = Self::new(n)?;
+        if packed.len() != packed_len(n) {
+            return Err(Error::Shape(format!(
+                "InputFactor: a packed triangle for n = {n} has {} entries, got {}",
+                packed_len(n),
+                packed.len()
+            )));
+        }
+        crate::error::check_finite("InputFactor packed triangle", packed.iter().copied())?;
+        f.gram.sum.copy_from_slice(packed);
+        f.tokens = tokens;
+        Ok(f)
+    }
+
+    /// Write `(1/T) Σ x xᵀ` (or the plain sum when `mean` is false) into a
+    /// dense symmetric `n × n` matrix.
+    pub fn write_dense(&self, mut out: MatMut<'_, f64>, mean: bool) {
+        let n = self.n;
+        let scale = if mean && self.tokens > 0 { 1.0 / self.tokens as f64 } else { 1.0 };
+        for j in 0..n {
+            let off = packed_col_start(n, j);
+            for i in j..n {
+                let v = self.gram.value(off + i - j) * scale;
+                out[(i, j)] = v;
+                out[(j, i)] = v;
+            }
+        }
+    }
+
+    /// `Z = (1/T) Σ_t x_t x_tᵀ` as a dense matrix (SPEC §2).
+    pub fn mean(&self) -> Result<faer::Mat<f64>> {
+        if self.tokens == 0 {
+            return Err(Error::InvalidArgument("InputFactor.mean: no token has been added".into()));
+        }
+        let mut z = faer::Mat::zeros(self.n, self.n);
+        self.write_dense(z.as_mut(), true);
+        Ok(z)
+    }
+}
+
+/// Streaming accumulator of `Σ_t g_t ⊙ g_t` (SPEC §2, output factor `y`) and,
+/// optionally, of the per-sample sums `u_s = Σ_{t∈s} g_t`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OutputFactor {
+    m: usize,
+    tokens: u64,
+    samples: u64,
+    sumsq: CompensatedSum,
+    /// `u_s`, sample-major (`samples × m`), when per-sample sums are kept.
+    sample_sums: Option<Vec<f64>>,
+}
+
+impl OutputFactor {
+    pub fn new(m: usize, per_sample: bool) -> Result<Self> {
+        if m == 0 {
+            return Err(Error::InvalidArgument("OutputFactor: m must be at least 1, got 0".into()));
+        }
+        Ok(Self {
+            m,
+            tokens: 0,
+            samples: 0,
+            sumsq: CompensatedSum::zeros(m),
+            sample_sums: per_sample.then(Vec::new),
+        })
+    }
+
+    pub fn m(&self) -> usize {
+        self.m
+    }
+    pub fn tokens(&self) -> u64 {
+        self.tokens
+    }
+    pub fn samples(&self) -> u64 {
+        self.samples
+    }
+    pub fn keeps_sample_sums(&self) -> bool {
+        self.sample_sums.is_some()
+    }
+
+    /// Add the rows of `src` (`T × m`). `sample_lengths`, when given, splits
+    /// the rows into consecutive samples (it must sum to `T`); per-sample sums
+    /// are recorded when this factor keeps them.
+    pub fn add_rows(&mut self, src: &dyn RowSource, sample_lengths: Option<&[usize]>) -> Result<()> {
+        let (t, m) = (src.rows(), self.m);
+        if src.cols() != m {
+            return Err(Error::Shape(format!(
+                "OutputFactor.add: rows have {} columns, the factor has m = {m}",
+                src.cols()
+            )));
+        }
+        if let Some(lens) = sample_lengths {
+            let total: usize = lens.iter().sum();
+            if total != t {
+                return Err(Error::Shape(format!(
+                    "OutputFactor.add: sample_lengths sum to {total}, but there are {t} rows"
+                )));
+            }
+        } else if self.sample_sums.is_some() {
+            return Err(Error::InvalidArgument(
+                "OutputFactor.add: this factor keeps per-sample sums; pass sample_lengths".into(),
+            ));
+        }
+        validate_rows(src, "OutputFactor.add")?;
+        let mut rows = vec![0.0; t * m];
+        src.fill(0, t, &mut rows);
+        // Column blocks in parallel; each column summed sequentially over t.
+        let (s, c) = self.sumsq.parts_mut();
+        s.par_chunks_mut(256).zip(c.par_chunks_mut(256)).enumerate().for_each(|(b, (s, c))| {
+            let j0 = b * 256;
+            for r in 0..t {
+                let row = &rows[r * m + j0..r * m + j0 + s.len()];
+                for (k, g) in row.iter().enumerate() {
+                    neumaier(&mut s[k], &mut c[k], g * g);
+                }
+            }
+        });
+        if let (Some(lens), Some(sums)) = (sample_lengths, self.sample_sums.as_mut()) {
+            let mut r = 0;
+            for &len in lens {
+                let mut u = vec![0.0; m];
+                for row in rows[r * m..(r + len) * m].chunks_exact(m) {
+                    u.iter_mut().zip(row).for_each(|(u, g)| *u += g);
+                }
+                sums.extend_from_slice(&u);
+                r += len;
+            }
+        }
+        self.tokens += t as u64;
+        self.samples += sample_lengths.map_or(0, |l| l.len() as u64);
+        Ok(())
+    }
+
+    /// Add precomputed partial sums: `sumsq = Σ g ⊙ g` over `tokens` rows and,
+    /// when this factor keeps them, the per-sample sums (`k × m`, row-major).
+    pub fn add_sums(&mut self, sumsq: &[f64], tokens: u64, sample_sums: Option<(&[f64], usize)>) -> Result<()> {
+        let m = self.m;
+        if sumsq.len() != m {
+            return Err(Error::Shape(format!("OutputFactor.add_sums: expected {m} sums, got {}", sumsq.len())));
+        }
+        crate::error::check_finite("OutputFactor.add_sums", sumsq.iter().copied())?;
+        if let Some(k) = sumsq.iter().position(|v| *v < 0.0) {
+            return Err(Error::InvalidArgument(format!(
+                "OutputFactor.add_sums: sums of squares must be ≥ 0, got {} at {k}",
+                sumsq[k]
+            )));
+        }
+        match (sample_sums, self.sample_sums.is_some()) {
+            (Some((u, k)), true) => {
+                if u.len() != k * m {
+                    return Err(Error::Shape(format!(
+                        "OutputFactor.add_sums: sample sums of {k} samples need {} values, got {}",
+                        k * m,
+                        u.len()
+                    )));
+                }
+                crate::error::check_finite("OutputFactor.add_sums sample sums", u.iter().copied())?;
+            }
+            (None, true) => {
+                return Err(Error::InvalidArgument(
+                    "OutputFactor.add_sums: this factor keeps per-sample sums; pass them".into(),
+                ))
+            }
+            _ => {}
+        }
+        let (s, c) = self.sumsq.parts_mut();
+        for j in 0..m {
+            neumaier(&mut s[j], &mut c[j], sumsq[j]);
+        }
+        if let (Some((u, k)), Some(sums)) = (sample_sums, self.sample_sums.as_mut()) {
+            sums.extend_from_slice(u);
+            self.samples += k as u64;
+        }
+        self.tokens += tokens;
+        Ok(())
+    }
+
+    pub fn count_samples(&mut self, k: u64) {
+        if self.sample_sums.is_none() {
+            self.samples += k;
+        }
+    }
+
+    pub fn merge(&mut self, other: &OutputFactor) -> Result<()> {
+        if other.m != self.m || other.sample_sums.is_some() != self.sample_sums.is_some() {
+            return Err(Error::Shape(format!(
+                "OutputFactor.merge: (m = {}, per_sample = {}) cannot merge into (m = {}, per_sample = {})",
+                other.m,
+                other.sample_sums.is_some(),
+                self.m,
+                self.sample_sums.is_some()
+            )));
+        }
+        self.sumsq.merge(&other.sumsq);
+        if let (Some(a), Some(b)) = (self.sample_sums.as_mut(), other.sample_sums.as_ref()) {
+            a.extend_from_slice(b);
+        }
+        self.tokens += other.tokens;
+        self.samples += other.samples;
+        Ok(())
+    }
+
+    /// `Σ_t g_t ⊙ g_t` (compensated values).
+    pub fn sum(&self) -> Vec<f64> {
+        self.sumsq.values()
+    }
+
+    /// `y = (1/T) Σ_t g_t ⊙ g_t` (SPEC §2).
+    pub fn mean(&self) -> Result<Vec<f64>> {
+        if self.tokens == 0 {
+            return Err(Error::InvalidArgument("OutputFactor.mean: no token has been added".into()));
+        }
+        let t = self.tokens as f64;
+        Ok(self.sumsq.values().into_iter().map(|v| v / t).collect())
+    }
+
+    /// The per-sample sums `u_s` (`samples × m`, row-major), if kept.
+    pub fn sample_sums(&self) -> Option<&[f64]> {
+        self.sample_sums.as_deref()
+    }
+
+    pub fn from_parts(m: usize, sumsq: &[f64], tokens: u64, samples: u64, sample_sums: Option<Vec<f64>>) -> Result<Self> {
+        let mut f = Self::new(m, sample_sums.is_some())?;
+        if sumsq.len() != m {
+            return Err(Error::Shape(format!("OutputFactor: expected {m} sums, got {}", sumsq.len())));
+        }
+        crate::error::check_finite("OutputFactor sums", sumsq.iter().copied())?;
+        if let Some(u) = &sample_sums {
+            if u.len() != samples as usize * m {
+                return Err(Error::Shape(format!(
+                    "OutputFactor: {samples} samples need {} sample-sum values, got {}",
+                    samples as usize * m,
+                    u.len()
+                )));
+            }
+        }
+        f.sumsq.sum.copy_from_slice(sumsq);
+        f.tokens = tokens;
+        f.samples = samples;
+        f.sample_sums = sample_sums;
+        Ok(f)
+    }
+}
+
+/// Diagonal of `(λ I + U Uᵀ / N)⁻¹` by Woodbury (SPEC §2, `sequence_lowrank`):
+/// `(1/λ) (1 − diag(U (λ N I + Uᵀ U)⁻¹ Uᵀ))`, with `U = [u_1 … u_N]` (`m × N`,
+/// given sample-major as `N × m`). Costs `O(m N²)` rather than `O(m³)`.
+pub fn lowrank_output_precision(sample_sums: &[f64], m: usize, damping: f64) -> Result<Vec<f64>> {
+    if !(damping > 0.0) || !damping.is_finite() {
+        return Err(Error::InvalidArgument(format!(
+            "sequence_lowrank needs output damping > 0, got {damping}"
+        )));
+    }
+    if m == 0 || sample_sums.len() % m != 0 || sample_sums.is_empty() {
+        return Err(Error::Shape(format!(
+            "sequence_lowrank: {} sample-sum values do not form rows of length m = {m}",
+            sample_sums.len()
+        )));
+    }
+    crate::error::check_finite("sequence_lowrank sample sums", sample_sums.iter().copied())?;
+    let ns = sample_sums.len() / m;
+    // Uᵀ is N × m row-major, i.e. U is m × N column-major.
+    let u = MatRef::from_column_major_slice(sample_sums, m, ns);
+    let mut inner = faer::Mat::<f64>::zeros(ns, ns);
+    faer::linalg::matmul::matmul(inner.as_mut(), Accum::Replace, u.transpose(), u, 1.0, Par::Seq);
+    for i in 0..ns {
+        inner[(i, i)] += damping * ns as f64;
+    }
+    let llt = inner
+        .llt(faer::Side::Lower)
+        .map_err(|_| Error::NotPositiveDefinite("sequence_lowrank: λ N I + UᵀU is not positive definite".into()))?;
+    // diag(U M⁻¹ Uᵀ)_j = ‖L⁻¹ U_jᵀ‖² with M = L Lᵀ.
+    let mut w = u.transpose().to_owned();
+    faer::linalg::triangular_solve::solve_lower_triangular_in_place(llt.L(), w.as_mut(), Par::Seq);
+    Ok((0..m)
+        .map(|j| {
+            let q: f64 = w.col(j).iter().map(|v| v * v).sum();
+            (1.0 - q) / damping
+        })
+        .collect())
+}

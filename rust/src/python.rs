@@ -1,0 +1,613 @@
+//! The PyO3 binding: converts arrays, releases the GIL, maps errors. No math.
+
+use std::sync::Mutex;
+
+use faer::{Mat, MatRef};
+use numpy::ndarray::{Array1, Array2, ArrayView2};
+use numpy::{IntoPyArray, PyArray1, PyArray2, PyReadonlyArray1, PyReadonlyArray2};
+use pyo3::exceptions::PyRuntimeError;
+use pyo3::prelude::*;
+use pyo3::types::PyList;
+
+use crate::error::Error;
+use crate::factors::{self, RowSource};
+use crate::solve::{self as core_solve, Method, SolveOptions};
+
+/// Raise the Python exception class of `lora_da.errors` matching the variant.
+fn to_py(err: Error) -> PyErr {
+    let class = match err {
+        Error::Shape(_) => "ShapeError",
+        Error::NonFinite(_) => "NonFiniteError",
+        Error::InvalidArgument(_) => "InvalidArgumentError",
+        Error::NotPositiveDefinite(_) => "NotPositiveDefiniteError",
+    };
+    Python::attach(|py| {
+        match py.import("lora_da.errors").and_then(|m| m.getattr(class)) {
+            Ok(cls) => PyErr::from_type(cls.cast_into().expect("exception class"), err.message().to_string()),
+            Err(e) => e,
+        }
+    })
+}
+
+fn lock_poisoned() -> PyErr {
+    PyRuntimeError::new_err("lora_da: a previous call panicked while holding this accumulator")
+}
+
+/// A `(T, n)` array of float32, float64 or bfloat16 bits (uint16), any strides.
+enum Rows<'a> {
+    F32(ArrayView2<'a, f32>),
+    F64(ArrayView2<'a, f64>),
+    Bf16(ArrayView2<'a, u16>),
+}
+
+impl RowSource for Rows<'_> {
+    fn rows(&self) -> usize {
+        match self {
+            Rows::F32(a) => a.nrows(),
+            Rows::F64(a) => a.nrows(),
+            Rows::Bf16(a) => a.nrows(),
+        }
+    }
+    fn cols(&self) -> usize {
+        match self {
+            Rows::F32(a) => a.ncols(),
+            Rows::F64(a) => a.ncols(),
+            Rows::Bf16(a) => a.ncols(),
+        }
+    }
+    fn fill(&self, t0: usize, t1: usize, out: &mut [f64]) {
+        let n = self.cols();
+        for (k, t) in (t0..t1).enumerate() {
+            let dst = &mut out[k * n..(k + 1) * n];
+            match self {
+                Rows::F32(a) => dst.iter_mut().zip(a.row(t)).for_each(|(d, s)| *d = *s as f64),
+                Rows::F64(a) => dst.iter_mut().zip(a.row(t)).for_each(|(d, s)| *d = *s),
+                // A bfloat16 is the upper half of a float32: decoding is exact.
+                Rows::Bf16(a) => dst
+                    .iter_mut()
+                    .zip(a.row(t))
+                    .for_each(|(d, s)| *d = f32::from_bits((*s as u32) << 16) as f64),
+            }
+        }
+    }
+}
+
+/// Read-only views kept alive for the duration of a call.
+enum RowsHolder<'py> {
+    F32(PyReadonlyArray2<'py, f32>),
+    F64(PyReadonlyArray2<'py, f64>),
+    Bf16(PyReadonlyArray2<'py, u16>),
+}
+
+impl<'py> RowsHolder<'py> {
+    fn extract(obj: &Bound<'py, PyAny>, what: &str) -> PyResult<Self> {
+        if let Ok(a) = obj.extract::<PyReadonlyArray2<'py, f32>>() {
+            return Ok(RowsHolder::F32(a));
+        }
+        if let Ok(a) = obj.extract::<PyReadonlyArray2<'py, f64>>() {
+            return Ok(RowsHolder::F64(a));
+        }
+        if let Ok(a) = obj.extract::<PyReadonlyArray2<'py, u16>>() {
+            return Ok(RowsHolder::Bf16(a));
+        }
+        let desc = match obj.getattr("dtype").and_then(|d| d.str()) {
+            Ok(d) => format!("dtype {d}, shape {}", obj.getattr("shape").map(|s| s.to_string()).unwrap_or_default()),
+            Err(_) => format!("a {}", obj.get_type().name().map(|n| n.to_string()).unwrap_or_default()),
+        };
+        Err(to_py(Error::Shape(format!(
+            "{what} takes a 2-D numpy array of float32, float64 or bfloat16 bits (uint16), got {desc}"
+        ))))
+    }
+    fn view(&self) -> Rows<'_> {
+        match self {
+            RowsHolder::F32(a) => Rows::F32(a.as_array()),
+            RowsHolder::F64(a) => Rows::F64(a.as_array()),
+            RowsHolder::Bf16(a) => Rows::Bf16(a.as_array()),
+        }
+    }
+}
+
+/// Copy a 2-D float64 numpy array into a faer matrix (any strides).
+fn to_mat(a: &PyReadonlyArray2<'_, f64>) -> Mat<f64> {
+    let v = a.as_array();
+    Mat::from_fn(v.nrows(), v.ncols(), |i, j| v[(i, j)])
+}
+
+/// A 2-D float64 numpy array of any float dtype, converted (float32 → float64 is exact).
+fn matrix_arg<'py>(obj: &Bound<'py, PyAny>, what: &str) -> PyResult<Mat<f64>> {
+    if let Ok(a) = obj.extract::<PyReadonlyArray2<'py, f64>>() {
+        return Ok(to_mat(&a));
+    }
+    if let Ok(a) = obj.extract::<PyReadonlyArray2<'py, f32>>() {
+        let v = a.as_array();
+        return Ok(Mat::from_fn(v.nrows(), v.ncols(), |i, j| v[(i, j)] as f64));
+    }
+    Err(to_py(Error::Shape(format!("{what} must be a 2-D float32 or float64 numpy array"))))
+}
+
+fn vector_arg<'py>(obj: &Bound<'py, PyAny>, what: &str) -> PyResult<Vec<f64>> {
+    if let Ok(a) = obj.extract::<PyReadonlyArray1<'py, f64>>() {
+        return Ok(a.as_array().to_vec());
+    }
+    if let Ok(a) = obj.extract::<PyReadonlyArray1<'py, f32>>() {
+        return Ok(a.as_array().iter().map(|v| *v as f64).collect());
+    }
+    Err(to_py(Error::Shape(format!("{what} must be a 1-D float32 or float64 numpy array"))))
+}
+
+fn mat_to_py<'py>(py: Python<'py>, m: MatRef<'_, f64>) -> Bound<'py, PyArray2<f64>> {
+    Array2::from_shape_fn((m.nrows(), m.ncols()), |(i, j)| m[(i, j)]).into_pyarray(py)
+}
+
+fn vec_to_py<'py>(py: Python<'py>, v: Vec<f64>) -> Bound<'py, PyArray1<f64>> {
+    Array1::from_vec(v).into_pyarray(py)
+}
+
+/// Streaming float64 accumulator of `Σ_t x_t x_tᵀ` (SPEC §2). Thread-safe.
+#[pyclass(name = "InputFactor", module = "lora_da._core", frozen)]
+struct PyInputFactor {
+    inner: Mutex<factors::InputFactor>,
+}
+
+#[pymethods]
+impl PyInputFactor {
+    #[new]
+    fn new(n: usize) -> PyResult<Self> {
+        Ok(Self { inner: Mutex::new(factors::InputFactor::new(n).map_err(to_py)?) })
+    }
+
+    #[getter]
+    fn n(&self) -> PyResult<usize> {
+        Ok(self.inner.lock().map_err(|_| lock_poisoned())?.n())
+    }
+
+    #[getter]
+    fn tokens(&self) -> PyResult<u64> {
+        Ok(self.inner.lock().map_err(|_| lock_poisoned())?.tokens())
+    }
+
+    /// Add token rows `x` of shape `(T, n)`.
+    fn add(&self, py: Python<'_>, x: &Bound<'_, PyAny>) -> PyResult<()> {
+        let holder = RowsHolder::extract(x, "InputFactor.add")?;
+        let rows = holder.view();
+        py.detach(|| {
+            let mut f = self.inner.lock().map_err(|_| lock_poisoned())?;
+            f.add_rows(&rows).map_err(to_py)
+        })
+    }
+
+    /// Add a partial Gram matrix `Σ x xᵀ` (float64, `(n, n)`) over `tokens` rows.
+    fn add_gram(&self, py: Python<'_>, gram: PyReadonlyArray2<'_, f64>, tokens: u64) -> PyResult<()> {
+        let g = gram.as_array();
+        let (r, c) = (g.nrows(), g.ncols());
+        let mat = Mat::from_fn(r, c, |i, j| g[(i, j)]);
+        py.detach(|| {
+            let mut f = self.inner.lock().map_err(|_| lock_poisoned())?;
+            f.add_gram(mat.as_ref(), tokens).map_err(to_py)
+        })
+    }
+
+    fn merge(&self, other: &Bound<'_, PyInputFactor>) -> PyResult<()> {
+        let other_inner = other.get().inner.lock().map_err(|_| lock_poisoned())?.clone();
+        let mut f = self.inner.lock().map_err(|_| lock_poisoned())?;
+        f.merge(&other_inner).map_err(to_py)
+    }
+
+    /// `Z = (1/T) Σ x xᵀ`, dense `(n, n)` float64.
+    fn mean<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray2<f64>>> {
+        let z = py.detach(|| self.inner.lock().map_err(|_| lock_poisoned())?.mean().map_err(to_py))?;
+        Ok(mat_to_py(py, z.as_ref()))
+    }
+
+    /// `Σ x xᵀ` as its packed lower triangle (column-major), float64.
+    fn packed<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray1<f64>>> {
+        let v = self.inner.lock().map_err(|_| lock_poisoned())?.packed_sum();
+        Ok(vec_to_py(py, v))
+    }
+
+    #[staticmethod]
+    fn from_packed(n: usize, packed: PyReadonlyArray1<'_, f64>, tokens: u64) -> PyResult<Self> {
+        let v = packed.as_array().to_vec();
+        Ok(Self { inner: Mutex::new(factors::InputFactor::from_packed(n, &v, tokens).map_err(to_py)?) })
+    }
+
+    fn copy(&self) -> PyResult<Self> {
+        Ok(Self { inner: Mutex::new(self.inner.lock().map_err(|_| lock_poisoned())?.clone()) })
+    }
+
+    fn __eq__(&self, other: &Bound<'_, PyAny>) -> PyResult<bool> {
+        match other.cast::<PyInputFactor>() {
+            Ok(o) => {
+                if std::ptr::eq(self, o.get()) {
+                    return Ok(true);
+                }
+                let a = self.inner.lock().map_err(|_| lock_poisoned())?;
+                let b = o.get().inner.lock().map_err(|_| lock_poisoned())?;
+                Ok(*a == *b)
+            }
+            Err(_) => Ok(false),
+        }
+    }
+
+    fn __repr__(&self) -> PyResult<String> {
+        let f = self.inner.lock().map_err(|_| lock_poisoned())?;
+        Ok(format!("InputFactor(n={}, tokens={})", f.n(), f.tokens()))
+    }
+}
+
+/// Streaming float64 accumulator of `Σ_t g_t ⊙ g_t` and, optionally, per-sample
+/// sums `u_s` (SPEC §2). Thread-safe.
+#[pyclass(name = "OutputFactor", module = "lora_da._core", frozen)]
+struct PyOutputFactor {
+    inner: Mutex<factors::OutputFactor>,
+}
+
+#[pymethods]
+impl PyOutputFactor {
+    #[new]
+    #[pyo3(signature = (m, per_sample=false))]
+    fn new(m: usize, per_sample: bool) -> PyResult<Self> {
+        Ok(Self { inner: Mutex::new(factors::OutputFactor::new(m, per_sample).map_err(to_py)?) })
+    }
+
+    #[getter]
+    fn m(&self) -> PyResult<usize> {
+        Ok(self.inner.lock().map_err(|_| lock_poisoned())?.m())
+    }
+    #[getter]
+    fn tokens(&self) -> PyResult<u64> {
+        Ok(self.inner.lock().map_err(|_| lock_poisoned())?.tokens())
+    }
+    #[getter]
+    fn samples(&self) -> PyResult<u64> {
+        Ok(self.inner.lock().map_err(|_| lock_poisoned())?.samples())
+    }
+    #[getter]
+    fn per_sample(&self) -> PyResult<bool> {
+        Ok(self.inner.lock().map_err(|_| lock_poisoned())?.keeps_sample_sums())
+    }
+
+    /// Add output-gradient rows `g` of shape `(T, m)`; `sample_lengths` splits
+    /// them into consecutive samples (required when per-sample sums are kept).
+    #[pyo3(signature = (g, sample_lengths=None))]
+    fn add(&self, py: Python<'_>, g: &Bound<'_, PyAny>, sample_lengths: Option<Vec<usize>>) -> PyResult<()> {
+        let holder = RowsHolder::extract(g, "OutputFactor.add")?;
+        let rows = holder.view();
+        py.detach(|| {
+            let mut f = self.inner.lock().map_err(|_| lock_poisoned())?;
+            f.add_rows(&rows, sample_lengths.as_deref()).map_err(to_py)
+        })
+    }
+
+    /// Add precomputed `Σ g ⊙ g` over `tokens` rows and, for a per-sample
+    /// factor, the per-sample sums `(k, m)`.
+    #[pyo3(signature = (sumsq, tokens, sample_sums=None))]
+    fn add_sums(&self, sumsq: PyReadonlyArray1<'_, f64>, tokens: u64, sample_sums: Option<PyReadonlyArray2<'_, f64>>) -> PyResult<()> {
+        let s = sumsq.as_array().to_vec();
+        let u = sample_sums.as_ref().map(|a| {
+            let v = a.as_array();
+            (v.iter().copied().collect::<Vec<f64>>(), v.nrows(), v.ncols())
+        });
+        let mut f = self.inner.lock().map_err(|_| lock_poisoned())?;
+        if let Some((_, _, cols)) = &u {
+            if *cols != f.m() {
+                return Err(to_py(Error::Shape(format!(
+                    "OutputFactor.add_sums: sample_sums must have m = {} columns, got {cols}",
+                    f.m()
+                ))));
+            }
+        }
+        f.add_sums(&s, tokens, u.as_ref().map(|(v, k, _)| (v.as_slice(), *k))).map_err(to_py)
+    }
+
+    /// Count `k` samples (for factors without per-sample sums).
+    fn count_samples(&self, k: u64) -> PyResult<()> {
+        self.inner.lock().map_err(|_| lock_poisoned())?.count_samples(k);
+        Ok(())
+    }
+
+    fn merge(&self, other: &Bound<'_, PyOutputFactor>) -> PyResult<()> {
+        let o = other.get().inner.lock().map_err(|_| lock_poisoned())?.clone();
+        self.inner.lock().map_err(|_| lock_poisoned())?.merge(&o).map_err(to_py)
+    }
+
+    /// `y = (1/T) Σ g ⊙ g`, float64.
+    fn mean<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray1<f64>>> {
+        let y = self.inner.lock().map_err(|_| lock_poisoned())?.mean().map_err(to_py)?;
+        Ok(vec_to_py(py, y))
+    }
+
+    /// `Σ g ⊙ g`, float64.
+    fn sum<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray1<f64>>> {
+        let s = self.inner.lock().map_err(|_| lock_poisoned())?.sum();
+        Ok(vec_to_py(py, s))
+    }
+
+    /// Per-sample sums `(samples, m)`, or None.
+    fn sample_sums<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyArray2<f64>>>> {
+        let f = self.inner.lock().map_err(|_| lock_poisoned())?;
+        Ok(f.sample_sums().map(|u| {
+            let m = f.m();
+            Array2::from_shape_vec((u.len() / m, m), u.to_vec()).expect("shape").into_pyarray(py)
+        }))
+    }
+
+    #[staticmethod]
+    #[pyo3(signature = (sumsq, tokens, samples, sample_sums=None))]
+    fn from_parts(sumsq: PyReadonlyArray1<'_, f64>, tokens: u64, samples: u64, sample_sums: Option<PyReadonlyArray2<'_, f64>>) -> PyResult<Self> {
+        let s = sumsq.as_array().to_vec();
+        let u = sample_sums.map(|a| a.as_array().iter().copied().collect::<Vec<f64>>());
+        Ok(Self {
+            inner: Mutex::new(factors::OutputFactor::from_parts(s.len(), &s, tokens, samples, u).map_err(to_py)?),
+        })
+    }
+
+    fn copy(&self) -> PyResult<Self> {
+        Ok(Self { inner: Mutex::new(self.inner.lock().map_err(|_| lock_poisoned())?.clone()) })
+    }
+
+    fn __repr__(&self) -> PyResult<String> {
+        let f = self.inner.lock().map_err(|_| lock_poisoned())?;
+        Ok(format!(
+            "OutputFactor(m={}, tokens={}, samples={}, per_sample={})",
+            f.m(),
+            f.tokens(),
+            f.samples(),
+            f.keeps_sample_sums()
+        ))
+    }
+}
+
+/// Diagonal of `(λ I + U Uᵀ / N)⁻¹` by Woodbury (SPEC §2, `sequence_lowrank`).
+#[pyfunction]
+fn lowrank_output_precision<'py>(py: Python<'py>, sample_sums: PyReadonlyArray2<'py, f64>, damping: f64) -> PyResult<Bound<'py, PyArray1<f64>>> {
+    let v = sample_sums.as_array();
+    let m = v.ncols();
+    let flat: Vec<f64> = v.iter().copied().collect();
+    let p = py.detach(|| factors::lowrank_output_precision(&flat, m, damping)).map_err(to_py)?;
+    Ok(vec_to_py(py, p))
+}
+
+/// One module's initialization (SPEC §3) and its diagnostics (SPEC §5).
+#[pyclass(name = "SolveResult", module = "lora_da._core", frozen)]
+struct PySolveResult {
+    inner: core_solve::SolveResult,
+}
+
+#[pymethods]
+impl PySolveResult {
+    /// `A = Vᵀ/√γ`, `(r, n)`.
+    #[getter(A)]
+    fn a<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray2<f64>> {
+        mat_to_py(py, self.inner.a.as_ref())
+    }
+    /// `B = Δ̂ᵀV/√γ`, `(m, r)`.
+    #[getter(B)]
+    fn b<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray2<f64>> {
+        mat_to_py(py, self.inner.b.as_ref())
+    }
+    /// `V`, `(n, r)`.
+    #[getter(V)]
+    fn v<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray2<f64>> {
+        mat_to_py(py, self.inner.v.as_ref())
+    }
+    #[getter]
+    fn eigenvalues<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<f64>> {
+        vec_to_py(py, self.inner.eigenvalues.clone())
+    }
+    #[getter]
+    fn next_eigenvalue(&self) -> f64 {
+        self.inner.next_eigenvalue
+    }
+    #[getter]
+    fn gap(&self) -> f64 {
+        self.inner.gap
+    }
+    #[getter]
+    fn residual(&self) -> f64 {
+        self.inner.residual
+    }
+    #[getter]
+    fn omega_norm(&self) -> f64 {
+        self.inner.omega_norm
+    }
+    #[getter]
+    fn iterations(&self) -> usize {
+        self.inner.iterations
+    }
+    #[getter]
+    fn method(&self) -> &'static str {
+        self.inner.method.name()
+    }
+    #[getter]
+    fn sigma(&self) -> f64 {
+        self.inner.sigma
+    }
+    #[getter]
+    fn c(&self) -> f64 {
+        self.inner.c
+    }
+    #[getter]
+    fn damping(&self) -> f64 {
+        self.inner.damping
+    }
+    #[getter]
+    fn zero_gradient(&self) -> bool {
+        self.inner.zero_gradient
+    }
+    #[getter]
+    fn notes(&self) -> Vec<String> {
+        self.inner.notes.clone()
+    }
+    #[getter]
+    fn rank(&self) -> usize {
+        self.inner.v.ncols()
+    }
+    fn __repr__(&self) -> String {
+        let r = &self.inner;
+        format!(
+            "SolveResult(rank={}, n={}, m={}, method='{}', residual={:.2e}, gap={:.3e}, sigma={:.6e}, c={:.6e}, iterations={})",
+            r.v.ncols(),
+            r.a.ncols(),
+            r.b.nrows(),
+            r.method.name(),
+            r.residual,
+            r.gap,
+            r.sigma,
+            r.c,
+            r.iterations
+        )
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn options(
+    rank: usize,
+    n_pop: f64,
+    alpha: f64,
+    beta: f64,
+    damping: f64,
+    output_damping: Option<f64>,
+    gamma: f64,
+    normalize: bool,
+    method: &str,
+    auto_damping: bool,
+    tol: f64,
+    max_applications: Option<usize>,
+) -> PyResult<SolveOptions> {
+    let mut o = SolveOptions::new(rank, n_pop);
+    o.alpha = alpha;
+    o.beta = beta;
+    o.damping = damping;
+    o.output_damping = output_damping;
+    o.gamma = gamma;
+    o.normalize = normalize;
+    o.method = Method::parse(method).map_err(to_py)?;
+    o.auto_damping = auto_damping;
+    o.tol = tol;
+    o.max_applications = max_applications;
+    Ok(o)
+}
+
+/// Solve one module (SPEC §3). See `lora_da.solve` for the documentation.
+#[pyfunction]
+#[pyo3(signature = (z, y, g, *, rank, n_pop, alpha=1.0, beta=0.03, damping=1e-6, output_damping=None,
+    gamma=1024.0, normalize=true, method="auto", auto_damping=false, tol=1e-12, max_applications=None,
+    output_precision=None, name=""))]
+#[allow(clippy::too_many_arguments)]
+fn solve<'py>(
+    py: Python<'py>,
+    z: &Bound<'py, PyAny>,
+    y: &Bound<'py, PyAny>,
+    g: &Bound<'py, PyAny>,
+    rank: usize,
+    n_pop: f64,
+    alpha: f64,
+    beta: f64,
+    damping: f64,
+    output_damping: Option<f64>,
+    gamma: f64,
+    normalize: bool,
+    method: &str,
+    auto_damping: bool,
+    tol: f64,
+    max_applications: Option<usize>,
+    output_precision: Option<&Bound<'py, PyAny>>,
+    name: &str,
+) -> PyResult<PySolveResult> {
+    let ctx = |e: Error| to_py(e.context(name));
+    let opts = options(rank, n_pop, alpha, beta, damping, output_damping, gamma, normalize, method, auto_damping, tol, max_applications)
+        .map_err(|e| e)?;
+    let z = matrix_arg(z, "Z")?;
+    let y = vector_arg(y, "y")?;
+    let g = matrix_arg(g, "G")?;
+    let prec = output_precision.map(|p| vector_arg(p, "output_precision")).transpose()?;
+    let res = py.detach(|| {
+        core_solve::validate_input_factor(z.as_ref())?;
+        core_solve::validate_module(z.nrows(), &y, g.as_ref(), &opts)?;
+        let chol = crate::guidance::InputCholesky::new(z.as_ref(), opts.damping, opts.auto_damping, opts.par)?;
+        core_solve::solve_factored(&chol, &y, g.as_ref(), prec.as_deref(), &opts)
+    });
+    Ok(PySolveResult { inner: res.map_err(ctx)? })
+}
+
+/// Solve several modules sharing one `Z` with one Cholesky factorization.
+/// `ys` and `gs` are sequences (one entry per module); `names` label errors.
+#[pyfunction]
+#[pyo3(signature = (z, ys, gs, *, rank, n_pop, alpha=1.0, beta=0.03, damping=1e-6, output_damping=None,
+    gamma=1024.0, normalize=true, method="auto", auto_damping=false, tol=1e-12, max_applications=None,
+    output_precisions=None, names=None))]
+#[allow(clippy::too_many_arguments)]
+fn solve_shared<'py>(
+    py: Python<'py>,
+    z: &Bound<'py, PyAny>,
+    ys: Vec<Bound<'py, PyAny>>,
+    gs: Vec<Bound<'py, PyAny>>,
+    rank: usize,
+    n_pop: f64,
+    alpha: f64,
+    beta: f64,
+    damping: f64,
+    output_damping: Option<f64>,
+    gamma: f64,
+    normalize: bool,
+    method: &str,
+    auto_damping: bool,
+    tol: f64,
+    max_applications: Option<usize>,
+    output_precisions: Option<Vec<Option<Bound<'py, PyAny>>>>,
+    names: Option<Vec<String>>,
+) -> PyResult<Bound<'py, PyList>> {
+    let opts = options(rank, n_pop, alpha, beta, damping, output_damping, gamma, normalize, method, auto_damping, tol, max_applications)?;
+    if ys.len() != gs.len() {
+        return Err(to_py(Error::Shape(format!("solve_shared: {} y vectors but {} gradients", ys.len(), gs.len()))));
+    }
+    let k = ys.len();
+    let names: Vec<String> = names.unwrap_or_else(|| (0..k).map(|i| format!("module {i}")).collect());
+    if names.len() != k {
+        return Err(to_py(Error::Shape(format!("solve_shared: {} names for {k} modules", names.len()))));
+    }
+    let precs: Vec<Option<Vec<f64>>> = match output_precisions {
+        None => vec![None; k],
+        Some(v) if v.len() == k => v.iter().map(|p| p.as_ref().map(|p| vector_arg(p, "output_precision")).transpose()).collect::<PyResult<_>>()?,
+        Some(v) => return Err(to_py(Error::Shape(format!("solve_shared: {} output precisions for {k} modules", v.len())))),
+    };
+    let z = matrix_arg(z, "Z")?;
+    let ys: Vec<Vec<f64>> = ys.iter().map(|y| vector_arg(y, "y")).collect::<PyResult<_>>()?;
+    let gs: Vec<Mat<f64>> = gs.iter().map(|g| matrix_arg(g, "G")).collect::<PyResult<_>>()?;
+    let results = py.detach(|| -> Result<Vec<core_solve::SolveResult>, Error> {
+        core_solve::validate_input_factor(z.as_ref()).map_err(|e| e.context(&names.join(", ")))?;
+        for i in 0..k {
+            core_solve::validate_module(z.nrows(), &ys[i], gs[i].as_ref(), &opts).map_err(|e| e.context(&names[i]))?;
+        }
+        let chol = crate::guidance::InputCholesky::new(z.as_ref(), opts.damping, opts.auto_damping, opts.par)
+            .map_err(|e| e.context(&names.join(", ")))?;
+        (0..k)
+            .map(|i| core_solve::solve_factored(&chol, &ys[i], gs[i].as_ref(), precs[i].as_deref(), &opts).map_err(|e| e.context(&names[i])))
+            .collect()
+    });
+    let out = PyList::empty(py);
+    for r in results.map_err(to_py)? {
+        out.append(PySolveResult { inner: r })?;
+    }
+    Ok(out)
+}
+
+/// Number of threads of the core's pool.
+#[pyfunction]
+fn num_threads() -> usize {
+    rayon::current_num_threads()
+}
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PyInputFactor>()?;
+    m.add_class::<PyOutputFactor>()?;
+    m.add_class::<PySolveResult>()?;
+    m.add_function(wrap_pyfunction!(solve, m)?)?;
+    m.add_function(wrap_pyfunction!(solve_shared, m)?)?;
+    m.add_function(wrap_pyfunction!(lowrank_output_precision, m)?)?;
+    m.add_function(wrap_pyfunction!(num_threads, m)?)?;
+    m.add("TOKEN_CHUNK", factors::TOKEN_CHUNK)?;
+    Ok(())
+}

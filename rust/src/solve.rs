@@ -1,0 +1,491 @@
+//! From statistics to an initialization, per module (SPEC §3), with the
+//! diagnostics of the accuracy contract (SPEC §5).
+
+use faer::{Accum, Mat, MatRef, Par};
+
+use crate::eigensolver::{block_krylov, small_eigh, KrylovOptions, SymmetricOperator};
+use crate::error::{Error, Result};
+use crate::guidance::{DeltaGram, Guidance, InputCholesky};
+
+/// Residual the contract requires of any solver (SPEC §5).
+pub const CONTRACT_RESIDUAL: f64 = 1e-10;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Method {
+    /// Krylov for `n > DENSE_BELOW`, dense otherwise.
+    Auto,
+    Krylov,
+    Dense,
+}
+
+/// Below this input dimension `auto` uses the dense solve: it is cheaper there.
+pub const DENSE_BELOW: usize = 192;
+
+impl Method {
+    pub fn parse(s: &str) -> Result<Method> {
+        match s {
+            "auto" => Ok(Method::Auto),
+            "krylov" => Ok(Method::Krylov),
+            "dense" => Ok(Method::Dense),
+            other => Err(Error::InvalidArgument(format!(
+                "method must be 'auto', 'krylov' or 'dense', got {other:?}"
+            ))),
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Auto => "auto",
+            Method::Krylov => "krylov",
+            Method::Dense => "dense",
+        }
+    }
+}
+
+/// Hyper-parameters (SPEC §3; defaults are the authors' published ones).
+#[derive(Clone, Debug)]
+pub struct SolveOptions {
+    pub rank: usize,
+    /// `N_pop`, the size of the fine-tuning set.
+    pub n_pop: f64,
+    pub alpha: f64,
+    pub beta: f64,
+    /// `λ`, added to `Z`.
+    pub damping: f64,
+    /// `λ_y`, added to `y`; `None` means `λ`.
+    pub output_damping: Option<f64>,
+    pub gamma: f64,
+    pub normalize: bool,
+    pub method: Method,
+    /// Raise `λ` until `Z + λI` factors, instead of failing.
+    pub auto_damping: bool,
+    /// Krylov residual target relative to `‖Ω‖₂` (the contract asks 1e-10).
+    pub tol: f64,
+    /// Krylov budget in single-vector operator applications (`None`: `max(n/2, 300)`).
+    pub max_applications: Option<usize>,
+    pub seed: u64,
+    pub par: Par,
+}
+
+impl SolveOptions {
+    pub fn new(rank: usize, n_pop: f64) -> Self {
+        Self {
+            rank,
+            n_pop,
+            alpha: 1.0,
+            beta: 0.03,
+            damping: 1e-6,
+            output_damping: None,
+            gamma: 1024.0,
+            normalize: true,
+            method: Method::Auto,
+            auto_damping: false,
+            tol: 1e-12,
+            max_applications: None,
+            seed: 0x10_2A_DA,
+            par: Par::rayon(0),
+        }
+    }
+
+    fn check_scalars(&self) -> Result<()> {
+        let bad = |name: &str, v: f64, need: &str| {
+            Err(Error::InvalidArgument(format!("{name} must be {need}, got {v}")))
+        };
+        if !(self.n_pop > 0.0 && self.n_pop.is_finite()) {
+            return bad("n_pop", self.n_pop, "a finite number > 0");
+        }
+        if !self.alpha.is_finite() {
+            return bad("alpha", self.alpha, "finite");
+        }
+        if !(self.beta >= 0.0 && self.beta.is_finite()) {
+            return bad("beta", self.beta, "finite and ≥ 0");
+        }
+        if !(self.damping >= 0.0 && self.damping.is_finite()) {
+            return bad("damping", self.damping, "finite and ≥ 0");
+        }
+        if let Some(d) = self.output_damping {
+            if !(d >= 0.0 && d.is_finite()) {
+                return bad("output_damping", d, "finite and ≥ 0");
+            }
+        }
+        if !(self.gamma > 0.0 && self.gamma.is_finite()) {
+            return bad("gamma", self.gamma, "finite and > 0");
+        }
+        if !(self.tol > 0.0 && self.tol < 1.0) {
+            return bad("tol", self.tol, "in (0, 1)");
+        }
+        Ok(())
+    }
+}
+
+/// One module's initialization and its diagnostics.
+#[derive(Clone, Debug)]
+pub struct SolveResult {
+    /// `A = Vᵀ / √γ`, `r × n`.
+    pub a: Mat<f64>,
+    /// `B = Δ̂ᵀ V / √γ`, `m × r`.
+    pub b: Mat<f64>,
+    /// `V`, `n × r`, orthonormal, ascending eigenvalues, sign-fixed (§3.7).
+    pub v: Mat<f64>,
+    /// The `r` smallest eigenvalues of `Ω`, ascending.
+    pub eigenvalues: Vec<f64>,
+    /// `λ_{r+1}` of `Ω`.
+    pub next_eigenvalue: f64,
+    /// `λ_{r+1} − λ_r`.
+    pub gap: f64,
+    /// `max_i ‖Ω v_i − λ_i v_i‖ / ‖Ω‖₂`.
+    pub residual: f64,
+    /// `‖Ω‖₂` (exact for `dense`, a lower bound from the Krylov basis otherwise).
+    pub omega_norm: f64,
+    /// Operator applications (Krylov) or 1 (dense).
+    pub iterations: usize,
+    pub method: Method,
+    /// `σ = ‖Δ‖₂` when normalizing, else 1.
+    pub sigma: f64,
+    /// `c = Σ ỹ / N_pop / σ²`.
+    pub c: f64,
+    /// The damping used (differs from the requested one only with `auto_damping`).
+    pub damping: f64,
+    /// `Ḡ = 0`: the stated default was used (see `notes`).
+    pub zero_gradient: bool,
+    /// Human-readable remarks: fallbacks, raised damping, zero gradient.
+    pub notes: Vec<String>,
+}
+
+/// Validate `Z` (SPEC §3, "Inputs are validated before any work").
+pub fn validate_input_factor(z: MatRef<'_, f64>) -> Result<()> {
+    let n = z.nrows();
+    if z.ncols() != n || n == 0 {
+        return Err(Error::Shape(format!("Z must be square and non-empty, got ({}, {})", z.nrows(), z.ncols())));
+    }
+    let mut scale: f64 = 0.0;
+    for j in 0..n {
+        for i in 0..n {
+            let v = z[(i, j)];
+            if !v.is_finite() {
+                return Err(Error::NonFinite(format!("Z has a non-finite value {v} at ({i}, {j})")));
+            }
+            scale = scale.max(v.abs());
+        }
+    }
+    for j in 0..n {
+        for i in j + 1..n {
+            let d = (z[(i, j)] - z[(j, i)]).abs();
+            if d > 1e-10 * scale {
+                return Err(Error::InvalidArgument(format!(
+                    "Z is not symmetric: |Z[{i},{j}] − Z[{j},{i}]| = {d:e} > 1e-10 · max|Z| = {:e}",
+                    1e-10 * scale
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Validate `y`, `Ḡ` and the rank against a Z of dimension `n`.
+pub fn validate_module(n: usize, y: &[f64], g: MatRef<'_, f64>, opts: &SolveOptions) -> Result<()> {
+    let m = y.len();
+    if g.nrows() != m || g.ncols() != n {
+        return Err(Error::Shape(format!(
+            "G must have shape (m, n) = ({m}, {n}) to match y ({m}) and Z ({n}×{n}), got ({}, {})",
+            g.nrows(),
+            g.ncols()
+        )));
+    }
+    for (j, v) in y.iter().enumerate() {
+        if !v.is_finite() {
+            return Err(Error::NonFinite(format!("y has a non-finite value {v} at {j}")));
+        }
+        if *v < 0.0 {
+            return Err(Error::InvalidArgument(format!("y must be ≥ 0, got {v} at {j}")));
+        }
+    }
+    for j in 0..n {
+        for i in 0..m {
+            let v = g[(i, j)];
+            if !v.is_finite() {
+                return Err(Error::NonFinite(format!("G has a non-finite value {v} at ({i}, {j})")));
+            }
+        }
+    }
+    if opts.rank < 1 || opts.rank >= n.min(m) {
+        return Err(Error::InvalidArgument(format!(
+            "rank must satisfy 1 ≤ r < min(n, m) = min({n}, {m}) = {}, got {}",
+            n.min(m),
+            opts.rank
+        )));
+    }
+    opts.check_scalars()?;
+    let ly = opts.output_damping.unwrap_or(opts.damping);
+    if let Some(j) = y.iter().position(|v| v + ly <= 0.0) {
+        return Err(Error::InvalidArgument(format!(
+            "y[{j}] + output_damping = 0: the output precision 1/(y + λ_y) is infinite; use output_damping > 0"
+        )));
+    }
+    Ok(())
+}
+
+/// `ỹ = 1 / (y + λ_y)` (SPEC §3.2).
+pub fn output_precision(y: &[f64], opts: &SolveOptions) -> Vec<f64> {
+    let ly = opts.output_damping.unwrap_or(opts.damping);
+    y.iter().map(|v| 1.0 / (v + ly)).collect()
+}
+
+/// Solve one module: validate, factor `Z + λI`, solve (SPEC §3).
+pub fn solve(z: MatRef<'_, f64>, y: &[f64], g: MatRef<'_, f64>, opts: &SolveOptions) -> Result<SolveResult> {
+    validate_input_factor(z)?;
+    validate_module(z.nrows(), y, g, opts)?;
+    let chol = InputCholesky::new(z, opts.damping, opts.auto_damping, opts.par)?;
+    solve_factored(&chol, y, g, None, opts)
+}
+
+/// Solve several modules that share one `Z` with one Cholesky factorization.
+/// Every module is validated before any work; each result is independent.
+pub fn solve_shared(z: MatRef<'_, f64>, modules: &[(&[f64], MatRef<'_, f64>)], opts: &SolveOptions) -> Result<Vec<SolveResult>> {
+    validate_input_factor(z)?;
+    for (k, (y, g)) in modules.iter().enumerate() {
+        validate_module(z.nrows(), y, *g, opts).map_err(|e| e.context(&format!("module {k}")))?;
+    }
+    let chol = InputCholesky::new(z, opts.damping, opts.auto_damping, opts.par)?;
+    modules.iter().map(|(y, g)| solve_factored(&chol, y, *g, None, opts)).collect()
+}
+
+/// The solve after the factorization. `precision` overrides `ỹ` (the
+/// `sequence_lowrank` output factor); inputs must already be validated.
+pub fn solve_factored(
+    chol: &InputCholesky,
+    y: &[f64],
+    g: MatRef<'_, f64>,
+    precision: Option<&[f64]>,
+    opts: &SolveOptions,
+) -> Result<SolveResult> {
+    let n = chol.dim();
+    let r = opts.rank;
+    let prec: Vec<f64> = match precision {
+        Some(p) => {
+            if p.len() != y.len() {
+                return Err(Error::Shape(format!("output precision has {} entries, m = {}", p.len(), y.len())));
+            }
+            crate::error::check_finite("output precision", p.iter().copied())?;
+            p.to_vec()
+        }
+        None => output_precision(y, opts),
+    };
+    let c_prime = prec.iter().sum::<f64>() / opts.n_pop;
+    let mut notes = Vec::new();
+    if chol.damping != opts.damping {
+        notes.push(format!("damping raised from {:e} to {:e} so that Z + λI factors", opts.damping, chol.damping));
+    }
+    let zero_gradient = (0..g.ncols()).all(|j| (0..g.nrows()).all(|i| g[(i, j)] == 0.0));
+    let (alpha, beta_c) = if zero_gradient {
+        notes.push(
+            "mean gradient is zero (Δ = 0): default used — σ = 1, B = 0, V = the top-r eigenvectors of Z + λI \
+             (the bottom of Z_λ⁻¹)"
+                .into(),
+        );
+        (0.0, 1.0)
+    } else {
+        (opts.alpha, opts.beta * c_prime)
+    };
+    let op = Guidance { chol, mean_grad: g, precision: &prec, alpha, beta_c };
+
+    let method = match opts.method {
+        Method::Auto if n < DENSE_BELOW => Method::Dense,
+        Method::Auto => Method::Krylov,
+        m => m,
+    };
+    let eig = match method {
+        Method::Krylov => {
+            let e = krylov_bottom(&op, r, opts);
+            if e.residual <= CONTRACT_RESIDUAL {
+                Some(e)
+            } else {
+                notes.push(format!(
+                    "Krylov stopped at residual {:.2e} after {} applications (contract: {:.0e}); fell back to the dense solve",
+                    e.residual, e.iterations, CONTRACT_RESIDUAL
+                ));
+                None
+            }
+        }
+        _ => None,
+    };
+    let (eig, used) = match eig {
+        Some(e) => (e, Method::Krylov),
+        None => (dense_bottom(&op, r), Method::Dense),
+    };
+
+    // σ only scales Ω (module docs of `guidance`); Ω = Ω′ / σ².
+    let sigma = if zero_gradient || !opts.normalize {
+        1.0
+    } else if used == Method::Dense {
+        dense_delta_norm(&op)
+    } else {
+        krylov_delta_norm(&op, opts, &mut notes)
+    };
+    let s2 = sigma * sigma;
+    let mut v = eig.vectors;
+    fix_signs(&mut v);
+    let inv_sqrt_gamma = 1.0 / opts.gamma.sqrt();
+    let a = Mat::from_fn(r, n, |i, j| v[(j, i)] * inv_sqrt_gamma);
+    let b = if zero_gradient {
+        Mat::zeros(g.nrows(), r)
+    } else {
+        let mut b = op.delta_t(v.as_ref());
+        b *= faer::Scale(inv_sqrt_gamma / sigma);
+        b
+    };
+    Ok(SolveResult {
+        a,
+        b,
+        v,
+        eigenvalues: eig.values[..r].iter().map(|t| t / s2).collect(),
+        next_eigenvalue: eig.values[r] / s2,
+        gap: (eig.values[r] - eig.values[r - 1]) / s2,
+        residual: eig.residual,
+        omega_norm: eig.norm / s2,
+        iterations: eig.iterations,
+        method: used,
+        sigma,
+        c: if zero_gradient { c_prime } else { c_prime / s2 },
+        damping: chol.damping,
+        zero_gradient,
+        notes,
+    })
+}
+
+/// Bottom eigenpairs of `Ω′` in its own scale.
+struct Bottom {
+    /// `r + 1` values, ascending.
+    values: Vec<f64>,
+    /// `n × r`.
+    vectors: Mat<f64>,
+    residual: f64,
+    norm: f64,
+    iterations: usize,
+}
+
+fn krylov_bottom(op: &Guidance<'_>, r: usize, opts: &SolveOptions) -> Bottom {
+    let n = op.dim();
+    let block = (r + 1).max(8).min(n);
+    let kopts = KrylovOptions {
+        nev: r,
+        extra: 1,
+        block,
+        max_basis: (6 * block).max(48),
+        tol: opts.tol,
+        loose_tol: 1e-8_f64.max(opts.tol),
+        max_applications: opts.max_applications.unwrap_or((n / 2).max(300)),
+        seed: opts.seed,
+        largest: false,
+        par: opts.par,
+    };
+    let res = block_krylov(op, &kopts);
+    let v = res.vectors.subcols(0, r).to_owned();
+    // The residual is measured on Ω′ itself, not taken from the recurrence.
+    let ov = op.apply(v.as_ref());
+    let norm = res.norm_estimate.max(f64::MIN_POSITIVE);
+    let residual = (0..r)
+        .map(|j| {
+            let mut rj = ov.col(j).to_owned();
+            rj -= v.col(j) * faer::Scale(res.values[j]);
+            rj.norm_l2() / norm
+        })
+        .fold(0.0, f64::max);
+    let residual = if res.values.len() > r { residual } else { f64::INFINITY };
+    Bottom {
+        values: res.values,
+        vectors: v,
+        residual,
+        norm,
+        iterations: res.applications + r,
+    }
+}
+
+/// The dense recipe of SPEC §3 on `Ω′`: form it, full symmetric eigensolve.
+fn dense_bottom(op: &Guidance<'_>, r: usize) -> Bottom {
+    let n = op.dim();
+    let omega = dense_omega(op);
+    let (values, vectors) = small_eigh(omega.as_ref());
+    let norm = values[0].abs().max(values[n - 1].abs()).max(f64::MIN_POSITIVE);
+    let v = vectors.subcols(0, r).to_owned();
+    let mut ov = Mat::<f64>::zeros(n, r);
+    faer::linalg::matmul::matmul(ov.as_mut(), Accum::Replace, omega.as_ref(), v.as_ref(), 1.0, op.chol.par);
+    let residual = (0..r)
+        .map(|j| {
+            let mut rj = ov.col(j).to_owned();
+            rj -= v.col(j) * faer::Scale(values[j]);
+            rj.norm_l2() / norm
+        })
+        .fold(0.0, f64::max);
+    Bottom { values: values[..=r].to_vec(), vectors: v, residual, norm, iterations: 1 }
+}
+
+/// `Ω′ = −α Δ Δᵀ + β c′ Z_λ⁻¹`, dense and exactly symmetric.
+fn dense_omega(op: &Guidance<'_>) -> Mat<f64> {
+    let n = op.dim();
+    let zinv = op.chol.inverse();
+    let delta = dense_delta(op);
+    let mut omega = zinv;
+    omega *= faer::Scale(op.beta_c);
+    faer::linalg::matmul::matmul(omega.as_mut(), Accum::Add, delta.as_ref(), delta.transpose(), -op.alpha, op.chol.par);
+    Mat::from_fn(n, n, |i, j| 0.5 * (omega[(i, j)] + omega[(j, i)]))
+}
+
+/// `Δ = −Z_λ⁻¹ Ḡᵀ D` (`n × m`).
+fn dense_delta(op: &Guidance<'_>) -> Mat<f64> {
+    op.delta(Mat::<f64>::identity(op.mean_grad.nrows(), op.mean_grad.nrows()).as_ref())
+}
+
+fn dense_delta_norm(op: &Guidance<'_>) -> f64 {
+    let delta = dense_delta(op);
+    let sv = delta.singular_values().expect("SVD of a finite matrix");
+    sv.into_iter().fold(0.0, f64::max)
+}
+
+/// `σ = ‖Δ‖₂` from the top eigenvalue of `Δ Δᵀ` by block Krylov. A Ritz
+/// value with residual `ρ` is within `ρ²/gap` of the eigenvalue, so a residual
+/// of 1e-12 · σ² leaves σ exact to rounding unless the top two singular values
+/// are nearly equal, where it still bounds the error by ρ itself.
+fn krylov_delta_norm(op: &Guidance<'_>, opts: &SolveOptions, notes: &mut Vec<String>) -> f64 {
+    let gram = DeltaGram(op);
+    let n = op.dim();
+    let kopts = KrylovOptions {
+        nev: 1,
+        extra: 0,
+        block: 4.min(n),
+        max_basis: 40,
+        tol: 1e-12,
+        loose_tol: 1e-12,
+        max_applications: (n / 4).max(200),
+        seed: opts.seed ^ 0x5157,
+        largest: true,
+        par: opts.par,
+    };
+    let res = block_krylov(&gram, &kopts);
+    if res.converged || res.residuals[0] <= 1e-9 {
+        res.values[0].max(0.0).sqrt()
+    } else {
+        notes.push(format!(
+            "σ: Krylov residual {:.1e} after {} applications; computed by a dense SVD instead",
+            res.residuals[0], res.applications
+        ));
+        dense_delta_norm(op)
+    }
+}
+
+/// SPEC §3.7: each column's entry of largest magnitude is positive (the first
+/// such entry on ties).
+pub fn fix_signs(v: &mut Mat<f64>) {
+    for j in 0..v.ncols() {
+        let mut best = 0;
+        for i in 0..v.nrows() {
+            if v[(i, j)].abs() > v[(best, j)].abs() {
+                best = i;
+            }
+        }
+        if v[(best, j)] < 0.0 {
+            for i in 0..v.nrows() {
+                v[(i, j)] = -v[(i, j)];
+            }
+        }
+    }
+}

@@ -1,0 +1,136 @@
+//! Pure-Rust tests of the core (no Python): accumulators against naive sums,
+//! the eigensolver against a known spectrum, Krylov against the dense path.
+
+use faer::{Mat, MatRef};
+use lora_da::eigensolver::{block_krylov, gaussian_block, KrylovOptions, SymmetricOperator};
+use lora_da::factors::{lowrank_output_precision, DenseRows, InputFactor, OutputFactor};
+use lora_da::solve::{solve, Method, SolveOptions};
+use lora_da::Error;
+
+fn rows(t: usize, n: usize, seed: u64) -> Vec<f64> {
+    let g = gaussian_block(t, n, seed);
+    (0..t).flat_map(|i| (0..n).map(move |j| (i, j))).map(|(i, j)| g[(i, j)] as f32 as f64).collect()
+}
+
+#[test]
+fn input_factor_matches_naive_sum_and_merges() {
+    let (t, n) = (3000, 7);
+    let x = rows(t, n, 1);
+    let mut f = InputFactor::new(n).unwrap();
+    f.add_rows(&DenseRows { data: &x[..1000 * n], cols: n }).unwrap();
+    let mut g = InputFactor::new(n).unwrap();
+    g.add_rows(&DenseRows { data: &x[1000 * n..], cols: n }).unwrap();
+    f.merge(&g).unwrap();
+    assert_eq!(f.tokens(), t as u64);
+    let z = f.mean().unwrap();
+    for i in 0..n {
+        for j in 0..n {
+            let naive: f64 = (0..t).map(|k| x[k * n + i] * x[k * n + j]).sum::<f64>() / t as f64;
+            assert!((z[(i, j)] - naive).abs() <= 1e-12 * naive.abs().max(1.0), "({i},{j})");
+        }
+    }
+}
+
+#[test]
+fn non_finite_rows_leave_the_factor_unchanged() {
+    let n = 3;
+    let mut f = InputFactor::new(n).unwrap();
+    f.add_rows(&DenseRows { data: &[1.0, 2.0, 3.0], cols: n }).unwrap();
+    let before = f.clone();
+    let err = f.add_rows(&DenseRows { data: &[1.0, f64::NAN, 3.0], cols: n }).unwrap_err();
+    assert!(matches!(err, Error::NonFinite(_)));
+    assert_eq!(f, before);
+    assert!(matches!(f.add_rows(&DenseRows { data: &[1.0, 2.0], cols: 2 }), Err(Error::Shape(_))));
+}
+
+#[test]
+fn output_factor_sums_and_sample_sums() {
+    let mut o = OutputFactor::new(2, true).unwrap();
+    o.add_rows(&DenseRows { data: &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], cols: 2 }, Some(&[2, 1])).unwrap();
+    assert_eq!(o.sum(), vec![35.0, 56.0]);
+    assert_eq!(o.sample_sums().unwrap(), &[4.0, 6.0, 5.0, 6.0]);
+    assert_eq!(o.samples(), 2);
+    assert!(o.add_rows(&DenseRows { data: &[1.0, 2.0], cols: 2 }, None).is_err());
+}
+
+#[test]
+fn woodbury_precision_matches_direct_inverse_on_a_small_case() {
+    // U = [[1, 0], [0, 2]] (two samples, m = 2): diag((λI + UUᵀ/2)⁻¹) = 1/(λ + 1/2), 1/(λ + 2)
+    let p = lowrank_output_precision(&[1.0, 0.0, 0.0, 2.0], 2, 0.5).unwrap();
+    assert!((p[0] - 1.0).abs() < 1e-14 && (p[1] - 1.0 / 2.5).abs() < 1e-14, "{p:?}");
+}
+
+struct Diagonal(Vec<f64>);
+impl SymmetricOperator for Diagonal {
+    fn dim(&self) -> usize {
+        self.0.len()
+    }
+    fn apply(&self, x: MatRef<'_, f64>) -> Mat<f64> {
+        Mat::from_fn(x.nrows(), x.ncols(), |i, j| self.0[i] * x[(i, j)])
+    }
+}
+
+#[test]
+fn block_krylov_finds_both_extremes() {
+    // eigenvalues −5, −4, ..., then a spread up to 1e3
+    let n = 400;
+    let d: Vec<f64> = (0..n).map(|i| if i < 5 { -5.0 + i as f64 } else { 10f64.powf(3.0 * i as f64 / n as f64) }).collect();
+    let op = Diagonal(d.clone());
+    let opts = KrylovOptions {
+        nev: 3, extra: 1, block: 8, max_basis: 64, tol: 1e-12, loose_tol: 1e-8,
+        max_applications: 4000, seed: 1, largest: false, par: faer::Par::Seq,
+    };
+    let res = block_krylov(&op, &opts);
+    assert!(res.converged);
+    for (k, v) in res.values.iter().enumerate() {
+        assert!((v - (-5.0 + k as f64)).abs() < 1e-6, "{:?}", res.values);
+    }
+    let opts = KrylovOptions { largest: true, nev: 1, extra: 0, ..opts };
+    let top = block_krylov(&op, &opts);
+    assert!((top.values[0] - d[n - 1]).abs() <= 1e-9 * d[n - 1]);
+}
+
+fn problem(n: usize, m: usize) -> (Mat<f64>, Vec<f64>, Mat<f64>) {
+    let x = gaussian_block(3 * n, n, 7);
+    let z = Mat::from_fn(n, n, |i, j| (0..3 * n).map(|k| x[(k, i)] * x[(k, j)]).sum::<f64>() / (3 * n) as f64);
+    let y: Vec<f64> = (0..m).map(|i| 1e-5 * (1.0 + (i % 7) as f64).powi(3)).collect();
+    let g = gaussian_block(m, n, 8);
+    (z, y, Mat::from_fn(m, n, |i, j| g[(i, j)] * 1e-3))
+}
+
+#[test]
+fn krylov_agrees_with_dense() {
+    let (z, y, g) = problem(220, 150);
+    let mut o = SolveOptions::new(6, 1000.0);
+    o.method = Method::Krylov;
+    let k = solve(z.as_ref(), &y, g.as_ref(), &o).unwrap();
+    o.method = Method::Dense;
+    let d = solve(z.as_ref(), &y, g.as_ref(), &o).unwrap();
+    assert_eq!(k.method, Method::Krylov, "{:?}", k.notes);
+    assert!(k.residual <= 1e-10 && d.residual <= 1e-12);
+    let scale = d.omega_norm;
+    for (a, b) in k.eigenvalues.iter().zip(&d.eigenvalues) {
+        assert!((a - b).abs() <= 1e-9 * scale);
+    }
+    assert!((k.sigma - d.sigma).abs() <= 1e-10 * d.sigma);
+    // same subspace: ‖V_k − V_d (V_dᵀ V_k)‖ small
+    let proj = d.v.transpose() * &k.v;
+    let diff = &k.v - &d.v * &proj;
+    assert!(diff.norm_l2() < 1e-6);
+}
+
+#[test]
+fn bad_input_is_an_error_not_a_panic() {
+    let (z, y, g) = problem(20, 10);
+    let o = SolveOptions::new(10, 100.0);
+    assert!(matches!(solve(z.as_ref(), &y, g.as_ref(), &o), Err(Error::InvalidArgument(_))));
+    let o = SolveOptions::new(3, 0.0);
+    assert!(matches!(solve(z.as_ref(), &y, g.as_ref(), &o), Err(Error::InvalidArgument(_))));
+    let o = SolveOptions::new(3, 10.0);
+    assert!(matches!(solve(z.as_ref(), &y[..5], g.as_ref(), &o), Err(Error::Shape(_))));
+    let mut bad = z.clone();
+    bad[(1, 1)] = f64::INFINITY;
+    assert!(matches!(solve(bad.as_ref(), &y, g.as_ref(), &o), Err(Error::NonFinite(_))));
+    let neg = Mat::from_fn(20, 20, |i, j| if i == j { -1.0 } else { 0.0 });
+    assert!(matches!(solve(neg.as_ref(), &y, g.as_ref(), &o), Err(Error::NotPositiveDefinite(_))));
+}

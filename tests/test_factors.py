@@ -1,0 +1,270 @@
+"""The streaming factors (SPEC §2) against exact float64 sums (`math.fsum`).
+
+A product of two float32 (or bfloat16) numbers is exact in float64, so
+`fsum` over the products is the correctly rounded exact sum.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import lora_da
+
+
+def exact_gram(rows: list[np.ndarray]) -> np.ndarray:
+    x = np.concatenate([np.asarray(r, dtype=np.float64) for r in rows])
+    n = x.shape[1]
+    out = np.empty((n, n))
+    for i in range(n):
+        for j in range(i + 1):
+            out[i, j] = out[j, i] = math.fsum(x[:, i] * x[:, j])
+    return out
+
+
+def rel_err(a, b):
+    return np.linalg.norm(a - b) / max(np.linalg.norm(b), np.finfo(float).tiny)
+
+
+def to_bf16_bits(x: np.ndarray) -> np.ndarray:
+    return (np.ascontiguousarray(x, dtype=np.float32).view(np.uint32) >> 16).astype(np.uint16)
+
+
+def from_bf16_bits(b: np.ndarray) -> np.ndarray:
+    return (b.astype(np.uint32) << 16).view(np.float32)
+
+
+@st.composite
+def streams(draw):
+    n = draw(st.integers(1, 24))
+    batches = draw(st.integers(1, 6))
+    seed = draw(st.integers(0, 2**31 - 1))
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(batches):
+        t = draw(st.integers(0, 300))
+        # magnitudes over many decades, per feature and per token
+        scale = 10.0 ** rng.uniform(-6, 6, size=(t, 1)) * 10.0 ** rng.uniform(-3, 3, size=(1, n))
+        out.append((rng.standard_normal((t, n)) * scale).astype(np.float32))
+    return n, out
+
+
+@settings(max_examples=60, deadline=None)
+@given(streams())
+def test_input_factor_matches_exact_sum(stream):
+    n, batches = stream
+    f = lora_da.InputFactor(n)
+    for b in batches:
+        f.add(b)
+    T = sum(b.shape[0] for b in batches)
+    assert f.tokens == T
+    if T == 0:
+        return
+    exact = exact_gram(batches)
+    Z = f.mean()
+    assert rel_err(Z * T, exact) <= 1e-12
+    np.testing.assert_array_equal(Z, Z.T)
+
+
+def test_long_stream_does_not_lose_digits():
+    """1.2 million tokens through many batches: the compensated sum stays exact
+    to a few ulp."""
+    rng = np.random.default_rng(0)
+    n = 4
+    f = lora_da.InputFactor(n)
+    cols = [[] for _ in range(n * (n + 1) // 2)]
+    for _ in range(300):
+        x = (rng.standard_normal((4000, n)) + 3.0).astype(np.float32)
+        f.add(x)
+        x64 = x.astype(np.float64)
+        k = 0
+        for i in range(n):
+            for j in range(i + 1):
+                cols[k].append(math.fsum(x64[:, i] * x64[:, j]))
+                k += 1
+    exact = np.zeros((n, n))
+    k = 0
+    for i in range(n):
+        for j in range(i + 1):
+            exact[i, j] = exact[j, i] = math.fsum(cols[k])
+            k += 1
+    got = f.mean() * f.tokens
+    assert f.tokens == 1_200_000
+    assert rel_err(got, exact) <= 4e-15  # the mean·T round trip costs ~2 ulp
+
+
+def test_float64_and_bfloat16_inputs():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((500, 9))
+    f = lora_da.InputFactor(9)
+    f.add(x)
+    assert rel_err(f.mean() * 500, exact_gram([x])) <= 1e-12
+    bits = to_bf16_bits(x)
+    g = lora_da.InputFactor(9)
+    g.add(bits)
+    decoded = from_bf16_bits(bits)
+    assert rel_err(g.mean() * 500, exact_gram([decoded])) <= 1e-14
+
+
+def test_strided_input_equals_contiguous():
+    rng = np.random.default_rng(2)
+    big = rng.standard_normal((300, 40)).astype(np.float32)
+    view = big[::3, 5:37:2]
+    a, b = lora_da.InputFactor(16), lora_da.InputFactor(16)
+    a.add(view)
+    b.add(np.ascontiguousarray(view))
+    assert a == b
+    np.testing.assert_array_equal(a.packed(), b.packed())
+
+
+def test_chunking_is_invisible_beyond_token_chunk():
+    rng = np.random.default_rng(3)
+    T = lora_da._core.TOKEN_CHUNK * 2 + 17
+    x = rng.standard_normal((T, 6)).astype(np.float32)
+    f = lora_da.InputFactor(6)
+    f.add(x)
+    assert rel_err(f.mean() * T, exact_gram([x])) <= 1e-13
+
+
+def test_merge_is_associative_and_equals_one_stream():
+    rng = np.random.default_rng(4)
+    parts = [rng.standard_normal((200, 12)).astype(np.float32) * s for s in (1e-3, 1.0, 1e3)]
+
+    def fac(*xs):
+        f = lora_da.InputFactor(12)
+        for x in xs:
+            f.add(x)
+        return f
+
+    a, b, c = (fac(p) for p in parts)
+    left = a.copy()
+    left.merge(b)
+    left.merge(c)
+    bc = b.copy()
+    bc.merge(c)
+    right = a.copy()
+    right.merge(bc)
+    one = fac(*parts)
+    exact = exact_gram(parts)
+    for f in (left, right, one):
+        assert f.tokens == 600
+        assert rel_err(f.mean() * 600, exact) <= 1e-15
+    assert rel_err(left.mean(), right.mean()) <= 1e-15
+
+
+def test_add_gram_and_packed_round_trip():
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((100, 7)).astype(np.float32)
+    a = lora_da.InputFactor(7)
+    a.add(x)
+    b = lora_da.InputFactor(7)
+    b.add_gram(x.astype(np.float64).T @ x.astype(np.float64), 100)
+    assert b.tokens == 100
+    assert rel_err(a.mean(), b.mean()) <= 1e-15
+    c = lora_da.InputFactor.from_packed(7, a.packed(), a.tokens)
+    np.testing.assert_array_equal(c.mean(), a.mean())
+
+
+def test_bad_input_leaves_the_accumulator_unchanged():
+    rng = np.random.default_rng(6)
+    f = lora_da.InputFactor(5)
+    f.add(rng.standard_normal((10, 5)).astype(np.float32))
+    before = f.packed().copy()
+    bad = rng.standard_normal((3000, 5)).astype(np.float32)
+    bad[2900, 3] = np.inf  # after the first token chunk
+    with pytest.raises(lora_da.NonFiniteError, match="row 2900, column 3"):
+        f.add(bad)
+    with pytest.raises(lora_da.ShapeError, match="n = 5"):
+        f.add(np.zeros((3, 4), np.float32))
+    with pytest.raises(lora_da.ShapeError, match="float32"):
+        f.add(np.zeros((3, 5), np.int32))
+    with pytest.raises(lora_da.ShapeError):
+        f.add(np.zeros(5, np.float32))
+    with pytest.raises(lora_da.ShapeError):
+        f.add_gram(np.zeros((4, 4)), 3)
+    with pytest.raises(lora_da.InvalidArgumentError):
+        lora_da.InputFactor(0)
+    assert f.tokens == 10
+    np.testing.assert_array_equal(f.packed(), before)
+
+
+_THREAD_SCRIPT = r"""
+import sys, hashlib, numpy as np, lora_da
+rng = np.random.default_rng(7)
+f = lora_da.InputFactor(300)
+for _ in range(3):
+    f.add(rng.standard_normal((700, 300)).astype(np.float32))
+o = lora_da.OutputFactor(300)
+o.add(rng.standard_normal((900, 300)).astype(np.float32))
+print(lora_da.num_threads(), hashlib.sha256(f.packed().tobytes() + o.sum().tobytes()).hexdigest())
+"""
+
+
+def test_bit_identical_across_thread_counts():
+    digests = {}
+    for threads in ("1", "2", "3"):
+        env = dict(os.environ, RAYON_NUM_THREADS=threads)
+        out = subprocess.run([sys.executable, "-c", _THREAD_SCRIPT], env=env, capture_output=True, text=True, check=True)
+        used, digest = out.stdout.split()
+        assert used == threads
+        digests[threads] = digest
+    assert len(set(digests.values())) == 1, digests
+
+
+def test_concurrent_adds_from_python_threads():
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(8)
+    parts = [rng.standard_normal((150, 20)).astype(np.float32) for _ in range(16)]
+    f = lora_da.InputFactor(20)
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(f.add, parts))
+    assert f.tokens == 16 * 150
+    assert rel_err(f.mean() * f.tokens, exact_gram(parts)) <= 1e-14
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 40), st.lists(st.integers(0, 30), min_size=1, max_size=6), st.integers(0, 2**31 - 1))
+def test_output_factor_matches_exact_sum(m, lengths, seed):
+    rng = np.random.default_rng(seed)
+    T = sum(lengths)
+    g = (rng.standard_normal((T, m)) * 10.0 ** rng.uniform(-8, 2, size=(1, m))).astype(np.float32)
+    o = lora_da.OutputFactor(m, per_sample=True)
+    o.add(g, sample_lengths=lengths)
+    assert o.tokens == T and o.samples == len(lengths)
+    g64 = g.astype(np.float64)
+    exact = np.array([math.fsum(g64[:, j] ** 2) for j in range(m)])
+    np.testing.assert_allclose(o.sum(), exact, rtol=1e-15, atol=0)
+    bounds = np.cumsum([0] + lengths)
+    u = np.stack([g64[a:b].sum(0) for a, b in zip(bounds[:-1], bounds[1:])])
+    np.testing.assert_allclose(o.sample_sums(), u, rtol=1e-12, atol=1e-300)
+    if T:
+        np.testing.assert_allclose(o.mean(), exact / T, rtol=1e-15)
+
+
+def test_output_factor_errors_and_merge():
+    o = lora_da.OutputFactor(4, per_sample=True)
+    with pytest.raises(lora_da.InvalidArgumentError, match="sample_lengths"):
+        o.add(np.ones((3, 4), np.float32))
+    with pytest.raises(lora_da.ShapeError, match="sum to 2"):
+        o.add(np.ones((3, 4), np.float32), sample_lengths=[1, 1])
+    bad = np.ones((3, 4), np.float32)
+    bad[1, 2] = np.nan
+    with pytest.raises(lora_da.NonFiniteError):
+        o.add(bad, sample_lengths=[3])
+    assert o.tokens == 0 and o.samples == 0
+    a = lora_da.OutputFactor(4)
+    a.add(np.ones((2, 4), np.float32))
+    b = lora_da.OutputFactor(4)
+    b.add(np.full((3, 4), 2.0, np.float32))
+    a.merge(b)
+    np.testing.assert_array_equal(a.sum(), np.full(4, 14.0))
+    with pytest.raises(lora_da.ShapeError):
+        a.merge(lora_da.OutputFactor(4, per_sample=True))
