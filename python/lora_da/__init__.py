@@ -7,6 +7,10 @@ The numerical contract is SPEC.md (shared with the project); the public API:
 * :func:`solve`, :func:`solve_shared` — one module's initialization from
   ``Z``, ``y`` and ``Ḡ`` (SPEC §3), matrix-free block Krylov with a reported
   dense fallback (SPEC §4–5);
+* :func:`collect_statistics` → :class:`Statistics` (one pass, any batch size);
+* :class:`LoraDAConfig`, :func:`compute_init`;
+* PEFT: :func:`get_lora_da_state_dict`, :func:`initialize_lora_da_weights`,
+  :func:`save_initial_adapter`;
 * :mod:`lora_da.reference` — the dense float64 SciPy oracle.
 """
 
@@ -19,6 +23,8 @@ from lora_da._core import (
     solve,
     solve_shared,
 )
+from lora_da.adapters import get_lora_da_state_dict, initialize_lora_da_weights, save_initial_adapter
+from lora_da.collect import collect_statistics
 from lora_da.errors import (
     InvalidArgumentError,
     LoraDAError,
@@ -27,10 +33,21 @@ from lora_da.errors import (
     ShapeError,
     StatisticsFileError,
 )
+from lora_da.init import LoraDAConfig, ModuleInit, compute_init
+from lora_da.statistics import ModuleInfo, Statistics
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "collect_statistics",
+    "Statistics",
+    "ModuleInfo",
+    "LoraDAConfig",
+    "ModuleInit",
+    "compute_init",
+    "get_lora_da_state_dict",
+    "initialize_lora_da_weights",
+    "save_initial_adapter",
     "InputFactor",
     "OutputFactor",
     "SolveResult",

@@ -1,0 +1,237 @@
+"""LoRA-DA weights into PEFT LoRA adapters (SPEC §3, step 8).
+
+Mirrors PEFT's data-driven init (EVA): :func:`get_lora_da_state_dict` computes
+the weights from a model and data; :func:`initialize_lora_da_weights` writes
+them into a :class:`peft.PeftModel`. ``lora_A`` / ``lora_B`` receive exactly
+``A`` and ``B`` of SPEC §3 (PEFT applies its own scaling ``s``, rsLoRA
+included) in the adapter's dtype; Linear and transformers' Conv1D alike.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import tempfile
+
+import torch
+
+from lora_da.collect import collect_statistics, resolve_targets
+from lora_da.errors import InvalidArgumentError, LoraDAError, ShapeError
+from lora_da.init import LoraDAConfig, compute_init
+from lora_da.statistics import Statistics
+
+
+def _peft_targets(model: torch.nn.Module, peft_config) -> list[str]:
+    """Names of the base model's modules that ``peft_config`` targets, by PEFT's own rule."""
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    names = [n for n, _ in model.named_modules() if n and check_target_module_exists(peft_config, n)]
+    if not names:
+        raise InvalidArgumentError(f"peft_config.target_modules={peft_config.target_modules!r} matches no module")
+    return resolve_targets(model, names)
+
+
+def get_lora_da_state_dict(
+    model: torch.nn.Module,
+    dataloader,
+    peft_config,
+    lora_da_config: LoraDAConfig,
+    *,
+    loss_fn=None,
+    statistics: Statistics | None = None,
+    progress: bool = True,
+    **collect_kwargs,
+) -> dict[str, torch.Tensor]:
+    """``{"<module>.lora_A.weight": A, "<module>.lora_B.weight": B}`` (float32) for
+    the modules ``peft_config`` targets, computed from one pass over ``dataloader``
+    (or from ``statistics`` already collected)."""
+    if lora_da_config.rank != peft_config.r:
+        raise InvalidArgumentError(
+            f"LoraDAConfig.rank = {lora_da_config.rank} differs from the PEFT config's r = {peft_config.r}"
+        )
+    names = _peft_targets(model, peft_config)
+    if statistics is None:
+        statistics = collect_statistics(
+            model,
+            dataloader,
+            names,
+            loss_fn=loss_fn,
+            token_mask=lora_da_config.token_mask,
+            output_fisher=lora_da_config.output_fisher,
+            progress=progress,
+            **collect_kwargs,
+        )
+    missing = [n for n in names if n not in statistics.modules]
+    if missing:
+        raise InvalidArgumentError(f"the statistics have no entry for targeted module(s) {missing[:5]}")
+    inits = compute_init(statistics, lora_da_config, modules=names, progress=progress)
+    out = {}
+    for name, init in inits.items():
+        out[f"{name}.lora_A.weight"] = torch.from_numpy(init.A.astype("float32"))
+        out[f"{name}.lora_B.weight"] = torch.from_numpy(init.B.astype("float32"))
+    return out
+
+
+def _strip_suffix(stats: Statistics, suffix: str) -> Statistics:
+    def strip(name: str) -> str:
+        return name[: -len(suffix)] if name.endswith(suffix) else name
+
+    from dataclasses import replace
+
+    return Statistics(
+        modules={strip(k): replace(v, name=strip(v.name), input_group=strip(v.input_group)) for k, v in stats.modules.items()},
+        input_factors={strip(k): v for k, v in stats.input_factors.items()},
+        output_factors={strip(k): v for k, v in stats.output_factors.items()},
+        grad_sums={strip(k): v for k, v in stats.grad_sums.items()},
+        n_samples=stats.n_samples,
+        config=stats.config,
+        model=stats.model,
+    )
+
+
+def _lora_layers(peft_model, adapter_name):
+    from peft.tuners.lora import LoraLayer
+
+    base = peft_model.get_base_model()
+    for name, module in base.named_modules():
+        if isinstance(module, LoraLayer) and adapter_name in module.lora_A:
+            yield name, module
+
+
+@torch.no_grad()
+def initialize_lora_da_weights(
+    peft_model,
+    dataloader=None,
+    *,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    lora_da_config: LoraDAConfig,
+    adapter_name: str = "default",
+    loss_fn=None,
+    statistics: Statistics | None = None,
+    progress: bool = True,
+    **collect_kwargs,
+) -> dict:
+    """Write the LoRA-DA ``A``/``B`` into ``peft_model``'s adapter ``adapter_name``.
+
+    Without ``state_dict`` the statistics are collected on the base model (the
+    adapter disabled). Every shape is checked before any weight is written.
+    With ``preserve_output`` the base weights lose ``s·B A`` and the model's
+    :meth:`save_pretrained` is guarded (see :func:`save_initial_adapter`).
+    Returns ``{module: SolveResult}`` when it solved, else ``{}``.
+    """
+    if adapter_name not in peft_model.peft_config:
+        raise InvalidArgumentError(f"the PeftModel has no adapter named {adapter_name!r}")
+    peft_config = peft_model.peft_config[adapter_name]
+    layers = dict(_lora_layers(peft_model, adapter_name))
+    results = {}
+    if state_dict is None:
+        if dataloader is None and statistics is None:
+            raise InvalidArgumentError("initialize_lora_da_weights needs a dataloader, statistics or a state_dict")
+        base = peft_model.get_base_model()
+        if statistics is None:
+            # hook the wrapped base layers; the statistics are named after the LoRA layers
+            with peft_model.disable_adapter():
+                statistics = collect_statistics(
+                    base,
+                    dataloader,
+                    [f"{n}.base_layer" for n in layers],
+                    loss_fn=loss_fn,
+                    token_mask=lora_da_config.token_mask,
+                    output_fisher=lora_da_config.output_fisher,
+                    progress=progress,
+                    **collect_kwargs,
+                )
+            statistics = _strip_suffix(statistics, ".base_layer")
+        if lora_da_config.rank != peft_config.r:
+            raise InvalidArgumentError(
+                f"LoraDAConfig.rank = {lora_da_config.rank} differs from the PEFT config's r = {peft_config.r}"
+            )
+        inits = compute_init(statistics, lora_da_config, modules=[n for n in layers if n in statistics.modules], progress=progress)
+        state_dict = {}
+        for name, init in inits.items():
+            state_dict[f"{name}.lora_A.weight"] = torch.from_numpy(init.A.astype("float32"))
+            state_dict[f"{name}.lora_B.weight"] = torch.from_numpy(init.B.astype("float32"))
+            results[name] = init.result
+    # check everything before writing anything
+    plan = []
+    for name, layer in layers.items():
+        ka, kb = f"{name}.lora_A.weight", f"{name}.lora_B.weight"
+        if ka not in state_dict or kb not in state_dict:
+            raise ShapeError(f"{name}: the LoRA-DA state dict has no entry for this adapter layer")
+        A, B = state_dict[ka], state_dict[kb]
+        wa, wb = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
+        if tuple(A.shape) != tuple(wa.shape) or tuple(B.shape) != tuple(wb.shape):
+            raise ShapeError(
+                f"{name}: LoRA-DA A {tuple(A.shape)} / B {tuple(B.shape)} do not fit the adapter's "
+                f"lora_A {tuple(wa.shape)} / lora_B {tuple(wb.shape)}"
+            )
+        if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+            raise LoraDAError(f"{name}: non-finite LoRA-DA weights")
+        plan.append((name, layer, A, B))
+    for name, layer, A, B in plan:
+        wa, wb = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
+        wa.copy_(A.to(device=wa.device, dtype=wa.dtype))
+        wb.copy_(B.to(device=wb.device, dtype=wb.dtype))
+        if lora_da_config.preserve_output:
+            _subtract_from_base(layer, adapter_name)
+    if lora_da_config.preserve_output:
+        _guard_save(peft_model)
+    return results
+
+
+def _subtract_from_base(layer, adapter_name: str) -> None:
+    """``W ← W − s·B A`` (in the layer's storage orientation), so the outputs at
+    step 0 equal the base model's."""
+    base = layer.get_base_layer()
+    wa, wb = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
+    delta = layer.scaling[adapter_name] * (wb.double() @ wa.double())  # m × n
+    if getattr(layer, "fan_in_fan_out", False):
+        delta = delta.T
+    base.weight.data = (base.weight.double() - delta.to(base.weight.device)).to(base.weight.dtype)
+
+
+def _guard_save(peft_model) -> None:
+    """After ``preserve_output`` the base weights are no longer the published
+    ones: an adapter saved plainly would be wrong on a fresh base model. Make
+    ``save_pretrained`` refuse unless it converts (PEFT's
+    ``path_initial_model_for_weight_conversion``)."""
+    if getattr(peft_model, "_lora_da_guarded", False):
+        return
+    original = peft_model.save_pretrained
+
+    @functools.wraps(original)
+    def save_pretrained(save_directory, *args, path_initial_model_for_weight_conversion=None, **kwargs):
+        if path_initial_model_for_weight_conversion is None and not kwargs.pop("lora_da_allow_residual", False):
+            raise LoraDAError(
+                "this model was initialized with LoRA-DA preserve_output=True: its base weights were changed, so a "
+                "plainly saved adapter is wrong on a fresh base model. Save the initial adapter right after "
+                "initialization with lora_da.save_initial_adapter(model, path) and pass "
+                "path_initial_model_for_weight_conversion=path to save_pretrained (PEFT then stores an adapter for "
+                "the original base), or pass lora_da_allow_residual=True to save the adapter for the modified base."
+            )
+        return original(
+            save_directory, *args, path_initial_model_for_weight_conversion=path_initial_model_for_weight_conversion, **kwargs
+        )
+
+    peft_model.save_pretrained = save_pretrained
+    peft_model._lora_da_guarded = True
+
+
+def save_initial_adapter(peft_model, path: str | os.PathLike, adapter_name: str = "default") -> None:
+    """Save the adapter as initialized (before training) for PEFT's conversion
+    at save time: ``model.save_pretrained(out, path_initial_model_for_weight_conversion=path)``."""
+    save = getattr(peft_model.save_pretrained, "__wrapped__", peft_model.save_pretrained)
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".lora_da_init_", dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        save(tmp, selected_adapters=[adapter_name])
+        src = os.path.join(tmp, adapter_name) if adapter_name != "default" else tmp
+        if os.path.exists(path):
+            raise LoraDAError(f"{path} already exists")
+        os.replace(src, path)
+    finally:
+        if os.path.isdir(tmp):
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,277 @@
+"""`collect_statistics` against brute force (SPEC §2).
+
+Brute force: each sample alone, its own loss `ℓ_s` (mean next-token CE),
+`torch.autograd.grad` with respect to each weight for `∂ℓ_s/∂W`, and the
+module's inputs / output gradients captured for that one sample and summed
+in float64 over the valid tokens.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+import lora_da
+from lora_da.collect import causal_lm_per_sample_loss, linear_kind
+
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def tiny_llama(dtype=torch.float64):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    return LlamaForCausalLM(cfg).to(dtype).eval()
+
+
+def tiny_gpt2(dtype=torch.float64):
+    torch.manual_seed(1)
+    cfg = GPT2Config(vocab_size=50, n_embd=24, n_layer=2, n_head=4, n_positions=32)
+    return GPT2LMHeadModel(cfg).to(dtype).eval()
+
+
+def data(n=6, length=9, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 50, (n, length), generator=g)
+    mask = torch.ones_like(ids)
+    for i, keep in enumerate([9, 6, 9, 4, 7, 9][:n]):
+        mask[i, keep:] = 0  # right padding
+    return ids, mask
+
+
+def batches(ids, mask, bs):
+    return [{"input_ids": ids[i:i + bs], "attention_mask": mask[i:i + bs]} for i in range(0, len(ids), bs)]
+
+
+def brute_force(model, ids, mask, names):
+    """Per-sample autograd: Ḡ, Z, y and counts in float64."""
+    mods = dict(model.named_modules())
+    G = {n: 0.0 for n in names}
+    Zs = {n: 0.0 for n in names}
+    ys = {n: 0.0 for n in names}
+    T = 0
+    for s in range(len(ids)):
+        L = int(mask[s].sum())
+        x_in, outs = {}, {}
+
+        def fwd(name):
+            def hook(mod, args, out):
+                x_in[name] = args[0]
+                out.retain_grad()
+                outs[name] = out
+            return hook
+
+        hs = [mods[n].register_forward_hook(fwd(n)) for n in names]
+        logits = model(input_ids=ids[s:s + 1, :L]).logits
+        labels = ids[s:s + 1, :L]
+        loss = causal_lm_per_sample_loss(logits, labels)[0]
+        weights = [mods[n].weight for n in names]
+        grads = torch.autograd.grad(loss, weights + [outs[n] for n in names])
+        for h in hs:
+            h.remove()
+        for k, n in enumerate(names):
+            gw = grads[k].double()
+            if linear_kind(mods[n]) == "conv1d":
+                gw = gw.T
+            G[n] = G[n] + gw.numpy()
+            x = x_in[n][0].detach().double().numpy()
+            g = grads[len(names) + k][0].double().numpy()
+            Zs[n] = Zs[n] + x.T @ x
+            ys[n] = ys[n] + (g * g).sum(0)
+        T += L
+    N = len(ids)
+    return {n: (G[n] / N, Zs[n] / T, ys[n] / T) for n in names}, T
+
+
+def check(stats, brute, T, rtol):
+    for name, (G, Z, y) in brute.items():
+        assert stats.output_factors[name].tokens == T
+        assert stats.input_factors[stats.modules[name].input_group].tokens == T
+        np.testing.assert_allclose(stats.mean_grad(name), G, rtol=0, atol=rtol * np.abs(G).max())
+        np.testing.assert_allclose(stats.input_factor(name), Z, rtol=0, atol=rtol * np.abs(Z).max())
+        np.testing.assert_allclose(stats.output_factor(name), y, rtol=0, atol=rtol * np.abs(y).max())
+
+
+@pytest.mark.parametrize("bs", [1, 4, 6])
+def test_llama_statistics_match_per_sample_autograd(bs):
+    model = tiny_llama()
+    ids, mask = data()
+    stats = lora_da.collect_statistics(model, batches(ids, mask, bs), LLAMA_TARGETS, progress=False)
+    names = list(stats.modules)
+    assert len(names) == 14 and stats.n_samples == 6
+    brute, T = brute_force(model, ids, mask, names)
+    check(stats, brute, T, 1e-10)
+    # parameters got no .grad and keep requires_grad
+    assert all(p.grad is None and p.requires_grad for p in model.parameters())
+
+
+def test_batch_size_invariance_with_padding_float32():
+    model = tiny_llama(torch.float32)
+    ids, mask = data()
+    a = lora_da.collect_statistics(model, batches(ids, mask, 1), LLAMA_TARGETS, progress=False)
+    b = lora_da.collect_statistics(model, batches(ids, mask, 4), LLAMA_TARGETS, progress=False)
+    c = lora_da.collect_statistics(model, batches(torch.cat([ids] * 3), torch.cat([mask] * 3), 16), LLAMA_TARGETS,
+                                   progress=False, max_samples=6)
+    for s in (b, c):
+        for n in a.modules:
+            for f in (a.mean_grad, a.input_factor, a.output_factor):
+                ref = f(n)
+                got = getattr(s, f.__name__)(n)
+                assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+def test_shared_inputs_are_detected_from_tensors():
+    stats = lora_da.collect_statistics(tiny_llama(), batches(*data(), 3), LLAMA_TARGETS, progress=False)
+    groups = sorted(sorted(v) for v in stats.groups().values())
+    assert ["model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"] in groups
+    assert ["model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj"] in groups
+    assert ["model.layers.0.mlp.down_proj"] in groups
+    assert len(stats.input_factors) == 8
+
+
+def test_gpt2_conv1d_statistics_match_per_sample_autograd():
+    model = tiny_gpt2()
+    ids, mask = data()
+    stats = lora_da.collect_statistics(model, batches(ids, mask, 3), ["c_attn", "c_proj", "c_fc"], progress=False)
+    info = stats.modules["transformer.h.0.attn.c_attn"]
+    assert info.kind == "conv1d" and (info.out_features, info.in_features) == (72, 24)
+    brute, T = brute_force(model, ids, mask, list(stats.modules))
+    check(stats, brute, T, 1e-10)
+
+
+def test_bf16_model_statistics_are_float64_and_close():
+    ids, mask = data()
+    ref = lora_da.collect_statistics(tiny_llama(torch.float32), batches(ids, mask, 3), ["down_proj"], progress=False)
+    got = lora_da.collect_statistics(tiny_llama(torch.bfloat16), batches(ids, mask, 3), ["down_proj"], progress=False)
+    for n in ref.modules:
+        assert got.mean_grad(n).dtype == np.float64 and got.input_factor(n).dtype == np.float64
+        for f in ("mean_grad", "input_factor", "output_factor"):
+            a, b = getattr(ref, f)(n), getattr(got, f)(n)
+            assert np.linalg.norm(a - b) <= 0.1 * np.linalg.norm(a), f
+
+
+class TwiceLinear(torch.nn.Module):
+    """One Linear applied twice per forward (like a tied weight)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.emb = torch.nn.Embedding(20, 8)
+        self.lin = torch.nn.Linear(8, 8)
+        self.head = torch.nn.Linear(8, 20)
+
+    def get_input_embeddings(self):
+        return self.emb
+
+    def forward(self, input_ids, attention_mask=None):
+        h = self.emb(input_ids)
+        h = self.lin(torch.tanh(self.lin(h)))
+        return self.head(h)
+
+
+def twice_loss(model, batch):
+    logits = model(batch["input_ids"])
+    return causal_lm_per_sample_loss(logits, batch["input_ids"])
+
+
+def test_module_called_twice_counts_both_calls_once():
+    model = TwiceLinear().double()
+    ids = torch.randint(0, 20, (4, 6), generator=torch.Generator().manual_seed(0))
+    stats = lora_da.collect_statistics(model, [{"input_ids": ids[:2]}, {"input_ids": ids[2:]}], ["lin"],
+                                       loss_fn=twice_loss, progress=False)
+    G, Z, y, T = 0, 0, 0, 0
+    for s in range(4):
+        xs, outs = [], []
+
+        def hook(m, a, o):
+            xs.append(a[0].detach())
+            o.retain_grad()
+            outs.append(o)
+
+        h = model.lin.register_forward_hook(hook)
+        loss = twice_loss(model, {"input_ids": ids[s:s + 1]})[0]
+        grads = torch.autograd.grad(loss, [model.lin.weight] + outs)
+        h.remove()
+        G = G + grads[0].detach().numpy()
+        for x, g in zip(xs, grads[1:]):
+            Z = Z + x[0].numpy().T @ x[0].numpy()
+            y = y + (g[0].detach().numpy() ** 2).sum(0)
+            T += x.shape[1]
+    assert stats.input_factors["lin"].tokens == T == 48
+    np.testing.assert_allclose(stats.mean_grad("lin"), G / 4, atol=1e-12)
+    np.testing.assert_allclose(stats.input_factor("lin"), Z / T, atol=1e-12)
+    np.testing.assert_allclose(stats.output_factor("lin"), y / T, atol=1e-14)
+
+
+def test_gradient_checkpointing_does_not_double_count():
+    ids, mask = data()
+    plain = lora_da.collect_statistics(tiny_llama(), batches(ids, mask, 3), ["o_proj"], progress=False)
+    model = tiny_llama()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()  # checkpointing is active in train mode only; the tiny model has no dropout
+    ckpt = lora_da.collect_statistics(model, batches(ids, mask, 3), ["o_proj"], progress=False)
+    for n in plain.modules:
+        assert ckpt.input_factors[ckpt.modules[n].input_group].tokens == plain.input_factors[plain.modules[n].input_group].tokens
+        np.testing.assert_allclose(ckpt.mean_grad(n), plain.mean_grad(n), atol=1e-12)
+        np.testing.assert_allclose(ckpt.input_factor(n), plain.input_factor(n), atol=1e-12)
+
+
+def test_label_token_mask_and_sequence_lowrank():
+    model = tiny_llama()
+    ids, mask = data()
+    labels = ids.clone()
+    labels[:, :4] = -100  # prompt tokens carry no label
+    labels[mask == 0] = -100
+    b = [{"input_ids": ids[i:i + 3], "attention_mask": mask[i:i + 3], "labels": labels[i:i + 3]} for i in (0, 3)]
+    stats = lora_da.collect_statistics(model, b, ["down_proj"], token_mask="labels",
+                                       output_fisher="sequence_lowrank", progress=False)
+    valid = int((labels[:, 1:] != -100).sum())
+    name = "model.layers.0.mlp.down_proj"
+    assert stats.output_factors[name].tokens == valid
+    u = stats.output_factors[name].sample_sums()
+    assert u.shape == (6, 32)
+
+
+def test_statistics_save_load_round_trip(tmp_path):
+    stats = lora_da.collect_statistics(tiny_llama(), batches(*data(), 3), ["q_proj", "v_proj"], progress=False)
+    path = tmp_path / "stats.safetensors"
+    stats.save(path)
+    back = lora_da.Statistics.load(path)
+    assert back.n_samples == stats.n_samples and back.modules == stats.modules
+    for n in stats.modules:
+        np.testing.assert_array_equal(back.mean_grad(n), stats.mean_grad(n))
+        np.testing.assert_array_equal(back.input_factor(n), stats.input_factor(n))
+        np.testing.assert_array_equal(back.output_factor(n), stats.output_factor(n))
+    assert [p.name for p in tmp_path.iterdir()] == ["stats.safetensors"]  # no temporary left behind
+
+
+def test_bad_statistics_files(tmp_path):
+    stats = lora_da.collect_statistics(tiny_llama(), batches(*data(), 3), ["q_proj"], progress=False)
+    good = tmp_path / "s.safetensors"
+    stats.save(good)
+    raw = good.read_bytes()
+    (tmp_path / "trunc.safetensors").write_bytes(raw[: len(raw) // 2])
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file at all")
+    for name in ("trunc.safetensors", "junk.safetensors", "missing.safetensors"):
+        with pytest.raises(lora_da.StatisticsFileError):
+            lora_da.Statistics.load(tmp_path / name)
+    from safetensors.numpy import save_file
+
+    save_file({"x": np.zeros(3)}, str(tmp_path / "other.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(lora_da.StatisticsFileError, match="header"):
+        lora_da.Statistics.load(tmp_path / "other.safetensors")
+
+
+def test_bad_targets_and_data():
+    model = tiny_llama()
+    with pytest.raises(lora_da.InvalidArgumentError, match="matches no module"):
+        lora_da.collect_statistics(model, batches(*data(), 3), ["nope"], progress=False)
+    with pytest.raises(lora_da.InvalidArgumentError, match="not linear"):
+        lora_da.collect_statistics(model, batches(*data(), 3), ["input_layernorm"], progress=False)
+    with pytest.raises(lora_da.InvalidArgumentError, match="no sample"):
+        lora_da.collect_statistics(model, [], ["q_proj"], progress=False)
+    ids, mask = data()
+    with pytest.raises(lora_da.InvalidArgumentError, match="no valid token"):
+        lora_da.collect_statistics(model, [{"input_ids": ids, "attention_mask": torch.zeros_like(mask)}], ["q_proj"], progress=False)
