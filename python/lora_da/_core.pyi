@@ -1,0 +1,87 @@
+"""Types of the Rust extension `lora_da._core` (rust/src/python.rs)."""
+
+from collections.abc import Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+TOKEN_CHUNK: int
+
+class InputFactor:
+    """Streaming float64 accumulator of Σ_t x_t x_tᵀ (SPEC §2); one packed triangle."""
+    def __init__(self, n: int) -> None: ...
+    @property
+    def n(self) -> int: ...
+    @property
+    def tokens(self) -> int: ...
+    def add(self, x: npt.NDArray[np.float32] | npt.NDArray[np.float64] | npt.NDArray[np.uint16]) -> None:
+        """Add (T, n) token rows: float32, float64 or bfloat16 bits (uint16); any strides."""
+    def add_gram(self, gram: npt.NDArray[np.float64], tokens: int) -> None: ...
+    def merge(self, other: InputFactor) -> None: ...
+    def mean(self) -> npt.NDArray[np.float64]:
+        """Z = (1/T) Σ x xᵀ, (n, n)."""
+    def packed(self) -> npt.NDArray[np.float64]: ...
+    @staticmethod
+    def from_packed(n: int, packed: npt.NDArray[np.float64], tokens: int) -> InputFactor: ...
+    def copy(self) -> InputFactor: ...
+
+class OutputFactor:
+    """Streaming float64 accumulator of Σ_t g_t ⊙ g_t and optional per-sample sums (SPEC §2)."""
+    def __init__(self, m: int, per_sample: bool = False) -> None: ...
+    @property
+    def m(self) -> int: ...
+    @property
+    def tokens(self) -> int: ...
+    @property
+    def samples(self) -> int: ...
+    @property
+    def per_sample(self) -> bool: ...
+    def add(self, g: npt.NDArray[np.generic], sample_lengths: Sequence[int] | None = None) -> None: ...
+    def add_sums(self, sumsq: npt.NDArray[np.float64], tokens: int, sample_sums: npt.NDArray[np.float64] | None = None) -> None: ...
+    def count_samples(self, k: int) -> None: ...
+    def merge(self, other: OutputFactor) -> None: ...
+    def mean(self) -> npt.NDArray[np.float64]: ...
+    def sum(self) -> npt.NDArray[np.float64]: ...
+    def sample_sums(self) -> npt.NDArray[np.float64] | None: ...
+    @staticmethod
+    def from_parts(sumsq: npt.NDArray[np.float64], tokens: int, samples: int, sample_sums: npt.NDArray[np.float64] | None = None) -> OutputFactor: ...
+    def copy(self) -> OutputFactor: ...
+
+class SolveResult:
+    """One module's LoRA-DA initialization (SPEC §3) and diagnostics (SPEC §5)."""
+    A: npt.NDArray[np.float64]  # (r, n)
+    B: npt.NDArray[np.float64]  # (m, r)
+    V: npt.NDArray[np.float64]  # (n, r)
+    eigenvalues: npt.NDArray[np.float64]
+    next_eigenvalue: float
+    gap: float
+    residual: float
+    omega_norm: float
+    iterations: int
+    method: str
+    sigma: float
+    c: float
+    damping: float
+    zero_gradient: bool
+    notes: list[str]
+    rank: int
+
+def solve(
+    z: npt.NDArray[np.floating], y: npt.NDArray[np.floating], g: npt.NDArray[np.floating], *,
+    rank: int, n_pop: float, alpha: float = 1.0, beta: float = 0.03, damping: float = 1e-6,
+    output_damping: float | None = None, gamma: float = 1024.0, normalize: bool = True,
+    method: str = "auto", auto_damping: bool = False, tol: float = 1e-12,
+    max_applications: int | None = None, output_precision: npt.NDArray[np.floating] | None = None,
+    name: str = "",
+) -> SolveResult: ...
+def solve_shared(
+    z: npt.NDArray[np.floating], ys: Sequence[npt.NDArray[np.floating]], gs: Sequence[npt.NDArray[np.floating]], *,
+    rank: int, n_pop: float, alpha: float = 1.0, beta: float = 0.03, damping: float = 1e-6,
+    output_damping: float | None = None, gamma: float = 1024.0, normalize: bool = True,
+    method: str = "auto", auto_damping: bool = False, tol: float = 1e-12,
+    max_applications: int | None = None,
+    output_precisions: Sequence[npt.NDArray[np.floating] | None] | None = None,
+    names: Sequence[str] | None = None,
+) -> list[SolveResult]: ...
+def lowrank_output_precision(sample_sums: npt.NDArray[np.float64], damping: float) -> npt.NDArray[np.float64]: ...
+def num_threads() -> int: ...
