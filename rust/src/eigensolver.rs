@@ -34,6 +34,9 @@ pub struct KrylovOptions {
     pub max_applications: usize,
     /// Seed of the (deterministic) random start block.
     pub seed: u64,
+    /// Start vectors (`dim × k`) placed before the random ones, e.g. a
+    /// subspace already known to be close to the wanted one.
+    pub start: Option<Mat<f64>>,
     /// Seek the largest eigenvalues instead of the smallest.
     pub largest: bool,
     pub par: Par,
@@ -157,7 +160,12 @@ pub fn block_krylov(op: &dyn SymmetricOperator, opts: &KrylovOptions) -> KrylovR
     let block = opts.block.max(want).min(n).max(1);
     let max_basis = opts.max_basis.max(2 * block + want).min(n);
 
-    let mut basis = orthonormalize_against(Mat::<f64>::zeros(n, 0).as_ref(), gaussian_block(n, block, opts.seed), opts.seed, opts.par);
+    let mut start = gaussian_block(n, block, opts.seed);
+    if let Some(s) = &opts.start {
+        let k = s.ncols().min(block);
+        start.subcols_mut(0, k).copy_from(s.subcols(0, k));
+    }
+    let mut basis = orthonormalize_against(Mat::<f64>::zeros(n, 0).as_ref(), start, opts.seed, opts.par);
     let mut image = apply(basis.as_ref());
     let mut applications = basis.ncols();
     let mut h = Mat::<f64>::zeros(basis.ncols(), basis.ncols());

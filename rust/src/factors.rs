@@ -217,7 +217,7 @@ impl InputFactor {
             rest_c = rc;
             j0 = j1;
         }
-        panels.into_par_iter().for_each(|(j0, s, c)| {
+        let panel = |(j0, s, c): (usize, &mut [f64], &mut [f64])| {
             let w = PANEL.min(n - j0);
             let h = n - j0;
             let mut block = faer::Mat::<f64>::zeros(h, w);
@@ -240,7 +240,12 @@ impl InputFactor {
                     neumaier(&mut s[k], &mut c[k], col[i - j0]);
                 }
             }
-        });
+        };
+        if crate::parallel_ok() {
+            panels.into_par_iter().for_each(panel);
+        } else {
+            panels.into_iter().for_each(panel);
+        }
     }
 
     /// Add a precomputed partial Gram matrix `Σ x xᵀ` over `tokens` rows (its
@@ -401,7 +406,7 @@ impl OutputFactor {
         src.fill(0, t, &mut rows);
         // Column blocks in parallel; each column summed sequentially over t.
         let (s, c) = self.sumsq.parts_mut();
-        s.par_chunks_mut(256).zip(c.par_chunks_mut(256)).enumerate().for_each(|(b, (s, c))| {
+        let block = |(b, (s, c)): (usize, (&mut [f64], &mut [f64]))| {
             let j0 = b * 256;
             for r in 0..t {
                 let row = &rows[r * m + j0..r * m + j0 + s.len()];
@@ -409,7 +414,12 @@ impl OutputFactor {
                     neumaier(&mut s[k], &mut c[k], g * g);
                 }
             }
-        });
+        };
+        if crate::parallel_ok() {
+            s.par_chunks_mut(256).zip(c.par_chunks_mut(256)).enumerate().for_each(block);
+        } else {
+            s.chunks_mut(256).zip(c.chunks_mut(256)).enumerate().for_each(block);
+        }
         if let (Some(lens), Some(sums)) = (sample_lengths, self.sample_sums.as_mut()) {
             let mut r = 0;
             for &len in lens {

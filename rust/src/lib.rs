@@ -19,5 +19,27 @@ pub mod solve;
 mod python;
 
 pub use error::{Error, Result};
+
+/// Whether the rayon thread pool may be used from this process.
+///
+/// A process forked after the pool started (a PyTorch DataLoader worker, say)
+/// inherits the pool's bookkeeping but not its threads: handing it work would
+/// wait forever. The first call records the process id; a call from another
+/// process (a fork child) gets `false`, and the core then runs sequentially.
+/// Sequential and parallel runs give bit-identical results (see `factors`).
+pub fn parallel_ok() -> bool {
+    use std::sync::OnceLock;
+    static OWNER: OnceLock<u32> = OnceLock::new();
+    *OWNER.get_or_init(std::process::id) == std::process::id()
+}
+
+/// `Par::rayon(0)` in the process that owns the pool, `Par::Seq` in a fork child.
+pub fn default_par() -> faer::Par {
+    if parallel_ok() {
+        faer::Par::rayon(0)
+    } else {
+        faer::Par::Seq
+    }
+}
 pub use factors::{InputFactor, OutputFactor};
 pub use solve::{solve, solve_shared, Method, SolveOptions, SolveResult};

@@ -82,7 +82,7 @@ impl SolveOptions {
             tol: 1e-12,
             max_applications: None,
             seed: 0x10_2A_DA,
-            par: Par::rayon(0),
+            par: crate::default_par(),
         }
     }
 
@@ -319,7 +319,7 @@ pub fn solve_factored(
     } else if used == Method::Dense {
         dense_delta_norm(&op)
     } else {
-        krylov_delta_norm(&op, opts, &mut notes)
+        krylov_delta_norm(&op, opts, &eig.vectors, &mut notes)
     };
     let s2 = sigma * sigma;
     let mut v = eig.vectors;
@@ -375,6 +375,7 @@ fn krylov_bottom(op: &Guidance<'_>, r: usize, opts: &SolveOptions) -> Bottom {
         loose_tol: 1e-8_f64.max(opts.tol),
         max_applications: opts.max_applications.unwrap_or((n / 2).max(300)),
         seed: opts.seed,
+        start: None,
         largest: false,
         par: opts.par,
     };
@@ -445,18 +446,23 @@ fn dense_delta_norm(op: &Guidance<'_>) -> f64 {
 /// value with residual `ρ` is within `ρ²/gap` of the eigenvalue, so a residual
 /// of 1e-12 · σ² leaves σ exact to rounding unless the top two singular values
 /// are nearly equal, where it still bounds the error by ρ itself.
-fn krylov_delta_norm(op: &Guidance<'_>, opts: &SolveOptions, notes: &mut Vec<String>) -> f64 {
+///
+/// The bottom of `Ω′ = βc′Z_λ⁻¹ − αΔΔᵀ` is mostly the top of `ΔΔᵀ`, so the
+/// eigenvectors just found start the block: the top pair is then found in a
+/// few steps instead of from scratch.
+fn krylov_delta_norm(op: &Guidance<'_>, opts: &SolveOptions, warm: &Mat<f64>, notes: &mut Vec<String>) -> f64 {
     let gram = DeltaGram(op);
     let n = op.dim();
     let kopts = KrylovOptions {
         nev: 1,
         extra: 0,
-        block: 4.min(n),
-        max_basis: 40,
+        block: 8.min(n),
+        max_basis: 48,
         tol: 1e-12,
         loose_tol: 1e-12,
         max_applications: (n / 4).max(200),
         seed: opts.seed ^ 0x5157,
+        start: Some(warm.subcols(0, warm.ncols().min(4)).to_owned()),
         largest: true,
         par: opts.par,
     };

@@ -78,7 +78,7 @@ fn block_krylov_finds_both_extremes() {
     let op = Diagonal(d.clone());
     let opts = KrylovOptions {
         nev: 3, extra: 1, block: 8, max_basis: 64, tol: 1e-12, loose_tol: 1e-8,
-        max_applications: 4000, seed: 1, largest: false, par: faer::Par::Seq,
+        max_applications: 4000, seed: 1, start: None, largest: false, par: faer::Par::Seq,
     };
     let res = block_krylov(&op, &opts);
     assert!(res.converged);
