@@ -107,20 +107,34 @@ impl<'py> RowsHolder<'py> {
     }
 }
 
-/// Copy a 2-D float64 numpy array into a faer matrix (any strides).
-fn to_mat(a: &PyReadonlyArray2<'_, f64>) -> Mat<f64> {
-    let v = a.as_array();
-    Mat::from_fn(v.nrows(), v.ncols(), |i, j| v[(i, j)])
+/// Copy a 2-D array view into a column-major faer matrix, converting each
+/// entry with `f` (float32 → float64 is exact). numpy arrays are usually
+/// row-major: the copy walks 64 × 64 tiles so that both sides stay in cache
+/// (a plain column-by-column walk over a row-major array misses on every read).
+fn tiled_copy<T: Copy>(v: numpy::ndarray::ArrayView2<'_, T>, f: impl Fn(T) -> f64) -> Mat<f64> {
+    const TILE: usize = 64;
+    let (r, c) = (v.nrows(), v.ncols());
+    let mut out = Mat::<f64>::zeros(r, c);
+    for i0 in (0..r).step_by(TILE) {
+        for j0 in (0..c).step_by(TILE) {
+            for j in j0..(j0 + TILE).min(c) {
+                let col = out.col_mut(j).try_as_col_major_mut().expect("contiguous column").as_slice_mut();
+                for i in i0..(i0 + TILE).min(r) {
+                    col[i] = f(v[(i, j)]);
+                }
+            }
+        }
+    }
+    out
 }
 
 /// A 2-D float64 numpy array of any float dtype, converted (float32 → float64 is exact).
 fn matrix_arg<'py>(obj: &Bound<'py, PyAny>, what: &str) -> PyResult<Mat<f64>> {
     if let Ok(a) = obj.extract::<PyReadonlyArray2<'py, f64>>() {
-        return Ok(to_mat(&a));
+        return Ok(tiled_copy(a.as_array(), |x| x));
     }
     if let Ok(a) = obj.extract::<PyReadonlyArray2<'py, f32>>() {
-        let v = a.as_array();
-        return Ok(Mat::from_fn(v.nrows(), v.ncols(), |i, j| v[(i, j)] as f64));
+        return Ok(tiled_copy(a.as_array(), |x| x as f64));
     }
     Err(to_py(Error::Shape(format!("{what} must be a 2-D float32 or float64 numpy array"))))
 }
@@ -178,9 +192,7 @@ impl PyInputFactor {
 
     /// Add a partial Gram matrix `Σ x xᵀ` (float64, `(n, n)`) over `tokens` rows.
     fn add_gram(&self, py: Python<'_>, gram: PyReadonlyArray2<'_, f64>, tokens: u64) -> PyResult<()> {
-        let g = gram.as_array();
-        let (r, c) = (g.nrows(), g.ncols());
-        let mat = Mat::from_fn(r, c, |i, j| g[(i, j)]);
+        let mat = tiled_copy(gram.as_array(), |x| x);
         py.detach(|| {
             let mut f = self.inner.lock().map_err(|_| lock_poisoned())?;
             f.add_gram(mat.as_ref(), tokens).map_err(to_py)

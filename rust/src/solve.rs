@@ -167,14 +167,20 @@ pub fn validate_input_factor(z: MatRef<'_, f64>) -> Result<()> {
             scale = scale.max(v.abs());
         }
     }
-    for j in 0..n {
-        for i in j + 1..n {
-            let d = (z[(i, j)] - z[(j, i)]).abs();
-            if d > 1e-10 * scale {
-                return Err(Error::InvalidArgument(format!(
-                    "Z is not symmetric: |Z[{i},{j}] − Z[{j},{i}]| = {d:e} > 1e-10 · max|Z| = {:e}",
-                    1e-10 * scale
-                )));
+    // Compare Z[i, j] with Z[j, i] tile by tile: the transposed reads stay in cache.
+    const TILE: usize = 64;
+    for j0 in (0..n).step_by(TILE) {
+        for i0 in (j0..n).step_by(TILE) {
+            for j in j0..(j0 + TILE).min(n) {
+                for i in i0.max(j + 1)..(i0 + TILE).min(n) {
+                    let d = (z[(i, j)] - z[(j, i)]).abs();
+                    if d > 1e-10 * scale {
+                        return Err(Error::InvalidArgument(format!(
+                            "Z is not symmetric: |Z[{i},{j}] − Z[{j},{i}]| = {d:e} > 1e-10 · max|Z| = {:e}",
+                            1e-10 * scale
+                        )));
+                    }
+                }
             }
         }
     }
@@ -365,6 +371,8 @@ struct Bottom {
 
 fn krylov_bottom(op: &Guidance<'_>, r: usize, opts: &SolveOptions) -> Bottom {
     let n = op.dim();
+    // Measured at n = 2048 (benches/RESULTS.md): blocks of r + 1 ≥ 8 need the
+    // fewest operator applications; 16 or 32 cost more in total.
     let block = (r + 1).max(8).min(n);
     let kopts = KrylovOptions {
         nev: r,
