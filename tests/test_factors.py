@@ -170,6 +170,9 @@ def test_add_gram_and_packed_round_trip():
     assert rel_err(a.mean(), b.mean()) <= 1e-15
     c = lora_da.InputFactor.from_packed(7, a.packed(), a.tokens)
     np.testing.assert_array_equal(c.mean(), a.mean())
+    s, comp = a.packed_raw()
+    exact = lora_da.InputFactor.from_packed(7, s, a.tokens, comp)
+    assert exact == a  # bit for bit, compensation included
 
 
 def test_bad_input_leaves_the_accumulator_unchanged():

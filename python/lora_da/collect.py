@@ -19,6 +19,7 @@ float64 (when it fits in ``max_device_bytes``) and flushed to the host.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lora_da._core import InputFactor, OutputFactor
-from lora_da.errors import InvalidArgumentError, LoraDAError, NonFiniteError, ShapeError
+from lora_da.errors import InvalidArgumentError, LoraDAError, NonFiniteError, ShapeError, StatisticsFileError
 from lora_da.statistics import ModuleInfo, Statistics
 
 LossFn = Callable[[torch.nn.Module, dict], torch.Tensor]
@@ -160,6 +161,7 @@ class _Target:
     n: int
     calls: list = field(default_factory=list)  # (x, g) pairs of this batch
     keys: list = field(default_factory=list)  # input identities of this batch's calls
+    seen: list = field(default_factory=list)  # this batch's inputs, to name the source of a NaN
 
 
 def _as_rows(t: torch.Tensor) -> torch.Tensor:
@@ -207,6 +209,9 @@ def collect_statistics(
     output_fisher: str = "diagonal",
     max_samples: int | None = None,
     max_device_bytes: int = 1 << 30,
+    checkpoint_path: str | os.PathLike | None = None,
+    checkpoint_every: int | None = None,
+    resume: bool = True,
     progress: bool = True,
 ) -> Statistics:
     """One pass over ``dataloader`` → :class:`Statistics` for every target module (SPEC §2).
@@ -217,7 +222,16 @@ def collect_statistics(
     per-sample output-gradient sums ``u_s``). ``max_device_bytes`` bounds the
     device memory of one per-batch Gram matrix (larger ones are formed on the
     host). The model's parameters receive no ``.grad`` (they are restored).
+
+    Long passes: with ``checkpoint_path`` and ``checkpoint_every = N`` the
+    statistics so far are written (atomically) every N batches; with
+    ``resume`` (the default) an existing checkpoint is loaded and its batches
+    are skipped, so the dataloader must yield the same batches in the same
+    order. A batch that fails (non-finite values, ...) adds nothing: the last
+    checkpoint stays valid.
     """
+    if checkpoint_every is not None and (checkpoint_path is None or checkpoint_every < 1):
+        raise InvalidArgumentError(f"checkpoint_every={checkpoint_every!r} needs a checkpoint_path and must be ≥ 1")
     if output_fisher not in ("diagonal", "sequence_lowrank"):
         raise InvalidArgumentError(f"output_fisher must be 'diagonal' or 'sequence_lowrank', got {output_fisher!r}")
     if max_samples is not None and max_samples <= 0:
@@ -238,7 +252,38 @@ def collect_statistics(
     grad_sums = {name: np.zeros((t.m, t.n)) for name, t in targets.items()}
     groups: dict[str, str] | None = None  # module → group leader, fixed on the first batch
     inputs: dict[str, InputFactor] = {}
-    state = {"mask": None, "batch": 0}
+    n_samples = 0
+    skip = 0
+    config = {"token_mask": token_mask, "output_fisher": output_fisher}
+    if checkpoint_path is not None and resume and os.path.exists(checkpoint_path):
+        ck = Statistics.load(checkpoint_path)
+        want = {n: (t.n, t.m, t.kind) for n, t in targets.items()}
+        have = {n: (i.in_features, i.out_features, i.kind) for n, i in ck.modules.items()}
+        if want != have or any(ck.config.get(k) != v for k, v in config.items()):
+            raise StatisticsFileError(
+                f"{checkpoint_path}: the checkpoint is for other modules or options; delete it or pass resume=False"
+            )
+        inputs, outputs, grad_sums = ck.input_factors, ck.output_factors, ck.grad_sums
+        groups = {n: i.input_group for n, i in ck.modules.items()}
+        n_samples, skip = ck.n_samples, int(ck.config["batches_done"])
+
+    def snapshot(batches_done: int) -> Statistics:
+        modules = {
+            name: ModuleInfo(name=name, in_features=t.n, out_features=t.m, kind=t.kind, input_group=groups[name])
+            for name, t in targets.items()
+        }
+        return Statistics(
+            modules=modules,
+            input_factors=inputs,
+            output_factors=outputs,
+            grad_sums=grad_sums,
+            n_samples=n_samples,
+            config=dict(config, batches_done=batches_done),
+            model={
+                "class": type(model).__name__,
+                "name_or_path": getattr(getattr(model, "config", None), "_name_or_path", ""),
+            },
+        )
 
     def forward_hook(target: _Target):
         def hook(module, args, output):
@@ -247,6 +292,7 @@ def collect_statistics(
             x = args[0].detach()
             key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x._version)
             target.keys.append(key)
+            target.seen.append(x)
 
             def grad_hook(g):
                 target.calls.append((x, g.detach(), key))
@@ -260,13 +306,15 @@ def collect_statistics(
     grads_before = {p: p.grad for p in model.parameters()}
     was_training = model.training
     model.eval()
-    n_samples = 0
+    batches_done = skip
     try:
         # Gradients are needed w.r.t. module outputs only; parameters need none.
         for p in model.parameters():
             p.requires_grad_(False)
         bar = tqdm(dataloader, desc="lora-da: collecting statistics", unit="batch", disable=not progress)
-        for batch in bar:
+        for index, batch in enumerate(bar):
+            if index < skip:
+                continue
             if max_samples is not None and n_samples >= max_samples:
                 break
             batch = dict(batch)
@@ -281,6 +329,7 @@ def collect_statistics(
             for t in targets.values():
                 t.calls.clear()
                 t.keys.clear()
+                t.seen.clear()
             with torch.enable_grad():
                 # The hooks need outputs that require grad: make the embedding output do so.
                 handle = _make_inputs_require_grad(model)
@@ -292,7 +341,9 @@ def collect_statistics(
                     raise ShapeError(f"loss_fn must return per-sample losses of shape ({bsz},), got {tuple(losses.shape)}")
                 if not torch.all(torch.isfinite(losses)):
                     bad = torch.nonzero(~torch.isfinite(losses)).flatten().tolist()
-                    raise NonFiniteError(f"batch {state['batch']}: non-finite loss for samples {bad}")
+                    source = next((n for n, t in targets.items() if any(not torch.isfinite(x).all() for x in t.seen)), None)
+                    where = f"module {source}: non-finite input activation in " if source else ""
+                    raise NonFiniteError(f"{where}batch {index}: non-finite loss for samples {bad}")
                 losses.sum().backward()
             if groups is None:
                 groups = _detect_groups(targets)
@@ -301,10 +352,15 @@ def collect_statistics(
                         inputs[name] = InputFactor(targets[name].n)
             else:
                 _check_groups(targets, groups)
-            _accumulate_batch(targets, groups, inputs, outputs, grad_sums, mask, state["batch"], per_sample, max_device_bytes)
+            _accumulate_batch(targets, groups, inputs, outputs, grad_sums, mask, index, per_sample, max_device_bytes)
+            if not per_sample:
+                for o in outputs.values():
+                    o.count_samples(bsz)
             n_samples += bsz
-            state["batch"] += 1
+            batches_done = index + 1
             bar.set_postfix(samples=n_samples)
+            if checkpoint_every is not None and batches_done % checkpoint_every == 0:
+                snapshot(batches_done).save(checkpoint_path)
     finally:
         for h in handles:
             h.remove()
@@ -315,27 +371,16 @@ def collect_statistics(
         for t in targets.values():
             t.calls.clear()
             t.keys.clear()
+            t.seen.clear()
     if n_samples == 0:
         raise InvalidArgumentError("collect_statistics: the dataloader yielded no sample")
-    for name, o in outputs.items():
-        if not per_sample:
-            o.count_samples(n_samples)
     empty = [g for g, f in inputs.items() if f.tokens == 0]
     if empty:
         raise InvalidArgumentError(f"collect_statistics: no valid token reached module(s) {empty}; check token_mask")
-    modules = {
-        name: ModuleInfo(name=name, in_features=t.n, out_features=t.m, kind=t.kind, input_group=groups[name])
-        for name, t in targets.items()
-    }
-    return Statistics(
-        modules=modules,
-        input_factors=inputs,
-        output_factors=outputs,
-        grad_sums=grad_sums,
-        n_samples=n_samples,
-        config={"token_mask": token_mask, "output_fisher": output_fisher},
-        model={"class": type(model).__name__, "name_or_path": getattr(getattr(model, "config", None), "_name_or_path", "")},
-    )
+    stats = snapshot(batches_done)
+    if checkpoint_path is not None:
+        stats.save(checkpoint_path)
+    return stats
 
 
 def _batch_size(batch: dict) -> int:

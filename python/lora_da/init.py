@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from lora_da._core import SolveResult, lowrank_output_precision, solve_shared
+from lora_da._core import SolveResult, lowrank_output_precision, num_threads, solve_shared
 from lora_da.errors import InvalidArgumentError
 from lora_da.statistics import Statistics
 
@@ -40,6 +41,7 @@ class LoraDAConfig:
     method: str = "auto"
     auto_damping: bool = False
     tol: float = 1e-12
+    deterministic: bool = True
 
     def __post_init__(self):
         if self.n_pop is None:
@@ -70,6 +72,7 @@ class LoraDAConfig:
             method=self.method,
             auto_damping=self.auto_damping,
             tol=self.tol,
+            deterministic=self.deterministic,
         )
 
     def to_dict(self) -> dict:
@@ -102,8 +105,7 @@ def compute_init(stats: Statistics, config: LoraDAConfig, *, progress: bool = Tr
     out: dict[str, ModuleInit] = {}
     groups = {g: [n for n in names if n in wanted] for g, names in stats.groups().items()}
     groups = {g: v for g, v in groups.items() if v}
-    bar = tqdm(total=sum(len(v) for v in groups.values()), desc="lora-da: solving", unit="module", disable=not progress)
-    for group, names in groups.items():
+    for names in groups.values():
         for name in names:
             info = stats.modules[name]
             if config.rank >= min(info.in_features, info.out_features):
@@ -111,6 +113,9 @@ def compute_init(stats: Statistics, config: LoraDAConfig, *, progress: bool = Tr
                     f"{name}: rank {config.rank} must be < min(in_features, out_features) = "
                     f"{min(info.in_features, info.out_features)}"
                 )
+
+    def solve_group(item):
+        group, names = item
         t0 = time.perf_counter()
         Z = stats.input_factors[group].mean()
         precisions = None
@@ -120,9 +125,7 @@ def compute_init(stats: Statistics, config: LoraDAConfig, *, progress: bool = Tr
             for name in names:
                 u = stats.output_factors[name].sample_sums()
                 if u is None:
-                    raise InvalidArgumentError(
-                        f"{name}: output_fisher='sequence_lowrank' needs statistics collected with it"
-                    )
+                    raise InvalidArgumentError(f"{name}: output_fisher='sequence_lowrank' needs statistics collected with it")
                 precisions.append(lowrank_output_precision(u, lam_y))
         results = solve_shared(
             Z,
@@ -133,8 +136,15 @@ def compute_init(stats: Statistics, config: LoraDAConfig, *, progress: bool = Tr
             **config.solve_kwargs(),
         )
         dt = (time.perf_counter() - t0) / len(names)
-        for name, res in zip(names, results):
-            out[name] = ModuleInit(name, res, dt)
-            bar.update(1)
+        return [ModuleInit(name, res, dt) for name, res in zip(names, results)]
+
+    # Groups run concurrently: the core releases the GIL and each solve is
+    # sequential (deterministic), so this is where the cores are used.
+    bar = tqdm(total=sum(len(v) for v in groups.values()), desc="lora-da: solving", unit="module", disable=not progress)
+    with ThreadPoolExecutor(max_workers=max(1, num_threads())) as pool:
+        for inits in pool.map(solve_group, groups.items()):
+            for init in inits:
+                out[init.name] = init
+            bar.update(len(inits))
     bar.close()
     return {n: out[n] for n in stats.modules if n in out}

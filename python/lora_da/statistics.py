@@ -6,7 +6,9 @@ to an input factor ``Z`` (shared by modules fed the same input tensor). It is
 what a user keeps to re-solve for other ranks or β without the model.
 
 File format (safetensors, written atomically): tensors ``input.<group>`` (the
-packed lower triangle of ``Σ x xᵀ``), ``output.<module>`` (``Σ g ⊙ g``),
+packed lower triangle of ``Σ x xᵀ``) and ``input_comp.<group>`` (its Neumaier
+compensation, so a reload is bit-exact), ``output.<module>`` / ``output_comp.<module>``
+(``Σ g ⊙ g``),
 ``samples.<module>`` (per-sample sums, optional), ``grad.<module>``
 (``Σ_s ∂ℓ_s/∂W``, ``m × n``); the JSON header ``lora_da`` carries the format
 version, the module table, counts and the collection config. Nothing is
@@ -90,11 +92,11 @@ class Statistics:
         tensors: dict[str, np.ndarray] = {}
         groups = {}
         for g, f in self.input_factors.items():
-            tensors[f"input.{g}"] = f.packed()
+            tensors[f"input.{g}"], tensors[f"input_comp.{g}"] = f.packed_raw()
             groups[g] = {"n": f.n, "tokens": f.tokens}
         outputs = {}
         for name, f in self.output_factors.items():
-            tensors[f"output.{name}"] = f.sum()
+            tensors[f"output.{name}"], tensors[f"output_comp.{name}"] = f.sum_raw()
             u = f.sample_sums()
             if u is not None:
                 tensors[f"samples.{name}"] = np.ascontiguousarray(u)
@@ -163,16 +165,23 @@ class Statistics:
 
             for g, info in groups.items():
                 shape_of(f"input.{g}", (info["n"] * (info["n"] + 1) // 2,))
+                shape_of(f"input_comp.{g}", (info["n"] * (info["n"] + 1) // 2,))
             for name, mi in modules.items():
                 if mi.input_group not in groups or groups[mi.input_group]["n"] != mi.in_features:
                     raise StatisticsFileError(f"{path}: module {name!r} refers to a missing or mismatched input group")
                 shape_of(f"output.{name}", (mi.out_features,))
+                shape_of(f"output_comp.{name}", (mi.out_features,))
                 shape_of(f"grad.{name}", (mi.out_features, mi.in_features))
                 if outputs[name]["per_sample"]:
                     shape_of(f"samples.{name}", (outputs[name]["samples"], mi.out_features))
             try:
                 input_factors = {
-                    g: InputFactor.from_packed(info["n"], f.get_tensor(f"input.{g}").astype(np.float64), info["tokens"])
+                    g: InputFactor.from_packed(
+                        info["n"],
+                        f.get_tensor(f"input.{g}").astype(np.float64),
+                        info["tokens"],
+                        f.get_tensor(f"input_comp.{g}").astype(np.float64),
+                    )
                     for g, info in groups.items()
                 }
                 output_factors = {}
@@ -181,7 +190,11 @@ class Statistics:
                     o = outputs[name]
                     u = f.get_tensor(f"samples.{name}").astype(np.float64) if o["per_sample"] else None
                     output_factors[name] = OutputFactor.from_parts(
-                        f.get_tensor(f"output.{name}").astype(np.float64), o["tokens"], o["samples"], u
+                        f.get_tensor(f"output.{name}").astype(np.float64),
+                        o["tokens"],
+                        o["samples"],
+                        u,
+                        f.get_tensor(f"output_comp.{name}").astype(np.float64),
                     )
                     grad_sums[name] = f.get_tensor(f"grad.{name}").astype(np.float64)
                     if not np.all(np.isfinite(grad_sums[name])):

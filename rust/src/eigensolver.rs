@@ -131,6 +131,7 @@ fn orthonormalize_against(basis: MatRef<'_, f64>, mut t: Mat<f64>, seed: u64, pa
 
 /// Symmetric eigen-decomposition of a small dense matrix, ascending.
 pub fn small_eigh(h: MatRef<'_, f64>) -> (Vec<f64>, Mat<f64>) {
+    crate::init_parallelism();
     let k = h.nrows();
     let hs = Mat::from_fn(k, k, |i, j| 0.5 * (h[(i, j)] + h[(j, i)]));
     let evd = hs

@@ -65,6 +65,11 @@ impl CompensatedSum {
         }
     }
 
+    /// The raw running sums and their compensations (for exact checkpoints).
+    pub fn raw(&self) -> (&[f64], &[f64]) {
+        (&self.sum, &self.comp)
+    }
+
     fn parts_mut(&mut self) -> (&mut [f64], &mut [f64]) {
         (&mut self.sum, &mut self.comp)
     }
@@ -300,8 +305,16 @@ impl InputFactor {
         self.gram.values()
     }
 
-    /// Rebuild from a packed triangle (as written by [`Self::packed_sum`]).
-    pub fn from_packed(n: usize, packed: &[f64], tokens: u64) -> Result<Self> {
+    /// The raw packed sums and compensations: `from_packed` with both restores
+    /// the accumulator bit for bit.
+    pub fn packed_raw(&self) -> (Vec<f64>, Vec<f64>) {
+        let (s, c) = self.gram.raw();
+        (s.to_vec(), c.to_vec())
+    }
+
+    /// Rebuild from a packed triangle (as written by [`Self::packed_sum`], or
+    /// the raw sums with their `compensation`).
+    pub fn from_packed(n: usize, packed: &[f64], compensation: Option<&[f64]>, tokens: u64) -> Result<Self> {
         let mut f = Self::new(n)?;
         if packed.len() != packed_len(n) {
             return Err(Error::Shape(format!(
@@ -312,6 +325,17 @@ impl InputFactor {
         }
         crate::error::check_finite("InputFactor packed triangle", packed.iter().copied())?;
         f.gram.sum.copy_from_slice(packed);
+        if let Some(c) = compensation {
+            if c.len() != packed.len() {
+                return Err(Error::Shape(format!(
+                    "InputFactor: compensation has {} entries, the triangle {}",
+                    c.len(),
+                    packed.len()
+                )));
+            }
+            crate::error::check_finite("InputFactor compensation", c.iter().copied())?;
+            f.gram.comp.copy_from_slice(c);
+        }
         f.tokens = tokens;
         Ok(f)
     }
@@ -527,7 +551,20 @@ impl OutputFactor {
         self.sample_sums.as_deref()
     }
 
-    pub fn from_parts(m: usize, sumsq: &[f64], tokens: u64, samples: u64, sample_sums: Option<Vec<f64>>) -> Result<Self> {
+    /// The raw sums of squares and their compensations.
+    pub fn sum_raw(&self) -> (Vec<f64>, Vec<f64>) {
+        let (s, c) = self.sumsq.raw();
+        (s.to_vec(), c.to_vec())
+    }
+
+    pub fn from_parts(
+        m: usize,
+        sumsq: &[f64],
+        compensation: Option<&[f64]>,
+        tokens: u64,
+        samples: u64,
+        sample_sums: Option<Vec<f64>>,
+    ) -> Result<Self> {
         let mut f = Self::new(m, sample_sums.is_some())?;
         if sumsq.len() != m {
             return Err(Error::Shape(format!("OutputFactor: expected {m} sums, got {}", sumsq.len())));
@@ -543,6 +580,13 @@ impl OutputFactor {
             }
         }
         f.sumsq.sum.copy_from_slice(sumsq);
+        if let Some(c) = compensation {
+            if c.len() != m {
+                return Err(Error::Shape(format!("OutputFactor: compensation has {} entries, m = {m}", c.len())));
+            }
+            crate::error::check_finite("OutputFactor compensation", c.iter().copied())?;
+            f.sumsq.comp.copy_from_slice(c);
+        }
         f.tokens = tokens;
         f.samples = samples;
         f.sample_sums = sample_sums;
@@ -566,6 +610,7 @@ pub fn lowrank_output_precision(sample_sums: &[f64], m: usize, damping: f64) -> 
         )));
     }
     crate::error::check_finite("sequence_lowrank sample sums", sample_sums.iter().copied())?;
+    crate::init_parallelism();
     let ns = sample_sums.len() / m;
     // Uᵀ is N × m row-major, i.e. U is m × N column-major.
     let u = MatRef::from_column_major_slice(sample_sums, m, ns);

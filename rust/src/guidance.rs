@@ -30,6 +30,7 @@ impl InputCholesky {
     /// ten-fold (starting from at least `1e-10 · mean(diag Z)`) until it works,
     /// at most 12 times; the value used is in `self.damping`.
     pub fn new(z: MatRef<'_, f64>, damping: f64, auto_damping: bool, par: Par) -> Result<Self> {
+        crate::init_parallelism();
         let n = z.nrows();
         let mut lambda = damping;
         let mean_diag = (0..n).map(|i| z[(i, i)]).sum::<f64>() / n.max(1) as f64;

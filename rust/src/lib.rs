@@ -33,6 +33,16 @@ pub fn parallel_ok() -> bool {
     *OWNER.get_or_init(std::process::id) == std::process::id()
 }
 
+/// faer's high-level decompositions (Cholesky, symmetric eigen, SVD) use a
+/// global parallelism setting; the core sets it to sequential once, so that
+/// they are deterministic and never enter the pool from a fork child. The
+/// core passes `Par` explicitly where it wants parallel kernels.
+pub fn init_parallelism() {
+    use std::sync::Once;
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| faer::set_global_parallelism(faer::Par::Seq));
+}
+
 /// `Par::rayon(0)` in the process that owns the pool, `Par::Seq` in a fork child.
 pub fn default_par() -> faer::Par {
     if parallel_ok() {

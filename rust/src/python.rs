@@ -72,6 +72,22 @@ impl RowSource for Rows<'_> {
     }
 }
 
+/// `obj` itself, or an aligned copy when it is a misaligned numpy array
+/// (a view at an odd byte offset of a buffer, say): reading one in place
+/// would be undefined behaviour for the Rust views.
+fn aligned<'py>(obj: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+    let is_aligned = obj
+        .getattr("flags")
+        .and_then(|f| f.getattr("aligned"))
+        .and_then(|a| a.extract::<bool>())
+        .unwrap_or(true);
+    if is_aligned {
+        return Ok(obj.clone());
+    }
+    let np = obj.py().import("numpy")?;
+    np.call_method1("require", (obj, obj.py().None(), "A"))
+}
+
 /// Read-only views kept alive for the duration of a call.
 enum RowsHolder<'py> {
     F32(PyReadonlyArray2<'py, f32>),
@@ -81,6 +97,7 @@ enum RowsHolder<'py> {
 
 impl<'py> RowsHolder<'py> {
     fn extract(obj: &Bound<'py, PyAny>, what: &str) -> PyResult<Self> {
+        let obj = &aligned(obj)?;
         if let Ok(a) = obj.extract::<PyReadonlyArray2<'py, f32>>() {
             return Ok(RowsHolder::F32(a));
         }
@@ -130,6 +147,7 @@ fn tiled_copy<T: Copy>(v: numpy::ndarray::ArrayView2<'_, T>, f: impl Fn(T) -> f6
 
 /// A 2-D float64 numpy array of any float dtype, converted (float32 → float64 is exact).
 fn matrix_arg<'py>(obj: &Bound<'py, PyAny>, what: &str) -> PyResult<Mat<f64>> {
+    let obj = &aligned(obj)?;
     if let Ok(a) = obj.extract::<PyReadonlyArray2<'py, f64>>() {
         return Ok(tiled_copy(a.as_array(), |x| x));
     }
@@ -140,6 +158,7 @@ fn matrix_arg<'py>(obj: &Bound<'py, PyAny>, what: &str) -> PyResult<Mat<f64>> {
 }
 
 fn vector_arg<'py>(obj: &Bound<'py, PyAny>, what: &str) -> PyResult<Vec<f64>> {
+    let obj = &aligned(obj)?;
     if let Ok(a) = obj.extract::<PyReadonlyArray1<'py, f64>>() {
         return Ok(a.as_array().to_vec());
     }
@@ -147,6 +166,11 @@ fn vector_arg<'py>(obj: &Bound<'py, PyAny>, what: &str) -> PyResult<Vec<f64>> {
         return Ok(a.as_array().iter().map(|v| *v as f64).collect());
     }
     Err(to_py(Error::Shape(format!("{what} must be a 1-D float32 or float64 numpy array"))))
+}
+
+/// The entries of `m` in row-major order.
+fn row_major(m: &Mat<f64>) -> Vec<f64> {
+    (0..m.nrows()).flat_map(|i| (0..m.ncols()).map(move |j| m[(i, j)])).collect()
 }
 
 fn mat_to_py<'py>(py: Python<'py>, m: MatRef<'_, f64>) -> Bound<'py, PyArray2<f64>> {
@@ -191,8 +215,8 @@ impl PyInputFactor {
     }
 
     /// Add a partial Gram matrix `Σ x xᵀ` (float64, `(n, n)`) over `tokens` rows.
-    fn add_gram(&self, py: Python<'_>, gram: PyReadonlyArray2<'_, f64>, tokens: u64) -> PyResult<()> {
-        let mat = tiled_copy(gram.as_array(), |x| x);
+    fn add_gram(&self, py: Python<'_>, gram: &Bound<'_, PyAny>, tokens: u64) -> PyResult<()> {
+        let mat = matrix_arg(gram, "InputFactor.add_gram: gram")?;
         py.detach(|| {
             let mut f = self.inner.lock().map_err(|_| lock_poisoned())?;
             f.add_gram(mat.as_ref(), tokens).map_err(to_py)
@@ -217,10 +241,19 @@ impl PyInputFactor {
         Ok(vec_to_py(py, v))
     }
 
+    /// The raw packed sums and their Neumaier compensations: `from_packed(n,
+    /// sums, tokens, compensation)` restores the accumulator bit for bit.
+    fn packed_raw<'py>(&self, py: Python<'py>) -> PyResult<(Bound<'py, PyArray1<f64>>, Bound<'py, PyArray1<f64>>)> {
+        let (s, c) = self.inner.lock().map_err(|_| lock_poisoned())?.packed_raw();
+        Ok((vec_to_py(py, s), vec_to_py(py, c)))
+    }
+
     #[staticmethod]
-    fn from_packed(n: usize, packed: PyReadonlyArray1<'_, f64>, tokens: u64) -> PyResult<Self> {
-        let v = packed.as_array().to_vec();
-        Ok(Self { inner: Mutex::new(factors::InputFactor::from_packed(n, &v, tokens).map_err(to_py)?) })
+    #[pyo3(signature = (n, packed, tokens, compensation=None))]
+    fn from_packed(n: usize, packed: &Bound<'_, PyAny>, tokens: u64, compensation: Option<&Bound<'_, PyAny>>) -> PyResult<Self> {
+        let v = vector_arg(packed, "InputFactor.from_packed: packed")?;
+        let c = compensation.map(|c| vector_arg(c, "InputFactor.from_packed: compensation")).transpose()?;
+        Ok(Self { inner: Mutex::new(factors::InputFactor::from_packed(n, &v, c.as_deref(), tokens).map_err(to_py)?) })
     }
 
     fn copy(&self) -> PyResult<Self> {
@@ -294,12 +327,12 @@ impl PyOutputFactor {
     /// Add precomputed `Σ g ⊙ g` over `tokens` rows and, for a per-sample
     /// factor, the per-sample sums `(k, m)`.
     #[pyo3(signature = (sumsq, tokens, sample_sums=None))]
-    fn add_sums(&self, sumsq: PyReadonlyArray1<'_, f64>, tokens: u64, sample_sums: Option<PyReadonlyArray2<'_, f64>>) -> PyResult<()> {
-        let s = sumsq.as_array().to_vec();
-        let u = sample_sums.as_ref().map(|a| {
-            let v = a.as_array();
-            (v.iter().copied().collect::<Vec<f64>>(), v.nrows(), v.ncols())
-        });
+    fn add_sums(&self, sumsq: &Bound<'_, PyAny>, tokens: u64, sample_sums: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
+        let s = vector_arg(sumsq, "OutputFactor.add_sums: sumsq")?;
+        let u = sample_sums
+            .map(|a| matrix_arg(a, "OutputFactor.add_sums: sample_sums"))
+            .transpose()?
+            .map(|v| (row_major(&v), v.nrows(), v.ncols()));
         let mut f = self.inner.lock().map_err(|_| lock_poisoned())?;
         if let Some((_, _, cols)) = &u {
             if *cols != f.m() {
@@ -344,13 +377,29 @@ impl PyOutputFactor {
         }))
     }
 
+    /// The raw sums of squares and their compensations.
+    fn sum_raw<'py>(&self, py: Python<'py>) -> PyResult<(Bound<'py, PyArray1<f64>>, Bound<'py, PyArray1<f64>>)> {
+        let (s, c) = self.inner.lock().map_err(|_| lock_poisoned())?.sum_raw();
+        Ok((vec_to_py(py, s), vec_to_py(py, c)))
+    }
+
     #[staticmethod]
-    #[pyo3(signature = (sumsq, tokens, samples, sample_sums=None))]
-    fn from_parts(sumsq: PyReadonlyArray1<'_, f64>, tokens: u64, samples: u64, sample_sums: Option<PyReadonlyArray2<'_, f64>>) -> PyResult<Self> {
-        let s = sumsq.as_array().to_vec();
-        let u = sample_sums.map(|a| a.as_array().iter().copied().collect::<Vec<f64>>());
+    #[pyo3(signature = (sumsq, tokens, samples, sample_sums=None, compensation=None))]
+    fn from_parts(
+        sumsq: &Bound<'_, PyAny>,
+        tokens: u64,
+        samples: u64,
+        sample_sums: Option<&Bound<'_, PyAny>>,
+        compensation: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Self> {
+        let s = vector_arg(sumsq, "OutputFactor.from_parts: sumsq")?;
+        let comp = compensation.map(|c| vector_arg(c, "OutputFactor.from_parts: compensation")).transpose()?;
+        let u = sample_sums
+            .map(|a| matrix_arg(a, "OutputFactor.from_parts: sample_sums"))
+            .transpose()?
+            .map(|v| row_major(&v));
         Ok(Self {
-            inner: Mutex::new(factors::OutputFactor::from_parts(s.len(), &s, tokens, samples, u).map_err(to_py)?),
+            inner: Mutex::new(factors::OutputFactor::from_parts(s.len(), &s, comp.as_deref(), tokens, samples, u).map_err(to_py)?),
         })
     }
 
@@ -372,10 +421,10 @@ impl PyOutputFactor {
 
 /// Diagonal of `(λ I + U Uᵀ / N)⁻¹` by Woodbury (SPEC §2, `sequence_lowrank`).
 #[pyfunction]
-fn lowrank_output_precision<'py>(py: Python<'py>, sample_sums: PyReadonlyArray2<'py, f64>, damping: f64) -> PyResult<Bound<'py, PyArray1<f64>>> {
-    let v = sample_sums.as_array();
+fn lowrank_output_precision<'py>(py: Python<'py>, sample_sums: &Bound<'py, PyAny>, damping: f64) -> PyResult<Bound<'py, PyArray1<f64>>> {
+    let v = matrix_arg(sample_sums, "lowrank_output_precision: sample_sums")?;
     let m = v.ncols();
-    let flat: Vec<f64> = v.iter().copied().collect();
+    let flat = row_major(&v);
     let p = py.detach(|| factors::lowrank_output_precision(&flat, m, damping)).map_err(to_py)?;
     Ok(vec_to_py(py, p))
 }
@@ -486,6 +535,7 @@ fn options(
     auto_damping: bool,
     tol: f64,
     max_applications: Option<usize>,
+    deterministic: bool,
 ) -> PyResult<SolveOptions> {
     let mut o = SolveOptions::new(rank, n_pop);
     o.alpha = alpha;
@@ -498,6 +548,7 @@ fn options(
     o.auto_damping = auto_damping;
     o.tol = tol;
     o.max_applications = max_applications;
+    o.par = if deterministic { faer::Par::Seq } else { crate::default_par() };
     Ok(o)
 }
 
@@ -505,7 +556,7 @@ fn options(
 #[pyfunction]
 #[pyo3(signature = (z, y, g, *, rank, n_pop, alpha=1.0, beta=0.03, damping=1e-6, output_damping=None,
     gamma=1024.0, normalize=true, method="auto", auto_damping=false, tol=1e-12, max_applications=None,
-    output_precision=None, name=""))]
+    deterministic=true, output_precision=None, name=""))]
 #[allow(clippy::too_many_arguments)]
 fn solve<'py>(
     py: Python<'py>,
@@ -524,11 +575,12 @@ fn solve<'py>(
     auto_damping: bool,
     tol: f64,
     max_applications: Option<usize>,
+    deterministic: bool,
     output_precision: Option<&Bound<'py, PyAny>>,
     name: &str,
 ) -> PyResult<PySolveResult> {
     let ctx = |e: Error| to_py(e.context(name));
-    let opts = options(rank, n_pop, alpha, beta, damping, output_damping, gamma, normalize, method, auto_damping, tol, max_applications)
+    let opts = options(rank, n_pop, alpha, beta, damping, output_damping, gamma, normalize, method, auto_damping, tol, max_applications, deterministic)
         .map_err(|e| e)?;
     let z = matrix_arg(z, "Z")?;
     let y = vector_arg(y, "y")?;
@@ -548,7 +600,7 @@ fn solve<'py>(
 #[pyfunction]
 #[pyo3(signature = (z, ys, gs, *, rank, n_pop, alpha=1.0, beta=0.03, damping=1e-6, output_damping=None,
     gamma=1024.0, normalize=true, method="auto", auto_damping=false, tol=1e-12, max_applications=None,
-    output_precisions=None, names=None))]
+    deterministic=true, output_precisions=None, names=None))]
 #[allow(clippy::too_many_arguments)]
 fn solve_shared<'py>(
     py: Python<'py>,
@@ -567,10 +619,11 @@ fn solve_shared<'py>(
     auto_damping: bool,
     tol: f64,
     max_applications: Option<usize>,
+    deterministic: bool,
     output_precisions: Option<Vec<Option<Bound<'py, PyAny>>>>,
     names: Option<Vec<String>>,
 ) -> PyResult<Bound<'py, PyList>> {
-    let opts = options(rank, n_pop, alpha, beta, damping, output_damping, gamma, normalize, method, auto_damping, tol, max_applications)?;
+    let opts = options(rank, n_pop, alpha, beta, damping, output_damping, gamma, normalize, method, auto_damping, tol, max_applications, deterministic)?;
     if ys.len() != gs.len() {
         return Err(to_py(Error::Shape(format!("solve_shared: {} y vectors but {} gradients", ys.len(), gs.len()))));
     }
@@ -594,9 +647,9 @@ fn solve_shared<'py>(
         }
         let chol = crate::guidance::InputCholesky::new(z.as_ref(), opts.damping, opts.auto_damping, opts.par)
             .map_err(|e| e.context(&names.join(", ")))?;
-        (0..k)
-            .map(|i| core_solve::solve_factored(&chol, &ys[i], gs[i].as_ref(), precs[i].as_deref(), &opts).map_err(|e| e.context(&names[i])))
-            .collect()
+        core_solve::for_each_module(k, |i| {
+            core_solve::solve_factored(&chol, &ys[i], gs[i].as_ref(), precs[i].as_deref(), &opts).map_err(|e| e.context(&names[i]))
+        })
     });
     let out = PyList::empty(py);
     for r in results.map_err(to_py)? {
@@ -613,6 +666,7 @@ fn num_threads() -> usize {
 
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    crate::init_parallelism();
     m.add_class::<PyInputFactor>()?;
     m.add_class::<PyOutputFactor>()?;
     m.add_class::<PySolveResult>()?;

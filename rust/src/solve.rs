@@ -63,6 +63,10 @@ pub struct SolveOptions {
     /// Krylov budget in single-vector operator applications (`None`: `max(n/2, 300)`).
     pub max_applications: Option<usize>,
     pub seed: u64,
+    /// Parallelism inside one solve. `Par::Seq` (the default, `deterministic`)
+    /// gives bit-identical results whatever the thread count; faer's parallel
+    /// kernels split work by thread count, which changes the last bits.
+    /// [`solve_shared`] still runs its modules in parallel.
     pub par: Par,
 }
 
@@ -82,7 +86,7 @@ impl SolveOptions {
             tol: 1e-12,
             max_applications: None,
             seed: 0x10_2A_DA,
-            par: crate::default_par(),
+            par: Par::Seq,
         }
     }
 
@@ -252,7 +256,19 @@ pub fn solve_shared(z: MatRef<'_, f64>, modules: &[(&[f64], MatRef<'_, f64>)], o
         validate_module(z.nrows(), y, *g, opts).map_err(|e| e.context(&format!("module {k}")))?;
     }
     let chol = InputCholesky::new(z, opts.damping, opts.auto_damping, opts.par)?;
-    modules.iter().map(|(y, g)| solve_factored(&chol, y, *g, None, opts)).collect()
+    for_each_module(modules.len(), |k| solve_factored(&chol, modules[k].0, modules[k].1, None, opts))
+}
+
+/// `f(0) … f(k−1)` in order; in parallel across modules (each module's own
+/// solve is sequential when `opts.par` is), so the results do not depend on
+/// the number of threads.
+pub fn for_each_module<T: Send>(k: usize, f: impl Fn(usize) -> Result<T> + Sync + Send) -> Result<Vec<T>> {
+    use rayon::prelude::*;
+    if crate::parallel_ok() {
+        (0..k).into_par_iter().map(f).collect()
+    } else {
+        (0..k).map(f).collect()
+    }
 }
 
 /// The solve after the factorization. `precision` overrides `ỹ` (the
