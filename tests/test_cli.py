@@ -89,7 +89,7 @@ def test_collect_solve_load(model_dir, data_file, tmp_path, capsys):
     assert main(args) == 0
     assert (out / "adapter_model.safetensors").is_file()
     cfg = json.loads((out / "adapter_config.json").read_text())
-    assert sorted(cfg["target_modules"]) == ["q_proj", "v_proj"]
+    assert sorted(cfg["target_modules"]) == sorted(f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj"))
     assert cfg["r"] == 4 and cfg["base_model_name_or_path"] == str(model_dir)
     report = json.loads((out / "lora_da_report.json").read_text())
     assert len(report["modules"]) == 4
@@ -141,7 +141,8 @@ def test_init_end_to_end(model_dir, data_file, tmp_path):
     assert rc == 0
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["use_rslora"] and cfg["lora_alpha"] == 8
-    assert sorted(cfg["target_modules"]) == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    assert {t.rsplit(".", 1)[-1] for t in cfg["target_modules"]} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert len(cfg["target_modules"]) == 14
     model = PeftModel.from_pretrained(_fresh_base(model_dir), str(out))
     got = _lora_weights(model)
     want = lora_da.compute_init(lora_da.Statistics.load(stats), lora_da.LoraDAConfig(n_pop=500, rank=2), progress=False)
