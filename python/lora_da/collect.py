@@ -181,14 +181,45 @@ def _valid_rows(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tenso
     return rows, lens
 
 
-def _input_to_host(f: InputFactor, rows: torch.Tensor, max_device_bytes: int) -> None:
-    """``Σ x xᵀ`` of ``rows`` into the float64 host accumulator."""
-    n = rows.shape[-1]
-    if rows.shape[0] == 0:
-        return
-    if rows.device.type != "cpu" and n * n * 8 <= max_device_bytes:
+class _DeviceGrams:
+    """Running float64 sums of ``Σ x xᵀ`` kept on the GPU for the input groups
+    that fit in the budget; ``flush`` moves them into the host accumulators
+    (compensated), so the host sees one addition per flush, not per batch."""
+
+    def __init__(self, groups: dict[str, int], device):
+        self.sums = {g: torch.zeros(n, n, dtype=torch.float64, device=device) for g, n in groups.items()}
+        self.tokens = dict.fromkeys(groups, 0)
+        self.batches = 0
+
+    @classmethod
+    def within(cls, inputs: dict[str, InputFactor], device, budget: int) -> _DeviceGrams:
+        chosen, used = {}, 0
+        for g, f in sorted(inputs.items(), key=lambda kv: kv[1].n):
+            if used + 8 * f.n * f.n <= budget:
+                chosen[g] = f.n
+                used += 8 * f.n * f.n
+        return cls(chosen, device)
+
+    def add(self, group: str, rows: torch.Tensor) -> bool:
+        if group not in self.sums:
+            return False
         r64 = rows.double()
-        f.add_gram((r64.T @ r64).cpu().numpy(), rows.shape[0])
+        self.sums[group].addmm_(r64.T, r64)
+        self.tokens[group] += rows.shape[0]
+        return True
+
+    def flush(self, inputs: dict[str, InputFactor]) -> None:
+        for g, s in self.sums.items():
+            if self.tokens[g]:
+                inputs[g].add_gram(s.cpu().numpy(), self.tokens[g])
+                s.zero_()
+                self.tokens[g] = 0
+        self.batches = 0
+
+
+def _input_to_host(f: InputFactor, rows: torch.Tensor) -> None:
+    """``Σ x xᵀ`` of ``rows`` into the float64 host accumulator (exact products)."""
+    if rows.shape[0] == 0:
         return
     rows = rows.detach()
     if rows.dtype == torch.bfloat16:
@@ -208,7 +239,7 @@ def collect_statistics(
     token_mask: str = "attention",
     output_fisher: str = "diagonal",
     max_samples: int | None = None,
-    max_device_bytes: int = 1 << 30,
+    max_device_bytes: int = 4 << 30,
     checkpoint_path: str | os.PathLike | None = None,
     checkpoint_every: int | None = None,
     resume: bool = True,
@@ -220,8 +251,10 @@ def collect_statistics(
     default handles causal LMs and sequence classification. ``output_fisher``
     is ``"diagonal"`` (``y`` only) or ``"sequence_lowrank"`` (also keeps the
     per-sample output-gradient sums ``u_s``). ``max_device_bytes`` bounds the
-    device memory of one per-batch Gram matrix (larger ones are formed on the
-    host). The model's parameters receive no ``.grad`` (they are restored).
+    device memory the statistics may hold on a GPU: the running float64 sums
+    of ``Ḡ`` and of the Gram matrices stay there while they fit (flushed to
+    the host's compensated accumulators every 64 batches, at checkpoints and
+    at the end); what does not fit goes to the host every batch. The model's parameters receive no ``.grad`` (they are restored).
 
     Long passes: with ``checkpoint_path`` and ``checkpoint_every = N`` the
     statistics so far are written (atomically) every N batches; with
@@ -263,7 +296,8 @@ def collect_statistics(
             raise StatisticsFileError(
                 f"{checkpoint_path}: the checkpoint is for other modules or options; delete it or pass resume=False"
             )
-        inputs, outputs, grad_sums = ck.input_factors, ck.output_factors, ck.grad_sums
+        inputs, outputs = ck.input_factors, ck.output_factors
+        grad_sums = {n: g.copy() for n, g in ck.grad_sums.items()}
         groups = {n: i.input_group for n, i in ck.modules.items()}
         n_samples, skip = ck.n_samples, int(ck.config["batches_done"])
 
@@ -276,7 +310,7 @@ def collect_statistics(
             modules=modules,
             input_factors=inputs,
             output_factors=outputs,
-            grad_sums=grad_sums,
+            grad_sums={n: (g.cpu().numpy() if isinstance(g, torch.Tensor) else g.copy()) for n, g in grad_sums.items()},
             n_samples=n_samples,
             config=dict(config, batches_done=batches_done),
             model={
@@ -300,6 +334,18 @@ def collect_statistics(
             output.register_hook(grad_hook)
 
         return hook
+
+    # On a GPU, Σ_s ∂ℓ_s/∂W stays on the device in float64 when it fits in
+    # max_device_bytes (moving every module's m × n sum to the host each batch
+    # costs more than the forward and backward passes); it comes to the host at
+    # checkpoints and at the end.
+    device = next(model.parameters()).device
+    budget = max_device_bytes if device.type != "cpu" else 0
+    grad_bytes = 8 * sum(t.m * t.n for t in targets.values())
+    if grad_bytes <= budget:
+        grad_sums = {n: torch.as_tensor(g, dtype=torch.float64, device=device) for n, g in grad_sums.items()}
+        budget -= grad_bytes
+    device_grams: _DeviceGrams | None = None
 
     handles = [t.module.register_forward_hook(forward_hook(t)) for t in targets.values()]
     requires = {p: p.requires_grad for p in model.parameters()}
@@ -352,14 +398,19 @@ def collect_statistics(
                         inputs[name] = InputFactor(targets[name].n)
             else:
                 _check_groups(targets, groups)
-            _accumulate_batch(targets, groups, inputs, outputs, grad_sums, mask, index, per_sample, max_device_bytes)
+            if device_grams is None and budget > 0:
+                device_grams = _DeviceGrams.within(inputs, device, budget)
+            _accumulate_batch(targets, groups, inputs, outputs, grad_sums, mask, index, per_sample, device_grams)
             if not per_sample:
                 for o in outputs.values():
                     o.count_samples(bsz)
             n_samples += bsz
             batches_done = index + 1
             bar.set_postfix(samples=n_samples)
-            if checkpoint_every is not None and batches_done % checkpoint_every == 0:
+            checkpoint_now = checkpoint_every is not None and batches_done % checkpoint_every == 0
+            if device_grams is not None and (checkpoint_now or device_grams.batches >= 64):
+                device_grams.flush(inputs)
+            if checkpoint_now:
                 snapshot(batches_done).save(checkpoint_path)
     finally:
         for h in handles:
@@ -372,6 +423,8 @@ def collect_statistics(
             t.calls.clear()
             t.keys.clear()
             t.seen.clear()
+    if device_grams is not None:
+        device_grams.flush(inputs)
     if n_samples == 0:
         raise InvalidArgumentError("collect_statistics: the dataloader yielded no sample")
     empty = [g for g, f in inputs.items() if f.tokens == 0]
@@ -430,7 +483,7 @@ def _check_groups(targets: dict[str, _Target], groups: dict[str, str]) -> None:
             )
 
 
-def _accumulate_batch(targets, groups, inputs, outputs, grad_sums, mask, batch_index, per_sample, max_device_bytes):
+def _accumulate_batch(targets, groups, inputs, outputs, grad_sums, mask, batch_index, per_sample, device_grams):
     # Validate everything before adding anything: a bad batch leaves the statistics as they were.
     for name, t in targets.items():
         if not t.calls:
@@ -460,20 +513,24 @@ def _accumulate_batch(targets, groups, inputs, outputs, grad_sums, mask, batch_i
                     raise ShapeError(f"module {name}: sequence_lowrank needs per-token (B, L, m) outputs")
                 starts = torch.cumsum(lens, 0) - lens
                 samples.append(torch.stack([gv[s : s + l].double().sum(0) for s, l in zip(starts.tolist(), lens.tolist())]))
-        updates.append((name, gsum.cpu().numpy(), sumsq.cpu().numpy(), tokens, torch.cat(samples).cpu().numpy() if per_sample else None))
+        updates.append((name, gsum, sumsq.cpu().numpy(), tokens, torch.cat(samples).cpu().numpy() if per_sample else None))
     for name, gsum, sumsq, tokens, u in updates:
-        if not np.all(np.isfinite(gsum)):
+        if not bool(torch.isfinite(gsum).all()):
             raise NonFiniteError(f"module {name}: the gradient overflowed float64 in batch {batch_index}")
     for name, gsum, sumsq, tokens, u in updates:
-        grad_sums[name] += gsum
+        acc = grad_sums[name]
+        if isinstance(acc, torch.Tensor):
+            acc.add_(gsum.to(acc.device))
+        else:
+            acc += gsum.cpu().numpy()
         outputs[name].add_sums(sumsq, tokens, u)
     for name, t in targets.items():
         if groups[name] != name:
             continue
         for x, _, _ in t.calls:
             xv, _ = _valid_rows(x, mask)
-            _input_to_host(inputs[name], xv, max_device_bytes)
+            if device_grams is None or not device_grams.add(name, xv):
+                _input_to_host(inputs[name], xv)
+    if device_grams is not None:
+        device_grams.batches += 1
 
-
-def iterate_batches(batches: Sequence[dict]) -> Iterable[dict]:
-    yield from batches

@@ -1,0 +1,56 @@
+"""Collection on a CUDA device agrees with the CPU path (skipped without a GPU).
+
+On a GPU the per-batch Gram matrices are formed on the device in float64 and
+flushed into the host accumulators; `max_device_bytes` bounds that buffer
+(below it the rows go to the host and the Rust accumulator).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from test_collect import LLAMA_TARGETS, batches, data, tiny_llama
+
+import lora_da
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def close(a, b, rel):
+    for n in a.modules:
+        for f in ("mean_grad", "input_factor", "output_factor"):
+            x, y = getattr(a, f)(n), getattr(b, f)(n)
+            assert np.abs(x - y).max() <= rel * np.abs(x).max(), (n, f)
+
+
+def test_device_and_host_accumulation_agree_on_the_gpu():
+    """Same activations (float64 model on the GPU): Gram and Ḡ formed on the
+    device vs rows sent to the host's Rust accumulator."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    ids, mask = data()
+    dev = lora_da.collect_statistics(tiny_llama().cuda(), batches(ids, mask, 3), LLAMA_TARGETS, progress=False)
+    host = lora_da.collect_statistics(tiny_llama().cuda(), batches(ids, mask, 3), LLAMA_TARGETS, progress=False,
+                                      max_device_bytes=0)
+    assert dev.groups() == host.groups()
+    close(dev, host, 1e-13)
+
+
+def test_cuda_statistics_match_cpu():
+    """CPU and GPU run the model with different kernels (RoPE is computed in
+    float32 by transformers), so they agree to float32 rounding."""
+    ids, mask = data()
+    cpu = lora_da.collect_statistics(tiny_llama(), batches(ids, mask, 3), LLAMA_TARGETS, progress=False)
+    gpu = lora_da.collect_statistics(tiny_llama().cuda(), batches(ids, mask, 3), LLAMA_TARGETS, progress=False)
+    assert gpu.groups() == cpu.groups()
+    close(cpu, gpu, 1e-6)
+
+
+def test_cuda_bf16_model():
+    ids, mask = data()
+    ref = lora_da.collect_statistics(tiny_llama(torch.float32), batches(ids, mask, 3), ["down_proj"], progress=False)
+    got = lora_da.collect_statistics(tiny_llama(torch.bfloat16).cuda(), batches(ids, mask, 3), ["down_proj"], progress=False)
+    for n in ref.modules:
+        for f in ("mean_grad", "input_factor", "output_factor"):
+            a, b = getattr(ref, f)(n), getattr(got, f)(n)
+            assert np.all(np.isfinite(b)) and np.linalg.norm(a - b) <= 0.1 * np.linalg.norm(a)
