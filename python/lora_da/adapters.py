@@ -122,6 +122,10 @@ def initialize_lora_da_weights(
     if adapter_name not in peft_model.peft_config:
         raise InvalidArgumentError(f"the PeftModel has no adapter named {adapter_name!r}")
     peft_config = peft_model.peft_config[adapter_name]
+    if state_dict is None and lora_da_config.rank != peft_config.r:
+        raise InvalidArgumentError(
+            f"LoraDAConfig.rank = {lora_da_config.rank} differs from the PEFT config's r = {peft_config.r}"
+        )
     layers = dict(_lora_layers(peft_model, adapter_name))
     results = {}
     if state_dict is None:
@@ -142,10 +146,6 @@ def initialize_lora_da_weights(
                     **collect_kwargs,
                 )
             statistics = _strip_suffix(statistics, ".base_layer")
-        if lora_da_config.rank != peft_config.r:
-            raise InvalidArgumentError(
-                f"LoraDAConfig.rank = {lora_da_config.rank} differs from the PEFT config's r = {peft_config.r}"
-            )
         inits = compute_init(statistics, lora_da_config, modules=[n for n in layers if n in statistics.modules], progress=progress)
         state_dict = {}
         for name, init in inits.items():
