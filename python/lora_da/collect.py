@@ -147,12 +147,6 @@ def token_mask_of(batch: dict, mode: str) -> torch.Tensor | None:
 
 
 @dataclass
-class _Call:
-    x: torch.Tensor  # the call's input, detached
-    key: tuple  # identity of the input tensor (shared-input detection)
-
-
-@dataclass
 class _Target:
     name: str
     module: torch.nn.Module
