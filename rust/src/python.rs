@@ -579,20 +579,16 @@ fn solve<'py>(
     output_precision: Option<&Bound<'py, PyAny>>,
     name: &str,
 ) -> PyResult<PySolveResult> {
-    let ctx = |e: Error| to_py(e.context(name));
-    let opts = options(rank, n_pop, alpha, beta, damping, output_damping, gamma, normalize, method, auto_damping, tol, max_applications, deterministic)
-        .map_err(|e| e)?;
+    let opts = options(rank, n_pop, alpha, beta, damping, output_damping, gamma, normalize, method, auto_damping, tol, max_applications, deterministic)?;
     let z = matrix_arg(z, "Z")?;
     let y = vector_arg(y, "y")?;
     let g = matrix_arg(g, "G")?;
     let prec = output_precision.map(|p| vector_arg(p, "output_precision")).transpose()?;
     let res = py.detach(|| {
-        core_solve::validate_input_factor(z.as_ref())?;
-        core_solve::validate_module(z.nrows(), &y, g.as_ref(), &opts)?;
-        let chol = crate::guidance::InputCholesky::new(z.as_ref(), opts.damping, opts.auto_damping, opts.par)?;
-        core_solve::solve_factored(&chol, &y, g.as_ref(), prec.as_deref(), &opts)
+        let module = core_solve::ModuleInput { name, y: &y, g: g.as_ref(), precision: prec.as_deref() };
+        core_solve::solve_shared(z.as_ref(), &[module], &opts).map(|mut v| v.remove(0))
     });
-    Ok(PySolveResult { inner: res.map_err(ctx)? })
+    Ok(PySolveResult { inner: res.map_err(to_py)? })
 }
 
 /// Solve several modules sharing one `Z` with one Cholesky factorization.
@@ -640,16 +636,11 @@ fn solve_shared<'py>(
     let z = matrix_arg(z, "Z")?;
     let ys: Vec<Vec<f64>> = ys.iter().map(|y| vector_arg(y, "y")).collect::<PyResult<_>>()?;
     let gs: Vec<Mat<f64>> = gs.iter().map(|g| matrix_arg(g, "G")).collect::<PyResult<_>>()?;
-    let results = py.detach(|| -> Result<Vec<core_solve::SolveResult>, Error> {
-        core_solve::validate_input_factor(z.as_ref()).map_err(|e| e.context(&names.join(", ")))?;
-        for i in 0..k {
-            core_solve::validate_module(z.nrows(), &ys[i], gs[i].as_ref(), &opts).map_err(|e| e.context(&names[i]))?;
-        }
-        let chol = crate::guidance::InputCholesky::new(z.as_ref(), opts.damping, opts.auto_damping, opts.par)
-            .map_err(|e| e.context(&names.join(", ")))?;
-        core_solve::for_each_module(k, |i| {
-            core_solve::solve_factored(&chol, &ys[i], gs[i].as_ref(), precs[i].as_deref(), &opts).map_err(|e| e.context(&names[i]))
-        })
+    let results = py.detach(|| {
+        let modules: Vec<core_solve::ModuleInput<'_>> = (0..k)
+            .map(|i| core_solve::ModuleInput { name: &names[i], y: &ys[i], g: gs[i].as_ref(), precision: precs[i].as_deref() })
+            .collect();
+        core_solve::solve_shared(z.as_ref(), &modules, &opts)
     });
     let out = PyList::empty(py);
     for r in results.map_err(to_py)? {

@@ -240,23 +240,37 @@ pub fn output_precision(y: &[f64], opts: &SolveOptions) -> Vec<f64> {
     y.iter().map(|v| 1.0 / (v + ly)).collect()
 }
 
+/// One module's inputs to [`solve_shared`].
+#[derive(Clone, Copy)]
+pub struct ModuleInput<'a> {
+    /// Used as the context of this module's errors ("" for none).
+    pub name: &'a str,
+    pub y: &'a [f64],
+    /// `Ḡ`, `m × n`.
+    pub g: MatRef<'a, f64>,
+    /// Overrides `ỹ` (the `sequence_lowrank` output factor).
+    pub precision: Option<&'a [f64]>,
+}
+
 /// Solve one module: validate, factor `Z + λI`, solve (SPEC §3).
 pub fn solve(z: MatRef<'_, f64>, y: &[f64], g: MatRef<'_, f64>, opts: &SolveOptions) -> Result<SolveResult> {
-    validate_input_factor(z)?;
-    validate_module(z.nrows(), y, g, opts)?;
-    let chol = InputCholesky::new(z, opts.damping, opts.auto_damping, opts.par)?;
-    solve_factored(&chol, y, g, None, opts)
+    let mut out = solve_shared(z, &[ModuleInput { name: "", y, g, precision: None }], opts)?;
+    Ok(out.remove(0))
 }
 
 /// Solve several modules that share one `Z` with one Cholesky factorization.
-/// Every module is validated before any work; each result is independent.
-pub fn solve_shared(z: MatRef<'_, f64>, modules: &[(&[f64], MatRef<'_, f64>)], opts: &SolveOptions) -> Result<Vec<SolveResult>> {
-    validate_input_factor(z)?;
-    for (k, (y, g)) in modules.iter().enumerate() {
-        validate_module(z.nrows(), y, *g, opts).map_err(|e| e.context(&format!("module {k}")))?;
+/// Every module is validated before any work; errors name their module.
+pub fn solve_shared(z: MatRef<'_, f64>, modules: &[ModuleInput<'_>], opts: &SolveOptions) -> Result<Vec<SolveResult>> {
+    let all = modules.iter().map(|m| m.name).collect::<Vec<_>>().join(", ");
+    validate_input_factor(z).map_err(|e| e.context(&all))?;
+    for m in modules {
+        validate_module(z.nrows(), m.y, m.g, opts).map_err(|e| e.context(m.name))?;
     }
-    let chol = InputCholesky::new(z, opts.damping, opts.auto_damping, opts.par)?;
-    for_each_module(modules.len(), |k| solve_factored(&chol, modules[k].0, modules[k].1, None, opts))
+    let chol = InputCholesky::new(z, opts.damping, opts.auto_damping, opts.par).map_err(|e| e.context(&all))?;
+    for_each_module(modules.len(), |k| {
+        let m = &modules[k];
+        solve_factored(&chol, m.y, m.g, m.precision, opts).map_err(|e| e.context(m.name))
+    })
 }
 
 /// `f(0) … f(k−1)` in order; in parallel across modules (each module's own
