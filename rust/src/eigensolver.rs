@@ -14,6 +14,22 @@ pub trait SymmetricOperator: Sync {
     fn dim(&self) -> usize;
     /// `Op · X` for a block `X` (`dim × k`).
     fn apply(&self, x: MatRef<'_, f64>) -> Mat<f64>;
+    /// `Op · X` and, for operators that compute one on the way, the product
+    /// of a second symmetric operator with `X` (whose top eigenpair the
+    /// Krylov run then also reports, see [`AuxTop`]).
+    fn apply_with_aux(&self, x: MatRef<'_, f64>) -> (Mat<f64>, Option<Mat<f64>>) {
+        (self.apply(x), None)
+    }
+}
+
+/// The top Ritz pair of the auxiliary operator on the final Krylov basis.
+#[derive(Clone, Debug)]
+pub struct AuxTop {
+    pub value: f64,
+    /// `‖Aux u − θ u‖ / |θ|`.
+    pub residual: f64,
+    pub vector: Mat<f64>,
+    resid: Mat<f64>,
 }
 
 #[derive(Clone, Debug)]
@@ -39,6 +55,9 @@ pub struct KrylovOptions {
     pub start: Option<Mat<f64>>,
     /// Seek the largest eigenvalues instead of the smallest.
     pub largest: bool,
+    /// Residual (relative to its Ritz value) the auxiliary operator's top
+    /// pair should reach; its residual joins the expansion until then.
+    pub aux_tol: f64,
     pub par: Par,
 }
 
@@ -55,6 +74,7 @@ pub struct KrylovResult {
     pub applications: usize,
     pub iterations: usize,
     pub converged: bool,
+    pub aux: Option<AuxTop>,
 }
 
 /// SplitMix64-driven standard normal numbers: a fixed, platform-independent
@@ -75,14 +95,26 @@ pub fn gaussian_block(n: usize, k: usize, seed: u64) -> Mat<f64> {
     })
 }
 
-fn matmul(dst: faer::MatMut<'_, f64>, beta: Accum, a: MatRef<'_, f64>, b: MatRef<'_, f64>, alpha: f64, par: Par) {
+fn matmul(
+    dst: faer::MatMut<'_, f64>,
+    beta: Accum,
+    a: MatRef<'_, f64>,
+    b: MatRef<'_, f64>,
+    alpha: f64,
+    par: Par,
+) {
     faer::linalg::matmul::matmul(dst, beta, a, b, alpha, par);
 }
 
 /// Orthonormalize the columns of `t` against the orthonormal `basis` and among
 /// themselves; columns that vanish (already in the span) are dropped, and
 /// replaced by fresh random directions when nothing is left.
-fn orthonormalize_against(basis: MatRef<'_, f64>, mut t: Mat<f64>, seed: u64, par: Par) -> Mat<f64> {
+fn orthonormalize_against(
+    basis: MatRef<'_, f64>,
+    mut t: Mat<f64>,
+    seed: u64,
+    par: Par,
+) -> Mat<f64> {
     let n = t.nrows();
     let p = basis.ncols();
     let room = n.saturating_sub(p);
@@ -92,7 +124,14 @@ fn orthonormalize_against(basis: MatRef<'_, f64>, mut t: Mat<f64>, seed: u64, pa
         for _ in 0..2 {
             if p > 0 {
                 let mut c = Mat::<f64>::zeros(p, t.ncols());
-                matmul(c.as_mut(), Accum::Replace, basis.transpose(), t.as_ref(), 1.0, par);
+                matmul(
+                    c.as_mut(),
+                    Accum::Replace,
+                    basis.transpose(),
+                    t.as_ref(),
+                    1.0,
+                    par,
+                );
                 matmul(t.as_mut(), Accum::Add, basis, c.as_ref(), -1.0, par);
             }
         }
@@ -110,7 +149,14 @@ fn orthonormalize_against(basis: MatRef<'_, f64>, mut t: Mat<f64>, seed: u64, pa
                 }
                 if p > 0 {
                     let mut c = Mat::<f64>::zeros(p, 1);
-                    matmul(c.as_mut(), Accum::Replace, basis.transpose(), v.as_mat(), 1.0, Par::Seq);
+                    matmul(
+                        c.as_mut(),
+                        Accum::Replace,
+                        basis.transpose(),
+                        v.as_mat(),
+                        1.0,
+                        Par::Seq,
+                    );
                     let mut vm = v.as_mat_mut();
                     matmul(vm.as_mut(), Accum::Add, basis, c.as_ref(), -1.0, Par::Seq);
                 }
@@ -124,7 +170,11 @@ fn orthonormalize_against(basis: MatRef<'_, f64>, mut t: Mat<f64>, seed: u64, pa
         if !kept.is_empty() || room == 0 {
             return Mat::from_fn(n, kept.len(), |i, j| kept[j][i]);
         }
-        t = gaussian_block(n, t.ncols().min(room).max(1), seed.wrapping_add(attempt + 1));
+        t = gaussian_block(
+            n,
+            t.ncols().min(room).max(1),
+            seed.wrapping_add(attempt + 1),
+        );
     }
     Mat::zeros(n, 0)
 }
@@ -151,11 +201,11 @@ pub fn block_krylov(op: &dyn SymmetricOperator, opts: &KrylovOptions) -> KrylovR
     let n = op.dim();
     let sign = if opts.largest { -1.0 } else { 1.0 };
     let apply = |x: MatRef<'_, f64>| {
-        let mut y = op.apply(x);
+        let (mut y, aux) = op.apply_with_aux(x);
         if opts.largest {
             y *= faer::Scale(-1.0);
         }
-        y
+        (y, aux)
     };
     let want = (opts.nev + opts.extra).min(n);
     let block = opts.block.max(want).min(n).max(1);
@@ -166,11 +216,19 @@ pub fn block_krylov(op: &dyn SymmetricOperator, opts: &KrylovOptions) -> KrylovR
         let k = s.ncols().min(block);
         start.subcols_mut(0, k).copy_from(s.subcols(0, k));
     }
-    let mut basis = orthonormalize_against(Mat::<f64>::zeros(n, 0).as_ref(), start, opts.seed, opts.par);
-    let mut image = apply(basis.as_ref());
+    let mut basis =
+        orthonormalize_against(Mat::<f64>::zeros(n, 0).as_ref(), start, opts.seed, opts.par);
+    let (mut image, mut aux) = apply(basis.as_ref());
     let mut applications = basis.ncols();
     let mut h = Mat::<f64>::zeros(basis.ncols(), basis.ncols());
-    matmul(h.as_mut(), Accum::Replace, basis.transpose(), image.as_ref(), 1.0, opts.par);
+    matmul(
+        h.as_mut(),
+        Accum::Replace,
+        basis.transpose(),
+        image.as_ref(),
+        1.0,
+        opts.par,
+    );
     let mut norm_estimate: f64 = 0.0;
     let mut iterations = 0;
 
@@ -179,22 +237,52 @@ pub fn block_krylov(op: &dyn SymmetricOperator, opts: &KrylovOptions) -> KrylovR
         let p = basis.ncols();
         let (theta, u) = small_eigh(h.as_ref());
         norm_estimate = norm_estimate.max(theta[0].abs()).max(theta[p - 1].abs());
-        let scale = if norm_estimate > 0.0 { norm_estimate } else { 1.0 };
-        let k = block.max(want).min(p);
+        let scale = if norm_estimate > 0.0 {
+            norm_estimate
+        } else {
+            1.0
+        };
+        // Ritz pairs with residuals: the wanted ones and a block beyond them.
+        let k = (want + block).min(p);
         let uk = u.subcols(0, k);
         let mut ritz = Mat::<f64>::zeros(n, k);
-        matmul(ritz.as_mut(), Accum::Replace, basis.as_ref(), uk, 1.0, opts.par);
+        matmul(
+            ritz.as_mut(),
+            Accum::Replace,
+            basis.as_ref(),
+            uk,
+            1.0,
+            opts.par,
+        );
         let mut resid = Mat::<f64>::zeros(n, k);
-        matmul(resid.as_mut(), Accum::Replace, image.as_ref(), uk, 1.0, opts.par);
+        matmul(
+            resid.as_mut(),
+            Accum::Replace,
+            image.as_ref(),
+            uk,
+            1.0,
+            opts.par,
+        );
         for j in 0..k {
             let th = theta[j];
             let mut rj = resid.col_mut(j);
             rj -= ritz.col(j) * faer::Scale(th);
         }
         let res: Vec<f64> = (0..k).map(|j| resid.col(j).norm_l2() / scale).collect();
+        let aux_now = aux
+            .as_ref()
+            .map(|a| aux_top(basis.as_ref(), a.as_ref(), opts.par));
+        let aux_ok = aux_now.as_ref().is_none_or(|t| t.residual <= opts.aux_tol);
         let done = p >= n
-            || ((0..want.min(k)).all(|j| res[j] <= if j < opts.nev { opts.tol } else { opts.loose_tol })
-                && k >= want);
+            || ((0..want.min(k)).all(|j| {
+                res[j]
+                    <= if j < opts.nev {
+                        opts.tol
+                    } else {
+                        opts.loose_tol
+                    }
+            }) && k >= want
+                && aux_ok);
         if done || applications >= opts.max_applications {
             let converged = done;
             return KrylovResult {
@@ -205,29 +293,69 @@ pub fn block_krylov(op: &dyn SymmetricOperator, opts: &KrylovOptions) -> KrylovR
                 applications,
                 iterations,
                 converged,
+                aux: aux_now,
             };
         }
         // Expand with the residuals of the pairs not yet converged.
-        let pending: Vec<usize> = (0..k)
-            .filter(|&j| res[j] > if j < opts.nev { opts.tol } else { opts.loose_tol })
+        // A product with a block costs about as much as with one vector (the
+        // operator is memory-bound), so every step adds a full block: the
+        // unconverged wanted pairs first, then the next Ritz pairs, which
+        // speed up convergence of the wanted ones.
+        let mut pending: Vec<usize> = (0..want.min(k))
+            .filter(|&j| {
+                res[j]
+                    > if j < opts.nev {
+                        opts.tol
+                    } else {
+                        opts.loose_tol
+                    }
+            })
             .collect();
-        let expand = Mat::from_fn(n, pending.len(), |i, j| resid[(i, pending[j])]);
+        let mut next = want;
+        while pending.len() < block && next < k {
+            pending.push(next);
+            next += 1;
+        }
+
+        // The auxiliary operator's top pair rides along: its residual takes
+        // the last slot of the block until it reaches `aux_tol`.
+        let aux_resid = aux_now.filter(|t| t.residual > opts.aux_tol);
+        if aux_resid.is_some() && pending.len() >= block && pending.len() > 1 {
+            pending.pop();
+        }
+        let mut expand = Mat::from_fn(n, pending.len(), |i, j| resid[(i, pending[j])]);
+        if let Some(t) = &aux_resid {
+            expand = hcat(expand.as_ref(), t.resid.as_ref());
+        }
         // Thick restart: keep the best Ritz vectors when the basis is full.
         if p + expand.ncols() > max_basis {
             let keep = (max_basis / 2).max(want + block).min(p);
             basis = ritz_subspace(basis.as_ref(), u.subcols(0, keep), opts.par);
             image = ritz_subspace(image.as_ref(), u.subcols(0, keep), opts.par);
+            aux = aux.map(|a| ritz_subspace(a.as_ref(), u.subcols(0, keep), opts.par));
             h = Mat::from_fn(keep, keep, |i, j| if i == j { theta[i] } else { 0.0 });
         }
         let p = basis.ncols();
-        let fresh = orthonormalize_against(basis.as_ref(), expand, opts.seed.wrapping_add(iterations as u64 * 7919), opts.par);
+        let fresh = orthonormalize_against(
+            basis.as_ref(),
+            expand,
+            opts.seed.wrapping_add(iterations as u64 * 7919),
+            opts.par,
+        );
         let t = fresh.ncols();
         if t == 0 {
             // The basis spans an invariant subspace of dimension n.
             let (theta, u) = small_eigh(h.as_ref());
             let uk = u.subcols(0, want.min(p));
             let mut ritz = Mat::<f64>::zeros(n, uk.ncols());
-            matmul(ritz.as_mut(), Accum::Replace, basis.as_ref(), uk, 1.0, opts.par);
+            matmul(
+                ritz.as_mut(),
+                Accum::Replace,
+                basis.as_ref(),
+                uk,
+                1.0,
+                opts.par,
+            );
             return KrylovResult {
                 values: theta[..uk.ncols()].iter().map(|t| sign * t).collect(),
                 vectors: ritz,
@@ -236,15 +364,32 @@ pub fn block_krylov(op: &dyn SymmetricOperator, opts: &KrylovOptions) -> KrylovR
                 applications,
                 iterations,
                 converged: true,
+                aux: aux
+                    .as_ref()
+                    .map(|a| aux_top(basis.as_ref(), a.as_ref(), opts.par)),
             };
         }
-        let fresh_image = apply(fresh.as_ref());
+        let (fresh_image, fresh_aux) = apply(fresh.as_ref());
         applications += t;
         // H gains the new columns: Vᵀ (Op T) and Tᵀ (Op T).
         let mut hv = Mat::<f64>::zeros(p, t);
-        matmul(hv.as_mut(), Accum::Replace, basis.transpose(), fresh_image.as_ref(), 1.0, opts.par);
+        matmul(
+            hv.as_mut(),
+            Accum::Replace,
+            basis.transpose(),
+            fresh_image.as_ref(),
+            1.0,
+            opts.par,
+        );
         let mut ht = Mat::<f64>::zeros(t, t);
-        matmul(ht.as_mut(), Accum::Replace, fresh.transpose(), fresh_image.as_ref(), 1.0, opts.par);
+        matmul(
+            ht.as_mut(),
+            Accum::Replace,
+            fresh.transpose(),
+            fresh_image.as_ref(),
+            1.0,
+            opts.par,
+        );
         let mut h2 = Mat::<f64>::zeros(p + t, p + t);
         h2.submatrix_mut(0, 0, p, p).copy_from(h.as_ref());
         h2.submatrix_mut(0, p, p, t).copy_from(hv.as_ref());
@@ -253,6 +398,34 @@ pub fn block_krylov(op: &dyn SymmetricOperator, opts: &KrylovOptions) -> KrylovR
         h = h2;
         basis = hcat(basis.as_ref(), fresh.as_ref());
         image = hcat(image.as_ref(), fresh_image.as_ref());
+        aux = match (aux, fresh_aux) {
+            (Some(a), Some(f)) => Some(hcat(a.as_ref(), f.as_ref())),
+            _ => None,
+        };
+    }
+}
+
+/// Rayleigh–Ritz of the auxiliary operator on the basis: its top pair.
+fn aux_top(basis: MatRef<'_, f64>, aux: MatRef<'_, f64>, par: Par) -> AuxTop {
+    let p = basis.ncols();
+    let mut h = Mat::<f64>::zeros(p, p);
+    matmul(h.as_mut(), Accum::Replace, basis.transpose(), aux, 1.0, par);
+    let (theta, u) = small_eigh(h.as_ref());
+    let top = u.subcols(p - 1, 1);
+    let value = theta[p - 1];
+    let vector = ritz_subspace(basis, top, par);
+    let mut r = ritz_subspace(aux, top, par);
+    r -= &vector * faer::Scale(value);
+    let residual = if value != 0.0 {
+        r.norm_l2() / value.abs()
+    } else {
+        f64::INFINITY
+    };
+    AuxTop {
+        value,
+        residual,
+        vector,
+        resid: r,
     }
 }
 

@@ -11,18 +11,25 @@
 //! only for `B`, `c` and the reported eigenvalues. `Ω′ X` costs four triangular
 //! solves and two products with `Ḡ` per block; `Ω` and `Δ` are never formed.
 
-use faer::{Accum, Mat, MatMut, MatRef, Par};
+use faer::{Mat, MatMut, MatRef, Par};
 
 use crate::eigensolver::SymmetricOperator;
 use crate::error::{Error, Result};
+use crate::kernels::{self, Triangular};
 
 /// The Cholesky factor of `Z + λ I` (SPEC §3.1), shared by the modules that
-/// share one input factor.
+/// share one input factor, kept as `L` and `Lᵀ` for the triangular solves of
+/// the operator (see [`crate::kernels`]).
 pub struct InputCholesky {
-    l: Mat<f64>,
+    tri: Triangular,
     /// The damping actually used (raised from the requested one when allowed).
     pub damping: f64,
+    /// Parallelism of faer's kernels in the dense path and the Krylov
+    /// bookkeeping (`Par::Seq` keeps them bit-reproducible).
     pub par: Par,
+    /// Whether the core's own kernels may use the thread pool; their results
+    /// do not depend on it.
+    pub threads: bool,
 }
 
 impl InputCholesky {
@@ -31,23 +38,18 @@ impl InputCholesky {
     /// at most 12 times; the value used is in `self.damping`.
     pub fn new(z: MatRef<'_, f64>, damping: f64, auto_damping: bool, par: Par) -> Result<Self> {
         crate::init_parallelism();
+        let threads = crate::parallel_ok();
         let n = z.nrows();
         let mut lambda = damping;
         let mean_diag = (0..n).map(|i| z[(i, i)]).sum::<f64>() / n.max(1) as f64;
         for attempt in 0..13 {
-            let mut zl = z.to_owned();
-            for i in 0..n {
-                zl[(i, i)] += lambda;
-            }
-            match zl.llt(faer::Side::Lower) {
-                Ok(llt) => {
-                    let l = llt.L().to_owned();
-                    let min_pivot = (0..n).map(|i| l[(i, i)]).fold(f64::INFINITY, f64::min);
-                    if min_pivot.is_finite() && min_pivot > 0.0 {
-                        return Ok(Self { l, damping: lambda, par });
-                    }
-                }
-                Err(_) => {}
+            if let Some(l) = kernels::cholesky(z, lambda, threads) {
+                return Ok(Self {
+                    tri: Triangular::new(l, threads),
+                    damping: lambda,
+                    par,
+                    threads,
+                });
             }
             if !auto_damping || attempt == 12 {
                 break;
@@ -62,25 +64,26 @@ impl InputCholesky {
     }
 
     pub fn dim(&self) -> usize {
-        self.l.nrows()
+        self.tri.l().nrows()
     }
 
     pub fn factor(&self) -> MatRef<'_, f64> {
-        self.l.as_ref()
+        self.tri.l()
     }
 
     /// `X ← Z_λ⁻¹ X` by two triangular solves.
     pub fn solve_in_place(&self, mut x: MatMut<'_, f64>) {
-        use faer::linalg::triangular_solve as ts;
-        ts::solve_lower_triangular_in_place(self.l.as_ref(), x.as_mut(), self.par);
-        ts::solve_upper_triangular_in_place(self.l.transpose(), x.as_mut(), self.par);
+        self.tri.solve_lower(x.as_mut(), self.threads);
+        self.tri.solve_upper(x.as_mut(), self.threads);
     }
 
     /// `Z_λ⁻¹` as a dense matrix (the dense path only).
     pub fn inverse(&self) -> Mat<f64> {
         let mut inv = Mat::<f64>::identity(self.dim(), self.dim());
         self.solve_in_place(inv.as_mut());
-        Mat::from_fn(inv.nrows(), inv.ncols(), |i, j| 0.5 * (inv[(i, j)] + inv[(j, i)]))
+        Mat::from_fn(inv.nrows(), inv.ncols(), |i, j| {
+            0.5 * (inv[(i, j)] + inv[(j, i)])
+        })
     }
 }
 
@@ -89,6 +92,10 @@ pub struct Guidance<'a> {
     pub chol: &'a InputCholesky,
     /// `Ḡ`, `m × n`.
     pub mean_grad: MatRef<'a, f64>,
+    /// `Ḡ` with contiguous rows, for `Ḡ W`.
+    pub grad_rows: MatRef<'a, f64>,
+    /// `Ḡᵀ` with contiguous rows (the columns of `Ḡ`), for `Ḡᵀ P`.
+    pub grad_cols: MatRef<'a, f64>,
     /// `ỹ`, length `m`.
     pub precision: &'a [f64],
     pub alpha: f64,
@@ -97,14 +104,10 @@ pub struct Guidance<'a> {
 }
 
 impl Guidance<'_> {
-    fn par(&self) -> Par {
-        self.chol.par
-    }
-
     /// `D Ḡ W` (`m × k`) for `W` (`n × k`).
     fn scaled_grad(&self, w: MatRef<'_, f64>, power: i32) -> Mat<f64> {
         let mut p = Mat::<f64>::zeros(self.mean_grad.nrows(), w.ncols());
-        faer::linalg::matmul::matmul(p.as_mut(), Accum::Replace, self.mean_grad, w, 1.0, self.par());
+        kernels::row_dot(self.grad_rows, w, p.as_mut(), 1.0, false, self.chol.threads);
         for j in 0..p.ncols() {
             for (i, d) in self.precision.iter().enumerate() {
                 p[(i, j)] *= d.powi(power);
@@ -131,7 +134,14 @@ impl Guidance<'_> {
             }
         }
         let mut out = Mat::<f64>::zeros(self.mean_grad.ncols(), y.ncols());
-        faer::linalg::matmul::matmul(out.as_mut(), Accum::Replace, self.mean_grad.transpose(), dy.as_ref(), -1.0, self.par());
+        kernels::row_dot(
+            self.grad_cols,
+            dy.as_ref(),
+            out.as_mut(),
+            -1.0,
+            false,
+            self.chol.threads,
+        );
         self.chol.solve_in_place(out.as_mut());
         out
     }
@@ -142,16 +152,32 @@ impl SymmetricOperator for Guidance<'_> {
         self.chol.dim()
     }
 
-    /// `Ω′ X = Z_λ⁻¹ (β c′ X − α Ḡᵀ D² Ḡ Z_λ⁻¹ X)`.
+    /// `Ω′ X = β c′ Z_λ⁻¹ X − α Δ Δᵀ X`.
     fn apply(&self, x: MatRef<'_, f64>) -> Mat<f64> {
+        self.apply_with_aux(x).0
+    }
+
+    /// `Ω′ X` and `Δ Δᵀ X = Z_λ⁻¹ Ḡᵀ D² Ḡ Z_λ⁻¹ X`, which it contains: the
+    /// Krylov run for `Ω′` then also yields `σ² = ‖Δ Δᵀ‖₂` (SPEC §3.4) at no
+    /// extra product — the bottom of `Ω′` is mostly the top of `Δ Δᵀ`.
+    fn apply_with_aux(&self, x: MatRef<'_, f64>) -> (Mat<f64>, Option<Mat<f64>>) {
         let mut w = x.to_owned();
         self.chol.solve_in_place(w.as_mut());
         let p = self.scaled_grad(w.as_ref(), 2);
-        let mut q = x.to_owned();
+        let mut u = Mat::<f64>::zeros(self.mean_grad.ncols(), x.ncols());
+        kernels::row_dot(
+            self.grad_cols,
+            p.as_ref(),
+            u.as_mut(),
+            1.0,
+            false,
+            self.chol.threads,
+        );
+        self.chol.solve_in_place(u.as_mut());
+        let mut q = w;
         q *= faer::Scale(self.beta_c);
-        faer::linalg::matmul::matmul(q.as_mut(), Accum::Add, self.mean_grad.transpose(), p.as_ref(), -self.alpha, self.par());
-        self.chol.solve_in_place(q.as_mut());
-        q
+        q -= &u * faer::Scale(self.alpha);
+        (q, Some(u))
     }
 }
 
@@ -169,9 +195,15 @@ impl SymmetricOperator for DeltaGram<'_, '_> {
         g.chol.solve_in_place(w.as_mut());
         let p = g.scaled_grad(w.as_ref(), 2);
         let mut out = Mat::<f64>::zeros(g.mean_grad.ncols(), x.ncols());
-        faer::linalg::matmul::matmul(out.as_mut(), Accum::Replace, g.mean_grad.transpose(), p.as_ref(), 1.0, g.par());
+        kernels::row_dot(
+            g.grad_cols,
+            p.as_ref(),
+            out.as_mut(),
+            1.0,
+            false,
+            g.chol.threads,
+        );
         g.chol.solve_in_place(out.as_mut());
         out
     }
 }
-

@@ -9,10 +9,12 @@
 //! * [`eigensolver`] — block Krylov for extreme eigenpairs (SPEC §4);
 //! * [`solve`] — the per-module initialization and its diagnostics (SPEC §3, §5).
 
+pub mod buffer;
 pub mod eigensolver;
 pub mod error;
 pub mod factors;
 pub mod guidance;
+pub mod kernels;
 pub mod solve;
 
 #[cfg(feature = "python")]

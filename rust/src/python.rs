@@ -157,6 +157,42 @@ fn matrix_arg<'py>(obj: &Bound<'py, PyAny>, what: &str) -> PyResult<Mat<f64>> {
     Err(to_py(Error::Shape(format!("{what} must be a 2-D float32 or float64 numpy array"))))
 }
 
+/// A float64 matrix argument read in place (no copy) when numpy's strides
+/// allow it, else converted: the solve reads `Z` and `Ḡ` once each, and a copy
+/// of a 2048-wide matrix costs more than that read.
+enum MatrixArg<'py> {
+    View(PyReadonlyArray2<'py, f64>),
+    Owned(Mat<f64>),
+}
+
+impl<'py> MatrixArg<'py> {
+    fn extract(obj: &Bound<'py, PyAny>, what: &str) -> PyResult<Self> {
+        let obj = &aligned(obj)?;
+        if let Ok(a) = obj.extract::<PyReadonlyArray2<'py, f64>>() {
+            let v = a.as_array();
+            let positive = v.strides().iter().all(|&s| s > 0) || v.is_empty();
+            if positive {
+                return Ok(MatrixArg::View(a));
+            }
+        }
+        Ok(MatrixArg::Owned(matrix_arg(obj, what)?))
+    }
+
+    fn as_ref(&self) -> MatRef<'_, f64> {
+        match self {
+            MatrixArg::View(a) => {
+                let v = a.as_array();
+                let (r, c) = v.dim();
+                let st = v.strides();
+                // SAFETY: the array is aligned (see `aligned`), its strides are
+                // positive element strides, and the borrow lives as long as `self`.
+                unsafe { MatRef::from_raw_parts(v.as_ptr(), r, c, st[0], st[1]) }
+            }
+            MatrixArg::Owned(m) => m.as_ref(),
+        }
+    }
+}
+
 fn vector_arg<'py>(obj: &Bound<'py, PyAny>, what: &str) -> PyResult<Vec<f64>> {
     let obj = &aligned(obj)?;
     if let Ok(a) = obj.extract::<PyReadonlyArray1<'py, f64>>() {
@@ -580,13 +616,14 @@ fn solve<'py>(
     name: &str,
 ) -> PyResult<PySolveResult> {
     let opts = options(rank, n_pop, alpha, beta, damping, output_damping, gamma, normalize, method, auto_damping, tol, max_applications, deterministic)?;
-    let z = matrix_arg(z, "Z")?;
+    let z = MatrixArg::extract(z, "Z")?;
     let y = vector_arg(y, "y")?;
-    let g = matrix_arg(g, "G")?;
+    let g = MatrixArg::extract(g, "G")?;
+    let (z, g) = (z.as_ref(), g.as_ref());
     let prec = output_precision.map(|p| vector_arg(p, "output_precision")).transpose()?;
     let res = py.detach(|| {
-        let module = core_solve::ModuleInput { name, y: &y, g: g.as_ref(), precision: prec.as_deref() };
-        core_solve::solve_shared(z.as_ref(), &[module], &opts).map(|mut v| v.remove(0))
+        let module = core_solve::ModuleInput { name, y: &y, g, precision: prec.as_deref() };
+        core_solve::solve_shared(z, &[module], &opts).map(|mut v| v.remove(0))
     });
     Ok(PySolveResult { inner: res.map_err(to_py)? })
 }
@@ -633,14 +670,16 @@ fn solve_shared<'py>(
         Some(v) if v.len() == k => v.iter().map(|p| p.as_ref().map(|p| vector_arg(p, "output_precision")).transpose()).collect::<PyResult<_>>()?,
         Some(v) => return Err(to_py(Error::Shape(format!("solve_shared: {} output precisions for {k} modules", v.len())))),
     };
-    let z = matrix_arg(z, "Z")?;
+    let z = MatrixArg::extract(z, "Z")?;
     let ys: Vec<Vec<f64>> = ys.iter().map(|y| vector_arg(y, "y")).collect::<PyResult<_>>()?;
-    let gs: Vec<Mat<f64>> = gs.iter().map(|g| matrix_arg(g, "G")).collect::<PyResult<_>>()?;
+    let gs: Vec<MatrixArg<'py>> = gs.iter().map(|g| MatrixArg::extract(g, "G")).collect::<PyResult<_>>()?;
+    let z = z.as_ref();
+    let gs: Vec<MatRef<'_, f64>> = gs.iter().map(|g| g.as_ref()).collect();
     let results = py.detach(|| {
         let modules: Vec<core_solve::ModuleInput<'_>> = (0..k)
-            .map(|i| core_solve::ModuleInput { name: &names[i], y: &ys[i], g: gs[i].as_ref(), precision: precs[i].as_deref() })
+            .map(|i| core_solve::ModuleInput { name: &names[i], y: &ys[i], g: gs[i], precision: precs[i].as_deref() })
             .collect();
-        core_solve::solve_shared(z.as_ref(), &modules, &opts)
+        core_solve::solve_shared(z, &modules, &opts)
     });
     let out = PyList::empty(py);
     for r in results.map_err(to_py)? {

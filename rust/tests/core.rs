@@ -9,7 +9,10 @@ use lora_da::Error;
 
 fn rows(t: usize, n: usize, seed: u64) -> Vec<f64> {
     let g = gaussian_block(t, n, seed);
-    (0..t).flat_map(|i| (0..n).map(move |j| (i, j))).map(|(i, j)| g[(i, j)] as f32 as f64).collect()
+    (0..t)
+        .flat_map(|i| (0..n).map(move |j| (i, j)))
+        .map(|(i, j)| g[(i, j)] as f32 as f64)
+        .collect()
 }
 
 #[test]
@@ -17,16 +20,27 @@ fn input_factor_matches_naive_sum_and_merges() {
     let (t, n) = (3000, 7);
     let x = rows(t, n, 1);
     let mut f = InputFactor::new(n).unwrap();
-    f.add_rows(&DenseRows { data: &x[..1000 * n], cols: n }).unwrap();
+    f.add_rows(&DenseRows {
+        data: &x[..1000 * n],
+        cols: n,
+    })
+    .unwrap();
     let mut g = InputFactor::new(n).unwrap();
-    g.add_rows(&DenseRows { data: &x[1000 * n..], cols: n }).unwrap();
+    g.add_rows(&DenseRows {
+        data: &x[1000 * n..],
+        cols: n,
+    })
+    .unwrap();
     f.merge(&g).unwrap();
     assert_eq!(f.tokens(), t as u64);
     let z = f.mean().unwrap();
     for i in 0..n {
         for j in 0..n {
             let naive: f64 = (0..t).map(|k| x[k * n + i] * x[k * n + j]).sum::<f64>() / t as f64;
-            assert!((z[(i, j)] - naive).abs() <= 1e-12 * naive.abs().max(1.0), "({i},{j})");
+            assert!(
+                (z[(i, j)] - naive).abs() <= 1e-12 * naive.abs().max(1.0),
+                "({i},{j})"
+            );
         }
     }
 }
@@ -35,29 +49,62 @@ fn input_factor_matches_naive_sum_and_merges() {
 fn non_finite_rows_leave_the_factor_unchanged() {
     let n = 3;
     let mut f = InputFactor::new(n).unwrap();
-    f.add_rows(&DenseRows { data: &[1.0, 2.0, 3.0], cols: n }).unwrap();
+    f.add_rows(&DenseRows {
+        data: &[1.0, 2.0, 3.0],
+        cols: n,
+    })
+    .unwrap();
     let before = f.clone();
-    let err = f.add_rows(&DenseRows { data: &[1.0, f64::NAN, 3.0], cols: n }).unwrap_err();
+    let err = f
+        .add_rows(&DenseRows {
+            data: &[1.0, f64::NAN, 3.0],
+            cols: n,
+        })
+        .unwrap_err();
     assert!(matches!(err, Error::NonFinite(_)));
     assert_eq!(f, before);
-    assert!(matches!(f.add_rows(&DenseRows { data: &[1.0, 2.0], cols: 2 }), Err(Error::Shape(_))));
+    assert!(matches!(
+        f.add_rows(&DenseRows {
+            data: &[1.0, 2.0],
+            cols: 2
+        }),
+        Err(Error::Shape(_))
+    ));
 }
 
 #[test]
 fn output_factor_sums_and_sample_sums() {
     let mut o = OutputFactor::new(2, true).unwrap();
-    o.add_rows(&DenseRows { data: &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], cols: 2 }, Some(&[2, 1])).unwrap();
+    o.add_rows(
+        &DenseRows {
+            data: &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
+            cols: 2,
+        },
+        Some(&[2, 1]),
+    )
+    .unwrap();
     assert_eq!(o.sum(), vec![35.0, 56.0]);
     assert_eq!(o.sample_sums().unwrap(), &[4.0, 6.0, 5.0, 6.0]);
     assert_eq!(o.samples(), 2);
-    assert!(o.add_rows(&DenseRows { data: &[1.0, 2.0], cols: 2 }, None).is_err());
+    assert!(o
+        .add_rows(
+            &DenseRows {
+                data: &[1.0, 2.0],
+                cols: 2
+            },
+            None
+        )
+        .is_err());
 }
 
 #[test]
 fn woodbury_precision_matches_direct_inverse_on_a_small_case() {
     // U = [[1, 0], [0, 2]] (two samples, m = 2): diag((λI + UUᵀ/2)⁻¹) = 1/(λ + 1/2), 1/(λ + 2)
     let p = lowrank_output_precision(&[1.0, 0.0, 0.0, 2.0], 2, 0.5).unwrap();
-    assert!((p[0] - 1.0).abs() < 1e-14 && (p[1] - 1.0 / 2.5).abs() < 1e-14, "{p:?}");
+    assert!(
+        (p[0] - 1.0).abs() < 1e-14 && (p[1] - 1.0 / 2.5).abs() < 1e-14,
+        "{p:?}"
+    );
 }
 
 struct Diagonal(Vec<f64>);
@@ -74,26 +121,53 @@ impl SymmetricOperator for Diagonal {
 fn block_krylov_finds_both_extremes() {
     // eigenvalues −5, −4, ..., then a spread up to 1e3
     let n = 400;
-    let d: Vec<f64> = (0..n).map(|i| if i < 5 { -5.0 + i as f64 } else { 10f64.powf(3.0 * i as f64 / n as f64) }).collect();
+    let d: Vec<f64> = (0..n)
+        .map(|i| {
+            if i < 5 {
+                -5.0 + i as f64
+            } else {
+                10f64.powf(3.0 * i as f64 / n as f64)
+            }
+        })
+        .collect();
     let op = Diagonal(d.clone());
     let opts = KrylovOptions {
-        nev: 3, extra: 1, block: 8, max_basis: 64, tol: 1e-12, loose_tol: 1e-8,
-        max_applications: 4000, seed: 1, start: None, largest: false, par: faer::Par::Seq,
+        nev: 3,
+        extra: 1,
+        block: 8,
+        max_basis: 64,
+        tol: 1e-12,
+        loose_tol: 1e-8,
+        max_applications: 4000,
+        seed: 1,
+        start: None,
+        largest: false,
+        aux_tol: 1.0,
+        par: faer::Par::Seq,
     };
     let res = block_krylov(&op, &opts);
     assert!(res.converged);
     for (k, v) in res.values.iter().enumerate() {
         assert!((v - (-5.0 + k as f64)).abs() < 1e-6, "{:?}", res.values);
     }
-    let opts = KrylovOptions { largest: true, nev: 1, extra: 0, ..opts };
+    let opts = KrylovOptions {
+        largest: true,
+        nev: 1,
+        extra: 0,
+        ..opts
+    };
     let top = block_krylov(&op, &opts);
     assert!((top.values[0] - d[n - 1]).abs() <= 1e-9 * d[n - 1]);
 }
 
 fn problem(n: usize, m: usize) -> (Mat<f64>, Vec<f64>, Mat<f64>) {
     let x = gaussian_block(3 * n, n, 7);
-    let z = Mat::from_fn(n, n, |i, j| (0..3 * n).map(|k| x[(k, i)] * x[(k, j)]).sum::<f64>() / (3 * n) as f64);
-    let y: Vec<f64> = (0..m).map(|i| 1e-5 * (1.0 + (i % 7) as f64).powi(3)).collect();
+    let z = Mat::from_fn(n, n, |i, j| {
+        (0..3 * n).map(|k| x[(k, i)] * x[(k, j)]).sum::<f64>() / (3 * n) as f64
+    });
+    let y: Vec<f64> = (0..m)
+        .map(|i| 1e-5 * (1.0 + (i % 7) as f64).powi(3))
+        .collect();
     let g = gaussian_block(m, n, 8);
     (z, y, Mat::from_fn(m, n, |i, j| g[(i, j)] * 1e-3))
 }
@@ -123,14 +197,148 @@ fn krylov_agrees_with_dense() {
 fn bad_input_is_an_error_not_a_panic() {
     let (z, y, g) = problem(20, 10);
     let o = SolveOptions::new(10, 100.0);
-    assert!(matches!(solve(z.as_ref(), &y, g.as_ref(), &o), Err(Error::InvalidArgument(_))));
+    assert!(matches!(
+        solve(z.as_ref(), &y, g.as_ref(), &o),
+        Err(Error::InvalidArgument(_))
+    ));
     let o = SolveOptions::new(3, 0.0);
-    assert!(matches!(solve(z.as_ref(), &y, g.as_ref(), &o), Err(Error::InvalidArgument(_))));
+    assert!(matches!(
+        solve(z.as_ref(), &y, g.as_ref(), &o),
+        Err(Error::InvalidArgument(_))
+    ));
     let o = SolveOptions::new(3, 10.0);
-    assert!(matches!(solve(z.as_ref(), &y[..5], g.as_ref(), &o), Err(Error::Shape(_))));
+    assert!(matches!(
+        solve(z.as_ref(), &y[..5], g.as_ref(), &o),
+        Err(Error::Shape(_))
+    ));
     let mut bad = z.clone();
     bad[(1, 1)] = f64::INFINITY;
-    assert!(matches!(solve(bad.as_ref(), &y, g.as_ref(), &o), Err(Error::NonFinite(_))));
+    assert!(matches!(
+        solve(bad.as_ref(), &y, g.as_ref(), &o),
+        Err(Error::NonFinite(_))
+    ));
     let neg = Mat::from_fn(20, 20, |i, j| if i == j { -1.0 } else { 0.0 });
-    assert!(matches!(solve(neg.as_ref(), &y, g.as_ref(), &o), Err(Error::NotPositiveDefinite(_))));
+    assert!(matches!(
+        solve(neg.as_ref(), &y, g.as_ref(), &o),
+        Err(Error::NotPositiveDefinite(_))
+    ));
+}
+
+/// `row_dot` against faer's GEMM, for every register-block shape and both
+/// operand layouts, sequential and parallel (bit-identical to each other).
+#[test]
+fn row_dot_matches_gemm_in_every_shape() {
+    use lora_da::kernels::{row_dot, transpose};
+    for (m, n, k) in [
+        (1, 1, 1),
+        (7, 5, 3),
+        (50, 517, 9),
+        (131, 300, 17),
+        (200, 1031, 8),
+    ] {
+        let a = gaussian_block(m, n, 11);
+        let at = transpose(a.as_ref(), false); // column-major aᵀ: its transpose has contiguous rows
+        let x = gaussian_block(n, k, 12);
+        let mut want = Mat::<f64>::zeros(m, k);
+        faer::linalg::matmul::matmul(
+            want.as_mut(),
+            faer::Accum::Replace,
+            a.as_ref(),
+            x.as_ref(),
+            1.0,
+            faer::Par::Seq,
+        );
+        let mut seq = Mat::<f64>::from_fn(m, k, |i, j| (i + j) as f64);
+        let base = seq.clone();
+        row_dot(
+            at.as_ref().transpose(),
+            x.as_ref(),
+            seq.as_mut(),
+            -0.5,
+            true,
+            false,
+        );
+        let mut par = base.clone();
+        row_dot(
+            at.as_ref().transpose(),
+            x.as_ref(),
+            par.as_mut(),
+            -0.5,
+            true,
+            true,
+        );
+        assert_eq!(seq, par, "thread count changed bits at ({m},{n},{k})");
+        let expect = &base - &want * faer::Scale(0.5);
+        let err = (&seq - &expect).norm_max() / expect.norm_max();
+        assert!(err < 1e-14, "({m},{n},{k}): {err:e}");
+    }
+}
+
+/// The blocked Cholesky and the two triangular solves against faer's.
+#[test]
+fn blocked_cholesky_and_solves_match_faer() {
+    use lora_da::kernels::{cholesky, Triangular};
+    for n in [1, 5, 128, 129, 300] {
+        let a = gaussian_block(n, n + 3, 21);
+        let mut z = Mat::<f64>::zeros(n, n);
+        faer::linalg::matmul::matmul(
+            z.as_mut(),
+            faer::Accum::Replace,
+            a.as_ref(),
+            a.transpose(),
+            1.0,
+            faer::Par::Seq,
+        );
+        let lambda = 1e-3;
+        let ours = cholesky(z.as_ref(), lambda, true).expect("positive definite");
+        let zl = Mat::<f64>::from_fn(n, n, |i, j| z[(i, j)] + if i == j { lambda } else { 0.0 });
+        let theirs = zl.llt(faer::Side::Lower).unwrap().L().to_owned();
+        let err = (&ours.as_ref().to_owned() - &theirs).norm_max() / theirs.norm_max();
+        assert!(err < 1e-12, "n = {n}: {err:e}");
+        assert_eq!(
+            ours.as_ref().to_owned(),
+            cholesky(z.as_ref(), lambda, false)
+                .unwrap()
+                .as_ref()
+                .to_owned()
+        );
+        let tri = Triangular::new(ours, true);
+        let b = gaussian_block(n, 9, 22);
+        let mut x = b.clone();
+        tri.solve_lower(x.as_mut(), true);
+        tri.solve_upper(x.as_mut(), true);
+        let mut back = Mat::<f64>::zeros(n, 9);
+        faer::linalg::matmul::matmul(
+            back.as_mut(),
+            faer::Accum::Replace,
+            zl.as_ref(),
+            x.as_ref(),
+            1.0,
+            faer::Par::Seq,
+        );
+        let res = (&back - &b).norm_max() / b.norm_max();
+        assert!(res < 1e-10, "n = {n}: residual {res:e}");
+    }
+    // Not positive definite: None, not NaN.
+    let mut z = Mat::<f64>::identity(200, 200);
+    z[(150, 150)] = -1.0;
+    assert!(cholesky(z.as_ref(), 0.0, true).is_none());
+}
+
+/// `scan` finds non-finite values, the largest magnitude and the asymmetry
+/// in either memory layout.
+#[test]
+fn scan_summarises_any_layout() {
+    use lora_da::kernels::scan;
+    let n = 97;
+    let mut z = Mat::<f64>::from_fn(n, n, |i, j| ((i * j) % 7) as f64 - 3.0);
+    let s = scan(z.as_ref(), true, true);
+    assert!(s.finite && s.max_abs == 3.0 && s.max_asym == 0.0);
+    z[(90, 3)] += 0.25;
+    for view in [z.as_ref(), z.transpose()] {
+        let s = scan(view, true, true);
+        assert_eq!(s.max_asym, 0.25);
+    }
+    z[(5, 80)] = f64::NAN;
+    assert!(!scan(z.transpose(), false, false).finite);
 }
