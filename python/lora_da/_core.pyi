@@ -6,6 +6,7 @@ import numpy as np
 import numpy.typing as npt
 
 TOKEN_CHUNK: int
+GAP_TOL: float
 
 class InputFactor:
     """Streaming float64 accumulator of Σ_t x_t x_tᵀ (SPEC §2); one packed triangle."""
@@ -55,7 +56,7 @@ class SolveResult:
     B: npt.NDArray[np.float64]  # (m, r)
     V: npt.NDArray[np.float64]  # (n, r)
     eigenvalues: npt.NDArray[np.float64]
-    next_eigenvalue: float
+    next_eigenvalue: float  # λ_{r+1}; Krylov path: to GAP_TOL·‖Ω‖₂, an upper bound
     gap: float
     residual: float
     omega_norm: float

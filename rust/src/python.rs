@@ -70,6 +70,7 @@ impl RowSource for Rows<'_> {
             }
         }
     }
+
 }
 
 /// `obj` itself, or an aligned copy when it is a misaligned numpy array
@@ -705,5 +706,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(lowrank_output_precision, m)?)?;
     m.add_function(wrap_pyfunction!(num_threads, m)?)?;
     m.add("TOKEN_CHUNK", factors::TOKEN_CHUNK)?;
+    m.add("GAP_TOL", core_solve::GAP_TOL)?;
     Ok(())
 }
