@@ -382,7 +382,7 @@ fn split_columns(x: MatMut<'_, f64>, parallel: bool, f: &(dyn Fn(MatMut<'_, f64>
 
 /// A column-major copy of `aᵀ`, by tiles (in parallel over column blocks).
 pub fn transpose(a: MatRef<'_, f64>, parallel: bool) -> BigMat {
-    const TILE: usize = 32;
+    const TILE: usize = 64;
     let (rs, cs) = (a.row_stride(), a.col_stride());
     let base = a.as_ptr() as usize;
     let mut out = BigMat::zeros(a.ncols(), a.nrows());
@@ -395,12 +395,15 @@ pub fn transpose(a: MatRef<'_, f64>, parallel: bool) -> BigMat {
         let src = base as *const f64;
         for i0 in (0..rows).step_by(TILE) {
             let h = TILE.min(rows - i0);
-            for j in 0..w {
-                for i in i0..i0 + h {
-                    // SAFETY: (j0 + j, i) is inside `a`, (i, j) inside `blk`.
-                    unsafe {
-                        *dst.offset(i as isize + j as isize * ld) =
-                            *src.offset((j0 + j) as isize * rs + i as isize * cs);
+            // SAFETY: (j0 + j, i) is inside `a`, (i, j) inside `blk`.
+            unsafe {
+                {
+                    for j in 0..w {
+                        let s = src.offset((j0 + j) as isize * rs);
+                        let d = dst.offset(j as isize * ld);
+                        for i in i0..i0 + h {
+                            *d.add(i) = *s.offset(i as isize * cs);
+                        }
                     }
                 }
             }
@@ -444,7 +447,7 @@ impl<'a> RowsView<'a> {
 }
 
 /// Column blocks of the blocked Cholesky factorization.
-const CHOL_BLOCK: usize = 128;
+const CHOL_BLOCK: usize = 64;
 
 /// The lower Cholesky factor of `Z + λ I` (SPEC §3.1), or `None` when a pivot
 /// is not positive. Only the lower triangle of `z` is read.
