@@ -115,6 +115,9 @@ fn orthonormalize_against(
     seed: u64,
     par: Par,
 ) -> Mat<f64> {
+    if let Some(q) = cholqr_against(basis, &t, par) {
+        return q;
+    }
     let n = t.nrows();
     let p = basis.ncols();
     let room = n.saturating_sub(p);
@@ -177,6 +180,39 @@ fn orthonormalize_against(
         );
     }
     Mat::zeros(n, 0)
+}
+
+/// The block path of [`orthonormalize_against`]: twice (block Gram–Schmidt
+/// against the basis, then Cholesky QR of the block). BLAS-3 only; `None`
+/// when the block is too close to dependent for Cholesky QR (a diagonal of
+/// `R` below 1e-6 of its column's norm), where the column-wise path, which
+/// drops dependent columns, takes over.
+fn cholqr_against(basis: MatRef<'_, f64>, t: &Mat<f64>, par: Par) -> Option<Mat<f64>> {
+    let (n, k, p) = (t.nrows(), t.ncols(), basis.ncols());
+    if k == 0 || p + k > n {
+        return None;
+    }
+    let norms: Vec<f64> = (0..k).map(|j| t.col(j).norm_l2()).collect();
+    if norms.iter().any(|v| !(*v > 0.0 && v.is_finite())) {
+        return None;
+    }
+    let mut q = t.clone();
+    for pass in 0..2 {
+        if p > 0 {
+            let mut c = Mat::<f64>::zeros(p, k);
+            matmul(c.as_mut(), Accum::Replace, basis.transpose(), q.as_ref(), 1.0, par);
+            matmul(q.as_mut(), Accum::Add, basis, c.as_ref(), -1.0, par);
+        }
+        let mut g = Mat::<f64>::zeros(k, k);
+        matmul(g.as_mut(), Accum::Replace, q.transpose(), q.as_ref(), 1.0, par);
+        let l = g.llt(faer::Side::Lower).ok()?.L().to_owned();
+        if pass == 0 && (0..k).any(|j| !(l[(j, j)] > 1e-6 * norms[j])) {
+            return None;
+        }
+        // Q ← Q L⁻ᵀ, i.e. L Qᵀ = Qᵀ.
+        faer::linalg::triangular_solve::solve_lower_triangular_in_place(l.as_ref(), q.as_mut().transpose_mut(), par);
+    }
+    Some(q)
 }
 
 /// Symmetric eigen-decomposition of a small dense matrix, ascending.

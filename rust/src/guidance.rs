@@ -125,6 +125,30 @@ impl Guidance<'_> {
         p
     }
 
+    /// `Ω′ X` and `Δᵀ X` from one pair of solves: `Δᵀ X = −D Ḡ W` is the
+    /// middle of `Ω′ X` (`W = Z_λ⁻¹ X`), so checking the final vectors also
+    /// gives `B` (SPEC §3.8).
+    pub fn apply_with_delta_t(&self, x: MatRef<'_, f64>) -> (Mat<f64>, Mat<f64>) {
+        let mut w = x.to_owned();
+        self.chol.solve_in_place(w.as_mut());
+        let s = self.scaled_grad(w.as_ref(), 1);
+        let mut p = s.clone();
+        for j in 0..p.ncols() {
+            for (i, d) in self.precision.iter().enumerate() {
+                p[(i, j)] *= d;
+            }
+        }
+        let mut u = Mat::<f64>::zeros(self.mean_grad.ncols(), x.ncols());
+        kernels::row_dot(self.grad_cols, p.as_ref(), u.as_mut(), 1.0, false, self.chol.threads);
+        self.chol.solve_in_place(u.as_mut());
+        let mut q = w;
+        q *= faer::Scale(self.beta_c);
+        q -= &u * faer::Scale(self.alpha);
+        let mut dt = s;
+        dt *= faer::Scale(-1.0);
+        (q, dt)
+    }
+
     /// `Δ Y = −Z_λ⁻¹ Ḡᵀ D Y` (`n × k`) for `Y` (`m × k`).
     pub fn delta(&self, y: MatRef<'_, f64>) -> Mat<f64> {
         let mut dy = y.to_owned();

@@ -385,7 +385,8 @@ pub fn transpose(a: MatRef<'_, f64>, parallel: bool) -> BigMat {
     const TILE: usize = 64;
     let (rs, cs) = (a.row_stride(), a.col_stride());
     let base = a.as_ptr() as usize;
-    let mut out = BigMat::zeros(a.ncols(), a.nrows());
+    // Every entry is written below.
+    let mut out = BigMat::for_overwrite(a.ncols(), a.nrows());
     let rows = out.nrows();
     let fill = |j0: usize, mut blk: MatMut<'_, f64>| {
         // blk = out[:, j0 .. j0 + w] = a[j0 .. j0 + w, :]ᵀ
@@ -603,6 +604,7 @@ pub struct Scan {
 pub fn scan(a: MatRef<'_, f64>, symmetry: bool, parallel: bool) -> Scan {
     const TILE: usize = 32;
     let (m, n) = (a.nrows(), a.ncols());
+    assert!(!symmetry || m == n, "scan: symmetry needs a square matrix");
     let block = |j0: usize| -> Scan {
         let j1 = (j0 + TILE).min(n);
         let mut s = Scan {
@@ -616,9 +618,31 @@ pub fn scan(a: MatRef<'_, f64>, symmetry: bool, parallel: bool) -> Scan {
         let at = |i: usize, j: usize| unsafe { *p.offset(i as isize * rs + j as isize * cs) };
         // Walk each tile in the direction that is contiguous in memory.
         let along_rows = cs == 1 && rs != 1;
+        if symmetry {
+            // Each entry once: tile (I, J) with its mirror (J, I), I ≥ J.
+            for i0 in (j0..m).step_by(TILE) {
+                let i1 = (i0 + TILE).min(m);
+                let (mut fin, mut mx, mut asym) = (true, 0.0f64, 0.0f64);
+                for i in i0..i1 {
+                    let jend = if i0 == j0 { (i + 1).min(j1) } else { j1 };
+                    for j in j0..jend {
+                        let (v, w) = (at(i, j), at(j, i));
+                        fin &= v.is_finite() & w.is_finite();
+                        let big = v.abs().max(w.abs());
+                        mx = if big > mx { big } else { mx };
+                        let d = (v - w).abs();
+                        asym = if d > asym { d } else { asym };
+                    }
+                }
+                s.finite &= fin;
+                s.max_abs = s.max_abs.max(mx);
+                s.max_asym = s.max_asym.max(asym);
+            }
+            return s;
+        }
         for i0 in (0..m).step_by(TILE) {
             let i1 = (i0 + TILE).min(m);
-            let (mut fin, mut mx, mut asym) = (true, 0.0f64, 0.0f64);
+            let (mut fin, mut mx) = (true, 0.0f64);
             if along_rows {
                 for i in i0..i1 {
                     for j in j0..j1 {
@@ -636,17 +660,8 @@ pub fn scan(a: MatRef<'_, f64>, symmetry: bool, parallel: bool) -> Scan {
                     }
                 }
             }
-            if symmetry && i0 >= j0 {
-                for j in j0..j1 {
-                    for i in i0.max(j + 1)..i1 {
-                        let d = (at(i, j) - at(j, i)).abs();
-                        asym = if d > asym { d } else { asym };
-                    }
-                }
-            }
             s.finite &= fin;
             s.max_abs = s.max_abs.max(mx);
-            s.max_asym = s.max_asym.max(asym);
         }
         s
     };

@@ -454,13 +454,25 @@ pub fn solve_factored(
     };
     let s2 = sigma * sigma;
     let mut v = eig.vectors;
-    fix_signs(&mut v);
+    let flipped = fix_signs(&mut v);
     let inv_sqrt_gamma = 1.0 / opts.gamma.sqrt();
     let a = Mat::from_fn(r, n, |i, j| v[(j, i)] * inv_sqrt_gamma);
     let b = if zero_gradient {
         Mat::zeros(g.nrows(), r)
     } else {
-        let mut b = op.delta_t(v.as_ref());
+        // Δᵀ V is linear in V: flipping a column of V flips the same column of B.
+        let mut b = match eig.delta_t.take() {
+            Some(mut dt) => {
+                for (j, &f) in flipped.iter().enumerate() {
+                    if f {
+                        let mut c = dt.col_mut(j);
+                        c *= faer::Scale(-1.0);
+                    }
+                }
+                dt
+            }
+            None => op.delta_t(v.as_ref()),
+        };
         b *= faer::Scale(inv_sqrt_gamma / sigma);
         b
     };
@@ -494,6 +506,8 @@ struct Bottom {
     iterations: usize,
     /// The top pair of `Δ Δᵀ` on the Krylov basis (Krylov path only).
     delta_top: Option<AuxTop>,
+    /// `Δᵀ V` (Krylov path only).
+    delta_t: Option<Mat<f64>>,
 }
 
 fn krylov_bottom(
@@ -524,8 +538,9 @@ fn krylov_bottom(
     };
     let res = block_krylov(op, &kopts);
     let v = res.vectors.subcols(0, r).to_owned();
-    // The residual is measured on Ω′ itself, not taken from the recurrence.
-    let ov = op.apply(v.as_ref());
+    // The residual is measured on Ω′ itself, not taken from the recurrence;
+    // the same products give Δᵀ V for B.
+    let (ov, delta_t) = op.apply_with_delta_t(v.as_ref());
     let norm = res.norm_estimate.max(f64::MIN_POSITIVE);
     let residual = (0..r)
         .map(|j| {
@@ -546,6 +561,7 @@ fn krylov_bottom(
         norm,
         iterations: res.applications + r,
         delta_top: res.aux,
+        delta_t: Some(delta_t),
     }
 }
 
@@ -582,6 +598,7 @@ fn dense_bottom(op: &Guidance<'_>, r: usize) -> Bottom {
         norm,
         iterations: 1,
         delta_top: None,
+        delta_t: None,
     }
 }
 
@@ -668,7 +685,9 @@ fn krylov_delta_norm(
 
 /// SPEC §3.7: each column's entry of largest magnitude is positive (the first
 /// such entry on ties).
-pub fn fix_signs(v: &mut Mat<f64>) {
+/// Returns which columns were negated.
+pub fn fix_signs(v: &mut Mat<f64>) -> Vec<bool> {
+    let mut flipped = vec![false; v.ncols()];
     for j in 0..v.ncols() {
         let mut best = 0;
         for i in 0..v.nrows() {
@@ -677,9 +696,11 @@ pub fn fix_signs(v: &mut Mat<f64>) {
             }
         }
         if v[(best, j)] < 0.0 {
+            flipped[j] = true;
             for i in 0..v.nrows() {
                 v[(i, j)] = -v[(i, j)];
             }
         }
     }
+    flipped
 }
