@@ -14,12 +14,20 @@ pub trait SymmetricOperator: Sync {
     fn dim(&self) -> usize;
     /// `Op · X` for a block `X` (`dim × k`).
     fn apply(&self, x: MatRef<'_, f64>) -> Mat<f64>;
-    /// `Op · X` and, for operators that compute one on the way, the product
-    /// of a second symmetric operator with `X` (whose top eigenpair the
-    /// Krylov run then also reports, see [`AuxTop`]).
-    fn apply_with_aux(&self, x: MatRef<'_, f64>) -> (Mat<f64>, Option<Mat<f64>>) {
-        (self.apply(x), None)
+    /// `Op · X` and, for operators that compute them on the way, `Aux · X`
+    /// for a second symmetric operator (whose top eigenpair the Krylov run
+    /// then also reports, see [`AuxTop`]) and `S · X` for a linear map `S`
+    /// (which the run carries along, so `S v` comes with each Ritz vector).
+    fn apply_with_aux(&self, x: MatRef<'_, f64>) -> Products {
+        Products { image: self.apply(x), aux: None, side: None }
     }
+}
+
+/// What [`SymmetricOperator::apply_with_aux`] returns.
+pub struct Products {
+    pub image: Mat<f64>,
+    pub aux: Option<Mat<f64>>,
+    pub side: Option<Mat<f64>>,
 }
 
 /// The top Ritz pair of the auxiliary operator on the final Krylov basis.
@@ -75,6 +83,8 @@ pub struct KrylovResult {
     pub iterations: usize,
     pub converged: bool,
     pub aux: Option<AuxTop>,
+    /// `S v` for each returned Ritz vector `v` (operators with a side map).
+    pub side: Option<Mat<f64>>,
 }
 
 /// SplitMix64-driven standard normal numbers: a fixed, platform-independent
@@ -237,11 +247,11 @@ pub fn block_krylov(op: &dyn SymmetricOperator, opts: &KrylovOptions) -> KrylovR
     let n = op.dim();
     let sign = if opts.largest { -1.0 } else { 1.0 };
     let apply = |x: MatRef<'_, f64>| {
-        let (mut y, aux) = op.apply_with_aux(x);
+        let mut p = op.apply_with_aux(x);
         if opts.largest {
-            y *= faer::Scale(-1.0);
+            p.image *= faer::Scale(-1.0);
         }
-        (y, aux)
+        (p.image, p.aux, p.side)
     };
     let want = (opts.nev + opts.extra).min(n);
     let block = opts.block.max(want).min(n).max(1);
@@ -254,7 +264,7 @@ pub fn block_krylov(op: &dyn SymmetricOperator, opts: &KrylovOptions) -> KrylovR
     }
     let mut basis =
         orthonormalize_against(Mat::<f64>::zeros(n, 0).as_ref(), start, opts.seed, opts.par);
-    let (mut image, mut aux) = apply(basis.as_ref());
+    let (mut image, mut aux, mut side) = apply(basis.as_ref());
     let mut applications = basis.ncols();
     let mut h = Mat::<f64>::zeros(basis.ncols(), basis.ncols());
     matmul(
@@ -330,6 +340,7 @@ pub fn block_krylov(op: &dyn SymmetricOperator, opts: &KrylovOptions) -> KrylovR
                 iterations,
                 converged,
                 aux: aux_now,
+                side: side.as_ref().map(|sd| ritz_subspace(sd.as_ref(), uk.subcols(0, want.min(k)), opts.par)),
             };
         }
         // Expand with the residuals of the pairs not yet converged.
@@ -369,6 +380,7 @@ pub fn block_krylov(op: &dyn SymmetricOperator, opts: &KrylovOptions) -> KrylovR
             basis = ritz_subspace(basis.as_ref(), u.subcols(0, keep), opts.par);
             image = ritz_subspace(image.as_ref(), u.subcols(0, keep), opts.par);
             aux = aux.map(|a| ritz_subspace(a.as_ref(), u.subcols(0, keep), opts.par));
+            side = side.map(|sd| ritz_subspace(sd.as_ref(), u.subcols(0, keep), opts.par));
             h = Mat::from_fn(keep, keep, |i, j| if i == j { theta[i] } else { 0.0 });
         }
         let p = basis.ncols();
@@ -403,9 +415,10 @@ pub fn block_krylov(op: &dyn SymmetricOperator, opts: &KrylovOptions) -> KrylovR
                 aux: aux
                     .as_ref()
                     .map(|a| aux_top(basis.as_ref(), a.as_ref(), opts.par)),
+                side: side.as_ref().map(|sd| ritz_subspace(sd.as_ref(), uk, opts.par)),
             };
         }
-        let (fresh_image, fresh_aux) = apply(fresh.as_ref());
+        let (fresh_image, fresh_aux, fresh_side) = apply(fresh.as_ref());
         applications += t;
         // H gains the new columns: Vᵀ (Op T) and Tᵀ (Op T).
         let mut hv = Mat::<f64>::zeros(p, t);
@@ -435,6 +448,10 @@ pub fn block_krylov(op: &dyn SymmetricOperator, opts: &KrylovOptions) -> KrylovR
         basis = hcat(basis.as_ref(), fresh.as_ref());
         image = hcat(image.as_ref(), fresh_image.as_ref());
         aux = match (aux, fresh_aux) {
+            (Some(a), Some(f)) => Some(hcat(a.as_ref(), f.as_ref())),
+            _ => None,
+        };
+        side = match (side, fresh_side) {
             (Some(a), Some(f)) => Some(hcat(a.as_ref(), f.as_ref())),
             _ => None,
         };

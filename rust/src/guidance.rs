@@ -13,7 +13,7 @@
 
 use faer::{Mat, MatMut, MatRef, Par};
 
-use crate::eigensolver::SymmetricOperator;
+use crate::eigensolver::{Products, SymmetricOperator};
 use crate::error::{Error, Result};
 use crate::kernels::{self, Triangular};
 
@@ -125,30 +125,6 @@ impl Guidance<'_> {
         p
     }
 
-    /// `Ω′ X` and `Δᵀ X` from one pair of solves: `Δᵀ X = −D Ḡ W` is the
-    /// middle of `Ω′ X` (`W = Z_λ⁻¹ X`), so checking the final vectors also
-    /// gives `B` (SPEC §3.8).
-    pub fn apply_with_delta_t(&self, x: MatRef<'_, f64>) -> (Mat<f64>, Mat<f64>) {
-        let mut w = x.to_owned();
-        self.chol.solve_in_place(w.as_mut());
-        let s = self.scaled_grad(w.as_ref(), 1);
-        let mut p = s.clone();
-        for j in 0..p.ncols() {
-            for (i, d) in self.precision.iter().enumerate() {
-                p[(i, j)] *= d;
-            }
-        }
-        let mut u = Mat::<f64>::zeros(self.mean_grad.ncols(), x.ncols());
-        kernels::row_dot(self.grad_cols, p.as_ref(), u.as_mut(), 1.0, false, self.chol.threads);
-        self.chol.solve_in_place(u.as_mut());
-        let mut q = w;
-        q *= faer::Scale(self.beta_c);
-        q -= &u * faer::Scale(self.alpha);
-        let mut dt = s;
-        dt *= faer::Scale(-1.0);
-        (q, dt)
-    }
-
     /// `Δ Y = −Z_λ⁻¹ Ḡᵀ D Y` (`n × k`) for `Y` (`m × k`).
     pub fn delta(&self, y: MatRef<'_, f64>) -> Mat<f64> {
         let mut dy = y.to_owned();
@@ -178,30 +154,31 @@ impl SymmetricOperator for Guidance<'_> {
 
     /// `Ω′ X = β c′ Z_λ⁻¹ X − α Δ Δᵀ X`.
     fn apply(&self, x: MatRef<'_, f64>) -> Mat<f64> {
-        self.apply_with_aux(x).0
+        self.apply_with_aux(x).image
     }
 
-    /// `Ω′ X` and `Δ Δᵀ X = Z_λ⁻¹ Ḡᵀ D² Ḡ Z_λ⁻¹ X`, which it contains: the
-    /// Krylov run for `Ω′` then also yields `σ² = ‖Δ Δᵀ‖₂` (SPEC §3.4) at no
-    /// extra product — the bottom of `Ω′` is mostly the top of `Δ Δᵀ`.
-    fn apply_with_aux(&self, x: MatRef<'_, f64>) -> (Mat<f64>, Option<Mat<f64>>) {
+    /// `Ω′ X`, and what it contains on the way: `Δ Δᵀ X = Z_λ⁻¹ Ḡᵀ D² Ḡ W`
+    /// (the Krylov run for `Ω′` then also yields `σ² = ‖Δ Δᵀ‖₂`, SPEC §3.4 —
+    /// the bottom of `Ω′` is mostly the top of `Δ Δᵀ`) and `Δᵀ X = −D Ḡ W`
+    /// (so `B` comes with the eigenvectors, SPEC §3.8), `W = Z_λ⁻¹ X`.
+    fn apply_with_aux(&self, x: MatRef<'_, f64>) -> Products {
         let mut w = x.to_owned();
         self.chol.solve_in_place(w.as_mut());
-        let p = self.scaled_grad(w.as_ref(), 2);
+        let mut s = self.scaled_grad(w.as_ref(), 1);
+        let mut p = s.clone();
+        for j in 0..p.ncols() {
+            for (i, d) in self.precision.iter().enumerate() {
+                p[(i, j)] *= d;
+            }
+        }
         let mut u = Mat::<f64>::zeros(self.mean_grad.ncols(), x.ncols());
-        kernels::row_dot(
-            self.grad_cols,
-            p.as_ref(),
-            u.as_mut(),
-            1.0,
-            false,
-            self.chol.threads,
-        );
+        kernels::row_dot(self.grad_cols, p.as_ref(), u.as_mut(), 1.0, false, self.chol.threads);
         self.chol.solve_in_place(u.as_mut());
         let mut q = w;
         q *= faer::Scale(self.beta_c);
         q -= &u * faer::Scale(self.alpha);
-        (q, Some(u))
+        s *= faer::Scale(-1.0);
+        Products { image: q, aux: Some(u), side: Some(s) }
     }
 }
 

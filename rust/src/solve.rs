@@ -538,22 +538,15 @@ fn krylov_bottom(
     };
     let res = block_krylov(op, &kopts);
     let v = res.vectors.subcols(0, r).to_owned();
-    // The residual is measured on Ω′ itself, not taken from the recurrence;
-    // the same products give Δᵀ V for B.
-    let (ov, delta_t) = op.apply_with_delta_t(v.as_ref());
+    // The residuals are those of the Ritz pairs against the basis images:
+    // products with Ω′ itself (combined linearly), not a recurrence.
     let norm = res.norm_estimate.max(f64::MIN_POSITIVE);
-    let residual = (0..r)
-        .map(|j| {
-            let mut rj = ov.col(j).to_owned();
-            rj -= v.col(j) * faer::Scale(res.values[j]);
-            rj.norm_l2() / norm
-        })
-        .fold(0.0, f64::max);
-    let residual = if res.values.len() > r {
-        residual
+    let residual = if res.values.len() > r && res.residuals.len() >= r {
+        res.residuals[..r].iter().copied().fold(0.0, f64::max)
     } else {
         f64::INFINITY
     };
+    let delta_t = res.side.map(|sd| sd.subcols(0, r).to_owned());
     Bottom {
         values: res.values,
         vectors: v,
@@ -561,7 +554,7 @@ fn krylov_bottom(
         norm,
         iterations: res.applications + r,
         delta_top: res.aux,
-        delta_t: Some(delta_t),
+        delta_t,
     }
 }
 
