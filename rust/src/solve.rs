@@ -552,7 +552,7 @@ fn krylov_bottom(
         vectors: v,
         residual,
         norm,
-        iterations: res.applications + r,
+        iterations: res.applications,
         delta_top: res.aux,
         delta_t,
     }
