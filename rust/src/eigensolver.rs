@@ -291,24 +291,8 @@ pub fn block_krylov(op: &dyn SymmetricOperator, opts: &KrylovOptions) -> KrylovR
         // Ritz pairs with residuals: the wanted ones and a block beyond them.
         let k = (want + block).min(p);
         let uk = u.subcols(0, k);
-        let mut ritz = Mat::<f64>::zeros(n, k);
-        matmul(
-            ritz.as_mut(),
-            Accum::Replace,
-            basis.as_ref(),
-            uk,
-            1.0,
-            opts.par,
-        );
-        let mut resid = Mat::<f64>::zeros(n, k);
-        matmul(
-            resid.as_mut(),
-            Accum::Replace,
-            image.as_ref(),
-            uk,
-            1.0,
-            opts.par,
-        );
+        let ritz = ritz_subspace(basis.as_ref(), uk, opts.par);
+        let mut resid = ritz_subspace(image.as_ref(), uk, opts.par);
         for j in 0..k {
             let th = theta[j];
             let mut rj = resid.col_mut(j);
@@ -395,15 +379,7 @@ pub fn block_krylov(op: &dyn SymmetricOperator, opts: &KrylovOptions) -> KrylovR
             // The basis spans an invariant subspace of dimension n.
             let (theta, u) = small_eigh(h.as_ref());
             let uk = u.subcols(0, want.min(p));
-            let mut ritz = Mat::<f64>::zeros(n, uk.ncols());
-            matmul(
-                ritz.as_mut(),
-                Accum::Replace,
-                basis.as_ref(),
-                uk,
-                1.0,
-                opts.par,
-            );
+            let ritz = ritz_subspace(basis.as_ref(), uk, opts.par);
             return KrylovResult {
                 values: theta[..uk.ncols()].iter().map(|t| sign * t).collect(),
                 vectors: ritz,
@@ -488,7 +464,8 @@ fn ritz_subspace(v: MatRef<'_, f64>, u: MatRef<'_, f64>, par: Par) -> Mat<f64> {
     out
 }
 
-fn hcat(a: MatRef<'_, f64>, b: MatRef<'_, f64>) -> Mat<f64> {
+/// `[a b]`, column-major.
+pub fn hcat(a: MatRef<'_, f64>, b: MatRef<'_, f64>) -> Mat<f64> {
     let mut out = Mat::<f64>::zeros(a.nrows(), a.ncols() + b.ncols());
     out.subcols_mut(0, a.ncols()).copy_from(a);
     out.subcols_mut(a.ncols(), b.ncols()).copy_from(b);

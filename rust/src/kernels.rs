@@ -122,6 +122,29 @@ pub fn row_dot(
     }
 }
 
+/// `kernel::<R, C[, G]>(rows, cols, len, out)` for the block's shape
+/// (1–3 rows × 1–8 columns), each shape its own monomorphized kernel.
+macro_rules! by_shape {
+    ($kernel:ident $(, $g:ident)?; $rows:expr, $cols:expr, $len:expr, $out:expr) => {
+        by_shape!(@rows [1, 2, 3] [1, 2, 3, 4, 5, 6, 7, 8] $kernel [$($g)?] $rows, $cols, $len, $out)
+    };
+    (@rows [$($r:literal),*] $cs:tt $kernel:ident $g:tt $rows:expr, $cols:expr, $len:expr, $out:expr) => {
+        match $rows.len() {
+            $( $r => by_shape!(@cols $r $cs $kernel $g $rows, $cols, $len, $out), )*
+            _ => unreachable!(),
+        }
+    };
+    (@cols $r:literal [$($c:literal),*] $kernel:ident $g:tt $rows:expr, $cols:expr, $len:expr, $out:expr) => {
+        match $cols.len() {
+            $( $c => by_shape!(@call $kernel $r $c $g $rows, $cols, $len, $out), )*
+            _ => unreachable!(),
+        }
+    };
+    (@call $kernel:ident $r:literal $c:literal [$($g:ident)?] $rows:expr, $cols:expr, $len:expr, $out:expr) => {
+        $kernel::<$r, $c $(, $g)?>($rows, $cols, $len, $out)
+    };
+}
+
 /// Dispatch on the CPU once.
 unsafe fn dot_block(rows: &[*const f64], cols: &[*const f64], len: usize, out: &mut Acc) {
     #[cfg(target_arch = "x86_64")]
@@ -149,24 +172,7 @@ unsafe fn dot_block(rows: &[*const f64], cols: &[*const f64], len: usize, out: &
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
 unsafe fn dot_block_avx512(rows: &[*const f64], cols: &[*const f64], len: usize, out: &mut Acc) {
-    macro_rules! shapes {
-        ($($r:literal),*; $($c:literal),*) => {
-            shapes!(@rows [$($r),*] [$($c),*])
-        };
-        (@rows [$($r:literal),*] $cs:tt) => {
-            match rows.len() {
-                $( $r => shapes!(@cols $r $cs), )*
-                _ => unreachable!(),
-            }
-        };
-        (@cols $r:literal [$($c:literal),*]) => {
-            match cols.len() {
-                $( $c => micro512::<$r, $c>(rows, cols, len, out), )*
-                _ => unreachable!(),
-            }
-        };
-    }
-    shapes!(1, 2, 3; 1, 2, 3, 4, 5, 6, 7, 8)
+    by_shape!(micro512; rows, cols, len, out)
 }
 
 /// [`micro`] with AVX-512 registers spelled out.
@@ -218,24 +224,7 @@ unsafe fn dispatch_shape<const FUSED: bool>(
     len: usize,
     out: &mut Acc,
 ) {
-    macro_rules! shapes {
-        ($($r:literal),*; $($c:literal),*) => {
-            shapes!(@rows [$($r),*] [$($c),*])
-        };
-        (@rows [$($r:literal),*] $cs:tt) => {
-            match rows.len() {
-                $( $r => shapes!(@cols $r $cs), )*
-                _ => unreachable!(),
-            }
-        };
-        (@cols $r:literal [$($c:literal),*]) => {
-            match cols.len() {
-                $( $c => micro::<$r, $c, FUSED>(rows, cols, len, out), )*
-                _ => unreachable!(),
-            }
-        };
-    }
-    shapes!(1, 2, 3; 1, 2, 3, 4, 5, 6, 7, 8)
+    by_shape!(micro, FUSED; rows, cols, len, out)
 }
 
 /// `R × C` dot products of length `len` added to eight-lane accumulators
@@ -685,12 +674,4 @@ pub fn scan(a: MatRef<'_, f64>, symmetry: bool, parallel: bool) -> Scan {
             .map(|b| block(b * TILE))
             .fold(init(), merge)
     }
-}
-
-/// `[a b]`, column-major.
-pub fn hcat(a: MatRef<'_, f64>, b: MatRef<'_, f64>) -> faer::Mat<f64> {
-    let mut out = faer::Mat::<f64>::zeros(a.nrows(), a.ncols() + b.ncols());
-    out.as_mut().subcols_mut(0, a.ncols()).copy_from(a);
-    out.as_mut().subcols_mut(a.ncols(), b.ncols()).copy_from(b);
-    out
 }

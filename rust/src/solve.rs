@@ -220,8 +220,9 @@ pub fn validate_input_factor(z: MatRef<'_, f64>) -> Result<()> {
     Ok(())
 }
 
-/// Validate `y`, `Ḡ` and the rank against a Z of dimension `n`.
-pub fn validate_module(n: usize, y: &[f64], g: MatRef<'_, f64>, opts: &SolveOptions) -> Result<()> {
+/// Validate `y`, `Ḡ` and the rank against a Z of dimension `n`. Returns
+/// whether `Ḡ = 0` (SPEC §3's special case), found in the same pass over `Ḡ`.
+pub fn validate_module(n: usize, y: &[f64], g: MatRef<'_, f64>, opts: &SolveOptions) -> Result<bool> {
     let m = y.len();
     if g.nrows() != m || g.ncols() != n {
         return Err(Error::Shape(format!(
@@ -242,7 +243,8 @@ pub fn validate_module(n: usize, y: &[f64], g: MatRef<'_, f64>, opts: &SolveOpti
             )));
         }
     }
-    if !crate::kernels::scan(g, false, true).finite {
+    let summary = crate::kernels::scan(g, false, true);
+    if !summary.finite {
         for j in 0..n {
             for i in 0..m {
                 let v = g[(i, j)];
@@ -268,7 +270,7 @@ pub fn validate_module(n: usize, y: &[f64], g: MatRef<'_, f64>, opts: &SolveOpti
             "y[{j}] + output_damping = 0: the output precision 1/(y + λ_y) is infinite; use output_damping > 0"
         )));
     }
-    Ok(())
+    Ok(summary.max_abs == 0.0)
 }
 
 /// `ỹ = 1 / (y + λ_y)` (SPEC §3.2).
@@ -322,14 +324,15 @@ pub fn solve_shared(
         .collect::<Vec<_>>()
         .join(", ");
     validate_input_factor(z).map_err(|e| e.context(&all))?;
-    for m in modules {
-        validate_module(z.nrows(), m.y, m.g, opts).map_err(|e| e.context(m.name))?;
-    }
+    let zero: Vec<bool> = modules
+        .iter()
+        .map(|m| validate_module(z.nrows(), m.y, m.g, opts).map_err(|e| e.context(m.name)))
+        .collect::<Result<_>>()?;
     let chol = InputCholesky::new(z, opts.damping, opts.auto_damping, opts.par)
         .map_err(|e| e.context(&all))?;
     for_each_module(modules.len(), |k| {
         let m = &modules[k];
-        solve_factored(&chol, m.y, m.g, m.precision, opts).map_err(|e| e.context(m.name))
+        solve_factored(&chol, m.y, m.g, m.precision, zero[k], opts).map_err(|e| e.context(m.name))
     })
 }
 
@@ -349,12 +352,14 @@ pub fn for_each_module<T: Send>(
 }
 
 /// The solve after the factorization. `precision` overrides `ỹ` (the
-/// `sequence_lowrank` output factor); inputs must already be validated.
+/// `sequence_lowrank` output factor); inputs must already be validated, and
+/// `zero_gradient` is what [`validate_module`] returned.
 pub fn solve_factored(
     chol: &InputCholesky,
     y: &[f64],
     g: MatRef<'_, f64>,
     precision: Option<&[f64]>,
+    zero_gradient: bool,
     opts: &SolveOptions,
 ) -> Result<SolveResult> {
     let n = chol.dim();
@@ -381,7 +386,6 @@ pub fn solve_factored(
             opts.damping, chol.damping
         ));
     }
-    let zero_gradient = crate::kernels::scan(g, false, chol.threads).max_abs == 0.0;
     let (alpha, beta_c) = if zero_gradient {
         notes.push(
             "mean gradient is zero (Δ = 0): default used — σ = 1, B = 0, V = the top-r eigenvectors of Z + λI \
@@ -645,7 +649,7 @@ fn krylov_delta_norm(
         }
     }
     let warm = match &eig.delta_top {
-        Some(top) => crate::kernels::hcat(top.vector.as_ref(), eig.vectors.as_ref()),
+        Some(top) => crate::eigensolver::hcat(top.vector.as_ref(), eig.vectors.as_ref()),
         None => eig.vectors.clone(),
     };
     let gram = DeltaGram(op);
