@@ -15,6 +15,7 @@ The numerical contract is SPEC.md (shared with the project); the public API:
 """
 
 from lora_da._core import (
+    GAP_REL,
     GAP_TOL,
     InputFactor,
     OutputFactor,
@@ -40,6 +41,7 @@ from lora_da.statistics import ModuleInfo, Statistics
 __version__ = "0.1.0"
 
 __all__ = [
+    "GAP_REL",
     "GAP_TOL",
     "collect_statistics",
     "Statistics",

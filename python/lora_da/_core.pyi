@@ -7,6 +7,7 @@ import numpy.typing as npt
 
 TOKEN_CHUNK: int
 GAP_TOL: float
+GAP_REL: float
 
 class InputFactor:
     """Streaming float64 accumulator of Σ_t x_t x_tᵀ (SPEC §2); one packed triangle."""
@@ -56,7 +57,7 @@ class SolveResult:
     B: npt.NDArray[np.float64]  # (m, r)
     V: npt.NDArray[np.float64]  # (n, r)
     eigenvalues: npt.NDArray[np.float64]
-    next_eigenvalue: float  # λ_{r+1}; Krylov path: to GAP_TOL·‖Ω‖₂, an upper bound
+    next_eigenvalue: float  # λ_{r+1}; Krylov: an upper bound, to max(GAP_TOL·‖Ω‖₂, GAP_REL·gap)
     gap: float
     residual: float
     omega_norm: float

@@ -38,6 +38,8 @@ pub struct AuxTop {
     pub residual: f64,
     pub vector: Mat<f64>,
     resid: Mat<f64>,
+    /// `vector` in the coordinates of the basis it was found on.
+    coords: Mat<f64>,
 }
 
 #[derive(Clone, Debug)]
@@ -54,6 +56,10 @@ pub struct KrylovOptions {
     /// Residual tolerance relative to the `‖Op‖₂` estimate.
     pub tol: f64,
     pub loose_tol: f64,
+    /// The extra pairs also count as converged at a residual of `gap_rel`
+    /// times their distance to the last wanted Ritz value (relative to
+    /// `‖Op‖₂`): the gap is then known to that relative accuracy.
+    pub gap_rel: f64,
     /// Budget of single-vector operator applications.
     pub max_applications: usize,
     /// Seed of the (deterministic) random start block.
@@ -303,16 +309,15 @@ pub fn block_krylov(op: &dyn SymmetricOperator, opts: &KrylovOptions) -> KrylovR
             .as_ref()
             .map(|a| aux_top(basis.as_ref(), a.as_ref(), opts.par));
         let aux_ok = aux_now.as_ref().is_none_or(|t| t.residual <= opts.aux_tol);
-        let done = p >= n
-            || ((0..want.min(k)).all(|j| {
-                res[j]
-                    <= if j < opts.nev {
-                        opts.tol
-                    } else {
-                        opts.loose_tol
-                    }
-            }) && k >= want
-                && aux_ok);
+        let pair_tol = |j: usize| {
+            if j < opts.nev {
+                opts.tol
+            } else {
+                let gap = if opts.nev > 0 { (theta[j] - theta[opts.nev - 1]) / scale } else { 0.0 };
+                opts.loose_tol.max(opts.gap_rel * gap)
+            }
+        };
+        let done = p >= n || ((0..want.min(k)).all(|j| res[j] <= pair_tol(j)) && k >= want && aux_ok);
         if done || applications >= opts.max_applications {
             let converged = done;
             return KrylovResult {
@@ -332,16 +337,7 @@ pub fn block_krylov(op: &dyn SymmetricOperator, opts: &KrylovOptions) -> KrylovR
         // operator is memory-bound), so every step adds a full block: the
         // unconverged wanted pairs first, then the next Ritz pairs, which
         // speed up convergence of the wanted ones.
-        let mut pending: Vec<usize> = (0..want.min(k))
-            .filter(|&j| {
-                res[j]
-                    > if j < opts.nev {
-                        opts.tol
-                    } else {
-                        opts.loose_tol
-                    }
-            })
-            .collect();
+        let mut pending: Vec<usize> = (0..want.min(k)).filter(|&j| res[j] > pair_tol(j)).collect();
         let mut next = want;
         while pending.len() < block && next < k {
             pending.push(next);
@@ -350,22 +346,25 @@ pub fn block_krylov(op: &dyn SymmetricOperator, opts: &KrylovOptions) -> KrylovR
 
         // The auxiliary operator's top pair rides along: its residual takes
         // the last slot of the block until it reaches `aux_tol`.
-        let aux_resid = aux_now.filter(|t| t.residual > opts.aux_tol);
-        if aux_resid.is_some() && pending.len() >= block && pending.len() > 1 {
+        let aux_pending = aux_now.as_ref().is_some_and(|t| t.residual > opts.aux_tol);
+        if aux_pending && pending.len() >= block && pending.len() > 1 {
             pending.pop();
         }
         let mut expand = Mat::from_fn(n, pending.len(), |i, j| resid[(i, pending[j])]);
-        if let Some(t) = &aux_resid {
+        if let Some(t) = aux_now.as_ref().filter(|_| aux_pending) {
             expand = hcat(expand.as_ref(), t.resid.as_ref());
         }
-        // Thick restart: keep the best Ritz vectors when the basis is full.
+        // Thick restart: keep the best Ritz vectors when the basis is full,
+        // and the auxiliary operator's top Ritz vector (otherwise its
+        // residual would start over).
         if p + expand.ncols() > max_basis {
             let keep = (max_basis / 2).max(want + block).min(p);
-            basis = ritz_subspace(basis.as_ref(), u.subcols(0, keep), opts.par);
-            image = ritz_subspace(image.as_ref(), u.subcols(0, keep), opts.par);
-            aux = aux.map(|a| ritz_subspace(a.as_ref(), u.subcols(0, keep), opts.par));
-            side = side.map(|sd| ritz_subspace(sd.as_ref(), u.subcols(0, keep), opts.par));
-            h = Mat::from_fn(keep, keep, |i, j| if i == j { theta[i] } else { 0.0 });
+            let c = restart_coords(u.subcols(0, keep), aux_now.as_ref().map(|t| t.coords.as_ref()));
+            basis = ritz_subspace(basis.as_ref(), c.as_ref(), opts.par);
+            image = ritz_subspace(image.as_ref(), c.as_ref(), opts.par);
+            aux = aux.map(|a| ritz_subspace(a.as_ref(), c.as_ref(), opts.par));
+            side = side.map(|sd| ritz_subspace(sd.as_ref(), c.as_ref(), opts.par));
+            h = c.transpose() * &h * &c;
         }
         let p = basis.ncols();
         let fresh = orthonormalize_against(
@@ -455,7 +454,26 @@ fn aux_top(basis: MatRef<'_, f64>, aux: MatRef<'_, f64>, par: Par) -> AuxTop {
         residual,
         vector,
         resid: r,
+        coords: top.to_owned(),
     }
+}
+
+/// Orthonormal coordinates of the restarted basis: the kept Ritz vectors
+/// (orthonormal columns of `u`), then `extra` orthogonalized against them
+/// when it adds a direction.
+fn restart_coords(u: MatRef<'_, f64>, extra: Option<MatRef<'_, f64>>) -> Mat<f64> {
+    let Some(w) = extra else { return u.to_owned() };
+    let mut w = w.to_owned();
+    for _ in 0..2 {
+        let c = u.transpose() * &w;
+        w -= u * &c;
+    }
+    let norm = w.norm_l2();
+    if !(norm > 1e-8) {
+        return u.to_owned();
+    }
+    w *= faer::Scale(1.0 / norm);
+    hcat(u, w.as_ref())
 }
 
 fn ritz_subspace(v: MatRef<'_, f64>, u: MatRef<'_, f64>, par: Par) -> Mat<f64> {

@@ -32,6 +32,9 @@ pub struct InputCholesky {
     pub threads: bool,
 }
 
+/// Largest `|Z[i,j] − Z[j,i]|` accepted, relative to `max |Z|`.
+pub const SYMMETRY_TOL: f64 = 1e-10;
+
 impl InputCholesky {
     /// Factor `Z + λ I`. If that fails and `auto_damping` is set, λ is raised
     /// ten-fold (starting from at least `1e-10 · mean(diag Z)`) until it works,
@@ -41,11 +44,19 @@ impl InputCholesky {
         let threads = crate::parallel_ok();
         let n = z.nrows();
         let mut lambda = damping;
+        // The copy that the factorization works in is made in the same pass
+        // over Z as its validation (SPEC §3: inputs are validated first).
+        let (copy, scan) = kernels::lower_copy_checked(z, threads);
+        if !(scan.finite && scan.max_asym <= SYMMETRY_TOL * scan.max_abs) {
+            crate::solve::validate_input_factor(z)?;
+        }
+        let mut copy = Some(copy);
         let mean_diag = (0..n).map(|i| z[(i, i)]).sum::<f64>() / n.max(1) as f64;
         for attempt in 0..13 {
-            if let Some(l) = kernels::cholesky(z, lambda, threads) {
+            let a = copy.take().unwrap_or_else(|| kernels::lower_copy_checked(z, threads).0);
+            if let Some(l) = kernels::factor_lower(a, lambda, threads) {
                 return Ok(Self {
-                    tri: Triangular::new(l, threads),
+                    tri: Triangular::new(l),
                     damping: lambda,
                     par,
                     threads,
@@ -92,10 +103,8 @@ pub struct Guidance<'a> {
     pub chol: &'a InputCholesky,
     /// `Ḡ`, `m × n`.
     pub mean_grad: MatRef<'a, f64>,
-    /// `Ḡ` with contiguous rows, for `Ḡ W`.
+    /// `Ḡ` with contiguous rows, for `Ḡ W` and `Ḡᵀ P` (both read it by rows).
     pub grad_rows: MatRef<'a, f64>,
-    /// `Ḡᵀ` with contiguous rows (the columns of `Ḡ`), for `Ḡᵀ P`.
-    pub grad_cols: MatRef<'a, f64>,
     /// `ỹ`, length `m`.
     pub precision: &'a [f64],
     pub alpha: f64,
@@ -134,14 +143,8 @@ impl Guidance<'_> {
             }
         }
         let mut out = Mat::<f64>::zeros(self.mean_grad.ncols(), y.ncols());
-        kernels::row_dot(
-            self.grad_cols,
-            dy.as_ref(),
-            out.as_mut(),
-            -1.0,
-            false,
-            self.chol.threads,
-        );
+        kernels::transposed_product(self.grad_rows, dy.as_ref(), out.as_mut(), self.chol.threads);
+        out *= faer::Scale(-1.0);
         self.chol.solve_in_place(out.as_mut());
         out
     }
@@ -164,20 +167,22 @@ impl SymmetricOperator for Guidance<'_> {
     fn apply_with_aux(&self, x: MatRef<'_, f64>) -> Products {
         let mut w = x.to_owned();
         self.chol.solve_in_place(w.as_mut());
-        let mut s = self.scaled_grad(w.as_ref(), 1);
-        let mut p = s.clone();
-        for j in 0..p.ncols() {
-            for (i, d) in self.precision.iter().enumerate() {
-                p[(i, j)] *= d;
-            }
-        }
-        let mut u = Mat::<f64>::zeros(self.mean_grad.ncols(), x.ncols());
-        kernels::row_dot(self.grad_cols, p.as_ref(), u.as_mut(), 1.0, false, self.chol.threads);
+        // One pass over Ḡ: S = Ḡ W and U = Ḡᵀ D² S.
+        let (m, n, k) = (self.mean_grad.nrows(), self.mean_grad.ncols(), x.ncols());
+        let d2: Vec<f64> = self.precision.iter().map(|d| d * d).collect();
+        let mut s = Mat::<f64>::zeros(m, k);
+        let mut u = Mat::<f64>::zeros(n, k);
+        kernels::normal_product(self.grad_rows, w.as_ref(), &d2, s.as_mut(), u.as_mut(), self.chol.threads);
         self.chol.solve_in_place(u.as_mut());
         let mut q = w;
         q *= faer::Scale(self.beta_c);
         q -= &u * faer::Scale(self.alpha);
-        s *= faer::Scale(-1.0);
+        // Δᵀ X = −D S.
+        for j in 0..k {
+            for (i, d) in self.precision.iter().enumerate() {
+                s[(i, j)] *= -d;
+            }
+        }
         Products { image: q, aux: Some(u), side: Some(s) }
     }
 }
@@ -194,16 +199,10 @@ impl SymmetricOperator for DeltaGram<'_, '_> {
         let g = self.0;
         let mut w = x.to_owned();
         g.chol.solve_in_place(w.as_mut());
-        let p = g.scaled_grad(w.as_ref(), 2);
+        let d2: Vec<f64> = g.precision.iter().map(|d| d * d).collect();
+        let mut s = Mat::<f64>::zeros(g.mean_grad.nrows(), x.ncols());
         let mut out = Mat::<f64>::zeros(g.mean_grad.ncols(), x.ncols());
-        kernels::row_dot(
-            g.grad_cols,
-            p.as_ref(),
-            out.as_mut(),
-            1.0,
-            false,
-            g.chol.threads,
-        );
+        kernels::normal_product(g.grad_rows, w.as_ref(), &d2, s.as_mut(), out.as_mut(), g.chol.threads);
         g.chol.solve_in_place(out.as_mut());
         out
     }

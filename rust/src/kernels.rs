@@ -270,20 +270,290 @@ fn fma<const FUSED: bool>(a: f64, b: f64, c: f64) -> f64 {
     }
 }
 
-/// A lower-triangular factor `L` kept twice, as `L` and as `Lᵀ` (both
-/// column-major), so both triangular solves read contiguous rows.
+/// Rows of `a` handled together by [`normal_product`]: their dot products
+/// first, then (still in cache) their rank-`ROW_BLOCK` update of `aᵀ p`.
+const ROW_BLOCK: usize = 32;
+/// Rows per register pass of the update (one vector of each in flight).
+const AXPY_ROWS: usize = 8;
+/// Stretch of a row per pass of the update (`AXPY_ROWS` rows of it stay in L1).
+const AXPY_SEG: usize = 512;
+
+/// Rows per partial sum of `aᵀ p`. The partition — and so the order of the
+/// additions into each entry — depends only on `m`, never on the thread
+/// count; at most 16 partial sums are kept.
+fn tall_chunk(m: usize) -> usize {
+    (m.div_ceil(16)).max(256).div_ceil(ROW_BLOCK) * ROW_BLOCK
+}
+
+/// `s ← a x` (`m × k`) and `u ← aᵀ diag(d) s` (`n × k`) in one pass over the
+/// rows of `a` (`m × n`, contiguous rows; SPEC §4: the `Ḡ` products of one
+/// operator application, `Ḡᵀ D² Ḡ W`). Reading `a` once instead of twice, and
+/// not needing `aᵀ` with contiguous rows, is the point: the products are
+/// bound by memory traffic.
+pub fn normal_product(
+    a: MatRef<'_, f64>,
+    x: MatRef<'_, f64>,
+    d: &[f64],
+    s: MatMut<'_, f64>,
+    u: MatMut<'_, f64>,
+    parallel: bool,
+) {
+    assert_eq!(a.ncols(), x.nrows());
+    assert_eq!((s.nrows(), s.ncols()), (a.nrows(), x.ncols()));
+    assert_eq!(d.len(), a.nrows());
+    tall_update(a, Weights::Dots { x, d, s }, u, parallel);
+}
+
+/// `u ← aᵀ p` (`n × k`) for `a` (`m × n`, contiguous rows) and `p` (`m × k`),
+/// reading `a` along its rows.
+pub fn transposed_product(a: MatRef<'_, f64>, p: MatRef<'_, f64>, u: MatMut<'_, f64>, parallel: bool) {
+    assert_eq!(p.nrows(), a.nrows());
+    tall_update(a, Weights::Given(p), u, parallel);
+}
+
+/// Where the weights of the rows of `a` in `aᵀ p` come from.
+enum Weights<'a> {
+    /// `p = diag(d) (a x)`, with `a x` written to `s`.
+    Dots { x: MatRef<'a, f64>, d: &'a [f64], s: MatMut<'a, f64> },
+    Given(MatRef<'a, f64>),
+}
+
+fn tall_update(a: MatRef<'_, f64>, weights: Weights<'_>, mut u: MatMut<'_, f64>, parallel: bool) {
+    let (m, n) = (a.nrows(), a.ncols());
+    let k = u.ncols();
+    assert_eq!(u.nrows(), n);
+    assert!(a.col_stride() == 1 || n <= 1, "tall_update: rows of `a` must be contiguous");
+    let chunk = tall_chunk(m);
+    let chunks = m.div_ceil(chunk).max(1);
+    // One partial `aᵀ p` per chunk of rows, summed in chunk order below.
+    let mut partials: Vec<faer::Mat<f64>> = (0..chunks).map(|_| faer::Mat::zeros(n, k)).collect();
+    let (x, d, mut s, given) = match weights {
+        Weights::Dots { x, d, s } => (Some(x), d, Some(s), None),
+        Weights::Given(p) => (None, &[][..], None, Some(p)),
+    };
+    let s_chunks: Vec<Option<MatMut<'_, f64>>> = match s.as_mut() {
+        Some(s) => {
+            let mut out = Vec::with_capacity(chunks);
+            let mut rest = s.as_mut();
+            for c in 0..chunks {
+                let h = chunk.min(m - c * chunk);
+                let (head, tail) = rest.split_at_row_mut(h);
+                out.push(Some(head));
+                rest = tail;
+            }
+            out
+        }
+        None => (0..chunks).map(|_| None).collect(),
+    };
+    let work = |c: usize, part: &mut faer::Mat<f64>, mut s_c: Option<MatMut<'_, f64>>| {
+        let i_end = ((c + 1) * chunk).min(m);
+        let mut w = vec![0.0f64; ROW_BLOCK * k];
+        let mut i0 = c * chunk;
+        while i0 < i_end {
+            let rb = ROW_BLOCK.min(i_end - i0);
+            let rows = a.subrows(i0, rb);
+            match (x, s_c.as_mut(), given) {
+                (Some(x), Some(s_c), _) => {
+                    let mut sb = s_c.as_mut().subrows_mut(i0 - c * chunk, rb);
+                    row_dot(rows, x, sb.as_mut(), 1.0, false, false);
+                    for r in 0..rb {
+                        for q in 0..k {
+                            w[r * k + q] = d[i0 + r] * sb[(r, q)];
+                        }
+                    }
+                }
+                (_, _, Some(p)) => {
+                    for r in 0..rb {
+                        for q in 0..k {
+                            w[r * k + q] = p[(i0 + r, q)];
+                        }
+                    }
+                }
+                _ => unreachable!(),
+            }
+            let mut r0 = 0;
+            while r0 < rb {
+                let rr = AXPY_ROWS.min(rb - r0);
+                let ptrs: Vec<*const f64> = (0..rr).map(|r| rows.row(r0 + r).as_ptr()).collect();
+                // SAFETY: each pointer addresses the n contiguous values of a
+                // row of `a`; `part` is n × k, column-major with stride col_stride.
+                unsafe {
+                    axpy_rows(&ptrs, &w[r0 * k..(r0 + rr) * k], k, n, part.as_ptr_mut(), part.col_stride() as usize)
+                };
+                r0 += rr;
+            }
+            i0 += rb;
+        }
+    };
+    if parallel && crate::parallel_ok() && chunks > 1 {
+        partials.par_iter_mut().zip(s_chunks.into_par_iter()).enumerate().for_each(|(c, (part, s_c))| work(c, part, s_c));
+    } else {
+        for (c, (part, s_c)) in partials.iter_mut().zip(s_chunks).enumerate() {
+            work(c, part, s_c);
+        }
+    }
+    let mut it = partials.into_iter();
+    let first = it.next().expect("at least one chunk");
+    u.copy_from(first.as_ref());
+    for part in it {
+        u += part.as_ref();
+    }
+}
+
+/// `u[:, q] += Σ_r w[r, q] · row_r` for `rows.len() ≤ AXPY_ROWS` rows of
+/// length `len` and `k` columns of `u` (`len × k`, column stride `ldu`);
+/// `w` is `rows.len() × k`, row-major. Each entry adds its rows in order.
+unsafe fn axpy_rows(rows: &[*const f64], w: &[f64], k: usize, len: usize, u: *mut f64, ldu: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if avx512() {
+            return axpy_rows_avx512(rows, w, k, len, u, ldu);
+        }
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            return axpy_rows_fma(rows, w, k, len, u, ldu);
+        }
+    }
+    by_rows!(axpy_portable, false; rows, w, k, len, u, ldu)
+}
+
+#[cfg(target_arch = "x86_64")]
+fn avx512() -> bool {
+    use std::sync::OnceLock;
+    static OK: OnceLock<bool> = OnceLock::new();
+    *OK.get_or_init(|| is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma"))
+}
+
+/// `kernel::<R[, G]>(…)` for `rows.len()` = R in 1..=8.
+macro_rules! by_rows {
+    ($kernel:ident $(, $g:tt)?; $rows:expr, $($arg:expr),*) => {
+        match $rows.len() {
+            1 => $kernel::<1 $(, $g)?>($rows, $($arg),*),
+            2 => $kernel::<2 $(, $g)?>($rows, $($arg),*),
+            3 => $kernel::<3 $(, $g)?>($rows, $($arg),*),
+            4 => $kernel::<4 $(, $g)?>($rows, $($arg),*),
+            5 => $kernel::<5 $(, $g)?>($rows, $($arg),*),
+            6 => $kernel::<6 $(, $g)?>($rows, $($arg),*),
+            7 => $kernel::<7 $(, $g)?>($rows, $($arg),*),
+            8 => $kernel::<8 $(, $g)?>($rows, $($arg),*),
+            _ => unreachable!(),
+        }
+    };
+}
+use by_rows;
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+unsafe fn axpy_rows_avx512(rows: &[*const f64], w: &[f64], k: usize, len: usize, u: *mut f64, ldu: usize) {
+    by_rows!(axpy512; rows, w, k, len, u, ldu)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn axpy_rows_fma(rows: &[*const f64], w: &[f64], k: usize, len: usize, u: *mut f64, ldu: usize) {
+    by_rows!(axpy_portable, true; rows, w, k, len, u, ldu)
+}
+
+/// [`axpy_portable`] with AVX-512 registers: two columns of `u` per sweep,
+/// their `2R` weights held in registers.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn axpy512<const R: usize>(rows: &[*const f64], w: &[f64], k: usize, len: usize, u: *mut f64, ldu: usize) {
+    use std::arch::x86_64::*;
+    let a: [*const f64; R] = std::array::from_fn(|r| rows[r]);
+    let mut j0 = 0;
+    while j0 < len {
+        let j1 = (j0 + AXPY_SEG).min(len);
+        let main = j0 + (j1 - j0) / 8 * 8;
+        let mut q = 0;
+        while q < k {
+            let two = q + 1 < k;
+            let q1 = if two { q + 1 } else { q };
+            let b0: [__m512d; R] = std::array::from_fn(|r| _mm512_set1_pd(w[r * k + q]));
+            let b1: [__m512d; R] = std::array::from_fn(|r| _mm512_set1_pd(w[r * k + q1]));
+            let (u0, u1) = (u.add(q * ldu), u.add(q1 * ldu));
+            let mut j = j0;
+            if two {
+                while j < main {
+                    let mut c0 = _mm512_loadu_pd(u0.add(j));
+                    let mut c1 = _mm512_loadu_pd(u1.add(j));
+                    for r in 0..R {
+                        let g = _mm512_loadu_pd(a[r].add(j));
+                        c0 = _mm512_fmadd_pd(g, b0[r], c0);
+                        c1 = _mm512_fmadd_pd(g, b1[r], c1);
+                    }
+                    _mm512_storeu_pd(u0.add(j), c0);
+                    _mm512_storeu_pd(u1.add(j), c1);
+                    j += 8;
+                }
+            } else {
+                while j < main {
+                    let mut c0 = _mm512_loadu_pd(u0.add(j));
+                    for r in 0..R {
+                        c0 = _mm512_fmadd_pd(_mm512_loadu_pd(a[r].add(j)), b0[r], c0);
+                    }
+                    _mm512_storeu_pd(u0.add(j), c0);
+                    j += 8;
+                }
+            }
+            for t in main..j1 {
+                for (qq, uq) in [(q, u0), (q1, u1)].into_iter().take(if two { 2 } else { 1 }) {
+                    let mut c = *uq.add(t);
+                    for r in 0..R {
+                        c = (*a[r].add(t)).mul_add(w[r * k + qq], c);
+                    }
+                    *uq.add(t) = c;
+                }
+            }
+            q += if two { 2 } else { 1 };
+        }
+        j0 = j1;
+    }
+}
+
+/// `u[:, q] += Σ_r w[r, q] · row_r`, portable (vectorized by the compiler
+/// where the caller enables vector features).
+#[inline(always)]
+unsafe fn axpy_portable<const R: usize, const FUSED: bool>(
+    rows: &[*const f64],
+    w: &[f64],
+    k: usize,
+    len: usize,
+    u: *mut f64,
+    ldu: usize,
+) {
+    let a: [&[f64]; R] = std::array::from_fn(|r| std::slice::from_raw_parts(rows[r], len));
+    let mut j0 = 0;
+    while j0 < len {
+        let j1 = (j0 + AXPY_SEG).min(len);
+        for q in 0..k {
+            let b: [f64; R] = std::array::from_fn(|r| w[r * k + q]);
+            let uq = std::slice::from_raw_parts_mut(u.add(q * ldu + j0), j1 - j0);
+            for (t, c) in uq.iter_mut().enumerate() {
+                let mut acc = *c;
+                for r in 0..R {
+                    acc = fma::<FUSED>(a[r][j0 + t], b[r], acc);
+                }
+                *c = acc;
+            }
+        }
+        j0 = j1;
+    }
+}
+
+/// A lower-triangular factor `L` (column-major): the forward substitution
+/// reads its columns below each diagonal block (column-oriented updates), the
+/// back substitution its columns as the rows of `Lᵀ` (dot products), so both
+/// read contiguous memory and no copy of `Lᵀ` is needed.
 pub struct Triangular {
     l: BigMat,
-    lt: BigMat,
 }
 
 /// Diagonal blocks of the blocked substitutions.
 const SOLVE_BLOCK: usize = 96;
 
 impl Triangular {
-    pub fn new(l: BigMat, parallel: bool) -> Self {
-        let lt = transpose(l.as_ref(), parallel);
-        Self { l, lt }
+    pub fn new(l: BigMat) -> Self {
+        Self { l }
     }
 
     pub fn l(&self) -> MatRef<'_, f64> {
@@ -293,38 +563,52 @@ impl Triangular {
     /// `X ← L⁻¹ X` (forward substitution by blocks of rows); in parallel over
     /// halves of the block's columns (each column's arithmetic is the same).
     pub fn solve_lower(&self, x: MatMut<'_, f64>, parallel: bool) {
-        split_columns(x, parallel, &|x| self.solve_lower_seq(x));
+        with_contiguous_columns(x, &|x| split_columns(x, parallel, &|x| self.solve_lower_seq(x)));
     }
 
     /// `X ← L⁻ᵀ X` (back substitution by blocks of rows).
     pub fn solve_upper(&self, x: MatMut<'_, f64>, parallel: bool) {
-        split_columns(x, parallel, &|x| self.solve_upper_seq(x));
+        with_contiguous_columns(x, &|x| split_columns(x, parallel, &|x| self.solve_upper_seq(x)));
     }
 
     fn solve_lower_seq(&self, mut x: MatMut<'_, f64>) {
-        let parallel = false;
         let n = self.l.nrows();
-        let rows = self.lt.as_ref().transpose(); // row i = row i of L, contiguous
+        let k = x.ncols();
+        if k == 0 {
+            return;
+        }
+        let mut xv = x.as_mut();
+        let l = self.l.as_ref();
+        let mut w = vec![0.0f64; AXPY_ROWS * k];
         let mut i0 = 0;
         while i0 < n {
             let nb = SOLVE_BLOCK.min(n - i0);
-            let (done, rest) = x.as_mut().split_at_row_mut(i0);
-            let mut cur = rest.subrows_mut(0, nb);
-            if i0 > 0 {
-                row_dot(
-                    rows.submatrix(i0, 0, nb, i0),
-                    done.as_ref(),
-                    cur.as_mut(),
-                    -1.0,
-                    true,
-                    parallel,
-                );
-            }
             faer::linalg::triangular_solve::solve_lower_triangular_in_place(
-                self.l.as_ref().submatrix(i0, i0, nb, nb),
-                cur,
+                l.submatrix(i0, i0, nb, nb),
+                xv.as_mut().subrows_mut(i0, nb),
                 Par::Seq,
             );
+            let below = i0 + nb;
+            if below < n {
+                // X₂ ← X₂ − L₂₁ X₁, eight columns of L₂₁ per sweep over X₂.
+                let h = n - below;
+                let mut r0 = 0;
+                while r0 < nb {
+                    let rr = AXPY_ROWS.min(nb - r0);
+                    let cols: Vec<*const f64> = (0..rr).map(|r| l.col(i0 + r0 + r).as_ptr().wrapping_add(below)).collect();
+                    for r in 0..rr {
+                        for q in 0..k {
+                            w[r * k + q] = -xv[(i0 + r0 + r, q)];
+                        }
+                    }
+                    let ldu = xv.col_stride() as usize;
+                    // SAFETY: each pointer addresses the h contiguous entries
+                    // of a column of L below the block; X₂ is h × k with
+                    // contiguous columns, stride `ldu`.
+                    unsafe { axpy_rows(&cols, &w[..rr * k], k, h, xv.as_mut().subrows_mut(below, h).as_ptr_mut(), ldu) };
+                    r0 += rr;
+                }
+            }
             i0 += nb;
         }
     }
@@ -356,6 +640,19 @@ impl Triangular {
             );
             i1 = i0;
         }
+    }
+}
+
+/// Run `f` on `x`, or on a column-major copy of it when its columns are not
+/// contiguous (the kernels read them as slices); blocks from the Krylov run
+/// always are.
+fn with_contiguous_columns(mut x: MatMut<'_, f64>, f: &dyn Fn(MatMut<'_, f64>)) {
+    if x.row_stride() == 1 || x.nrows() <= 1 {
+        f(x);
+    } else {
+        let mut copy = x.to_owned();
+        f(copy.as_mut());
+        x.copy_from(copy.as_ref());
     }
 }
 
@@ -447,9 +744,15 @@ const CHOL_BLOCK: usize = 64;
 /// blocks (in parallel). The partition does not depend on the thread count,
 /// so neither do the bits of the result.
 pub fn cholesky(z: MatRef<'_, f64>, lambda: f64, parallel: bool) -> Option<BigMat> {
-    let n = z.nrows();
     let par = parallel && crate::parallel_ok();
-    let mut a = lower_copy(z, par);
+    factor_lower(lower_copy_checked(z, par).0, lambda, par)
+}
+
+/// [`cholesky`] of `a + λ I`, given the column-major lower-triangular copy
+/// `a` of `Z` (zeros above the diagonal) that [`lower_copy_checked`] made.
+pub fn factor_lower(mut a: BigMat, lambda: f64, parallel: bool) -> Option<BigMat> {
+    let n = a.nrows();
+    let par = parallel && crate::parallel_ok();
     for i in 0..n {
         a.as_mut()[(i, i)] += lambda;
     }
@@ -510,11 +813,14 @@ pub fn cholesky(z: MatRef<'_, f64>, lambda: f64, parallel: bool) -> Option<BigMa
         }
         k0 = k1;
     }
-    // The diagonal tiles of the updates also wrote above the diagonal.
+    // The updates' diagonal tiles also wrote above the diagonal (the column
+    // blocks of every step are aligned to the same CHOL_BLOCK grid).
     let mut am = a.as_mut();
-    for j in 0..n {
-        for i in 0..j {
-            am[(i, j)] = 0.0;
+    for j0 in (0..n).step_by(CHOL_BLOCK) {
+        for j in j0..(j0 + CHOL_BLOCK).min(n) {
+            for i in j0..j {
+                am[(i, j)] = 0.0;
+            }
         }
     }
     Some(a)
@@ -545,39 +851,98 @@ fn factor_small(mut a: MatMut<'_, f64>) -> Option<()> {
     Some(())
 }
 
-/// A column-major copy of the lower triangle of `z` (zeros above), read by
-/// tiles so that row-major inputs are walked along their rows.
-fn lower_copy(z: MatRef<'_, f64>, parallel: bool) -> BigMat {
+/// A column-major copy of the lower triangle of `z` (zeros above), and the
+/// [`Scan`] of all of `z` (finite, largest magnitude, largest asymmetry) made
+/// in the same pass: each lower tile is read with its mirror above the
+/// diagonal, so `Z` is read once for both the validation and the copy.
+pub fn lower_copy_checked(z: MatRef<'_, f64>, parallel: bool) -> (BigMat, Scan) {
+    const TILE: usize = 32;
     let n = z.nrows();
-    let mut out = BigMat::zeros(n, n);
-    let fill = |j0: usize, mut blk: MatMut<'_, f64>| {
-        const TILE: usize = 64;
-        for i0 in (j0..n).step_by(TILE) {
-            for j in 0..blk.ncols() {
-                let col = blk
-                    .as_mut()
-                    .col_mut(j)
-                    .try_as_col_major_mut()
-                    .expect("contiguous")
-                    .as_slice_mut();
-                for i in i0.max(j0 + j)..(i0 + TILE).min(n) {
-                    col[i] = z[(i, j0 + j)];
+    assert_eq!(z.ncols(), n, "lower_copy_checked: Z must be square");
+    let mut out = BigMat::for_overwrite(n, n);
+    let (rs, cs) = (z.row_stride(), z.col_stride());
+    let base = z.as_ptr() as usize;
+    // `len` values from (i, j) on along the contiguous direction.
+    // SAFETY (all uses): the run stays inside `z`, whose memory outlives this call.
+    let run = |i: usize, j: usize, len: usize| unsafe {
+        std::slice::from_raw_parts((base as *const f64).offset(i as isize * rs + j as isize * cs), len)
+    };
+    // lower[jj][ii] = z[i0+ii, j0+jj] and upper[jj][ii] = z[j0+jj, i0+ii]: the
+    // columns of the lower tile and of the mirrored upper tile, read along
+    // whichever index is contiguous.
+    let load = |i0: usize, j0: usize, h: usize, w: usize, lower: &mut [[f64; TILE]; TILE], upper: &mut [[f64; TILE]; TILE]| {
+        if cs == 1 {
+            for ii in 0..h {
+                for (jj, &v) in run(i0 + ii, j0, w).iter().enumerate() {
+                    lower[jj][ii] = v;
+                }
+            }
+            for jj in 0..w {
+                upper[jj][..h].copy_from_slice(run(j0 + jj, i0, h));
+            }
+        } else if rs == 1 {
+            for jj in 0..w {
+                lower[jj][..h].copy_from_slice(run(i0, j0 + jj, h));
+            }
+            for ii in 0..h {
+                for (jj, &v) in run(j0, i0 + ii, w).iter().enumerate() {
+                    upper[jj][ii] = v;
+                }
+            }
+        } else {
+            for jj in 0..w {
+                for ii in 0..h {
+                    lower[jj][ii] = z[(i0 + ii, j0 + jj)];
+                    upper[jj][ii] = z[(j0 + jj, i0 + ii)];
                 }
             }
         }
     };
-    if parallel {
-        out.as_mut()
-            .par_col_chunks_mut(64)
-            .enumerate()
-            .for_each(|(b, blk)| fill(b * 64, blk));
-    } else {
-        for j0 in (0..n).step_by(64) {
-            let w = 64.min(n - j0);
-            fill(j0, out.as_mut().subcols_mut(j0, w));
+    let fill = |j0: usize, mut blk: MatMut<'_, f64>| -> Lanes {
+        let mut acc = Lanes::new();
+        let w = blk.ncols();
+        let mut lower = [[0.0f64; TILE]; TILE];
+        let mut upper = [[0.0f64; TILE]; TILE];
+        for jj in 0..w {
+            // Above the diagonal tile: zeros.
+            let col = blk.as_mut().col_mut(jj).try_as_col_major_mut().expect("contiguous").as_slice_mut();
+            col[..j0].fill(0.0);
         }
-    }
-    out
+        for i0 in (j0..n).step_by(TILE) {
+            let h = TILE.min(n - i0);
+            load(i0, j0, h, w, &mut lower, &mut upper);
+            for jj in 0..w {
+                acc.pairs(&lower[jj][..h], &upper[jj][..h]);
+                let col = blk.as_mut().col_mut(jj).try_as_col_major_mut().expect("contiguous").as_slice_mut();
+                let dst = &mut col[i0..i0 + h];
+                dst.copy_from_slice(&lower[jj][..h]);
+                if i0 == j0 {
+                    // The diagonal tile: zeros above its diagonal.
+                    dst[..jj.min(h)].fill(0.0);
+                }
+            }
+        }
+        acc
+    };
+    let merge = |mut x: Lanes, y: Lanes| {
+        x.merge(&y);
+        x
+    };
+    let acc = if parallel && crate::parallel_ok() && n > TILE {
+        out.as_mut()
+            .par_col_chunks_mut(TILE)
+            .enumerate()
+            .map(|(b, blk)| fill(b * TILE, blk))
+            .reduce(Lanes::new, merge)
+    } else {
+        let mut acc = Lanes::new();
+        for j0 in (0..n).step_by(TILE) {
+            let w = TILE.min(n - j0);
+            acc.merge(&fill(j0, out.as_mut().subcols_mut(j0, w)));
+        }
+        acc
+    };
+    (out, acc.summary())
 }
 
 /// One pass over a matrix, in parallel over column blocks: whether every
@@ -594,84 +959,136 @@ pub fn scan(a: MatRef<'_, f64>, symmetry: bool, parallel: bool) -> Scan {
     const TILE: usize = 32;
     let (m, n) = (a.nrows(), a.ncols());
     assert!(!symmetry || m == n, "scan: symmetry needs a square matrix");
-    let block = |j0: usize| -> Scan {
-        let j1 = (j0 + TILE).min(n);
-        let mut s = Scan {
-            finite: true,
-            max_abs: 0.0,
-            max_asym: 0.0,
-        };
-        let (rs, cs) = (a.row_stride(), a.col_stride());
-        let p = a.as_ptr();
-        // SAFETY: (i, j) stays inside `a`.
-        let at = |i: usize, j: usize| unsafe { *p.offset(i as isize * rs + j as isize * cs) };
-        // Walk each tile in the direction that is contiguous in memory.
-        let along_rows = cs == 1 && rs != 1;
-        if symmetry {
-            // Each entry once: tile (I, J) with its mirror (J, I), I ≥ J.
-            for i0 in (j0..m).step_by(TILE) {
-                let i1 = (i0 + TILE).min(m);
-                let (mut fin, mut mx, mut asym) = (true, 0.0f64, 0.0f64);
-                for i in i0..i1 {
-                    let jend = if i0 == j0 { (i + 1).min(j1) } else { j1 };
-                    for j in j0..jend {
-                        let (v, w) = (at(i, j), at(j, i));
-                        fin &= v.is_finite() & w.is_finite();
-                        let big = v.abs().max(w.abs());
-                        mx = if big > mx { big } else { mx };
-                        let d = (v - w).abs();
-                        asym = if d > asym { d } else { asym };
-                    }
-                }
-                s.finite &= fin;
-                s.max_abs = s.max_abs.max(mx);
-                s.max_asym = s.max_asym.max(asym);
-            }
-            return s;
+    let (rs, cs) = (a.row_stride(), a.col_stride());
+    // A matrix whose rows (or, transposed, columns) are contiguous is read
+    // as slices so that the inner loops vectorize; any other layout is
+    // gathered one row at a time into a buffer first.
+    let view = if cs == 1 || (rs != 1 && symmetry) { a } else { a.transpose() };
+    let (vm, vn) = (view.nrows(), view.ncols());
+    let row_of = |i: usize, j0: usize, j1: usize, buf: &mut Vec<f64>| -> *const f64 {
+        if view.col_stride() == 1 {
+            // SAFETY: row i, columns j0..j1 of `view` are contiguous.
+            unsafe { view.as_ptr().offset(i as isize * view.row_stride() + j0 as isize) }
+        } else {
+            buf.clear();
+            buf.extend((j0..j1).map(|j| view[(i, j)]));
+            buf.as_ptr()
         }
-        for i0 in (0..m).step_by(TILE) {
-            let i1 = (i0 + TILE).min(m);
-            let (mut fin, mut mx) = (true, 0.0f64);
-            if along_rows {
-                for i in i0..i1 {
-                    for j in j0..j1 {
-                        let v = at(i, j).abs();
-                        fin &= v.is_finite();
-                        mx = if v > mx { v } else { mx };
-                    }
-                }
-            } else {
-                for j in j0..j1 {
-                    for i in i0..i1 {
-                        let v = at(i, j).abs();
-                        fin &= v.is_finite();
-                        mx = if v > mx { v } else { mx };
-                    }
+    };
+    let block = |i0: usize| -> Lanes {
+        let mut acc = Lanes::new();
+        let mut buf = Vec::with_capacity(vn);
+        let i1 = (i0 + TILE).min(vm);
+        if !symmetry {
+            for i in i0..i1 {
+                let p = row_of(i, 0, vn, &mut buf);
+                // SAFETY: `row_of` points at vn contiguous values.
+                acc.values(unsafe { std::slice::from_raw_parts(p, vn) });
+            }
+            return acc;
+        }
+        // Tiles (I, J) with J ≤ I against their mirrors (J, I): the mirror
+        // is transposed into `mirror` so both are read along rows.
+        let mut mirror = [[0.0f64; TILE]; TILE];
+        for j0 in (0..=i0).step_by(TILE) {
+            let j1 = (j0 + TILE).min(vn);
+            for (jj, j) in (j0..j1).enumerate() {
+                let p = row_of(j, i0, i1, &mut buf);
+                for ii in 0..i1 - i0 {
+                    // SAFETY: row j, columns i0..i1.
+                    mirror[ii][jj] = unsafe { *p.add(ii) };
                 }
             }
-            s.finite &= fin;
-            s.max_abs = s.max_abs.max(mx);
+            for (ii, i) in (i0..i1).enumerate() {
+                let p = row_of(i, j0, j1, &mut buf);
+                // SAFETY: row i, columns j0..j1.
+                let v = unsafe { std::slice::from_raw_parts(p, j1 - j0) };
+                acc.pairs(v, &mirror[ii][..j1 - j0]);
+            }
         }
-        s
+        acc
     };
-    let merge = |x: Scan, y: Scan| Scan {
-        finite: x.finite && y.finite,
-        max_abs: x.max_abs.max(y.max_abs),
-        max_asym: x.max_asym.max(y.max_asym),
+    let merge = |mut x: Lanes, y: Lanes| {
+        x.merge(&y);
+        x
     };
-    let init = || Scan {
-        finite: true,
-        max_abs: 0.0,
-        max_asym: 0.0,
-    };
-    if parallel && crate::parallel_ok() && n > TILE {
-        (0..n.div_ceil(TILE))
-            .into_par_iter()
-            .map(|b| block(b * TILE))
-            .reduce(init, merge)
+    let blocks = vm.div_ceil(TILE);
+    let acc = if parallel && crate::parallel_ok() && blocks > 1 {
+        (0..blocks).into_par_iter().map(|b| block(b * TILE)).reduce(Lanes::new, merge)
     } else {
-        (0..n.div_ceil(TILE))
-            .map(|b| block(b * TILE))
-            .fold(init(), merge)
+        (0..blocks).map(|b| block(b * TILE)).fold(Lanes::new(), merge)
+    };
+    acc.summary()
+}
+
+/// Lane-wise running maxima of [`scan`]: eight independent lanes, so the
+/// loops over contiguous slices compile to vector max/add instructions.
+struct Lanes {
+    max_abs: [f64; 8],
+    max_asym: [f64; 8],
+    /// `Σ 0·v`: stays 0 unless some `v` is infinite or NaN.
+    poison: [f64; 8],
+}
+
+impl Lanes {
+    fn new() -> Self {
+        Lanes { max_abs: [0.0; 8], max_asym: [0.0; 8], poison: [0.0; 8] }
+    }
+
+    #[inline(always)]
+    fn one(&mut self, k: usize, v: f64) {
+        let a = v.abs();
+        self.max_abs[k] = if a > self.max_abs[k] { a } else { self.max_abs[k] };
+        self.poison[k] += v * 0.0;
+    }
+
+    fn values(&mut self, xs: &[f64]) {
+        let mut it = xs.chunks_exact(8);
+        for c in &mut it {
+            for k in 0..8 {
+                self.one(k, c[k]);
+            }
+        }
+        for (k, &v) in it.remainder().iter().enumerate() {
+            self.one(k, v);
+        }
+    }
+
+    /// Both of each pair count as values; `|v − w|` is their asymmetry.
+    fn pairs(&mut self, vs: &[f64], ws: &[f64]) {
+        let step = |s: &mut Self, k: usize, v: f64, w: f64| {
+            s.one(k, v);
+            s.one(k, w);
+            let d = (v - w).abs();
+            s.max_asym[k] = if d > s.max_asym[k] { d } else { s.max_asym[k] };
+        };
+        let (mut iv, mut iw) = (vs.chunks_exact(8), ws.chunks_exact(8));
+        for (c, d) in (&mut iv).zip(&mut iw) {
+            for k in 0..8 {
+                step(self, k, c[k], d[k]);
+            }
+        }
+        for (k, (&v, &w)) in iv.remainder().iter().zip(iw.remainder()).enumerate() {
+            step(self, k, v, w);
+        }
+    }
+
+    fn merge(&mut self, o: &Self) {
+        for k in 0..8 {
+            self.max_abs[k] = self.max_abs[k].max(o.max_abs[k]);
+            self.max_asym[k] = self.max_asym[k].max(o.max_asym[k]);
+            self.poison[k] += o.poison[k];
+        }
+    }
+
+    fn summary(&self) -> Scan {
+        // A NaN falls through every comparison and is caught by the poison
+        // sum (0·∞ is NaN too).
+        let finite = self.poison.iter().all(|p| *p == 0.0) && self.max_abs.iter().all(|v| v.is_finite());
+        Scan {
+            finite,
+            max_abs: self.max_abs.iter().fold(0.0, |a, &b| a.max(b)),
+            max_asym: self.max_asym.iter().fold(0.0, |a, &b| a.max(b)),
+        }
     }
 }

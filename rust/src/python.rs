@@ -707,5 +707,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(num_threads, m)?)?;
     m.add("TOKEN_CHUNK", factors::TOKEN_CHUNK)?;
     m.add("GAP_TOL", core_solve::GAP_TOL)?;
+    m.add("GAP_REL", core_solve::GAP_REL)?;
     Ok(())
 }

@@ -137,6 +137,7 @@ fn block_krylov_finds_both_extremes() {
         block: 8,
         max_basis: 64,
         tol: 1e-12,
+        gap_rel: 0.0,
         loose_tol: 1e-8,
         max_applications: 4000,
         seed: 1,
@@ -302,8 +303,32 @@ fn blocked_cholesky_and_solves_match_faer() {
                 .as_ref()
                 .to_owned()
         );
-        let tri = Triangular::new(ours, true);
+        let tri = Triangular::new(ours);
         let b = gaussian_block(n, 9, 22);
+        // Each substitution against faer's, and bit-identical with one thread.
+        let l = tri.l().to_owned();
+        for lower in [true, false] {
+            let mut want = b.clone();
+            let mut par = b.clone();
+            let mut seq = b.clone();
+            // Rows of X apart in memory (a transposed view) take the copy path.
+            let mut strided = b.transpose().to_owned();
+            if lower {
+                faer::linalg::triangular_solve::solve_lower_triangular_in_place(l.as_ref(), want.as_mut(), faer::Par::Seq);
+                tri.solve_lower(par.as_mut(), true);
+                tri.solve_lower(seq.as_mut(), false);
+                tri.solve_lower(strided.as_mut().transpose_mut(), true);
+            } else {
+                faer::linalg::triangular_solve::solve_upper_triangular_in_place(l.transpose(), want.as_mut(), faer::Par::Seq);
+                tri.solve_upper(par.as_mut(), true);
+                tri.solve_upper(seq.as_mut(), false);
+                tri.solve_upper(strided.as_mut().transpose_mut(), true);
+            }
+            let err = (&par - &want).norm_max() / want.norm_max().max(1.0);
+            assert!(err < 1e-10, "n = {n}, lower = {lower}: {err:e}");
+            assert_eq!(par, seq, "n = {n}, lower = {lower}: thread count changed the bits");
+            assert_eq!(par, strided.transpose().to_owned(), "n = {n}, lower = {lower}: layout changed the bits");
+        }
         let mut x = b.clone();
         tri.solve_lower(x.as_mut(), true);
         tri.solve_upper(x.as_mut(), true);
@@ -341,4 +366,68 @@ fn scan_summarises_any_layout() {
     }
     z[(5, 80)] = f64::NAN;
     assert!(!scan(z.transpose(), false, false).finite);
+}
+
+/// The Cholesky's working copy: exactly the lower triangle (zeros above),
+/// with the same summary as `scan`, from either layout and thread count.
+#[test]
+fn checked_lower_copy_is_the_lower_triangle_and_its_scan() {
+    use lora_da::kernels::{lower_copy_checked, scan};
+    for n in [1, 31, 32, 33, 97] {
+        let mut z = Mat::<f64>::from_fn(n, n, |i, j| ((i * j) % 7) as f64 - 3.0 + 0.5 * (i + j) as f64);
+        if n > 20 {
+            z[(n - 1, 3)] += 0.25;
+            z[(2, n - 5)] = -1e3;
+        }
+        for view in [z.as_ref(), z.transpose()] {
+            for parallel in [true, false] {
+                let (copy, s) = lower_copy_checked(view, parallel);
+                let want = Mat::<f64>::from_fn(n, n, |i, j| if i >= j { view[(i, j)] } else { 0.0 });
+                assert_eq!(copy.as_ref().to_owned(), want, "n = {n}");
+                let t = scan(view, true, false);
+                assert_eq!((s.finite, s.max_abs, s.max_asym), (t.finite, t.max_abs, t.max_asym), "n = {n}");
+            }
+        }
+        if n > 1 {
+            z[(n - 1, 0)] = f64::INFINITY;
+            assert!(!lower_copy_checked(z.as_ref(), true).1.finite);
+            z[(n - 1, 0)] = 0.0;
+            z[(0, n - 1)] = f64::NAN;
+            assert!(!lower_copy_checked(z.as_ref(), true).1.finite);
+        }
+    }
+}
+
+/// The one-pass `Ḡ` products against plain GEMMs, bit-identical for any
+/// thread count (the row partition depends only on `m`).
+#[test]
+fn normal_and_transposed_products_match_gemm() {
+    use lora_da::kernels::{normal_product, transposed_product};
+    for (m, n, k) in [(1, 1, 1), (7, 5, 3), (300, 129, 9), (700, 64, 2), (5000, 40, 5)] {
+        // Rows of `a` contiguous: the transpose of a column-major matrix.
+        let at = gaussian_block(n, m, 31);
+        let a = at.transpose();
+        let x = gaussian_block(n, k, 32);
+        let d: Vec<f64> = (0..m).map(|i| 0.5 + (i % 7) as f64).collect();
+        let mut want_s = Mat::<f64>::zeros(m, k);
+        faer::linalg::matmul::matmul(want_s.as_mut(), faer::Accum::Replace, a, x.as_ref(), 1.0, faer::Par::Seq);
+        let ds = Mat::<f64>::from_fn(m, k, |i, j| d[i] * want_s[(i, j)]);
+        let mut want_u = Mat::<f64>::zeros(n, k);
+        faer::linalg::matmul::matmul(want_u.as_mut(), faer::Accum::Replace, a.transpose(), ds.as_ref(), 1.0, faer::Par::Seq);
+        let mut results = Vec::new();
+        for parallel in [true, false] {
+            let mut s = Mat::<f64>::zeros(m, k);
+            let mut u = Mat::<f64>::zeros(n, k);
+            normal_product(a, x.as_ref(), &d, s.as_mut(), u.as_mut(), parallel);
+            let es = (&s - &want_s).norm_max() / want_s.norm_max();
+            let eu = (&u - &want_u).norm_max() / want_u.norm_max();
+            assert!(es < 1e-13 && eu < 1e-13, "({m}, {n}, {k}): {es:e} {eu:e}");
+            let mut v = Mat::<f64>::zeros(n, k);
+            transposed_product(a, ds.as_ref(), v.as_mut(), parallel);
+            let ev = (&v - &want_u).norm_max() / want_u.norm_max();
+            assert!(ev < 1e-13, "({m}, {n}, {k}): {ev:e}");
+            results.push((s, u, v));
+        }
+        assert!(results[0] == results[1], "({m}, {n}, {k}): thread count changed the bits");
+    }
 }
