@@ -300,6 +300,7 @@ pub fn normal_product(
 ) {
     assert_eq!(a.ncols(), x.nrows());
     assert_eq!((s.nrows(), s.ncols()), (a.nrows(), x.ncols()));
+    assert_eq!(u.ncols(), x.ncols());
     assert_eq!(d.len(), a.nrows());
     tall_update(a, Weights::Dots { x, d, s }, u, parallel);
 }
@@ -308,6 +309,7 @@ pub fn normal_product(
 /// reading `a` along its rows.
 pub fn transposed_product(a: MatRef<'_, f64>, p: MatRef<'_, f64>, u: MatMut<'_, f64>, parallel: bool) {
     assert_eq!(p.nrows(), a.nrows());
+    assert_eq!(p.ncols(), u.ncols());
     tall_update(a, Weights::Given(p), u, parallel);
 }
 
@@ -656,14 +658,28 @@ fn with_contiguous_columns(mut x: MatMut<'_, f64>, f: &dyn Fn(MatMut<'_, f64>)) 
     }
 }
 
+/// Run `f` on groups of columns of `x` in parallel: one group per thread, at
+/// least two columns each. Each column's arithmetic is the same in any group,
+/// so the grouping — chosen by the thread count — never changes the bits;
+/// each group reads the whole factor, so more groups than threads would only
+/// add memory traffic.
 fn split_columns(x: MatMut<'_, f64>, parallel: bool, f: &(dyn Fn(MatMut<'_, f64>) + Sync)) {
-    if parallel && crate::parallel_ok() && x.ncols() >= 2 {
-        let h = x.ncols() / 2;
-        let (a, b) = x.split_at_col_mut(h);
-        rayon::join(|| f(a), || f(b));
+    let groups = if parallel && crate::parallel_ok() {
+        rayon::current_num_threads().min(x.ncols() / 2).max(1)
     } else {
-        f(x);
+        1
+    };
+    split_into(x, groups, f);
+}
+
+fn split_into(x: MatMut<'_, f64>, groups: usize, f: &(dyn Fn(MatMut<'_, f64>) + Sync)) {
+    if groups <= 1 || x.ncols() < 2 {
+        return f(x);
     }
+    let ga = groups / 2;
+    let at = x.ncols() * ga / groups;
+    let (a, b) = x.split_at_col_mut(at);
+    rayon::join(|| split_into(a, ga, f), || split_into(b, groups - ga, f));
 }
 
 /// A column-major copy of `aᵀ`, by tiles (in parallel over column blocks).

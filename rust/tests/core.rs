@@ -327,6 +327,19 @@ fn blocked_cholesky_and_solves_match_faer() {
             let err = (&par - &want).norm_max() / want.norm_max().max(1.0);
             assert!(err < 1e-10, "n = {n}, lower = {lower}: {err:e}");
             assert_eq!(par, seq, "n = {n}, lower = {lower}: thread count changed the bits");
+            // More threads split the block into more column groups.
+            for threads in [3, 4, 7] {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                let mut other = b.clone();
+                pool.install(|| {
+                    if lower {
+                        tri.solve_lower(other.as_mut(), true)
+                    } else {
+                        tri.solve_upper(other.as_mut(), true)
+                    }
+                });
+                assert_eq!(par, other, "n = {n}, lower = {lower}: {threads} threads changed the bits");
+            }
             assert_eq!(par, strided.transpose().to_owned(), "n = {n}, lower = {lower}: layout changed the bits");
         }
         let mut x = b.clone();
