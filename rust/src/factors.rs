@@ -87,22 +87,31 @@ fn neumaier(s: &mut f64, c: &mut f64, v: f64) {
     *s = t;
 }
 
-/// Work buffers up to this many values are kept per thread between calls.
-const SCRATCH_KEEP: usize = 8 << 20;
+/// Work buffers up to this many values (16 MiB) are kept per thread and slot
+/// between calls; larger ones are allocated per call.
+const SCRATCH_KEEP: usize = 2 << 20;
+
+/// The kept work buffers: the converted rows of a chunk, and a panel's GEMM
+/// block with its right factor.
+#[derive(Clone, Copy)]
+enum Scratch {
+    Rows = 0,
+    Panel = 1,
+}
 
 /// Run `f` on a work buffer of `len` values (contents unspecified), reusing
-/// one kept per thread: a fresh multi-megabyte buffer per call costs page
-/// faults, and its release TLB shootdowns across cores, that measured about
-/// a third of `InputFactor.add` at n = 2048.
-fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f64]) -> R) -> R {
+/// the one kept for `slot` on this thread: a fresh multi-megabyte buffer per
+/// call costs page faults, and its release TLB shootdowns across cores, that
+/// measured about a third of `InputFactor.add` at n = 2048.
+fn with_scratch<R>(slot: Scratch, len: usize, f: impl FnOnce(&mut [f64]) -> R) -> R {
     use std::cell::RefCell;
     thread_local! {
-        static SCRATCH: RefCell<Vec<f64>> = const { RefCell::new(Vec::new()) };
+        static SCRATCH: [RefCell<Vec<f64>>; 2] = const { [RefCell::new(Vec::new()), RefCell::new(Vec::new())] };
     }
     if len > SCRATCH_KEEP {
         return f(&mut vec![0.0; len]);
     }
-    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+    SCRATCH.with(|cells| match cells[slot as usize].try_borrow_mut() {
         Ok(mut v) => {
             if v.len() < len {
                 v.resize(len, 0.0);
@@ -232,7 +241,7 @@ impl InputFactor {
             )));
         }
         let (t, n) = (src.rows(), self.n);
-        with_scratch(TOKEN_CHUNK.min(t.max(1)) * n, |buf| {
+        with_scratch(Scratch::Rows, TOKEN_CHUNK.min(t.max(1)) * n, |buf| {
         if t <= TOKEN_CHUNK {
             // One chunk: convert once, validate the converted rows, add them.
             let chunk = &mut buf[..t * n];
@@ -278,7 +287,7 @@ impl InputFactor {
         let panel = |(j0, s, c): (usize, &mut [f64], &mut [f64])| {
             let w = PANEL.min(n - j0);
             let h = n - j0;
-            with_scratch(h * w + tc * w, |scratch| {
+            with_scratch(Scratch::Panel, h * w + tc * w, |scratch| {
             let (block, rhs) = scratch.split_at_mut(h * w);
             let mut block = MatMut::from_column_major_slice_mut(block, h, w);
             // The right factor X[:, j0..j0+w] is a row-major view of the rows;

@@ -152,7 +152,7 @@ unsafe fn dot_block(rows: &[*const f64], cols: &[*const f64], len: usize, out: &
         use std::sync::OnceLock;
         static LEVEL: OnceLock<u8> = OnceLock::new();
         let level = *LEVEL.get_or_init(|| {
-            if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
+            if avx512() {
                 2
             } else if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
                 1
@@ -418,11 +418,18 @@ unsafe fn axpy_rows(rows: &[*const f64], w: &[f64], k: usize, len: usize, u: *mu
     by_rows!(axpy_portable, false; rows, w, k, len, u, ldu)
 }
 
+/// Whether the AVX-512 kernels may run: every feature they are compiled with
+/// (`avx512f,avx512vl,avx2,fma`) must be present, or calling them is undefined.
 #[cfg(target_arch = "x86_64")]
 fn avx512() -> bool {
     use std::sync::OnceLock;
     static OK: OnceLock<bool> = OnceLock::new();
-    *OK.get_or_init(|| is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma"))
+    *OK.get_or_init(|| {
+        is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512vl")
+            && is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+    })
 }
 
 /// `kernel::<R[, G]>(…)` for `rows.len()` = R in 1..=8.
@@ -585,11 +592,7 @@ impl Triangular {
         let mut i0 = 0;
         while i0 < n {
             let nb = SOLVE_BLOCK.min(n - i0);
-            faer::linalg::triangular_solve::solve_lower_triangular_in_place(
-                l.submatrix(i0, i0, nb, nb),
-                xv.as_mut().subrows_mut(i0, nb),
-                Par::Seq,
-            );
+            diagonal_solve(l.submatrix(i0, i0, nb, nb), xv.as_mut().subrows_mut(i0, nb), true);
             let below = i0 + nb;
             if below < n {
                 // X₂ ← X₂ − L₂₁ X₁, eight columns of L₂₁ per sweep over X₂.
@@ -635,21 +638,33 @@ impl Triangular {
                     parallel,
                 );
             }
-            faer::linalg::triangular_solve::solve_upper_triangular_in_place(
-                self.l.as_ref().submatrix(i0, i0, nb, nb).transpose(),
-                cur,
-                Par::Seq,
-            );
+            diagonal_solve(self.l.as_ref().submatrix(i0, i0, nb, nb), cur, false);
             i1 = i0;
         }
     }
 }
 
-/// Run `f` on `x`, or on a column-major copy of it when its columns are not
-/// contiguous (the kernels read them as slices); blocks from the Krylov run
-/// always are.
+/// `X ← L⁻¹ X` (`lower`) or `X ← L⁻ᵀ X` for a diagonal block `L`, one column
+/// at a time: faer picks its kernel by the shape, so solving each column
+/// alone keeps every column's arithmetic the same however the block's columns
+/// are grouped among threads.
+fn diagonal_solve(l: MatRef<'_, f64>, mut x: MatMut<'_, f64>, lower: bool) {
+    for q in 0..x.ncols() {
+        let col = x.as_mut().subcols_mut(q, 1);
+        if lower {
+            faer::linalg::triangular_solve::solve_lower_triangular_in_place(l, col, Par::Seq);
+        } else {
+            faer::linalg::triangular_solve::solve_upper_triangular_in_place(l.transpose(), col, Par::Seq);
+        }
+    }
+}
+
+/// Run `f` on `x`, or on a column-major copy of it unless its columns are
+/// contiguous and laid out forward in memory (the kernels read them as
+/// slices, `ldu` apart); blocks from the Krylov run always are.
 fn with_contiguous_columns(mut x: MatMut<'_, f64>, f: &dyn Fn(MatMut<'_, f64>)) {
-    if x.row_stride() == 1 || x.nrows() <= 1 {
+    let forward = x.ncols() <= 1 || x.col_stride() >= x.nrows() as isize;
+    if (x.row_stride() == 1 || x.nrows() <= 1) && forward {
         f(x);
     } else {
         let mut copy = x.to_owned();

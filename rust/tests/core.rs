@@ -311,18 +311,22 @@ fn blocked_cholesky_and_solves_match_faer() {
             let mut want = b.clone();
             let mut par = b.clone();
             let mut seq = b.clone();
-            // Rows of X apart in memory (a transposed view) take the copy path.
+            // Rows of X apart in memory (a transposed view) and columns laid
+            // out backwards (a reversed view) take the copy path.
             let mut strided = b.transpose().to_owned();
+            let mut reversed = b.clone();
             if lower {
                 faer::linalg::triangular_solve::solve_lower_triangular_in_place(l.as_ref(), want.as_mut(), faer::Par::Seq);
                 tri.solve_lower(par.as_mut(), true);
                 tri.solve_lower(seq.as_mut(), false);
                 tri.solve_lower(strided.as_mut().transpose_mut(), true);
+                tri.solve_lower(reversed.as_mut().reverse_cols_mut(), true);
             } else {
                 faer::linalg::triangular_solve::solve_upper_triangular_in_place(l.transpose(), want.as_mut(), faer::Par::Seq);
                 tri.solve_upper(par.as_mut(), true);
                 tri.solve_upper(seq.as_mut(), false);
                 tri.solve_upper(strided.as_mut().transpose_mut(), true);
+                tri.solve_upper(reversed.as_mut().reverse_cols_mut(), true);
             }
             let err = (&par - &want).norm_max() / want.norm_max().max(1.0);
             assert!(err < 1e-10, "n = {n}, lower = {lower}: {err:e}");
@@ -341,6 +345,7 @@ fn blocked_cholesky_and_solves_match_faer() {
                 assert_eq!(par, other, "n = {n}, lower = {lower}: {threads} threads changed the bits");
             }
             assert_eq!(par, strided.transpose().to_owned(), "n = {n}, lower = {lower}: layout changed the bits");
+            assert_eq!(par, reversed, "n = {n}, lower = {lower}: reversed columns changed the bits");
         }
         let mut x = b.clone();
         tri.solve_lower(x.as_mut(), true);
