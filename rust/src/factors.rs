@@ -123,6 +123,42 @@ fn with_scratch<R>(slot: Scratch, len: usize, f: impl FnOnce(&mut [f64]) -> R) -
     })
 }
 
+/// Add `Σ_t x_t x_tᵀ` over the rows of `xt` (`n × tc`, column-major: row
+/// `t` of X is column `t`) to the packed columns `j0 … j0 + PANEL` of the
+/// compensated triangle (`s`, `c`: that panel's slices).
+fn add_panel(xt: MatRef<'_, f64>, j0: usize, s: &mut [f64], c: &mut [f64]) {
+    let (n, tc) = (xt.nrows(), xt.ncols());
+    let w = PANEL.min(n - j0);
+    let h = n - j0;
+    with_scratch(Scratch::Panel, h * w + tc * w, |scratch| {
+        let (block, rhs) = scratch.split_at_mut(h * w);
+        let mut block = MatMut::from_column_major_slice_mut(block, h, w);
+        // The right factor X[:, j0..j0+w] is a row-major view of the rows;
+        // GEMM runs about twice as fast on a column-major copy of it.
+        let mut rhs = MatMut::from_column_major_slice_mut(rhs, tc, w);
+        rhs.copy_from(xt.submatrix(j0, 0, w, tc).transpose());
+        // block = Xᵀ[j0.., :] · X[:, j0..j0+w]
+        faer::linalg::matmul::matmul(
+            block.as_mut(),
+            Accum::Replace,
+            xt.submatrix(j0, 0, h, tc),
+            rhs.as_ref(),
+            1.0,
+            Par::Seq,
+        );
+        let base = packed_col_start(n, j0);
+        for jj in 0..w {
+            let j = j0 + jj;
+            let off = packed_col_start(n, j) - base;
+            let col = block.as_ref().col(jj);
+            for i in j..n {
+                let k = off + (i - j);
+                neumaier(&mut s[k], &mut c[k], col[i - j0]);
+            }
+        }
+    });
+}
+
 /// Offset of column `j` in the packed lower triangle (column-major, rows `j..n`).
 #[inline]
 pub fn packed_col_start(n: usize, j: usize) -> usize {
@@ -170,16 +206,17 @@ impl RowSource for DenseRows<'_> {
 /// a bad batch leaves the accumulator exactly as it was.
 fn validate_rows(src: &dyn RowSource, what: &str) -> Result<()> {
     let (t, n) = (src.rows(), src.cols());
-    let mut buf = vec![0.0; TOKEN_CHUNK.min(t.max(1)) * n];
-    let mut t0 = 0;
-    while t0 < t {
-        let t1 = (t0 + TOKEN_CHUNK).min(t);
-        let chunk = &mut buf[..(t1 - t0) * n];
-        src.fill(t0, t1, chunk);
-        check_finite_rows(chunk, n, t0, what)?;
-        t0 = t1;
-    }
-    Ok(())
+    with_scratch(Scratch::Rows, TOKEN_CHUNK.min(t.max(1)) * n, |buf| {
+        let mut t0 = 0;
+        while t0 < t {
+            let t1 = (t0 + TOKEN_CHUNK).min(t);
+            let chunk = &mut buf[..(t1 - t0) * n];
+            src.fill(t0, t1, chunk);
+            check_finite_rows(chunk, n, t0, what)?;
+            t0 = t1;
+        }
+        Ok(())
+    })
 }
 
 /// An error naming the first non-finite value of `chunk` (rows `t0…` of
@@ -241,26 +278,27 @@ impl InputFactor {
             )));
         }
         let (t, n) = (src.rows(), self.n);
-        with_scratch(Scratch::Rows, TOKEN_CHUNK.min(t.max(1)) * n, |buf| {
-        if t <= TOKEN_CHUNK {
-            // One chunk: convert once, validate the converted rows, add them.
-            let chunk = &mut buf[..t * n];
-            src.fill(0, t, chunk);
-            check_finite_rows(chunk, n, 0, "InputFactor.add")?;
-            self.add_chunk(chunk, t);
-        } else {
+        // A bad batch must leave the factor as it was: several chunks are all
+        // validated before the first is added; a single chunk is validated
+        // once converted, so it is converted only once.
+        let single = t <= TOKEN_CHUNK;
+        if !single {
             validate_rows(src, "InputFactor.add")?;
+        }
+        with_scratch(Scratch::Rows, TOKEN_CHUNK.min(t.max(1)) * n, |buf| {
             let mut t0 = 0;
             while t0 < t {
                 let t1 = (t0 + TOKEN_CHUNK).min(t);
                 let chunk = &mut buf[..(t1 - t0) * n];
                 src.fill(t0, t1, chunk);
+                if single {
+                    check_finite_rows(chunk, n, t0, "InputFactor.add")?;
+                }
                 self.add_chunk(chunk, t1 - t0);
                 t0 = t1;
             }
-        }
-        self.tokens += t as u64;
-        Ok(())
+            self.tokens += t as u64;
+            Ok(())
         })
     }
 
@@ -284,37 +322,7 @@ impl InputFactor {
             rest_c = rc;
             j0 = j1;
         }
-        let panel = |(j0, s, c): (usize, &mut [f64], &mut [f64])| {
-            let w = PANEL.min(n - j0);
-            let h = n - j0;
-            with_scratch(Scratch::Panel, h * w + tc * w, |scratch| {
-            let (block, rhs) = scratch.split_at_mut(h * w);
-            let mut block = MatMut::from_column_major_slice_mut(block, h, w);
-            // The right factor X[:, j0..j0+w] is a row-major view of the rows;
-            // GEMM runs about twice as fast on a column-major copy of it.
-            let mut rhs = MatMut::from_column_major_slice_mut(rhs, tc, w);
-            rhs.copy_from(xt.submatrix(j0, 0, w, tc).transpose());
-            // block = Xᵀ[j0.., :] · X[:, j0..j0+w]
-            faer::linalg::matmul::matmul(
-                block.as_mut(),
-                Accum::Replace,
-                xt.submatrix(j0, 0, h, tc),
-                rhs.as_ref(),
-                1.0,
-                Par::Seq,
-            );
-            let base = packed_col_start(n, j0);
-            for jj in 0..w {
-                let j = j0 + jj;
-                let off = packed_col_start(n, j) - base;
-                let col = block.as_ref().col(jj);
-                for i in j..n {
-                    let k = off + (i - j);
-                    neumaier(&mut s[k], &mut c[k], col[i - j0]);
-                }
-            }
-            });
-        };
+        let panel = |(j0, s, c): (usize, &mut [f64], &mut [f64])| add_panel(xt, j0, s, c);
         if crate::parallel_ok() {
             panels.into_par_iter().for_each(panel);
         } else {

@@ -113,40 +113,47 @@ pub struct Guidance<'a> {
 }
 
 impl Guidance<'_> {
-    /// `D Ḡ W` (`m × k`) for `W` (`n × k`).
-    fn scaled_grad(&self, w: MatRef<'_, f64>, power: i32) -> Mat<f64> {
-        let mut p = Mat::<f64>::zeros(self.mean_grad.nrows(), w.ncols());
-        kernels::row_dot(self.grad_rows, w, p.as_mut(), 1.0, false, self.chol.threads);
-        for j in 0..p.ncols() {
-            for (i, d) in self.precision.iter().enumerate() {
-                p[(i, j)] *= d.powi(power);
-            }
-        }
-        p
-    }
-
     /// `Δᵀ X = −D Ḡ Z_λ⁻¹ X` (`m × k`).
     pub fn delta_t(&self, x: MatRef<'_, f64>) -> Mat<f64> {
         let mut w = x.to_owned();
         self.chol.solve_in_place(w.as_mut());
-        let mut p = self.scaled_grad(w.as_ref(), 1);
-        p *= faer::Scale(-1.0);
+        let mut p = Mat::<f64>::zeros(self.mean_grad.nrows(), x.ncols());
+        kernels::row_dot(self.grad_rows, w.as_ref(), p.as_mut(), 1.0, false, self.chol.threads);
+        scale_rows(p.as_mut(), self.precision, -1.0);
         p
     }
 
     /// `Δ Y = −Z_λ⁻¹ Ḡᵀ D Y` (`n × k`) for `Y` (`m × k`).
     pub fn delta(&self, y: MatRef<'_, f64>) -> Mat<f64> {
         let mut dy = y.to_owned();
-        for j in 0..dy.ncols() {
-            for (i, d) in self.precision.iter().enumerate() {
-                dy[(i, j)] *= d;
-            }
-        }
+        scale_rows(dy.as_mut(), self.precision, -1.0);
         let mut out = Mat::<f64>::zeros(self.mean_grad.ncols(), y.ncols());
         kernels::transposed_product(self.grad_rows, dy.as_ref(), out.as_mut(), self.chol.threads);
-        out *= faer::Scale(-1.0);
         self.chol.solve_in_place(out.as_mut());
         out
+    }
+
+    /// `W = Z_λ⁻¹ X`, `S = Ḡ W` and `Δ Δᵀ X = Z_λ⁻¹ Ḡᵀ D² S`, with one pass over
+    /// `Ḡ` for both of its products.
+    fn delta_gram_parts(&self, x: MatRef<'_, f64>) -> (Mat<f64>, Mat<f64>, Mat<f64>) {
+        let mut w = x.to_owned();
+        self.chol.solve_in_place(w.as_mut());
+        let (m, n, k) = (self.mean_grad.nrows(), self.mean_grad.ncols(), x.ncols());
+        let d2: Vec<f64> = self.precision.iter().map(|d| d * d).collect();
+        let mut s = Mat::<f64>::zeros(m, k);
+        let mut u = Mat::<f64>::zeros(n, k);
+        kernels::normal_product(self.grad_rows, w.as_ref(), &d2, s.as_mut(), u.as_mut(), self.chol.threads);
+        self.chol.solve_in_place(u.as_mut());
+        (w, s, u)
+    }
+}
+
+/// `P ← sign · diag(d) P`.
+fn scale_rows(mut p: faer::MatMut<'_, f64>, d: &[f64], sign: f64) {
+    for j in 0..p.ncols() {
+        for (i, di) in d.iter().enumerate() {
+            p[(i, j)] *= sign * di;
+        }
     }
 }
 
@@ -165,24 +172,11 @@ impl SymmetricOperator for Guidance<'_> {
     /// the bottom of `Ω′` is mostly the top of `Δ Δᵀ`) and `Δᵀ X = −D Ḡ W`
     /// (so `B` comes with the eigenvectors, SPEC §3.8), `W = Z_λ⁻¹ X`.
     fn apply_with_aux(&self, x: MatRef<'_, f64>) -> Products {
-        let mut w = x.to_owned();
-        self.chol.solve_in_place(w.as_mut());
-        // One pass over Ḡ: S = Ḡ W and U = Ḡᵀ D² S.
-        let (m, n, k) = (self.mean_grad.nrows(), self.mean_grad.ncols(), x.ncols());
-        let d2: Vec<f64> = self.precision.iter().map(|d| d * d).collect();
-        let mut s = Mat::<f64>::zeros(m, k);
-        let mut u = Mat::<f64>::zeros(n, k);
-        kernels::normal_product(self.grad_rows, w.as_ref(), &d2, s.as_mut(), u.as_mut(), self.chol.threads);
-        self.chol.solve_in_place(u.as_mut());
-        let mut q = w;
+        let (mut q, mut s, u) = self.delta_gram_parts(x);
         q *= faer::Scale(self.beta_c);
         q -= &u * faer::Scale(self.alpha);
         // Δᵀ X = −D S.
-        for j in 0..k {
-            for (i, d) in self.precision.iter().enumerate() {
-                s[(i, j)] *= -d;
-            }
-        }
+        scale_rows(s.as_mut(), self.precision, -1.0);
         Products { image: q, aux: Some(u), side: Some(s) }
     }
 }
@@ -196,14 +190,6 @@ impl SymmetricOperator for DeltaGram<'_, '_> {
     }
     /// `Δ Δᵀ X = Z_λ⁻¹ Ḡᵀ D² Ḡ Z_λ⁻¹ X`.
     fn apply(&self, x: MatRef<'_, f64>) -> Mat<f64> {
-        let g = self.0;
-        let mut w = x.to_owned();
-        g.chol.solve_in_place(w.as_mut());
-        let d2: Vec<f64> = g.precision.iter().map(|d| d * d).collect();
-        let mut s = Mat::<f64>::zeros(g.mean_grad.nrows(), x.ncols());
-        let mut out = Mat::<f64>::zeros(g.mean_grad.ncols(), x.ncols());
-        kernels::normal_product(g.grad_rows, w.as_ref(), &d2, s.as_mut(), out.as_mut(), g.chol.threads);
-        g.chol.solve_in_place(out.as_mut());
-        out
+        self.0.delta_gram_parts(x).2
     }
 }

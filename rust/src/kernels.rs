@@ -145,26 +145,46 @@ macro_rules! by_shape {
     };
 }
 
-/// Dispatch on the CPU once.
-unsafe fn dot_block(rows: &[*const f64], cols: &[*const f64], len: usize, out: &mut Acc) {
+/// The vector instructions the kernels may use on this CPU (asked once).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Simd {
+    /// `avx512f, avx512vl, avx2, fma`: every feature the AVX-512 kernels are
+    /// compiled with, or calling them is undefined.
+    Avx512,
+    Avx2Fma,
+    Portable,
+}
+
+fn simd() -> Simd {
     #[cfg(target_arch = "x86_64")]
     {
         use std::sync::OnceLock;
-        static LEVEL: OnceLock<u8> = OnceLock::new();
-        let level = *LEVEL.get_or_init(|| {
-            if avx512() {
-                2
+        static LEVEL: OnceLock<Simd> = OnceLock::new();
+        *LEVEL.get_or_init(|| {
+            if is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512vl")
+                && is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+            {
+                Simd::Avx512
             } else if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                1
+                Simd::Avx2Fma
             } else {
-                0
+                Simd::Portable
             }
-        });
-        match level {
-            2 => return dot_block_avx512(rows, cols, len, out),
-            1 => return dot_block_avx2(rows, cols, len, out),
-            _ => {}
-        }
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    Simd::Portable
+}
+
+/// Dispatch on the CPU.
+unsafe fn dot_block(rows: &[*const f64], cols: &[*const f64], len: usize, out: &mut Acc) {
+    #[cfg(target_arch = "x86_64")]
+    match simd() {
+        Simd::Avx512 => return dot_block_avx512(rows, cols, len, out),
+        Simd::Avx2Fma => return dot_block_avx2(rows, cols, len, out),
+        Simd::Portable => {}
     }
     dispatch_shape::<false>(rows, cols, len, out)
 }
@@ -327,51 +347,53 @@ fn tall_update(a: MatRef<'_, f64>, weights: Weights<'_>, mut u: MatMut<'_, f64>,
     assert!(a.col_stride() == 1 || n <= 1, "tall_update: rows of `a` must be contiguous");
     let chunk = tall_chunk(m);
     let chunks = m.div_ceil(chunk).max(1);
-    // One partial `aᵀ p` per chunk of rows, summed in chunk order below.
-    let mut partials: Vec<faer::Mat<f64>> = (0..chunks).map(|_| faer::Mat::zeros(n, k)).collect();
-    let (x, d, mut s, given) = match weights {
-        Weights::Dots { x, d, s } => (Some(x), d, Some(s), None),
-        Weights::Given(p) => (None, &[][..], None, Some(p)),
-    };
-    let s_chunks: Vec<Option<MatMut<'_, f64>>> = match s.as_mut() {
-        Some(s) => {
-            let mut out = Vec::with_capacity(chunks);
-            let mut rest = s.as_mut();
+    // Each chunk of rows: its first row, its weights, and its own partial
+    // `aᵀ p`; the partials are summed in chunk order below.
+    let span = |c: usize| (c * chunk, chunk.min(m - c * chunk));
+    let mut jobs: Vec<(usize, Weights<'_>, faer::Mat<f64>)> = Vec::with_capacity(chunks);
+    match weights {
+        Weights::Dots { x, d, mut s } => {
             for c in 0..chunks {
-                let h = chunk.min(m - c * chunk);
-                let (head, tail) = rest.split_at_row_mut(h);
-                out.push(Some(head));
-                rest = tail;
+                let (i0, h) = span(c);
+                let (head, rest) = s.split_at_row_mut(h);
+                jobs.push((i0, Weights::Dots { x, d: &d[i0..i0 + h], s: head }, faer::Mat::zeros(n, k)));
+                s = rest;
             }
-            out
         }
-        None => (0..chunks).map(|_| None).collect(),
-    };
-    let work = |c: usize, part: &mut faer::Mat<f64>, mut s_c: Option<MatMut<'_, f64>>| {
-        let i_end = ((c + 1) * chunk).min(m);
+        Weights::Given(p) => {
+            for c in 0..chunks {
+                let (i0, h) = span(c);
+                jobs.push((i0, Weights::Given(p.subrows(i0, h)), faer::Mat::zeros(n, k)));
+            }
+        }
+    }
+    let work = |(c0, weights, part): &mut (usize, Weights<'_>, faer::Mat<f64>)| {
+        let h = match weights {
+            Weights::Dots { d, .. } => d.len(),
+            Weights::Given(p) => p.nrows(),
+        };
         let mut w = vec![0.0f64; ROW_BLOCK * k];
-        let mut i0 = c * chunk;
-        while i0 < i_end {
-            let rb = ROW_BLOCK.min(i_end - i0);
-            let rows = a.subrows(i0, rb);
-            match (x, s_c.as_mut(), given) {
-                (Some(x), Some(s_c), _) => {
-                    let mut sb = s_c.as_mut().subrows_mut(i0 - c * chunk, rb);
-                    row_dot(rows, x, sb.as_mut(), 1.0, false, false);
+        let mut i0 = 0;
+        while i0 < h {
+            let rb = ROW_BLOCK.min(h - i0);
+            let rows = a.subrows(*c0 + i0, rb);
+            match weights {
+                Weights::Dots { x, d, s } => {
+                    let mut sb = s.as_mut().subrows_mut(i0, rb);
+                    row_dot(rows, *x, sb.as_mut(), 1.0, false, false);
                     for r in 0..rb {
                         for q in 0..k {
                             w[r * k + q] = d[i0 + r] * sb[(r, q)];
                         }
                     }
                 }
-                (_, _, Some(p)) => {
+                Weights::Given(p) => {
                     for r in 0..rb {
                         for q in 0..k {
                             w[r * k + q] = p[(i0 + r, q)];
                         }
                     }
                 }
-                _ => unreachable!(),
             }
             let mut r0 = 0;
             while r0 < rb {
@@ -388,12 +410,11 @@ fn tall_update(a: MatRef<'_, f64>, weights: Weights<'_>, mut u: MatMut<'_, f64>,
         }
     };
     if parallel && crate::parallel_ok() && chunks > 1 {
-        partials.par_iter_mut().zip(s_chunks.into_par_iter()).enumerate().for_each(|(c, (part, s_c))| work(c, part, s_c));
+        jobs.par_iter_mut().for_each(work);
     } else {
-        for (c, (part, s_c)) in partials.iter_mut().zip(s_chunks).enumerate() {
-            work(c, part, s_c);
-        }
+        jobs.iter_mut().for_each(work);
     }
+    let partials: Vec<faer::Mat<f64>> = jobs.into_iter().map(|j| j.2).collect();
     let mut it = partials.into_iter();
     let first = it.next().expect("at least one chunk");
     u.copy_from(first.as_ref());
@@ -407,29 +428,12 @@ fn tall_update(a: MatRef<'_, f64>, weights: Weights<'_>, mut u: MatMut<'_, f64>,
 /// `w` is `rows.len() × k`, row-major. Each entry adds its rows in order.
 unsafe fn axpy_rows(rows: &[*const f64], w: &[f64], k: usize, len: usize, u: *mut f64, ldu: usize) {
     #[cfg(target_arch = "x86_64")]
-    {
-        if avx512() {
-            return axpy_rows_avx512(rows, w, k, len, u, ldu);
-        }
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            return axpy_rows_fma(rows, w, k, len, u, ldu);
-        }
+    match simd() {
+        Simd::Avx512 => return axpy_rows_avx512(rows, w, k, len, u, ldu),
+        Simd::Avx2Fma => return axpy_rows_fma(rows, w, k, len, u, ldu),
+        Simd::Portable => {}
     }
     by_rows!(axpy_portable, false; rows, w, k, len, u, ldu)
-}
-
-/// Whether the AVX-512 kernels may run: every feature they are compiled with
-/// (`avx512f,avx512vl,avx2,fma`) must be present, or calling them is undefined.
-#[cfg(target_arch = "x86_64")]
-fn avx512() -> bool {
-    use std::sync::OnceLock;
-    static OK: OnceLock<bool> = OnceLock::new();
-    *OK.get_or_init(|| {
-        is_x86_feature_detected!("avx512f")
-            && is_x86_feature_detected!("avx512vl")
-            && is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-    })
 }
 
 /// `kernel::<R[, G]>(…)` for `rows.len()` = R in 1..=8.
@@ -619,7 +623,6 @@ impl Triangular {
     }
 
     fn solve_upper_seq(&self, mut x: MatMut<'_, f64>) {
-        let parallel = false;
         let n = self.l.nrows();
         let rows = self.l.as_ref().transpose(); // row i of Lᵀ = column i of L, contiguous
         let mut i1 = n;
@@ -635,7 +638,7 @@ impl Triangular {
                     cur.as_mut(),
                     -1.0,
                     true,
-                    parallel,
+                    false, // the caller parallelizes over columns
                 );
             }
             diagonal_solve(self.l.as_ref().submatrix(i0, i0, nb, nb), cur, false);

@@ -202,18 +202,10 @@ pub fn validate_input_factor(z: MatRef<'_, f64>) -> Result<()> {
     if s.finite && s.max_asym <= SYMMETRY_TOL * s.max_abs {
         return Ok(());
     }
-    let mut scale: f64 = 0.0;
-    for j in 0..n {
-        for i in 0..n {
-            let v = z[(i, j)];
-            if !v.is_finite() {
-                return Err(Error::NonFinite(format!(
-                    "Z has a non-finite value {v} at ({i}, {j})"
-                )));
-            }
-            scale = scale.max(v.abs());
-        }
+    if !s.finite {
+        first_non_finite("Z", z)?;
     }
+    let scale = s.max_abs;
     // Compare Z[i, j] with Z[j, i] tile by tile: the transposed reads stay in cache.
     const TILE: usize = 64;
     for j0 in (0..n).step_by(TILE) {
@@ -228,6 +220,19 @@ pub fn validate_input_factor(z: MatRef<'_, f64>) -> Result<()> {
                         )));
                     }
                 }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The error naming the first non-finite entry of `a` (column by column), if any.
+fn first_non_finite(what: &str, a: MatRef<'_, f64>) -> Result<()> {
+    for j in 0..a.ncols() {
+        for i in 0..a.nrows() {
+            let v = a[(i, j)];
+            if !v.is_finite() {
+                return Err(Error::NonFinite(format!("{what} has a non-finite value {v} at ({i}, {j})")));
             }
         }
     }
@@ -259,16 +264,7 @@ pub fn validate_module(n: usize, y: &[f64], g: MatRef<'_, f64>, opts: &SolveOpti
     }
     let summary = crate::kernels::scan(g, false, true);
     if !summary.finite {
-        for j in 0..n {
-            for i in 0..m {
-                let v = g[(i, j)];
-                if !v.is_finite() {
-                    return Err(Error::NonFinite(format!(
-                        "G has a non-finite value {v} at ({i}, {j})"
-                    )));
-                }
-            }
-        }
+        first_non_finite("G", g)?;
     }
     if opts.rank < 1 || opts.rank >= n.min(m) {
         return Err(Error::InvalidArgument(format!(
