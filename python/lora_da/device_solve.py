@@ -1,0 +1,353 @@
+"""SPEC §3 on a torch device in float64: the GPU route of :func:`lora_da.compute_init`.
+
+On an H200 float64 matrix products run at tens of TFLOP/s while the host's
+cores manage a fraction of one, so here the dense quantities of SPEC §3 are
+formed (``Z_λ⁻¹``, ``Δ``, ``ΔΔᵀ``) and the eigenproblem is solved on the
+device. The bottom of ``Ω`` is found by Chebyshev-filtered subspace iteration:
+
+* ``Ω′ = β c′ Z_λ⁻¹ − α Δ Δᵀ`` with ``c′ = Σ ỹ / N_pop`` is ``σ² Ω`` (σ only
+  scales Ω, SPEC §3 steps 4–6), so its eigenvectors are Ω's;
+* ``ΔΔᵀ ≼ σ² I`` and ``Z_λ⁻¹ ≻ 0``, so every eigenvalue of ``Ω′`` exceeds
+  ``−α σ²``: a lower bound of the spectrum for free, which the filter needs;
+* a filter step is a product of the dense ``Ω′`` with a block, one
+  memory-bound pass over ``Ω′`` (fast on a GPU); where the spectrum makes the
+  filter slow (a wide top, from an ill-conditioned ``Z``), the budget of
+  block products runs out and the dense solver of the device runs instead;
+* every result is checked by its true residual ``‖Ω′ v − λ v‖ / ‖Ω′‖₂``
+  (SPEC §5); above ``1e-10`` the dense symmetric eigensolver of the device
+  takes over and ``notes`` says so.
+
+The same code runs on the CPU (the tests compare it there with the SciPy
+reference and the Rust core); it is meant for CUDA devices.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from lora_da.errors import InvalidArgumentError, NonFiniteError, NotPositiveDefiniteError, ShapeError
+
+CONTRACT_RESIDUAL = 1e-10
+SYMMETRY_TOL = 1e-10
+
+
+@dataclass
+class DeviceSolveResult:
+    """Same fields as the core's :class:`lora_da.SolveResult` (SPEC §3, §5), float64 NumPy arrays."""
+
+    A: np.ndarray
+    B: np.ndarray
+    V: np.ndarray
+    eigenvalues: np.ndarray
+    next_eigenvalue: float
+    gap: float
+    residual: float
+    omega_norm: float
+    iterations: int
+    method: str
+    sigma: float
+    c: float
+    damping: float
+    zero_gradient: bool
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+
+def _require_finite(t: torch.Tensor, what: str) -> None:
+    if not bool(torch.isfinite(t).all()):
+        raise NonFiniteError(f"device_solve: {what} has non-finite entries")
+
+
+def factor_input(Z: torch.Tensor, damping: float, auto_damping: bool, name: str = "") -> tuple[torch.Tensor, float]:
+    """SPEC §3 step 1: the lower Cholesky factor of ``Z + λI`` and the ``λ`` used
+    (raised ten-fold from at least ``1e-10 · mean(diag Z)``, at most 12 times,
+    when ``auto_damping``, as the core does)."""
+    where = f"module {name}: " if name else ""
+    if Z.dim() != 2 or Z.shape[0] != Z.shape[1]:
+        raise ShapeError(f"device_solve: {where}Z must be square, got {tuple(Z.shape)}")
+    _require_finite(Z, f"{where}Z")
+    scale = float(Z.abs().max())
+    if float((Z - Z.T).abs().max()) > SYMMETRY_TOL * max(scale, np.finfo(float).tiny):
+        raise InvalidArgumentError(f"device_solve: {where}Z is not symmetric")
+    n = Z.shape[0]
+    mean_diag = float(Z.diagonal().mean())
+    lam = damping
+    eye = torch.eye(n, dtype=Z.dtype, device=Z.device)
+    for attempt in range(13):
+        L, info = torch.linalg.cholesky_ex(0.5 * (Z + Z.T) + lam * eye)
+        if int(info) == 0:
+            return L, lam
+        if not auto_damping or attempt == 12:
+            break
+        lam = max(lam * 10.0, 1e-10 * max(abs(mean_diag), np.finfo(float).tiny))
+    hint = "" if auto_damping else " or allow it to be raised automatically (auto_damping=True)"
+    raise NotPositiveDefiniteError(
+        f"{where}the Cholesky factorization of Z + λI failed with λ = {lam:e} (mean diagonal of Z = {mean_diag:e}); "
+        f"raise the damping{hint}"
+    )
+
+
+def _start_block(n: int, k: int, device) -> torch.Tensor:
+    # Drawn on the CPU with a fixed seed: the same start on every device.
+    g = torch.Generator().manual_seed(0x10DA)
+    X = torch.randn(n, k, generator=g, dtype=torch.float64).to(device)
+    return torch.linalg.qr(X).Q
+
+
+def _top_eigenvalue(S: torch.Tensor, tol: float = 1e-12) -> float:
+    """Largest eigenvalue of a symmetric PSD matrix by block subspace iteration
+    with Rayleigh–Ritz (a block of 8 makes a slowly decaying top fast); the
+    dense solver if that stalls."""
+    n = S.shape[0]
+    if n <= 64:
+        return float(torch.linalg.eigvalsh(S)[-1])
+    X = _start_block(n, min(n, 8), S.device)
+    top = 0.0
+    for _ in range(200):
+        X = torch.linalg.qr(S @ X).Q
+        SX = S @ X
+        w, U = _small_eigh(X.T @ SX)
+        x, sx = X @ U[:, -1], SX @ U[:, -1]
+        top = float(w[-1])
+        if top <= 0.0:
+            return 0.0
+        # Eigenvalue error ≲ residual² / gap: a residual of 1e-7 is far below the 1e-9 promised.
+        if float(torch.linalg.vector_norm(sx - top * x)) <= 1e-7 * top:
+            return top
+    return float(torch.linalg.eigvalsh(S)[-1])
+
+
+def _small_eigh(H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigen-decomposition of a small projected matrix on the host: a k × k
+    solve on a GPU costs a launch-bound millisecond, on the CPU microseconds."""
+    w, S = torch.linalg.eigh(H.cpu())
+    return w.to(H.device), S.to(H.device)
+
+
+def _residuals(Omega: torch.Tensor, X: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(Omega @ X - X * w[None, :], dim=0)
+
+
+def chebyshev_filter(Omega: torch.Tensor, X: torch.Tensor, degree: int, a: float, b: float, a0: float) -> torch.Tensor:
+    """``p(Ω′) X`` with ``p`` the degree-``degree`` Chebyshev polynomial that is
+    bounded by 1 on ``[a, b]`` and grows fast below ``a``, scaled to 1 at
+    ``a0`` (the three-term recurrence of Zhou & Saad's filtered subspace
+    iteration, scaled so that nothing overflows)."""
+    e, c = (b - a) / 2, (b + a) / 2
+    sigma = e / (a0 - c)
+    tau = 2.0 / sigma
+    Y = (Omega @ X - c * X) * (sigma / e)
+    for _ in range(1, degree):
+        sigma_new = 1.0 / (tau - sigma)
+        Y_new = (Omega @ Y - c * Y) * (2.0 * sigma_new / e) - (sigma * sigma_new) * X
+        X, Y, sigma = Y, Y_new, sigma_new
+    return Y
+
+
+def _upper_bound(Omega: torch.Tensor, lower: float) -> tuple[float, float]:
+    """An upper bound of the spectrum and the top Ritz value: a few block power
+    steps on ``Ω′ − lower·I`` (positive semi-definite, so its dominant end is
+    the top of ``Ω′``), the top Ritz value plus its residual norm (an
+    eigenvalue lies within that of it) and a 1 % margin; never above the
+    row-sum norm, which bounds it surely."""
+    n = Omega.shape[0]
+    X = _start_block(n, min(n, 4), Omega.device)
+    for _ in range(12):
+        X = torch.linalg.qr(Omega @ X - lower * X).Q
+    w, U = _small_eigh(X.T @ Omega @ X)
+    x = X @ U[:, -1]
+    bound = float(w[-1]) + float(torch.linalg.vector_norm(Omega @ x - w[-1] * x))
+    surely = float(Omega.abs().sum(1).max())
+    return min(surely, bound + 0.01 * abs(bound)), float(w[-1])
+
+
+def bottom_eigenpairs(Omega: torch.Tensor, r: int, lower: float, tol: float, max_applications: int = 480) -> tuple:
+    """The ``r + 1`` smallest eigenvalues of the symmetric ``Omega`` and the
+    ``r`` eigenvectors, given ``lower`` ≤ λ_min (SPEC §3 step 7, §5).
+
+    Chebyshev-filtered subspace iteration: each step is a product of ``Ω′``
+    with a block of ``k > r`` vectors (a memory-bound pass over ``Ω′``, cheap
+    on a GPU), then Rayleigh–Ritz. Above ``max_applications`` block products,
+    or where the result misses the contract, the dense solver runs.
+    Returns ``(values, vectors, residual, norm, applications, method, notes)``.
+    """
+    n = Omega.shape[0]
+    notes: list[str] = []
+    k = min(n, max(2 * r + 4, r + 16))
+    residual = float("inf")
+    applications = 0
+    if k < n // 2:
+        # The residual is divided by a Ritz value, never above ‖Ω′‖₂: it is not understated.
+        upper, top = _upper_bound(Omega, lower)
+        norm = abs(top)
+        X = _start_block(n, k, Omega.device)
+        w, S = _small_eigh(X.T @ Omega @ X)
+        X = X @ S
+        locked = 0
+        while applications < max_applications:
+            a = float(w[-1])  # damp [θ_k, upper], amplify what lies below
+            if not upper > a:
+                break
+            # The filter is 1 at the lowest unlocked Ritz value and grows like
+            # cosh(d·acosh(t)); keep its range within 1e10 so that the other
+            # wanted directions keep their digits beside the fastest one.
+            a0 = min(float(w[locked]), a - 1e-12 * norm)
+            t0 = (upper + a - 2 * a0) / (upper - a)
+            degree = int(min(64, max(1, math.floor(23.0 / math.acosh(max(t0, 1.0 + 1e-12))))))
+            Y = chebyshev_filter(Omega, X[:, locked:], degree, a, upper, a0)
+            if locked:
+                # Converged vectors are locked: the rest is kept orthogonal to them.
+                Xl = X[:, :locked]
+                for _ in range(2):
+                    Y = Y - Xl @ (Xl.T @ Y)
+                X = torch.cat([Xl, torch.linalg.qr(Y).Q], dim=1)
+            else:
+                X = torch.linalg.qr(Y).Q
+            applications += degree
+            OX = Omega @ X
+            w, S = _small_eigh(X.T @ OX)
+            X, OX = X @ S, OX @ S
+            res = torch.linalg.vector_norm(OX[:, :r] - X[:, :r] * w[None, :r], dim=0)
+            norm = max(norm, float(w.abs().max()))
+            rel = (res / norm).cpu()
+            residual = float(rel.max())
+            if residual <= tol:
+                return w[: r + 1], X[:, :r], residual, norm, applications, "chebyshev", notes
+            done = (rel <= tol).tolist()
+            locked = next((i for i, ok in enumerate(done) if not ok), r)
+        if residual <= CONTRACT_RESIDUAL:
+            return w[: r + 1], X[:, :r], residual, norm, applications, "chebyshev", notes
+        notes.append(
+            f"filtered subspace iteration stopped at residual {residual:.2e} after {applications} block products "
+            f"(contract: {CONTRACT_RESIDUAL:.0e}); fell back to the dense solve"
+        )
+    w, U = torch.linalg.eigh(Omega)
+    norm = float(w.abs().max())
+    X = U[:, :r]
+    residual = float(_residuals(Omega, X, w[:r]).max()) / norm
+    return w[: r + 1], X, residual, norm, applications, "dense", notes
+
+
+def fix_signs(V: torch.Tensor) -> torch.Tensor:
+    """SPEC §3 step 7: each column's entry of largest magnitude made positive (the first on ties)."""
+    idx = V.abs().argmax(dim=0)
+    s = torch.sign(V[idx, torch.arange(V.shape[1], device=V.device)])
+    s[s == 0] = 1.0
+    return V * s
+
+
+def solve_group_device(
+    Z: torch.Tensor,
+    ys: list[torch.Tensor],
+    Gs: list[torch.Tensor],
+    *,
+    rank: int,
+    n_pop: float,
+    alpha: float = 1.0,
+    beta: float = 0.03,
+    damping: float = 1e-6,
+    output_damping: float | None = None,
+    gamma: float = 1024.0,
+    normalize: bool = True,
+    auto_damping: bool = False,
+    tol: float = 1e-12,
+    output_precisions: list | None = None,
+    names: list[str] | None = None,
+    method: str = "auto",
+    deterministic: bool = True,
+) -> list[DeviceSolveResult]:
+    """SPEC §3 for the modules that share one ``Z`` (one Cholesky), on ``Z``'s
+    device in float64. ``Z`` is ``n × n``; each ``G`` is ``m × n``, each ``y`` has
+    ``m`` entries. ``method`` "dense" skips the subspace iteration."""
+    names = names or [""] * len(Gs)
+    if not (n_pop > 0 and math.isfinite(n_pop)):
+        raise InvalidArgumentError(f"device_solve: n_pop must be finite and > 0, got {n_pop!r}")
+    if not (damping >= 0 and math.isfinite(damping)):
+        raise InvalidArgumentError(f"device_solve: damping must be finite and ≥ 0, got {damping!r}")
+    if not (gamma > 0 and math.isfinite(gamma)):
+        raise InvalidArgumentError(f"device_solve: gamma must be finite and > 0, got {gamma!r}")
+    Z = Z.to(torch.float64)
+    n = Z.shape[0]
+    L, lam = factor_input(Z, damping, auto_damping, names[0] if len(names) == 1 else ",".join(names))
+    z_inv = torch.cholesky_inverse(L)
+    z_inv = 0.5 * (z_inv + z_inv.T)
+    lam_y = damping if output_damping is None else output_damping
+    results = []
+    for i, (y, G) in enumerate(zip(ys, Gs)):
+        name = names[i]
+        where = f"module {name}: " if name else ""
+        y, G = y.to(torch.float64), G.to(torch.float64)
+        m = y.shape[0]
+        if G.shape != (m, n):
+            raise ShapeError(f"device_solve: {where}Ḡ has shape {tuple(G.shape)}, expected ({m}, {n})")
+        if not 1 <= rank < min(m, n):
+            raise InvalidArgumentError(f"device_solve: {where}rank {rank} must be ≥ 1 and < min(m, n) = {min(m, n)}")
+        _require_finite(y, f"{where}y")
+        _require_finite(G, f"{where}Ḡ")
+        if bool((y < 0).any()):
+            raise InvalidArgumentError(f"device_solve: {where}y has negative entries")
+        prec = 1.0 / (y + lam_y) if output_precisions is None or output_precisions[i] is None else (
+            torch.as_tensor(output_precisions[i], dtype=torch.float64, device=Z.device))
+        _require_finite(prec, f"{where}output precision")
+        c_prime = float(prec.sum()) / n_pop
+        zero_gradient = not bool(G.any())
+        notes = [f"damping raised from {damping:e} to {lam:e} so that Z + λI factors"] if lam != damping else []
+        if zero_gradient:
+            notes.append("mean gradient is zero (Δ = 0): default used — σ = 1, B = 0, V = the top-r eigenvectors "
+                         "of Z + λI (the bottom of Z_λ⁻¹)")
+            delta, s2, omega, lower = None, 1.0, z_inv, 0.0
+        else:
+            # SPEC §3 step 3: Δ = −Z_λ⁻¹ Ḡᵀ diag(ỹ)   (n × m)
+            delta = -torch.cholesky_solve(G.T * prec[None, :], L)
+            # σ² = ‖Δ‖₂² = top eigenvalue of the smaller of ΔᵀΔ and ΔΔᵀ
+            s2 = _top_eigenvalue(delta.T @ delta if m < n else delta @ delta.T)
+            omega = beta * c_prime * z_inv - alpha * (delta @ delta.T)
+            omega = 0.5 * (omega + omega.T)
+            lower = -alpha * s2 if alpha > 0 else 0.0
+        if method == "dense":
+            w, U = torch.linalg.eigh(omega)
+            values, vectors = w[: rank + 1], U[:, :rank]
+            norm = float(w.abs().max())
+            residual = float(_residuals(omega, vectors, values[:rank]).max()) / norm
+            iterations, used, more = 0, "dense", []
+        else:
+            values, vectors, residual, norm, iterations, used, more = bottom_eigenpairs(omega, rank, lower, tol)
+        notes += more
+        sigma = 1.0 if zero_gradient or not normalize else math.sqrt(s2)
+        scale2 = sigma * sigma
+        V = fix_signs(vectors)
+        A = V.T / math.sqrt(gamma)
+        B = torch.zeros(m, rank, dtype=torch.float64, device=Z.device) if zero_gradient else (delta.T @ V) / (sigma * math.sqrt(gamma))
+        values = values / scale2
+        out = DeviceSolveResult(
+            A=A.cpu().numpy(),
+            B=B.cpu().numpy(),
+            V=V.cpu().numpy(),
+            eigenvalues=values[:rank].cpu().numpy(),
+            next_eigenvalue=float(values[rank]),
+            gap=float(values[rank] - values[rank - 1]),
+            residual=residual,
+            omega_norm=norm / scale2,
+            iterations=iterations,
+            method=used,
+            sigma=sigma,
+            c=c_prime if zero_gradient else c_prime / scale2,
+            damping=lam,
+            zero_gradient=zero_gradient,
+            notes=notes,
+        )
+        for what in ("A", "B", "eigenvalues"):
+            if not np.all(np.isfinite(getattr(out, what))):
+                raise NonFiniteError(f"device_solve: {where}the solve produced a non-finite {what}")
+        if not all(math.isfinite(v) for v in (out.sigma, out.c, out.next_eigenvalue, out.omega_norm)):
+            raise NonFiniteError(f"device_solve: {where}the solve produced a non-finite σ, c or ‖Ω‖")
+        results.append(out)
+        del delta, omega
+    return results
