@@ -19,8 +19,11 @@ float64 (when it fits in ``max_device_bytes``) and flushed to the host.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import os
 import re
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -30,6 +33,7 @@ from tqdm.auto import tqdm
 
 from lora_da._core import InputFactor, OutputFactor
 from lora_da.errors import InvalidArgumentError, LoraDAError, NonFiniteError, ShapeError, StatisticsFileError
+from lora_da.plan import MemoryPlan, Unit, available_host_bytes, plan_passes
 from lora_da.statistics import ModuleInfo, Statistics
 
 LossFn = Callable[[torch.nn.Module, dict], torch.Tensor]
@@ -155,7 +159,7 @@ class _Target:
     n: int
     calls: list = field(default_factory=list)  # (x, g) pairs of this batch
     keys: list = field(default_factory=list)  # input identities of this batch's calls
-    seen: list = field(default_factory=list)  # this batch's inputs, to name the source of a NaN
+    seen: list = field(default_factory=list)  # whether this batch's inputs were finite, to name the source of a NaN
 
 
 def _as_rows(t: torch.Tensor) -> torch.Tensor:
@@ -173,42 +177,6 @@ def _valid_rows(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tenso
     rows = _as_rows(x)
     lens = torch.full((x.shape[0],), x.shape[1], dtype=torch.long) if x.dim() == 3 else None
     return rows, lens
-
-
-class _DeviceGrams:
-    """Running float64 sums of ``Σ x xᵀ`` kept on the GPU for the input groups
-    that fit in the budget; ``flush`` moves them into the host accumulators
-    (compensated), so the host sees one addition per flush, not per batch."""
-
-    def __init__(self, groups: dict[str, int], device):
-        self.sums = {g: torch.zeros(n, n, dtype=torch.float64, device=device) for g, n in groups.items()}
-        self.tokens = dict.fromkeys(groups, 0)
-        self.batches = 0
-
-    @classmethod
-    def within(cls, inputs: dict[str, InputFactor], device, budget: int) -> _DeviceGrams:
-        chosen, used = {}, 0
-        for g, f in sorted(inputs.items(), key=lambda kv: kv[1].n):
-            if used + 8 * f.n * f.n <= budget:
-                chosen[g] = f.n
-                used += 8 * f.n * f.n
-        return cls(chosen, device)
-
-    def add(self, group: str, rows: torch.Tensor) -> bool:
-        if group not in self.sums:
-            return False
-        r64 = rows.double()
-        self.sums[group].addmm_(r64.T, r64)
-        self.tokens[group] += rows.shape[0]
-        return True
-
-    def flush(self, inputs: dict[str, InputFactor]) -> None:
-        for g, s in self.sums.items():
-            if self.tokens[g]:
-                inputs[g].add_gram(s.cpu().numpy(), self.tokens[g])
-                s.zero_()
-                self.tokens[g] = 0
-        self.batches = 0
 
 
 def _input_to_host(f: InputFactor, rows: torch.Tensor) -> None:
@@ -233,201 +201,516 @@ def collect_statistics(
     token_mask: str = "attention",
     output_fisher: str = "diagonal",
     max_samples: int | None = None,
-    max_device_bytes: int = 4 << 30,
+    max_device_bytes: int | None = None,
+    max_host_bytes: int | None = None,
     checkpoint_path: str | os.PathLike | None = None,
     checkpoint_every: int | None = None,
     resume: bool = True,
     progress: bool = True,
+    accumulate_on: str = "auto",
 ) -> Statistics:
     """One pass over ``dataloader`` → :class:`Statistics` for every target module (SPEC §2).
 
     ``loss_fn(model, batch)`` must return the per-sample losses ``(B,)``; the
     default handles causal LMs and sequence classification. ``output_fisher``
     is ``"diagonal"`` (``y`` only) or ``"sequence_lowrank"`` (also keeps the
-    per-sample output-gradient sums ``u_s``). ``max_device_bytes`` bounds the
-    device memory the statistics may hold on a GPU: the running float64 sums
-    of ``Ḡ`` and of the Gram matrices stay there while they fit (flushed to
-    the host's compensated accumulators every 64 batches, at checkpoints and
-    at the end); what does not fit goes to the host every batch. The model's parameters receive no ``.grad`` (they are restored).
+    per-sample output-gradient sums ``u_s``).
+
+    On a GPU the statistics are formed and summed on the device in float64
+    and reach the host's compensated accumulators at the end of the pass (and
+    at checkpoints). A planner (:mod:`lora_da.plan`, printed when
+    ``progress``) sizes this from the free device memory less what the
+    model's forward and backward take on the first batch; ``max_device_bytes``
+    and ``max_host_bytes`` bound it. Statistics that do not fit the device at
+    once are collected in several passes over the data (the dataloader must
+    then yield the same batches each time). ``max_device_bytes=0`` sends every
+    batch's rows to the host instead (slow; for a GPU short of memory). On
+    the CPU the rows go to the Rust accumulators. ``accumulate_on`` ("auto",
+    "device" or "host") overrides that choice (``"device"`` on a CPU model
+    runs the planned float64 path on the CPU). The model's parameters
+    receive no ``.grad`` (they are restored).
 
     Long passes: with ``checkpoint_path`` and ``checkpoint_every = N`` the
     statistics so far are written (atomically) every N batches; with
     ``resume`` (the default) an existing checkpoint is loaded and its batches
     are skipped, so the dataloader must yield the same batches in the same
-    order. A batch that fails (non-finite values, ...) adds nothing: the last
+    order. A batch that fails (non-finite values, ...) raises; the last
     checkpoint stays valid.
     """
-    if checkpoint_every is not None and (checkpoint_path is None or checkpoint_every < 1):
-        raise InvalidArgumentError(f"checkpoint_every={checkpoint_every!r} needs a checkpoint_path and must be ≥ 1")
-    if output_fisher not in ("diagonal", "sequence_lowrank"):
-        raise InvalidArgumentError(f"output_fisher must be 'diagonal' or 'sequence_lowrank', got {output_fisher!r}")
-    if max_samples is not None and max_samples <= 0:
-        raise InvalidArgumentError(f"max_samples must be > 0, got {max_samples}")
-    token_mask_of({"attention_mask": None, "labels": torch.zeros(1, 1, dtype=torch.long)}, token_mask)
-    loss_fn = loss_fn or default_loss
-    named = dict(model.named_modules())
-    names = resolve_targets(model, target_modules)
-    targets = {}
-    for name in names:
-        mod = named[name]
-        kind = linear_kind(mod)
-        m, n = module_shape(mod, kind)
-        targets[name] = _Target(name, mod, kind, m, n)
+    run = _Run.start(model, dataloader, target_modules, loss_fn=loss_fn, token_mask=token_mask,
+                     output_fisher=output_fisher, max_samples=max_samples, checkpoint_path=checkpoint_path,
+                     checkpoint_every=checkpoint_every, resume=resume, progress=progress)
+    if _on_host(run.device, max_device_bytes, accumulate_on):
+        run.collect_on_host()
+    else:
+        run.collect_on_device(max_device_bytes=max_device_bytes, max_host_bytes=max_host_bytes, keep_on_host=True)
+    return run.finish()
 
-    per_sample = output_fisher == "sequence_lowrank"
-    outputs = {name: OutputFactor(t.m, per_sample=per_sample) for name, t in targets.items()}
-    grad_sums = {name: np.zeros((t.m, t.n)) for name, t in targets.items()}
-    groups: dict[str, str] | None = None  # module → group leader, fixed on the first batch
-    inputs: dict[str, InputFactor] = {}
-    n_samples = 0
-    skip = 0
-    config = {"token_mask": token_mask, "output_fisher": output_fisher}
-    if checkpoint_path is not None and resume and os.path.exists(checkpoint_path):
-        ck = Statistics.load(checkpoint_path)
-        want = {n: (t.n, t.m, t.kind) for n, t in targets.items()}
-        have = {n: (i.in_features, i.out_features, i.kind) for n, i in ck.modules.items()}
-        if want != have or any(ck.config.get(k) != v for k, v in config.items()):
-            raise StatisticsFileError(
-                f"{checkpoint_path}: the checkpoint is for other modules or options; delete it or pass resume=False"
-            )
-        inputs, outputs = ck.input_factors, ck.output_factors
-        grad_sums = {n: g.copy() for n, g in ck.grad_sums.items()}
-        groups = {n: i.input_group for n, i in ck.modules.items()}
-        n_samples, skip = ck.n_samples, int(ck.config["batches_done"])
 
-    def snapshot(batches_done: int) -> Statistics:
-        modules = {
-            name: ModuleInfo(name=name, in_features=t.n, out_features=t.m, kind=t.kind, input_group=groups[name])
-            for name, t in targets.items()
-        }
-        return Statistics(
-            modules=modules,
-            input_factors=inputs,
-            output_factors=outputs,
-            grad_sums={n: (g.cpu().numpy() if isinstance(g, torch.Tensor) else g.copy()) for n, g in grad_sums.items()},
-            n_samples=n_samples,
-            config=dict(config, batches_done=batches_done),
-            model={
-                "class": type(model).__name__,
-                "name_or_path": getattr(getattr(model, "config", None), "_name_or_path", ""),
-            },
-        )
+def _on_host(device: torch.device, max_device_bytes: int | None, accumulate_on: str) -> bool:
+    if accumulate_on not in ("auto", "device", "host"):
+        raise InvalidArgumentError(f"accumulate_on must be 'auto', 'device' or 'host', got {accumulate_on!r}")
+    if accumulate_on != "auto":
+        return accumulate_on == "host"
+    return device.type == "cpu" or max_device_bytes == 0
 
-    def forward_hook(target: _Target):
+
+def _device_free(dev: torch.device) -> int:
+    """Bytes the statistics may take on ``dev``: free device memory plus what
+    the caching allocator holds unused (the host's available memory on the CPU)."""
+    if dev.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(dev)
+        return free + torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
+    return available_host_bytes() or (1 << 62)
+
+
+# -- one collection run: its state, its passes ----------------------------------------
+
+
+class _Recorder:
+    """The hooks of one pass, with their own lifetime: a forward hook on each
+    target pairs the call's input with a tensor hook on its output, and
+    ``sink(target, x, g, key)`` receives the pair when the gradient arrives.
+    Per batch each target keeps its calls' input identities (``keys``, for
+    shared-input detection) and whether each input was finite (``seen``, to
+    name the source of a non-finite loss)."""
+
+    def __init__(self, targets: Sequence[_Target], sink):
+        self.targets, self.sink, self.handles = list(targets), sink, []
+
+    def __enter__(self) -> _Recorder:
+        self.handles = [t.module.register_forward_hook(self._hook(t)) for t in self.targets]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
+        self.clear()
+
+    def clear(self) -> None:
+        for t in self.targets:
+            t.calls.clear()
+            t.keys.clear()
+            t.seen.clear()
+
+    def _hook(self, target: _Target):
+        sink = self.sink
+
         def hook(module, args, output):
             if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
                 return
             x = args[0].detach()
             key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x._version)
             target.keys.append(key)
-            target.seen.append(x)
+            target.seen.append(torch.isfinite(x).all())
 
             def grad_hook(g):
-                target.calls.append((x, g.detach(), key))
+                sink(target, x, g.detach(), key)
 
             output.register_hook(grad_hook)
 
         return hook
 
-    # On a GPU, Σ_s ∂ℓ_s/∂W stays on the device in float64 when it fits in
-    # max_device_bytes (moving every module's m × n sum to the host each batch
-    # costs more than the forward and backward passes); it comes to the host at
-    # checkpoints and at the end.
-    device = next(model.parameters()).device
-    budget = max_device_bytes if device.type != "cpu" else 0
-    grad_bytes = 8 * sum(t.m * t.n for t in targets.values())
-    if grad_bytes <= budget:
-        grad_sums = {n: torch.as_tensor(g, dtype=torch.float64, device=device) for n, g in grad_sums.items()}
-        budget -= grad_bytes
-    device_grams: _DeviceGrams | None = None
 
-    handles = [t.module.register_forward_hook(forward_hook(t)) for t in targets.values()]
+@dataclass
+class _Run:
+    """The state of one collection run: targets, host accumulators, counts."""
+
+    model: torch.nn.Module
+    dataloader: Iterable[dict]
+    targets: dict[str, _Target]
+    loss_fn: LossFn
+    token_mask: str
+    per_sample: bool
+    max_samples: int | None
+    checkpoint_path: str | os.PathLike | None
+    checkpoint_every: int | None
+    progress: bool
+    config: dict
+    outputs: dict[str, OutputFactor]
+    grad_sums: dict[str, np.ndarray]
+    inputs: dict[str, InputFactor] = field(default_factory=dict)
+    groups: dict[str, str] | None = None  # module → group leader, fixed on the first batch
+    n_samples: int = 0
+    skip: int = 0
+    batches_done: int = 0
+    n_samples_at_start: int = 0
+    plan: MemoryPlan | None = None
+
+    @classmethod
+    def start(cls, model, dataloader, target_modules, *, loss_fn, token_mask, output_fisher, max_samples,
+              checkpoint_path, checkpoint_every, resume, progress) -> _Run:
+        if checkpoint_every is not None and (checkpoint_path is None or checkpoint_every < 1):
+            raise InvalidArgumentError(f"checkpoint_every={checkpoint_every!r} needs a checkpoint_path and must be ≥ 1")
+        if output_fisher not in ("diagonal", "sequence_lowrank"):
+            raise InvalidArgumentError(f"output_fisher must be 'diagonal' or 'sequence_lowrank', got {output_fisher!r}")
+        if max_samples is not None and max_samples <= 0:
+            raise InvalidArgumentError(f"max_samples must be > 0, got {max_samples}")
+        token_mask_of({"attention_mask": None, "labels": torch.zeros(1, 1, dtype=torch.long)}, token_mask)
+        named = dict(model.named_modules())
+        targets = {}
+        for name in resolve_targets(model, target_modules):
+            mod = named[name]
+            kind = linear_kind(mod)
+            m, n = module_shape(mod, kind)
+            targets[name] = _Target(name, mod, kind, m, n)
+        per_sample = output_fisher == "sequence_lowrank"
+        run = cls(
+            model=model, dataloader=dataloader, targets=targets, loss_fn=loss_fn or default_loss, token_mask=token_mask,
+            per_sample=per_sample, max_samples=max_samples, checkpoint_path=checkpoint_path,
+            checkpoint_every=checkpoint_every, progress=progress,
+            config={"token_mask": token_mask, "output_fisher": output_fisher},
+            outputs={name: OutputFactor(t.m, per_sample=per_sample) for name, t in targets.items()},
+            grad_sums={name: np.zeros((t.m, t.n)) for name, t in targets.items()},
+        )
+        if checkpoint_path is not None and resume and os.path.exists(checkpoint_path):
+            run._resume(Statistics.load(checkpoint_path))
+        return run
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _resume(self, ck: Statistics) -> None:
+        want = {n: (t.n, t.m, t.kind) for n, t in self.targets.items()}
+        have = {n: (i.in_features, i.out_features, i.kind) for n, i in ck.modules.items()}
+        if want != have or any(ck.config.get(k) != v for k, v in self.config.items()):
+            raise StatisticsFileError(
+                f"{self.checkpoint_path}: the checkpoint is for other modules or options; delete it or pass resume=False"
+            )
+        self.inputs, self.outputs = ck.input_factors, ck.output_factors
+        self.grad_sums = {n: g.copy() for n, g in ck.grad_sums.items()}
+        self.groups = {n: i.input_group for n, i in ck.modules.items()}
+        self.n_samples, self.skip = ck.n_samples, int(ck.config["batches_done"])
+        self.batches_done = self.skip
+
+    def snapshot(self) -> Statistics:
+        modules = {
+            name: ModuleInfo(name=name, in_features=t.n, out_features=t.m, kind=t.kind, input_group=self.groups[name])
+            for name, t in self.targets.items()
+        }
+        return Statistics(
+            modules=modules,
+            input_factors=self.inputs,
+            output_factors=self.outputs,
+            grad_sums={n: g.copy() for n, g in self.grad_sums.items()},
+            n_samples=self.n_samples,
+            config=dict(self.config, batches_done=self.batches_done),
+            model={
+                "class": type(self.model).__name__,
+                "name_or_path": getattr(getattr(self.model, "config", None), "_name_or_path", ""),
+            },
+        )
+
+    def finish(self) -> Statistics:
+        if self.n_samples == 0:
+            raise InvalidArgumentError("collect_statistics: the dataloader yielded no sample")
+        empty = [g for g, f in self.inputs.items() if f.tokens == 0]
+        if empty:
+            raise InvalidArgumentError(f"collect_statistics: no valid token reached module(s) {empty}; check token_mask")
+        stats = self.snapshot()
+        stats.plan = self.plan
+        if self.checkpoint_path is not None:
+            stats.save(self.checkpoint_path)
+        return stats
+
+    def _set_groups(self) -> None:
+        if self.groups is None:
+            self.groups = _detect_groups(self.targets)
+            for name, leader in self.groups.items():
+                if leader == name:
+                    self.inputs[name] = InputFactor(self.targets[name].n)
+        else:
+            _check_groups(self.targets, self.groups)
+
+    # -- the batches ---------------------------------------------------------------
+
+    def batches(self):
+        """``(index, batch, bsz, mask)`` on the model's device, truncated at ``max_samples``."""
+        skip = self.skip
+        seen = self.n_samples_at_start  # a resumed checkpoint's samples count towards max_samples
+        for index, batch in enumerate(self.dataloader):
+            if index < skip:
+                continue
+            if self.max_samples is not None and seen >= self.max_samples:
+                break
+            batch = dict(batch)
+            device = self.device
+            batch = {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+            bsz = _batch_size(batch)
+            if self.max_samples is not None and seen + bsz > self.max_samples:
+                keep = self.max_samples - seen
+                batch = {k: (v[:keep] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == bsz else v)
+                         for k, v in batch.items()}
+                bsz = keep
+            seen += bsz
+            yield index, batch, bsz, token_mask_of(batch, self.token_mask)
+
+    def forward_backward(self, batch: dict, bsz: int, index: int, recorder: _Recorder) -> None:
+        """The back-propagated loss is ``Σ_s ℓ_s`` (SPEC §2); the hooks see the rest."""
+        recorder.clear()
+        with torch.enable_grad():
+            # The hooks need outputs that require grad: make the embedding output do so.
+            handle = _make_inputs_require_grad(self.model)
+            try:
+                losses = self.loss_fn(self.model, batch)
+            finally:
+                handle.remove()
+            if losses.dim() != 1 or losses.shape[0] != bsz:
+                raise ShapeError(f"loss_fn must return per-sample losses of shape ({bsz},), got {tuple(losses.shape)}")
+            if not torch.all(torch.isfinite(losses)):
+                bad = torch.nonzero(~torch.isfinite(losses)).flatten().tolist()
+                source = next((t.name for t in recorder.targets if any(not bool(f) for f in t.seen)), None)
+                where = f"module {source}: non-finite input activation in " if source else ""
+                raise NonFiniteError(f"{where}batch {index}: non-finite loss for samples {bad}")
+            losses.sum().backward()
+
+    def _checkpoint_due(self) -> bool:
+        return self.checkpoint_every is not None and self.batches_done % self.checkpoint_every == 0
+
+    def _bar(self, desc: str):
+        return tqdm(desc=desc, unit="batch", disable=not self.progress)
+
+    # -- the host path: rows to the Rust accumulators -----------------------------------
+
+    def collect_on_host(self) -> None:
+        """Every batch's rows go to the host (the CPU path, or ``max_device_bytes=0``)."""
+        self.n_samples_at_start = self.n_samples
+
+        def keep(target, x, g, key):
+            target.calls.append((x, g, key))
+
+        with _frozen(self.model), _Recorder(self.targets.values(), keep) as rec, self._bar("lora-da: collecting statistics") as bar:
+            for index, batch, bsz, mask in self.batches():
+                self.forward_backward(batch, bsz, index, rec)
+                self._set_groups()
+                _accumulate_batch(self.targets, self.groups, self.inputs, self.outputs, self.grad_sums, mask, index,
+                                  self.per_sample)
+                if not self.per_sample:
+                    for o in self.outputs.values():
+                        o.count_samples(bsz)
+                self.n_samples += bsz
+                self.batches_done = index + 1
+                bar.update(1)
+                if self._checkpoint_due():
+                    self.snapshot().save(self.checkpoint_path)
+
+    # -- the device path: float64 sums on the GPU, planned ------------------------------
+
+    def probe(self, first) -> tuple[int, int]:
+        """Forward + backward of the first batch with nothing accumulated: fixes
+        the input groups and measures what a plain step takes on the device.
+        Returns ``(bytes of that step above the resident ones, tokens of the batch)``."""
+        index, batch, bsz, mask = first
+        dev = self.device
+        cuda = dev.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(dev)
+            before = torch.cuda.memory_allocated(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+        with _Recorder(self.targets.values(), lambda *a: None) as rec:
+            self.forward_backward(batch, bsz, index, rec)
+            self._set_groups()
+        step = torch.cuda.max_memory_allocated(dev) - before if cuda else 0
+        tokens = int(batch["input_ids"].numel()) if isinstance(batch.get("input_ids"), torch.Tensor) else bsz
+        return step, tokens
+
+    def units(self) -> list[Unit]:
+        out: dict[str, list] = {}
+        for name, leader in self.groups.items():
+            out.setdefault(leader, []).append((name, self.targets[name].m))
+        return [Unit(group=g, n=self.targets[g].n, modules=tuple(mods)) for g, mods in out.items()]
+
+    def collect_on_device(self, *, max_device_bytes, max_host_bytes, keep_on_host: bool, on_pass=None) -> None:
+        """Plan, then one pass per group of input groups that fits the device:
+        float64 sums on the GPU, flushed to the host (``keep_on_host``) or handed
+        to ``on_pass(sums)`` (which solves them on the device) after the pass."""
+        self.n_samples_at_start = self.n_samples
+        dev = self.device
+        with _frozen(self.model):
+            stream = self.batches()
+            first = next(stream, None)
+            if first is None:
+                return
+            step, tokens = self.probe(first)
+            units = self.units()
+            biggest = max(self.targets.values(), key=lambda t: t.n + t.m)
+            # float64 copies of one call's x and g while its products form, plus a margin
+            transient = 2 * 8 * tokens * (biggest.n + biggest.m) + (512 << 20 if dev.type == "cuda" else 0)
+            self.plan = plan_passes(
+                units, device_free=_device_free(dev), reserve=step + transient, max_device_bytes=max_device_bytes,
+                host_free=available_host_bytes() if keep_on_host else None, max_host_bytes=max_host_bytes,
+                keep_on_host=keep_on_host,
+            )
+            if self.progress:
+                print(self.plan.describe(), file=sys.stderr)
+            passes = self.plan.passes
+            if len(passes) > 1:
+                if self.checkpoint_path is not None:
+                    raise InvalidArgumentError(
+                        f"checkpointing needs a one-pass plan; this one has {len(passes)} passes: raise max_device_bytes "
+                        "or collect fewer modules per run"
+                    )
+                if iter(self.dataloader) is self.dataloader:
+                    raise InvalidArgumentError(
+                        f"the plan needs {len(passes)} passes over the data but the dataloader is a one-shot iterator; "
+                        "pass a list or a DataLoader"
+                    )
+            for p, pass_units in enumerate(passes):
+                source = itertools.chain([first], stream) if p == 0 else self.batches()
+                sums = _DeviceSums(pass_units, self.targets, self.groups, dev, self.per_sample)
+                names = [name for u in pass_units for name, _ in u.modules]
+                samples = 0
+                with _Recorder([self.targets[n] for n in names], sums.add) as rec, \
+                        self._bar(f"lora-da: pass {p + 1}/{len(passes)}") as bar:
+                    for index, batch, bsz, mask in source:
+                        sums.begin_batch(mask, bsz)
+                        self.forward_backward(batch, bsz, index, rec)
+                        _check_groups({n: self.targets[n] for n in names}, {n: self.groups[n] for n in names})
+                        sums.end_batch(index)
+                        samples += bsz
+                        bar.update(1)
+                        if p == 0:
+                            self.n_samples += bsz
+                            self.batches_done = index + 1
+                            if keep_on_host and self._checkpoint_due():
+                                sums.flush(self)
+                                self.snapshot().save(self.checkpoint_path)
+                if p > 0 and samples != self.n_samples - self.n_samples_at_start:
+                    raise InvalidArgumentError(
+                        f"pass {p + 1} saw {samples} samples, the first {self.n_samples - self.n_samples_at_start}: "
+                        "the dataloader must yield the same batches on every pass"
+                    )
+                if keep_on_host:
+                    sums.flush(self)
+                else:
+                    on_pass(sums, self.n_samples)
+                del sums
+
+
+class _DeviceSums:
+    """Float64 running sums of one pass, on the device: per module ``Σ gᵀx``
+    (all tokens), ``Σ g²`` and its token count (valid tokens), per input group
+    ``Σ x xᵀ`` of the valid tokens. Products are formed in the tensor hook as
+    each gradient arrives, so no call's tensors outlive its backward step;
+    invalid tokens are zero-weighted rather than selected (no host sync)."""
+
+    def __init__(self, units: list[Unit], targets: dict[str, _Target], groups: dict[str, str], device, per_sample: bool):
+        f64 = dict(dtype=torch.float64, device=device)
+        self.units = units
+        self.grad = {n: torch.zeros(targets[n].m, targets[n].n, **f64) for u in units for n, _ in u.modules}
+        self.sumsq = {n: torch.zeros(targets[n].m, **f64) for n in self.grad}
+        self.tokens = {n: torch.zeros((), **f64) for n in self.grad}
+        self.samples: dict[str, list] = {n: [] for n in self.grad}
+        self.gram = {u.group: torch.zeros(u.n, u.n, **f64) for u in units}
+        self.gram_tokens = {u.group: torch.zeros((), **f64) for u in units}
+        self.groups = groups
+        self.per_sample = per_sample
+        self.flags: list = []
+        self.batch_samples = 0
+        self.mask = None
+
+    def begin_batch(self, mask, bsz: int) -> None:
+        self.mask, self.flags = mask, []
+        self.batch_samples += bsz
+
+    def add(self, target: _Target, x: torch.Tensor, g: torch.Tensor, key) -> None:
+        name = target.name
+        xr, gr = _as_rows(x), _as_rows(g)
+        self.flags.append((name, torch.isfinite(xr).all(), torch.isfinite(gr).all()))
+        # Own copies (a float64 model's tensors are autograd's): zero-weighted in place below.
+        xr, gr = xr.to(torch.float64, copy=True), gr.to(torch.float64, copy=True)
+        self.grad[name].addmm_(gr.T, xr)  # Ḡ: every token
+        w = _row_weights(x, self.mask)
+        if w is not None:
+            gr.mul_(w[:, None])
+        self.sumsq[name].add_(gr.square().sum(0))
+        self.tokens[name].add_(w.sum() if w is not None else gr.shape[0])
+        if self.per_sample:
+            if x.dim() != 3:
+                raise ShapeError(f"module {name}: sequence_lowrank needs per-token (B, L, m) outputs")
+            self.samples[name].append(gr.view(x.shape[0], x.shape[1], -1).sum(1))
+        if self.groups[name] == name:
+            if w is not None:
+                xr.mul_(w[:, None])
+            self.gram[name].addmm_(xr.T, xr)
+            self.gram_tokens[name].add_(w.sum() if w is not None else xr.shape[0])
+
+    def end_batch(self, index: int) -> None:
+        """One sync per batch: every call's inputs and gradients were finite."""
+        if not self.flags:
+            return
+        ok = torch.stack([torch.stack([fx, fg]) for _, fx, fg in self.flags]).cpu()
+        if not bool(ok.all()):
+            i = int((~ok.all(1)).nonzero()[0])
+            what = "input activation" if not bool(ok[i, 0]) else "output gradient"
+            raise NonFiniteError(f"module {self.flags[i][0]}: non-finite {what} in batch {index}")
+        self.flags = []
+
+    def flush(self, run: _Run) -> None:
+        """Into the host's compensated accumulators, then zero."""
+        for u in self.units:
+            t = int(self.gram_tokens[u.group])
+            if t:
+                gram = self.gram[u.group]
+                run.inputs[u.group].add_gram((0.5 * (gram + gram.T)).cpu().numpy(), t)
+            self.gram[u.group].zero_()
+            self.gram_tokens[u.group].zero_()
+        for name, gsum in self.grad.items():
+            run.grad_sums[name] += gsum.cpu().numpy()
+            u = torch.cat(self.samples[name]).cpu().numpy() if self.per_sample and self.samples[name] else None
+            run.outputs[name].add_sums(self.sumsq[name].cpu().numpy(), int(self.tokens[name]), u)
+            if not self.per_sample:
+                run.outputs[name].count_samples(self.batch_samples)
+            gsum.zero_()
+            self.sumsq[name].zero_()
+            self.tokens[name].zero_()
+            self.samples[name] = []
+        self.batch_samples = 0
+
+    def unit_statistics(self, u: Unit, n_samples: int):
+        """``Z``, and per module ``(y, Ḡ)``, of one input group on the device (SPEC §2)."""
+        t = float(self.gram_tokens[u.group])
+        if t == 0:
+            raise InvalidArgumentError(f"collect: no valid token reached module(s) {[n for n, _ in u.modules]}; check token_mask")
+        gram = self.gram.pop(u.group)
+        Z = (gram + gram.T).mul_(0.5 / t)
+        del gram
+        per_module = []
+        for name, _ in u.modules:
+            y = self.sumsq.pop(name) / float(self.tokens.pop(name))
+            G = self.grad.pop(name).div_(n_samples)
+            u_s = torch.cat(self.samples.pop(name)).cpu().numpy() if self.per_sample else None
+            per_module.append((name, y, G, u_s))
+        return Z, per_module
+
+
+def _row_weights(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Float64 0/1 weight of each row of ``x`` (its valid tokens, SPEC §2), or None when all count."""
+    if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+        return mask.reshape(-1).to(device=x.device, dtype=torch.float64)
+    if mask is not None and x.dim() == 2 and mask.dim() == 1 and x.shape[0] == mask.shape[0]:
+        return mask.to(device=x.device, dtype=torch.float64)
+    return None
+
+
+@contextlib.contextmanager
+def _frozen(model: torch.nn.Module):
+    """Gradients are needed w.r.t. module outputs only: parameters take none
+    during collection, and get their flags, ``.grad`` and mode back after."""
     requires = {p: p.requires_grad for p in model.parameters()}
     grads_before = {p: p.grad for p in model.parameters()}
     was_training = model.training
     model.eval()
-    batches_done = skip
     try:
-        # Gradients are needed w.r.t. module outputs only; parameters need none.
         for p in model.parameters():
             p.requires_grad_(False)
-        bar = tqdm(dataloader, desc="lora-da: collecting statistics", unit="batch", disable=not progress)
-        for index, batch in enumerate(bar):
-            if index < skip:
-                continue
-            if max_samples is not None and n_samples >= max_samples:
-                break
-            batch = dict(batch)
-            device = next(model.parameters()).device
-            batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-            bsz = _batch_size(batch)
-            if max_samples is not None and n_samples + bsz > max_samples:
-                keep = max_samples - n_samples
-                batch = {k: (v[:keep] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == bsz else v) for k, v in batch.items()}
-                bsz = keep
-            mask = token_mask_of(batch, token_mask)
-            for t in targets.values():
-                t.calls.clear()
-                t.keys.clear()
-                t.seen.clear()
-            with torch.enable_grad():
-                # The hooks need outputs that require grad: make the embedding output do so.
-                handle = _make_inputs_require_grad(model)
-                try:
-                    losses = loss_fn(model, batch)
-                finally:
-                    handle.remove()
-                if losses.dim() != 1 or losses.shape[0] != bsz:
-                    raise ShapeError(f"loss_fn must return per-sample losses of shape ({bsz},), got {tuple(losses.shape)}")
-                if not torch.all(torch.isfinite(losses)):
-                    bad = torch.nonzero(~torch.isfinite(losses)).flatten().tolist()
-                    source = next((n for n, t in targets.items() if any(not torch.isfinite(x).all() for x in t.seen)), None)
-                    where = f"module {source}: non-finite input activation in " if source else ""
-                    raise NonFiniteError(f"{where}batch {index}: non-finite loss for samples {bad}")
-                losses.sum().backward()
-            if groups is None:
-                groups = _detect_groups(targets)
-                for name, leader in groups.items():
-                    if leader == name:
-                        inputs[name] = InputFactor(targets[name].n)
-            else:
-                _check_groups(targets, groups)
-            if device_grams is None and budget > 0:
-                device_grams = _DeviceGrams.within(inputs, device, budget)
-            _accumulate_batch(targets, groups, inputs, outputs, grad_sums, mask, index, per_sample, device_grams)
-            if not per_sample:
-                for o in outputs.values():
-                    o.count_samples(bsz)
-            n_samples += bsz
-            batches_done = index + 1
-            bar.set_postfix(samples=n_samples)
-            checkpoint_now = checkpoint_every is not None and batches_done % checkpoint_every == 0
-            if device_grams is not None and (checkpoint_now or device_grams.batches >= 64):
-                device_grams.flush(inputs)
-            if checkpoint_now:
-                snapshot(batches_done).save(checkpoint_path)
+        yield
     finally:
-        for h in handles:
-            h.remove()
         for p, r in requires.items():
             p.requires_grad_(r)
             p.grad = grads_before[p]
         model.train(was_training)
-        for t in targets.values():
-            t.calls.clear()
-            t.keys.clear()
-            t.seen.clear()
-    if device_grams is not None:
-        device_grams.flush(inputs)
-    if n_samples == 0:
-        raise InvalidArgumentError("collect_statistics: the dataloader yielded no sample")
-    empty = [g for g, f in inputs.items() if f.tokens == 0]
-    if empty:
-        raise InvalidArgumentError(f"collect_statistics: no valid token reached module(s) {empty}; check token_mask")
-    stats = snapshot(batches_done)
-    if checkpoint_path is not None:
-        stats.save(checkpoint_path)
-    return stats
 
 
 def _batch_size(batch: dict) -> int:
@@ -477,7 +760,7 @@ def _check_groups(targets: dict[str, _Target], groups: dict[str, str]) -> None:
             )
 
 
-def _accumulate_batch(targets, groups, inputs, outputs, grad_sums, mask, batch_index, per_sample, device_grams):
+def _accumulate_batch(targets, groups, inputs, outputs, grad_sums, mask, batch_index, per_sample):
     # Validate everything before adding anything: a bad batch leaves the statistics as they were.
     for name, t in targets.items():
         if not t.calls:
@@ -523,8 +806,5 @@ def _accumulate_batch(targets, groups, inputs, outputs, grad_sums, mask, batch_i
             continue
         for x, _, _ in t.calls:
             xv, _ = _valid_rows(x, mask)
-            if device_grams is None or not device_grams.add(name, xv):
-                _input_to_host(inputs[name], xv)
-    if device_grams is not None:
-        device_grams.batches += 1
+            _input_to_host(inputs[name], xv)
 

@@ -52,6 +52,7 @@ class Statistics:
     n_samples: int
     config: dict = field(default_factory=dict)
     model: dict = field(default_factory=dict)
+    plan: object = field(default=None, repr=False, compare=False)  # the collection's MemoryPlan, when it made one
 
     # -- SPEC §2 quantities -------------------------------------------------
     def input_factor(self, name: str) -> np.ndarray:
