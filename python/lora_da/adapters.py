@@ -15,9 +15,9 @@ import tempfile
 
 import torch
 
-from lora_da.collect import collect_statistics, resolve_targets
+from lora_da.collect import resolve_targets
 from lora_da.errors import InvalidArgumentError, LoraDAError, ShapeError
-from lora_da.init import LoraDAConfig, compute_init
+from lora_da.init import LoraDAConfig, collect_and_solve, compute_init
 from lora_da.statistics import Statistics
 
 
@@ -51,42 +51,18 @@ def get_lora_da_state_dict(
         )
     names = _peft_targets(model, peft_config)
     if statistics is None:
-        statistics = collect_statistics(
-            model,
-            dataloader,
-            names,
-            loss_fn=loss_fn,
-            token_mask=lora_da_config.token_mask,
-            output_fisher=lora_da_config.output_fisher,
-            progress=progress,
-            **collect_kwargs,
-        )
-    missing = [n for n in names if n not in statistics.modules]
-    if missing:
-        raise InvalidArgumentError(f"the statistics have no entry for targeted module(s) {missing[:5]}")
-    inits = compute_init(statistics, lora_da_config, modules=names, progress=progress)
+        inits = collect_and_solve(model, dataloader, names, lora_da_config, loss_fn=loss_fn, progress=progress,
+                                  **collect_kwargs)
+    else:
+        missing = [n for n in names if n not in statistics.modules]
+        if missing:
+            raise InvalidArgumentError(f"the statistics have no entry for targeted module(s) {missing[:5]}")
+        inits = compute_init(statistics, lora_da_config, modules=names, progress=progress)
     out = {}
     for name, init in inits.items():
         out[f"{name}.lora_A.weight"] = torch.from_numpy(init.A.astype("float32"))
         out[f"{name}.lora_B.weight"] = torch.from_numpy(init.B.astype("float32"))
     return out
-
-
-def _strip_suffix(stats: Statistics, suffix: str) -> Statistics:
-    def strip(name: str) -> str:
-        return name[: -len(suffix)] if name.endswith(suffix) else name
-
-    from dataclasses import replace
-
-    return Statistics(
-        modules={strip(k): replace(v, name=strip(v.name), input_group=strip(v.input_group)) for k, v in stats.modules.items()},
-        input_factors={strip(k): v for k, v in stats.input_factors.items()},
-        output_factors={strip(k): v for k, v in stats.output_factors.items()},
-        grad_sums={strip(k): v for k, v in stats.grad_sums.items()},
-        n_samples=stats.n_samples,
-        config=stats.config,
-        model=stats.model,
-    )
 
 
 def _lora_layers(peft_model, adapter_name):
@@ -133,20 +109,15 @@ def initialize_lora_da_weights(
             raise InvalidArgumentError("initialize_lora_da_weights needs a dataloader, statistics or a state_dict")
         base = peft_model.get_base_model()
         if statistics is None:
-            # hook the wrapped base layers; the statistics are named after the LoRA layers
+            # hook the wrapped base layers; the results are named after the LoRA layers
             with peft_model.disable_adapter():
-                statistics = collect_statistics(
-                    base,
-                    dataloader,
-                    [f"{n}.base_layer" for n in layers],
-                    loss_fn=loss_fn,
-                    token_mask=lora_da_config.token_mask,
-                    output_fisher=lora_da_config.output_fisher,
-                    progress=progress,
-                    **collect_kwargs,
-                )
-            statistics = _strip_suffix(statistics, ".base_layer")
-        inits = compute_init(statistics, lora_da_config, modules=[n for n in layers if n in statistics.modules], progress=progress)
+                solved = collect_and_solve(base, dataloader, [f"{n}.base_layer" for n in layers], lora_da_config,
+                                           loss_fn=loss_fn, progress=progress, **collect_kwargs)
+            suffix = ".base_layer"
+            inits = {k[: -len(suffix)] if k.endswith(suffix) else k: v for k, v in solved.items()}
+        else:
+            inits = compute_init(statistics, lora_da_config, modules=[n for n in layers if n in statistics.modules],
+                                 progress=progress)
         state_dict = {}
         for name, init in inits.items():
             state_dict[f"{name}.lora_A.weight"] = torch.from_numpy(init.A.astype("float32"))

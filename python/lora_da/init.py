@@ -7,9 +7,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from lora_da._core import SolveResult, lowrank_output_precision, num_threads, solve_shared
+from lora_da.device_solve import DeviceSolveResult, solve_group_device
 from lora_da.errors import InvalidArgumentError
 from lora_da.statistics import Statistics
 
@@ -84,7 +86,7 @@ class ModuleInit:
     """One module's ``A`` (``r × n``), ``B`` (``m × r``) and solve diagnostics."""
 
     name: str
-    result: SolveResult
+    result: SolveResult | DeviceSolveResult
     seconds: float
 
     @property
@@ -96,8 +98,14 @@ class ModuleInit:
         return self.result.B
 
 
-def compute_init(stats: Statistics, config: LoraDAConfig, *, progress: bool = True, modules=None) -> dict[str, ModuleInit]:
-    """Solve every module (SPEC §3); modules sharing ``Z`` share one Cholesky."""
+def compute_init(
+    stats: Statistics, config: LoraDAConfig, *, progress: bool = True, modules=None, device=None
+) -> dict[str, ModuleInit]:
+    """Solve every module (SPEC §3); modules sharing ``Z`` share one Cholesky.
+
+    ``device=None`` solves on the host with the Rust core, groups in parallel
+    over the cores; a torch device (``"cuda"``) solves there in float64 with
+    :mod:`lora_da.device_solve`, largest groups first, uploading one group at a time."""
     wanted = set(stats.modules) if modules is None else set(modules)
     missing = wanted - set(stats.modules)
     if missing:
@@ -113,6 +121,9 @@ def compute_init(stats: Statistics, config: LoraDAConfig, *, progress: bool = Tr
                     f"{name}: rank {config.rank} must be < min(in_features, out_features) = "
                     f"{min(info.in_features, info.out_features)}"
                 )
+
+    if device is not None:
+        return _compute_init_on_device(stats, config, groups, torch.device(device), progress)
 
     def solve_group(item):
         group, names = item
@@ -148,3 +159,85 @@ def compute_init(stats: Statistics, config: LoraDAConfig, *, progress: bool = Tr
             bar.update(len(inits))
     bar.close()
     return {n: out[n] for n in stats.modules if n in out}
+
+
+def _output_precisions(config: LoraDAConfig, sample_sums: list) -> list | None:
+    """``sequence_lowrank``: ``diag((λI + UUᵀ/N)⁻¹)`` per module (SPEC §2), by the core's Woodbury."""
+    if config.output_fisher != "sequence_lowrank":
+        return None
+    lam_y = config.damping if config.output_damping is None else config.output_damping
+    return [lowrank_output_precision(np.ascontiguousarray(u), lam_y) for u in sample_sums]
+
+
+def _solve_on_device(Z, ys, Gs, names, config: LoraDAConfig, sample_sums=None) -> list[ModuleInit]:
+    t0 = time.perf_counter()
+    results = solve_group_device(Z, ys, Gs, names=names, output_precisions=_output_precisions(config, sample_sums or []),
+                                 **config.solve_kwargs())
+    dt = (time.perf_counter() - t0) / len(names)
+    return [ModuleInit(name, res, dt) for name, res in zip(names, results)]
+
+
+def _compute_init_on_device(stats: Statistics, config: LoraDAConfig, groups: dict, device, progress: bool):
+    out: dict[str, ModuleInit] = {}
+    # Largest first: the big factorizations start while memory is least fragmented.
+    order = sorted(groups.items(), key=lambda kv: -stats.modules[kv[0]].in_features if kv[0] in stats.modules else 0)
+    bar = tqdm(total=sum(len(v) for v in groups.values()), desc="lora-da: solving", unit="module", disable=not progress)
+    for group, names in order:
+        as_dev = lambda a: torch.as_tensor(np.ascontiguousarray(a), device=device)  # noqa: E731
+        sample_sums = None
+        if config.output_fisher == "sequence_lowrank":
+            sample_sums = [stats.output_factors[n].sample_sums() for n in names]
+            if any(u is None for u in sample_sums):
+                raise InvalidArgumentError(f"{names}: output_fisher='sequence_lowrank' needs statistics collected with it")
+        inits = _solve_on_device(as_dev(stats.input_factors[group].mean()), [as_dev(stats.output_factor(n)) for n in names],
+                                 [as_dev(stats.mean_grad(n)) for n in names], names, config, sample_sums)
+        for init in inits:
+            out[init.name] = init
+        bar.update(len(inits))
+    bar.close()
+    return {n: out[n] for n in stats.modules if n in out}
+
+
+def collect_and_solve(model, dataloader, target_modules, config: LoraDAConfig, *, loss_fn=None, progress: bool = True,
+                      max_samples=None, max_device_bytes=None, max_host_bytes=None, accumulate_on: str = "auto",
+                      checkpoint_path=None, checkpoint_every=None, resume: bool = True) -> dict[str, ModuleInit]:
+    """Statistics and solves in one go, without keeping the statistics (SPEC §2–3).
+
+    On a GPU the planner's passes each end with their modules solved on the
+    device and their sums freed, so a model whose statistics exceed the
+    device and the host (a 7B model's are ~95 GB) still runs on one GPU.
+    With a checkpoint, or on the host path, the statistics are collected
+    first (:func:`lora_da.collect_statistics`) and then solved."""
+    from lora_da.collect import _on_host, _Run, collect_statistics
+
+    device = next(model.parameters()).device
+    if checkpoint_path is not None or _on_host(device, max_device_bytes, accumulate_on):
+        stats = collect_statistics(model, dataloader, target_modules, loss_fn=loss_fn, token_mask=config.token_mask,
+                                   output_fisher=config.output_fisher, max_samples=max_samples,
+                                   max_device_bytes=max_device_bytes, max_host_bytes=max_host_bytes,
+                                   checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every, resume=resume,
+                                   progress=progress, accumulate_on=accumulate_on)
+        return compute_init(stats, config, progress=progress, device=None if device.type == "cpu" else device)
+    run = _Run.start(model, dataloader, target_modules, loss_fn=loss_fn, token_mask=config.token_mask,
+                     output_fisher=config.output_fisher, max_samples=max_samples, checkpoint_path=None,
+                     checkpoint_every=None, resume=False, progress=progress)
+    for name, t in run.targets.items():
+        if config.rank >= min(t.n, t.m):
+            raise InvalidArgumentError(f"{name}: rank {config.rank} must be < min(in_features, out_features) = {min(t.n, t.m)}")
+    inits: dict[str, ModuleInit] = {}
+
+    def solve_pass(sums, n_samples: int) -> None:
+        for unit in sorted(sums.units, key=lambda u: -u.n):
+            Z, per_module = sums.unit_statistics(unit, n_samples)
+            names = [p[0] for p in per_module]
+            for init in _solve_on_device(Z, [p[1] for p in per_module], [p[2] for p in per_module], names, config,
+                                         [p[3] for p in per_module]):
+                inits[init.name] = init
+            del Z, per_module
+
+    run.collect_on_device(max_device_bytes=max_device_bytes, max_host_bytes=max_host_bytes, keep_on_host=False,
+                          on_pass=solve_pass)
+    if run.n_samples == 0:
+        raise InvalidArgumentError("collect_and_solve: the dataloader yielded no sample")
+    collect_and_solve.last_plan = run.plan
+    return {n: inits[n] for n in run.targets if n in inits}
