@@ -1,8 +1,8 @@
 """Collection on a CUDA device agrees with the CPU path (skipped without a GPU).
 
-On a GPU the per-batch Gram matrices are formed on the device in float64 and
-flushed into the host accumulators; `max_device_bytes` bounds that buffer
-(below it the rows go to the host and the Rust accumulator).
+On a GPU the statistics are summed on the device in float64 (planned by
+`lora_da.plan`) and flushed into the host accumulators; `max_device_bytes=0`
+sends the rows to the host and the Rust accumulator instead.
 """
 
 from __future__ import annotations

@@ -1,0 +1,220 @@
+"""The large-model path on the CPU: the memory planner, the planned float64
+device sums (run here on the CPU with ``accumulate_on="device"``), several
+passes, collect-and-solve, and the device solver against the SciPy reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_collect import LLAMA_TARGETS, batches, data, tiny_llama
+
+import lora_da
+from lora_da.device_solve import solve_group_device
+from lora_da.init import collect_and_solve
+from lora_da.plan import Unit, plan_passes
+from lora_da.reference import reference_solve, relative_residual, subspace_sin_theta
+from lora_da.synthetic import make_problem
+
+
+def units(k=6):
+    return [Unit(group=f"g{i}", n=64 + 8 * i, modules=((f"g{i}", 32), (f"g{i}.b", 16 * (i + 1)))) for i in range(k)]
+
+
+# -- the planner --------------------------------------------------------------------
+
+
+@given(st.integers(min_value=0, max_value=4_000_000))
+def test_plan_covers_every_unit_in_order_within_the_budget(extra):
+    us = units()
+    budget = max(u.device_bytes for u in us) + extra
+    plan = plan_passes(us, device_free=10**12, reserve=0, max_device_bytes=budget, host_free=None,
+                       max_host_bytes=None, keep_on_host=True)
+    assert [u for p in plan.passes for u in p] == us
+    assert all(sum(u.device_bytes for u in p) <= budget for p in plan.passes)
+    # greedy: no pass could have taken the next pass's first unit
+    for p, q in zip(plan.passes, plan.passes[1:]):
+        assert sum(u.device_bytes for u in p) + q[0].device_bytes > budget
+    assert plan.host_bytes == sum(u.host_bytes for u in us)
+
+
+def test_plan_budget_is_free_memory_less_the_step():
+    us = units()
+    total = sum(u.device_bytes for u in us)
+    one = plan_passes(us, device_free=total + 1000, reserve=1000, max_device_bytes=None, host_free=None,
+                      max_host_bytes=None, keep_on_host=False)
+    assert len(one.passes) == 1 and one.device_budget == total
+    two = plan_passes(us, device_free=total + 1000, reserve=1001, max_device_bytes=None, host_free=None,
+                      max_host_bytes=None, keep_on_host=False)
+    assert len(two.passes) == 2
+    assert "2 pass(es)" in two.describe()
+
+
+def test_plan_refuses_what_cannot_fit():
+    us = units()
+    with pytest.raises(lora_da.InvalidArgumentError, match="input group g5 needs"):
+        plan_passes(us, device_free=10**12, reserve=0, max_device_bytes=us[-1].device_bytes - 1, host_free=None,
+                    max_host_bytes=None, keep_on_host=True)
+    with pytest.raises(lora_da.InvalidArgumentError, match="on the host"):
+        plan_passes(us, device_free=10**12, reserve=0, max_device_bytes=None, host_free=10**12,
+                    max_host_bytes=1000, keep_on_host=True)
+    with pytest.raises(lora_da.InvalidArgumentError, match="max_device_bytes must be"):
+        plan_passes(us, device_free=10**12, reserve=0, max_device_bytes=-1, host_free=None, max_host_bytes=None,
+                    keep_on_host=True)
+
+
+# -- the planned device sums, on the CPU ----------------------------------------------
+
+
+def assert_close_statistics(a, b, rel):
+    assert a.groups() == b.groups() and a.n_samples == b.n_samples
+    for n in a.modules:
+        for f in ("mean_grad", "input_factor", "output_factor"):
+            x, y = getattr(a, f)(n), getattr(b, f)(n)
+            assert np.abs(x - y).max() <= rel * np.abs(x).max(), (n, f)
+
+
+@pytest.mark.parametrize("max_device_bytes", [None, 40_000])
+def test_device_sums_match_the_host_accumulators(max_device_bytes):
+    """Same float64 model: Gram, Ḡ and y summed as float64 tensors (one pass,
+    or one pass per input group when the budget is small) against the Rust
+    compensated accumulators."""
+    ids, mask = data()
+    host = lora_da.collect_statistics(tiny_llama(), batches(ids, mask, 3), LLAMA_TARGETS, progress=False)
+    dev = lora_da.collect_statistics(tiny_llama(), batches(ids, mask, 3), LLAMA_TARGETS, progress=False,
+                                     accumulate_on="device", max_device_bytes=max_device_bytes)
+    assert (len(dev.plan.passes) > 1) == (max_device_bytes is not None)
+    assert_close_statistics(host, dev, 1e-13)
+    for g in host.input_factors:
+        assert host.input_factors[g].tokens == dev.input_factors[g].tokens
+
+
+def test_device_sums_with_label_mask_and_sequence_lowrank():
+    ids, mask = data()
+    bs = batches(ids, mask, 2)
+    for b in bs:
+        labels = b["input_ids"].clone()
+        labels[b["attention_mask"] == 0] = -100
+        labels[:, :3] = -100
+        b["labels"] = labels
+    kw = dict(token_mask="labels", output_fisher="sequence_lowrank", progress=False)
+    host = lora_da.collect_statistics(tiny_llama(), bs, ["q_proj", "down_proj"], **kw)
+    dev = lora_da.collect_statistics(tiny_llama(), bs, ["q_proj", "down_proj"], accumulate_on="device", **kw)
+    assert_close_statistics(host, dev, 1e-13)
+    for n in host.modules:
+        u, v = host.output_factors[n].sample_sums(), dev.output_factors[n].sample_sums()
+        assert u.shape == v.shape and np.abs(u - v).max() <= 1e-13 * np.abs(u).max()
+
+
+def test_collect_and_solve_in_passes_matches_the_core():
+    """Statistics solved pass by pass on the device (here the CPU) and freed,
+    against the Rust core on statistics kept on the host."""
+    ids, mask = data()
+    cfg = lora_da.LoraDAConfig(n_pop=100, rank=2, gamma=4.0)
+    host = lora_da.collect_statistics(tiny_llama(), batches(ids, mask, 3), LLAMA_TARGETS, progress=False)
+    ref = lora_da.compute_init(host, cfg, progress=False)
+    got = collect_and_solve(tiny_llama(), batches(ids, mask, 3), LLAMA_TARGETS, cfg, progress=False,
+                            accumulate_on="device", max_device_bytes=40_000)
+    assert len(collect_and_solve.last_plan.passes) > 1
+    assert set(got) == set(ref)
+    for n in ref:
+        assert subspace_sin_theta(ref[n].result.V, got[n].result.V) <= 1e-8
+        assert np.abs(ref[n].B - got[n].B).max() <= 1e-8 * np.abs(ref[n].B).max()
+        assert np.abs(ref[n].A - got[n].A).max() <= 1e-8
+
+
+def test_several_passes_need_a_rereadable_dataloader_and_no_checkpoint(tmp_path):
+    ids, mask = data()
+    with pytest.raises(lora_da.InvalidArgumentError, match="one-shot iterator"):
+        lora_da.collect_statistics(tiny_llama(), iter(batches(ids, mask, 3)), LLAMA_TARGETS, progress=False,
+                                   accumulate_on="device", max_device_bytes=40_000)
+    with pytest.raises(lora_da.InvalidArgumentError, match="one-pass plan"):
+        lora_da.collect_statistics(tiny_llama(), batches(ids, mask, 3), LLAMA_TARGETS, progress=False,
+                                   accumulate_on="device", max_device_bytes=40_000,
+                                   checkpoint_path=tmp_path / "c.safetensors", checkpoint_every=1)
+
+
+def test_device_sums_name_a_non_finite_gradient():
+    model = tiny_llama()
+    target = model.model.layers[1].self_attn.o_proj
+
+    def poison(module, args, out):
+        out.register_hook(lambda g: torch.full_like(g, float("nan")))
+
+    target.register_forward_hook(poison)
+    ids, mask = data()
+    with pytest.raises(lora_da.NonFiniteError, match=r"model\.layers\.1\.self_attn\.o_proj: non-finite output gradient in batch 0"):
+        lora_da.collect_statistics(model, batches(ids, mask, 3), ["o_proj"], progress=False, accumulate_on="device")
+
+
+# -- the device solver ------------------------------------------------------------------
+
+
+def check_against_reference(p, result, **kw):
+    ref = reference_solve(p.Z, p.y, p.G, **kw)
+    assert relative_residual(ref.omega, result.V, result.eigenvalues) <= 1e-10
+    if ref.gap >= 1e-4 * ref.omega_norm:
+        assert subspace_sin_theta(ref.V, result.V) <= 1e-6
+        assert np.abs(ref.B - result.B).max() <= 1e-6 * np.abs(ref.B).max()
+    assert np.abs(ref.eigenvalues - result.eigenvalues).max() <= 1e-9 * ref.omega_norm
+    assert abs(result.sigma / ref.sigma - 1) <= 1e-9
+    assert abs(result.c / ref.c - 1) <= 1e-9
+    assert result.next_eigenvalue >= ref.next_eigenvalue - 1e-9 * ref.omega_norm  # a Ritz value: an upper bound
+
+
+def as_torch(p):
+    return torch.tensor(p.Z), [torch.tensor(p.y)], [torch.tensor(p.G)]
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.integers(30, 90), st.integers(30, 90), st.sampled_from([1e2, 1e4, 1e6]), st.integers(1, 6),
+       st.sampled_from([0.0, 0.03, 1.0]), st.booleans(), st.integers(0, 1000))
+def test_device_solve_matches_the_reference(n, m, cond, rank, beta, normalize, seed):
+    p = make_problem(n, m, cond=cond, seed=seed)
+    kw = dict(rank=rank, n_pop=500.0, beta=beta, normalize=normalize, gamma=16.0)
+    (res,) = solve_group_device(*as_torch(p), **kw)
+    check_against_reference(p, res, **kw)
+
+
+def test_device_solve_filtered_subspace_path_at_a_size_krylov_would_matter():
+    p = make_problem(300, 200, cond=1e5, seed=1)
+    kw = dict(rank=8, n_pop=1000.0)
+    (res,) = solve_group_device(*as_torch(p), **kw)
+    assert res.method == "chebyshev" and res.residual <= 1e-12
+    check_against_reference(p, res, **kw)
+
+
+def test_device_solve_falls_back_to_dense_and_says_so():
+    p = make_problem(600, 400, cond=1e8, seed=1)
+    kw = dict(rank=8, n_pop=1000.0)
+    (res,) = solve_group_device(*as_torch(p), **kw)
+    assert res.method == "dense" and any("fell back to the dense solve" in s for s in res.notes)
+    check_against_reference(p, res, **kw)
+
+
+def test_device_solve_zero_gradient_and_bad_input():
+    p = make_problem(40, 30, seed=3)
+    Z, ys, _ = as_torch(p)
+    (res,) = solve_group_device(Z, ys, [torch.zeros(30, 40, dtype=torch.float64)], rank=3, n_pop=10.0)
+    assert res.zero_gradient and np.all(res.B == 0)
+    top = np.linalg.eigh(p.Z)[1][:, -3:]
+    assert subspace_sin_theta(top, res.V) <= 1e-8
+    with pytest.raises(lora_da.NotPositiveDefiniteError, match="auto_damping"):
+        solve_group_device(-torch.eye(40, dtype=torch.float64), ys, [torch.tensor(p.G)], rank=3, n_pop=10.0)
+    with pytest.raises(lora_da.NonFiniteError):
+        solve_group_device(Z, [ys[0] * float("nan")], [torch.tensor(p.G)], rank=3, n_pop=10.0)
+    with pytest.raises(lora_da.InvalidArgumentError, match="rank"):
+        solve_group_device(Z, ys, [torch.tensor(p.G)], rank=30, n_pop=10.0)
+
+
+def test_compute_init_on_a_torch_device_matches_the_core():
+    ids, mask = data()
+    stats = lora_da.collect_statistics(tiny_llama(), batches(ids, mask, 3), LLAMA_TARGETS, progress=False)
+    cfg = lora_da.LoraDAConfig(n_pop=100, rank=2, gamma=4.0)
+    core = lora_da.compute_init(stats, cfg, progress=False)
+    dev = lora_da.compute_init(stats, cfg, progress=False, device="cpu")
+    for n in core:
+        assert subspace_sin_theta(core[n].result.V, dev[n].result.V) <= 1e-8
+        assert np.abs(core[n].B - dev[n].B).max() <= 1e-8 * np.abs(core[n].B).max()
