@@ -76,11 +76,13 @@ def assert_close_statistics(a, b, rel):
             assert np.abs(x - y).max() <= rel * np.abs(x).max(), (n, f)
 
 
-@pytest.mark.parametrize("max_device_bytes", [None, 40_000])
-def test_device_sums_match_the_host_accumulators(max_device_bytes):
+@pytest.mark.parametrize("max_device_bytes,gram_block", [(None, 1024), (40_000, 1024), (None, 12)])
+def test_device_sums_match_the_host_accumulators(max_device_bytes, gram_block, monkeypatch):
     """Same float64 model: Gram, Ḡ and y summed as float64 tensors (one pass,
-    or one pass per input group when the budget is small) against the Rust
-    compensated accumulators."""
+    or one pass per input group when the budget is small; the Gram's lower
+    block triangle in one block or in several) against the Rust compensated
+    accumulators."""
+    monkeypatch.setattr(lora_da.collect, "GRAM_BLOCK", gram_block)
     ids, mask = data()
     host = lora_da.collect_statistics(tiny_llama(), batches(ids, mask, 3), LLAMA_TARGETS, progress=False)
     dev = lora_da.collect_statistics(tiny_llama(), batches(ids, mask, 3), LLAMA_TARGETS, progress=False,
