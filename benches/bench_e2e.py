@@ -150,10 +150,10 @@ def main():
 
         names = lora_da.adapters._peft_targets(model, peft_cfg)
         inits = collect_and_solve(model, batches if "batches" not in kw else kw.pop("batches"), names, cfg, **kw)
-        return inits, collect_and_solve.last_plan
+        return inits, collect_and_solve.last_report
 
-    (inits, plan), t_da, g_da, h_da = measure(lambda: run_lora_da(progress=False))
-    solve_s = sum(i.seconds for i in inits.values())
+    (inits, report), t_da, g_da, h_da = measure(lambda: run_lora_da(progress=False))
+    plan, solve_s = report.plan, report.solve_seconds
     methods = {m: sum(i.result.method == m for i in inits.values()) for m in ("chebyshev", "dense")}
     worst = max(i.result.residual for i in inits.values())
     print(plan.describe())
@@ -180,8 +180,8 @@ def main():
         _, _, g_step, _ = measure(lambda: floor_pass(model, small[:1]))
         transient = 2 * 8 * 2 * 512 * (shape["inter"] + shape["hidden"]) + (512 << 20)
         budget = max(1 << 28, int((g_b - g_step) * 2**30) - transient)
-        (inits_b, plan_b), t_s, g_s, h_s = measure(lambda: run_lora_da(progress=False, batches=small, max_device_bytes=budget))
-        solve_b = sum(i.seconds for i in inits_b.values())
+        (inits_b, report_b), t_s, g_s, h_s = measure(lambda: run_lora_da(progress=False, batches=small, max_device_bytes=budget))
+        plan_b, solve_b = report_b.plan, report_b.solve_seconds
         print(plan_b.describe())
         rows.append((f"lora-da, max_device_bytes {budget / 2**30:.1f} GiB, batch 2", t_s,
                      f"collect {t_s - solve_b:.1f} s, solve {solve_b:.1f} s ({len(plan_b.passes)} passes)", g_s, h_s))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -182,18 +183,22 @@ def _compute_init_on_device(stats: Statistics, config: LoraDAConfig, groups: dic
     # Largest first: the big factorizations start while memory is least fragmented.
     order = sorted(groups.items(), key=lambda kv: -stats.modules[kv[0]].in_features if kv[0] in stats.modules else 0)
     bar = tqdm(total=sum(len(v) for v in groups.values()), desc="lora-da: solving", unit="module", disable=not progress)
-    for group, names in order:
-        as_dev = lambda a: torch.as_tensor(np.ascontiguousarray(a), device=device)  # noqa: E731
-        sample_sums = None
-        if config.output_fisher == "sequence_lowrank":
-            sample_sums = [stats.output_factors[n].sample_sums() for n in names]
-            if any(u is None for u in sample_sums):
-                raise InvalidArgumentError(f"{names}: output_fisher='sequence_lowrank' needs statistics collected with it")
-        inits = _solve_on_device(as_dev(stats.input_factors[group].mean()), [as_dev(stats.output_factor(n)) for n in names],
-                                 [as_dev(stats.mean_grad(n)) for n in names], names, config, sample_sums)
-        for init in inits:
-            out[init.name] = init
-        bar.update(len(inits))
+    def task(group, names):
+        def run():
+            as_dev = lambda a: torch.as_tensor(np.ascontiguousarray(a), device=device)  # noqa: E731
+            sample_sums = None
+            if config.output_fisher == "sequence_lowrank":
+                sample_sums = [stats.output_factors[n].sample_sums() for n in names]
+                if any(u is None for u in sample_sums):
+                    raise InvalidArgumentError(f"{names}: output_fisher='sequence_lowrank' needs statistics collected with it")
+            inits = _solve_on_device(as_dev(stats.input_factors[group].mean()), [as_dev(stats.output_factor(n)) for n in names],
+                                     [as_dev(stats.mean_grad(n)) for n in names], names, config, sample_sums)
+            bar.update(len(inits))
+            return inits
+        return run
+
+    for init in _on_streams([task(g, names) for g, names in order], device):
+        out[init.name] = init
     bar.close()
     return {n: out[n] for n in stats.modules if n in out}
 
@@ -226,18 +231,67 @@ def collect_and_solve(model, dataloader, target_modules, config: LoraDAConfig, *
             raise InvalidArgumentError(f"{name}: rank {config.rank} must be < min(in_features, out_features) = {min(t.n, t.m)}")
     inits: dict[str, ModuleInit] = {}
 
-    def solve_pass(sums, n_samples: int) -> None:
-        for unit in sorted(sums.units, key=lambda u: -u.n):
-            Z, per_module = sums.unit_statistics(unit, n_samples)
-            names = [p[0] for p in per_module]
-            for init in _solve_on_device(Z, [p[1] for p in per_module], [p[2] for p in per_module], names, config,
-                                         [p[3] for p in per_module]):
-                inits[init.name] = init
-            del Z, per_module
+    solve_seconds = 0.0
 
+    def solve_pass(sums, n_samples: int) -> None:
+        nonlocal solve_seconds
+        t0 = time.perf_counter()
+
+        def task(unit):
+            def run():
+                Z, per_module = sums.unit_statistics(unit, n_samples)
+                return _solve_on_device(Z, [p[1] for p in per_module], [p[2] for p in per_module],
+                                        [p[0] for p in per_module], config, [p[3] for p in per_module])
+            return run
+
+        for init in _on_streams([task(u) for u in sorted(sums.units, key=lambda u: -u.n)], device):
+            inits[init.name] = init
+        solve_seconds += time.perf_counter() - t0
+
+    t0 = time.perf_counter()
     run.collect_on_device(max_device_bytes=max_device_bytes, max_host_bytes=max_host_bytes, keep_on_host=False,
                           on_pass=solve_pass)
     if run.n_samples == 0:
         raise InvalidArgumentError("collect_and_solve: the dataloader yielded no sample")
-    collect_and_solve.last_plan = run.plan
+    total = time.perf_counter() - t0
+    collect_and_solve.last_report = RunReport(plan=run.plan, collect_seconds=total - solve_seconds,
+                                              solve_seconds=solve_seconds)
     return {n: inits[n] for n in run.targets if n in inits}
+
+
+@dataclass
+class RunReport:
+    """What the last :func:`collect_and_solve` did (``collect_and_solve.last_report``): its plan and its wall time by stage."""
+
+    plan: object
+    collect_seconds: float
+    solve_seconds: float
+
+
+# Solves running at once on a GPU, each on its own stream: one solve is a chain
+# of small dependent steps with host synchronizations, which leaves the device
+# mostly idle; two chains keep it busier. Each holds its work space (plan.Unit.solve_bytes).
+DEVICE_SOLVE_WORKERS = 2
+
+
+def _on_streams(tasks, device) -> list[ModuleInit]:
+    """Run ``tasks`` (each returns a list of :class:`ModuleInit`) in order, or on
+    CUDA over ``DEVICE_SOLVE_WORKERS`` threads with a stream each; results in task order."""
+    if device.type != "cuda" or DEVICE_SOLVE_WORKERS <= 1 or len(tasks) < 2:
+        return [init for task in tasks for init in task()]
+    torch.cuda.current_stream(device).synchronize()  # the sums are complete before other streams read them
+    # torch.linalg loads its CUDA solver libraries lazily, and that first call is not thread-safe.
+    one = torch.ones(1, 1, dtype=torch.float64, device=device)
+    torch.linalg.cholesky_ex(one), torch.linalg.qr(one), torch.linalg.eigh(one), torch.cholesky_inverse(one)
+    local = threading.local()
+
+    def run(task):
+        if not hasattr(local, "stream"):
+            local.stream = torch.cuda.Stream(device)
+        with torch.cuda.stream(local.stream):
+            out = task()
+            local.stream.synchronize()  # nothing of this stream is pending when its tensors are freed
+        return out
+
+    with ThreadPoolExecutor(max_workers=DEVICE_SOLVE_WORKERS) as pool:
+        return [init for inits in pool.map(run, tasks) for init in inits]
