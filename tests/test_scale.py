@@ -221,3 +221,39 @@ def test_compute_init_on_a_torch_device_matches_the_core():
     for n in core:
         assert subspace_sin_theta(core[n].result.V, dev[n].result.V) <= 1e-8
         assert np.abs(core[n].B - dev[n].B).max() <= 1e-8 * np.abs(core[n].B).max()
+
+
+# -- the host's routes (method "auto" on the CPU) ------------------------------------------
+
+
+def single(p):
+    n, m = p.Z.shape[0], p.y.shape[0]
+    f, o = lora_da.InputFactor(n), lora_da.OutputFactor(m)
+    f.add_gram(p.Z, 1)
+    o.add_sums(p.y, 1)
+    o.count_samples(1)
+    info = lora_da.ModuleInfo(name="x", in_features=n, out_features=m, kind="linear", input_group="x")
+    return lora_da.Statistics(modules={"x": info}, input_factors={"x": f}, output_factors={"x": o},
+                              grad_sums={"x": p.G.copy()}, n_samples=1)
+
+
+@pytest.mark.parametrize("n,m,cond,signal_rank,route", [
+    (300, 200, 1e4, 4, "dense"),      # small: LAPACK directly
+    (700, 700, 1e2, 8, "krylov"),     # an easy spectrum: Krylov within its budget
+    (800, 600, 1e2, 2, "dense"),      # Krylov needs 261 applications, over its budget of 105
+])
+def test_host_auto_route_and_its_accuracy(n, m, cond, signal_rank, route):
+    p = make_problem(n, m, cond=cond, signal_rank=signal_rank, seed=2)
+    (init,) = lora_da.compute_init(single(p), lora_da.LoraDAConfig(n_pop=1000.0, rank=8), progress=False).values()
+    assert init.result.method == route, init.result.notes
+    if n > lora_da.init.HOST_DENSE_BELOW and route == "dense":
+        assert "solved by the dense LAPACK route" in init.result.notes[0]
+    check_against_reference(p, init.result, rank=8, n_pop=1000.0)
+
+
+def test_core_without_dense_fallback_returns_its_krylov_result():
+    p = make_problem(600, 400, cond=1e8, seed=1)
+    r = lora_da.solve(p.Z, p.y, p.G, rank=8, n_pop=1000.0, method="krylov", max_applications=50, dense_fallback=False)
+    assert r.method == "krylov" and r.residual > 1e-10 and "no dense fallback asked" in r.notes[0]
+    ok = lora_da.solve(p.Z, p.y, p.G, rank=8, n_pop=1000.0, method="krylov", max_applications=50)
+    assert ok.method == "dense" and ok.residual <= 1e-10

@@ -75,17 +75,17 @@ def solve(
     rank: int, n_pop: float, alpha: float = 1.0, beta: float = 0.03, damping: float = 1e-6,
     output_damping: float | None = None, gamma: float = 1024.0, normalize: bool = True,
     method: str = "auto", auto_damping: bool = False, tol: float = 1e-12,
-    max_applications: int | None = None, output_precision: npt.NDArray[np.floating] | None = None,
-    name: str = "",
+    max_applications: int | None = None, deterministic: bool = True,
+    output_precision: npt.NDArray[np.floating] | None = None, name: str = "", dense_fallback: bool = True,
 ) -> SolveResult: ...
 def solve_shared(
     z: npt.NDArray[np.floating], ys: Sequence[npt.NDArray[np.floating]], gs: Sequence[npt.NDArray[np.floating]], *,
     rank: int, n_pop: float, alpha: float = 1.0, beta: float = 0.03, damping: float = 1e-6,
     output_damping: float | None = None, gamma: float = 1024.0, normalize: bool = True,
     method: str = "auto", auto_damping: bool = False, tol: float = 1e-12,
-    max_applications: int | None = None,
+    max_applications: int | None = None, deterministic: bool = True,
     output_precisions: Sequence[npt.NDArray[np.floating] | None] | None = None,
-    names: Sequence[str] | None = None,
+    names: Sequence[str] | None = None, dense_fallback: bool = True,
 ) -> list[SolveResult]: ...
 def lowrank_output_precision(sample_sums: npt.NDArray[np.float64], damping: float) -> npt.NDArray[np.float64]: ...
 def num_threads() -> int: ...

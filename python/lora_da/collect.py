@@ -159,7 +159,7 @@ class _Target:
     n: int
     calls: list = field(default_factory=list)  # (x, g) pairs of this batch
     keys: list = field(default_factory=list)  # input identities of this batch's calls
-    seen: list = field(default_factory=list)  # whether this batch's inputs were finite, to name the source of a NaN
+    seen: list = field(default_factory=list)  # this batch's inputs (or their finite flags), to name the source of a NaN
 
 
 def _as_rows(t: torch.Tensor) -> torch.Tensor:
@@ -279,8 +279,11 @@ class _Recorder:
     shared-input detection) and whether each input was finite (``seen``, to
     name the source of a non-finite loss)."""
 
-    def __init__(self, targets: Sequence[_Target], sink, stop_early: bool = False):
+    def __init__(self, targets: Sequence[_Target], sink, stop_early: bool = False, keep_inputs: bool = True):
         self.targets, self.sink, self.handles = list(targets), sink, []
+        # ``seen`` holds the inputs themselves (scanned only when a loss is not
+        # finite) or, where they should not outlive their call, a finite flag each.
+        self.keep_inputs = keep_inputs
         # With ``stop_early`` the backward is cut once every call of this batch
         # had its gradient: a pass over the top layers need not reach the bottom.
         self.stop_early, self.expect, self.received = stop_early, None, 0
@@ -311,7 +314,7 @@ class _Recorder:
             x = args[0].detach()
             key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x._version)
             target.keys.append(key)
-            target.seen.append(torch.isfinite(x).all())
+            target.seen.append(x if recorder.keep_inputs else torch.isfinite(x).all())
 
             def grad_hook(g):
                 sink(target, x, g.detach(), key)
@@ -472,7 +475,8 @@ class _Run:
                 raise ShapeError(f"loss_fn must return per-sample losses of shape ({bsz},), got {tuple(losses.shape)}")
             if not torch.all(torch.isfinite(losses)):
                 bad = torch.nonzero(~torch.isfinite(losses)).flatten().tolist()
-                source = next((t.name for t in recorder.targets if any(not bool(f) for f in t.seen)), None)
+                source = next((t.name for t in recorder.targets if any(not bool(torch.isfinite(f).all()) for f in t.seen)),
+                              None)
                 where = f"module {source}: non-finite input activation in " if source else ""
                 raise NonFiniteError(f"{where}batch {index}: non-finite loss for samples {bad}")
             if not recorder.stop_early:
@@ -529,7 +533,7 @@ class _Run:
             torch.cuda.synchronize(dev)
             before = torch.cuda.memory_allocated(dev)
             torch.cuda.reset_peak_memory_stats(dev)
-        with _Recorder(self.targets.values(), lambda *a: None) as rec:
+        with _Recorder(self.targets.values(), lambda *a: None, keep_inputs=False) as rec:
             self.forward_backward(batch, bsz, index, rec)
             self._set_groups()
         step = torch.cuda.max_memory_allocated(dev) - before if cuda else 0
@@ -582,7 +586,7 @@ class _Run:
                 sums = _DeviceSums(pass_units, self.targets, self.groups, dev, self.per_sample)
                 names = [name for u in pass_units for name, _ in u.modules]
                 samples = 0
-                with _Recorder([self.targets[n] for n in names], sums.add, stop_early=True) as rec, \
+                with _Recorder([self.targets[n] for n in names], sums.add, stop_early=True, keep_inputs=False) as rec, \
                         self._bar(f"lora-da: pass {p + 1}/{len(passes)}") as bar:
                     for index, batch, bsz, mask in source:
                         sums.begin_batch(mask, bsz)

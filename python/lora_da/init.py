@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lora_da._core import SolveResult, lowrank_output_precision, num_threads, solve_shared
-from lora_da.device_solve import DeviceSolveResult, solve_group_device
+from lora_da.device_solve import CONTRACT_RESIDUAL, DeviceSolveResult, solve_group_device
 from lora_da.errors import InvalidArgumentError
 from lora_da.statistics import Statistics
 
@@ -139,14 +139,8 @@ def compute_init(
                 if u is None:
                     raise InvalidArgumentError(f"{name}: output_fisher='sequence_lowrank' needs statistics collected with it")
                 precisions.append(lowrank_output_precision(u, lam_y))
-        results = solve_shared(
-            Z,
-            [stats.output_factor(n) for n in names],
-            [stats.mean_grad(n) for n in names],
-            output_precisions=precisions,
-            names=names,
-            **config.solve_kwargs(),
-        )
+        ys, Gs = [stats.output_factor(n) for n in names], [stats.mean_grad(n) for n in names]
+        results = _solve_on_host(Z, ys, Gs, names, precisions, config)
         dt = (time.perf_counter() - t0) / len(names)
         return [ModuleInit(name, res, dt) for name, res in zip(names, results)]
 
@@ -160,6 +154,56 @@ def compute_init(
             bar.update(len(inits))
     bar.close()
     return {n: out[n] for n in stats.modules if n in out}
+
+
+# The host's routes (method "auto"). The Rust core's matrix-free Krylov wins
+# where its spectrum converges in few operator applications; LAPACK's dsyevr on
+# the formed Ω′ (device_solve's dense route on the CPU) costs a fixed O(n³) and
+# wins on small inputs and on near-degenerate gaps, which took Krylov over a
+# thousand applications on real statistics.
+HOST_DENSE_BELOW = 512
+
+
+def krylov_budget(n: int, m: int) -> int:
+    """Krylov applications worth half the dense route's cost for an ``n × n``
+    ``Ω′`` and ``m`` outputs. Both costs are fitted on the 2-core CI machine
+    (benches/RESULTS.md): the dense route (``Z⁻¹``, ``Δ``, ``ΔΔᵀ``, dsyevr) took
+    1.3 s at n = m = 2048 and 0.36 s at n = 1536, m = 384, so about
+    ``8.2e-11·n³ + 6.9e-11·n²m`` s; a Krylov application (two passes over
+    ``L``, one over ``Ḡ``) about ``1.5e-10·(n² + nm)`` s. Only their ratio
+    matters. Half the break-even count: past it the spectrum is hard, and
+    Krylov rarely finishes soon after."""
+    dense = 8.2e-11 * n**3 + 6.9e-11 * n * n * m
+    application = 1.5e-10 * (n * n + n * m)
+    return max(60, int(0.5 * dense / application))
+
+
+def _solve_on_host(Z, ys, Gs, names, precisions, config: LoraDAConfig) -> list:
+    """One input group on the host: Krylov (Rust) within a budget, LAPACK where that is cheaper."""
+    n = Z.shape[0]
+    kwargs = config.solve_kwargs()
+    if config.method != "auto":
+        return solve_shared(Z, ys, Gs, output_precisions=precisions, names=names, **kwargs)
+
+    def dense(idx):
+        dk = {k: v for k, v in config.solve_kwargs().items() if k != "method"}
+        return solve_group_device(torch.from_numpy(np.ascontiguousarray(Z)), [torch.from_numpy(ys[i]) for i in idx],
+                                  [torch.from_numpy(np.ascontiguousarray(Gs[i])) for i in idx], names=[names[i] for i in idx],
+                                  output_precisions=None if precisions is None else [precisions[i] for i in idx],
+                                  method="dense", **dk)
+
+    if n <= HOST_DENSE_BELOW:
+        return dense(range(len(names)))
+    budget = max(krylov_budget(n, G.shape[0]) for G in Gs)
+    kwargs.update(method="krylov", max_applications=budget)
+    results = solve_shared(Z, ys, Gs, output_precisions=precisions, names=names, dense_fallback=False, **kwargs)
+    redo = [i for i, r in enumerate(results) if not r.residual <= CONTRACT_RESIDUAL]
+    if redo:
+        for i, res in zip(redo, dense(redo)):
+            res.notes.insert(0, f"Krylov reached residual {results[i].residual:.1e} within its budget of {budget} "
+                                "applications; solved by the dense LAPACK route")
+            results[i] = res
+    return results
 
 
 def _output_precisions(config: LoraDAConfig, sample_sums: list) -> list | None:

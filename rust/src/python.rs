@@ -573,6 +573,7 @@ fn options(
     tol: f64,
     max_applications: Option<usize>,
     deterministic: bool,
+    dense_fallback: bool,
 ) -> PyResult<SolveOptions> {
     let mut o = SolveOptions::new(rank, n_pop);
     o.alpha = alpha;
@@ -585,6 +586,7 @@ fn options(
     o.auto_damping = auto_damping;
     o.tol = tol;
     o.max_applications = max_applications;
+    o.dense_fallback = dense_fallback;
     o.par = if deterministic { faer::Par::Seq } else { crate::default_par() };
     Ok(o)
 }
@@ -593,7 +595,7 @@ fn options(
 #[pyfunction]
 #[pyo3(signature = (z, y, g, *, rank, n_pop, alpha=1.0, beta=0.03, damping=1e-6, output_damping=None,
     gamma=1024.0, normalize=true, method="auto", auto_damping=false, tol=1e-12, max_applications=None,
-    deterministic=true, output_precision=None, name=""))]
+    deterministic=true, output_precision=None, name="", dense_fallback=true))]
 #[allow(clippy::too_many_arguments)]
 fn solve<'py>(
     py: Python<'py>,
@@ -615,8 +617,9 @@ fn solve<'py>(
     deterministic: bool,
     output_precision: Option<&Bound<'py, PyAny>>,
     name: &str,
+    dense_fallback: bool,
 ) -> PyResult<PySolveResult> {
-    let opts = options(rank, n_pop, alpha, beta, damping, output_damping, gamma, normalize, method, auto_damping, tol, max_applications, deterministic)?;
+    let opts = options(rank, n_pop, alpha, beta, damping, output_damping, gamma, normalize, method, auto_damping, tol, max_applications, deterministic, dense_fallback)?;
     let z = MatrixArg::extract(z, "Z")?;
     let y = vector_arg(y, "y")?;
     let g = MatrixArg::extract(g, "G")?;
@@ -634,7 +637,7 @@ fn solve<'py>(
 #[pyfunction]
 #[pyo3(signature = (z, ys, gs, *, rank, n_pop, alpha=1.0, beta=0.03, damping=1e-6, output_damping=None,
     gamma=1024.0, normalize=true, method="auto", auto_damping=false, tol=1e-12, max_applications=None,
-    deterministic=true, output_precisions=None, names=None))]
+    deterministic=true, output_precisions=None, names=None, dense_fallback=true))]
 #[allow(clippy::too_many_arguments)]
 fn solve_shared<'py>(
     py: Python<'py>,
@@ -656,8 +659,9 @@ fn solve_shared<'py>(
     deterministic: bool,
     output_precisions: Option<Vec<Option<Bound<'py, PyAny>>>>,
     names: Option<Vec<String>>,
+    dense_fallback: bool,
 ) -> PyResult<Bound<'py, PyList>> {
-    let opts = options(rank, n_pop, alpha, beta, damping, output_damping, gamma, normalize, method, auto_damping, tol, max_applications, deterministic)?;
+    let opts = options(rank, n_pop, alpha, beta, damping, output_damping, gamma, normalize, method, auto_damping, tol, max_applications, deterministic, dense_fallback)?;
     if ys.len() != gs.len() {
         return Err(to_py(Error::Shape(format!("solve_shared: {} y vectors but {} gradients", ys.len(), gs.len()))));
     }

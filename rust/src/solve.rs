@@ -82,6 +82,10 @@ pub struct SolveOptions {
     pub tol: f64,
     /// Krylov budget in single-vector operator applications (`None`: `max(n, 600)`).
     pub max_applications: Option<usize>,
+    /// When Krylov misses the contract, solve densely (the default). Off, the
+    /// Krylov result is returned as it is, its residual above the contract,
+    /// for a caller that has a cheaper dense route of its own (Python's LAPACK one).
+    pub dense_fallback: bool,
     pub seed: u64,
     /// Parallelism inside one solve. `Par::Seq` (the default, `deterministic`)
     /// gives bit-identical results whatever the thread count; faer's parallel
@@ -105,6 +109,7 @@ impl SolveOptions {
             auto_damping: false,
             tol: 1e-12,
             max_applications: None,
+            dense_fallback: true,
             seed: 0x10_2A_DA,
             par: Par::Seq,
         }
@@ -426,7 +431,13 @@ pub fn solve_factored(
     let eig = match method {
         Method::Krylov => {
             let e = krylov_bottom(&op, r, opts, None);
-            if e.residual <= CONTRACT_RESIDUAL {
+            if e.residual <= CONTRACT_RESIDUAL || !opts.dense_fallback {
+                if e.residual > CONTRACT_RESIDUAL {
+                    notes.push(format!(
+                        "Krylov stopped at residual {:.2e} after {} applications (contract: {:.0e}); no dense fallback asked",
+                        e.residual, e.iterations, CONTRACT_RESIDUAL
+                    ));
+                }
                 Some(e)
             } else {
                 notes.push(format!(
@@ -442,7 +453,7 @@ pub fn solve_factored(
         Some(e) => (e, Method::Krylov),
         None => (dense_bottom(&op, r), Method::Dense),
     };
-    if eig.residual > CONTRACT_RESIDUAL {
+    if eig.residual > CONTRACT_RESIDUAL && opts.dense_fallback {
         // The dense symmetric eigensolver can stop short of the contract on
         // some spectra (seen: 1e-8 at n = 768); Krylov started from its
         // vectors polishes them in a few steps.
