@@ -49,8 +49,9 @@ class Unit:
 
     @property
     def solve_bytes(self) -> int:
-        """Device work space of the solve (``device_solve``): ``L``, ``Z_λ⁻¹``, ``Ω′``, its
-        shifted Cholesky and a product (five ``n × n``), ``Δ`` and ``ḠᵀD`` of the largest module."""
+        """Device work space of one solve (``device_solve``): about five ``n × n``
+        (the symmetrized copy and factor of ``Z``, ``Z_λ⁻¹``, ``ΔΔᵀ``/``Ω′``, a
+        product), ``Δ`` and ``ḠᵀD`` of the largest module."""
         m = max(m for _, m in self.modules)
         return 8 * (5 * self.n * self.n + 2 * m * self.n)
 
