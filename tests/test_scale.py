@@ -257,3 +257,101 @@ def test_core_without_dense_fallback_returns_its_krylov_result():
     assert r.method == "krylov" and r.residual > 1e-10 and "no dense fallback asked" in r.notes[0]
     ok = lora_da.solve(p.Z, p.y, p.G, rank=8, n_pop=1000.0, method="krylov", max_applications=50)
     assert ok.method == "dense" and ok.residual <= 1e-10
+
+
+# -- review round: the classes of defect an independent review found ------------------------
+
+
+class _Out:
+    def __init__(self, logits):
+        self.logits = logits
+
+
+class _Checkpointed(torch.nn.Module):
+    """A module called twice per forward, once inside reentrant activation checkpointing
+    (its forward runs again during the backward) and once outside it."""
+
+    def __init__(self, routed=False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.a, self.b = torch.nn.Embedding(50, 16), torch.nn.Linear(16, 16), torch.nn.Linear(16, 16)
+        self.head, self.routed = torch.nn.Linear(16, 50), routed
+
+    def get_input_embeddings(self):
+        return self.emb
+
+    def forward(self, input_ids, attention_mask=None):
+        from torch.utils.checkpoint import checkpoint
+
+        h = self.emb(input_ids)
+        if self.routed:  # data-dependent routing: `a` is skipped by some batches
+            return _Out(self.head(h + (self.a(h) if int(input_ids[0, 0]) % 2 == 0 else self.b(h))))
+        h = checkpoint(lambda t: torch.tanh(self.a(t)), h, use_reentrant=True)
+        return _Out(self.head(torch.tanh(self.a(h))))
+
+
+def test_device_path_with_reentrant_checkpointing_matches_the_host():
+    """The backward is cut early only where no forward call happens inside it."""
+    ids, mask = data()
+    host = lora_da.collect_statistics(_Checkpointed(), batches(ids, mask, 3), ["a"], progress=False)
+    dev = lora_da.collect_statistics(_Checkpointed(), batches(ids, mask, 3), ["a"], progress=False,
+                                     accumulate_on="device")
+    assert dev.input_factors["a"].tokens == host.input_factors["a"].tokens
+    assert_close_statistics(host, dev, 1e-13)
+
+
+def test_a_target_skipped_by_a_batch_is_an_error_on_both_paths():
+    ids, mask = data()
+    ids[:, 0] = torch.tensor([2, 2, 2, 3, 3, 3])  # batch 0 calls `a`, batch 1 does not
+    for path in ("host", "device"):
+        with pytest.raises(lora_da.LoraDAError, match="module a: no output gradient in batch 1"):
+            lora_da.collect_statistics(_Checkpointed(routed=True), batches(ids, mask, 3), ["a"], progress=False,
+                                       accumulate_on=path)
+
+
+def test_several_passes_refuse_a_shuffling_dataloader():
+    ids, mask = data()
+    dataset = [{"input_ids": ids[i], "attention_mask": mask[i]} for i in range(len(ids))]
+    loader = torch.utils.data.DataLoader(dataset, batch_size=3, shuffle=True, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(lora_da.InvalidArgumentError, match="other data than pass 1"):
+        lora_da.collect_statistics(tiny_llama(), loader, LLAMA_TARGETS, progress=False, accumulate_on="device",
+                                   max_device_bytes=40_000)
+
+
+@pytest.mark.parametrize("path", ["host", "device"])
+def test_each_module_gets_its_own_mode_back(path):
+    model = tiny_llama()
+    model.train()
+    model.model.layers[0].eval()  # a model may mix modes
+    before = {n: m.training for n, m in model.named_modules()}
+    ids, mask = data()
+    lora_da.collect_statistics(model, batches(ids, mask, 3), ["q_proj"], progress=False, accumulate_on=path)
+    assert {n: m.training for n, m in model.named_modules()} == before
+
+
+@pytest.mark.parametrize("bad", [dict(beta=-1.0), dict(beta=float("nan")), dict(alpha=float("inf")),
+                                 dict(output_damping=-1e-3), dict(tol=float("nan")), dict(gamma=0.0)])
+def test_every_host_route_validates_the_hyper_parameters(bad):
+    """Small inputs take the LAPACK route: it must refuse what the core refuses, with a lora-da error."""
+    p = make_problem(60, 40, seed=1)
+    for method in ("auto", "krylov"):
+        with pytest.raises(lora_da.InvalidArgumentError):
+            lora_da.compute_init(single(p), lora_da.LoraDAConfig(n_pop=100.0, rank=4, method=method, **bad),
+                                 progress=False)
+
+
+def test_device_solve_extreme_but_finite_inputs_raise_lora_da_errors():
+    p = make_problem(60, 40, seed=1)
+    Z = torch.tensor(p.Z)
+    # σ underflows: Z and λ scaled up by 1e150
+    with pytest.raises(lora_da.NonFiniteError, match="underflowed"):
+        solve_group_device(Z * 1e150, [torch.tensor(p.y)], [torch.tensor(p.G)], rank=4, n_pop=100.0, damping=1e144)
+    # an all-zero Z with damping 0: auto_damping raises λ to a value whose inverse is finite
+    (res,) = solve_group_device(torch.zeros(60, 60, dtype=torch.float64), [torch.tensor(p.y)], [torch.tensor(p.G)],
+                                rank=4, n_pop=100.0, damping=0.0, auto_damping=True)
+    assert res.damping >= 1e-10 and np.all(np.isfinite(res.B)) and np.all(np.isfinite(res.A))
+    for args, kw in [((Z, [torch.tensor(p.y)[None]], [torch.tensor(p.G)]), {}),
+                     ((torch.zeros(0, 0, dtype=torch.float64), [torch.tensor(p.y)], [torch.tensor(p.G)]), {}),
+                     ((Z, [torch.tensor(p.y)], [torch.tensor(p.G)]), {"rank": 2.0})]:
+        with pytest.raises(lora_da.LoraDAError):
+            solve_group_device(*args, **{"rank": 4, "n_pop": 100.0, **kw})

@@ -287,6 +287,7 @@ class _Recorder:
         # With ``stop_early`` the backward is cut once every call of this batch
         # had its gradient: a pass over the top layers need not reach the bottom.
         self.stop_early, self.expect, self.received = stop_early, None, 0
+        self.recomputes = False
 
     def __enter__(self) -> _Recorder:
         self.handles = [t.module.register_forward_hook(self._hook(t)) for t in self.targets]
@@ -351,6 +352,7 @@ class _Run:
     batches_done: int = 0
     n_samples_at_start: int = 0
     plan: MemoryPlan | None = None
+    recomputes: bool = False  # the model ran forward calls inside its backward (seen on the probe)
 
     @classmethod
     def start(cls, model, dataloader, target_modules, *, loss_fn, token_mask, output_fisher, max_samples,
@@ -461,6 +463,12 @@ class _Run:
             seen += bsz
             yield index, batch, bsz, token_mask_of(batch, self.token_mask)
 
+    @staticmethod
+    def fingerprint(batch: dict) -> tuple:
+        """Shapes and sums of a batch's tensors: several passes must see the same batches."""
+        return tuple((k, tuple(v.shape), float(v.double().sum())) for k, v in sorted(batch.items())
+                     if isinstance(v, torch.Tensor))
+
     def forward_backward(self, batch: dict, bsz: int, index: int, recorder: _Recorder) -> None:
         """The back-propagated loss is ``Σ_s ℓ_s`` (SPEC §2); the hooks see the rest."""
         recorder.clear()
@@ -479,10 +487,15 @@ class _Run:
                               None)
                 where = f"module {source}: non-finite input activation in " if source else ""
                 raise NonFiniteError(f"{where}batch {index}: non-finite loss for samples {bad}")
-            if not recorder.stop_early:
+            before = sum(len(t.keys) for t in recorder.targets)
+            if not (recorder.stop_early and before):
                 losses.sum().backward()
+                # A forward call made during the backward (reentrant activation
+                # checkpointing recomputes its segment there) could come after the
+                # count the cut awaits: then the backward must always run to its end.
+                recorder.recomputes = recorder.recomputes or sum(len(t.keys) for t in recorder.targets) > before
                 return
-            recorder.expect = sum(len(t.keys) for t in recorder.targets)
+            recorder.expect = before
             try:
                 losses.sum().backward()
             except _BackwardDone:
@@ -536,6 +549,7 @@ class _Run:
         with _Recorder(self.targets.values(), lambda *a: None, keep_inputs=False) as rec:
             self.forward_backward(batch, bsz, index, rec)
             self._set_groups()
+        self.recomputes = rec.recomputes
         step = torch.cuda.max_memory_allocated(dev) - before if cuda else 0
         tokens = int(batch["input_ids"].numel()) if isinstance(batch.get("input_ids"), torch.Tensor) else bsz
         return step, tokens
@@ -586,9 +600,18 @@ class _Run:
                 sums = _DeviceSums(pass_units, self.targets, self.groups, dev, self.per_sample)
                 names = [name for u in pass_units for name, _ in u.modules]
                 samples = 0
-                with _Recorder([self.targets[n] for n in names], sums.add, stop_early=True, keep_inputs=False) as rec, \
+                prints = []
+                with _Recorder([self.targets[n] for n in names], sums.add, stop_early=not self.recomputes,
+                               keep_inputs=False) as rec, \
                         self._bar(f"lora-da: pass {p + 1}/{len(passes)}") as bar:
                     for index, batch, bsz, mask in source:
+                        if len(passes) > 1:
+                            prints.append(self.fingerprint(batch))
+                            if p > 0 and (len(prints) > len(first_prints) or prints[-1] != first_prints[len(prints) - 1]):
+                                raise InvalidArgumentError(
+                                    f"pass {p + 1} got other data than pass 1 at batch {index}: the dataloader must yield "
+                                    "the same batches on every pass (no shuffling), or raise max_device_bytes for one pass"
+                                )
                         sums.begin_batch(mask, bsz)
                         self.forward_backward(batch, bsz, index, rec)
                         _check_groups({n: self.targets[n] for n in names}, {n: self.groups[n] for n in names})
@@ -601,6 +624,8 @@ class _Run:
                             if keep_on_host and self._checkpoint_due():
                                 sums.flush(self)
                                 self.snapshot().save(self.checkpoint_path)
+                if p == 0:
+                    first_prints = prints
                 if p > 0 and samples != self.n_samples - self.n_samples_at_start:
                     raise InvalidArgumentError(
                         f"pass {p + 1} saw {samples} samples, the first {self.n_samples - self.n_samples_at_start}: "
@@ -632,15 +657,17 @@ class _DeviceSums:
         self.groups = groups
         self.per_sample = per_sample
         self.flags: list = []
+        self.called: set = set()
         self.batch_samples = 0
         self.mask = None
 
     def begin_batch(self, mask, bsz: int) -> None:
-        self.mask, self.flags = mask, []
+        self.mask, self.flags, self.called = mask, [], set()
         self.batch_samples += bsz
 
     def add(self, target: _Target, x: torch.Tensor, g: torch.Tensor, key) -> None:
         name = target.name
+        self.called.add(name)
         xr, gr = _as_rows(x), _as_rows(g)
         self.flags.append((name, torch.isfinite(xr).all(), torch.isfinite(gr).all()))
         # Own copies (a float64 model's tensors are autograd's): zero-weighted in place below.
@@ -662,7 +689,11 @@ class _DeviceSums:
             self.gram_tokens[name].add_(w.sum() if w is not None else xr.shape[0])
 
     def end_batch(self, index: int) -> None:
-        """One sync per batch: every call's inputs and gradients were finite."""
+        """One sync per batch: every module had a call with gradient (as on the
+        host path), and every call's inputs and gradients were finite."""
+        missing = [n for n in self.grad if n not in self.called]
+        if missing:
+            raise LoraDAError(f"module {missing[0]}: no output gradient in batch {index}")
         if not self.flags:
             return
         ok = torch.stack([torch.stack([fx, fg]) for _, fx, fg in self.flags]).cpu()
@@ -741,7 +772,7 @@ def _frozen(model: torch.nn.Module):
     during collection, and get their flags, ``.grad`` and mode back after."""
     requires = {p: p.requires_grad for p in model.parameters()}
     grads_before = {p: p.grad for p in model.parameters()}
-    was_training = model.training
+    modes = {m: m.training for m in model.modules()}
     model.eval()
     try:
         for p in model.parameters():
@@ -751,7 +782,8 @@ def _frozen(model: torch.nn.Module):
         for p, r in requires.items():
             p.requires_grad_(r)
             p.grad = grads_before[p]
-        model.train(was_training)
+        for m, mode in modes.items():  # each module's own mode: a model may mix them
+            m.training = mode
 
 
 def _batch_size(batch: dict) -> int:

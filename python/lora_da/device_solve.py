@@ -33,7 +33,7 @@ import scipy.linalg
 import scipy.linalg.lapack
 import torch
 
-from lora_da.errors import InvalidArgumentError, NonFiniteError, NotPositiveDefiniteError, ShapeError
+from lora_da.errors import InvalidArgumentError, LoraDAError, NonFiniteError, NotPositiveDefiniteError, ShapeError
 
 CONTRACT_RESIDUAL = 1e-10
 SYMMETRY_TOL = 1e-10
@@ -115,7 +115,9 @@ def inverse_input(Z: torch.Tensor, damping: float, auto_damping: bool, name: str
             return inv, lam
         if not auto_damping or attempt == 12:
             break
-        lam = max(lam * 10.0, 1e-10 * max(abs(mean_diag), np.finfo(float).tiny))
+        # From 1e-10 of the mean diagonal (or of 1 for an all-zero Z): a subnormal λ
+        # would factor and then overflow in the inverse.
+        lam = max(lam * 10.0, 1e-10 * (abs(mean_diag) if mean_diag != 0 else 1.0))
     hint = "" if auto_damping else " or allow it to be raised automatically (auto_damping=True)"
     raise NotPositiveDefiniteError(
         f"{where}the Cholesky factorization of Z + λI failed with λ = {lam:e} (mean diagonal of Z = {mean_diag:e}); "
@@ -124,7 +126,7 @@ def inverse_input(Z: torch.Tensor, damping: float, auto_damping: bool, name: str
 
 
 def _spd_inverse(Z: torch.Tensor, lam: float) -> torch.Tensor | None:
-    """``(Z + λI)⁻¹``, symmetric, or None when the Cholesky fails."""
+    """``(Z + λI)⁻¹``, symmetric, or None when the Cholesky fails or the inverse overflows."""
     n = Z.shape[0]
     if Z.device.type == "cpu":
         a = Z.numpy() + lam * np.eye(n)
@@ -135,11 +137,13 @@ def _spd_inverse(Z: torch.Tensor, lam: float) -> torch.Tensor | None:
         if info != 0:
             return None
         inv = torch.from_numpy(np.tril(inv))
-        return inv.add_(torch.tril(inv, -1).T)
+        inv = inv.add_(torch.tril(inv, -1).T)
+        return inv if bool(torch.isfinite(inv).all()) else None
     L, info = torch.linalg.cholesky_ex(Z + lam * torch.eye(n, dtype=Z.dtype, device=Z.device))
     if int(info) != 0:
         return None
-    return _symmetric(torch.cholesky_inverse(L))
+    inv = _symmetric(torch.cholesky_inverse(L))
+    return inv if bool(torch.isfinite(inv).all()) else None
 
 
 def _start_block(n: int, k: int, device) -> torch.Tensor:
@@ -307,6 +311,30 @@ def fix_signs(V: torch.Tensor) -> torch.Tensor:
     return V * s
 
 
+def _check_scalars(*, rank, n_pop, alpha, beta, damping, output_damping, gamma, tol) -> None:
+    """The core's rules for the hyper-parameters (``SolveOptions::check_scalars``), with the same messages."""
+    def bad(name, v, need):
+        raise InvalidArgumentError(f"device_solve: {name} must be {need}, got {v!r}")
+
+    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1:
+        bad("rank", rank, "an integer ≥ 1")
+    real = lambda v: isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool)  # noqa: E731
+    if not (real(n_pop) and n_pop > 0 and math.isfinite(n_pop)):
+        bad("n_pop", n_pop, "a finite number > 0")
+    if not (real(alpha) and math.isfinite(alpha)):
+        bad("alpha", alpha, "finite")
+    if not (real(beta) and beta >= 0 and math.isfinite(beta)):
+        bad("beta", beta, "finite and ≥ 0")
+    if not (real(damping) and damping >= 0 and math.isfinite(damping)):
+        bad("damping", damping, "finite and ≥ 0")
+    if output_damping is not None and not (real(output_damping) and output_damping >= 0 and math.isfinite(output_damping)):
+        bad("output_damping", output_damping, "finite and ≥ 0")
+    if not (real(gamma) and gamma > 0 and math.isfinite(gamma)):
+        bad("gamma", gamma, "finite and > 0")
+    if not (real(tol) and 0 < tol < 1):
+        bad("tol", tol, "in (0, 1)")
+
+
 def solve_group_device(
     Z: torch.Tensor,
     ys: list[torch.Tensor],
@@ -330,13 +358,13 @@ def solve_group_device(
     """SPEC §3 for the modules that share one ``Z`` (one Cholesky), on ``Z``'s
     device in float64. ``Z`` is ``n × n``; each ``G`` is ``m × n``, each ``y`` has
     ``m`` entries. ``method`` "dense" skips the subspace iteration."""
-    names = names or [""] * len(Gs)
-    if not (n_pop > 0 and math.isfinite(n_pop)):
-        raise InvalidArgumentError(f"device_solve: n_pop must be finite and > 0, got {n_pop!r}")
-    if not (damping >= 0 and math.isfinite(damping)):
-        raise InvalidArgumentError(f"device_solve: damping must be finite and ≥ 0, got {damping!r}")
-    if not (gamma > 0 and math.isfinite(gamma)):
-        raise InvalidArgumentError(f"device_solve: gamma must be finite and > 0, got {gamma!r}")
+    names = list(names) if names is not None else [""] * len(Gs)
+    _check_scalars(rank=rank, n_pop=n_pop, alpha=alpha, beta=beta, damping=damping, output_damping=output_damping,
+                   gamma=gamma, tol=tol)
+    if len(ys) != len(Gs) or len(names) != len(Gs) or (output_precisions is not None and len(output_precisions) != len(Gs)):
+        raise ShapeError(f"device_solve: {len(ys)} y vectors, {len(Gs)} gradients, {len(names)} names")
+    if not isinstance(Z, torch.Tensor) or Z.dim() != 2 or Z.shape[0] != Z.shape[1] or Z.shape[0] == 0:
+        raise ShapeError(f"device_solve: Z must be a square, non-empty tensor, got {getattr(Z, 'shape', type(Z))}")
     Z = Z.to(torch.float64)
     n = Z.shape[0]
     dev = Z.device
@@ -344,9 +372,13 @@ def solve_group_device(
         z_inv, lam = inverse_input(Z, damping, auto_damping, names[0] if len(names) == 1 else ",".join(names))
     lam_y = damping if output_damping is None else output_damping
     results = []
-    for i, (y, G) in enumerate(zip(ys, Gs)):
+
+    def one(i, y, G) -> DeviceSolveResult:
         name = names[i]
         where = f"module {name}: " if name else ""
+        if not (isinstance(y, torch.Tensor) and y.dim() == 1 and isinstance(G, torch.Tensor) and G.dim() == 2):
+            raise ShapeError(f"device_solve: {where}y must be a vector and Ḡ a matrix, got {getattr(y, 'shape', None)} "
+                             f"and {getattr(G, 'shape', None)}")
         y, G = y.to(torch.float64), G.to(torch.float64)
         m = y.shape[0]
         if G.shape != (m, n):
@@ -392,6 +424,9 @@ def solve_group_device(
         notes += more
         sigma = 1.0 if zero_gradient or not normalize else math.sqrt(s2)
         scale2 = sigma * sigma
+        if not scale2 > 0:
+            raise NonFiniteError(f"device_solve: {where}σ = ‖Δ‖₂ underflowed to {sigma!r} (Ḡ or ỹ near the float64 "
+                                 "range's lower end): rescale the statistics")
         V = fix_signs(vectors)
         A = V.T / math.sqrt(gamma)
         B = torch.zeros(m, rank, dtype=torch.float64, device=Z.device) if zero_gradient else (delta.T @ V) / (sigma * math.sqrt(gamma))
@@ -418,6 +453,17 @@ def solve_group_device(
                 raise NonFiniteError(f"device_solve: {where}the solve produced a non-finite {what}")
         if not all(math.isfinite(v) for v in (out.sigma, out.c, out.next_eigenvalue, out.omega_norm)):
             raise NonFiniteError(f"device_solve: {where}the solve produced a non-finite σ, c or ‖Ω‖")
-        results.append(out)
-        del delta, omega
+        return out
+
+    for i, (y, G) in enumerate(zip(ys, Gs)):
+        try:
+            results.append(one(i, y, G))
+        except LoraDAError:
+            raise
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except (ValueError, RuntimeError, ZeroDivisionError, OverflowError, np.linalg.LinAlgError) as e:
+            # Finite but extreme inputs (scales near the float64 range) can break a
+            # step outside the checks above: an error that names the module, not a NaN.
+            raise NonFiniteError(f"device_solve: module {names[i]}: the solve failed on extreme values ({e})") from e
     return results
