@@ -152,6 +152,25 @@ def test_init_end_to_end(model_dir, data_file, tmp_path):
         np.testing.assert_array_equal(got[name][1], init.B.astype(np.float32))
 
 
+def test_solve_on_a_torch_device_matches_the_host(model_dir, data_file, tmp_path):
+    """``--solve-device cpu`` runs the float64 torch route (the GPU's) on the CPU: the same adapter to 1e-8."""
+    from peft import PeftModel
+
+    stats = tmp_path / "s.safetensors"
+    assert main(["collect", str(model_dir), str(data_file), "--out", str(stats), "--targets", "q_proj,v_proj", "-q"]) == 0
+    outs = {}
+    for where in ("host", "cpu"):
+        outs[where] = tmp_path / where
+        assert main(["solve", str(stats), "--n-pop", "1000", "--rank", "4", "--out", str(outs[where]),
+                     "--solve-device", where, "-q"]) == 0
+    a, b = (_lora_weights(PeftModel.from_pretrained(_fresh_base(model_dir), str(outs[w]))) for w in ("host", "cpu"))
+    assert set(a) == set(b)
+    for name in a:
+        for x, y in zip(a[name], b[name]):
+            assert np.abs(x - y).max() <= 1e-6 * np.abs(x).max()  # float32 adapters
+    assert main(["solve", str(stats), "--n-pop", "1000", "--out", str(tmp_path / "x"), "--solve-device", "gpu7"]) != 0
+
+
 @pytest.mark.parametrize(
     "case",
     ["missing-data", "n-pop-zero", "targets-nomatch", "missing-model", "rank-too-big", "missing-stats"],

@@ -351,12 +351,26 @@ def _prepare_out(args) -> None:
         raise ValueError(f"{_state_dict_report_path(out)} already exists (pass --overwrite to replace it)")
 
 
+def _solve_device(choice: str):
+    """``--solve-device`` → the ``device`` of :func:`lora_da.compute_init` (None: the host routes)."""
+    import torch
+
+    if choice == "host":
+        return None
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else None
+    try:
+        return torch.device(choice)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--solve-device must be auto, host or a torch device, got {choice!r}") from None
+
+
 def _solve(args, stats):
     from lora_da.init import compute_init
 
     config = _config(args, stats)
     t0 = time.perf_counter()
-    inits = compute_init(stats, config, progress=not args.quiet)
+    inits = compute_init(stats, config, progress=not args.quiet, device=_solve_device(args.solve_device))
     print(f"lora-da: solved {len(inits)} modules in {time.perf_counter() - t0:.2f} s (rank {config.rank}, γ {config.gamma:g})")
     return inits, config
 
@@ -760,6 +774,9 @@ def _add_solve_args(p, *, n_pop_required: bool) -> None:
     p.add_argument("--gamma", type=float, default=1024.0, help="scale γ (default 1024)")
     p.add_argument("--no-normalize", action="store_true", help="do not normalize Δ by its spectral norm")
     p.add_argument("--method", choices=["auto", "krylov", "dense"], default="auto")
+    p.add_argument("--solve-device", default="auto",
+                   help="where to solve: auto (a CUDA GPU when there is one, else the host), host (the Rust core "
+                        "and LAPACK), or a torch device such as cuda:1 (float64 on that device)")
 
 
 def _add_output_args(p) -> None:
