@@ -95,6 +95,12 @@ def initialize_lora_da_weights(
     :meth:`save_pretrained` is guarded (see :func:`save_initial_adapter`).
     Returns ``{module: SolveResult}`` when it solved, else ``{}``.
     """
+    if not (hasattr(peft_model, "peft_config") and hasattr(peft_model, "get_base_model")):
+        raise InvalidArgumentError(
+            f"initialize_lora_da_weights needs a peft.PeftModel, got {type(peft_model).__name__}: wrap the model with "
+            "peft.get_peft_model(model, LoraConfig(...)) first, or call get_lora_da_state_dict(model, dataloader, "
+            "peft_config, lora_da_config) for the weights alone"
+        )
     if adapter_name not in peft_model.peft_config:
         raise InvalidArgumentError(f"the PeftModel has no adapter named {adapter_name!r}")
     peft_config = peft_model.peft_config[adapter_name]

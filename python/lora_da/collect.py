@@ -24,7 +24,7 @@ import itertools
 import os
 import re
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -83,9 +83,25 @@ def resolve_targets(model: torch.nn.Module, target_modules) -> list[str]:
         out = [n for n in named if n and pat.fullmatch(n)]
     else:
         keys = list(target_modules)
+        if not all(isinstance(k, str) and k for k in keys):
+            raise InvalidArgumentError(f"target_modules must be names (strings), got {target_modules!r}")
         out = [n for n in named if n and any(n == k or n.endswith("." + k) for k in keys)]
+        unmatched = [k for k in keys if not any(n == k or n.endswith("." + k) for n in named if n)]
+        if unmatched and out:
+            raise InvalidArgumentError(
+                f"target_modules: {unmatched} match no module of {type(model).__name__}"
+                f"{_suggest(unmatched[0], named)}; the others match {len(out)} modules"
+            )
     if not out:
-        raise InvalidArgumentError(f"target_modules={target_modules!r} matches no module of {type(model).__name__}")
+        hint = _suggest(target_modules if isinstance(target_modules, str) else list(target_modules)[0], named) \
+            if target_modules else ""
+        raise InvalidArgumentError(f"target_modules={target_modules!r} matches no module of {type(model).__name__}{hint}")
+    lora = [n for n in out if hasattr(named[n], "base_layer") and linear_kind(named[n]) is None]
+    if lora:
+        raise InvalidArgumentError(
+            f"{lora[0]} is a PEFT LoRA layer, not the linear layer it wraps: collect on the base model with the adapter "
+            "disabled, or call lora_da.initialize_lora_da_weights(peft_model, dataloader, ...), which does that"
+        )
     bad = [n for n in out if linear_kind(named[n]) is None]
     if bad:
         raise InvalidArgumentError(
@@ -93,6 +109,16 @@ def resolve_targets(model: torch.nn.Module, target_modules) -> list[str]:
             + ", ".join(f"{n} ({type(named[n]).__name__})" for n in bad[:5])
         )
     return out
+
+
+def _suggest(key, named: dict) -> str:
+    """``" (did you mean: …?)"`` with the linear modules' last name parts closest to ``key``."""
+    import difflib
+
+    leaves = sorted({n.split(".")[-1] for n, m in named.items() if n and linear_kind(m)})
+    close = difflib.get_close_matches(str(key).split(".")[-1], leaves, n=4, cutoff=0.5)
+    return f" (did you mean: {', '.join(close)}? linear modules end in: {', '.join(leaves[:12])})" if close else (
+        f" (linear modules end in: {', '.join(leaves[:12])})" if leaves else "")
 
 
 # -- per-sample losses -----------------------------------------------------------
@@ -112,11 +138,12 @@ def causal_lm_per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> tor
 
 def default_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     """Per-sample losses for causal LMs (``labels`` or ``input_ids`` with padding
-    masked) and sequence classification (``labels`` of shape ``(B,)``)."""
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    masked) and sequence classification (``labels`` of shape ``(B,)``; the
+    ``label`` key that ``datasets`` produces is accepted too)."""
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "label")}
     out = model(**inputs)
     logits = out.logits if hasattr(out, "logits") else out[0]
-    labels = batch.get("labels")
+    labels = batch.get("labels", batch.get("label"))
     if logits.dim() == 3:
         if labels is None:
             labels = batch["input_ids"].clone()
@@ -451,6 +478,12 @@ class _Run:
                 continue
             if self.max_samples is not None and seen >= self.max_samples:
                 break
+            if not isinstance(batch, Mapping):
+                raise InvalidArgumentError(
+                    f"batch {index} is a {type(batch).__name__}, not a dict of tensors: each batch must be collated "
+                    "(input_ids, attention_mask and, for classification, labels), e.g. by a DataLoader with "
+                    "transformers' DataCollatorWithPadding"
+                )
             batch = dict(batch)
             device = self.device
             batch = {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}

@@ -1,0 +1,54 @@
+"""Errors that teach, and the inputs a PEFT user passes first (issue 12, items 8–9)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from test_collect import LLAMA_TARGETS, batches, data, tiny_llama
+from transformers import BertConfig, BertForSequenceClassification
+
+import lora_da
+
+
+def test_a_target_name_that_matches_nothing_is_named_with_suggestions():
+    ids, mask = data()
+    with pytest.raises(lora_da.InvalidArgumentError, match=r"\['querry'\] match no module.*linear modules end in: .*q_proj"):
+        lora_da.collect_statistics(tiny_llama(), batches(ids, mask, 3), ["querry", "v_proj"], progress=False)
+    with pytest.raises(lora_da.InvalidArgumentError, match="matches no module.*did you mean: q_proj"):
+        lora_da.collect_statistics(tiny_llama(), batches(ids, mask, 3), ["q_prj"], progress=False)
+
+
+def test_collecting_on_a_peft_model_says_what_to_do():
+    ids, mask = data()
+    peft_model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(lora_da.InvalidArgumentError, match="PEFT LoRA layer.*initialize_lora_da_weights"):
+        lora_da.collect_statistics(peft_model, batches(ids, mask, 3), ["q_proj"], progress=False)
+
+
+def test_a_plain_model_passed_as_peft_model_is_refused_with_the_way_out():
+    ids, mask = data()
+    with pytest.raises(lora_da.InvalidArgumentError, match="needs a peft.PeftModel.*get_peft_model"):
+        lora_da.initialize_lora_da_weights(tiny_llama(), batches(ids, mask, 3),
+                                           lora_da_config=lora_da.LoraDAConfig(n_pop=10, rank=2))
+
+
+def test_uncollated_batches_are_refused_with_what_a_batch_must_be():
+    with pytest.raises(lora_da.InvalidArgumentError, match="batch 0 is a str, not a dict of tensors"):
+        lora_da.collect_statistics(tiny_llama(), ["some text", "more text"], LLAMA_TARGETS, progress=False)
+
+
+def test_the_label_key_of_datasets_counts_as_labels():
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=24,
+                     max_position_embeddings=16, num_labels=2)
+    model = BertForSequenceClassification(cfg).double().eval()
+    ids, mask = data()
+    y = torch.tensor([0, 1, 1, 0, 1, 0])
+    with_labels = [dict(b, labels=y[i:i + 3]) for i, b in zip((0, 3), batches(ids, mask, 3))]
+    with_label = [dict(b, label=y[i:i + 3]) for i, b in zip((0, 3), batches(ids, mask, 3))]
+    a = lora_da.collect_statistics(model, with_labels, ["query"], progress=False)
+    b = lora_da.collect_statistics(model, with_label, ["query"], progress=False)
+    for n in a.modules:
+        assert np.array_equal(a.mean_grad(n), b.mean_grad(n))
