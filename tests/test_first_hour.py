@@ -52,3 +52,18 @@ def test_the_label_key_of_datasets_counts_as_labels():
     b = lora_da.collect_statistics(model, with_label, ["query"], progress=False)
     for n in a.modules:
         assert np.array_equal(a.mean_grad(n), b.mean_grad(n))
+
+
+def test_rank_defaults_to_the_adapters_r():
+    ids, mask = data()
+    peft_model = get_peft_model(tiny_llama(), LoraConfig(r=3, target_modules=["q_proj", "v_proj"]))
+    results = lora_da.initialize_lora_da_weights(peft_model, batches(ids, mask, 3),
+                                                 lora_da_config=lora_da.LoraDAConfig(n_pop=100), progress=False)
+    assert results and all(r.A.shape[0] == 3 for r in results.values())
+    with pytest.raises(lora_da.InvalidArgumentError, match="leave rank unset"):
+        lora_da.initialize_lora_da_weights(peft_model, batches(ids, mask, 3),
+                                           lora_da_config=lora_da.LoraDAConfig(n_pop=100, rank=4), progress=False)
+    stats = lora_da.collect_statistics(tiny_llama(), batches(ids, mask, 3), ["q_proj"], progress=False)
+    (init,) = lora_da.compute_init(stats, lora_da.LoraDAConfig(n_pop=100), progress=False, modules=[
+        "model.layers.0.self_attn.q_proj"]).values()
+    assert init.A.shape[0] == 8  # no adapter: the published default

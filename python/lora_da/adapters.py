@@ -45,9 +45,11 @@ def get_lora_da_state_dict(
     """``{"<module>.lora_A.weight": A, "<module>.lora_B.weight": B}`` (float32) for
     the modules ``peft_config`` targets, computed from one pass over ``dataloader``
     (or from ``statistics`` already collected)."""
+    lora_da_config = lora_da_config.with_rank(peft_config.r)
     if lora_da_config.rank != peft_config.r:
         raise InvalidArgumentError(
-            f"LoraDAConfig.rank = {lora_da_config.rank} differs from the PEFT config's r = {peft_config.r}"
+            f"LoraDAConfig.rank = {lora_da_config.rank} differs from the PEFT config's r = {peft_config.r} "
+            "(leave rank unset to use the adapter's)"
         )
     names = _peft_targets(model, peft_config)
     if statistics is None:
@@ -104,9 +106,11 @@ def initialize_lora_da_weights(
     if adapter_name not in peft_model.peft_config:
         raise InvalidArgumentError(f"the PeftModel has no adapter named {adapter_name!r}")
     peft_config = peft_model.peft_config[adapter_name]
+    lora_da_config = lora_da_config.with_rank(peft_config.r)
     if state_dict is None and lora_da_config.rank != peft_config.r:
         raise InvalidArgumentError(
-            f"LoraDAConfig.rank = {lora_da_config.rank} differs from the PEFT config's r = {peft_config.r}"
+            f"LoraDAConfig.rank = {lora_da_config.rank} differs from the PEFT config's r = {peft_config.r} "
+            "(leave rank unset to use the adapter's)"
         )
     layers = dict(_lora_layers(peft_model, adapter_name))
     results = {}

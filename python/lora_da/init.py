@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -31,7 +31,7 @@ class LoraDAConfig:
     """
 
     n_pop: int | float | None = None
-    rank: int = 8
+    rank: int | None = None  # None: the PEFT adapter's r, or the published 8 without an adapter
     alpha: float = 1.0
     beta: float = 0.03
     damping: float = 1e-6
@@ -51,7 +51,7 @@ class LoraDAConfig:
             raise InvalidArgumentError("LoraDAConfig: n_pop (the number of fine-tuning samples) is required")
         if not (isinstance(self.n_pop, (int, float)) and np.isfinite(self.n_pop) and self.n_pop > 0):
             raise InvalidArgumentError(f"LoraDAConfig: n_pop must be > 0, got {self.n_pop!r}")
-        if not (isinstance(self.rank, int) and self.rank >= 1):
+        if self.rank is not None and not (isinstance(self.rank, int) and not isinstance(self.rank, bool) and self.rank >= 1):
             raise InvalidArgumentError(f"LoraDAConfig: rank must be an integer ≥ 1, got {self.rank!r}")
         if self.token_mask not in ("attention", "labels"):
             raise InvalidArgumentError(f"LoraDAConfig: token_mask must be 'attention' or 'labels', got {self.token_mask!r}")
@@ -62,9 +62,15 @@ class LoraDAConfig:
         if self.method not in ("auto", "krylov", "dense"):
             raise InvalidArgumentError(f"LoraDAConfig: method must be 'auto', 'krylov' or 'dense', got {self.method!r}")
 
+    def with_rank(self, r: int | None = None) -> LoraDAConfig:
+        """This config with ``rank`` set: to ``r`` when it is None (an adapter's r), else to the published 8."""
+        if self.rank is not None:
+            return self
+        return replace(self, rank=8 if r is None else r)
+
     def solve_kwargs(self) -> dict:
         return dict(
-            rank=self.rank,
+            rank=self.with_rank().rank,
             n_pop=float(self.n_pop),
             alpha=self.alpha,
             beta=self.beta,
@@ -102,11 +108,13 @@ class ModuleInit:
 def compute_init(
     stats: Statistics, config: LoraDAConfig, *, progress: bool = True, modules=None, device=None
 ) -> dict[str, ModuleInit]:
-    """Solve every module (SPEC §3); modules sharing ``Z`` share one Cholesky.
+    """Solve every module (SPEC §3); modules sharing ``Z`` share one Cholesky
+    (``config.rank`` None means the published 8).
 
     ``device=None`` solves on the host with the Rust core, groups in parallel
     over the cores; a torch device (``"cuda"``) solves there in float64 with
     :mod:`lora_da.device_solve`, largest groups first, uploading one group at a time."""
+    config = config.with_rank()
     wanted = set(stats.modules) if modules is None else set(modules)
     missing = wanted - set(stats.modules)
     if missing:
@@ -259,6 +267,7 @@ def collect_and_solve(model, dataloader, target_modules, config: LoraDAConfig, *
     first (:func:`lora_da.collect_statistics`) and then solved."""
     from lora_da.collect import _on_host, _Run, collect_statistics
 
+    config = config.with_rank()
     device = next(model.parameters()).device
     if checkpoint_path is not None or _on_host(device, max_device_bytes, accumulate_on):
         stats = collect_statistics(model, dataloader, target_modules, loss_fn=loss_fn, token_mask=config.token_mask,
