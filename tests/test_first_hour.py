@@ -67,3 +67,25 @@ def test_rank_defaults_to_the_adapters_r():
     (init,) = lora_da.compute_init(stats, lora_da.LoraDAConfig(n_pop=100), progress=False, modules=[
         "model.layers.0.self_attn.q_proj"]).values()
     assert init.A.shape[0] == 8  # no adapter: the published default
+
+
+def test_the_saved_adapter_says_it_is_lora_da_and_still_loads(tmp_path):
+    """Item 6: the settings and diagnostics are written beside adapter_config.json, which PEFT still loads."""
+    import json
+
+    from peft import PeftModel
+
+    ids, mask = data()
+    peft_model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    cfg = lora_da.LoraDAConfig(n_pop=100, gamma=4.0)
+    results = lora_da.initialize_lora_da_weights(peft_model, batches(ids, mask, 3), lora_da_config=cfg, progress=False)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    report = json.loads((tmp_path / "adapter" / "lora_da_report.json").read_text())
+    assert report["init"] == "lora-da" and report["config"]["gamma"] == 4.0 and report["config"]["rank"] == 2
+    assert set(report["modules"]) == set(results)
+    for name, r in results.items():
+        assert report["modules"][name]["residual"] == r.residual and report["modules"][name]["method"] == r.method
+    loaded = PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "adapter"))
+    for (n1, p1), (n2, p2) in zip(peft_model.named_parameters(), loaded.named_parameters()):
+        assert n1 == n2 and torch.equal(p1, p2)
+    assert not [p for p in (tmp_path / "adapter").iterdir() if p.name.startswith(".")]

@@ -155,9 +155,84 @@ def initialize_lora_da_weights(
         wb.copy_(B.to(device=wb.device, dtype=wb.dtype))
         if lora_da_config.preserve_output:
             _subtract_from_base(layer, adapter_name)
+    _record(peft_model, adapter_name, lora_da_config, results)
     if lora_da_config.preserve_output:
         _guard_save(peft_model)
     return results
+
+
+REPORT_NAME = "lora_da_report.json"
+
+
+def module_report(result) -> dict:
+    """One module's solve diagnostics as JSON-ready values (SPEC §5)."""
+    notes = result.notes if not isinstance(result.notes, str) else ([result.notes] if result.notes else [])
+    return {
+        "n": int(result.A.shape[1]),
+        "m": int(result.B.shape[0]),
+        "eigenvalues": [float(v) for v in result.eigenvalues],
+        "next_eigenvalue": float(result.next_eigenvalue),
+        "gap": float(result.gap),
+        "residual": float(result.residual),
+        "sigma": float(result.sigma),
+        "c": float(result.c),
+        "method": str(result.method),
+        "iterations": int(result.iterations),
+        "notes": list(notes),
+    }
+
+
+def _record(peft_model, adapter_name: str, config: LoraDAConfig, results: dict) -> None:
+    """Say what was done beside the adapter: ``save_pretrained`` also writes
+    ``lora_da_report.json`` (the LoRA-DA settings and each module's
+    diagnostics) next to each saved adapter's ``adapter_config.json``, a file
+    PEFT ignores (its config keeps ``init_lora_weights``, which it validates)."""
+    import lora_da
+
+    reports = peft_model.__dict__.setdefault("_lora_da_reports", {})
+    reports[adapter_name] = {
+        "format": "lora-da-report",
+        "init": "lora-da",
+        "lora_da_version": lora_da.__version__,
+        "adapter_name": adapter_name,
+        "config": config.to_dict(),
+        "source": "solved from data" if results else "written from a state dict",
+        "modules": {name: module_report(r) for name, r in results.items()},
+    }
+    if getattr(peft_model, "_lora_da_recording", False):
+        return
+    original = peft_model.save_pretrained
+
+    @functools.wraps(original)
+    def save_pretrained(save_directory, *args, **kwargs):
+        out = original(save_directory, *args, **kwargs)
+        chosen = kwargs.get("selected_adapters") or list(peft_model.peft_config)
+        for name, report in peft_model._lora_da_reports.items():
+            if name not in chosen:
+                continue
+            where = os.path.join(os.fspath(save_directory), name) if name != "default" else os.fspath(save_directory)
+            if os.path.isfile(os.path.join(where, "adapter_config.json")):
+                _write_json(os.path.join(where, REPORT_NAME), report)
+        return out
+
+    save_pretrained._lora_da_wrapper = True
+    peft_model.save_pretrained = save_pretrained
+    peft_model._lora_da_recording = True
+
+
+def _write_json(path: str, obj: dict) -> None:
+    """Atomically: a temporary file in the same folder, then a rename."""
+    import json
+
+    fd, tmp = tempfile.mkstemp(prefix=".lora_da_", suffix=".json", dir=os.path.dirname(path) or ".")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def _subtract_from_base(layer, adapter_name: str) -> None:
@@ -194,6 +269,7 @@ def _guard_save(peft_model) -> None:
             save_directory, *args, path_initial_model_for_weight_conversion=path_initial_model_for_weight_conversion, **kwargs
         )
 
+    save_pretrained._lora_da_wrapper = True
     peft_model.save_pretrained = save_pretrained
     peft_model._lora_da_guarded = True
 
@@ -201,7 +277,9 @@ def _guard_save(peft_model) -> None:
 def save_initial_adapter(peft_model, path: str | os.PathLike, adapter_name: str = "default") -> None:
     """Save the adapter as initialized (before training) for PEFT's conversion
     at save time: ``model.save_pretrained(out, path_initial_model_for_weight_conversion=path)``."""
-    save = getattr(peft_model.save_pretrained, "__wrapped__", peft_model.save_pretrained)
+    save = peft_model.save_pretrained
+    while getattr(save, "_lora_da_wrapper", False):  # past lora-da's own wrappers (the guard, the report)
+        save = save.__wrapped__
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".lora_da_init_", dir=os.path.dirname(os.path.abspath(path)))

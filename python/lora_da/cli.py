@@ -24,8 +24,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from lora_da.adapters import REPORT_NAME  # the report beside an adapter: one name for the API and the CLI
+
 PROG = "lora-da"
-REPORT_NAME = "lora_da_report.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
