@@ -355,3 +355,20 @@ def test_device_solve_extreme_but_finite_inputs_raise_lora_da_errors():
                      ((Z, [torch.tensor(p.y)], [torch.tensor(p.G)]), {"rank": 2.0})]:
         with pytest.raises(lora_da.LoraDAError):
             solve_group_device(*args, **{"rank": 4, "n_pop": 100.0, **kw})
+
+
+def test_device_sums_name_a_non_finite_input_even_when_the_loss_is_finite():
+    """The forward hooks' finite flags of the inputs are checked at the end of the batch."""
+    model = tiny_llama()
+
+    def poison(module, args):
+        x = args[0].clone()
+        x[0, 1, 2] = float("nan")
+        return (x,)
+
+    model.model.layers[1].mlp.down_proj.register_forward_pre_hook(poison)
+    ids, mask = data()
+    finite_loss = lambda m, b: torch.nan_to_num(lora_da.collect.default_loss(m, b))  # noqa: E731
+    with pytest.raises(lora_da.NonFiniteError, match=r"layers\.1\.mlp\.down_proj: non-finite input activation in batch 0"):
+        lora_da.collect_statistics(model, batches(ids, mask, 3), ["down_proj"], progress=False, accumulate_on="device",
+                                   loss_fn=finite_loss)

@@ -303,8 +303,8 @@ class _Recorder:
     target pairs the call's input with a tensor hook on its output, and
     ``sink(target, x, g, key)`` receives the pair when the gradient arrives.
     Per batch each target keeps its calls' input identities (``keys``, for
-    shared-input detection) and whether each input was finite (``seen``, to
-    name the source of a non-finite loss)."""
+    shared-input detection) and, in ``seen``, its inputs (host path) or whether
+    each was finite (device path), to name the source of non-finite values."""
 
     def __init__(self, targets: Sequence[_Target], sink, stop_early: bool = False, keep_inputs: bool = True):
         self.targets, self.sink, self.handles = list(targets), sink, []
@@ -648,7 +648,7 @@ class _Run:
                         sums.begin_batch(mask, bsz)
                         self.forward_backward(batch, bsz, index, rec)
                         _check_groups({n: self.targets[n] for n in names}, {n: self.groups[n] for n in names})
-                        sums.end_batch(index)
+                        sums.end_batch(index, rec.targets)
                         samples += bsz
                         bar.update(1)
                         if p == 0:
@@ -702,7 +702,8 @@ class _DeviceSums:
         name = target.name
         self.called.add(name)
         xr, gr = _as_rows(x), _as_rows(g)
-        self.flags.append((name, torch.isfinite(xr).all(), torch.isfinite(gr).all()))
+        # x was checked by the forward hook (the recorder's ``seen``); only g is new here
+        self.flags.append((name, "output gradient", torch.isfinite(gr).all()))
         # Own copies (a float64 model's tensors are autograd's): zero-weighted in place below.
         xr, gr = xr.to(torch.float64, copy=True), gr.to(torch.float64, copy=True)
         self.grad[name].addmm_(gr.T, xr)  # Ḡ: every token
@@ -721,19 +722,20 @@ class _DeviceSums:
             _add_gram_lower(self.gram[name], xr)
             self.gram_tokens[name].add_(w.sum() if w is not None else xr.shape[0])
 
-    def end_batch(self, index: int) -> None:
+    def end_batch(self, index: int, targets: Sequence[_Target]) -> None:
         """One sync per batch: every module had a call with gradient (as on the
-        host path), and every call's inputs and gradients were finite."""
+        host path), and every call's inputs (the finite flags the recorder's
+        forward hooks kept in ``seen``) and gradients were finite."""
         missing = [n for n in self.grad if n not in self.called]
         if missing:
             raise LoraDAError(f"module {missing[0]}: no output gradient in batch {index}")
-        if not self.flags:
+        flags = [(t.name, "input activation", f) for t in targets for f in t.seen] + self.flags
+        if not flags:
             return
-        ok = torch.stack([torch.stack([fx, fg]) for _, fx, fg in self.flags]).cpu()
+        ok = torch.stack([f for _, _, f in flags]).cpu()
         if not bool(ok.all()):
-            i = int((~ok.all(1)).nonzero()[0])
-            what = "input activation" if not bool(ok[i, 0]) else "output gradient"
-            raise NonFiniteError(f"module {self.flags[i][0]}: non-finite {what} in batch {index}")
+            name, what, _ = flags[int((~ok).nonzero()[0])]
+            raise NonFiniteError(f"module {name}: non-finite {what} in batch {index}")
         self.flags = []
 
     def flush(self, run: _Run) -> None:
