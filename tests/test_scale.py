@@ -372,3 +372,20 @@ def test_device_sums_name_a_non_finite_input_even_when_the_loss_is_finite():
     with pytest.raises(lora_da.NonFiniteError, match=r"layers\.1\.mlp\.down_proj: non-finite input activation in batch 0"):
         lora_da.collect_statistics(model, batches(ids, mask, 3), ["down_proj"], progress=False, accumulate_on="device",
                                    loss_fn=finite_loss)
+
+
+def test_sequence_lowrank_solves_agree_on_every_route():
+    """The Woodbury output precisions reach the host routes, the device route and collect_and_solve alike."""
+    ids, mask = data()
+    kw = dict(output_fisher="sequence_lowrank")
+    stats = lora_da.collect_statistics(tiny_llama(), batches(ids, mask, 3), ["q_proj", "down_proj"], progress=False, **kw)
+    cfg = lora_da.LoraDAConfig(n_pop=100, rank=2, gamma=4.0, **kw)
+    core = lora_da.compute_init(stats, lora_da.LoraDAConfig(n_pop=100, rank=2, gamma=4.0, method="krylov", **kw),
+                                progress=False)
+    for got in (lora_da.compute_init(stats, cfg, progress=False),
+                lora_da.compute_init(stats, cfg, progress=False, device="cpu"),
+                collect_and_solve(tiny_llama(), batches(ids, mask, 3), ["q_proj", "down_proj"], cfg, progress=False,
+                                  accumulate_on="device")):
+        for n in core:
+            assert subspace_sin_theta(core[n].result.V, got[n].result.V) <= 1e-8
+            assert np.abs(core[n].B - got[n].B).max() <= 1e-8 * np.abs(core[n].B).max()

@@ -122,14 +122,8 @@ def compute_init(
     out: dict[str, ModuleInit] = {}
     groups = {g: [n for n in names if n in wanted] for g, names in stats.groups().items()}
     groups = {g: v for g, v in groups.items() if v}
-    for names in groups.values():
-        for name in names:
-            info = stats.modules[name]
-            if config.rank >= min(info.in_features, info.out_features):
-                raise InvalidArgumentError(
-                    f"{name}: rank {config.rank} must be < min(in_features, out_features) = "
-                    f"{min(info.in_features, info.out_features)}"
-                )
+    _check_rank(config, {n: (stats.modules[n].in_features, stats.modules[n].out_features)
+                         for names in groups.values() for n in names})
 
     if device is not None:
         return _compute_init_on_device(stats, config, groups, torch.device(device), progress)
@@ -138,15 +132,7 @@ def compute_init(
         group, names = item
         t0 = time.perf_counter()
         Z = stats.input_factors[group].mean()
-        precisions = None
-        if config.output_fisher == "sequence_lowrank":
-            lam_y = config.damping if config.output_damping is None else config.output_damping
-            precisions = []
-            for name in names:
-                u = stats.output_factors[name].sample_sums()
-                if u is None:
-                    raise InvalidArgumentError(f"{name}: output_fisher='sequence_lowrank' needs statistics collected with it")
-                precisions.append(lowrank_output_precision(u, lam_y))
+        precisions = _group_precisions(stats, names, config)
         ys, Gs = [stats.output_factor(n) for n in names], [stats.mean_grad(n) for n in names]
         results = _solve_on_host(Z, ys, Gs, names, precisions, config)
         dt = (time.perf_counter() - t0) / len(names)
@@ -214,6 +200,13 @@ def _solve_on_host(Z, ys, Gs, names, precisions, config: LoraDAConfig) -> list:
     return results
 
 
+def _check_rank(config: LoraDAConfig, shapes: dict[str, tuple[int, int]]) -> None:
+    """``1 ≤ r < min(n, m)`` for every module (SPEC §3), before any work."""
+    for name, (n, m) in shapes.items():
+        if config.rank >= min(n, m):
+            raise InvalidArgumentError(f"{name}: rank {config.rank} must be < min(in_features, out_features) = {min(n, m)}")
+
+
 def _output_precisions(config: LoraDAConfig, sample_sums: list) -> list | None:
     """``sequence_lowrank``: ``diag((λI + UUᵀ/N)⁻¹)`` per module (SPEC §2), by the core's Woodbury."""
     if config.output_fisher != "sequence_lowrank":
@@ -222,10 +215,20 @@ def _output_precisions(config: LoraDAConfig, sample_sums: list) -> list | None:
     return [lowrank_output_precision(np.ascontiguousarray(u), lam_y) for u in sample_sums]
 
 
-def _solve_on_device(Z, ys, Gs, names, config: LoraDAConfig, sample_sums=None) -> list[ModuleInit]:
+def _group_precisions(stats: Statistics, names: list[str], config: LoraDAConfig) -> list | None:
+    """The output precisions of a group's modules from their statistics (None: the diagonal ``y``)."""
+    if config.output_fisher != "sequence_lowrank":
+        return None
+    sums = [stats.output_factors[n].sample_sums() for n in names]
+    missing = [n for n, u in zip(names, sums) if u is None]
+    if missing:
+        raise InvalidArgumentError(f"{missing[0]}: output_fisher='sequence_lowrank' needs statistics collected with it")
+    return _output_precisions(config, sums)
+
+
+def _solve_on_device(Z, ys, Gs, names, config: LoraDAConfig, precisions=None) -> list[ModuleInit]:
     t0 = time.perf_counter()
-    results = solve_group_device(Z, ys, Gs, names=names, output_precisions=_output_precisions(config, sample_sums or []),
-                                 **config.solve_kwargs())
+    results = solve_group_device(Z, ys, Gs, names=names, output_precisions=precisions, **config.solve_kwargs())
     dt = (time.perf_counter() - t0) / len(names)
     return [ModuleInit(name, res, dt) for name, res in zip(names, results)]
 
@@ -233,18 +236,15 @@ def _solve_on_device(Z, ys, Gs, names, config: LoraDAConfig, sample_sums=None) -
 def _compute_init_on_device(stats: Statistics, config: LoraDAConfig, groups: dict, device, progress: bool):
     out: dict[str, ModuleInit] = {}
     # Largest first: the big factorizations start while memory is least fragmented.
-    order = sorted(groups.items(), key=lambda kv: -stats.modules[kv[0]].in_features if kv[0] in stats.modules else 0)
+    order = sorted(groups.items(), key=lambda kv: -stats.modules[kv[0]].in_features)
     bar = tqdm(total=sum(len(v) for v in groups.values()), desc="lora-da: solving", unit="module", disable=not progress)
+
     def task(group, names):
         def run():
             as_dev = lambda a: torch.as_tensor(np.ascontiguousarray(a), device=device)  # noqa: E731
-            sample_sums = None
-            if config.output_fisher == "sequence_lowrank":
-                sample_sums = [stats.output_factors[n].sample_sums() for n in names]
-                if any(u is None for u in sample_sums):
-                    raise InvalidArgumentError(f"{names}: output_fisher='sequence_lowrank' needs statistics collected with it")
             inits = _solve_on_device(as_dev(stats.input_factors[group].mean()), [as_dev(stats.output_factor(n)) for n in names],
-                                     [as_dev(stats.mean_grad(n)) for n in names], names, config, sample_sums)
+                                     [as_dev(stats.mean_grad(n)) for n in names], names, config,
+                                     _group_precisions(stats, names, config))
             bar.update(len(inits))
             return inits
         return run
@@ -279,9 +279,7 @@ def collect_and_solve(model, dataloader, target_modules, config: LoraDAConfig, *
     run = _Run.start(model, dataloader, target_modules, loss_fn=loss_fn, token_mask=config.token_mask,
                      output_fisher=config.output_fisher, max_samples=max_samples, checkpoint_path=None,
                      checkpoint_every=None, resume=False, progress=progress)
-    for name, t in run.targets.items():
-        if config.rank >= min(t.n, t.m):
-            raise InvalidArgumentError(f"{name}: rank {config.rank} must be < min(in_features, out_features) = {min(t.n, t.m)}")
+    _check_rank(config, {name: (t.n, t.m) for name, t in run.targets.items()})
     inits: dict[str, ModuleInit] = {}
 
     solve_seconds = 0.0
@@ -294,7 +292,8 @@ def collect_and_solve(model, dataloader, target_modules, config: LoraDAConfig, *
             def run():
                 Z, per_module = sums.unit_statistics(unit, n_samples)
                 return _solve_on_device(Z, [p[1] for p in per_module], [p[2] for p in per_module],
-                                        [p[0] for p in per_module], config, [p[3] for p in per_module])
+                                        [p[0] for p in per_module], config,
+                                        _output_precisions(config, [p[3] for p in per_module]))
             return run
 
         for init in _on_streams([task(u) for u in sorted(sums.units, key=lambda u: -u.n)], device):
