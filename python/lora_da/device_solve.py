@@ -92,21 +92,17 @@ def _require_finite(t: torch.Tensor, what: str) -> None:
 
 
 def inverse_input(Z: torch.Tensor, damping: float, auto_damping: bool, name: str = "") -> tuple[torch.Tensor, float]:
-    """SPEC §3 step 1: ``Z_λ⁻¹`` from the Cholesky factor of ``Z + λI``, and the
+    """SPEC §3 step 1 (``Z`` square, as :func:`solve_group_device` checks): ``Z_λ⁻¹`` from the Cholesky factor of ``Z + λI``, and the
     ``λ`` used (raised ten-fold from at least ``1e-10 · mean(diag Z)``, at most
     12 times, when ``auto_damping``, as the core does). LAPACK's
     ``dpotrf``/``dpotri`` through SciPy on the CPU (three times faster than
     torch's there), the device's Cholesky on a GPU."""
     where = f"module {name}: " if name else ""
-    if Z.dim() != 2 or Z.shape[0] != Z.shape[1]:
-        raise ShapeError(f"device_solve: {where}Z must be square, got {tuple(Z.shape)}")
     _require_finite(Z, f"{where}Z")
     scale = float(Z.abs().max())
-    sym = Z + Z.T
-    if float(sym.sub_(Z, alpha=2).abs().max()) > SYMMETRY_TOL * max(scale, np.finfo(float).tiny):
+    if float((Z - Z.T).abs().max()) > SYMMETRY_TOL * max(scale, np.finfo(float).tiny):
         raise InvalidArgumentError(f"device_solve: {where}Z is not symmetric")
     sym = _symmetric(Z.clone())
-    n = Z.shape[0]
     mean_diag = float(Z.diagonal().mean())
     lam = damping
     for attempt in range(13):
