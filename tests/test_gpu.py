@@ -58,16 +58,9 @@ def test_cuda_bf16_model():
 
 def test_device_solve_on_cuda_matches_the_core():
     """The GPU solve (two streams at once) against the Rust core on the same statistics."""
-    from lora_da.reference import subspace_sin_theta
+    from test_scale import check_compute_init_on
 
-    ids, mask = data()
-    stats = lora_da.collect_statistics(tiny_llama(), batches(ids, mask, 3), LLAMA_TARGETS, progress=False)
-    cfg = lora_da.LoraDAConfig(n_pop=100, rank=2, gamma=4.0)
-    core = lora_da.compute_init(stats, cfg, progress=False)
-    dev = lora_da.compute_init(stats, cfg, progress=False, device="cuda")
-    for n in core:
-        assert subspace_sin_theta(core[n].result.V, dev[n].result.V) <= 1e-8
-        assert np.abs(core[n].B - dev[n].B).max() <= 1e-8 * np.abs(core[n].B).max()
+    check_compute_init_on("cuda")
 
 
 def test_collect_and_solve_on_cuda_in_passes():

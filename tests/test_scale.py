@@ -212,15 +212,20 @@ def test_device_solve_zero_gradient_and_bad_input():
         solve_group_device(Z, ys, [torch.tensor(p.G)], rank=30, n_pop=10.0)
 
 
-def test_compute_init_on_a_torch_device_matches_the_core():
+def check_compute_init_on(device):
+    """``compute_init(device=…)`` against the Rust core on the same statistics (also used by test_gpu.py)."""
     ids, mask = data()
     stats = lora_da.collect_statistics(tiny_llama(), batches(ids, mask, 3), LLAMA_TARGETS, progress=False)
     cfg = lora_da.LoraDAConfig(n_pop=100, rank=2, gamma=4.0)
     core = lora_da.compute_init(stats, cfg, progress=False)
-    dev = lora_da.compute_init(stats, cfg, progress=False, device="cpu")
+    dev = lora_da.compute_init(stats, cfg, progress=False, device=device)
     for n in core:
         assert subspace_sin_theta(core[n].result.V, dev[n].result.V) <= 1e-8
         assert np.abs(core[n].B - dev[n].B).max() <= 1e-8 * np.abs(core[n].B).max()
+
+
+def test_compute_init_on_a_torch_device_matches_the_core():
+    check_compute_init_on("cpu")
 
 
 # -- the host's routes (method "auto" on the CPU) ------------------------------------------
