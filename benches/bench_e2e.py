@@ -191,7 +191,7 @@ def main():
         from lora_da.reference import reference_solve, subspace_sin_theta
 
         L = shape["layers"]
-        names = [f"model.layers.0.self_attn.q_proj", f"model.layers.{L // 2}.self_attn.o_proj",
+        names = ["model.layers.0.self_attn.q_proj", f"model.layers.{L // 2}.self_attn.o_proj",
                  f"model.layers.{L - 1}.mlp.gate_proj", f"model.layers.{L // 2}.mlp.down_proj"][: args.angles]
         # The same statistics for both solves: a second collection differs in its last bits
         # (the GPU's bf16 backward is not bit-reproducible), which moves ill-separated subspaces.

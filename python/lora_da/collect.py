@@ -628,6 +628,7 @@ class _Run:
                         f"the plan needs {len(passes)} passes over the data but the dataloader is a one-shot iterator; "
                         "pass a list or a DataLoader"
                     )
+            first_prints: list = []  # the first pass's batch fingerprints, when there are several passes
             for p, pass_units in enumerate(passes):
                 source = itertools.chain([first], stream) if p == 0 else self.batches()
                 sums = _DeviceSums(pass_units, self.targets, self.groups, dev, self.per_sample)
