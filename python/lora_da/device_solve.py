@@ -353,7 +353,9 @@ def solve_group_device(
 ) -> list[DeviceSolveResult]:
     """SPEC §3 for the modules that share one ``Z`` (one Cholesky), on ``Z``'s
     device in float64. ``Z`` is ``n × n``; each ``G`` is ``m × n``, each ``y`` has
-    ``m`` entries. ``method`` "dense" skips the subspace iteration."""
+    ``m`` entries. ``method`` "dense" skips the subspace iteration;
+    ``deterministic`` is accepted with the shared options and changes nothing
+    here (on a GPU the last bits may vary between runs)."""
     names = list(names) if names is not None else [""] * len(Gs)
     _check_scalars(rank=rank, n_pop=n_pop, alpha=alpha, beta=beta, damping=damping, output_damping=output_damping,
                    gamma=gamma, tol=tol)
