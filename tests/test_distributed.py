@@ -30,7 +30,7 @@ _RANKS = textwrap.dedent(
         from test_hardening import many_batches, TARGETS
         from test_collect import tiny_llama
         shard = many_batches()[rank::world]
-        stats = lora_da.collect_statistics(tiny_llama(), shard, TARGETS, progress=False)
+        stats = lora_da.collect_statistics(tiny_llama(), shard, TARGETS, progress=False, reduce_across_ranks=False)
         total = all_reduce_statistics(stats)
         total.save(os.path.join(out, f"rank{{rank}}.safetensors"))
         dist.destroy_process_group()
@@ -41,16 +41,23 @@ _RANKS = textwrap.dedent(
 )
 
 
-def test_two_ranks_sum_to_the_whole_set(tmp_path):
+def _free_port() -> str:
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
+        return str(s.getsockname()[1])
+
+
+def _run_two_ranks(template: str, tmp_path) -> None:
     script = tmp_path / "ranks.py"
-    script.write_text(_RANKS.format(tests=str(HERE), port=port))
-    out = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=240)
+    script.write_text(template.format(tests=str(HERE), port=_free_port()))
+    out = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
+
+
+def test_two_ranks_sum_to_the_whole_set(tmp_path):
+    _run_two_ranks(_RANKS, tmp_path)
     whole = lora_da.collect_statistics(tiny_llama(), many_batches(), TARGETS, progress=False)
     ranks = [lora_da.Statistics.load(tmp_path / f"rank{r}.safetensors") for r in range(2)]
     for st in ranks:
@@ -72,3 +79,95 @@ def test_needs_a_process_group():
     stats = lora_da.collect_statistics(tiny_llama(), many_batches()[:1], ["q_proj"], progress=False)
     with pytest.raises(lora_da.InvalidArgumentError, match="process group"):
         all_reduce_statistics(stats)
+
+
+# What a data-parallel user runs: every call on every rank with its own shard
+# and no lora-da-specific glue; the library sums and splits by itself.
+_DEFAULTS = textwrap.dedent(
+    """
+    import os, sys
+    sys.path.insert(0, {tests!r})
+    import numpy as np, torch, torch.distributed as dist, torch.multiprocessing as mp
+
+    def work(rank, world, out):
+        os.environ["MASTER_ADDR"] = "127.0.0.1"
+        os.environ["MASTER_PORT"] = {port!r}
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+        import lora_da
+        from lora_da.init import collect_and_solve
+        from peft import LoraConfig, get_peft_model
+        from test_hardening import many_batches, TARGETS
+        from test_collect import tiny_llama
+        shard = many_batches()[rank::world]
+        cfg = lora_da.LoraDAConfig(n_pop=100, rank=2, gamma=4.0)
+        lora_da.collect_statistics(tiny_llama(), shard, TARGETS, progress=False).save(
+            os.path.join(out, f"stats{{rank}}.safetensors"))
+        lora_da.collect_statistics(tiny_llama(), shard, TARGETS, progress=False,
+                                   output_fisher="sequence_lowrank").save(os.path.join(out, f"lowrank{{rank}}.safetensors"))
+        res = {{}}
+        for route in ("host", "device"):
+            inits = collect_and_solve(tiny_llama(), shard, TARGETS, cfg, progress=False, accumulate_on=route)
+            for n, i in inits.items():
+                res[f"{{route}}/{{n}}/A"], res[f"{{route}}/{{n}}/B"] = i.A, i.B
+        peft_model = get_peft_model(tiny_llama(), LoraConfig(r=2, lora_alpha=4, target_modules=TARGETS))
+        lora_da.initialize_lora_da_weights(peft_model, shard, lora_da_config=lora_da.LoraDAConfig(n_pop=100, gamma=4.0),
+                                           progress=False)
+        for n, p in peft_model.named_parameters():
+            if "lora_" in n:
+                res["peft/" + n] = p.detach().numpy()
+        np.savez(os.path.join(out, f"res{{rank}}.npz"), **res)
+        dist.destroy_process_group()
+
+    if __name__ == "__main__":
+        mp.spawn(work, args=(2, sys.argv[1]), nprocs=2)
+    """
+)
+
+
+def test_data_parallel_runs_agree_by_default(tmp_path):
+    """Under a process group the defaults sum the shards (statistics of the
+    whole set on every rank) and give every rank the same adapter, equal to a
+    single process on the whole set up to the rounding of the shard sums."""
+    from peft import LoraConfig, get_peft_model
+
+    from lora_da.init import collect_and_solve
+
+    _run_two_ranks(_DEFAULTS, tmp_path)
+    whole = lora_da.collect_statistics(tiny_llama(), many_batches(), TARGETS, progress=False)
+    for r in range(2):
+        st = lora_da.Statistics.load(tmp_path / f"stats{r}.safetensors")
+        assert st.n_samples == whole.n_samples and st.config["world_size"] == 2
+        for n in whole.modules:
+            np.testing.assert_allclose(st.mean_grad(n), whole.mean_grad(n), rtol=0, atol=1e-14 * np.abs(whole.mean_grad(n)).max())
+            np.testing.assert_allclose(st.input_factor(n), whole.input_factor(n), rtol=1e-14, atol=0)
+    lowrank = lora_da.collect_statistics(tiny_llama(), many_batches(), TARGETS, progress=False, output_fisher="sequence_lowrank")
+    shards = [many_batches()[r::2] for r in range(2)]
+    for r in range(2):
+        st = lora_da.Statistics.load(tmp_path / f"lowrank{r}.safetensors")
+        for n in lowrank.modules:
+            # rank 0's samples, then rank 1's: the whole set's rows, reordered
+            order = [lora_da.collect_statistics(tiny_llama(), sh, [n], progress=False, output_fisher="sequence_lowrank")
+                     .output_factors[n].sample_sums() for sh in shards]
+            np.testing.assert_allclose(st.output_factors[n].sample_sums(), np.concatenate(order), rtol=1e-13, atol=1e-300)
+            assert st.output_factors[n].samples == lowrank.output_factors[n].samples
+
+    res = [dict(np.load(tmp_path / f"res{r}.npz")) for r in range(2)]
+    assert res[0].keys() == res[1].keys() and len(res[0]) == 2 * 4 * 2 + 4 * 2  # 2 routes × 4 modules × (A, B), then the adapter's 4 × (A, B)
+    for k in res[0]:
+        np.testing.assert_array_equal(res[0][k], res[1][k], err_msg=k)  # the same bits on every rank
+    cfg = lora_da.LoraDAConfig(n_pop=100, rank=2, gamma=4.0)
+    single = collect_and_solve(tiny_llama(), many_batches(), TARGETS, cfg, progress=False)
+    for route in ("host", "device"):
+        for n, init in single.items():
+            for key, want in (("A", init.A), ("B", init.B)):
+                got = res[0][f"{route}/{n}/{key}"]
+                np.testing.assert_allclose(np.abs(got), np.abs(want), rtol=0, atol=1e-8 * np.abs(want).max(),
+                                           err_msg=f"{route} {n} {key}")
+    peft_single = get_peft_model(tiny_llama(), LoraConfig(r=2, lora_alpha=4, target_modules=TARGETS))
+    lora_da.initialize_lora_da_weights(peft_single, many_batches(), lora_da_config=lora_da.LoraDAConfig(n_pop=100, gamma=4.0),
+                                       progress=False)
+    for n, p in peft_single.named_parameters():
+        if "lora_" in n:
+            want = p.detach().numpy()
+            np.testing.assert_allclose(np.abs(res[0]["peft/" + n]), np.abs(want), rtol=0, atol=1e-6 * np.abs(want).max(), err_msg=n)

@@ -26,12 +26,14 @@ import re
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from lora_da._core import InputFactor, OutputFactor
+from lora_da.distributed import active_group, agree, all_reduce_statistics
 from lora_da.errors import InvalidArgumentError, LoraDAError, NonFiniteError, ShapeError, StatisticsFileError
 from lora_da.plan import MemoryPlan, Unit, available_host_bytes, plan_passes
 from lora_da.statistics import ModuleInfo, Statistics
@@ -235,6 +237,7 @@ def collect_statistics(
     resume: bool = True,
     progress: bool = True,
     accumulate_on: str = "auto",
+    reduce_across_ranks: bool = True,
 ) -> Statistics:
     """One pass over ``dataloader`` → :class:`Statistics` for every target module (SPEC §2).
 
@@ -263,15 +266,42 @@ def collect_statistics(
     are skipped, so the dataloader must yield the same batches in the same
     order. A batch that fails (non-finite values, ...) raises; the last
     checkpoint stays valid.
+
+    Data-parallel runs: when ``torch.distributed`` is initialized with more
+    than one rank, every rank passes its own shard (a ``DistributedSampler``)
+    and receives the statistics of all shards, summed exactly
+    (:func:`lora_da.distributed.all_reduce_statistics`); the ranks also agree
+    on one memory plan. ``reduce_across_ranks=False`` keeps each rank's own.
+    A checkpoint path gets the rank in its name (``ck.rank1.safetensors``).
     """
+    group = active_group(reduce_across_ranks)
+    if group is not None and checkpoint_path is not None:
+        checkpoint_path = _rank_path(checkpoint_path)
     run = _Run.start(model, dataloader, target_modules, loss_fn=loss_fn, token_mask=token_mask,
                      output_fisher=output_fisher, max_samples=max_samples, checkpoint_path=checkpoint_path,
                      checkpoint_every=checkpoint_every, resume=resume, progress=progress)
     if _on_host(run.device, max_device_bytes, accumulate_on):
         run.collect_on_host()
     else:
-        run.collect_on_device(max_device_bytes=max_device_bytes, max_host_bytes=max_host_bytes, keep_on_host=True)
-    return run.finish()
+        run.collect_on_device(max_device_bytes=max_device_bytes, max_host_bytes=max_host_bytes, keep_on_host=True,
+                              group=group)
+    if group is None:
+        return run.finish()
+    # A rank without samples must still join the sum, or the others would wait forever.
+    if agree([float(run.n_samples == 0)], group, "max")[0]:
+        raise InvalidArgumentError("collect_statistics: a rank's dataloader yielded no sample; every rank needs a shard")
+    stats = run.finish()
+    total = all_reduce_statistics(stats, group)
+    total.plan = stats.plan
+    return total
+
+
+def _rank_path(path) -> str:
+    """``ck.safetensors`` → ``ck.rank<r>.safetensors``: each rank checkpoints its own shard."""
+    import torch.distributed as dist
+
+    p = Path(path)
+    return str(p.with_name(f"{p.stem}.rank{dist.get_rank()}{p.suffix}"))
 
 
 def _on_host(device: torch.device, max_device_bytes: int | None, accumulate_on: str) -> bool:
@@ -593,15 +623,20 @@ class _Run:
             out.setdefault(leader, []).append((name, self.targets[name].m))
         return [Unit(group=g, n=self.targets[g].n, modules=tuple(mods)) for g, mods in out.items()]
 
-    def collect_on_device(self, *, max_device_bytes, max_host_bytes, keep_on_host: bool, on_pass=None) -> None:
+    def collect_on_device(self, *, max_device_bytes, max_host_bytes, keep_on_host: bool, on_pass=None,
+                          group=None) -> None:
         """Plan, then one pass per group of input groups that fits the device:
         float64 sums on the GPU, flushed to the host (``keep_on_host``) or handed
-        to ``on_pass(sums)`` (which solves them on the device) after the pass."""
+        to ``on_pass(sums)`` (which solves them on the device) after the pass.
+        Under a process group (``group``) the ranks plan together: the same
+        passes everywhere, sized for the rank with the least room."""
         self.n_samples_at_start = self.n_samples
         dev = self.device
         with _frozen(self.model):
             stream = self.batches()
             first = next(stream, None)
+            if group is not None and agree([float(first is None)], group, "max")[0]:
+                raise InvalidArgumentError("collect: a rank's dataloader yielded no sample; every rank needs a shard")
             if first is None:
                 return
             step, tokens = self.probe(first)
@@ -609,10 +644,17 @@ class _Run:
             biggest = max(self.targets.values(), key=lambda t: t.n + t.m)
             # float64 copies of one call's x and g while its products form, plus a margin
             transient = 2 * 8 * tokens * (biggest.n + biggest.m) + (512 << 20 if dev.type == "cuda" else 0)
+            device_free, reserve = _device_free(dev), step + transient
+            host_free = available_host_bytes() if keep_on_host else None
+            if group is not None:
+                big = float(1 << 62)
+                device_free, neg_reserve, host = agree(
+                    [float(device_free), -float(reserve), float(host_free if host_free is not None else big)], group, "min")
+                device_free, reserve = int(device_free), int(-neg_reserve)
+                host_free = None if host_free is None else int(host)
             self.plan = plan_passes(
-                units, device_free=_device_free(dev), reserve=step + transient, max_device_bytes=max_device_bytes,
-                host_free=available_host_bytes() if keep_on_host else None, max_host_bytes=max_host_bytes,
-                keep_on_host=keep_on_host,
+                units, device_free=device_free, reserve=reserve, max_device_bytes=max_device_bytes,
+                host_free=host_free, max_host_bytes=max_host_bytes, keep_on_host=keep_on_host,
             )
             if self.progress:
                 print(self.plan.describe(), file=sys.stderr)
@@ -758,6 +800,32 @@ class _DeviceSums:
             self.tokens[name].zero_()
             self.samples[name] = []
         self.batch_samples = 0
+
+    def reduce_across(self, group, n_samples: int) -> int:
+        """Sum this pass's device sums over the ranks of ``group`` (in place,
+        exact float64 sums); per-sample rows are gathered. Returns the samples of all ranks."""
+        import torch.distributed as dist
+
+        from lora_da.distributed import collective_device
+
+        where = collective_device(group)
+        tensors = [*self.grad.values(), *self.sumsq.values(), *self.tokens.values(), *self.gram.values(),
+                   *self.gram_tokens.values()]
+        for t in tensors:
+            if t.device == where:
+                dist.all_reduce(t, group=group)
+            else:
+                moved = t.to(where)
+                dist.all_reduce(moved, group=group)
+                t.copy_(moved)
+        if self.per_sample:
+            parts = [None] * dist.get_world_size(group)
+            mine = {n: torch.cat(v).cpu().numpy() if v else None for n, v in self.samples.items()}
+            dist.all_gather_object(parts, mine, group=group)
+            for n, rows in self.samples.items():
+                got = [torch.from_numpy(p[n]) for p in parts if p[n] is not None]
+                self.samples[n] = [torch.cat(got).to(self.grad[n].device)] if got else []
+        return int(agree([float(n_samples)], group, "sum")[0])
 
     def unit_statistics(self, u: Unit, n_samples: int):
         """``Z``, and per module ``(y, Ḡ)``, of one input group on the device (SPEC §2)."""

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from lora_da._core import InputFactor, OutputFactor
-from lora_da.errors import InvalidArgumentError, ShapeError
+from lora_da.errors import InvalidArgumentError, LoraDAError, ShapeError
 from lora_da.statistics import Statistics
 
 
@@ -40,17 +40,22 @@ def all_reduce_statistics(stats: Statistics, group=None, device=None) -> Statist
 
     ``device``: where the collective runs (``cuda`` for NCCL; the default is
     the current CUDA device under NCCL, else the CPU). The modules must be the
-    same on every rank (checked). ``sequence_lowrank`` per-sample sums are not
-    reduced (their number differs per rank): collect those on one rank.
+    same on every rank (checked). ``sequence_lowrank`` per-sample sums are
+    gathered (rank 0's samples first). :func:`lora_da.collect_statistics`
+    calls this itself under a process group (``reduce_across_ranks=True``);
+    statistics already summed are refused rather than summed twice.
     """
     import torch.distributed as dist
 
     if not dist.is_available() or not dist.is_initialized():
         raise InvalidArgumentError("all_reduce_statistics needs an initialized torch.distributed process group")
+    if stats.config.get("world_size", 1) > 1:
+        raise InvalidArgumentError(
+            f"all_reduce_statistics: these statistics are already the sum of {stats.config['world_size']} ranks "
+            "(collect_statistics reduces under a process group unless reduce_across_ranks=False)"
+        )
     if device is None:
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
-    if any(f.per_sample for f in stats.output_factors.values()):
-        raise InvalidArgumentError("all_reduce_statistics: sequence_lowrank per-sample sums cannot be reduced")
+        device = collective_device(group)
     # the same modules, in the same order, everywhere
     signature = [(n, i.in_features, i.out_features, i.input_group) for n, i in stats.modules.items()]
     gathered = [None] * dist.get_world_size(group)
@@ -74,6 +79,12 @@ def all_reduce_statistics(stats: Statistics, group=None, device=None) -> Statist
     counts = [int(round(c)) for c in red.pop()]
     it = iter(red)
     k = iter(counts)
+    samples = {}
+    if any(f.per_sample for f in stats.output_factors.values()):
+        # per-sample rows differ in number per rank: gathered, not summed
+        parts = [None] * dist.get_world_size(group)
+        dist.all_gather_object(parts, {n: stats.output_factors[n].sample_sums() for n in names}, group=group)
+        samples = {n: np.concatenate([p[n] for p in parts]) for n in names}
     inputs = {}
     for g in groups:
         s, c = next(it), next(it)
@@ -81,7 +92,7 @@ def all_reduce_statistics(stats: Statistics, group=None, device=None) -> Statist
     outputs, grads = {}, {}
     for n in names:
         s, c = next(it), next(it)
-        outputs[n] = OutputFactor.from_parts(s, next(k), next(k), None, c)
+        outputs[n] = OutputFactor.from_parts(s, next(k), next(k), samples.get(n), c)
         grads[n] = next(it)
     return Statistics(
         modules=dict(stats.modules),
@@ -92,3 +103,92 @@ def all_reduce_statistics(stats: Statistics, group=None, device=None) -> Statist
         config=dict(stats.config, world_size=dist.get_world_size(group)),
         model=stats.model,
     )
+
+
+# -- runs under a process group: which group, who solves what, one answer for all ------------
+
+
+def active_group(reduce_across_ranks: bool = True):
+    """The default process group when statistics are to be summed over ranks:
+    ``torch.distributed`` initialized with more than one rank and
+    ``reduce_across_ranks`` true; else None (a plain single-process run)."""
+    import torch.distributed as dist
+
+    if not reduce_across_ranks or not dist.is_available() or not dist.is_initialized():
+        return None
+    return dist.group.WORLD if dist.get_world_size() > 1 else None
+
+
+def collective_device(group) -> torch.device:
+    """Where a collective's tensors live: the current CUDA device under NCCL, else the CPU."""
+    import torch.distributed as dist
+
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
+
+
+def agree(values: list[float], group, op: str) -> list[float]:
+    """Every rank's ``values`` reduced element-wise with ``op`` ("min", "max" or "sum");
+    float64, so integers below 2^53 (bytes, counts) stay exact."""
+    import torch.distributed as dist
+
+    ops = {"min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX, "sum": dist.ReduceOp.SUM}
+    t = torch.tensor(values, dtype=torch.float64, device=collective_device(group))
+    dist.all_reduce(t, op=ops[op], group=group)
+    return t.cpu().tolist()
+
+
+def owners(costs: dict[str, float], group) -> dict[str, int]:
+    """Each key (an input group) → the rank that solves it: largest cost first,
+    each to the least loaded rank (the same answer on every rank: no communication)."""
+    import torch.distributed as dist
+
+    load = [0.0] * dist.get_world_size(group)
+    out = {}
+    for key in sorted(costs, key=lambda k: (-costs[k], k)):
+        r = min(range(len(load)), key=lambda i: (load[i], i))
+        out[key] = r
+        load[r] += costs[key]
+    return out
+
+
+def solve_cost(n: int, ms: list[int], rank: int) -> float:
+    """A solve's rough cost: the Cholesky and dense eigensolve of ``n × n``, plus each module's ``Ḡ`` products."""
+    return float(n) ** 3 + sum(float(m) * n * (rank + 16) for m in ms)
+
+
+def share_inits(local, group) -> dict:
+    """Every rank's solved modules (``{name: ModuleInit}``) on every rank:
+    the ``A``/``B`` of a module are the bits its owner computed, so all ranks
+    initialize their adapters identically. ``local`` may be the exception a
+    rank's solves raised: it is raised on every rank (rather than leaving the
+    others waiting in a collective)."""
+    import torch.distributed as dist
+
+    from lora_da.device_solve import DeviceSolveResult
+    from lora_da.init import ModuleInit
+
+    def portable(init):
+        r = init.result
+        if isinstance(r, DeviceSolveResult):
+            return init
+        fields = DeviceSolveResult.__dataclass_fields__
+        plain = {k: getattr(r, k) for k in fields if k != "notes"}
+        notes = r.notes
+        plain["notes"] = [notes] if isinstance(notes, str) and notes else list(notes or [])
+        return ModuleInit(init.name, DeviceSolveResult(**plain), init.seconds)
+
+    gathered = [None] * dist.get_world_size(group)
+    mine = local if isinstance(local, BaseException) else {k: portable(v) for k, v in local.items()}
+    dist.all_gather_object(gathered, mine, group=group)
+    for rank, part in enumerate(gathered):
+        if isinstance(part, BaseException):
+            if rank == dist.get_rank(group) and isinstance(local, BaseException):
+                raise local
+            raise type(part)(f"rank {rank}: {part}") if isinstance(part, LoraDAError) else part
+    out = {}
+    for part in gathered:
+        for name, init in part.items():
+            if name in out:
+                raise ShapeError(f"share_inits: module {name} was solved on two ranks")
+            out[name] = init
+    return out

@@ -106,14 +106,39 @@ class ModuleInit:
 
 
 def compute_init(
-    stats: Statistics, config: LoraDAConfig, *, progress: bool = True, modules=None, device=None
+    stats: Statistics, config: LoraDAConfig, *, progress: bool = True, modules=None, device=None,
+    across_ranks: bool = False,
 ) -> dict[str, ModuleInit]:
     """Solve every module (SPEC §3); modules sharing ``Z`` share one Cholesky
     (``config.rank`` None means the published 8).
 
     ``device=None`` solves on the host with the Rust core, groups in parallel
     over the cores; a torch device (``"cuda"``) solves there in float64 with
-    :mod:`lora_da.device_solve`, largest groups first, uploading one group at a time."""
+    :mod:`lora_da.device_solve`, largest groups first, uploading one group at a time.
+
+    ``across_ranks=True`` (every rank of an initialized ``torch.distributed``
+    group must call it, with the same statistics) spreads the input groups
+    over the ranks, largest first, and gathers the results: every rank
+    returns all modules, each computed once, with the same bits everywhere."""
+    from lora_da.distributed import active_group, owners, share_inits, solve_cost
+
+    group = active_group(across_ranks)
+    if group is not None:
+        config = config.with_rank()
+        all_groups = stats.groups()
+        wanted = set(stats.modules) if modules is None else set(modules)
+        costs = {g: solve_cost(stats.modules[g].in_features, [stats.modules[n].out_features for n in names], config.rank)
+                 for g, names in all_groups.items() if any(n in wanted for n in names)}
+        import torch.distributed as dist
+
+        me = dist.get_rank(group)
+        mine = [n for g, r in owners(costs, group).items() if r == me for n in all_groups[g] if n in wanted]
+        try:
+            local = compute_init(stats, config, progress=progress, modules=mine, device=device) if mine else {}
+        except Exception as e:  # raised on every rank by share_inits, not only here
+            local = e
+        shared = share_inits(local, group)
+        return {n: shared[n] for n in stats.modules if n in shared}
     config = config.with_rank()
     wanted = set(stats.modules) if modules is None else set(modules)
     missing = wanted - set(stats.modules)
@@ -257,25 +282,35 @@ def _compute_init_on_device(stats: Statistics, config: LoraDAConfig, groups: dic
 
 def collect_and_solve(model, dataloader, target_modules, config: LoraDAConfig, *, loss_fn=None, progress: bool = True,
                       max_samples=None, max_device_bytes=None, max_host_bytes=None, accumulate_on: str = "auto",
-                      checkpoint_path=None, checkpoint_every=None, resume: bool = True) -> dict[str, ModuleInit]:
+                      checkpoint_path=None, checkpoint_every=None, resume: bool = True,
+                      reduce_across_ranks: bool = True) -> dict[str, ModuleInit]:
     """Statistics and solves in one go, without keeping the statistics (SPEC §2–3).
 
     On a GPU the planner's passes each end with their modules solved on the
     device and their sums freed, so a model whose statistics exceed the
     device and the host (a 7B model's are ~95 GB) still runs on one GPU.
     With a checkpoint, or on the host path, the statistics are collected
-    first (:func:`lora_da.collect_statistics`) and then solved."""
+    first (:func:`lora_da.collect_statistics`) and then solved.
+
+    Under ``torch.distributed`` (more than one rank, ``reduce_across_ranks``)
+    each rank passes its shard; the statistics are summed over the ranks,
+    the solves spread over them, and every rank returns the same modules
+    with the same bits (see :func:`compute_init`'s ``across_ranks``)."""
     from lora_da.collect import _on_host, _Run, collect_statistics
+    from lora_da.distributed import active_group, owners, share_inits, solve_cost
 
     config = config.with_rank()
     device = next(model.parameters()).device
+    group = active_group(reduce_across_ranks)
     if checkpoint_path is not None or _on_host(device, max_device_bytes, accumulate_on):
         stats = collect_statistics(model, dataloader, target_modules, loss_fn=loss_fn, token_mask=config.token_mask,
                                    output_fisher=config.output_fisher, max_samples=max_samples,
                                    max_device_bytes=max_device_bytes, max_host_bytes=max_host_bytes,
                                    checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every, resume=resume,
-                                   progress=progress, accumulate_on=accumulate_on)
-        return compute_init(stats, config, progress=progress, device=None if device.type == "cpu" else device)
+                                   progress=progress, accumulate_on=accumulate_on,
+                                   reduce_across_ranks=reduce_across_ranks)
+        return compute_init(stats, config, progress=progress, device=None if device.type == "cpu" else device,
+                            across_ranks=group is not None)
     run = _Run.start(model, dataloader, target_modules, loss_fn=loss_fn, token_mask=config.token_mask,
                      output_fisher=config.output_fisher, max_samples=max_samples, checkpoint_path=None,
                      checkpoint_every=None, resume=False, progress=progress)
@@ -284,9 +319,19 @@ def collect_and_solve(model, dataloader, target_modules, config: LoraDAConfig, *
 
     solve_seconds = 0.0
 
+    failed: list[Exception] = []
+
     def solve_pass(sums, n_samples: int) -> None:
         nonlocal solve_seconds
         t0 = time.perf_counter()
+        units = sums.units
+        if group is not None:
+            import torch.distributed as dist
+
+            n_samples = sums.reduce_across(group, n_samples)
+            costs = {u.group: solve_cost(u.n, [m for _, m in u.modules], config.rank) for u in units}
+            owner = owners(costs, group)
+            units = [u for u in units if owner[u.group] == dist.get_rank(group)]
 
         def task(unit):
             def run():
@@ -296,15 +341,26 @@ def collect_and_solve(model, dataloader, target_modules, config: LoraDAConfig, *
                                         _output_precisions(config, [p[3] for p in per_module]))
             return run
 
-        for init in _on_streams([task(u) for u in sorted(sums.units, key=lambda u: -u.n)], device):
-            inits[init.name] = init
+        if failed:
+            return
+        try:
+            for init in _on_streams([task(u) for u in sorted(units, key=lambda u: -u.n)], device):
+                inits[init.name] = init
+        except Exception as e:
+            if group is None:
+                raise
+            failed.append(e)  # the other ranks' passes go on; share_inits raises it everywhere
         solve_seconds += time.perf_counter() - t0
 
     t0 = time.perf_counter()
     run.collect_on_device(max_device_bytes=max_device_bytes, max_host_bytes=max_host_bytes, keep_on_host=False,
-                          on_pass=solve_pass)
+                          on_pass=solve_pass, group=group)
     if run.n_samples == 0:
         raise InvalidArgumentError("collect_and_solve: the dataloader yielded no sample")
+    if group is not None:
+        t1 = time.perf_counter()
+        inits = share_inits(failed[0] if failed else inits, group)
+        solve_seconds += time.perf_counter() - t1
     total = time.perf_counter() - t0
     collect_and_solve.last_report = RunReport(plan=run.plan, collect_seconds=total - solve_seconds,
                                               solve_seconds=solve_seconds)
