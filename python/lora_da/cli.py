@@ -71,6 +71,43 @@ def _read_data(path: str, task: str) -> tuple[list[str], list[int] | None]:
     return texts, (labels if task == "seq-cls" else None)
 
 
+def _infer_task(data: str, model_dir: str) -> str:
+    """``--task`` when it is not given: sequence classification when the data
+    carry labels and the model is not a causal LM, causal LM when neither;
+    anything else is ambiguous and refused with the flag to pass."""
+    has_labels = False
+    if Path(data).suffix.lower() in (".jsonl", ".json", ".ndjson") and Path(data).is_file():
+        with open(data, encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    try:
+                        first = json.loads(line)
+                    except json.JSONDecodeError:
+                        break  # _read_data reports it with its line number
+                    has_labels = isinstance(first, dict) and "label" in first
+                    break
+    try:
+        archs = json.loads((Path(model_dir) / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        archs = []
+    arch = ", ".join(archs) or "unknown architecture"
+    causal = any("CausalLM" in a or "LMHead" in a for a in archs)
+    classifier = any("ForSequenceClassification" in a for a in archs)
+    if has_labels and causal and not classifier:
+        raise CLIError(
+            f"{data} has 'label' fields but {model_dir} is a causal LM ({arch}): pass --task seq-cls to fit a "
+            "classification head to the labels, or --task causal-lm to ignore them"
+        )
+    if has_labels:
+        return "seq-cls"
+    if classifier or not causal:
+        raise CLIError(
+            f"{model_dir} ({arch}) is not a causal LM and {data} has no 'label' field: give the data "
+            "'label' fields (JSONL) for sequence classification, or pass --task causal-lm to train a language-model head"
+        )
+    return "causal-lm"
+
+
 def _check_model_dir(model_dir: str) -> None:
     p = Path(model_dir)
     if not p.is_dir():
@@ -79,7 +116,10 @@ def _check_model_dir(model_dir: str) -> None:
         raise FileNotFoundError(f"{model_dir}: not a Hugging Face model directory (no config.json)")
 
 
-def _load_model(model_dir: str, task: str, num_labels: int | None, device: str, quiet: bool = False):
+def _load_model(model_dir: str, task: str, num_labels: int | None, device: str, quiet: bool = False, seed: int = 0):
+    """The model and tokenizer, and the parameters the model had to initialize
+    (a classification head), from ``seed``: the statistics depend on them, so
+    they are kept and written into the adapter (PEFT ``modules_to_save``)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -93,17 +133,26 @@ def _load_model(model_dir: str, task: str, num_labels: int | None, device: str, 
         if tokenizer.eos_token is None:
             raise ValueError(f"{model_dir}: the tokenizer has neither a pad token nor an eos token")
         tokenizer.pad_token = tokenizer.eos_token
+    torch.manual_seed(seed)  # what from_pretrained initializes (a new head) is drawn from this
+    new_weights: dict = {}
     if task == "seq-cls":
         kw = {"num_labels": num_labels} if num_labels else {}
-        model = AutoModelForSequenceClassification.from_pretrained(model_dir, local_files_only=True, **kw)
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            model_dir, local_files_only=True, output_loading_info=True, **kw)
         if getattr(model.config, "pad_token_id", None) is None:
             model.config.pad_token_id = tokenizer.pad_token_id
+        state = model.state_dict()
+        fresh = set(info.get("missing_keys", ())) | {k for k, *_ in info.get("mismatched_keys", ())}
+        for key in sorted(fresh):
+            if key in state:
+                t = state[key].detach().cpu()
+                new_weights[key] = (t.float() if t.dtype in (torch.float16, torch.bfloat16) else t).numpy().copy()
     else:
         model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
-    return model, tokenizer
+    return model, tokenizer, new_weights
 
 
 def _make_batches(tokenizer, texts, labels, batch_size: int, max_length: int, task: str) -> list[dict]:
@@ -162,6 +211,8 @@ def _collect(args):
     from lora_da.collect import collect_statistics
 
     _check_model_dir(args.model_dir)
+    if args.task is None:
+        args.task = _infer_task(args.data, args.model_dir)
     texts, labels = _read_data(args.data, args.task)
     targets = _parse_targets(args.targets)
     if args.max_samples is not None:
@@ -170,7 +221,8 @@ def _collect(args):
     num_labels = (max(labels) + 1) if labels else None
     if labels and min(labels) < 0:
         raise ValueError(f"{args.data}: labels must be ≥ 0")
-    model, tokenizer = _load_model(args.model_dir, args.task, num_labels, args.device, args.quiet)
+    model, tokenizer, new_weights = _load_model(args.model_dir, args.task, num_labels, args.device, args.quiet,
+                                                args.seed)
     batches = _make_batches(tokenizer, texts, labels, args.batch_size, args.max_length, args.task)
     stats = collect_statistics(
         model,
@@ -182,6 +234,8 @@ def _collect(args):
         progress=not args.quiet,
     )
     stats.config.setdefault("task", args.task)
+    stats.config["seed"] = args.seed
+    stats.new_weights = new_weights
     tokens = sum(f.tokens for f in stats.input_factors.values())
     groups = len(stats.input_factors)
     print(
@@ -263,6 +317,12 @@ def _task_type(args, stats) -> str | None:
     return {"seq-cls": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}.get(task)
 
 
+def _modules_to_save(stats) -> list[str] | None:
+    """The modules owning ``stats.new_weights`` (``classifier.weight`` → ``classifier``)."""
+    mods = sorted({key.rsplit(".", 1)[0] for key in stats.new_weights})
+    return mods or None
+
+
 def _check_out_free(out: Path, overwrite: bool) -> None:
     if out.exists() and not overwrite:
         raise ValueError(f"{out} already exists (pass --overwrite to replace it)")
@@ -295,6 +355,9 @@ def _write_outputs(args, stats, inits, config) -> None:
         for name, init in inits.items():
             tensors[f"base_model.model.{name}.lora_A.weight"] = torch.from_numpy(np.ascontiguousarray(init.A, dtype=np.float32))
             tensors[f"base_model.model.{name}.lora_B.weight"] = torch.from_numpy(np.ascontiguousarray(init.B, dtype=np.float32))
+        # The head the statistics were taken with travels with the adapter (PEFT's key names).
+        for key, w in stats.new_weights.items():
+            tensors[f"base_model.model.{key}"] = torch.from_numpy(np.ascontiguousarray(w))
         conv1d = any(stats.modules[n].kind == "conv1d" for n in inits)
         lcfg = LoraConfig(
             r=config.rank,
@@ -304,6 +367,7 @@ def _write_outputs(args, stats, inits, config) -> None:
             init_lora_weights=True,
             fan_in_fan_out=conv1d,
             task_type=_task_type(args, stats),
+            modules_to_save=_modules_to_save(stats),
         )
         lcfg.base_model_name_or_path = stats.model.get("name_or_path") or None
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -321,6 +385,8 @@ def _write_outputs(args, stats, inits, config) -> None:
         for name, init in inits.items():
             tensors[f"{name}.lora_A.weight"] = torch.from_numpy(np.ascontiguousarray(init.A, dtype=np.float32))
             tensors[f"{name}.lora_B.weight"] = torch.from_numpy(np.ascontiguousarray(init.B, dtype=np.float32))
+        for key, w in stats.new_weights.items():  # load into the base model (strict=False) before wrapping it
+            tensors[key] = torch.from_numpy(np.ascontiguousarray(w))
         rep = _state_dict_report_path(out)
         tmps = []
         try:
@@ -762,7 +828,11 @@ def _add_collect_args(p) -> None:
     p.add_argument("--batch-size", type=_positive_int("--batch-size"), default=4)
     p.add_argument("--max-length", type=_positive_int("--max-length"), default=128)
     p.add_argument("--token-mask", choices=["attention", "labels"], default="attention")
-    p.add_argument("--task", choices=["causal-lm", "seq-cls"], default="causal-lm")
+    p.add_argument("--task", choices=["causal-lm", "seq-cls"], default=None,
+                   help="default: seq-cls when the data have 'label' fields, causal-lm when neither they have "
+                        "labels nor the model is a classifier (anything else asks for the flag)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of what the model initializes itself (a classification head; default 0)")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, ...")
 
 

@@ -102,6 +102,7 @@ def all_reduce_statistics(stats: Statistics, group=None, device=None) -> Statist
         n_samples=next(k),
         config=dict(stats.config, world_size=dist.get_world_size(group)),
         model=stats.model,
+        new_weights=dict(stats.new_weights),
     )
 
 

@@ -10,7 +10,9 @@ packed lower triangle of ``Σ x xᵀ``) and ``input_comp.<group>`` (its Neumaier
 compensation, so a reload is bit-exact), ``output.<module>`` / ``output_comp.<module>``
 (``Σ g ⊙ g``),
 ``samples.<module>`` (per-sample sums, optional), ``grad.<module>``
-(``Σ_s ∂ℓ_s/∂W``, ``m × n``); the JSON header ``lora_da`` carries the format
+(``Σ_s ∂ℓ_s/∂W``, ``m × n``), ``weight.<parameter>`` (parameters the model had
+freshly initialized when the statistics were taken, e.g. a classification
+head: the adapter must carry them); the JSON header ``lora_da`` carries the format
 version, the module table, counts and the collection config. Nothing is
 unpickled; the header is validated before any tensor is read.
 """
@@ -53,6 +55,9 @@ class Statistics:
     config: dict = field(default_factory=dict)
     model: dict = field(default_factory=dict)
     plan: object = field(default=None, repr=False, compare=False)  # the collection's MemoryPlan, when it made one
+    # Parameters that were freshly (seeded-randomly) initialized in the model the
+    # statistics describe, e.g. a classification head: {"classifier.weight": array}.
+    new_weights: dict[str, np.ndarray] = field(default_factory=dict)
 
     # -- SPEC §2 quantities -------------------------------------------------
     def input_factor(self, name: str) -> np.ndarray:
@@ -103,6 +108,8 @@ class Statistics:
                 tensors[f"samples.{name}"] = np.ascontiguousarray(u)
             outputs[name] = {"tokens": f.tokens, "samples": f.samples, "per_sample": f.per_sample}
             tensors[f"grad.{name}"] = np.ascontiguousarray(self.grad_sums[name], dtype=np.float64)
+        for key, w in self.new_weights.items():
+            tensors[f"weight.{key}"] = np.ascontiguousarray(w)
         header = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -113,6 +120,8 @@ class Statistics:
             "config": self.config,
             "model": self.model,
         }
+        if self.new_weights:
+            header["new_weights"] = sorted(self.new_weights)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -200,6 +209,11 @@ class Statistics:
                     grad_sums[name] = f.get_tensor(f"grad.{name}").astype(np.float64)
                     if not np.all(np.isfinite(grad_sums[name])):
                         raise StatisticsFileError(f"{path}: gradient of {name!r} has non-finite values")
+                new_weights = {}
+                for key in header.get("new_weights", []):
+                    if f"weight.{key}" not in keys:
+                        raise StatisticsFileError(f"{path}: tensor 'weight.{key}' is missing")
+                    new_weights[key] = f.get_tensor(f"weight.{key}")
             except StatisticsFileError:
                 raise
             except Exception as e:
@@ -212,4 +226,5 @@ class Statistics:
             n_samples=n_samples,
             config=header.get("config", {}),
             model=header.get("model", {}),
+            new_weights=new_weights,
         )

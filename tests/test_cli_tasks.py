@@ -1,0 +1,165 @@
+"""The command line on sequence classification: the task read from the data,
+a seeded head, and adapters that carry that head and load in PEFT."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import lora_da
+from lora_da.cli import main
+from test_cli import WORDS, model_dir  # noqa: F401  (the causal-LM fixture)
+
+GOOD = {"good", "fast", "big", "very"}
+
+
+def _tokenizer(d: Path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3}
+    for w in WORDS:
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]")
+    fast.save_pretrained(d)
+    return len(vocab)
+
+
+@pytest.fixture(scope="module")
+def encoder_dir(tmp_path_factory) -> Path:
+    """A tiny BERT encoder without a head (``architectures: ["BertModel"]``, like all-MiniLM-L6-v2)."""
+    from transformers import BertConfig, BertModel
+
+    d = tmp_path_factory.mktemp("tiny-bert")
+    vocab = _tokenizer(d)
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=vocab, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=24, max_position_embeddings=32, pad_token_id=0)
+    BertModel(cfg).save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def labeled(tmp_path_factory) -> Path:
+    rng = np.random.default_rng(1)
+    p = tmp_path_factory.mktemp("labeled") / "words.jsonl"
+    with open(p, "w") as f:
+        for _ in range(12):
+            words = list(rng.choice(WORDS, int(rng.integers(2, 7))))
+            f.write(json.dumps({"text": " ".join(words), "label": int(any(w in GOOD for w in words))}) + "\n")
+    return p
+
+
+def _collect(model, data, out, *extra):
+    return main(["collect", str(model), str(data), "--out", str(out), "--batch-size", "4", "-q",
+                 "--targets", "query,value", *extra])
+
+
+def _seeded_classifier(encoder_dir, seed=0):
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(seed)
+    return AutoModelForSequenceClassification.from_pretrained(encoder_dir, num_labels=2, local_files_only=True)
+
+
+def test_labeled_data_is_sequence_classification_and_reproducible(encoder_dir, labeled, tmp_path):
+    """Without --task, labels make it seq-cls; two runs are bit-identical, the
+    head is seeded (another seed, another head) and the statistics are those of
+    the model with exactly that head."""
+    runs = []
+    for i, seed in enumerate([0, 0, 1]):
+        out = tmp_path / f"s{i}.safetensors"
+        assert _collect(encoder_dir, labeled, out, "--seed", str(seed)) == 0
+        runs.append(lora_da.Statistics.load(out))
+    a, b, c = runs
+    assert a.config["task"] == "seq-cls" and a.config["seed"] == 0
+    assert sorted(a.new_weights) == ["classifier.bias", "classifier.weight"]
+    for n in a.modules:
+        np.testing.assert_array_equal(a.grad_sums[n], b.grad_sums[n])
+        np.testing.assert_array_equal(a.input_factor(n), b.input_factor(n))
+    np.testing.assert_array_equal(a.new_weights["classifier.weight"], b.new_weights["classifier.weight"])
+    assert not np.array_equal(a.new_weights["classifier.weight"], c.new_weights["classifier.weight"])
+
+    # independent re-derivation: the seeded head, and the Python API on that model
+    model = _seeded_classifier(encoder_dir)
+    np.testing.assert_array_equal(a.new_weights["classifier.weight"], model.classifier.weight.detach().numpy())
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(encoder_dir)
+    rows = [json.loads(line) for line in labeled.read_text().splitlines()]
+    batches = []
+    for i in range(0, len(rows), 4):
+        enc = tok([r["text"] for r in rows[i:i + 4]], padding=True, truncation=True, max_length=128, return_tensors="pt")
+        batches.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+                        "labels": torch.tensor([r["label"] for r in rows[i:i + 4]])})
+    ref = lora_da.collect_statistics(model, batches, ["query", "value"], progress=False)
+    for n in ref.modules:
+        np.testing.assert_allclose(a.mean_grad(n), ref.mean_grad(n), rtol=0, atol=1e-12 * np.abs(ref.mean_grad(n)).max())
+
+
+@pytest.mark.parametrize("command", ["solve", "init"])
+def test_seq_cls_adapter_loads_with_its_head(command, encoder_dir, labeled, tmp_path):
+    """The adapter carries the head the statistics were taken with
+    (``modules_to_save``) and PeftModel.from_pretrained loads it onto a fresh
+    classifier whose own head is different."""
+    from peft import PeftModel
+
+    stats_path, adapter = tmp_path / "s.safetensors", tmp_path / "adapter"
+    if command == "solve":
+        assert _collect(encoder_dir, labeled, stats_path) == 0
+        assert main(["solve", str(stats_path), "--n-pop", "100", "--rank", "2", "--gamma", "4", "--out", str(adapter),
+                     "-q"]) == 0
+    else:
+        assert main(["init", str(encoder_dir), str(labeled), "--n-pop", "100", "--rank", "2", "--gamma", "4",
+                     "--batch-size", "4", "--targets", "query,value", "--out", str(adapter), "--save-stats",
+                     str(stats_path), "-q"]) == 0
+    stats = lora_da.Statistics.load(stats_path)
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    assert cfg["task_type"] == "SEQ_CLS" and "classifier" in cfg["modules_to_save"]
+
+    fresh = _seeded_classifier(encoder_dir, seed=123)  # its own head differs
+    assert not np.array_equal(fresh.classifier.weight.detach().numpy(), stats.new_weights["classifier.weight"])
+    loaded = PeftModel.from_pretrained(fresh, adapter)
+    head = loaded.base_model.model.classifier
+    np.testing.assert_array_equal(head.weight.detach().numpy(), stats.new_weights["classifier.weight"])
+    np.testing.assert_array_equal(head.bias.detach().numpy(), stats.new_weights["classifier.bias"])
+    inits = lora_da.compute_init(stats, lora_da.LoraDAConfig(n_pop=100, rank=2, gamma=4.0), progress=False)
+    layers = {n: m for n, m in loaded.base_model.model.named_modules() if hasattr(m, "lora_B")}
+    assert len(layers) == len(inits) == 4
+    for name, init in inits.items():
+        np.testing.assert_allclose(layers[name].lora_B["default"].weight.detach().numpy(), init.B.astype(np.float32),
+                                   rtol=1e-6, atol=1e-7)
+
+
+def test_state_dict_output_carries_the_head(encoder_dir, labeled, tmp_path):
+    from safetensors.numpy import load_file
+
+    stats_path, out = tmp_path / "s.safetensors", tmp_path / "init.safetensors"
+    assert _collect(encoder_dir, labeled, stats_path) == 0
+    assert main(["solve", str(stats_path), "--n-pop", "100", "--rank", "2", "--out", str(out), "--format",
+                 "state-dict", "-q"]) == 0
+    sd = load_file(str(out))
+    stats = lora_da.Statistics.load(stats_path)
+    np.testing.assert_array_equal(sd["classifier.weight"], stats.new_weights["classifier.weight"])
+
+
+def test_ambiguous_task_asks_for_the_flag(encoder_dir, model_dir, labeled, tmp_path, capsys):  # noqa: F811
+    unlabeled = tmp_path / "plain.jsonl"
+    unlabeled.write_text('{"text": "the cat sat"}\n{"text": "a dog ran"}\n')
+    # labels on a causal LM: classifier or LM?
+    assert _collect(model_dir, labeled, tmp_path / "x.safetensors") != 0
+    err = capsys.readouterr().err
+    assert "--task seq-cls" in err and "--task causal-lm" in err and "LlamaForCausalLM" in err
+    # an encoder without labels: nothing to fit
+    assert _collect(encoder_dir, unlabeled, tmp_path / "y.safetensors") != 0
+    err = capsys.readouterr().err
+    assert "BertModel" in err and "label" in err
+    assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "y.safetensors").exists()
+    # the flag settles it
+    assert _collect(model_dir, labeled, tmp_path / "z.safetensors", "--targets", "q_proj", "--task", "causal-lm") == 0
