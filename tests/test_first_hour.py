@@ -89,3 +89,42 @@ def test_the_saved_adapter_says_it_is_lora_da_and_still_loads(tmp_path):
     for (n1, p1), (n2, p2) in zip(peft_model.named_parameters(), loaded.named_parameters()):
         assert n1 == n2 and torch.equal(p1, p2)
     assert not [p for p in (tmp_path / "adapter").iterdir() if p.name.startswith(".")]
+
+
+def _bert_classifier():
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=24,
+                     max_position_embeddings=16, num_labels=2)
+    return BertForSequenceClassification(cfg).double().eval()
+
+
+@pytest.mark.parametrize("safe_serialization", [True, False])
+def test_preserve_output_with_a_trained_head_saves_an_adapter_that_loads(tmp_path, safe_serialization):
+    """Item 5: preserve_output + modules_to_save through the documented
+    save_initial_adapter / path_initial_model_for_weight_conversion path. PEFT's
+    conversion drops the head; the saved adapter must carry the trained head
+    and, on a fresh base, give the trained model's logits."""
+    from peft import PeftModel
+
+    ids, mask = data()
+    y = torch.tensor([0, 1, 1, 0, 1, 0])
+    train = [dict(b, labels=y[i:i + 3]) for i, b in zip((0, 3), batches(ids, mask, 3))]
+    peft_model = get_peft_model(_bert_classifier(), LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"],
+                                                               modules_to_save=["classifier"], task_type="SEQ_CLS"))
+    lora_da.initialize_lora_da_weights(peft_model, train, progress=False,
+                                       lora_da_config=lora_da.LoraDAConfig(n_pop=100, gamma=4.0, preserve_output=True))
+    lora_da.save_initial_adapter(peft_model, tmp_path / "init")
+    with torch.no_grad():  # a training step's worth of change, head included
+        g = torch.Generator().manual_seed(1)
+        for p in peft_model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    trained = peft_model(**inputs).logits.detach()
+    peft_model.save_pretrained(tmp_path / "out", path_initial_model_for_weight_conversion=str(tmp_path / "init"),
+                               safe_serialization=safe_serialization)
+    reloaded = PeftModel.from_pretrained(_bert_classifier(), tmp_path / "out")
+    head = peft_model.base_model.model.classifier.modules_to_save["default"]
+    got_head = reloaded.base_model.model.classifier.modules_to_save["default"]
+    assert torch.equal(got_head.weight, head.weight) and torch.equal(got_head.bias, head.bias)
+    torch.testing.assert_close(reloaded(**inputs).logits, trained, rtol=0, atol=1e-10)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import tempfile
 
 import torch
@@ -265,13 +266,60 @@ def _guard_save(peft_model) -> None:
                 "path_initial_model_for_weight_conversion=path to save_pretrained (PEFT then stores an adapter for "
                 "the original base), or pass lora_da_allow_residual=True to save the adapter for the modified base."
             )
-        return original(
+        out = original(
             save_directory, *args, path_initial_model_for_weight_conversion=path_initial_model_for_weight_conversion, **kwargs
         )
+        if path_initial_model_for_weight_conversion is not None:
+            _restore_modules_to_save(peft_model, os.fspath(save_directory), kwargs.get("selected_adapters"))
+        return out
 
     save_pretrained._lora_da_wrapper = True
     peft_model.save_pretrained = save_pretrained
     peft_model._lora_da_guarded = True
+
+
+_LORA_KEY = re.compile(r"\.lora_(A|B|embedding_A|embedding_B|magnitude_vector)(\.|$)")
+
+
+def _restore_modules_to_save(peft_model, save_directory: str, selected) -> None:
+    """PEFT's conversion for the original base (``path_initial_model_for_weight_conversion``)
+    keeps only the LoRA matrices and drops ``modules_to_save`` (a classification
+    head), so the saved adapter would not load. Those modules replace the base's
+    outright and do not depend on it: put the trained ones back, atomically."""
+    from peft.utils import get_peft_model_state_dict
+
+    for name in selected or list(peft_model.peft_config):
+        if not getattr(peft_model.peft_config[name], "modules_to_save", None):
+            continue
+        where = os.path.join(save_directory, name) if name != "default" else save_directory
+        full = get_peft_model_state_dict(peft_model, adapter_name=name)
+        extra = {k: v for k, v in full.items() if not _LORA_KEY.search(k)}
+        st, pt = os.path.join(where, "adapter_model.safetensors"), os.path.join(where, "adapter_model.bin")
+        if os.path.isfile(st):
+            from safetensors.torch import load_file, save_file
+
+            saved = load_file(st)
+            write = lambda sd, path: save_file(sd, path, metadata={"format": "pt"})  # noqa: E731
+            target = st
+        elif os.path.isfile(pt):
+            saved = torch.load(pt, map_location="cpu", weights_only=True)
+            write = torch.save
+            target = pt
+        else:
+            raise LoraDAError(f"{where}: PEFT wrote no adapter weights to restore modules_to_save into")
+        missing = {k: v.detach().cpu().contiguous() for k, v in extra.items() if k not in saved}
+        if not missing:
+            continue
+        saved.update(missing)
+        fd, tmp = tempfile.mkstemp(prefix=".lora_da_", suffix=".tmp", dir=where)
+        os.close(fd)
+        try:
+            write(saved, tmp)
+            os.replace(tmp, target)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
 
 
 def save_initial_adapter(peft_model, path: str | os.PathLike, adapter_name: str = "default") -> None:
