@@ -40,8 +40,20 @@ from lora_da.statistics import ModuleInfo, Statistics
 
 __version__ = "0.1.0"
 
+
+
+def __getattr__(name):
+    # The Trainer callback imports transformers' Trainer machinery: only when asked for.
+    if name == "LoraDACallback":
+        from lora_da.trainer import LoraDACallback
+
+        return LoraDACallback
+    raise AttributeError(f"module 'lora_da' has no attribute {name!r}")
+
+
 __all__ = [
     "GAP_REL",
+    "LoraDACallback",
     "GAP_TOL",
     "collect_statistics",
     "Statistics",

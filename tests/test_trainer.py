@@ -1,0 +1,94 @@
+"""The Trainer path: LoraDACallback initializes the adapter from the trainer's
+own train dataloader when training begins (issue 12, item 7)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from test_collect import batches, data
+from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
+
+import lora_da
+
+
+def _classifier():
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=24,
+                     max_position_embeddings=16, num_labels=2)
+    return BertForSequenceClassification(cfg).eval()
+
+
+class _Rows(torch.utils.data.Dataset):
+    def __init__(self):
+        ids, mask = data()
+        self.ids, self.mask, self.y = ids, mask, torch.tensor([0, 1, 1, 0, 1, 0])
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "attention_mask": self.mask[i], "labels": self.y[i]}
+
+
+def _peft():
+    return get_peft_model(_classifier(), LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"],
+                                                    modules_to_save=["classifier"], task_type="SEQ_CLS"))
+
+
+def _lora(model) -> dict[str, np.ndarray]:
+    return {n: p.detach().double().numpy().copy() for n, p in model.named_parameters() if ".lora_" in n}
+
+
+def _trainer(model, tmp_path, callback, **kw):
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=1, learning_rate=0.0,
+                             weight_decay=0.0, report_to=[], use_cpu=True, save_strategy="no", logging_strategy="no",
+                             seed=3, **kw)
+    return Trainer(model=model, args=args, train_dataset=_Rows(), callbacks=[callback])
+
+
+def test_the_callback_initializes_from_the_trainers_dataloader(tmp_path):
+    """With every sample read, the statistics do not depend on the shuffled
+    order: the adapter after a zero-learning-rate step equals
+    initialize_lora_da_weights on the whole set, computed independently."""
+    cfg = lora_da.LoraDAConfig(n_pop=100, gamma=4.0)
+    model = _peft()
+    before = _lora(model)
+    cb = lora_da.LoraDACallback(cfg, max_samples=None, progress=False)
+    _trainer(model, tmp_path, cb).train()
+    got = _lora(model)
+    assert cb.results and len(cb.results) == 2
+    want_model = _peft()
+    ids, mask = data()
+    y = torch.tensor([0, 1, 1, 0, 1, 0])
+    whole = [dict(b, labels=y[i:i + 3]) for i, b in zip((0, 3), batches(ids, mask, 3))]
+    lora_da.initialize_lora_da_weights(want_model, whole, lora_da_config=cfg, progress=False)
+    want = _lora(want_model)
+    assert got.keys() == want.keys() and len(got) == 4
+    for k in got:
+        assert not np.allclose(got[k], before[k])  # it wrote something
+        np.testing.assert_allclose(got[k], want[k], rtol=0, atol=1e-5 * np.abs(want[k]).max(), err_msg=k)
+
+
+def test_max_samples_cuts_the_calibration_set_and_a_resumed_run_is_left_alone(tmp_path):
+    cfg = lora_da.LoraDAConfig(n_pop=100, gamma=4.0)
+    from lora_da.trainer import _first_samples
+
+    loader = torch.utils.data.DataLoader(_Rows(), batch_size=4)
+    cut = _first_samples(loader, 5)
+    assert [len(b["labels"]) for b in cut] == [4, 1]
+    cb = lora_da.LoraDACallback(cfg, progress=False)
+    model = _peft()
+    before = _lora(model)
+
+    class _State:
+        global_step = 7
+        is_local_process_zero = True
+
+    cb.on_train_begin(None, _State(), None, model=model, train_dataloader=loader)
+    assert cb.results is None and all(np.array_equal(v, _lora(model)[k]) for k, v in before.items())
+    with pytest.raises(lora_da.InvalidArgumentError, match="LoraDAConfig"):
+        lora_da.LoraDACallback({"n_pop": 100})
+    with pytest.raises(lora_da.InvalidArgumentError, match="max_samples"):
+        lora_da.LoraDACallback(cfg, max_samples=0)
