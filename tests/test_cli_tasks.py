@@ -163,3 +163,48 @@ def test_ambiguous_task_asks_for_the_flag(encoder_dir, model_dir, labeled, tmp_p
     assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "y.safetensors").exists()
     # the flag settles it
     assert _collect(model_dir, labeled, tmp_path / "z.safetensors", "--targets", "q_proj", "--task", "causal-lm") == 0
+
+
+def _fake_report(n_layers=28, kinds=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), r=4):
+    rng = np.random.default_rng(0)
+    mods = {}
+    for layer in range(n_layers):
+        for kind in kinds:
+            ev = sorted(-np.abs(rng.normal(size=r + 1)) * 10.0 ** (layer % 7))  # scales that differ by layer
+            mods[f"model.layers.{layer}.mlp.{kind}"] = {"eigenvalues": ev[:r], "next_eigenvalue": ev[r], "gap": 1.0}
+    return {"format": "lora-da-report", "config": {"rank": r}, "modules": mods}
+
+
+def test_plot_is_readable_at_two_hundred_modules():
+    """One panel per projection type, layers on a colour scale, the cut at r marked."""
+    from lora_da.cli import _figure
+
+    report = _fake_report()
+    assert len(report["modules"]) == 196
+    fig = _figure(report)
+    panels = [a for a in fig.axes if a.get_visible() and a.get_label() != "<colorbar>"]
+    titles = sorted(a.get_title() for a in panels)
+    assert titles == sorted(f"{k} (28 modules)" for k in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                          "down_proj"))
+    for ax in panels:
+        cuts = [ln for ln in ax.get_lines() if list(ln.get_xdata()) == [4.5, 4.5]]
+        assert len(cuts) == 1  # between λ_r and λ_{r+1}
+        colors = {tuple(ln.get_color()) for ln in ax.get_lines() if ln not in cuts and len(ln.get_xdata()) == 4}
+        assert len(colors) == 28  # one colour per layer
+    assert any(a.get_label() == "<colorbar>" for a in fig.axes)
+
+
+def test_plot_without_matplotlib_fails_before_the_solve(tmp_path, monkeypatch, capsys, encoder_dir, labeled):
+    import sys
+
+    stats_path = tmp_path / "s.safetensors"
+    assert _collect(encoder_dir, labeled, stats_path) == 0
+    import lora_da.init
+
+    def boom(*a, **k):
+        raise AssertionError("solved before checking for matplotlib")
+
+    monkeypatch.setattr(lora_da.init, "compute_init", boom)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert main(["report", str(stats_path), "--n-pop", "100", "--plot", str(tmp_path / "p.png")]) != 0
+    assert "pip install 'lora-da[plot]'" in capsys.readouterr().err

@@ -480,26 +480,79 @@ def _print_table(report: dict) -> None:
             print(f"note: {name}: {note}")
 
 
-def _plot(report: dict, path: str) -> None:
+def _pyplot():
+    """matplotlib's pyplot on a file backend, or an error naming the extra to install."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise ValueError("--plot needs matplotlib (pip install matplotlib)") from None
-    fig, ax = plt.subplots(figsize=(8, 5))
+        raise CLIError("--plot needs matplotlib: pip install 'lora-da[plot]' (or pip install matplotlib)") from None
+    return plt
+
+
+def _layer_and_kind(name: str) -> tuple[int | None, str]:
+    """``model.layers.12.self_attn.q_proj`` → ``(12, "q_proj")``."""
+    numbers = [int(p) for p in name.split(".") if p.isdigit()]
+    return (numbers[0] if numbers else None), name.rsplit(".", 1)[-1]
+
+
+def _figure(report: dict):
+    """One panel per projection type; in it each module's bottom eigenvalues
+    λ_1..λ_r and λ_{r+1}, divided by |λ_1| so that layers of different scale
+    share an axis, coloured by layer; the cut between r and r + 1 is marked."""
+    import numpy as np
+
+    plt = _pyplot()
+    kinds: dict[str, list] = {}
     for name, r in report["modules"].items():
-        ev = list(r.get("eigenvalues") or [])
-        if r.get("next_eigenvalue") is not None:
-            ev.append(r["next_eigenvalue"])
-        ax.plot(range(1, len(ev) + 1), ev, marker="o", linewidth=0.8, label=name)
-    ax.set_xlabel("index i (λ_{r+1} last)")
-    ax.set_ylabel("eigenvalue λ_i of Ω")
-    ax.set_title("LoRA-DA: bottom eigenvalues of the guidance matrix")
-    if len(report["modules"]) <= 12:
-        ax.legend(fontsize=6)
-    fig.tight_layout()
+        layer, kind = _layer_and_kind(name)
+        kinds.setdefault(kind, []).append((layer, name, r))
+    layers = [layer for rows in kinds.values() for layer, _, _ in rows if layer is not None]
+    lo, hi = (min(layers), max(layers)) if layers else (0, 1)
+    cmap = plt.get_cmap("viridis")
+    norm = plt.Normalize(lo, max(hi, lo + 1))
+    ncols = min(4, len(kinds)) or 1
+    nrows = -(-len(kinds) // ncols) or 1
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols + 1.2, 3.0 * nrows + 0.6), squeeze=False,
+                             layout="constrained")
+    rank = report.get("config", {}).get("rank")
+    for ax, (kind, rows) in zip(axes.flat, sorted(kinds.items())):
+        for layer, name, r in sorted(rows, key=lambda t: (t[0] is None, t[0] or 0, t[1])):
+            ev = list(r.get("eigenvalues") or [])
+            if not ev:
+                continue
+            k = len(ev)
+            if r.get("next_eigenvalue") is not None:
+                ev.append(r["next_eigenvalue"])
+            scale = abs(ev[0]) or 1.0
+            y = np.asarray(ev, dtype=float) / scale
+            color = cmap(norm(layer)) if layer is not None else "0.4"
+            ax.plot(range(1, k + 1), y[:k], color=color, linewidth=0.8, marker="o", markersize=2.5)
+            if len(y) > k:
+                ax.plot([k, k + 1], y[k - 1:k + 1], color=color, linewidth=0.6, linestyle=":")
+                ax.plot([k + 1], y[k:], color=color, marker="x", markersize=4)
+        cut = rank if rank else k
+        ax.axvline(cut + 0.5, color="crimson", linewidth=0.8, linestyle="--")
+        ax.set_title(f"{kind} ({len(rows)} modules)", fontsize=9)
+        ax.set_xlabel("i", fontsize=8)
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+        ax.set_ylabel("λ_i / |λ_1|", fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(kinds):]:
+        ax.set_visible(False)
+    if layers:
+        sm = plt.cm.ScalarMappable(norm=norm, cmap=cmap)
+        fig.colorbar(sm, ax=[a for a in axes.flat if a.get_visible()], label="layer", shrink=0.8)
+    fig.suptitle(f"LoRA-DA: bottom eigenvalues λ_1..λ_r of Ω per module, × = λ_r+1, dashed = the cut at r = {rank or '?'}",
+                 fontsize=10)
+    return fig
+
+
+def _plot(report: dict, path: str) -> None:
+    plt = _pyplot()
+    fig = _figure(report)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     print(f"lora-da: wrote {path}")
@@ -569,6 +622,8 @@ def cmd_report(args) -> int:
     path = Path(args.path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or directory")
+    if args.plot:
+        _pyplot()  # before the solve, not after it
     report = _load_report(path)
     if report is None:
         if args.n_pop is None:
