@@ -208,3 +208,40 @@ def test_plot_without_matplotlib_fails_before_the_solve(tmp_path, monkeypatch, c
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     assert main(["report", str(stats_path), "--n-pop", "100", "--plot", str(tmp_path / "p.png")]) != 0
     assert "pip install 'lora-da[plot]'" in capsys.readouterr().err
+
+
+def test_init_gamma_auto_chooses_on_held_back_samples(encoder_dir, labeled, tmp_path, capsys):
+    """--gamma auto: statistics from the first four fifths, γ the candidate with
+    the lowest held-back loss after the steps, the adapter solved at that γ."""
+    from peft import PeftModel
+
+    from lora_da.gamma import GAMMAS, held_back_loss
+
+    stats_path, adapter = tmp_path / "s.safetensors", tmp_path / "adapter"
+    assert main(["init", str(encoder_dir), str(labeled), "--n-pop", "100", "--rank", "2", "--gamma", "auto",
+                 "--batch-size", "4", "--targets", "query,value", "--out", str(adapter), "--save-stats",
+                 str(stats_path), "-q"]) == 0
+    report = json.loads((adapter / "lora_da_report.json").read_text())
+    search = report["gamma_search"]
+    table = search["table"]
+    assert [row["gamma"] for row in table] == list(GAMMAS)
+    best = min(table, key=lambda row: (row["loss_after"], -row["gamma"]))
+    assert search["chosen"] == best["gamma"] == report["config"]["gamma"]
+    stats = lora_da.Statistics.load(stats_path)
+    assert stats.n_samples == 10  # 12 samples, 2 held back
+    inits = lora_da.compute_init(stats, lora_da.LoraDAConfig(n_pop=100, rank=2, gamma=best["gamma"]), progress=False)
+    loaded = PeftModel.from_pretrained(_seeded_classifier(encoder_dir, seed=5), adapter)
+    layers = {n: m for n, m in loaded.base_model.model.named_modules() if hasattr(m, "lora_B")}
+    for name, init in inits.items():
+        np.testing.assert_allclose(layers[name].lora_B["default"].weight.detach().numpy(), init.B, rtol=1e-6, atol=1e-7)
+    # the step-0 score of the chosen γ, recomputed: the loaded adapter on the two held-back rows
+    from transformers import AutoTokenizer
+
+    rows = [json.loads(line) for line in labeled.read_text().splitlines()][-2:]
+    enc = AutoTokenizer.from_pretrained(encoder_dir)([r["text"] for r in rows], padding=True, return_tensors="pt")
+    held = [{"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+             "labels": torch.tensor([r["label"] for r in rows])}]
+    assert held_back_loss(loaded, held) == pytest.approx(best["loss_at_0"], rel=1e-5)
+    assert "chose γ" in capsys.readouterr().out
+    assert main(["solve", str(stats_path), "--n-pop", "100", "--gamma", "auto", "--out", str(tmp_path / "x")]) != 0
+    assert "lora-da init" in capsys.readouterr().err

@@ -199,6 +199,18 @@ def _positive_int(name):
     return conv
 
 
+def _gamma_arg(s: str):
+    if s == "auto":
+        return s
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--gamma must be a number or 'auto', got {s!r}") from None
+    if not (v > 0 and v != float("inf")):
+        raise argparse.ArgumentTypeError(f"--gamma must be > 0 and finite, got {s!r}")
+    return v
+
+
 def _number(s: str):
     try:
         v = float(s)
@@ -207,7 +219,10 @@ def _number(s: str):
     return int(v) if v.is_integer() else v
 
 
-def _collect(args):
+def _collect(args, search: bool = False):
+    """Statistics of the calibration data; with ``search`` (``--gamma auto``) the
+    last fifth of the samples is held back from them, and the model, the
+    calibration batches and the held-back batches are returned too."""
     from lora_da.collect import collect_statistics
 
     _check_model_dir(args.model_dir)
@@ -221,6 +236,12 @@ def _collect(args):
     num_labels = (max(labels) + 1) if labels else None
     if labels and min(labels) < 0:
         raise ValueError(f"{args.data}: labels must be ≥ 0")
+    if search:
+        k = max(1, len(texts) // 5)
+        if len(texts) - k < 1:
+            raise CLIError(f"--gamma auto holds back a fifth of the samples to score γ; {args.data} has only {len(texts)}")
+        texts, held_texts = texts[:-k], texts[-k:]
+        labels, held_labels = (labels[:-k], labels[-k:]) if labels is not None else (None, None)
     model, tokenizer, new_weights = _load_model(args.model_dir, args.task, num_labels, args.device, args.quiet,
                                                 args.seed)
     batches = _make_batches(tokenizer, texts, labels, args.batch_size, args.max_length, args.task)
@@ -242,7 +263,48 @@ def _collect(args):
         f"lora-da: collected {len(stats.modules)} modules ({groups} input groups), "
         f"{stats.n_samples} samples, {tokens} tokens (summed over input groups)"
     )
+    if search:
+        held = _make_batches(tokenizer, held_texts, held_labels, args.batch_size, args.max_length, args.task)
+        return stats, (model, batches, held)
     return stats
+
+
+def _search_gamma(args, stats, model, calibration, held):
+    """``--gamma auto``: :func:`lora_da.gamma.search_gamma` on one PeftModel whose
+    trainable weights are reset before each candidate (no copy of the model)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from lora_da.gamma import search_gamma, unit_state_dict
+    from lora_da.init import compute_init
+
+    config = _config(args, stats)
+    unit = unit_state_dict(compute_init(stats, config, progress=False, device=_solve_device(args.solve_device)),
+                           config.gamma)
+    peft_model = get_peft_model(model, LoraConfig(
+        r=config.rank, lora_alpha=args.lora_alpha, use_rslora=args.rslora, lora_dropout=0.0,
+        target_modules=sorted(stats.modules), modules_to_save=_modules_to_save(stats),
+        fan_in_fan_out=any(stats.modules[n].kind == "conv1d" for n in stats.modules)))
+    start = {n: p.detach().clone() for n, p in peft_model.named_parameters() if p.requires_grad}
+
+    def fresh():
+        with torch.no_grad():
+            for n, p in peft_model.named_parameters():
+                if n in start:
+                    p.copy_(start[n])
+        return peft_model
+
+    print(f"lora-da: choosing γ on {sum(len(b['input_ids']) for b in held)} held-back samples "
+          f"after {GAMMA_SEARCH_STEPS} AdamW steps (lr {GAMMA_SEARCH_LR:g}) on the calibration batches")
+    found = search_gamma(fresh, unit, calibration, held, config, steps=GAMMA_SEARCH_STEPS, lr=GAMMA_SEARCH_LR,
+                         seed=args.seed)
+    print(found.describe())
+    print(f"lora-da: chose γ = {found.best:g}")
+    return found
+
+
+GAMMA_SEARCH_STEPS = 5
+GAMMA_SEARCH_LR = 5e-4
 
 
 def _config(args, stats=None):
@@ -259,7 +321,7 @@ def _config(args, stats=None):
         alpha=args.alpha,
         beta=args.beta,
         damping=args.damping,
-        gamma=args.gamma,
+        gamma=1.0 if args.gamma == "auto" else args.gamma,  # auto: searched after the collection
         normalize=not args.no_normalize,
         method=args.method,
         output_fisher=fisher,
@@ -348,6 +410,10 @@ def _write_outputs(args, stats, inits, config) -> None:
 
     out = Path(args.out)
     report = _report_dict(stats, inits, config)
+    found = getattr(args, "gamma_search", None)
+    if found is not None:
+        report["gamma_search"] = {"chosen": found.best, "steps": GAMMA_SEARCH_STEPS, "lr": GAMMA_SEARCH_LR,
+                                  "table": [{"gamma": g, "loss_at_0": a, "loss_after": b} for g, a, b in found.table]}
     if args.format == "peft":
         from peft import LoraConfig
 
@@ -590,9 +656,16 @@ def cmd_collect(args) -> int:
     return 0
 
 
+def _no_auto_gamma(args) -> None:
+    if args.gamma == "auto":
+        raise CLIError("--gamma auto trains briefly on held-back data, so it needs the model: use "
+                       "'lora-da init MODEL_DIR DATA --gamma auto'")
+
+
 def cmd_solve(args) -> int:
     from lora_da.statistics import Statistics
 
+    _no_auto_gamma(args)
     if not Path(args.stats).is_file():
         raise FileNotFoundError(f"{args.stats}: no such statistics file")
     _prepare_out(args)
@@ -607,7 +680,13 @@ def cmd_init(args) -> int:
     _prepare_out(args)
     if args.save_stats and Path(args.save_stats).exists() and not args.overwrite:
         raise ValueError(f"{args.save_stats} already exists (pass --overwrite to replace it)")
-    stats = _collect(args)
+    if args.gamma == "auto":
+        stats, (model, calibration, held) = _collect(args, search=True)
+        found = _search_gamma(args, stats, model, calibration, held)
+        del model, calibration, held
+        args.gamma, args.gamma_search = found.best, found
+    else:
+        stats = _collect(args)
     if args.save_stats:
         stats.save(args.save_stats)
         print(f"lora-da: wrote statistics to {args.save_stats}")
@@ -619,6 +698,7 @@ def cmd_init(args) -> int:
 def cmd_report(args) -> int:
     from lora_da.statistics import Statistics
 
+    _no_auto_gamma(args)
     path = Path(args.path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or directory")
@@ -644,7 +724,6 @@ def cmd_report(args) -> int:
 
 # -- demo -----------------------------------------------------------------------------------
 
-DEMO_GAMMAS = [1.0, 4.0, 16.0, 64.0, 256.0, 1024.0]
 DEMO_LR = 5e-4
 DEMO_BATCH = 32
 DEMO_MAX_LENGTH = 16
@@ -716,25 +795,6 @@ def _demo_eval(model, batches):
     return tot / n, correct / n
 
 
-def _demo_train(model, batches, steps, seed):
-    """``steps`` AdamW steps (lr 5e-4) cycling over ``batches``; the loss of each step's batch before its update."""
-    import torch
-
-    torch.manual_seed(seed)  # same dropout masks for every run
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=DEMO_LR, weight_decay=0.0)
-    model.train()
-    losses = []
-    for step in range(steps):
-        b = batches[step % len(batches)]
-        loss = model(**b).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
-
-
 def cmd_demo(args) -> int:
     """PEFT default LoRA init vs LoRA-DA on a tiny sentiment task, fully offline.
 
@@ -773,6 +833,7 @@ def cmd_demo(args) -> int:
 
     from lora_da.adapters import initialize_lora_da_weights
     from lora_da.collect import collect_statistics
+    from lora_da.gamma import search_gamma, train_steps
     from lora_da.init import LoraDAConfig
 
     import warnings
@@ -837,22 +898,15 @@ def cmd_demo(args) -> int:
         return model
 
     if gamma_fixed is None:
-        search_train, search_val = train, _demo_batches(tokenizer, search_rows, 128)
+        search_val = _demo_batches(tokenizer, search_rows, 128)
         print(
             f"demo: choosing γ: loss on {len(search_rows)} other words (neither calibration nor held-out) after "
             f"{DEMO_SEARCH_STEPS} AdamW steps (lr {DEMO_LR:g}) on the calibration set"
         )
-        print("  γ        loss@0    loss@5")
-        best = None
-        for g in DEMO_GAMMAS:
-            model = lora_da_model(g)
-            l0, _ = _demo_eval(model, search_val)
-            _demo_train(model, search_train, DEMO_SEARCH_STEPS, args.seed)
-            l5, _ = _demo_eval(model, search_val)
-            print(f"  {g:<7g}  {l0:.4f}    {l5:.4f}")
-            if best is None or l5 <= best[1]:
-                best = (g, l5)
-        gamma = best[0]
+        found = search_gamma(fresh_peft, unit, train, search_val, LoraDAConfig(n_pop=len(train_rows), rank=8),
+                             steps=DEMO_SEARCH_STEPS, lr=DEMO_LR, seed=args.seed)
+        print(found.describe())
+        gamma = found.best
         print(f"demo: chose γ = {gamma:g}")
     else:
         gamma = gamma_fixed
@@ -861,7 +915,7 @@ def cmd_demo(args) -> int:
     runs = {}
     for label, make in (("PEFT default", fresh_peft), (f"LoRA-DA γ={gamma:g}", lambda: lora_da_model(gamma))):
         model = make()
-        losses = _demo_train(model, train, args.steps, args.seed)
+        losses = train_steps(model, train, args.steps, DEMO_LR, args.seed)
         runs[label] = (losses, _demo_eval(model, held))
     points = sorted({0, args.steps // 4, args.steps // 2, (3 * args.steps) // 4, args.steps - 1})
     print("training loss (of each step's batch, before its update):")
@@ -897,7 +951,9 @@ def _add_solve_args(p, *, n_pop_required: bool) -> None:
     p.add_argument("--alpha", type=float, default=1.0, help="bias weight α (default 1)")
     p.add_argument("--beta", type=float, default=0.03, help="variance weight β (default 0.03)")
     p.add_argument("--damping", type=float, default=1e-6)
-    p.add_argument("--gamma", type=float, default=1024.0, help="scale γ (default 1024)")
+    p.add_argument("--gamma", type=_gamma_arg, default=1024.0,
+                   help="scale γ (default 1024, the published value for 7B models; smaller models usually want "
+                        "1-64): a number, or 'auto' (init only) to choose it on held-back data")
     p.add_argument("--no-normalize", action="store_true", help="do not normalize Δ by its spectral norm")
     p.add_argument("--method", choices=["auto", "krylov", "dense"], default="auto")
     p.add_argument("--solve-device", default="auto",

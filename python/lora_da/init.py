@@ -23,8 +23,11 @@ class LoraDAConfig:
     authors' published configuration. ``n_pop`` (the size of the fine-tuning
     set) is required: it scales the variance term.
 
-    ``gamma`` divides ``B A``: the published 1024 was chosen for a 7B model;
-    small models usually want a much smaller value (see the demo).
+    ``gamma`` divides ``B A`` (the size of the initial step; the subspace does
+    not depend on it): the published 1024 was chosen for 7B models; models of
+    ≤ 100M parameters want about 4–16 (all-MiniLM-L6-v2: 4); otherwise choose
+    it on held-back data with :func:`lora_da.gamma.search_gamma` (the CLI's
+    ``init --gamma auto``).
     ``preserve_output`` subtracts ``s·B A`` from the base weights so that the
     adapted model equals the base model at step 0 (PiSSA-style; see
     :func:`lora_da.save_initial_adapter`).
