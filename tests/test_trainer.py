@@ -41,8 +41,8 @@ def _lora(model) -> dict[str, np.ndarray]:
     return {n: p.detach().double().numpy().copy() for n, p in model.named_parameters() if ".lora_" in n}
 
 
-def _trainer(model, tmp_path, callback, **kw):
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=1, learning_rate=0.0,
+def _trainer(model, tmp_path, callback, batch=4, **kw):
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=batch, max_steps=1, learning_rate=0.0,
                              weight_decay=0.0, report_to=[], use_cpu=True, save_strategy="no", logging_strategy="no",
                              seed=3, **kw)
     return Trainer(model=model, args=args, train_dataset=_Rows(), callbacks=[callback])
@@ -92,3 +92,46 @@ def test_max_samples_cuts_the_calibration_set_and_a_resumed_run_is_left_alone(tm
         lora_da.LoraDACallback({"n_pop": 100})
     with pytest.raises(lora_da.InvalidArgumentError, match="max_samples"):
         lora_da.LoraDACallback(cfg, max_samples=0)
+
+
+_TORCHRUN = '''
+import os, sys
+sys.path.insert(0, {tests!r})
+import numpy as np, torch
+torch.set_num_threads(1)
+import lora_da
+from test_trainer import _peft, _lora, _trainer
+model = _peft()
+cb = lora_da.LoraDACallback(lora_da.LoraDAConfig(n_pop=100, gamma=4.0), max_samples=None, progress=False)
+_trainer(model, {out!r}, cb, batch=3).train()  # 2 × 3 = the 6 rows: Accelerate repeats none to even the batches
+import torch.distributed as dist
+np.savez(os.path.join({out!r}, "rank%d.npz" % dist.get_rank()), world=dist.get_world_size(), **_lora(model))
+'''
+
+
+def test_the_callback_under_torchrun_gives_every_rank_the_whole_sets_adapter(tmp_path):
+    """torchrun with 2 CPU processes (gloo): the Trainer's DistributedSampler
+    gives each rank half the rows; the adapters are the same bits on both
+    ranks and equal the single-process adapter on all rows."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "run.py"
+    script.write_text(_TORCHRUN.format(tests=str(Path(__file__).parent), out=str(tmp_path)))
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    ranks = [dict(np.load(tmp_path / f"rank{r}.npz")) for r in range(2)]
+    assert int(ranks[0].pop("world")) == int(ranks[1].pop("world")) == 2
+    want_model = _peft()
+    ids, mask = data()
+    y = torch.tensor([0, 1, 1, 0, 1, 0])
+    whole = [dict(b, labels=y[i:i + 3]) for i, b in zip((0, 3), batches(ids, mask, 3))]
+    lora_da.initialize_lora_da_weights(want_model, whole, lora_da_config=lora_da.LoraDAConfig(n_pop=100, gamma=4.0),
+                                       progress=False)
+    want = _lora(want_model)
+    assert ranks[0].keys() == want.keys()
+    for k in want:
+        np.testing.assert_array_equal(ranks[0][k], ranks[1][k], err_msg=k)
+        np.testing.assert_allclose(ranks[0][k], want[k], rtol=0, atol=1e-5 * np.abs(want[k]).max(), err_msg=k)

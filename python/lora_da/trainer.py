@@ -28,6 +28,9 @@ class LoraDACallback(TrainerCallback):
     0) keeps its trained weights. ``results`` holds each module's solve
     diagnostics afterwards; other keywords go to
     :func:`lora_da.collect_statistics` (``max_device_bytes``, ...).
+    Under Accelerate the last global batch of an epoch is filled up by
+    repeating samples from its start (``even_batches``): when ``max_samples``
+    reaches the end of a small set, those samples count twice.
     """
 
     def __init__(self, lora_da_config: LoraDAConfig, *, max_samples: int | None = 256, adapter_name: str = "default",
