@@ -205,13 +205,20 @@ def test_module_called_twice_counts_both_calls_once():
     np.testing.assert_allclose(stats.output_factor("lin"), y / T, atol=1e-14)
 
 
-def test_gradient_checkpointing_does_not_double_count():
+@pytest.mark.parametrize("accumulate_on", ["host", "device"])
+def test_gradient_checkpointing_does_not_double_count(accumulate_on):
     ids, mask = data()
     plain = lora_da.collect_statistics(tiny_llama(), batches(ids, mask, 3), ["o_proj"], progress=False)
     model = tiny_llama()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()  # checkpointing is active in train mode only; the tiny model has no dropout
-    ckpt = lora_da.collect_statistics(model, batches(ids, mask, 3), ["o_proj"], progress=False)
+    calls = []
+    model.model.layers[0].self_attn.o_proj.register_forward_hook(lambda *a: calls.append(1))
+    # in eval mode too: the collection keeps the checkpointed layers checkpointing (the memory a user asked for)
+    ckpt = lora_da.collect_statistics(model, batches(ids, mask, 3), ["o_proj"], progress=False,
+                                      accumulate_on=accumulate_on)
+    probe = accumulate_on == "device"  # the planned path runs the first batch once more to measure it
+    assert len(calls) == 2 * (2 + probe)  # each forward recomputed in backward: the recompute happened
+    assert not model.training and not model.model.layers[0].training  # modes restored
     for n in plain.modules:
         assert ckpt.input_factors[ckpt.modules[n].input_group].tokens == plain.input_factors[plain.modules[n].input_group].tokens
         np.testing.assert_allclose(ckpt.mean_grad(n), plain.mean_grad(n), atol=1e-12)

@@ -878,6 +878,16 @@ def _frozen(model: torch.nn.Module):
     grads_before = {p: p.grad for p in model.parameters()}
     modes = {m: m.training for m in model.modules()}
     model.eval()
+    # Gradient checkpointing (what a user short of GPU memory turns on) is active
+    # only in training mode in transformers' layers: keep those layers' own flag
+    # so the pass fits where training fits; their submodules stay in eval (no dropout).
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:  # an older transformers: its layers checkpoint by other means
+        GradientCheckpointingLayer = ()
+    for m in model.modules():
+        if isinstance(m, GradientCheckpointingLayer) and getattr(m, "gradient_checkpointing", False) is True:
+            m.training = True
     try:
         for p in model.parameters():
             p.requires_grad_(False)
