@@ -116,6 +116,23 @@ def floor_pass(model, batches):
                 loss.backward()
 
 
+def median_run(runs):
+    """The run of median wall time (its own outputs and peaks)."""
+    return sorted(runs, key=lambda r: r[1])[len(runs) // 2]
+
+
+def all_times(runs) -> str:
+    return "" if len(runs) == 1 else "; runs " + ", ".join(f"{r[1]:.1f}" for r in runs) + " s"
+
+
+def floor_pass_checkpointed(model, batches):
+    """``floor_pass`` with the checkpointed layers in training mode, as the collection runs them."""
+    from lora_da.collect import _frozen
+
+    with _frozen(model):
+        floor_pass(model, batches)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", choices=sorted(SHAPES), default="tinyllama")
@@ -123,6 +140,10 @@ def main():
     ap.add_argument("--skip-baseline", action="store_true")
     ap.add_argument("--skip-budget", action="store_true")
     ap.add_argument("--angles", type=int, default=3, help="modules checked against the float64 reference")
+    ap.add_argument("--budget-batch", type=int, default=8, help="batch size of the budget-limited run")
+    ap.add_argument("--no-budget-checkpointing", dest="budget_checkpointing", action="store_false",
+                    help="run the budget-limited run without gradient checkpointing")
+    ap.add_argument("--repeats", type=int, default=1, help="runs of lora-da's default and of the baseline (median)")
     args = ap.parse_args()
     shape = dict(SHAPES[args.shape])
     if args.samples:
@@ -152,39 +173,55 @@ def main():
         inits = collect_and_solve(model, batches if "batches" not in kw else kw.pop("batches"), names, cfg, **kw)
         return inits, collect_and_solve.last_report
 
-    (inits, report), t_da, g_da, h_da = measure(lambda: run_lora_da(progress=False))
+    runs = [measure(lambda: run_lora_da(progress=False)) for _ in range(args.repeats)]
+    (inits, report), t_da, g_da, h_da = median_run(runs)
     plan, solve_s = report.plan, report.solve_seconds
     methods = {m: sum(i.result.method == m for i in inits.values()) for m in ("chebyshev", "dense")}
     worst = max(i.result.residual for i in inits.values())
     print(plan.describe())
     print(f"lora-da default: {len(inits)} modules, methods {methods}, worst residual {worst:.1e}")
     rows.append((f"lora-da, default settings, batch {bs}", t_da,
-                 f"collect {t_da - solve_s:.1f} s, solve {solve_s:.1f} s ({len(plan.passes)} pass)", g_da, h_da))
+                 f"collect {t_da - solve_s:.1f} s, solve {solve_s:.1f} s ({len(plan.passes)} pass){all_times(runs)}",
+                 g_da, h_da))
 
     base = None
     if not args.skip_baseline:
         from baseline_authors import authors_pipeline
 
         samples = batched(ids, mask, 1)
-        base, t_b, g_b, h_b = measure(lambda: authors_pipeline(model, samples, TARGETS, n_pop=10000))
+        base_runs = [measure(lambda: authors_pipeline(model, samples, TARGETS, n_pop=10000))
+                     for _ in range(args.repeats)]
+        base, t_b, g_b, h_b = median_run(base_runs)
         sec = base["seconds"]
         rows.append(("authors' pipeline (re-implemented), batch 1", t_b,
                      f"gradient {sec['gradient']:.1f} s, Fisher passes + solves {sec['fisher_and_solve']:.1f} s "
-                     f"({base['lobpcg_fallbacks']} lobpcg fallbacks)", g_b, h_b))
+                     f"({base['lobpcg_fallbacks']} lobpcg fallbacks){all_times(base_runs)}", g_b, h_b))
 
     if not args.skip_budget and base is not None:
-        # Cut the device budget so that a pass's sums, the model and a batch-2 step stay
+        # Cut the device budget so that a pass's sums, the model and one step stay
         # within the baseline's peak: what the planner holds back is the step's peak
         # (measured here like the planner's probe) and the float64 copies of one call.
-        small = batched(ids, mask, 2)
-        _, _, g_step, _ = measure(lambda: floor_pass(model, small[:1]))
-        transient = 2 * 8 * 2 * 512 * (shape["inter"] + shape["hidden"]) + (512 << 20)
-        budget = max(1 << 28, int((g_b - g_step) * 2**30) - transient)
-        (inits_b, report_b), t_s, g_s, h_s = measure(lambda: run_lora_da(progress=False, batches=small, max_device_bytes=budget))
+        # A user short of GPU memory turns on gradient checkpointing and keeps a
+        # larger batch; --budget-batch 2 --no-budget-checkpointing is the older row.
+        bb = args.budget_batch
+        small = batched(ids, mask, bb)
+        if args.budget_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        try:
+            _, _, g_step, _ = measure(lambda: floor_pass_checkpointed(model, small[:1]))
+            transient = 2 * 8 * bb * 512 * (shape["inter"] + shape["hidden"]) + (512 << 20)
+            budget = max(1 << 28, int((g_b - g_step) * 2**30) - transient)
+            (inits_b, report_b), t_s, g_s, h_s = measure(
+                lambda: run_lora_da(progress=False, batches=small, max_device_bytes=budget))
+        finally:
+            if args.budget_checkpointing:
+                model.gradient_checkpointing_disable()
         plan_b, solve_b = report_b.plan, report_b.solve_seconds
         print(plan_b.describe())
-        rows.append((f"lora-da, max_device_bytes {budget / 2**30:.1f} GiB, batch 2", t_s,
-                     f"collect {t_s - solve_b:.1f} s, solve {solve_b:.1f} s ({len(plan_b.passes)} passes)", g_s, h_s))
+        how = ", gradient checkpointing" if args.budget_checkpointing else ""
+        rows.append((f"lora-da, max_device_bytes {budget / 2**30:.1f} GiB, batch {bb}{how}", t_s,
+                     f"collect {t_s - solve_b:.1f} s, solve {solve_b:.1f} s ({len(plan_b.passes)} passes); "
+                     f"step {g_step:.1f} GiB", g_s, h_s))
 
     angle_rows = []
     if args.angles:
