@@ -1,0 +1,212 @@
+"""Hardening (issue 10), the file and CLI half: statistics files from careless
+or hostile hands, what ``--overwrite`` may delete, memory before validation,
+one-line CLI errors, and the smaller API holes (preserve_output twice, a
+foreign checkpoint, NaN lora_alpha, hyper-parameters checked late)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.numpy import load_file, save_file
+from test_collect import batches, data, tiny_llama
+
+import lora_da
+from lora_da.cli import main
+from lora_da.errors import StatisticsFileError
+
+TARGETS = ["q_proj", "down_proj"]
+
+
+# -- a statistics file and ways to spoil it ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def stats_file(tmp_path_factory) -> Path:
+    ids, mask = data()
+    stats = lora_da.collect_statistics(tiny_llama(), batches(ids, mask, 3), TARGETS, progress=False,
+                                       output_fisher="sequence_lowrank")
+    path = tmp_path_factory.mktemp("stats") / "good.safetensors"
+    stats.save(path)
+    return path
+
+
+def read(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    with safe_open(str(path), framework="numpy") as f:
+        header = json.loads(f.metadata()["lora_da"])
+    return header, load_file(str(path))
+
+
+def write(path: Path, header, tensors: dict[str, np.ndarray], *, raw: str | None = None) -> Path:
+    """``header`` as the ``lora_da`` metadata (or the text ``raw`` verbatim)."""
+    save_file(tensors, str(path), metadata={"lora_da": raw if raw is not None else json.dumps(header)})
+    return path
+
+
+def spoiled(stats_file: Path, tmp_path: Path, edit, name="bad.safetensors") -> Path:
+    header, tensors = read(stats_file)
+    header = edit(header) or header
+    return write(tmp_path / name, header, tensors)
+
+
+def load_refused(path: Path, match: str | None = None) -> StatisticsFileError:
+    with pytest.raises(StatisticsFileError) as e:
+        lora_da.Statistics.load(path)
+    assert str(path) in str(e.value), f"the message does not name the file: {e.value}"
+    if match is not None:
+        assert match in str(e.value), f"{match!r} not in {e.value}"
+    return e.value
+
+
+def first_module(header) -> str:
+    return next(iter(header["modules"]))
+
+
+# -- 4: a malformed header is a StatisticsFileError, never a raw Python error ----------------
+
+MALFORMED_RAW = {
+    "a JSON list": "[1, 2, 3]",
+    "null": "null",
+    "a string": '"lora-da-statistics"',
+    "deeply nested JSON": "[" * 100_000 + "]" * 100_000,
+    "an integer too long to parse": "1" * 5000,
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED_RAW)
+def test_metadata_that_is_not_an_object(case, stats_file, tmp_path):
+    _, tensors = read(stats_file)
+    load_refused(write(tmp_path / "bad.safetensors", None, tensors, raw=MALFORMED_RAW[case]))
+
+
+def _set(path: tuple, value):
+    def edit(h):
+        d = h
+        for k in path[:-1]:
+            d = d[k] if not callable(k) else d[k(d)]
+        d[path[-1] if not callable(path[-1]) else path[-1](d)] = value
+
+    return edit
+
+
+def _first(d):
+    return next(iter(d))
+
+
+def _drop(*path):
+    def edit(h):
+        d = h
+        for k in path[:-1]:
+            d = d[k] if not callable(k) else d[k(d)]
+        del d[path[-1] if not callable(path[-1]) else path[-1](d)]
+
+    return edit
+
+
+MALFORMED = {
+    "a group without n": (_drop("groups", _first, "n"), "lacks n"),
+    "a group that is a list": (_set(("groups", _first), [32, 10]), "must be a JSON object"),
+    "config a list": (_set(("config",), ["token_mask"]), "config"),
+    "model null": (_set(("model",), None), "model"),
+    "modules a list": (_set(("modules",), []), "modules"),
+    "a module null": (_set(("modules", _first), None), "modules["),
+    "a module with an extra field": (_set(("modules", _first, "bias"), True), "unknown field"),
+    "in_features a string": (_set(("modules", _first, "in_features"), "32"), "in_features"),
+    "in_features a float": (_set(("modules", _first, "in_features"), 32.0), "in_features"),
+    "out_features a bool": (_set(("modules", _first, "out_features"), True), "out_features"),
+    "in_features 2^64": (_set(("modules", _first, "in_features"), 2**64), "in_features"),
+    "kind unknown": (_set(("modules", _first, "kind"), "conv2d"), "kind"),
+    "input_group a number": (_set(("modules", _first, "input_group"), 3), "input_group"),
+    "outputs without a module": (_drop("outputs", _first), "outputs"),
+    "per_sample a string": (_set(("outputs", _first, "per_sample"), "yes"), "per_sample"),
+    "tokens negative": (_set(("outputs", _first, "tokens"), -5), "tokens"),
+    "samples NaN": (_set(("outputs", _first, "samples"), math.nan), "samples"),
+    "n_samples missing": (_drop("n_samples"), "n_samples"),
+    "n_samples a float": (_set(("n_samples",), 12.5), "n_samples"),
+    "format_version true": (_set(("format_version",), True), "version"),
+    "batches_done a string": (_set(("config", "batches_done"), "2"), "batches_done"),
+    "output_fisher unknown": (_set(("config", "output_fisher"), "full"), "output_fisher"),
+    "name_or_path a list": (_set(("model", "name_or_path"), ["x"]), "name_or_path"),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED)
+def test_malformed_header_fields(case, stats_file, tmp_path):
+    edit, match = MALFORMED[case]
+    load_refused(spoiled(stats_file, tmp_path, edit), match)
+
+
+def test_n_samples_1e999(stats_file, tmp_path):
+    # JSON has no infinity; 1e999 is how a careless writer makes one (Python reads it as inf)
+    header, tensors = read(stats_file)
+    text = json.dumps(header).replace(f'"n_samples": {header["n_samples"]}', '"n_samples": 1e999')
+    assert "1e999" in text
+    load_refused(write(tmp_path / "inf.safetensors", None, tensors, raw=text), "n_samples")
+
+
+# -- 5: a well-formed but meaningless file is refused -----------------------------------------
+
+
+def test_negative_n_samples_is_refused(stats_file, tmp_path):
+    # it would flip the sign of every B (Ḡ = grad_sum / N_s)
+    load_refused(spoiled(stats_file, tmp_path, _set(("n_samples",), -6)), "n_samples")
+
+
+def test_zero_samples_is_refused(stats_file, tmp_path):
+    load_refused(spoiled(stats_file, tmp_path, _set(("n_samples",), 0)), "n_samples")
+
+
+def test_no_module_is_refused_and_solve_writes_nothing(stats_file, tmp_path, capsys):
+    header, tensors = read(stats_file)
+    header["modules"], header["outputs"], header["groups"] = {}, {}, {}
+    path = write(tmp_path / "empty.safetensors", header, {"unused": np.zeros(1)})
+    load_refused(path, "no module")
+    out = tmp_path / "adapter"
+    assert main(["solve", str(path), "--n-pop", "100", "--out", str(out), "-q"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("lora-da: error:") and "no module" in err[0]
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["empty.safetensors"]
+
+
+@pytest.mark.parametrize("where", ["groups", "outputs"])
+def test_zero_tokens_names_the_file_and_the_module(where, stats_file, tmp_path):
+    header, _ = read(stats_file)
+    name = first_module(header)
+    key = header["modules"][name]["input_group"] if where == "groups" else name
+    err = load_refused(spoiled(stats_file, tmp_path, _set((where, key, "tokens"), 0)), "no")
+    assert name in str(err)
+
+
+@pytest.mark.parametrize("dtype", [np.complex64, np.int64])
+def test_a_tensor_that_is_not_real_floats_is_refused(dtype, stats_file, tmp_path):
+    header, tensors = read(stats_file)
+    key = f"grad.{first_module(header)}"
+    t = tensors[key].astype(dtype)
+    if np.iscomplexobj(t):
+        t = t + 1j  # an imaginary part that astype(float64) would drop
+    tensors[key] = t
+    load_refused(write(tmp_path / "c.safetensors", header, tensors), key)
+
+
+def test_non_finite_factor_is_refused(stats_file, tmp_path):
+    header, tensors = read(stats_file)
+    key = f"output.{first_module(header)}"
+    tensors[key] = tensors[key].copy()
+    tensors[key][0] = np.nan
+    load_refused(write(tmp_path / "n.safetensors", header, tensors), key)
+
+
+def test_valid_file_still_loads_bit_exact(stats_file, tmp_path):
+    a = lora_da.Statistics.load(stats_file)
+    a.save(tmp_path / "again.safetensors")
+    b = lora_da.Statistics.load(tmp_path / "again.safetensors")
+    assert a.modules == b.modules and a.n_samples == b.n_samples and a.config == b.config
+    for n in a.modules:
+        np.testing.assert_array_equal(a.input_factor(n), b.input_factor(n))
+        np.testing.assert_array_equal(a.output_factor(n), b.output_factor(n))
+        np.testing.assert_array_equal(a.mean_grad(n), b.mean_grad(n))
