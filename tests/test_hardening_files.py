@@ -17,6 +17,7 @@ from safetensors.numpy import load_file, save_file
 from test_collect import batches, data, tiny_llama
 
 import lora_da
+from lora_da.adapters import REPORT_NAME
 from lora_da.cli import main
 from lora_da.errors import StatisticsFileError
 
@@ -210,3 +211,94 @@ def test_valid_file_still_loads_bit_exact(stats_file, tmp_path):
         np.testing.assert_array_equal(a.input_factor(n), b.input_factor(n))
         np.testing.assert_array_equal(a.output_factor(n), b.output_factor(n))
         np.testing.assert_array_equal(a.mean_grad(n), b.mean_grad(n))
+
+
+# -- 6: --overwrite replaces only what lora-da wrote, and no output may touch an input ---------
+
+from test_cli import data_file, model_dir  # noqa: E402,F401  (pytest fixtures)
+
+
+def tree(path: Path) -> dict[str, bytes]:
+    """Every file under ``path`` (or ``path`` itself) with its content."""
+    if path.is_file():
+        return {path.name: path.read_bytes()}
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def one_error_line(capsys, *needles) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("lora-da: error: "), err
+    for n in needles:
+        assert n in err[0], (n, err[0])
+    return err[0]
+
+
+def solve(stats, out, *extra) -> int:
+    return main(["solve", str(stats), "--n-pop", "100", "--out", str(out), "-q", *extra])
+
+
+def test_overwrite_refuses_a_directory_lora_da_did_not_write(stats_file, model_dir, capsys):
+    before = tree(model_dir)
+    assert solve(stats_file, model_dir, "--overwrite") != 0
+    one_error_line(capsys, "--overwrite refuses", str(model_dir), REPORT_NAME)
+    assert tree(model_dir) == before
+
+
+def test_overwrite_refuses_a_file_lora_da_did_not_write(stats_file, model_dir, tmp_path, capsys):
+    weights = next(model_dir.glob("*.safetensors"))
+    victim = tmp_path / "model.safetensors"
+    victim.write_bytes(weights.read_bytes())
+    assert solve(stats_file, victim, "--overwrite", "--format", "state-dict") != 0
+    one_error_line(capsys, "not a lora-da state dict")
+    assert victim.read_bytes() == weights.read_bytes()
+
+
+@pytest.mark.parametrize("where", ["model dir itself", "inside the model dir", "the data file", "the data's dir"])
+def test_init_refuses_an_output_overlapping_an_input(where, model_dir, data_file, capsys):
+    out = {
+        "model dir itself": model_dir,
+        "inside the model dir": model_dir / "adapter",
+        "the data file": data_file,
+        "the data's dir": data_file.parent,
+    }[where]
+    before = tree(model_dir), tree(data_file.parent)
+    code = main(["init", str(model_dir), str(data_file), "--n-pop", "100", "--out", str(out), "--overwrite", "-q",
+                 "--batch-size", "3"])
+    assert code != 0
+    one_error_line(capsys, "overlaps")
+    assert (tree(model_dir), tree(data_file.parent)) == before
+
+
+def test_solve_refuses_to_write_over_its_statistics(stats_file, tmp_path, capsys):
+    copy = tmp_path / "s.safetensors"
+    copy.write_bytes(stats_file.read_bytes())
+    assert solve(copy, copy, "--overwrite", "--format", "state-dict") != 0
+    one_error_line(capsys, "overlaps the statistics file")
+    assert copy.read_bytes() == stats_file.read_bytes()
+
+
+def test_collect_overwrite_refuses_a_foreign_file(model_dir, data_file, tmp_path, capsys):
+    victim = tmp_path / "notes.safetensors"
+    save_file({"x": np.ones(3)}, str(victim))
+    before = victim.read_bytes()
+    code = main(["collect", str(model_dir), str(data_file), "--out", str(victim), "--overwrite", "-q"])
+    assert code != 0
+    one_error_line(capsys, "not a lora-da statistics file")
+    assert victim.read_bytes() == before
+
+
+def test_overwrite_replaces_lora_da_outputs(stats_file, tmp_path, capsys):
+    out = tmp_path / "adapter"
+    assert solve(stats_file, out) == 0
+    first = tree(out)
+    assert solve(stats_file, out, "--gamma", "4", "--overwrite") == 0
+    assert set(tree(out)) == set(first) and tree(out) != first
+    sd = tmp_path / "sd.safetensors"
+    assert solve(stats_file, sd, "--format", "state-dict") == 0
+    assert solve(stats_file, sd, "--format", "state-dict", "--gamma", "4", "--overwrite") == 0
+    # an adapter directory with something else in it is no longer only lora-da's
+    (out / "training_args.bin").write_bytes(b"x")
+    capsys.readouterr()
+    assert solve(stats_file, out, "--overwrite") != 0
+    one_error_line(capsys, "training_args.bin")
+    assert (out / "training_args.bin").exists()

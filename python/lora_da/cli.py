@@ -330,7 +330,7 @@ def _write_outputs(args, stats, inits, config) -> None:
             fd, t2 = tempfile.mkstemp(prefix=f".{rep.name}.", suffix=".tmp", dir=out.parent)
             os.close(fd)
             tmps.append(t2)
-            save_file(tensors, t1, metadata={"format": "pt"})
+            save_file(tensors, t1, metadata={"format": "pt", "lora_da": "state-dict"})
             Path(t2).write_text(json.dumps(report, indent=2))
             os.replace(t1, out)
             os.replace(t2, rep)
@@ -347,9 +347,93 @@ def _state_dict_report_path(out: Path) -> Path:
 
 def _prepare_out(args) -> None:
     out = Path(args.out)
+    outputs = [(out, "adapter" if args.format == "peft" else "state-dict")]
+    if args.format == "state-dict":
+        outputs.append((_state_dict_report_path(out), "report"))
+    if getattr(args, "save_stats", None):
+        outputs.append((Path(args.save_stats), "statistics"))
+    _guard_outputs(args, outputs)
     _check_out_free(out, args.overwrite)
-    if args.format == "state-dict" and _state_dict_report_path(out).exists() and not args.overwrite:
-        raise ValueError(f"{_state_dict_report_path(out)} already exists (pass --overwrite to replace it)")
+
+
+# -- what --overwrite may replace ------------------------------------------------------------
+
+# the entries of an adapter directory written by `lora-da solve/init`
+_ADAPTER_ENTRIES = {ADAPTER_WEIGHTS, "adapter_config.json", REPORT_NAME}
+_INPUT_ARGS = {"model_dir": "the model directory", "data": "the data file", "stats": "the statistics file"}
+
+
+def _input_paths(args) -> list[tuple[str, Path]]:
+    return [(what, Path(getattr(args, k))) for k, what in _INPUT_ARGS.items() if getattr(args, k, None)]
+
+
+def _overlaps(a: Path, b: Path) -> bool:
+    """``a`` and ``b`` are the same path, or one lies inside the other (after symlinks)."""
+    a, b = a.resolve(), b.resolve()
+    return a == b or a.is_relative_to(b) or b.is_relative_to(a)
+
+
+def _is_lora_da_report(path: Path) -> bool:
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(report, dict) and report.get("format") == "lora-da-report"
+
+
+def _safetensors_metadata(path: Path) -> dict | None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            return f.metadata() or {}
+    except Exception:  # safetensors raises its own error types on a file that is not its own
+        return None
+
+
+def _written_by_lora_da(path: Path, kind: str) -> str | None:
+    """None when ``path`` is an output of ``kind`` that lora-da wrote, else why not."""
+    if path.is_symlink():
+        return "it is a symbolic link"
+    if kind == "adapter":
+        if not path.is_dir():
+            return "it is not a directory"
+        if not (path / REPORT_NAME).is_file() or not _is_lora_da_report(path / REPORT_NAME):
+            return f"it has no lora-da {REPORT_NAME}"
+        foreign = sorted(e.name for e in path.iterdir() if e.name not in _ADAPTER_ENTRIES)
+        if foreign:
+            return f"it holds files lora-da does not write ({', '.join(foreign[:3])})"
+        return None
+    if not path.is_file():
+        return "it is not a regular file"
+    if kind == "report":
+        return None if _is_lora_da_report(path) else "it is not a lora-da report"
+    meta = _safetensors_metadata(path)
+    if kind == "statistics":
+        return None if meta is not None and "lora_da" in meta else "it is not a lora-da statistics file"
+    # a state dict: marked by lora-da since issue 10; before that, recognized by its report beside it
+    if meta is not None and (meta.get("lora_da") == "state-dict" or _is_lora_da_report(_state_dict_report_path(path))):
+        return None
+    return "it is not a lora-da state dict"
+
+
+def _guard_outputs(args, outputs: list[tuple[Path, str]]) -> None:
+    """Before any work: no output may be (or contain, or lie inside) an input or
+    another output, and ``--overwrite`` replaces only what lora-da itself wrote."""
+    inputs = _input_paths(args)
+    for i, (out, kind) in enumerate(outputs):
+        for what, inp in inputs:
+            if _overlaps(out, inp):
+                raise CLIError(f"the output {out} overlaps {what} {inp}: choose an output path outside every input")
+        for other, _ in outputs[i + 1 :]:
+            if _overlaps(out, other):
+                raise CLIError(f"the outputs {out} and {other} overlap")
+        if out.exists() or out.is_symlink():
+            if not args.overwrite:
+                raise ValueError(f"{out} already exists (pass --overwrite to replace it)")
+            why = _written_by_lora_da(out, kind)
+            if why is not None:
+                raise CLIError(f"--overwrite refuses to replace {out}: {why}; lora-da only replaces a {kind} it wrote")
 
 
 def _solve_device(choice: str):
@@ -463,8 +547,7 @@ def _load_report(path: Path) -> dict | None:
 
 def cmd_collect(args) -> int:
     out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise ValueError(f"{out} already exists (pass --overwrite to replace it)")
+    _guard_outputs(args, [(out, "statistics")])
     stats = _collect(args)
     stats.save(out)
     print(f"lora-da: wrote statistics to {out}")
@@ -486,8 +569,6 @@ def cmd_solve(args) -> int:
 def cmd_init(args) -> int:
     _config(args)  # validate the solve options before the expensive pass
     _prepare_out(args)
-    if args.save_stats and Path(args.save_stats).exists() and not args.overwrite:
-        raise ValueError(f"{args.save_stats} already exists (pass --overwrite to replace it)")
     stats = _collect(args)
     if args.save_stats:
         stats.save(args.save_stats)
