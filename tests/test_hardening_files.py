@@ -302,3 +302,51 @@ def test_overwrite_replaces_lora_da_outputs(stats_file, tmp_path, capsys):
     assert solve(stats_file, out, "--overwrite") != 0
     one_error_line(capsys, "training_args.bin")
     assert (out / "training_args.bin").exists()
+
+
+# -- 8: the data is validated (and only as much of it read) before any model is built --------
+
+
+def _no_model(*a, **k):
+    raise AssertionError("the model was loaded before the data was validated")
+
+
+def test_huge_label_is_refused_before_the_model_is_built(model_dir, tmp_path, monkeypatch, capsys):
+    import lora_da.cli as cli
+
+    monkeypatch.setattr(cli, "_load_model", _no_model)
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps({"text": "the cat", "label": lab}) for lab in (0, 1, 10**7)) + "\n")
+    code = main(["collect", str(model_dir), str(data), "--task", "seq-cls", "--out", str(tmp_path / "s.safetensors"), "-q"])
+    assert code != 0
+    one_error_line(capsys, str(data), "10000000", "0..K-1")
+    assert not (tmp_path / "s.safetensors").exists()
+
+
+def test_negative_label_names_the_line(model_dir, tmp_path, monkeypatch, capsys):
+    import lora_da.cli as cli
+
+    monkeypatch.setattr(cli, "_load_model", _no_model)
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"text": "a", "label": 0}) + "\n" + json.dumps({"text": "b", "label": -3}) + "\n")
+    assert main(["collect", str(model_dir), str(data), "--task", "seq-cls", "--out", str(tmp_path / "s"), "-q"]) != 0
+    one_error_line(capsys, f"{data}:2", "-3")
+
+
+def test_a_head_as_large_as_the_config_declares_is_allowed(tmp_path):
+    from lora_da.cli import MAX_LABELS, _num_labels
+
+    (tmp_path / "config.json").write_text(json.dumps({"num_labels": MAX_LABELS + 5}))
+    assert _num_labels("d", [0, MAX_LABELS + 4], str(tmp_path)) == MAX_LABELS + 5
+    with pytest.raises(ValueError, match=f"{MAX_LABELS + 6}-way"):
+        _num_labels("d", [MAX_LABELS + 5], str(tmp_path))
+    assert _num_labels("d", [0, 2, 1], str(tmp_path)) == 3  # unchanged: max label + 1
+
+
+def test_max_samples_stops_reading_the_file(model_dir, tmp_path):
+    # the line after the first --max-samples samples is garbage: it must never be parsed
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": "the cat sat on the mat"}) + "\n" for _ in range(4)) + "{not json\n")
+    out = tmp_path / "s.safetensors"
+    assert main(["collect", str(model_dir), str(data), "--max-samples", "4", "--batch-size", "2", "--out", str(out), "-q"]) == 0
+    assert lora_da.Statistics.load(out).n_samples == 4

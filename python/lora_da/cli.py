@@ -37,38 +37,81 @@ class CLIError(Exception):
 # -- data and model ------------------------------------------------------------------
 
 
-def _read_data(path: str, task: str) -> tuple[list[str], list[int] | None]:
-    """Texts (and labels for seq-cls) from a JSONL or plain-text file."""
+# a larger classification head is almost surely a data error (a 10^7 label built a 6.6 GB head)
+MAX_LABELS = 10_000
+
+
+def _read_data(path: str, task: str, limit: int | None = None) -> tuple[list[str], list[int] | None]:
+    """Texts (and labels for seq-cls) from a JSONL or plain-text file: the first
+    ``limit`` samples, read line by line (the rest of the file is never parsed)."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"{path}: no such data file")
     texts: list[str] = []
     labels: list[int] = []
-    with open(p, encoding="utf-8") as f:
-        lines = f.read().splitlines()
-    if p.suffix.lower() in (".jsonl", ".json", ".ndjson"):
-        for i, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                raise ValueError(f"{path}:{i}: each line must be an object with a string 'text' field")
-            texts.append(obj["text"])
-            if task == "seq-cls":
-                lab = obj.get("label")
-                if isinstance(lab, bool) or not isinstance(lab, int):
-                    raise ValueError(f"{path}:{i}: seq-cls needs an integer 'label' field")
-                labels.append(lab)
-    else:
-        if task == "seq-cls":
-            raise ValueError(f"{path}: seq-cls needs a JSONL file with 'text' and 'label' fields")
-        texts = [line for line in lines if line.strip()]
+    jsonl = p.suffix.lower() in (".jsonl", ".json", ".ndjson")
+    if task == "seq-cls" and not jsonl:
+        raise ValueError(f"{path}: seq-cls needs a JSONL file with 'text' and 'label' fields")
+    i = 0
+    try:
+        with open(p, encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                if limit is not None and len(texts) >= limit:
+                    break
+                if not line.strip():
+                    continue
+                if not jsonl:
+                    texts.append(line.rstrip("\r\n"))
+                    continue
+                text, label = _parse_jsonl_line(path, i, line, task)
+                texts.append(text)
+                if label is not None:
+                    labels.append(label)
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}:{i + 1}: not UTF-8 text") from None
     if not texts:
         raise ValueError(f"{path}: no sample found")
     return texts, (labels if task == "seq-cls" else None)
+
+
+def _parse_jsonl_line(path: str, i: int, line: str, task: str) -> tuple[str, int | None]:
+    try:
+        obj = json.loads(line)
+    except (ValueError, RecursionError) as e:
+        raise ValueError(f"{path}:{i}: not valid JSON ({getattr(e, 'msg', type(e).__name__)})") from None
+    if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+        raise ValueError(f"{path}:{i}: each line must be an object with a string 'text' field")
+    if not obj["text"].strip():
+        # an empty text tokenizes to no token at all and fails deep inside the model
+        raise ValueError(f"{path}:{i}: the 'text' field is empty")
+    if task != "seq-cls":
+        return obj["text"], None
+    lab = obj.get("label")
+    if isinstance(lab, bool) or not isinstance(lab, int):
+        raise ValueError(f"{path}:{i}: seq-cls needs an integer 'label' field, got {json.dumps(lab)[:40]}")
+    if lab < 0:
+        raise ValueError(f"{path}:{i}: label {lab} is negative; labels are class indices 0..K-1")
+    return obj["text"], lab
+
+
+def _num_labels(path: str, labels: list[int], model_dir: str) -> int:
+    """K = max label + 1, the size of the classification head; refused above
+    MAX_LABELS unless the model's config.json declares that many classes."""
+    k = max(labels) + 1
+    if k <= MAX_LABELS:
+        return k
+    declared = None
+    try:
+        cfg = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+        declared = cfg.get("num_labels", len(cfg["id2label"]) if isinstance(cfg.get("id2label"), dict) else None)
+    except (OSError, ValueError, RecursionError, AttributeError):
+        pass
+    if isinstance(declared, int) and not isinstance(declared, bool) and k <= declared:
+        return declared
+    raise ValueError(
+        f"{path}: label {k - 1} asks for a {k}-way classification head; labels must be class indices 0..K-1 with "
+        f"K ≤ {MAX_LABELS}, or ≤ the num_labels of the model's config.json ({declared if declared is not None else 'none'})"
+    )
 
 
 def _check_model_dir(model_dir: str) -> None:
@@ -162,14 +205,9 @@ def _collect(args):
     from lora_da.collect import collect_statistics
 
     _check_model_dir(args.model_dir)
-    texts, labels = _read_data(args.data, args.task)
+    texts, labels = _read_data(args.data, args.task, args.max_samples)
     targets = _parse_targets(args.targets)
-    if args.max_samples is not None:
-        texts = texts[: args.max_samples]
-        labels = labels[: args.max_samples] if labels is not None else None
-    num_labels = (max(labels) + 1) if labels else None
-    if labels and min(labels) < 0:
-        raise ValueError(f"{args.data}: labels must be ≥ 0")
+    num_labels = _num_labels(args.data, labels, args.model_dir) if labels else None
     model, tokenizer = _load_model(args.model_dir, args.task, num_labels, args.device, args.quiet)
     batches = _make_batches(tokenizer, texts, labels, args.batch_size, args.max_length, args.task)
     stats = collect_statistics(
