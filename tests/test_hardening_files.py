@@ -350,3 +350,111 @@ def test_max_samples_stops_reading_the_file(model_dir, tmp_path):
     out = tmp_path / "s.safetensors"
     assert main(["collect", str(model_dir), str(data), "--max-samples", "4", "--batch-size", "2", "--out", str(out), "-q"]) == 0
     assert lora_da.Statistics.load(out).n_samples == 4
+
+
+# -- 9: every expected failure is one line `lora-da: error: ...`, and leaves no file behind ---
+
+
+def listing(path: Path) -> list[str]:
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
+
+
+def test_empty_text_names_the_line(model_dir, tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"text": "the cat"}) + "\n" + json.dumps({"text": "  "}) + "\n")
+    out = tmp_path / "s.safetensors"
+    assert main(["collect", str(model_dir), str(data), "--out", str(out), "-q"]) != 0
+    one_error_line(capsys, f"{data}:2", "empty")
+    assert listing(tmp_path) == ["d.jsonl"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+@pytest.mark.parametrize("option", ["--device", "--solve-device"])
+def test_cuda_on_a_machine_without_a_gpu(option, model_dir, data_file, tmp_path, monkeypatch, capsys):
+    import lora_da.cli as cli
+
+    monkeypatch.setattr(cli, "_load_model", _no_model)  # refused before any model is loaded
+    code = main(["init", str(model_dir), str(data_file), "--n-pop", "100", "--out", str(tmp_path / "a"), option, "cuda",
+                 "-q"])
+    assert code != 0
+    one_error_line(capsys, option, "no CUDA GPU")
+    assert listing(tmp_path) == []
+
+
+def _full_disk(*args, **kwargs):
+    import errno
+    import os
+
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def _safetensors_refuses(*args, **kwargs):
+    from safetensors import SafetensorError
+
+    raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+
+@pytest.mark.parametrize("writer", [_full_disk, _safetensors_refuses])
+@pytest.mark.parametrize("fmt", ["peft", "state-dict"])
+def test_full_disk_while_solving_leaves_nothing_half_written(writer, fmt, stats_file, tmp_path, monkeypatch, capsys):
+    import safetensors.torch
+
+    out = tmp_path / ("adapter" if fmt == "peft" else "sd.safetensors")
+    assert solve(stats_file, out, "--format", fmt) == 0
+    before = tree(out) if fmt == "peft" else {**tree(out), **tree(tmp_path / "sd.lora_da_report.json")}
+    names = listing(tmp_path)
+    monkeypatch.setattr(safetensors.torch, "save_file", writer)
+    capsys.readouterr()
+    assert solve(stats_file, out, "--format", fmt, "--gamma", "4", "--overwrite") != 0
+    one_error_line(capsys, f"could not write {out}", "No space left on device")
+    after = tree(out) if fmt == "peft" else {**tree(out), **tree(tmp_path / "sd.lora_da_report.json")}
+    assert after == before and listing(tmp_path) == names  # the old output intact, no temporary left
+
+
+@pytest.mark.parametrize("writer", [_full_disk, _safetensors_refuses])
+def test_full_disk_while_collecting(writer, model_dir, data_file, tmp_path, monkeypatch, capsys):
+    import safetensors.numpy
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", writer)
+    out = tmp_path / "s.safetensors"
+    assert main(["collect", str(model_dir), str(data_file), "--out", str(out), "--batch-size", "3", "-q"]) != 0
+    one_error_line(capsys, f"could not write {out}", "No space left on device")
+    assert listing(tmp_path) == []
+
+
+def test_corrupted_model_weights(model_dir, data_file, tmp_path, capsys):
+    import shutil
+
+    broken = tmp_path / "model"
+    shutil.copytree(model_dir, broken)
+    weights = next(broken.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    out = tmp_path / "adapter"
+    assert main(["init", str(broken), str(data_file), "--n-pop", "100", "--out", str(out), "-q"]) != 0
+    one_error_line(capsys, str(broken), "could not load the model")
+    assert not out.exists()
+
+
+REPORTS = {
+    "modules a list": {"format": "lora-da-report", "modules": []},
+    "a module a string": {"format": "lora-da-report", "modules": {"q": "x"}},
+    "eigenvalues strings": {"format": "lora-da-report", "modules": {"q": {"eigenvalues": ["1", "2"]}}},
+    "residual a string": {"format": "lora-da-report", "modules": {"q": {"residual": "small"}}},
+    "notes a number": {"format": "lora-da-report", "modules": {"q": {"notes": 3}}},
+    "config a list": {"format": "lora-da-report", "config": [], "modules": {}},
+}
+
+
+@pytest.mark.parametrize("case", REPORTS)
+def test_report_json_of_the_wrong_shape(case, tmp_path, capsys):
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(REPORTS[case]))
+    assert main(["report", str(path)]) != 0
+    one_error_line(capsys, str(path), "not a lora-da report")
+
+
+def test_report_json_nested_too_deep(tmp_path, capsys):
+    path = tmp_path / "r.json"
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    assert main(["report", str(path)]) != 0
+    one_error_line(capsys, str(path), "not valid JSON")

@@ -149,6 +149,58 @@ def _load_model(model_dir: str, task: str, num_labels: int | None, device: str, 
     return model, tokenizer
 
 
+def _check_device(choice: str, option: str) -> None:
+    """Refuse a device this machine lacks now, not after the data and model are loaded."""
+    import torch
+
+    if choice in ("auto", "host"):
+        return
+    try:
+        dev = torch.device(choice)
+    except (RuntimeError, ValueError):
+        also = ", host" if option == "--solve-device" else ""
+        raise CLIError(f"{option} must be auto{also} or a torch device (cpu, cuda, cuda:1), got {choice!r}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CLIError(f"{option} {choice}: no CUDA GPU is available on this machine (use cpu or auto)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise CLIError(f"{option} {choice}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise CLIError(f"{option} {choice}: MPS is not available on this machine")
+
+
+def _load_model_checked(model_dir: str, *args, **kwargs):
+    """:func:`_load_model`, with a model directory that transformers cannot read (corrupted
+    weights, a broken tokenizer) reported in one line instead of the library's traceback."""
+    try:
+        return _load_model(model_dir, *args, **kwargs)
+    except (CLIError, ValueError, OSError):
+        raise
+    except Exception as e:  # safetensors, tokenizers and torch each raise their own types here
+        msg = " ".join(str(e).split())[:300]
+        raise CLIError(f"{model_dir}: could not load the model ({type(e).__name__}: {msg})") from e
+
+
+class _Writing:
+    """Turn a failed write of ``path`` (a full disk: OSError; safetensors: its own
+    SafetensorError) into one line that names the file; the writers themselves
+    remove their temporary files, so nothing half-written is left."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, e, tb):
+        from safetensors import SafetensorError
+
+        if e is not None and isinstance(e, (OSError, SafetensorError)):
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else " ".join(str(e).split())
+            raise CLIError(f"could not write {self.path}: {reason}; nothing was written there") from e
+        return False
+
+
 def _make_batches(tokenizer, texts, labels, batch_size: int, max_length: int, task: str) -> list[dict]:
     import torch
 
@@ -205,10 +257,11 @@ def _collect(args):
     from lora_da.collect import collect_statistics
 
     _check_model_dir(args.model_dir)
+    _check_device(args.device, "--device")
     texts, labels = _read_data(args.data, args.task, args.max_samples)
     targets = _parse_targets(args.targets)
     num_labels = _num_labels(args.data, labels, args.model_dir) if labels else None
-    model, tokenizer = _load_model(args.model_dir, args.task, num_labels, args.device, args.quiet)
+    model, tokenizer = _load_model_checked(args.model_dir, args.task, num_labels, args.device, args.quiet)
     batches = _make_batches(tokenizer, texts, labels, args.batch_size, args.max_length, args.task)
     stats = collect_statistics(
         model,
@@ -249,6 +302,27 @@ def _config(args, stats=None):
         output_fisher=fisher,
         token_mask=getattr(args, "token_mask", None) or "attention",
     )
+
+
+def _validate_solve_options(args) -> None:
+    """Every solve option, before any statistics or model is read: a bad γ, β, α or
+    damping used to surface only after the whole collection pass."""
+    import math
+
+    import numpy as np
+
+    from lora_da._core import solve
+
+    config = _config(args)
+    kw = dict(config.solve_kwargs(), rank=1, method="auto")
+    # the core's own scalar rules (its check runs before any work), on a 2 × 2 problem:
+    # one definition of each domain, not a copy here that could drift
+    solve(np.eye(2), np.ones(2), np.zeros((2, 2)), **kw)
+    _solve_device(args.solve_device)
+    lora_alpha = getattr(args, "lora_alpha", None)
+    if lora_alpha is not None and not (math.isfinite(lora_alpha) and lora_alpha > 0):
+        # PEFT takes any float; NaN or a negative scale gives NaN or sign-flipped logits
+        raise CLIError(f"--lora-alpha must be a finite number > 0, got {lora_alpha}")
 
 
 def _floats(a) -> list[float]:
@@ -482,10 +556,8 @@ def _solve_device(choice: str):
         return None
     if choice == "auto":
         return "cuda" if torch.cuda.is_available() else None
-    try:
-        return torch.device(choice)
-    except (RuntimeError, ValueError):
-        raise ValueError(f"--solve-device must be auto, host or a torch device, got {choice!r}") from None
+    _check_device(choice, "--solve-device")
+    return torch.device(choice)
 
 
 def _solve(args, stats):
@@ -572,12 +644,45 @@ def _load_report(path: Path) -> dict | None:
     if cand is None:
         return None
     try:
-        report = json.loads(cand.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cand}: not valid JSON ({e.msg})") from None
+        report = json.loads(cand.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as e:  # bad JSON, bad UTF-8, or nested past the recursion limit
+        raise ValueError(f"{cand}: not valid JSON ({getattr(e, 'msg', type(e).__name__)})") from None
     if not isinstance(report, dict) or "modules" not in report:
         raise ValueError(f"{cand}: not a lora-da report")
+    _check_report_shape(cand, report)
     return report
+
+
+_REPORT_NUMBERS = ("next_eigenvalue", "gap", "residual", "sigma", "c", "seconds")
+
+
+def _check_report_shape(path: Path, report: dict) -> None:
+    """Every field the table and the plot read has the type they expect, so a report
+    edited or produced elsewhere gives one line, not a TypeError from format()."""
+
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    def bad(what: str, v) -> CLIError:
+        return CLIError(f"{path}: not a lora-da report: {what}, got {json.dumps(v)[:60]}")
+
+    if not isinstance(report.get("config", {}), dict):
+        raise bad("'config' must be an object", report["config"])
+    mods = report["modules"]
+    if not isinstance(mods, dict):
+        raise bad("'modules' must be an object", mods)
+    for name, r in mods.items():
+        if not isinstance(r, dict):
+            raise bad(f"module {name!r} must be an object", r)
+        for key in _REPORT_NUMBERS:
+            if r.get(key) is not None and not number(r[key]):
+                raise bad(f"module {name!r}: {key!r} must be a number", r[key])
+        ev = r.get("eigenvalues")
+        if ev is not None and not (isinstance(ev, list) and all(number(v) for v in ev)):
+            raise bad(f"module {name!r}: 'eigenvalues' must be a list of numbers", ev)
+        notes = r.get("notes")
+        if notes is not None and not (isinstance(notes, list) and all(isinstance(v, str) for v in notes)):
+            raise bad(f"module {name!r}: 'notes' must be a list of strings", notes)
 
 
 # -- subcommands ---------------------------------------------------------------------------
@@ -587,7 +692,8 @@ def cmd_collect(args) -> int:
     out = Path(args.out)
     _guard_outputs(args, [(out, "statistics")])
     stats = _collect(args)
-    stats.save(out)
+    with _Writing(out):
+        stats.save(out)
     print(f"lora-da: wrote statistics to {out}")
     return 0
 
@@ -597,22 +703,26 @@ def cmd_solve(args) -> int:
 
     if not Path(args.stats).is_file():
         raise FileNotFoundError(f"{args.stats}: no such statistics file")
+    _validate_solve_options(args)
     _prepare_out(args)
     stats = Statistics.load(args.stats)
     inits, config = _solve(args, stats)
-    _write_outputs(args, stats, inits, config)
+    with _Writing(args.out):
+        _write_outputs(args, stats, inits, config)
     return 0
 
 
 def cmd_init(args) -> int:
-    _config(args)  # validate the solve options before the expensive pass
+    _validate_solve_options(args)  # before the expensive pass
     _prepare_out(args)
     stats = _collect(args)
     if args.save_stats:
-        stats.save(args.save_stats)
+        with _Writing(args.save_stats):
+            stats.save(args.save_stats)
         print(f"lora-da: wrote statistics to {args.save_stats}")
     inits, config = _solve(args, stats)
-    _write_outputs(args, stats, inits, config)
+    with _Writing(args.out):
+        _write_outputs(args, stats, inits, config)
     return 0
 
 
@@ -626,6 +736,7 @@ def cmd_report(args) -> int:
     if report is None:
         if args.n_pop is None:
             raise ValueError("report on a statistics file needs --n-pop (it solves first)")
+        _validate_solve_options(args)
         stats = Statistics.load(path)
         inits, config = _solve(args, stats)
         report = _report_dict(stats, inits, config)
