@@ -458,3 +458,86 @@ def test_report_json_nested_too_deep(tmp_path, capsys):
     path.write_text("[" * 100_000 + "]" * 100_000)
     assert main(["report", str(path)]) != 0
     one_error_line(capsys, str(path), "not valid JSON")
+
+
+# -- 10: the smaller ones --------------------------------------------------------------------
+
+
+def test_preserve_output_twice_is_refused_and_changes_nothing():
+    from peft import LoraConfig, get_peft_model
+
+    ids, mask = data()
+    x = {"input_ids": ids[:3], "attention_mask": mask[:3]}
+    base = tiny_llama(torch.float64)
+    with torch.no_grad():
+        before = base(**x).logits.clone()
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj"]))
+    cfg = lora_da.LoraDAConfig(n_pop=100, rank=4, gamma=1.0, preserve_output=True)
+    lora_da.initialize_lora_da_weights(model, batches(ids, mask, 3), lora_da_config=cfg, progress=False)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for again in (cfg, lora_da.LoraDAConfig(n_pop=100, rank=4, gamma=1.0)):
+        with pytest.raises(lora_da.LoraDAError, match="already initialized with preserve_output"):
+            lora_da.initialize_lora_da_weights(model, batches(ids, mask, 3), lora_da_config=again, progress=False)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, weights[n]), n
+    with torch.no_grad():
+        torch.testing.assert_close(model(**x).logits, before, rtol=0, atol=1e-10)
+    # the same modified base wrapped anew is still recognized
+    again = get_peft_model(model.unload(), LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj"]))
+    with pytest.raises(lora_da.LoraDAError, match="already initialized"):
+        lora_da.initialize_lora_da_weights(again, batches(ids, mask, 3), lora_da_config=cfg, progress=False)
+
+
+def many_batches():
+    ids, mask = data()
+    return batches(torch.cat([ids, ids.flip(0)]), torch.cat([mask, mask.flip(0)]), 2)  # 6 batches
+
+
+def test_a_finished_checkpoint_is_not_silently_reused(tmp_path):
+    ckpt = tmp_path / "c.safetensors"
+    lora_da.collect_statistics(tiny_llama(), many_batches(), TARGETS, checkpoint_path=ckpt, progress=False)
+    with pytest.raises(StatisticsFileError, match="finished pass") as e:
+        lora_da.collect_statistics(tiny_llama(), many_batches(), TARGETS, checkpoint_path=ckpt, progress=False)
+    assert str(ckpt) in str(e.value)
+    assert lora_da.Statistics.load(ckpt).n_samples == 12  # still usable as statistics
+
+
+def _partial_checkpoint(path: Path) -> None:
+    """A pass interrupted after 2 of 6 batches (the 3rd batch fails), checkpointed every batch."""
+
+    def failing(model, batch, calls=[0]):
+        from lora_da.collect import default_loss
+
+        calls[0] += 1
+        if calls[0] == 3:
+            raise RuntimeError("interrupted")
+        return default_loss(model, batch)
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        lora_da.collect_statistics(tiny_llama(), many_batches(), TARGETS, checkpoint_path=path, checkpoint_every=1,
+                                   loss_fn=failing, progress=False)
+    assert lora_da.Statistics.load(path).config["batches_done"] == 2
+
+
+def test_a_checkpoint_of_another_model_is_refused(tmp_path):
+    ckpt = tmp_path / "c.safetensors"
+    _partial_checkpoint(ckpt)
+    other = tiny_llama()
+    with torch.no_grad():
+        other.model.layers[0].self_attn.q_proj.weight.mul_(1.5)  # same names and shapes, other weights
+    with pytest.raises(StatisticsFileError, match="another model"):
+        lora_da.collect_statistics(other, many_batches(), TARGETS, checkpoint_path=ckpt, progress=False)
+
+
+def test_a_checkpoint_of_other_data_is_refused(tmp_path):
+    ckpt = tmp_path / "c.safetensors"
+    _partial_checkpoint(ckpt)
+    shuffled = many_batches()[::-1]
+    with pytest.raises(StatisticsFileError, match="other data or another order"):
+        lora_da.collect_statistics(tiny_llama(), shuffled, TARGETS, checkpoint_path=ckpt, progress=False)
+    # the same model and data resume, and equal an uninterrupted pass
+    resumed = lora_da.collect_statistics(tiny_llama(), many_batches(), TARGETS, checkpoint_path=ckpt, progress=False)
+    whole = lora_da.collect_statistics(tiny_llama(), many_batches(), TARGETS, progress=False)
+    assert resumed.n_samples == whole.n_samples == 12
+    for n in whole.modules:
+        np.testing.assert_allclose(resumed.mean_grad(n), whole.mean_grad(n), rtol=1e-12, atol=0)
