@@ -329,6 +329,11 @@ def validate_header(path, header) -> tuple[dict[str, ModuleInfo], dict, dict, in
             raise bad(f"header field config.{key} must be one of {', '.join(choices)}, got {_short(config[key])}")
     if "batches_done" in config:
         count(config["batches_done"], "config.batches_done", 0)
+    if "finished" in config and not isinstance(config["finished"], bool):
+        raise bad(f"header field config.finished must be true or false, got {_short(config['finished'])}")
+    for key in ("model_fingerprint", "data_fingerprint"):
+        if key in config:
+            text(config[key], f"config.{key}")
     model = obj(header.get("model", {}), "model")
     for key in ("class", "name_or_path"):
         if key in model:
