@@ -541,3 +541,55 @@ def test_a_checkpoint_of_other_data_is_refused(tmp_path):
     assert resumed.n_samples == whole.n_samples == 12
     for n in whole.modules:
         np.testing.assert_allclose(resumed.mean_grad(n), whole.mean_grad(n), rtol=1e-12, atol=0)
+
+
+def test_state_dict_and_report_are_replaced_together(stats_file, tmp_path, monkeypatch, capsys):
+    import os
+
+    sd, rep = tmp_path / "sd.safetensors", tmp_path / "sd.lora_da_report.json"
+    assert solve(stats_file, sd, "--format", "state-dict") == 0
+    before = sd.read_bytes(), rep.read_bytes()
+    real = os.replace
+
+    def report_rename_fails(src, dst):
+        # the report's rename into place fails (not the putting back of the old one)
+        if Path(dst) == rep and "old-" not in str(src):
+            raise OSError(5, "Input/output error")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", report_rename_fails)
+    assert solve(stats_file, sd, "--format", "state-dict", "--gamma", "4", "--overwrite") != 0
+    one_error_line(capsys, str(sd))
+    assert (sd.read_bytes(), rep.read_bytes()) == before  # both old, not a new state dict beside the old report
+    assert listing(tmp_path) == ["sd.lora_da_report.json", "sd.safetensors"]
+
+
+@pytest.mark.parametrize("value", ["nan", "-16", "0", "inf"])
+def test_lora_alpha_must_be_finite_and_positive(value, stats_file, tmp_path, capsys):
+    assert solve(stats_file, tmp_path / "a", f"--lora-alpha={value}") != 0
+    one_error_line(capsys, "--lora-alpha")
+    assert listing(tmp_path) == []
+
+
+OPTIONS = {  # a bad value → what the one-line error must name
+    "--gamma=-1": "gamma",
+    "--beta=nan": "beta",
+    "--alpha=inf": "alpha",
+    "--damping=-1e-3": "damping",
+    "--n-pop=0": "n_pop",
+    "--rank=0": "rank",
+    "--lora-alpha=nan": "--lora-alpha",
+    "--solve-device=nowhere": "--solve-device",
+}
+
+
+@pytest.mark.parametrize("option", OPTIONS)
+def test_init_validates_every_option_before_loading_the_model(option, model_dir, data_file, tmp_path, monkeypatch,
+                                                              capsys):
+    import lora_da.cli as cli
+
+    monkeypatch.setattr(cli, "_load_model", _no_model)
+    code = main(["init", str(model_dir), str(data_file), "--n-pop", "100", "--out", str(tmp_path / "a"), option, "-q"])
+    assert code != 0
+    one_error_line(capsys, OPTIONS[option])
+    assert listing(tmp_path) == []

@@ -434,23 +434,39 @@ def _write_outputs(args, stats, inits, config) -> None:
             tensors[f"{name}.lora_A.weight"] = torch.from_numpy(np.ascontiguousarray(init.A, dtype=np.float32))
             tensors[f"{name}.lora_B.weight"] = torch.from_numpy(np.ascontiguousarray(init.B, dtype=np.float32))
         rep = _state_dict_report_path(out)
-        tmps = []
+        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         try:
-            fd, t1 = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-            os.close(fd)
-            tmps.append(t1)
-            fd, t2 = tempfile.mkstemp(prefix=f".{rep.name}.", suffix=".tmp", dir=out.parent)
-            os.close(fd)
-            tmps.append(t2)
-            save_file(tensors, t1, metadata={"format": "pt", "lora_da": "state-dict"})
-            Path(t2).write_text(json.dumps(report, indent=2))
-            os.replace(t1, out)
-            os.replace(t2, rep)
+            save_file(tensors, str(stage / out.name), metadata={"format": "pt", "lora_da": "state-dict"})
+            (stage / rep.name).write_text(json.dumps(report, indent=2))
+            _install_together([(stage / out.name, out), (stage / rep.name, rep)])
         finally:
-            for t in tmps:
-                if os.path.exists(t):
-                    os.unlink(t)
+            shutil.rmtree(stage, ignore_errors=True)
         print(f"lora-da: wrote state dict ({len(inits)} modules) to {out}; report {rep}")
+
+
+def _install_together(moves: list[tuple[Path, Path]]) -> None:
+    """Rename each staged file onto its destination, all or none: the destinations
+    already there are first set aside, and put back if any rename fails, so a state dict
+    is never left beside the report of another solve."""
+    aside = Path(tempfile.mkdtemp(prefix=".lora-da-old-", dir=moves[0][1].parent))
+    kept: list[tuple[Path, Path]] = []
+    placed: list[Path] = []
+    try:
+        for i, (_, dst) in enumerate(moves):
+            if dst.exists():
+                os.replace(dst, aside / str(i))
+                kept.append((aside / str(i), dst))
+        for src, dst in moves:
+            os.replace(src, dst)
+            placed.append(dst)
+    except BaseException:
+        for dst in placed:
+            dst.unlink(missing_ok=True)
+        for old, dst in kept:
+            os.replace(old, dst)
+        raise
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def _state_dict_report_path(out: Path) -> Path:
