@@ -593,3 +593,22 @@ def test_init_validates_every_option_before_loading_the_model(option, model_dir,
     assert code != 0
     one_error_line(capsys, OPTIONS[option])
     assert listing(tmp_path) == []
+
+
+def test_a_failed_adapter_rename_puts_the_old_adapter_back(stats_file, tmp_path, monkeypatch, capsys):
+    import os
+
+    out = tmp_path / "adapter"
+    assert solve(stats_file, out) == 0
+    before = tree(out)
+    real = os.replace
+
+    def install_fails(src, dst):
+        if Path(dst) == out and ".tmp-" in str(src):
+            raise OSError(5, "Input/output error")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", install_fails)
+    assert solve(stats_file, out, "--gamma", "4", "--overwrite") != 0
+    one_error_line(capsys, str(out))
+    assert tree(out) == before and listing(tmp_path) == ["adapter"] + [f"adapter/{n}" for n in sorted(before)]

@@ -387,8 +387,13 @@ def _replace(tmp: Path, out: Path) -> None:
     if out.is_dir() and not out.is_symlink():
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
         os.replace(out, old / "x")
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
+        try:
+            os.replace(tmp, out)
+        except BaseException:
+            os.replace(old / "x", out)  # the old adapter back, not stranded in a hidden directory
+            raise
+        finally:
+            shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, out)
 
