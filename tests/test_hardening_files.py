@@ -612,3 +612,159 @@ def test_a_failed_adapter_rename_puts_the_old_adapter_back(stats_file, tmp_path,
     assert solve(stats_file, out, "--gamma", "4", "--overwrite") != 0
     one_error_line(capsys, str(out))
     assert tree(out) == before and listing(tmp_path) == ["adapter"] + [f"adapter/{n}" for n in sorted(before)]
+
+
+# -- the fuzzing pass over Statistics.load (FUZZING.md, "Statistics file headers") -----------
+
+import os  # noqa: E402
+import tempfile  # noqa: E402
+import warnings  # noqa: E402
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "150"))
+
+_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.sampled_from([0, 1, -1, 2**63, 2**64, 10**30])
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=12)  # unicode included
+)
+json_values = st.recursive(
+    _scalars,
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=12,
+)
+
+
+def _paths(value, prefix=()):
+    """Every (container, key) path inside a decoded JSON value."""
+    out = []
+    if isinstance(value, dict):
+        for k, v in value.items():
+            out.append(prefix + (k,))
+            out += _paths(v, prefix + (k,))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            out.append(prefix + (i,))
+            out += _paths(v, prefix + (i,))
+    return out
+
+
+@st.composite
+def header_mutations(draw, header: dict):
+    """The valid header with 0-3 edits: a value replaced by random JSON (or a nearby
+    wrong-typed one), a key deleted, a key added, or the whole header replaced."""
+    import copy
+
+    h = copy.deepcopy(header)
+    for _ in range(draw(st.integers(0, 3))):
+        paths = _paths(h) if isinstance(h, (dict, list)) else []
+        op = draw(st.sampled_from(["replace", "delete", "add", "whole", "wrap"]))
+        if op == "whole" or not paths:
+            h = draw(json_values)
+            continue
+        path = draw(st.sampled_from(paths))
+        parent = h
+        for k in path[:-1]:
+            parent = parent[k]
+        key = path[-1]
+        if op == "replace":
+            parent[key] = draw(json_values)
+        elif op == "delete":
+            del parent[key]
+        elif op == "wrap":
+            parent[key] = [parent[key]] if draw(st.booleans()) else {"v": parent[key]}
+        elif isinstance(parent, dict):
+            parent[draw(st.text(max_size=8))] = draw(json_values)
+    return h
+
+
+@st.composite
+def tensor_mutations(draw, tensors: dict):
+    """The tensors with 0-2 edits: another dtype, another shape, one dropped or added,
+    non-finite values."""
+    t = dict(tensors)
+    for _ in range(draw(st.integers(0, 2))):
+        key = draw(st.sampled_from(sorted(t))) if t else None
+        op = draw(st.sampled_from(["dtype", "shape", "drop", "add", "nonfinite"]))
+        if key is None or op == "add":
+            t[draw(st.sampled_from(sorted(tensors)))[:3] + draw(st.text(max_size=4))] = np.zeros(draw(st.integers(0, 5)))
+        elif op == "dtype":
+            dt = draw(st.sampled_from([np.float32, np.float16, np.int32, np.int64, np.uint8, np.complex64, np.bool_]))
+            with warnings.catch_warnings(), np.errstate(all="ignore"):  # lossy casts are the point here
+                warnings.simplefilter("ignore")
+                t[key] = t[key].astype(dt)
+        elif op == "shape":
+            a = t[key].reshape(-1)
+            t[key] = draw(st.sampled_from([a[:-1] if a.size else a, a, np.concatenate([a, a[:1]]), a.reshape(1, -1),
+                                           a.reshape(-1, 1)]))
+        elif op == "drop":
+            del t[key]
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                a = t[key].astype(np.float64).copy()
+            if a.size:
+                a.reshape(-1)[draw(st.integers(0, a.size - 1))] = draw(st.sampled_from([np.nan, np.inf, -np.inf]))
+            t[key] = a
+    return t
+
+
+def _assert_valid(s: lora_da.Statistics) -> None:
+    assert isinstance(s.n_samples, int) and s.n_samples >= 1 and s.modules
+    for name, info in s.modules.items():
+        n, m = info.in_features, info.out_features
+        Z, y, G = s.input_factor(name), s.output_factor(name), s.mean_grad(name)
+        assert Z.shape == (n, n) and y.shape == (m,) and G.shape == (m, n)
+        assert np.isfinite(Z).all() and np.isfinite(y).all() and np.isfinite(G).all()
+
+
+@pytest.fixture(scope="module")
+def fuzz_base(stats_file):
+    return read(stats_file)
+
+
+def test_fuzz_statistics_headers(fuzz_base):
+    header, tensors = fuzz_base
+    counts = {"loaded": 0, "refused": 0}
+
+    @settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(data=st.data())
+    def check(data):
+        h = data.draw(header_mutations(header), label="header")
+        t = data.draw(tensor_mutations(tensors), label="tensors")
+        raw = None
+        if data.draw(st.integers(0, 19), label="deep") == 0:
+            depth = data.draw(st.integers(500, 200_000), label="depth")
+            raw = "[" * depth + "]" * depth
+        with tempfile.TemporaryDirectory() as d:
+            path = Path(d) / "fuzz ünï.safetensors"
+            try:
+                write(path, h, t, raw=raw if raw is not None else json.dumps(h, allow_nan=True))
+            except Exception:  # safetensors itself refuses some tensors (complex128, ...): nothing to load
+                return
+            try:
+                s = lora_da.Statistics.load(path)
+            except StatisticsFileError as e:
+                assert str(path) in str(e), f"the message does not name the file: {e}"
+                counts["refused"] += 1
+                return
+            _assert_valid(s)
+            counts["loaded"] += 1
+
+    check()
+    print(f"fuzz_statistics_headers: {counts}")
+    assert counts["refused"] > 0
+
+
+def test_report_plot_may_not_write_over_its_input(stats_file, tmp_path, capsys):
+    out = tmp_path / "adapter"
+    assert solve(stats_file, out) == 0
+    before = tree(out)
+    assert main(["report", str(out / REPORT_NAME), "--plot", str(out / REPORT_NAME)]) != 0
+    one_error_line(capsys, "--plot", "would write over")
+    assert tree(out) == before

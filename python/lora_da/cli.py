@@ -753,6 +753,8 @@ def cmd_report(args) -> int:
     path = Path(args.path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or directory")
+    if args.plot and _overlaps(Path(args.plot), path):
+        raise CLIError(f"--plot {args.plot} would write over the input {path}")
     report = _load_report(path)
     if report is None:
         if args.n_pop is None:
