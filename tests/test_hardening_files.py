@@ -768,3 +768,13 @@ def test_report_plot_may_not_write_over_its_input(stats_file, tmp_path, capsys):
     assert main(["report", str(out / REPORT_NAME), "--plot", str(out / REPORT_NAME)]) != 0
     one_error_line(capsys, "--plot", "would write over")
     assert tree(out) == before
+
+
+def test_collect_overwrite_refuses_a_lora_da_state_dict(stats_file, model_dir, data_file, tmp_path, capsys):
+    sd = tmp_path / "sd.safetensors"
+    assert solve(stats_file, sd, "--format", "state-dict") == 0
+    before = sd.read_bytes()
+    capsys.readouterr()
+    assert main(["collect", str(model_dir), str(data_file), "--out", str(sd), "--overwrite", "-q"]) != 0
+    one_error_line(capsys, "not a lora-da statistics file")
+    assert sd.read_bytes() == before

@@ -524,6 +524,16 @@ def _safetensors_metadata(path: Path) -> dict | None:
         return None
 
 
+def _is_statistics_header(meta: dict | None) -> bool:
+    from lora_da.statistics import FORMAT
+
+    try:
+        header = json.loads(meta["lora_da"])  # a state dict's "lora_da" is the string "state-dict"
+    except (TypeError, KeyError, ValueError, RecursionError):
+        return False
+    return isinstance(header, dict) and header.get("format") == FORMAT
+
+
 def _written_by_lora_da(path: Path, kind: str) -> str | None:
     """None when ``path`` is an output of ``kind`` that lora-da wrote, else why not."""
     if path.is_symlink():
@@ -543,7 +553,7 @@ def _written_by_lora_da(path: Path, kind: str) -> str | None:
         return None if _is_lora_da_report(path) else "it is not a lora-da report"
     meta = _safetensors_metadata(path)
     if kind == "statistics":
-        return None if meta is not None and "lora_da" in meta else "it is not a lora-da statistics file"
+        return None if _is_statistics_header(meta) else "it is not a lora-da statistics file"
     # a state dict: marked by lora-da since issue 10; before that, recognized by its report beside it
     if meta is not None and (meta.get("lora_da") == "state-dict" or _is_lora_da_report(_state_dict_report_path(path))):
         return None
