@@ -778,3 +778,21 @@ def test_collect_overwrite_refuses_a_lora_da_state_dict(stats_file, model_dir, d
     assert main(["collect", str(model_dir), str(data_file), "--out", str(sd), "--overwrite", "-q"]) != 0
     one_error_line(capsys, "not a lora-da statistics file")
     assert sd.read_bytes() == before
+
+
+def test_report_plot_on_a_full_disk_leaves_no_partial_image(stats_file, tmp_path, monkeypatch, capsys):
+    import matplotlib.figure
+
+    out = tmp_path / "adapter"
+    assert solve(stats_file, out) == 0
+
+    def half_written(self, fname, *a, **k):
+        Path(fname).write_bytes(b"\x89PNG half")
+        _full_disk()
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", half_written)
+    capsys.readouterr()
+    png = tmp_path / "spectra.png"
+    assert main(["report", str(out), "--plot", str(png)]) != 0
+    one_error_line(capsys, f"could not write {png}", "No space left on device")
+    assert listing(tmp_path) == ["adapter"] + [f"adapter/{n}" for n in sorted(tree(out))]

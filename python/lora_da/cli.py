@@ -659,8 +659,18 @@ def _plot(report: dict, path: str) -> None:
     if len(report["modules"]) <= 12:
         ax.legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    target = Path(path)
+    # savefig writes in place: a full disk would leave a truncated image at --plot
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=target.suffix or ".png", dir=target.parent)
+    os.close(fd)
+    try:
+        with _Writing(path):
+            fig.savefig(tmp, dpi=120)
+            os.replace(tmp, target)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     print(f"lora-da: wrote {path}")
 
 
