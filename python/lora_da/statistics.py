@@ -224,8 +224,12 @@ def _short(v) -> str:
     return r if len(r) <= 60 else r[:57] + "..."
 
 
-def _kind_of(v) -> str:
-    return "null" if v is None else type(v).__name__
+def _describe(v) -> str:
+    """A JSON value as the header's author wrote it: its JSON type and (short) value."""
+    if v is None:
+        return "null"
+    kind = {dict: "object", list: "array", str: "string", bool: "boolean"}.get(type(v), "number")
+    return f"{kind} {_short(v)}"
 
 
 def validate_header(path, header) -> tuple[dict[str, ModuleInfo], dict, dict, int, dict, dict]:
@@ -240,7 +244,7 @@ def validate_header(path, header) -> tuple[dict[str, ModuleInfo], dict, dict, in
 
     def obj(v, where: str) -> dict:
         if not isinstance(v, dict):
-            raise bad(f"header field {where} must be a JSON object, got {_kind_of(v)} {_short(v)}")
+            raise bad(f"header field {where} must be a JSON object, got {_describe(v)}")
         return v
 
     def count(v, where: str, minimum: int) -> int:
@@ -251,7 +255,7 @@ def validate_header(path, header) -> tuple[dict[str, ModuleInfo], dict, dict, in
 
     def text(v, where: str) -> str:
         if not isinstance(v, str):
-            raise bad(f"header field {where} must be a string, got {_kind_of(v)} {_short(v)}")
+            raise bad(f"header field {where} must be a string, got {_describe(v)}")
         return v
 
     def fields(d: dict, where: str, required: set, *, exact: bool = False) -> None:
