@@ -7,11 +7,17 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
+import test_cli
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 from test_collect import batches, data, tiny_llama
@@ -22,6 +28,7 @@ from lora_da.cli import main
 from lora_da.errors import StatisticsFileError
 
 TARGETS = ["q_proj", "down_proj"]
+model_dir, data_file = test_cli.model_dir, test_cli.data_file  # the tiny Llama directory and data (fixtures)
 
 
 # -- a statistics file and ways to spoil it ----------------------------------------------------
@@ -215,7 +222,6 @@ def test_valid_file_still_loads_bit_exact(stats_file, tmp_path):
 
 # -- 6: --overwrite replaces only what lora-da wrote, and no output may touch an input ---------
 
-from test_cli import data_file, model_dir  # noqa: E402,F401  (pytest fixtures)
 
 
 def tree(path: Path) -> dict[str, bytes]:
@@ -615,13 +621,6 @@ def test_a_failed_adapter_rename_puts_the_old_adapter_back(stats_file, tmp_path,
 
 
 # -- the fuzzing pass over Statistics.load (FUZZING.md, "Statistics file headers") -----------
-
-import os  # noqa: E402
-import tempfile  # noqa: E402
-import warnings  # noqa: E402
-
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
 FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "150"))
 

@@ -502,7 +502,13 @@ def _input_paths(args) -> list[tuple[str, Path]]:
 
 def _overlaps(a: Path, b: Path) -> bool:
     """``a`` and ``b`` are the same path, or one lies inside the other (after symlinks)."""
-    a, b = a.resolve(), b.resolve()
+    def real(p: Path) -> Path:
+        try:
+            return p.resolve()
+        except (OSError, RuntimeError):  # a symlink loop: compare the spelled-out paths
+            return p.absolute()
+
+    a, b = real(a), real(b)
     return a == b or a.is_relative_to(b) or b.is_relative_to(a)
 
 
