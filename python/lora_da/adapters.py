@@ -114,6 +114,8 @@ def initialize_lora_da_weights(
             "(leave rank unset to use the adapter's)"
         )
     layers = dict(_lora_layers(peft_model, adapter_name))
+    for name, layer in layers.items():  # before any collection: its statistics would be of the modified base
+        _check_not_preserved(name, layer, adapter_name)
     results = {}
     if state_dict is None:
         if dataloader is None and statistics is None:
@@ -156,6 +158,7 @@ def initialize_lora_da_weights(
         wb.copy_(B.to(device=wb.device, dtype=wb.dtype))
         if lora_da_config.preserve_output:
             _subtract_from_base(layer, adapter_name)
+            _mark_preserved(layer, adapter_name)
     _record(peft_model, adapter_name, lora_da_config, results)
     if lora_da_config.preserve_output:
         _guard_save(peft_model)
@@ -245,6 +248,27 @@ def _subtract_from_base(layer, adapter_name: str) -> None:
     if getattr(layer, "fan_in_fan_out", False):
         delta = delta.T
     base.weight.data = (base.weight.double() - delta.to(base.weight.device)).to(base.weight.dtype)
+
+
+# on the base layer itself, so that wrapping the modified base in a new PeftModel still shows it
+_PRESERVED = "_lora_da_preserved_for"
+
+
+def _mark_preserved(layer, adapter_name: str) -> None:
+    base = layer.get_base_layer()
+    base.__dict__.setdefault(_PRESERVED, set()).add(adapter_name)
+
+
+def _check_not_preserved(name: str, layer, adapter_name: str) -> None:
+    """A second initialization of an adapter whose ``s·B A`` was already subtracted
+    from the base would subtract again (preserve_output) or leave the base off by the
+    old ``s·B A`` (without it): either way the step-0 outputs are wrong."""
+    if adapter_name in layer.get_base_layer().__dict__.get(_PRESERVED, ()):
+        raise LoraDAError(
+            f"{name}: adapter {adapter_name!r} was already initialized with preserve_output=True, so its base "
+            "weights already lost s·B·A; initializing it again would corrupt them. Start from a freshly loaded "
+            "base model."
+        )
 
 
 def _guard_save(peft_model) -> None:

@@ -37,35 +37,38 @@ class CLIError(Exception):
 # -- data and model ------------------------------------------------------------------
 
 
-def _read_data(path: str, task: str) -> tuple[list[str], list[int] | None]:
-    """Texts (and labels for seq-cls) from a JSONL or plain-text file."""
+# a larger classification head is almost surely a data error (a 10^7 label built a 6.6 GB head)
+MAX_LABELS = 10_000
+
+
+def _read_data(path: str, task: str, limit: int | None = None) -> tuple[list[str], list[int] | None]:
+    """Texts (and labels for seq-cls) from a JSONL or plain-text file: the first
+    ``limit`` samples, read line by line (the rest of the file is never parsed)."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"{path}: no such data file")
     texts: list[str] = []
     labels: list[int] = []
-    with open(p, encoding="utf-8") as f:
-        lines = f.read().splitlines()
-    if p.suffix.lower() in (".jsonl", ".json", ".ndjson"):
-        for i, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                raise ValueError(f"{path}:{i}: each line must be an object with a string 'text' field")
-            texts.append(obj["text"])
-            if task == "seq-cls":
-                lab = obj.get("label")
-                if isinstance(lab, bool) or not isinstance(lab, int):
-                    raise ValueError(f"{path}:{i}: seq-cls needs an integer 'label' field")
-                labels.append(lab)
-    else:
-        if task == "seq-cls":
-            raise ValueError(f"{path}: seq-cls needs a JSONL file with 'text' and 'label' fields")
-        texts = [line for line in lines if line.strip()]
+    jsonl = p.suffix.lower() in (".jsonl", ".json", ".ndjson")
+    if task == "seq-cls" and not jsonl:
+        raise ValueError(f"{path}: seq-cls needs a JSONL file with 'text' and 'label' fields")
+    i = 0
+    try:
+        with open(p, encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                if limit is not None and len(texts) >= limit:
+                    break
+                if not line.strip():
+                    continue
+                if not jsonl:
+                    texts.append(line.rstrip("\r\n"))
+                    continue
+                text, label = _parse_jsonl_line(path, i, line, task)
+                texts.append(text)
+                if label is not None:
+                    labels.append(label)
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}:{i + 1}: not UTF-8 text") from None
     if not texts:
         raise ValueError(f"{path}: no sample found")
     return texts, (labels if task == "seq-cls" else None)
@@ -106,6 +109,46 @@ def _infer_task(data: str, model_dir: str) -> str:
             "'label' fields (JSONL) for sequence classification, or pass --task causal-lm to train a language-model head"
         )
     return "causal-lm"
+
+
+def _parse_jsonl_line(path: str, i: int, line: str, task: str) -> tuple[str, int | None]:
+    try:
+        obj = json.loads(line)
+    except (ValueError, RecursionError) as e:
+        raise ValueError(f"{path}:{i}: not valid JSON ({getattr(e, 'msg', type(e).__name__)})") from None
+    if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+        raise ValueError(f"{path}:{i}: each line must be an object with a string 'text' field")
+    if not obj["text"].strip():
+        # an empty text tokenizes to no token at all and fails deep inside the model
+        raise ValueError(f"{path}:{i}: the 'text' field is empty")
+    if task != "seq-cls":
+        return obj["text"], None
+    lab = obj.get("label")
+    if isinstance(lab, bool) or not isinstance(lab, int):
+        raise ValueError(f"{path}:{i}: seq-cls needs an integer 'label' field, got {json.dumps(lab)[:40]}")
+    if lab < 0:
+        raise ValueError(f"{path}:{i}: label {lab} is negative; labels are class indices 0..K-1")
+    return obj["text"], lab
+
+
+def _num_labels(path: str, labels: list[int], model_dir: str) -> int:
+    """K = max label + 1, the size of the classification head; refused above
+    MAX_LABELS unless the model's config.json declares that many classes."""
+    k = max(labels) + 1
+    if k <= MAX_LABELS:
+        return k
+    declared = None
+    try:
+        cfg = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+        declared = cfg.get("num_labels", len(cfg["id2label"]) if isinstance(cfg.get("id2label"), dict) else None)
+    except (OSError, ValueError, RecursionError, AttributeError):
+        pass
+    if isinstance(declared, int) and not isinstance(declared, bool) and k <= declared:
+        return declared
+    raise ValueError(
+        f"{path}: label {k - 1} asks for a {k}-way classification head; labels must be class indices 0..K-1 with "
+        f"K ≤ {MAX_LABELS}, or ≤ the num_labels of the model's config.json ({declared if declared is not None else 'none'})"
+    )
 
 
 def _check_model_dir(model_dir: str) -> None:
@@ -153,6 +196,58 @@ def _load_model(model_dir: str, task: str, num_labels: int | None, device: str, 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
     return model, tokenizer, new_weights
+
+
+def _check_device(choice: str, option: str) -> None:
+    """Refuse a device this machine lacks now, not after the data and model are loaded."""
+    import torch
+
+    if choice in ("auto", "host"):
+        return
+    try:
+        dev = torch.device(choice)
+    except (RuntimeError, ValueError):
+        also = ", host" if option == "--solve-device" else ""
+        raise CLIError(f"{option} must be auto{also} or a torch device (cpu, cuda, cuda:1), got {choice!r}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CLIError(f"{option} {choice}: no CUDA GPU is available on this machine (use cpu or auto)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise CLIError(f"{option} {choice}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise CLIError(f"{option} {choice}: MPS is not available on this machine")
+
+
+def _load_model_checked(model_dir: str, *args, **kwargs):
+    """:func:`_load_model`, with a model directory that transformers cannot read (corrupted
+    weights, a broken tokenizer) reported in one line instead of the library's traceback."""
+    try:
+        return _load_model(model_dir, *args, **kwargs)
+    except (CLIError, ValueError, OSError):
+        raise
+    except Exception as e:  # safetensors, tokenizers and torch each raise their own types here
+        msg = " ".join(str(e).split())[:300]
+        raise CLIError(f"{model_dir}: could not load the model ({type(e).__name__}: {msg})") from e
+
+
+class _Writing:
+    """Turn a failed write of ``path`` (a full disk: OSError; safetensors: its own
+    SafetensorError) into one line that names the file; the writers themselves
+    remove their temporary files, so nothing half-written is left."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, e, tb):
+        from safetensors import SafetensorError
+
+        if e is not None and isinstance(e, (OSError, SafetensorError)):
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else " ".join(str(e).split())
+            raise CLIError(f"could not write {self.path}: {reason}; nothing was written there") from e
+        return False
 
 
 def _make_batches(tokenizer, texts, labels, batch_size: int, max_length: int, task: str) -> list[dict]:
@@ -203,12 +298,9 @@ def _gamma_arg(s: str):
     if s == "auto":
         return s
     try:
-        v = float(s)
+        return float(s)  # its range is the core's to check (_validate_solve_options), like every other option's
     except ValueError:
         raise argparse.ArgumentTypeError(f"--gamma must be a number or 'auto', got {s!r}") from None
-    if not (v > 0 and v != float("inf")):
-        raise argparse.ArgumentTypeError(f"--gamma must be > 0 and finite, got {s!r}")
-    return v
 
 
 def _number(s: str):
@@ -226,24 +318,20 @@ def _collect(args, search: bool = False):
     from lora_da.collect import collect_statistics
 
     _check_model_dir(args.model_dir)
+    _check_device(args.device, "--device")
     if args.task is None:
         args.task = _infer_task(args.data, args.model_dir)
-    texts, labels = _read_data(args.data, args.task)
+    texts, labels = _read_data(args.data, args.task, args.max_samples)
     targets = _parse_targets(args.targets)
-    if args.max_samples is not None:
-        texts = texts[: args.max_samples]
-        labels = labels[: args.max_samples] if labels is not None else None
-    num_labels = (max(labels) + 1) if labels else None
-    if labels and min(labels) < 0:
-        raise ValueError(f"{args.data}: labels must be ≥ 0")
+    num_labels = _num_labels(args.data, labels, args.model_dir) if labels else None
     if search:
         k = max(1, len(texts) // 5)
         if len(texts) - k < 1:
             raise CLIError(f"--gamma auto holds back a fifth of the samples to score γ; {args.data} has only {len(texts)}")
         texts, held_texts = texts[:-k], texts[-k:]
         labels, held_labels = (labels[:-k], labels[-k:]) if labels is not None else (None, None)
-    model, tokenizer, new_weights = _load_model(args.model_dir, args.task, num_labels, args.device, args.quiet,
-                                                args.seed)
+    model, tokenizer, new_weights = _load_model_checked(args.model_dir, args.task, num_labels, args.device, args.quiet,
+                                                        args.seed)
     batches = _make_batches(tokenizer, texts, labels, args.batch_size, args.max_length, args.task)
     stats = collect_statistics(
         model,
@@ -329,6 +417,27 @@ def _config(args, stats=None):
     )
 
 
+def _validate_solve_options(args) -> None:
+    """Every solve option, before any statistics or model is read: a bad γ, β, α or
+    damping used to surface only after the whole collection pass."""
+    import math
+
+    import numpy as np
+
+    from lora_da._core import solve
+
+    config = _config(args)
+    kw = dict(config.solve_kwargs(), rank=1, method="auto")
+    # the core's own scalar rules (its check runs before any work), on a 2 × 2 problem:
+    # one definition of each domain, not a copy here that could drift
+    solve(np.eye(2), np.ones(2), np.zeros((2, 2)), **kw)
+    _solve_device(args.solve_device)
+    lora_alpha = getattr(args, "lora_alpha", None)
+    if lora_alpha is not None and not (math.isfinite(lora_alpha) and lora_alpha > 0):
+        # PEFT takes any float; NaN or a negative scale gives NaN or sign-flipped logits
+        raise CLIError(f"--lora-alpha must be a finite number > 0, got {lora_alpha}")
+
+
 def _floats(a) -> list[float]:
     import numpy as np
 
@@ -397,8 +506,13 @@ def _replace(tmp: Path, out: Path) -> None:
     if out.is_dir() and not out.is_symlink():
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
         os.replace(out, old / "x")
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
+        try:
+            os.replace(tmp, out)
+        except BaseException:
+            os.replace(old / "x", out)  # the old adapter back, not stranded in a hidden directory
+            raise
+        finally:
+            shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, out)
 
@@ -454,23 +568,39 @@ def _write_outputs(args, stats, inits, config) -> None:
         for key, w in stats.new_weights.items():  # load into the base model (strict=False) before wrapping it
             tensors[key] = torch.from_numpy(np.ascontiguousarray(w))
         rep = _state_dict_report_path(out)
-        tmps = []
+        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         try:
-            fd, t1 = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-            os.close(fd)
-            tmps.append(t1)
-            fd, t2 = tempfile.mkstemp(prefix=f".{rep.name}.", suffix=".tmp", dir=out.parent)
-            os.close(fd)
-            tmps.append(t2)
-            save_file(tensors, t1, metadata={"format": "pt"})
-            Path(t2).write_text(json.dumps(report, indent=2))
-            os.replace(t1, out)
-            os.replace(t2, rep)
+            save_file(tensors, str(stage / out.name), metadata={"format": "pt", "lora_da": "state-dict"})
+            (stage / rep.name).write_text(json.dumps(report, indent=2))
+            _install_together([(stage / out.name, out), (stage / rep.name, rep)])
         finally:
-            for t in tmps:
-                if os.path.exists(t):
-                    os.unlink(t)
+            shutil.rmtree(stage, ignore_errors=True)
         print(f"lora-da: wrote state dict ({len(inits)} modules) to {out}; report {rep}")
+
+
+def _install_together(moves: list[tuple[Path, Path]]) -> None:
+    """Rename each staged file onto its destination, all or none: the destinations
+    already there are first set aside, and put back if any rename fails, so a state dict
+    is never left beside the report of another solve."""
+    aside = Path(tempfile.mkdtemp(prefix=".lora-da-old-", dir=moves[0][1].parent))
+    kept: list[tuple[Path, Path]] = []
+    placed: list[Path] = []
+    try:
+        for i, (_, dst) in enumerate(moves):
+            if dst.exists():
+                os.replace(dst, aside / str(i))
+                kept.append((aside / str(i), dst))
+        for src, dst in moves:
+            os.replace(src, dst)
+            placed.append(dst)
+    except BaseException:
+        for dst in placed:
+            dst.unlink(missing_ok=True)
+        for old, dst in kept:
+            os.replace(old, dst)
+        raise
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def _state_dict_report_path(out: Path) -> Path:
@@ -479,9 +609,109 @@ def _state_dict_report_path(out: Path) -> Path:
 
 def _prepare_out(args) -> None:
     out = Path(args.out)
+    outputs = [(out, "adapter" if args.format == "peft" else "state-dict")]
+    if args.format == "state-dict":
+        outputs.append((_state_dict_report_path(out), "report"))
+    if getattr(args, "save_stats", None):
+        outputs.append((Path(args.save_stats), "statistics"))
+    _guard_outputs(args, outputs)
     _check_out_free(out, args.overwrite)
-    if args.format == "state-dict" and _state_dict_report_path(out).exists() and not args.overwrite:
-        raise ValueError(f"{_state_dict_report_path(out)} already exists (pass --overwrite to replace it)")
+
+
+# -- what --overwrite may replace ------------------------------------------------------------
+
+# the entries of an adapter directory written by `lora-da solve/init`
+_ADAPTER_ENTRIES = {ADAPTER_WEIGHTS, "adapter_config.json", REPORT_NAME}
+_INPUT_ARGS = {"model_dir": "the model directory", "data": "the data file", "stats": "the statistics file"}
+
+
+def _input_paths(args) -> list[tuple[str, Path]]:
+    return [(what, Path(getattr(args, k))) for k, what in _INPUT_ARGS.items() if getattr(args, k, None)]
+
+
+def _overlaps(a: Path, b: Path) -> bool:
+    """``a`` and ``b`` are the same path, or one lies inside the other (after symlinks)."""
+    def real(p: Path) -> Path:
+        try:
+            return p.resolve()
+        except (OSError, RuntimeError):  # a symlink loop: compare the spelled-out paths
+            return p.absolute()
+
+    a, b = real(a), real(b)
+    return a == b or a.is_relative_to(b) or b.is_relative_to(a)
+
+
+def _is_lora_da_report(path: Path) -> bool:
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(report, dict) and report.get("format") == "lora-da-report"
+
+
+def _safetensors_metadata(path: Path) -> dict | None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            return f.metadata() or {}
+    except Exception:  # safetensors raises its own error types on a file that is not its own
+        return None
+
+
+def _is_statistics_header(meta: dict | None) -> bool:
+    from lora_da.statistics import FORMAT
+
+    try:
+        header = json.loads(meta["lora_da"])  # a state dict's "lora_da" is the string "state-dict"
+    except (TypeError, KeyError, ValueError, RecursionError):
+        return False
+    return isinstance(header, dict) and header.get("format") == FORMAT
+
+
+def _written_by_lora_da(path: Path, kind: str) -> str | None:
+    """None when ``path`` is an output of ``kind`` that lora-da wrote, else why not."""
+    if path.is_symlink():
+        return "it is a symbolic link"
+    if kind == "adapter":
+        if not path.is_dir():
+            return "it is not a directory"
+        if not (path / REPORT_NAME).is_file() or not _is_lora_da_report(path / REPORT_NAME):
+            return f"it has no lora-da {REPORT_NAME}"
+        foreign = sorted(e.name for e in path.iterdir() if e.name not in _ADAPTER_ENTRIES)
+        if foreign:
+            return f"it holds files lora-da does not write ({', '.join(foreign[:3])})"
+        return None
+    if not path.is_file():
+        return "it is not a regular file"
+    if kind == "report":
+        return None if _is_lora_da_report(path) else "it is not a lora-da report"
+    meta = _safetensors_metadata(path)
+    if kind == "statistics":
+        return None if _is_statistics_header(meta) else "it is not a lora-da statistics file"
+    # a state dict: marked by lora-da since issue 10; before that, recognized by its report beside it
+    if meta is not None and (meta.get("lora_da") == "state-dict" or _is_lora_da_report(_state_dict_report_path(path))):
+        return None
+    return "it is not a lora-da state dict"
+
+
+def _guard_outputs(args, outputs: list[tuple[Path, str]]) -> None:
+    """Before any work: no output may be (or contain, or lie inside) an input or
+    another output, and ``--overwrite`` replaces only what lora-da itself wrote."""
+    inputs = _input_paths(args)
+    for i, (out, kind) in enumerate(outputs):
+        for what, inp in inputs:
+            if _overlaps(out, inp):
+                raise CLIError(f"the output {out} overlaps {what} {inp}: choose an output path outside every input")
+        for other, _ in outputs[i + 1 :]:
+            if _overlaps(out, other):
+                raise CLIError(f"the outputs {out} and {other} overlap")
+        if out.exists() or out.is_symlink():
+            if not args.overwrite:
+                raise ValueError(f"{out} already exists (pass --overwrite to replace it)")
+            why = _written_by_lora_da(out, kind)
+            if why is not None:
+                raise CLIError(f"--overwrite refuses to replace {out}: {why}; lora-da only replaces a {kind} it wrote")
 
 
 def _solve_device(choice: str):
@@ -492,10 +722,8 @@ def _solve_device(choice: str):
         return None
     if choice == "auto":
         return "cuda" if torch.cuda.is_available() else None
-    try:
-        return torch.device(choice)
-    except (RuntimeError, ValueError):
-        raise ValueError(f"--solve-device must be auto, host or a torch device, got {choice!r}") from None
+    _check_device(choice, "--solve-device")
+    return torch.device(choice)
 
 
 def _solve(args, stats):
@@ -619,8 +847,18 @@ def _figure(report: dict):
 def _plot(report: dict, path: str) -> None:
     plt = _pyplot()
     fig = _figure(report)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    target = Path(path)
+    # savefig writes in place: a full disk would leave a truncated image at --plot
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=target.suffix or ".png", dir=target.parent)
+    os.close(fd)
+    try:
+        with _Writing(path):
+            fig.savefig(tmp, dpi=120)
+            os.replace(tmp, target)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     print(f"lora-da: wrote {path}")
 
 
@@ -635,12 +873,45 @@ def _load_report(path: Path) -> dict | None:
     if cand is None:
         return None
     try:
-        report = json.loads(cand.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cand}: not valid JSON ({e.msg})") from None
+        report = json.loads(cand.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as e:  # bad JSON, bad UTF-8, or nested past the recursion limit
+        raise ValueError(f"{cand}: not valid JSON ({getattr(e, 'msg', type(e).__name__)})") from None
     if not isinstance(report, dict) or "modules" not in report:
         raise ValueError(f"{cand}: not a lora-da report")
+    _check_report_shape(cand, report)
     return report
+
+
+_REPORT_NUMBERS = ("next_eigenvalue", "gap", "residual", "sigma", "c", "seconds")
+
+
+def _check_report_shape(path: Path, report: dict) -> None:
+    """Every field the table and the plot read has the type they expect, so a report
+    edited or produced elsewhere gives one line, not a TypeError from format()."""
+
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    def bad(what: str, v) -> CLIError:
+        return CLIError(f"{path}: not a lora-da report: {what}, got {json.dumps(v)[:60]}")
+
+    if not isinstance(report.get("config", {}), dict):
+        raise bad("'config' must be an object", report["config"])
+    mods = report["modules"]
+    if not isinstance(mods, dict):
+        raise bad("'modules' must be an object", mods)
+    for name, r in mods.items():
+        if not isinstance(r, dict):
+            raise bad(f"module {name!r} must be an object", r)
+        for key in _REPORT_NUMBERS:
+            if r.get(key) is not None and not number(r[key]):
+                raise bad(f"module {name!r}: {key!r} must be a number", r[key])
+        ev = r.get("eigenvalues")
+        if ev is not None and not (isinstance(ev, list) and all(number(v) for v in ev)):
+            raise bad(f"module {name!r}: 'eigenvalues' must be a list of numbers", ev)
+        notes = r.get("notes")
+        if notes is not None and not (isinstance(notes, list) and all(isinstance(v, str) for v in notes)):
+            raise bad(f"module {name!r}: 'notes' must be a list of strings", notes)
 
 
 # -- subcommands ---------------------------------------------------------------------------
@@ -648,10 +919,10 @@ def _load_report(path: Path) -> dict | None:
 
 def cmd_collect(args) -> int:
     out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise ValueError(f"{out} already exists (pass --overwrite to replace it)")
+    _guard_outputs(args, [(out, "statistics")])
     stats = _collect(args)
-    stats.save(out)
+    with _Writing(out):
+        stats.save(out)
     print(f"lora-da: wrote statistics to {out}")
     return 0
 
@@ -668,18 +939,18 @@ def cmd_solve(args) -> int:
     _no_auto_gamma(args)
     if not Path(args.stats).is_file():
         raise FileNotFoundError(f"{args.stats}: no such statistics file")
+    _validate_solve_options(args)
     _prepare_out(args)
     stats = Statistics.load(args.stats)
     inits, config = _solve(args, stats)
-    _write_outputs(args, stats, inits, config)
+    with _Writing(args.out):
+        _write_outputs(args, stats, inits, config)
     return 0
 
 
 def cmd_init(args) -> int:
-    _config(args)  # validate the solve options before the expensive pass
+    _validate_solve_options(args)  # before the expensive pass
     _prepare_out(args)
-    if args.save_stats and Path(args.save_stats).exists() and not args.overwrite:
-        raise ValueError(f"{args.save_stats} already exists (pass --overwrite to replace it)")
     if args.gamma == "auto":
         stats, (model, calibration, held) = _collect(args, search=True)
         found = _search_gamma(args, stats, model, calibration, held)
@@ -688,10 +959,12 @@ def cmd_init(args) -> int:
     else:
         stats = _collect(args)
     if args.save_stats:
-        stats.save(args.save_stats)
+        with _Writing(args.save_stats):
+            stats.save(args.save_stats)
         print(f"lora-da: wrote statistics to {args.save_stats}")
     inits, config = _solve(args, stats)
-    _write_outputs(args, stats, inits, config)
+    with _Writing(args.out):
+        _write_outputs(args, stats, inits, config)
     return 0
 
 
@@ -704,10 +977,13 @@ def cmd_report(args) -> int:
         raise FileNotFoundError(f"{path}: no such file or directory")
     if args.plot:
         _pyplot()  # before the solve, not after it
+    if args.plot and _overlaps(Path(args.plot), path):
+        raise CLIError(f"--plot {args.plot} would write over the input {path}")
     report = _load_report(path)
     if report is None:
         if args.n_pop is None:
             raise ValueError("report on a statistics file needs --n-pop (it solves first)")
+        _validate_solve_options(args)
         stats = Statistics.load(path)
         inits, config = _solve(args, stats)
         report = _report_dict(stats, inits, config)

@@ -25,7 +25,7 @@ import os
 import re
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -410,6 +410,8 @@ class _Run:
     n_samples_at_start: int = 0
     plan: MemoryPlan | None = None
     recomputes: bool = False  # the model ran forward calls inside its backward (seen on the probe)
+    fingerprints: dict = field(default_factory=dict)  # model / data fingerprints written into checkpoints
+    expected_data: str | None = None  # the resumed checkpoint's data fingerprint
 
     @classmethod
     def start(cls, model, dataloader, target_modules, *, loss_fn, token_mask, output_fisher, max_samples,
@@ -437,6 +439,8 @@ class _Run:
             outputs={name: OutputFactor(t.m, per_sample=per_sample) for name, t in targets.items()},
             grad_sums={name: np.zeros((t.m, t.n)) for name, t in targets.items()},
         )
+        if checkpoint_path is not None:
+            run.fingerprints["model_fingerprint"] = _model_fingerprint(targets)
         if checkpoint_path is not None and resume and os.path.exists(checkpoint_path):
             run._resume(Statistics.load(checkpoint_path))
         return run
@@ -452,6 +456,8 @@ class _Run:
             raise StatisticsFileError(
                 f"{self.checkpoint_path}: the checkpoint is for other modules or options; delete it or pass resume=False"
             )
+        _check_checkpoint_identity(self.checkpoint_path, ck, self.fingerprints["model_fingerprint"])
+        self.expected_data = ck.config.get("data_fingerprint")
         self.inputs, self.outputs = ck.input_factors, ck.output_factors
         self.grad_sums = {n: g.copy() for n, g in ck.grad_sums.items()}
         self.groups = {n: i.input_group for n, i in ck.modules.items()}
@@ -469,7 +475,7 @@ class _Run:
             output_factors=self.outputs,
             grad_sums={n: g.copy() for n, g in self.grad_sums.items()},
             n_samples=self.n_samples,
-            config=dict(self.config, batches_done=self.batches_done),
+            config=dict(self.config, batches_done=self.batches_done, **self.fingerprints),
             model={
                 "class": type(self.model).__name__,
                 "name_or_path": getattr(getattr(self.model, "config", None), "_name_or_path", ""),
@@ -485,7 +491,8 @@ class _Run:
         stats = self.snapshot()
         stats.plan = self.plan
         if self.checkpoint_path is not None:
-            stats.save(self.checkpoint_path)
+            # marked finished: a later run with resume=True refuses it instead of returning it unchanged
+            replace(stats, config=dict(stats.config, finished=True)).save(self.checkpoint_path)
         return stats
 
     def _set_groups(self) -> None:
@@ -504,6 +511,8 @@ class _Run:
         skip = self.skip
         seen = self.n_samples_at_start  # a resumed checkpoint's samples count towards max_samples
         for index, batch in enumerate(self.dataloader):
+            if index == 0 and self.checkpoint_path is not None and isinstance(batch, Mapping):
+                self._check_data_order(batch)
             if index < skip:
                 continue
             if self.max_samples is not None and seen >= self.max_samples:
@@ -525,6 +534,17 @@ class _Run:
                 bsz = keep
             seen += bsz
             yield index, batch, bsz, token_mask_of(batch, self.token_mask)
+
+    def _check_data_order(self, first: Mapping) -> None:
+        """The first batch stands for the data and its order: a checkpoint resumed on
+        other data would skip batches it never saw and add the rest to the wrong sums."""
+        digest = _batch_digest(first)
+        if self.expected_data is not None and digest != self.expected_data:
+            raise StatisticsFileError(
+                f"{self.checkpoint_path}: the checkpoint was collected on other data or another order (its first batch "
+                "differs from this dataloader's); delete it or pass resume=False"
+            )
+        self.fingerprints["data_fingerprint"] = digest
 
     @staticmethod
     def fingerprint(batch: dict) -> tuple:
@@ -995,3 +1015,52 @@ def _accumulate_batch(targets, groups, inputs, outputs, grad_sums, mask, batch_i
             xv, _ = _valid_rows(x, mask)
             _input_to_host(inputs[name], xv)
 
+
+
+# -- checkpoint identity ---------------------------------------------------------------------
+
+
+def _digest(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()[:32]
+
+
+def _batch_digest(batch: Mapping) -> str:
+    """The exact bytes of a batch's tensors (sums would not see a permutation within it)."""
+    parts = []
+    for k, v in sorted(batch.items(), key=lambda kv: str(kv[0])):
+        if isinstance(v, torch.Tensor):
+            raw = v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+            parts.append(f"{k}|{v.dtype}|{tuple(v.shape)}".encode() + b"|" + raw)
+    return _digest(b"\0".join(parts))
+
+
+def _model_fingerprint(targets: dict[str, _Target]) -> str:
+    """The targets' names, kinds and shapes, and a few values of each weight (its first
+    and last 8): enough to tell another model, or other weights of the same shape."""
+    parts = []
+    for name, t in sorted(targets.items()):
+        parts.append(f"{name}|{t.kind}|{t.m}|{t.n}".encode())
+        w = getattr(t.module, "weight", None)
+        if isinstance(w, torch.Tensor) and w.is_floating_point() and w.numel() and w.device.type != "meta":
+            flat = w.detach().reshape(-1)
+            k = min(8, flat.numel())
+            parts.append(torch.cat([flat[:k], flat[-k:]]).double().cpu().numpy().tobytes())
+    return _digest(b"\0".join(parts))
+
+
+def _check_checkpoint_identity(path, ck: Statistics, model_fingerprint: str) -> None:
+    """Refuse a finished checkpoint, and one written for another model. (Checkpoints
+    from before issue 10 carry no fingerprint and are only checked by their shapes.)"""
+    if ck.config.get("finished"):
+        raise StatisticsFileError(
+            f"{path}: the checkpoint holds a finished pass ({ck.n_samples} samples); load it with "
+            "lora_da.Statistics.load, or delete it or pass resume=False to collect again"
+        )
+    have = ck.config.get("model_fingerprint")
+    if have is not None and have != model_fingerprint:
+        raise StatisticsFileError(
+            f"{path}: the checkpoint was collected on another model (its target weights differ from this "
+            "model's); delete it or pass resume=False"
+        )

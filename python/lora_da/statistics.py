@@ -23,6 +23,7 @@ import json
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 
 import numpy as np
@@ -148,72 +149,72 @@ class Statistics:
             raise StatisticsFileError(f"{path}: not a readable safetensors file ({e})") from e
         with handle as f:
             meta = f.metadata() or {}
+            if "lora_da" not in meta:
+                raise StatisticsFileError(f"{path}: no lora-da header; not a statistics file")
             try:
                 header = json.loads(meta["lora_da"])
-            except (KeyError, json.JSONDecodeError) as e:
-                raise StatisticsFileError(f"{path}: no lora-da header; not a statistics file") from e
-            if header.get("format") != FORMAT:
-                raise StatisticsFileError(f"{path}: format {header.get('format')!r} is not {FORMAT!r}")
-            if header.get("format_version") != FORMAT_VERSION:
-                raise StatisticsFileError(
-                    f"{path}: format version {header.get('format_version')!r}; this lora-da reads version {FORMAT_VERSION}"
-                )
-            try:
-                modules = {k: ModuleInfo(**v) for k, v in header["modules"].items()}
-                groups, outputs = header["groups"], header["outputs"]
-                n_samples = int(header["n_samples"])
-            except (KeyError, TypeError, ValueError) as e:
-                raise StatisticsFileError(f"{path}: malformed header ({e})") from e
+            except (ValueError, RecursionError) as e:  # ValueError: bad JSON, or an integer too long to parse
+                raise StatisticsFileError(f"{path}: the lora-da header is not valid JSON ({type(e).__name__})") from e
+            modules, groups, outputs, n_samples, config, model = validate_header(path, header)
             keys = set(f.keys())
 
             def shape_of(key, expected):
                 if key not in keys:
                     raise StatisticsFileError(f"{path}: tensor {key!r} is missing")
-                got = tuple(f.get_slice(key).get_shape())
+                sl = f.get_slice(key)
+                got = tuple(sl.get_shape())
                 if got != tuple(expected):
                     raise StatisticsFileError(f"{path}: tensor {key!r} has shape {got}, header says {tuple(expected)}")
+                # astype(float64) would drop a complex tensor's imaginary part without a word
+                dtype = sl.get_dtype()
+                if dtype not in _FLOAT_DTYPES:
+                    raise StatisticsFileError(
+                        f"{path}: tensor {key!r} has dtype {dtype}; a statistics file holds real floats ({', '.join(_FLOAT_DTYPES)})"
+                    )
 
             for g, info in groups.items():
                 shape_of(f"input.{g}", (info["n"] * (info["n"] + 1) // 2,))
                 shape_of(f"input_comp.{g}", (info["n"] * (info["n"] + 1) // 2,))
             for name, mi in modules.items():
-                if mi.input_group not in groups or groups[mi.input_group]["n"] != mi.in_features:
-                    raise StatisticsFileError(f"{path}: module {name!r} refers to a missing or mismatched input group")
                 shape_of(f"output.{name}", (mi.out_features,))
                 shape_of(f"output_comp.{name}", (mi.out_features,))
                 shape_of(f"grad.{name}", (mi.out_features, mi.in_features))
                 if outputs[name]["per_sample"]:
                     shape_of(f"samples.{name}", (outputs[name]["samples"], mi.out_features))
+            new_weight_names = header.get("new_weights", [])
+            if not isinstance(new_weight_names, list) or not all(isinstance(k, str) for k in new_weight_names):
+                raise StatisticsFileError(f"{path}: header field new_weights must be a list of parameter names")
+            for key in new_weight_names:
+                if f"weight.{key}" not in keys:
+                    raise StatisticsFileError(f"{path}: tensor 'weight.{key}' is missing")
+                shape_of(f"weight.{key}", f.get_slice(f"weight.{key}").get_shape())  # its dtype
             try:
+                def tensor(key):
+                    t = f.get_tensor(key).astype(np.float64)
+                    if not np.all(np.isfinite(t)):
+                        raise StatisticsFileError(f"{path}: tensor {key!r} has non-finite values")
+                    return t
+
                 input_factors = {
-                    g: InputFactor.from_packed(
-                        info["n"],
-                        f.get_tensor(f"input.{g}").astype(np.float64),
-                        info["tokens"],
-                        f.get_tensor(f"input_comp.{g}").astype(np.float64),
-                    )
+                    g: InputFactor.from_packed(info["n"], tensor(f"input.{g}"), info["tokens"], tensor(f"input_comp.{g}"))
                     for g, info in groups.items()
                 }
                 output_factors = {}
                 grad_sums = {}
                 for name, mi in modules.items():
                     o = outputs[name]
-                    u = f.get_tensor(f"samples.{name}").astype(np.float64) if o["per_sample"] else None
+                    u = tensor(f"samples.{name}") if o["per_sample"] else None
                     output_factors[name] = OutputFactor.from_parts(
-                        f.get_tensor(f"output.{name}").astype(np.float64),
-                        o["tokens"],
-                        o["samples"],
-                        u,
-                        f.get_tensor(f"output_comp.{name}").astype(np.float64),
+                        tensor(f"output.{name}"), o["tokens"], o["samples"], u, tensor(f"output_comp.{name}")
                     )
-                    grad_sums[name] = f.get_tensor(f"grad.{name}").astype(np.float64)
-                    if not np.all(np.isfinite(grad_sums[name])):
-                        raise StatisticsFileError(f"{path}: gradient of {name!r} has non-finite values")
+                    grad_sums[name] = tensor(f"grad.{name}")
                 new_weights = {}
-                for key in header.get("new_weights", []):
+                for key in new_weight_names:
                     if f"weight.{key}" not in keys:
                         raise StatisticsFileError(f"{path}: tensor 'weight.{key}' is missing")
                     new_weights[key] = f.get_tensor(f"weight.{key}")
+                    if not np.all(np.isfinite(new_weights[key])):
+                        raise StatisticsFileError(f"{path}: tensor 'weight.{key}' has non-finite values")
             except StatisticsFileError:
                 raise
             except Exception as e:
@@ -224,7 +225,145 @@ class Statistics:
             output_factors=output_factors,
             grad_sums=grad_sums,
             n_samples=n_samples,
-            config=header.get("config", {}),
-            model=header.get("model", {}),
+            config=config,
+            model=model,
             new_weights=new_weights,
         )
+
+
+# -- the header's schema -------------------------------------------------------------
+
+_FLOAT_DTYPES = ("F16", "F32", "F64")
+_MAX_COUNT = 2**63 - 1  # the Rust core counts in u64/i64; beyond this a count is garbage anyway
+_KINDS = ("linear", "conv1d")
+_CONFIG_CHOICES = {
+    "token_mask": ("attention", "labels"),
+    "output_fisher": ("diagonal", "sequence_lowrank"),
+    "task": ("causal-lm", "seq-cls"),
+}
+
+
+def _short(v) -> str:
+    r = repr(v)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
+def _describe(v) -> str:
+    """A JSON value as the header's author wrote it: its JSON type and (short) value."""
+    if v is None:
+        return "null"
+    kind = {dict: "object", list: "array", str: "string", bool: "boolean"}.get(type(v), "number")
+    return f"{kind} {_short(v)}"
+
+
+def validate_header(path, header) -> tuple[dict[str, ModuleInfo], dict, dict, int, dict, dict]:
+    """Check a decoded ``lora_da`` header against the format, every type, range
+    and cross-reference, so that the loader below it only meets the values it
+    expects; anything else is a :class:`StatisticsFileError` naming ``path``,
+    the header field and the value. Returns ``(modules, groups, outputs,
+    n_samples, config, model)``."""
+
+    def bad(msg: str) -> StatisticsFileError:
+        return StatisticsFileError(f"{path}: {msg}")
+
+    def obj(v, where: str) -> dict:
+        if not isinstance(v, dict):
+            raise bad(f"header field {where} must be a JSON object, got {_describe(v)}")
+        return v
+
+    def count(v, where: str, minimum: int) -> int:
+        # bool is an int in Python, and NaN/1e999 arrive as floats: both are refused here
+        if isinstance(v, bool) or not isinstance(v, int) or not minimum <= v <= _MAX_COUNT:
+            raise bad(f"header field {where} must be an integer ≥ {minimum}, got {_short(v)}")
+        return v
+
+    def text(v, where: str) -> str:
+        if not isinstance(v, str):
+            raise bad(f"header field {where} must be a string, got {_describe(v)}")
+        return v
+
+    def fields(d: dict, where: str, required: set, *, exact: bool = False) -> None:
+        missing = sorted(required - d.keys())
+        if missing:
+            raise bad(f"header field {where} lacks {', '.join(missing)}")
+        # only where the keys become keyword arguments; elsewhere a newer writer may add fields
+        extra = sorted(d.keys() - required) if exact else []
+        if extra:
+            raise bad(f"header field {where} has unknown field(s) {', '.join(_short(k) for k in extra[:5])}")
+
+    header = obj(header, "(the header itself)")
+    if header.get("format") != FORMAT:
+        raise bad(f"format {_short(header.get('format'))} is not {FORMAT!r}")
+    version = header.get("format_version")
+    if isinstance(version, bool) or version != FORMAT_VERSION:
+        raise bad(f"format version {_short(version)}; this lora-da reads version {FORMAT_VERSION}")
+    fields(header, "header", {"format", "format_version", "n_samples", "modules", "groups", "outputs"})
+    n_samples = count(header["n_samples"], "n_samples", 1)
+
+    groups = obj(header["groups"], "groups")
+    for g, info in groups.items():
+        info = obj(info, f"groups[{g!r}]")
+        fields(info, f"groups[{g!r}]", {"n", "tokens"})
+        count(info["n"], f"groups[{g!r}].n", 1)
+        count(info["tokens"], f"groups[{g!r}].tokens", 0)
+
+    raw_modules = obj(header["modules"], "modules")
+    if not raw_modules:
+        raise bad("the statistics describe no module (an adapter needs at least one)")
+    modules: dict[str, ModuleInfo] = {}
+    for name, v in raw_modules.items():
+        where = f"modules[{name!r}]"
+        v = obj(v, where)
+        fields(v, where, {fd.name for fd in dataclass_fields(ModuleInfo)}, exact=True)
+        if v["name"] != name:
+            raise bad(f"{where}.name is {_short(v['name'])}, not the module's key")
+        kind = text(v["kind"], f"{where}.kind")
+        if kind not in _KINDS:
+            raise bad(f"{where}.kind must be one of {', '.join(_KINDS)}, got {_short(kind)}")
+        group = text(v["input_group"], f"{where}.input_group")
+        n = count(v["in_features"], f"{where}.in_features", 1)
+        m = count(v["out_features"], f"{where}.out_features", 1)
+        if group not in groups:
+            raise bad(f"module {name!r} refers to input group {group!r}, which the header does not list")
+        if groups[group]["n"] != n:
+            raise bad(f"module {name!r} has in_features {n}, its input group {group!r} has n = {groups[group]['n']}")
+        modules[name] = ModuleInfo(name=name, in_features=n, out_features=m, kind=kind, input_group=group)
+
+    # zero tokens would surface later as a division by zero that names neither the file nor the module
+    for g, info in groups.items():
+        if info["tokens"] == 0:
+            users = [k for k, mi in modules.items() if mi.input_group == g]
+            raise bad(f"input group {g!r} (module(s) {users[:3]}) counted no token; its Z = (1/T) Σ x xᵀ is undefined")
+
+    outputs = obj(header["outputs"], "outputs")
+    if outputs.keys() != modules.keys():
+        diff = sorted(outputs.keys() ^ modules.keys())
+        raise bad(f"header fields modules and outputs list different modules ({', '.join(_short(k) for k in diff[:3])})")
+    config = obj(header.get("config", {}), "config")
+    for name, o in outputs.items():
+        where = f"outputs[{name!r}]"
+        o = obj(o, where)
+        fields(o, where, {"tokens", "samples", "per_sample"})
+        if count(o["tokens"], f"{where}.tokens", 0) == 0:
+            raise bad(f"module {name!r} counted no output token; its y = (1/T) Σ g ⊙ g is undefined")
+        if not isinstance(o["per_sample"], bool):
+            raise bad(f"header field {where}.per_sample must be true or false, got {_short(o['per_sample'])}")
+        count(o["samples"], f"{where}.samples", 1 if o["per_sample"] else 0)
+        if config.get("output_fisher") == "sequence_lowrank" and not o["per_sample"]:
+            raise bad(f"{where}: output_fisher is sequence_lowrank but the per-sample sums were not kept")
+
+    for key, choices in _CONFIG_CHOICES.items():
+        if key in config and config[key] not in choices:
+            raise bad(f"header field config.{key} must be one of {', '.join(choices)}, got {_short(config[key])}")
+    if "batches_done" in config:
+        count(config["batches_done"], "config.batches_done", 0)
+    if "finished" in config and not isinstance(config["finished"], bool):
+        raise bad(f"header field config.finished must be true or false, got {_short(config['finished'])}")
+    for key in ("model_fingerprint", "data_fingerprint"):
+        if key in config:
+            text(config[key], f"config.{key}")
+    model = obj(header.get("model", {}), "model")
+    for key in ("class", "name_or_path"):
+        if key in model:
+            text(model[key], f"model.{key}")
+    return modules, groups, outputs, n_samples, config, model
