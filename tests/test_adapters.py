@@ -78,8 +78,29 @@ def test_preserve_output_and_safe_save(model_fn, targets, kw, tmp_path):
     with torch.no_grad():
         before = base(**x).logits.clone()
     peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=16, target_modules=targets, **kw))
+    layers = {n: m for n, m in peft_model.get_base_model().named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
+    w0 = {n: m.get_base_layer().weight.detach().double().numpy().copy() for n, m in layers.items()}
     cfg = lora_da.LoraDAConfig(n_pop=100, rank=4, gamma=1.0, preserve_output=True)
-    lora_da.initialize_lora_da_weights(peft_model, batches(ids, mask, 3), lora_da_config=cfg, progress=False)
+    results = lora_da.initialize_lora_da_weights(peft_model, batches(ids, mask, 3), lora_da_config=cfg, progress=False)
+    # Unchanged logits alone also hold when nothing was written (B = 0, W
+    # untouched): the adapter must hold the solve's A and B, and W must have
+    # moved by exactly s·BA, s = lora_alpha / r.
+    assert set(results) == set(layers)
+    s = 16 / 4
+    for name, layer in layers.items():
+        res = results[name]
+        A = res.A.astype(np.float32).astype(np.float64)  # the state dict's float32
+        B = res.B.astype(np.float32).astype(np.float64)
+        assert np.abs(B).max() > 0
+        np.testing.assert_array_equal(layer.lora_A["default"].weight.detach().numpy(), A)
+        np.testing.assert_array_equal(layer.lora_B["default"].weight.detach().numpy(), B)
+        assert layer.scaling["default"] == s
+        moved = w0[name] - layer.get_base_layer().weight.detach().numpy()
+        expected = s * (B @ A)
+        if kw.get("fan_in_fan_out"):
+            expected = expected.T  # Conv1D stores W as in × out
+        np.testing.assert_allclose(moved, expected, rtol=0, atol=1e-14 * (np.abs(w0[name]).max() + np.abs(expected).max()))
+        assert np.abs(expected).max() > 1e-6 * np.abs(w0[name]).max()
     with torch.no_grad():
         torch.testing.assert_close(peft_model(**x).logits, before, rtol=0, atol=1e-10)
     # a plain save would silently be wrong on a fresh base: refused

@@ -225,20 +225,102 @@ def test_gradient_checkpointing_does_not_double_count(accumulate_on):
         np.testing.assert_allclose(ckpt.input_factor(n), plain.input_factor(n), atol=1e-12)
 
 
-def test_label_token_mask_and_sequence_lowrank():
-    model = tiny_llama()
+def labeled_data():
+    """Prompt tokens carry no label; sample 3 (4 tokens) has no labeled token at all."""
     ids, mask = data()
     labels = ids.clone()
-    labels[:, :4] = -100  # prompt tokens carry no label
+    labels[:, :4] = -100
     labels[mask == 0] = -100
+    return ids, mask, labels
+
+
+def brute_force_labels(model, ids, mask, labels, names):
+    """Per-sample autograd under token_mask="labels": valid tokens are those
+    whose next-token label is not -100 (SPEC §2). Ḡ, Z, y and each sample's
+    u_s = Σ_{t valid} g_t, in float64."""
+    mods = dict(model.named_modules())
+    G = {n: 0.0 for n in names}
+    Zs = {n: 0.0 for n in names}
+    ys = {n: 0.0 for n in names}
+    us = {n: [] for n in names}
+    T = 0
+    for s in range(len(ids)):
+        L = int(mask[s].sum())
+        valid = [t for t in range(L - 1) if int(labels[s, t + 1]) != -100]
+        x_in, outs = {}, {}
+
+        def fwd(name):
+            def hook(mod, args, out):
+                x_in[name] = args[0]
+                out.retain_grad()
+                outs[name] = out
+            return hook
+
+        hs = [mods[n].register_forward_hook(fwd(n)) for n in names]
+        logits = model(input_ids=ids[s:s + 1, :L]).logits
+        loss = causal_lm_per_sample_loss(logits, labels[s:s + 1, :L])[0]
+        grads = torch.autograd.grad(loss, [mods[n].weight for n in names] + [outs[n] for n in names])
+        for h in hs:
+            h.remove()
+        for k, n in enumerate(names):
+            G[n] = G[n] + grads[k].double().numpy()
+            x = x_in[n][0].detach().double().numpy()[valid]
+            g = grads[len(names) + k][0].double().numpy()[valid]
+            Zs[n] = Zs[n] + x.T @ x
+            ys[n] = ys[n] + (g * g).sum(0)
+            us[n].append(g.sum(0))
+        T += len(valid)
+    N = len(ids)
+    return {n: (G[n] / N, Zs[n] / T, ys[n] / T, np.array(us[n])) for n in names}, T
+
+
+def test_label_token_mask_and_sequence_lowrank_match_per_sample_autograd():
+    model = tiny_llama()
+    ids, mask, labels = labeled_data()
     b = [{"input_ids": ids[i:i + 3], "attention_mask": mask[i:i + 3], "labels": labels[i:i + 3]} for i in (0, 3)]
-    stats = lora_da.collect_statistics(model, b, ["down_proj"], token_mask="labels",
+    stats = lora_da.collect_statistics(model, b, ["q_proj", "down_proj"], token_mask="labels",
                                        output_fisher="sequence_lowrank", progress=False)
-    valid = int((labels[:, 1:] != -100).sum())
-    name = "model.layers.0.mlp.down_proj"
-    assert stats.output_factors[name].tokens == valid
-    u = stats.output_factors[name].sample_sums()
-    assert u.shape == (6, 32)
+    names = list(stats.modules)
+    brute, T = brute_force_labels(model, ids, mask, labels, names)
+    assert T == int((labels[:, 1:] != -100).sum())
+    for name, (G, Z, y, u) in brute.items():
+        assert stats.output_factors[name].tokens == T
+        assert stats.input_factors[stats.modules[name].input_group].tokens == T
+        np.testing.assert_allclose(stats.mean_grad(name), G, rtol=0, atol=1e-10 * np.abs(G).max())
+        np.testing.assert_allclose(stats.input_factor(name), Z, rtol=0, atol=1e-10 * np.abs(Z).max())
+        np.testing.assert_allclose(stats.output_factor(name), y, rtol=0, atol=1e-10 * np.abs(y).max())
+        got_u = stats.output_factors[name].sample_sums()
+        assert got_u.shape == u.shape == (6, stats.modules[name].out_features)
+        assert np.all(u[3] == 0)  # the sample without a labeled token
+        np.testing.assert_allclose(got_u, u, rtol=0, atol=1e-10 * np.abs(u).max())
+
+
+def test_compute_init_with_sequence_lowrank_matches_reference():
+    """End to end: the solve uses diag((λI + UUᵀ/N)⁻¹) of the collected u_s in
+    place of 1/(y + λ), as the SciPy reference with a dense inverse does."""
+    from test_solve import check_against_reference
+
+    from lora_da.reference import lowrank_output_precision, reference_solve
+
+    ids, mask, labels = labeled_data()
+    b = [{"input_ids": ids[i:i + 2], "attention_mask": mask[i:i + 2], "labels": labels[i:i + 2]} for i in (0, 2, 4)]
+    stats = lora_da.collect_statistics(tiny_llama(), b, ["q_proj", "down_proj"], token_mask="labels",
+                                       output_fisher="sequence_lowrank", progress=False)
+    opts = dict(rank=4, n_pop=1000.0, damping=1e-4, gamma=16.0)
+    for method in ("auto", "krylov"):
+        cfg = lora_da.LoraDAConfig(n_pop=1000, rank=4, damping=1e-4, gamma=16.0, token_mask="labels",
+                                   output_fisher="sequence_lowrank", method=method)
+        inits = lora_da.compute_init(stats, cfg, progress=False)
+        assert set(inits) == set(stats.modules)
+        for name, init in inits.items():
+            u = stats.output_factors[name].sample_sums()
+            precision = lowrank_output_precision(u, 1e-4)
+            Z, y, G = stats.input_factor(name), stats.output_factor(name), stats.mean_grad(name)
+            ref = reference_solve(Z, y, G, output_precision=precision, **opts)
+            check_against_reference(init.result, ref, Z, opts)
+            # and not the diagonal Fisher's answer
+            diag = reference_solve(Z, y, G, **opts)
+            assert abs(init.result.c - diag.c) > 1e-6 * diag.c
 
 
 def test_statistics_save_load_round_trip(tmp_path):

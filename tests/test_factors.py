@@ -73,6 +73,46 @@ def test_input_factor_matches_exact_sum(stream):
     np.testing.assert_array_equal(Z, Z.T)
 
 
+PANEL = 96  # the kernel's column panel (rust/src/factors.rs): the unit of parallel work
+
+
+@st.composite
+def panel_streams(draw):
+    """Widths over one to four panels with every kind of remainder (none, one
+    column, one short, odd), float32 or bfloat16-bit rows."""
+    n = draw(st.one_of(st.sampled_from([PANEL - 1, PANEL, PANEL + 1, 2 * PANEL + 1, 3 * PANEL - 1, 4 * PANEL]),
+                       st.integers(PANEL + 2, 4 * PANEL)))
+    bf16 = draw(st.booleans())
+    rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
+    out = []
+    for _ in range(draw(st.integers(1, 3))):
+        t = draw(st.integers(1, 60))
+        # a different magnitude per column: a value landing in the wrong column shows
+        scale = 10.0 ** rng.uniform(-2, 2, size=(t, 1)) * 10.0 ** rng.uniform(-3, 3, size=(1, n))
+        x = (rng.standard_normal((t, n)) * scale).astype(np.float32)
+        out.append(to_bf16_bits(x) if bf16 else x)
+    return n, out
+
+
+@settings(max_examples=10, deadline=None)
+@given(panel_streams())
+def test_input_factor_matches_exact_sum_across_panels(stream):
+    n, batches = stream
+    f = lora_da.InputFactor(n)
+    for b in batches:
+        f.add(b)
+    rows = [from_bf16_bits(b) if b.dtype == np.uint16 else b for b in batches]
+    T = sum(b.shape[0] for b in rows)
+    assert f.tokens == T
+    exact = exact_gram(rows)
+    got = f.mean() * T
+    # entrywise against |X|ᵀ|X| (not only in norm): a wrong or missing entry
+    # in one panel cannot hide behind the large entries of another
+    x = np.abs(np.concatenate(rows).astype(np.float64))
+    assert np.all(np.abs(got - exact) <= 1e-13 * (x.T @ x))
+    np.testing.assert_array_equal(got, got.T)
+
+
 def test_long_stream_does_not_lose_digits():
     """1.2 million tokens through many batches: the compensated sum stays exact
     to a few ulp."""

@@ -19,6 +19,7 @@ from peft import LoraConfig, get_peft_model
 from test_collect import batches, data, tiny_llama
 
 import lora_da
+from lora_da.collect import default_loss
 
 HERE = Path(__file__).parent
 TARGETS = ["q_proj", "down_proj"]
@@ -85,7 +86,21 @@ def test_sigkill_mid_pass_then_resume_equals_uninterrupted(tmp_path):
     partial = lora_da.Statistics.load(ckpt)
     assert 3 <= partial.config["batches_done"] < 9
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.safetensors"]  # no torn temporary file
-    resumed = lora_da.collect_statistics(tiny_llama(), many_batches(), TARGETS, checkpoint_path=ckpt, progress=False)
+    done = partial.config["batches_done"]
+    # A fresh recomputation gives the same statistics as a resumed pass: only
+    # the batches the loss actually sees tell them apart.
+    seen = []
+
+    def counting_loss(model, batch):
+        seen.append(batch["input_ids"].clone())
+        return default_loss(model, batch)
+
+    resumed = lora_da.collect_statistics(tiny_llama(), many_batches(), TARGETS, loss_fn=counting_loss,
+                                         checkpoint_path=ckpt, progress=False)
+    expected = [b["input_ids"] for b in many_batches()[done:]]
+    assert len(seen) == len(expected) == 9 - done, f"{len(seen)} batches processed after a checkpoint of {done}"
+    for got, want in zip(seen, expected):
+        assert torch.equal(got, want)
     whole = lora_da.collect_statistics(tiny_llama(), many_batches(), TARGETS, progress=False)
     assert resumed.config["batches_done"] == 9
     assert_same_statistics(resumed, whole)
