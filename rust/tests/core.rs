@@ -146,7 +146,7 @@ fn block_krylov_finds_both_extremes() {
         aux_tol: 1.0,
         par: faer::Par::Seq,
     };
-    let res = block_krylov(&op, &opts);
+    let res = block_krylov(&op, &opts).unwrap();
     assert!(res.converged);
     for (k, v) in res.values.iter().enumerate() {
         assert!((v - (-5.0 + k as f64)).abs() < 1e-6, "{:?}", res.values);
@@ -157,7 +157,7 @@ fn block_krylov_finds_both_extremes() {
         extra: 0,
         ..opts
     };
-    let top = block_krylov(&op, &opts);
+    let top = block_krylov(&op, &opts).unwrap();
     assert!((top.values[0] - d[n - 1]).abs() <= 1e-9 * d[n - 1]);
 }
 
