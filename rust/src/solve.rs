@@ -513,7 +513,7 @@ pub fn solve_factored(
     // `D Ḡ` folded into a rescaled copy only when the plain factors are out
     // of range: the copy costs a pass over Ḡ.
     let ordinary = pmax.is_finite() && rescale_exp(pmax) == 0 && rescale_exp(grad_max) == 0;
-    let (h_store, prec, h_exp, c_prime): (Option<Mat<f64>>, Vec<f64>, i32, Sci) = if ordinary || zero_gradient && pmax.is_finite() {
+    let (h_store, prec, h_exp, c_prime): (Option<Mat<f64>>, Vec<f64>, i32, Sci) = if ordinary || (zero_gradient && pmax.is_finite()) {
         let sum = Sci::new(plain.iter().sum::<f64>());
         (None, plain, 0, sum.div(n_pop))
     } else {
