@@ -366,15 +366,21 @@ def test_solve_scalar_extremes(n_pop, alpha, beta, damping, output_damping, gamm
         base, base_err = solve_or_error(Z, y, G0, **kw, **dict(args, n_pop=n_pop * sg * sg))
         if base is not None:
             expected_sigma = base.sigma * sg
+            # Values within rounding of the largest float64 (‖Ω‖ of α = 1.8e308,
+            # say) may round either way in the two solves.
+            at_edge = max(abs(v) for v in (base.omega_norm, base.next_eigenvalue, base.c, *base.eigenvalues,
+                                           *base.B.ravel())) > HUGE / 2
             if not math.isfinite(expected_sigma):
                 assert isinstance(err, NonFiniteError) and "sigma" in str(err), err
+            elif at_edge and isinstance(err, NonFiniteError):
+                event("scaling law: at the edge of float64")
             else:
                 event("compared with the scaling law of Ḡ")
                 assert err is None, f"{err}; the same problem with Ḡ unscaled solved to {base}"
                 assert res.sigma == pytest.approx(expected_sigma, rel=1e-8)
                 assert res.c == pytest.approx(base.c, rel=1e-8)
                 np.testing.assert_allclose(res.eigenvalues, base.eigenvalues, rtol=0, atol=1e-8 * base.omega_norm)
-                if base.gap >= 1e-4 * base.omega_norm:
+                if base.gap >= 1e-4 * base.omega_norm and base.gap > 0:  # a well-defined subspace
                     assert subspace_sin_theta(base.V, res.V) <= 1e-6
     if err is None and all(moderate(v) for v in (*args.values(), sz, sy, sg)):
         compare_with_reference(res, Z, y, G, normalize, args)
