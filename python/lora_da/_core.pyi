@@ -10,8 +10,10 @@ GAP_TOL: float
 GAP_REL: float
 
 class InputFactor:
-    """Streaming float64 accumulator of Σ_t x_t x_tᵀ (SPEC §2); one packed triangle."""
-    def __init__(self, n: int) -> None: ...
+    """Streaming float64 accumulator of Σ_t x_t x_tᵀ (SPEC §2); one packed triangle.
+    Thread-safe: calls are serialized by a lock; a failed call changes nothing."""
+    def __init__(self, n: int) -> None:
+        """MemoryError when the n(n+1)/2 sums (and their compensations) cannot be allocated."""
     @property
     def n(self) -> int: ...
     @property
@@ -29,8 +31,10 @@ class InputFactor:
     def copy(self) -> InputFactor: ...
 
 class OutputFactor:
-    """Streaming float64 accumulator of Σ_t g_t ⊙ g_t and optional per-sample sums (SPEC §2)."""
-    def __init__(self, m: int, per_sample: bool = False) -> None: ...
+    """Streaming float64 accumulator of Σ_t g_t ⊙ g_t and optional per-sample sums (SPEC §2).
+    Thread-safe like InputFactor."""
+    def __init__(self, m: int, per_sample: bool = False) -> None:
+        """MemoryError when the m sums cannot be allocated."""
     @property
     def m(self) -> int: ...
     @property

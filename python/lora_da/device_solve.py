@@ -86,6 +86,28 @@ class DeviceSolveResult:
         return self.A.shape[0]
 
 
+RESULT_ARRAYS = ("A", "B", "V", "eigenvalues")
+RESULT_SCALARS = ("next_eigenvalue", "gap", "residual", "sigma", "c", "omega_norm", "damping")
+
+
+def check_finite_result(res, name: str = "") -> None:
+    """No NaN or infinity is ever returned (the core's ``solve::check_result``):
+    a :class:`NonFiniteError` naming the module and the first non-finite
+    quantity of a result of any route (Rust, LAPACK, torch)."""
+    where = f"module {name}: " if name else ""
+    for what in RESULT_ARRAYS:
+        a = np.asarray(getattr(res, what))
+        if not np.all(np.isfinite(a)):
+            k = int(np.flatnonzero(~np.isfinite(a.ravel()))[0])
+            raise NonFiniteError(f"{where}the result {what} has a non-finite value {a.ravel()[k]!r} at flat index {k} "
+                                 f"(σ = {res.sigma!r}, c = {res.c!r}): not representable in float64")
+    for what in RESULT_SCALARS:
+        v = float(getattr(res, what))
+        if not math.isfinite(v):
+            raise NonFiniteError(f"{where}the result {what} is not representable in float64: {v!r} "
+                                 f"(σ = {res.sigma!r}, c = {res.c!r})")
+
+
 def _require_finite(t: torch.Tensor, what: str) -> None:
     if not bool(torch.isfinite(t).all()):
         raise NonFiniteError(f"device_solve: {what} has non-finite entries")
@@ -446,11 +468,7 @@ def solve_group_device(
             zero_gradient=zero_gradient,
             notes=notes,
         )
-        for what in ("A", "B", "eigenvalues"):
-            if not np.all(np.isfinite(getattr(out, what))):
-                raise NonFiniteError(f"device_solve: {where}the solve produced a non-finite {what}")
-        if not all(math.isfinite(v) for v in (out.sigma, out.c, out.next_eigenvalue, out.omega_norm)):
-            raise NonFiniteError(f"device_solve: {where}the solve produced a non-finite σ, c or ‖Ω‖")
+        check_finite_result(out, names[i])
         return out
 
     for i, (y, G) in enumerate(zip(ys, Gs)):

@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lora_da._core import SolveResult, lowrank_output_precision, num_threads, solve_shared
-from lora_da.device_solve import CONTRACT_RESIDUAL, DeviceSolveResult, solve_group_device
+from lora_da.device_solve import CONTRACT_RESIDUAL, DeviceSolveResult, check_finite_result, solve_group_device
 from lora_da.errors import InvalidArgumentError
 from lora_da.statistics import Statistics
 
@@ -201,7 +201,16 @@ def krylov_budget(n: int, m: int) -> int:
 
 
 def _solve_on_host(Z, ys, Gs, names, precisions, config: LoraDAConfig) -> list:
-    """One input group on the host: Krylov (Rust) within a budget, LAPACK where that is cheaper."""
+    """One input group on the host: Krylov (Rust) within a budget, LAPACK
+    where that is cheaper. Whichever route solved a module, a non-finite
+    result is a :class:`NonFiniteError` naming it, never a returned NaN."""
+    results = _solve_on_host_routes(Z, ys, Gs, names, precisions, config)
+    for name, res in zip(names, results):
+        check_finite_result(res, name)
+    return results
+
+
+def _solve_on_host_routes(Z, ys, Gs, names, precisions, config: LoraDAConfig) -> list:
     n = Z.shape[0]
     kwargs = config.solve_kwargs()
     if config.method != "auto":

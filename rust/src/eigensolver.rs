@@ -9,6 +9,8 @@
 
 use faer::{Accum, Mat, MatRef, Par};
 
+use crate::error::{Error, Result};
+
 /// A symmetric linear operator on `R^dim`.
 pub trait SymmetricOperator: Sync {
     fn dim(&self) -> usize;
@@ -232,24 +234,32 @@ fn cholqr_against(basis: MatRef<'_, f64>, t: &Mat<f64>, par: Par) -> Option<Mat<
 }
 
 /// Symmetric eigen-decomposition of a small dense matrix, ascending.
-pub fn small_eigh(h: MatRef<'_, f64>) -> (Vec<f64>, Mat<f64>) {
+///
+/// Fails (rather than panics) when the matrix is not finite: the operator
+/// overflowed, which the caller reports as a non-finite error.
+pub fn small_eigh(h: MatRef<'_, f64>) -> Result<(Vec<f64>, Mat<f64>)> {
     crate::init_parallelism();
     let k = h.nrows();
     let hs = Mat::from_fn(k, k, |i, j| 0.5 * (h[(i, j)] + h[(j, i)]));
-    let evd = hs
-        .self_adjoint_eigen(faer::Side::Lower)
-        .expect("symmetric eigendecomposition of a finite matrix");
+    if let Some(v) = hs.as_ref().col_iter().flat_map(|c| c.iter().copied()).find(|v| !v.is_finite()) {
+        return Err(Error::NonFinite(format!(
+            "the eigensolver met a non-finite value {v}: the guidance operator Ω overflows float64 for these inputs"
+        )));
+    }
+    let evd = hs.self_adjoint_eigen(faer::Side::Lower).map_err(|e| {
+        Error::NonFinite(format!("the symmetric eigendecomposition of a {k}×{k} matrix did not converge ({e:?})"))
+    })?;
     let s = evd.S();
     let mut order: Vec<usize> = (0..k).collect();
     order.sort_by(|&a, &b| s[a].total_cmp(&s[b]));
     let values = order.iter().map(|&i| s[i]).collect();
     let u = evd.U();
     let vectors = Mat::from_fn(k, k, |i, j| u[(i, order[j])]);
-    (values, vectors)
+    Ok((values, vectors))
 }
 
 /// The `nev + extra` extreme eigenpairs of `op` (see the module docs).
-pub fn block_krylov(op: &dyn SymmetricOperator, opts: &KrylovOptions) -> KrylovResult {
+pub fn block_krylov(op: &dyn SymmetricOperator, opts: &KrylovOptions) -> Result<KrylovResult> {
     let n = op.dim();
     let sign = if opts.largest { -1.0 } else { 1.0 };
     let apply = |x: MatRef<'_, f64>| {
@@ -287,7 +297,7 @@ pub fn block_krylov(op: &dyn SymmetricOperator, opts: &KrylovOptions) -> KrylovR
     loop {
         iterations += 1;
         let p = basis.ncols();
-        let (theta, u) = small_eigh(h.as_ref());
+        let (theta, u) = small_eigh(h.as_ref())?;
         norm_estimate = norm_estimate.max(theta[0].abs()).max(theta[p - 1].abs());
         let scale = if norm_estimate > 0.0 {
             norm_estimate
@@ -307,7 +317,8 @@ pub fn block_krylov(op: &dyn SymmetricOperator, opts: &KrylovOptions) -> KrylovR
         let res: Vec<f64> = (0..k).map(|j| resid.col(j).norm_l2() / scale).collect();
         let aux_now = aux
             .as_ref()
-            .map(|a| aux_top(basis.as_ref(), a.as_ref(), opts.par));
+            .map(|a| aux_top(basis.as_ref(), a.as_ref(), opts.par))
+            .transpose()?;
         let aux_ok = aux_now.as_ref().is_none_or(|t| t.residual <= opts.aux_tol);
         let pair_tol = |j: usize| {
             if j < opts.nev {
@@ -320,7 +331,7 @@ pub fn block_krylov(op: &dyn SymmetricOperator, opts: &KrylovOptions) -> KrylovR
         let done = p >= n || ((0..want.min(k)).all(|j| res[j] <= pair_tol(j)) && k >= want && aux_ok);
         if done || applications >= opts.max_applications {
             let converged = done;
-            return KrylovResult {
+            return Ok(KrylovResult {
                 values: theta[..want.min(p)].iter().map(|t| sign * t).collect(),
                 vectors: ritz.subcols(0, want.min(k)).to_owned(),
                 residuals: res[..want.min(k)].to_vec(),
@@ -330,7 +341,7 @@ pub fn block_krylov(op: &dyn SymmetricOperator, opts: &KrylovOptions) -> KrylovR
                 converged,
                 aux: aux_now,
                 side: side.as_ref().map(|sd| ritz_subspace(sd.as_ref(), uk.subcols(0, want.min(k)), opts.par)),
-            };
+            });
         }
         // Expand with the residuals of the pairs not yet converged.
         // A product with a block costs about as much as with one vector (the
@@ -376,10 +387,10 @@ pub fn block_krylov(op: &dyn SymmetricOperator, opts: &KrylovOptions) -> KrylovR
         let t = fresh.ncols();
         if t == 0 {
             // The basis spans an invariant subspace of dimension n.
-            let (theta, u) = small_eigh(h.as_ref());
+            let (theta, u) = small_eigh(h.as_ref())?;
             let uk = u.subcols(0, want.min(p));
             let ritz = ritz_subspace(basis.as_ref(), uk, opts.par);
-            return KrylovResult {
+            return Ok(KrylovResult {
                 values: theta[..uk.ncols()].iter().map(|t| sign * t).collect(),
                 vectors: ritz,
                 residuals: vec![0.0; uk.ncols()],
@@ -389,9 +400,10 @@ pub fn block_krylov(op: &dyn SymmetricOperator, opts: &KrylovOptions) -> KrylovR
                 converged: true,
                 aux: aux
                     .as_ref()
-                    .map(|a| aux_top(basis.as_ref(), a.as_ref(), opts.par)),
+                    .map(|a| aux_top(basis.as_ref(), a.as_ref(), opts.par))
+                    .transpose()?,
                 side: side.as_ref().map(|sd| ritz_subspace(sd.as_ref(), uk, opts.par)),
-            };
+            });
         }
         let (fresh_image, fresh_aux, fresh_side) = apply(fresh.as_ref());
         applications += t;
@@ -434,11 +446,11 @@ pub fn block_krylov(op: &dyn SymmetricOperator, opts: &KrylovOptions) -> KrylovR
 }
 
 /// Rayleigh–Ritz of the auxiliary operator on the basis: its top pair.
-fn aux_top(basis: MatRef<'_, f64>, aux: MatRef<'_, f64>, par: Par) -> AuxTop {
+fn aux_top(basis: MatRef<'_, f64>, aux: MatRef<'_, f64>, par: Par) -> Result<AuxTop> {
     let p = basis.ncols();
     let mut h = Mat::<f64>::zeros(p, p);
     matmul(h.as_mut(), Accum::Replace, basis.transpose(), aux, 1.0, par);
-    let (theta, u) = small_eigh(h.as_ref());
+    let (theta, u) = small_eigh(h.as_ref())?;
     let top = u.subcols(p - 1, 1);
     let value = theta[p - 1];
     let vector = ritz_subspace(basis, top, par);
@@ -449,13 +461,13 @@ fn aux_top(basis: MatRef<'_, f64>, aux: MatRef<'_, f64>, par: Par) -> AuxTop {
     } else {
         f64::INFINITY
     };
-    AuxTop {
+    Ok(AuxTop {
         value,
         residual,
         vector,
         resid: r,
         coords: top.to_owned(),
-    }
+    })
 }
 
 /// Orthonormal coordinates of the restarted basis: the kept Ritz vectors

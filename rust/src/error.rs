@@ -14,6 +14,12 @@ pub enum Error {
     InvalidArgument(String),
     /// `Z + λI` is not numerically positive definite (SPEC §3 step 1).
     NotPositiveDefinite(String),
+    /// A buffer is larger than the address space or than what the allocator
+    /// can give: Python's `MemoryError`, instead of an abort of the process.
+    OutOfMemory(String),
+    /// A panic caught at the binding boundary: a bug, reported as an error
+    /// rather than unwinding into Python as `PanicException`.
+    Internal(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -21,7 +27,12 @@ pub type Result<T> = std::result::Result<T, Error>;
 impl Error {
     pub fn message(&self) -> &str {
         match self {
-            Error::Shape(m) | Error::NonFinite(m) | Error::InvalidArgument(m) | Error::NotPositiveDefinite(m) => m,
+            Error::Shape(m)
+            | Error::NonFinite(m)
+            | Error::InvalidArgument(m)
+            | Error::NotPositiveDefinite(m)
+            | Error::OutOfMemory(m)
+            | Error::Internal(m) => m,
         }
     }
 
@@ -36,6 +47,8 @@ impl Error {
             Error::NonFinite(m) => Error::NonFinite(wrap(m)),
             Error::InvalidArgument(m) => Error::InvalidArgument(wrap(m)),
             Error::NotPositiveDefinite(m) => Error::NotPositiveDefinite(wrap(m)),
+            Error::OutOfMemory(m) => Error::OutOfMemory(wrap(m)),
+            Error::Internal(m) => Error::Internal(wrap(m)),
         }
     }
 }
@@ -56,4 +69,18 @@ pub fn check_finite(what: &str, values: impl IntoIterator<Item = f64>) -> Result
         }
     }
     Ok(())
+}
+
+/// `len` float64 values, zeroed, or `OutOfMemory` naming `what` when the
+/// allocator refuses (a plain `vec!` would abort the whole interpreter).
+pub fn try_zeros(len: usize, what: &str) -> Result<Vec<f64>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(len).map_err(|_| {
+        Error::OutOfMemory(format!(
+            "{what}: cannot allocate {len} float64 values ({:.3e} bytes)",
+            len as f64 * 8.0
+        ))
+    })?;
+    v.resize(len, 0.0);
+    Ok(v)
 }

@@ -38,6 +38,11 @@ impl CompensatedSum {
         Self { sum: vec![0.0; len], comp: vec![0.0; len] }
     }
 
+    /// [`Self::zeros`], or `OutOfMemory` naming `what` instead of an abort.
+    pub fn try_zeros(len: usize, what: &str) -> Result<Self> {
+        Ok(Self { sum: crate::error::try_zeros(len, what)?, comp: crate::error::try_zeros(len, what)? })
+    }
+
     pub fn len(&self) -> usize {
         self.sum.len()
     }
@@ -171,6 +176,22 @@ pub fn packed_len(n: usize) -> usize {
     n * (n + 1) / 2
 }
 
+/// [`packed_len`], or `None` where it does not fit in a `usize`. Past that
+/// check every offset of the triangle fits too: an allocation of that many
+/// values bounds `n` far below where `j · n` could wrap.
+pub fn checked_packed_len(n: usize) -> Option<usize> {
+    let (a, b) = if n % 2 == 0 { (n / 2, n.checked_add(1)?) } else { (n, n.checked_add(1)? / 2) };
+    a.checked_mul(b)
+}
+
+/// `a + b` for the token and sample counters, or an error naming the
+/// counter rather than a silent wrap (release builds do not check overflow).
+fn add_count(a: u64, b: u64, what: &str) -> Result<u64> {
+    a.checked_add(b).ok_or_else(|| {
+        Error::InvalidArgument(format!("{what}: the count {a} + {b} overflows a 64-bit counter"))
+    })
+}
+
 /// Something that can write rows `t0..t1` of a `(T, n)` matrix into a
 /// row-major float64 buffer of `(t1 - t0) · n` entries. The binding layer
 /// implements it for float32, float64 and bfloat16-bit arrays of any strides.
@@ -257,7 +278,13 @@ impl InputFactor {
         if n == 0 {
             return Err(Error::InvalidArgument("InputFactor: n must be at least 1, got 0".into()));
         }
-        Ok(Self { n, tokens: 0, gram: CompensatedSum::zeros(packed_len(n)) })
+        let len = checked_packed_len(n).filter(|l| l.checked_mul(16).is_some()).ok_or_else(|| {
+            Error::OutOfMemory(format!(
+                "InputFactor: n = {n} needs a packed triangle of n(n+1)/2 float64 sums and compensations, \
+                 more than the address space"
+            ))
+        })?;
+        Ok(Self { n, tokens: 0, gram: CompensatedSum::try_zeros(len, &format!("InputFactor(n = {n})"))? })
     }
 
     pub fn n(&self) -> usize {
@@ -278,6 +305,7 @@ impl InputFactor {
             )));
         }
         let (t, n) = (src.rows(), self.n);
+        let tokens = add_count(self.tokens, t as u64, "InputFactor.add")?;
         // A bad batch must leave the factor as it was: several chunks are all
         // validated before the first is added; a single chunk is validated
         // once converted, so it is converted only once.
@@ -297,7 +325,7 @@ impl InputFactor {
                 self.add_chunk(chunk, t1 - t0);
                 t0 = t1;
             }
-            self.tokens += t as u64;
+            self.tokens = tokens;
             Ok(())
         })
     }
@@ -341,6 +369,7 @@ impl InputFactor {
                 gram.ncols()
             )));
         }
+        let total = add_count(self.tokens, tokens, "InputFactor.add_gram")?;
         for j in 0..n {
             for i in j..n {
                 let v = gram[(i, j)];
@@ -358,7 +387,7 @@ impl InputFactor {
                 neumaier(&mut s[off + i - j], &mut c[off + i - j], gram[(i, j)]);
             }
         }
-        self.tokens += tokens;
+        self.tokens = total;
         Ok(())
     }
 
@@ -369,8 +398,9 @@ impl InputFactor {
                 other.n, self.n
             )));
         }
+        let tokens = add_count(self.tokens, other.tokens, "InputFactor.merge")?;
         self.gram.merge(&other.gram);
-        self.tokens += other.tokens;
+        self.tokens = tokens;
         Ok(())
     }
 
@@ -461,7 +491,7 @@ impl OutputFactor {
             m,
             tokens: 0,
             samples: 0,
-            sumsq: CompensatedSum::zeros(m),
+            sumsq: CompensatedSum::try_zeros(m, &format!("OutputFactor(m = {m})"))?,
             sample_sums: per_sample.then(Vec::new),
         })
     }
@@ -491,10 +521,13 @@ impl OutputFactor {
             )));
         }
         if let Some(lens) = sample_lengths {
-            let total: usize = lens.iter().sum();
-            if total != t {
+            // Checked: a wrapped sum could match `t` and send the per-sample
+            // loop below out of bounds after the sums were already updated.
+            let total = lens.iter().try_fold(0usize, |a, &l| a.checked_add(l));
+            if total != Some(t) {
+                let shown = total.map_or_else(|| "more than 2^64".to_string(), |v| v.to_string());
                 return Err(Error::Shape(format!(
-                    "OutputFactor.add: sample_lengths sum to {total}, but there are {t} rows"
+                    "OutputFactor.add: sample_lengths sum to {shown}, but there are {t} rows"
                 )));
             }
         } else if self.sample_sums.is_some() {
@@ -503,7 +536,16 @@ impl OutputFactor {
             ));
         }
         validate_rows(src, "OutputFactor.add")?;
-        let mut rows = vec![0.0; t * m];
+        let tokens = add_count(self.tokens, t as u64, "OutputFactor.add")?;
+        let samples = add_count(self.samples, sample_lengths.map_or(0, |l| l.len() as u64), "OutputFactor.add")?;
+        // Everything that can fail (validation, counters, memory) comes before
+        // the first update, so that a failed call leaves the factor unchanged.
+        let mut rows = crate::error::try_zeros(t * m, "OutputFactor.add: row copy")?;
+        if let (Some(lens), Some(sums)) = (sample_lengths, self.sample_sums.as_mut()) {
+            sums.try_reserve(lens.len() * m).map_err(|_| {
+                Error::OutOfMemory(format!("OutputFactor.add: cannot store {} more per-sample sums", lens.len()))
+            })?;
+        }
         src.fill(0, t, &mut rows);
         // Column blocks in parallel; each column summed sequentially over t.
         let (s, c) = self.sumsq.parts_mut();
@@ -532,8 +574,8 @@ impl OutputFactor {
                 r += len;
             }
         }
-        self.tokens += t as u64;
-        self.samples += sample_lengths.map_or(0, |l| l.len() as u64);
+        self.tokens = tokens;
+        self.samples = samples;
         Ok(())
     }
 
@@ -551,18 +593,23 @@ impl OutputFactor {
                 sumsq[k]
             )));
         }
-        match (sample_sums, self.sample_sums.is_some()) {
-            (Some((u, k)), true) => {
-                if u.len() != k * m {
+        let tokens = add_count(self.tokens, tokens, "OutputFactor.add_sums")?;
+        let mut samples = self.samples;
+        match (sample_sums, self.sample_sums.as_mut()) {
+            (Some((u, k)), Some(sums)) => {
+                if k.checked_mul(m) != Some(u.len()) {
                     return Err(Error::Shape(format!(
-                        "OutputFactor.add_sums: sample sums of {k} samples need {} values, got {}",
-                        k * m,
+                        "OutputFactor.add_sums: sample sums of {k} samples need {k} × {m} values, got {}",
                         u.len()
                     )));
                 }
                 crate::error::check_finite("OutputFactor.add_sums sample sums", u.iter().copied())?;
+                samples = add_count(samples, k as u64, "OutputFactor.add_sums")?;
+                sums.try_reserve(u.len()).map_err(|_| {
+                    Error::OutOfMemory(format!("OutputFactor.add_sums: cannot store {k} more per-sample sums"))
+                })?;
             }
-            (None, true) => {
+            (None, Some(_)) => {
                 return Err(Error::InvalidArgument(
                     "OutputFactor.add_sums: this factor keeps per-sample sums; pass them".into(),
                 ))
@@ -573,18 +620,19 @@ impl OutputFactor {
         for j in 0..m {
             neumaier(&mut s[j], &mut c[j], sumsq[j]);
         }
-        if let (Some((u, k)), Some(sums)) = (sample_sums, self.sample_sums.as_mut()) {
+        if let (Some((u, _)), Some(sums)) = (sample_sums, self.sample_sums.as_mut()) {
             sums.extend_from_slice(u);
-            self.samples += k as u64;
         }
-        self.tokens += tokens;
+        self.samples = samples;
+        self.tokens = tokens;
         Ok(())
     }
 
-    pub fn count_samples(&mut self, k: u64) {
+    pub fn count_samples(&mut self, k: u64) -> Result<()> {
         if self.sample_sums.is_none() {
-            self.samples += k;
+            self.samples = add_count(self.samples, k, "OutputFactor.count_samples")?;
         }
+        Ok(())
     }
 
     pub fn merge(&mut self, other: &OutputFactor) -> Result<()> {
@@ -597,12 +645,19 @@ impl OutputFactor {
                 self.sample_sums.is_some()
             )));
         }
+        let tokens = add_count(self.tokens, other.tokens, "OutputFactor.merge")?;
+        let samples = add_count(self.samples, other.samples, "OutputFactor.merge")?;
+        if let (Some(a), Some(b)) = (self.sample_sums.as_mut(), other.sample_sums.as_ref()) {
+            a.try_reserve(b.len()).map_err(|_| {
+                Error::OutOfMemory(format!("OutputFactor.merge: cannot store {} more per-sample sums", b.len() / self.m))
+            })?;
+        }
         self.sumsq.merge(&other.sumsq);
         if let (Some(a), Some(b)) = (self.sample_sums.as_mut(), other.sample_sums.as_ref()) {
             a.extend_from_slice(b);
         }
-        self.tokens += other.tokens;
-        self.samples += other.samples;
+        self.tokens = tokens;
+        self.samples = samples;
         Ok(())
     }
 
@@ -645,10 +700,10 @@ impl OutputFactor {
         }
         crate::error::check_finite("OutputFactor sums", sumsq.iter().copied())?;
         if let Some(u) = &sample_sums {
-            if u.len() != samples as usize * m {
+            let need = usize::try_from(samples).ok().and_then(|k| k.checked_mul(m));
+            if need != Some(u.len()) {
                 return Err(Error::Shape(format!(
-                    "OutputFactor: {samples} samples need {} sample-sum values, got {}",
-                    samples as usize * m,
+                    "OutputFactor: {samples} samples need {samples} × {m} sample-sum values, got {}",
                     u.len()
                 )));
             }

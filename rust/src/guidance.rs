@@ -17,13 +17,20 @@ use crate::eigensolver::{Products, SymmetricOperator};
 use crate::error::{Error, Result};
 use crate::kernels::{self, Triangular};
 
-/// The Cholesky factor of `Z + λ I` (SPEC §3.1), shared by the modules that
-/// share one input factor, kept as `L` and `Lᵀ` for the triangular solves of
-/// the operator (see [`crate::kernels`]).
+/// The Cholesky factor of `2^scale_exp · (Z + λ I)` (SPEC §3.1), shared by
+/// the modules that share one input factor, kept as `L` and `Lᵀ` for the
+/// triangular solves of the operator (see [`crate::kernels`]).
+///
+/// `scale_exp` is 0 unless `max(|Z|, λ)` is beyond `2^±100`: then `Z_λ` is
+/// brought near 1 by an exact power of two, so that `Z_λ⁻¹` neither
+/// overflows (Z = 0 with a denormal damping) nor underflows; the solve undoes
+/// the scale where it enters (`solve::solve_factored`).
 pub struct InputCholesky {
     tri: Triangular,
     /// The damping actually used (raised from the requested one when allowed).
     pub damping: f64,
+    /// The factor is of `2^scale_exp · (Z + λI)`.
+    pub scale_exp: i32,
     /// Parallelism of faer's kernels in the dense path and the Krylov
     /// bookkeeping (`Par::Seq` keeps them bit-reproducible).
     pub par: Par,
@@ -32,12 +39,24 @@ pub struct InputCholesky {
     pub threads: bool,
 }
 
+/// The power of two that brings `Z_λ` (of largest entry `zmax`) near 1, or
+/// 0 when `zmax` is in `2^±100` (ordinary inputs keep their bits).
+fn scale_exp_for(zmax: f64) -> i32 {
+    let e = crate::solve::exponent(zmax);
+    if zmax == 0.0 || !zmax.is_finite() || (-100..=100).contains(&e) {
+        0
+    } else {
+        -e
+    }
+}
+
 /// Largest `|Z[i,j] − Z[j,i]|` accepted, relative to `max |Z|`.
 pub const SYMMETRY_TOL: f64 = 1e-10;
 
 impl InputCholesky {
     /// Factor `Z + λ I`. If that fails and `auto_damping` is set, λ is raised
-    /// ten-fold (starting from at least `1e-10 · mean(diag Z)`) until it works,
+    /// ten-fold (starting from at least `1e-10 · mean(diag Z)`, or 1e-10 when
+    /// that is 0) until it works,
     /// at most 12 times; the value used is in `self.damping`.
     pub fn new(z: MatRef<'_, f64>, damping: f64, auto_damping: bool, par: Par) -> Result<Self> {
         crate::init_parallelism();
@@ -53,11 +72,21 @@ impl InputCholesky {
         let mut copy = Some(copy);
         let mean_diag = (0..n).map(|i| z[(i, i)]).sum::<f64>() / n.max(1) as f64;
         for attempt in 0..13 {
-            let a = copy.take().unwrap_or_else(|| kernels::lower_copy_checked(z, threads).0);
-            if let Some(l) = kernels::factor_lower(a, lambda, threads) {
+            let mut a = copy.take().unwrap_or_else(|| kernels::lower_copy_checked(z, threads).0);
+            let scale_exp = scale_exp_for(scan.max_abs.max(lambda));
+            if scale_exp != 0 {
+                let mut am = a.as_mut();
+                for j in 0..n {
+                    for i in j..n {
+                        am[(i, j)] = crate::solve::ldexp(am[(i, j)], scale_exp);
+                    }
+                }
+            }
+            if let Some(l) = kernels::factor_lower(a, crate::solve::ldexp(lambda, scale_exp), threads) {
                 return Ok(Self {
                     tri: Triangular::new(l),
                     damping: lambda,
+                    scale_exp,
                     par,
                     threads,
                 });
@@ -65,7 +94,11 @@ impl InputCholesky {
             if !auto_damping || attempt == 12 {
                 break;
             }
-            lambda = (lambda * 10.0).max(1e-10 * mean_diag.abs().max(f64::MIN_POSITIVE));
+            // From 1e-10 of the mean diagonal, or of 1 for a zero diagonal (as
+            // `device_solve.inverse_input` does): Z = 0 has no scale, and the
+            // denormal λ that MIN_POSITIVE gave made σ = ‖Δ‖ overflow.
+            let base = if mean_diag != 0.0 { mean_diag.abs() } else { 1.0 };
+            lambda = (lambda * 10.0).max(1e-10 * base);
         }
         Err(Error::NotPositiveDefinite(format!(
             "the Cholesky factorization of Z + λI failed with λ = {lambda:e} (mean diagonal of Z = {mean_diag:e}); \
@@ -78,11 +111,7 @@ impl InputCholesky {
         self.tri.l().nrows()
     }
 
-    pub fn factor(&self) -> MatRef<'_, f64> {
-        self.tri.l()
-    }
-
-    /// `X ← Z_λ⁻¹ X` by two triangular solves.
+    /// `X ← (2^scale_exp Z_λ)⁻¹ X` by two triangular solves.
     pub fn solve_in_place(&self, mut x: MatMut<'_, f64>) {
         self.tri.solve_lower(x.as_mut(), self.threads);
         self.tri.solve_upper(x.as_mut(), self.threads);

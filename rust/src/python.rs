@@ -1,36 +1,71 @@
 //! The PyO3 binding: converts arrays, releases the GIL, maps errors. No math.
 
-use std::sync::Mutex;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::{Mutex, MutexGuard};
 
 use faer::{Mat, MatRef};
 use numpy::ndarray::{Array1, Array2, ArrayView2};
 use numpy::{IntoPyArray, PyArray1, PyArray2, PyReadonlyArray1, PyReadonlyArray2};
-use pyo3::exceptions::PyRuntimeError;
+use pyo3::exceptions::PyMemoryError;
 use pyo3::prelude::*;
 use pyo3::types::PyList;
 
-use crate::error::Error;
+use crate::error::{Error, Result as CoreResult};
 use crate::factors::{self, RowSource};
 use crate::solve::{self as core_solve, Method, SolveOptions};
 
 /// Raise the Python exception class of `lora_da.errors` matching the variant.
+///
+/// Needs the GIL: call it only after a GIL-free section (`detach`) has
+/// returned and after any accumulator lock has been released. Built inside
+/// the section, it would wait for the GIL while holding the lock, and a
+/// thread holding the GIL while waiting for that lock would never let go.
 fn to_py(err: Error) -> PyErr {
     let class = match err {
         Error::Shape(_) => "ShapeError",
         Error::NonFinite(_) => "NonFiniteError",
         Error::InvalidArgument(_) => "InvalidArgumentError",
         Error::NotPositiveDefinite(_) => "NotPositiveDefiniteError",
+        Error::OutOfMemory(m) => return PyMemoryError::new_err(m),
+        Error::Internal(_) => "LoraDAError",
     };
-    Python::attach(|py| {
-        match py.import("lora_da.errors").and_then(|m| m.getattr(class)) {
-            Ok(cls) => PyErr::from_type(cls.cast_into().expect("exception class"), err.message().to_string()),
-            Err(e) => e,
-        }
+    Python::attach(|py| match py.import("lora_da.errors").and_then(|m| m.getattr(class)) {
+        Ok(cls) => match cls.cast_into() {
+            Ok(cls) => PyErr::from_type(cls, err.message().to_string()),
+            Err(e) => e.into(),
+        },
+        Err(e) => e,
     })
 }
 
-fn lock_poisoned() -> PyErr {
-    PyRuntimeError::new_err("lora_da: a previous call panicked while holding this accumulator")
+/// Run `f`, turning a panic into [`Error::Internal`] with its message: the
+/// last line of defence, so that no panic reaches Python as
+/// `pyo3_runtime.PanicException` (a `BaseException`, not a `LoraDAError`).
+/// Plain Rust in, plain Rust out: safe inside a GIL-free section.
+fn guarded<T>(what: &str, f: impl FnOnce() -> CoreResult<T>) -> CoreResult<T> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(payload) => {
+            let msg = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            Err(Error::Internal(format!("{what}: internal error (a bug in lora_da, please report it): {msg}")))
+        }
+    }
+}
+
+/// The accumulator behind `m`, also after a panic in another call poisoned
+/// the lock. That is sound because every update validates (and allocates)
+/// before it mutates, so a failed call leaves the accumulator as it was; a
+/// poisoned lock would otherwise make the statistics gathered so far
+/// unreadable and unsaveable.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| {
+        m.clear_poison();
+        e.into_inner()
+    })
 }
 
 /// A `(T, n)` array of float32, float64 or bfloat16 bits (uint16), any strides.
@@ -218,7 +253,35 @@ fn vec_to_py<'py>(py: Python<'py>, v: Vec<f64>) -> Bound<'py, PyArray1<f64>> {
     Array1::from_vec(v).into_pyarray(py)
 }
 
-/// Streaming float64 accumulator of `Σ_t x_t x_tᵀ` (SPEC §2). Thread-safe.
+/// Run `f` on the accumulator behind `m` without the GIL, then raise its
+/// error, if any, once the lock is released and the GIL is held again.
+///
+/// Locking without the GIL also means that a thread waiting for a long `add`
+/// of another thread does not hold every other Python thread up meanwhile.
+fn locked<A: Send, T: Send>(
+    py: Python<'_>,
+    m: &Mutex<A>,
+    what: &str,
+    f: impl FnOnce(&mut A) -> CoreResult<T> + Send,
+) -> PyResult<T> {
+    py.detach(|| guarded(what, || f(&mut lock(m)))).map_err(to_py)
+}
+
+/// Both locks in one fixed (address) order, so that `a == b` and `b == a`
+/// in two threads cannot each hold one lock and wait for the other.
+fn lock_pair<'a, A>(a: &'a Mutex<A>, b: &'a Mutex<A>) -> (MutexGuard<'a, A>, MutexGuard<'a, A>) {
+    if (a as *const Mutex<A>) < (b as *const Mutex<A>) {
+        let ga = lock(a);
+        (ga, lock(b))
+    } else {
+        let gb = lock(b);
+        (lock(a), gb)
+    }
+}
+
+/// Streaming float64 accumulator of `Σ_t x_t x_tᵀ` (SPEC §2). Thread-safe:
+/// calls from several threads are serialized by a lock, and a call that
+/// fails leaves the accumulator unchanged.
 #[pyclass(name = "InputFactor", module = "lora_da._core", frozen)]
 struct PyInputFactor {
     inner: Mutex<factors::InputFactor>,
@@ -227,98 +290,105 @@ struct PyInputFactor {
 #[pymethods]
 impl PyInputFactor {
     #[new]
-    fn new(n: usize) -> PyResult<Self> {
-        Ok(Self { inner: Mutex::new(factors::InputFactor::new(n).map_err(to_py)?) })
+    fn new(py: Python<'_>, n: usize) -> PyResult<Self> {
+        let f = py.detach(|| guarded("InputFactor", || factors::InputFactor::new(n))).map_err(to_py)?;
+        Ok(Self { inner: Mutex::new(f) })
     }
 
     #[getter]
-    fn n(&self) -> PyResult<usize> {
-        Ok(self.inner.lock().map_err(|_| lock_poisoned())?.n())
+    fn n(&self, py: Python<'_>) -> PyResult<usize> {
+        locked(py, &self.inner, "InputFactor.n", |f| Ok(f.n()))
     }
 
     #[getter]
-    fn tokens(&self) -> PyResult<u64> {
-        Ok(self.inner.lock().map_err(|_| lock_poisoned())?.tokens())
+    fn tokens(&self, py: Python<'_>) -> PyResult<u64> {
+        locked(py, &self.inner, "InputFactor.tokens", |f| Ok(f.tokens()))
     }
 
     /// Add token rows `x` of shape `(T, n)`.
     fn add(&self, py: Python<'_>, x: &Bound<'_, PyAny>) -> PyResult<()> {
         let holder = RowsHolder::extract(x, "InputFactor.add")?;
         let rows = holder.view();
-        py.detach(|| {
-            let mut f = self.inner.lock().map_err(|_| lock_poisoned())?;
-            f.add_rows(&rows).map_err(to_py)
-        })
+        locked(py, &self.inner, "InputFactor.add", |f| f.add_rows(&rows))
     }
 
     /// Add a partial Gram matrix `Σ x xᵀ` (float64, `(n, n)`) over `tokens` rows.
     fn add_gram(&self, py: Python<'_>, gram: &Bound<'_, PyAny>, tokens: u64) -> PyResult<()> {
         let mat = matrix_arg(gram, "InputFactor.add_gram: gram")?;
-        py.detach(|| {
-            let mut f = self.inner.lock().map_err(|_| lock_poisoned())?;
-            f.add_gram(mat.as_ref(), tokens).map_err(to_py)
-        })
+        locked(py, &self.inner, "InputFactor.add_gram", |f| f.add_gram(mat.as_ref(), tokens))
     }
 
-    fn merge(&self, other: &Bound<'_, PyInputFactor>) -> PyResult<()> {
-        let other_inner = other.get().inner.lock().map_err(|_| lock_poisoned())?.clone();
-        let mut f = self.inner.lock().map_err(|_| lock_poisoned())?;
-        f.merge(&other_inner).map_err(to_py)
+    fn merge(&self, py: Python<'_>, other: &Bound<'_, PyInputFactor>) -> PyResult<()> {
+        let other: &PyInputFactor = other.get();
+        // The other accumulator is copied under its own lock, released before
+        // this one is taken: no two locks are held at once.
+        let o = locked(py, &other.inner, "InputFactor.merge", |f| Ok(f.clone()))?;
+        locked(py, &self.inner, "InputFactor.merge", |f| f.merge(&o))
     }
 
     /// `Z = (1/T) Σ x xᵀ`, dense `(n, n)` float64.
     fn mean<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray2<f64>>> {
-        let z = py.detach(|| self.inner.lock().map_err(|_| lock_poisoned())?.mean().map_err(to_py))?;
+        let z = locked(py, &self.inner, "InputFactor.mean", |f| f.mean())?;
         Ok(mat_to_py(py, z.as_ref()))
     }
 
     /// `Σ x xᵀ` as its packed lower triangle (column-major), float64.
     fn packed<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray1<f64>>> {
-        let v = self.inner.lock().map_err(|_| lock_poisoned())?.packed_sum();
+        let v = locked(py, &self.inner, "InputFactor.packed", |f| Ok(f.packed_sum()))?;
         Ok(vec_to_py(py, v))
     }
 
     /// The raw packed sums and their Neumaier compensations: `from_packed(n,
     /// sums, tokens, compensation)` restores the accumulator bit for bit.
     fn packed_raw<'py>(&self, py: Python<'py>) -> PyResult<(Bound<'py, PyArray1<f64>>, Bound<'py, PyArray1<f64>>)> {
-        let (s, c) = self.inner.lock().map_err(|_| lock_poisoned())?.packed_raw();
+        let (s, c) = locked(py, &self.inner, "InputFactor.packed_raw", |f| Ok(f.packed_raw()))?;
         Ok((vec_to_py(py, s), vec_to_py(py, c)))
     }
 
     #[staticmethod]
     #[pyo3(signature = (n, packed, tokens, compensation=None))]
-    fn from_packed(n: usize, packed: &Bound<'_, PyAny>, tokens: u64, compensation: Option<&Bound<'_, PyAny>>) -> PyResult<Self> {
+    fn from_packed(py: Python<'_>, n: usize, packed: &Bound<'_, PyAny>, tokens: u64, compensation: Option<&Bound<'_, PyAny>>) -> PyResult<Self> {
         let v = vector_arg(packed, "InputFactor.from_packed: packed")?;
         let c = compensation.map(|c| vector_arg(c, "InputFactor.from_packed: compensation")).transpose()?;
-        Ok(Self { inner: Mutex::new(factors::InputFactor::from_packed(n, &v, c.as_deref(), tokens).map_err(to_py)?) })
+        let f = py
+            .detach(|| guarded("InputFactor.from_packed", || factors::InputFactor::from_packed(n, &v, c.as_deref(), tokens)))
+            .map_err(to_py)?;
+        Ok(Self { inner: Mutex::new(f) })
     }
 
-    fn copy(&self) -> PyResult<Self> {
-        Ok(Self { inner: Mutex::new(self.inner.lock().map_err(|_| lock_poisoned())?.clone()) })
+    fn copy(&self, py: Python<'_>) -> PyResult<Self> {
+        let f = locked(py, &self.inner, "InputFactor.copy", |f| Ok(f.clone()))?;
+        Ok(Self { inner: Mutex::new(f) })
     }
 
-    fn __eq__(&self, other: &Bound<'_, PyAny>) -> PyResult<bool> {
+    fn __eq__(&self, py: Python<'_>, other: &Bound<'_, PyAny>) -> PyResult<bool> {
         match other.cast::<PyInputFactor>() {
             Ok(o) => {
-                if std::ptr::eq(self, o.get()) {
+                let o: &PyInputFactor = o.get();
+                if std::ptr::eq(self, o) {
                     return Ok(true);
                 }
-                let a = self.inner.lock().map_err(|_| lock_poisoned())?;
-                let b = o.get().inner.lock().map_err(|_| lock_poisoned())?;
-                Ok(*a == *b)
+                py.detach(|| {
+                    guarded("InputFactor.__eq__", || {
+                        let (a, b) = lock_pair(&self.inner, &o.inner);
+                        Ok(*a == *b)
+                    })
+                })
+                .map_err(to_py)
             }
             Err(_) => Ok(false),
         }
     }
 
-    fn __repr__(&self) -> PyResult<String> {
-        let f = self.inner.lock().map_err(|_| lock_poisoned())?;
-        Ok(format!("InputFactor(n={}, tokens={})", f.n(), f.tokens()))
+    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
+        locked(py, &self.inner, "InputFactor.__repr__", |f| {
+            Ok(format!("InputFactor(n={}, tokens={})", f.n(), f.tokens()))
+        })
     }
 }
 
 /// Streaming float64 accumulator of `Σ_t g_t ⊙ g_t` and, optionally, per-sample
-/// sums `u_s` (SPEC §2). Thread-safe.
+/// sums `u_s` (SPEC §2). Thread-safe, like [`PyInputFactor`].
 #[pyclass(name = "OutputFactor", module = "lora_da._core", frozen)]
 struct PyOutputFactor {
     inner: Mutex<factors::OutputFactor>,
@@ -328,25 +398,26 @@ struct PyOutputFactor {
 impl PyOutputFactor {
     #[new]
     #[pyo3(signature = (m, per_sample=false))]
-    fn new(m: usize, per_sample: bool) -> PyResult<Self> {
-        Ok(Self { inner: Mutex::new(factors::OutputFactor::new(m, per_sample).map_err(to_py)?) })
+    fn new(py: Python<'_>, m: usize, per_sample: bool) -> PyResult<Self> {
+        let f = py.detach(|| guarded("OutputFactor", || factors::OutputFactor::new(m, per_sample))).map_err(to_py)?;
+        Ok(Self { inner: Mutex::new(f) })
     }
 
     #[getter]
-    fn m(&self) -> PyResult<usize> {
-        Ok(self.inner.lock().map_err(|_| lock_poisoned())?.m())
+    fn m(&self, py: Python<'_>) -> PyResult<usize> {
+        locked(py, &self.inner, "OutputFactor.m", |f| Ok(f.m()))
     }
     #[getter]
-    fn tokens(&self) -> PyResult<u64> {
-        Ok(self.inner.lock().map_err(|_| lock_poisoned())?.tokens())
+    fn tokens(&self, py: Python<'_>) -> PyResult<u64> {
+        locked(py, &self.inner, "OutputFactor.tokens", |f| Ok(f.tokens()))
     }
     #[getter]
-    fn samples(&self) -> PyResult<u64> {
-        Ok(self.inner.lock().map_err(|_| lock_poisoned())?.samples())
+    fn samples(&self, py: Python<'_>) -> PyResult<u64> {
+        locked(py, &self.inner, "OutputFactor.samples", |f| Ok(f.samples()))
     }
     #[getter]
-    fn per_sample(&self) -> PyResult<bool> {
-        Ok(self.inner.lock().map_err(|_| lock_poisoned())?.keeps_sample_sums())
+    fn per_sample(&self, py: Python<'_>) -> PyResult<bool> {
+        locked(py, &self.inner, "OutputFactor.per_sample", |f| Ok(f.keeps_sample_sums()))
     }
 
     /// Add output-gradient rows `g` of shape `(T, m)`; `sample_lengths` splits
@@ -355,74 +426,77 @@ impl PyOutputFactor {
     fn add(&self, py: Python<'_>, g: &Bound<'_, PyAny>, sample_lengths: Option<Vec<usize>>) -> PyResult<()> {
         let holder = RowsHolder::extract(g, "OutputFactor.add")?;
         let rows = holder.view();
-        py.detach(|| {
-            let mut f = self.inner.lock().map_err(|_| lock_poisoned())?;
-            f.add_rows(&rows, sample_lengths.as_deref()).map_err(to_py)
-        })
+        locked(py, &self.inner, "OutputFactor.add", |f| f.add_rows(&rows, sample_lengths.as_deref()))
     }
 
     /// Add precomputed `Σ g ⊙ g` over `tokens` rows and, for a per-sample
     /// factor, the per-sample sums `(k, m)`.
     #[pyo3(signature = (sumsq, tokens, sample_sums=None))]
-    fn add_sums(&self, sumsq: &Bound<'_, PyAny>, tokens: u64, sample_sums: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
+    fn add_sums(&self, py: Python<'_>, sumsq: &Bound<'_, PyAny>, tokens: u64, sample_sums: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
         let s = vector_arg(sumsq, "OutputFactor.add_sums: sumsq")?;
         let u = sample_sums
             .map(|a| matrix_arg(a, "OutputFactor.add_sums: sample_sums"))
             .transpose()?
             .map(|v| (row_major(&v), v.nrows(), v.ncols()));
-        let mut f = self.inner.lock().map_err(|_| lock_poisoned())?;
-        if let Some((_, _, cols)) = &u {
-            if *cols != f.m() {
-                return Err(to_py(Error::Shape(format!(
-                    "OutputFactor.add_sums: sample_sums must have m = {} columns, got {cols}",
-                    f.m()
-                ))));
+        locked(py, &self.inner, "OutputFactor.add_sums", |f| {
+            if let Some((_, _, cols)) = &u {
+                if *cols != f.m() {
+                    return Err(Error::Shape(format!(
+                        "OutputFactor.add_sums: sample_sums must have m = {} columns, got {cols}",
+                        f.m()
+                    )));
+                }
             }
-        }
-        f.add_sums(&s, tokens, u.as_ref().map(|(v, k, _)| (v.as_slice(), *k))).map_err(to_py)
+            f.add_sums(&s, tokens, u.as_ref().map(|(v, k, _)| (v.as_slice(), *k)))
+        })
     }
 
     /// Count `k` samples (for factors without per-sample sums).
-    fn count_samples(&self, k: u64) -> PyResult<()> {
-        self.inner.lock().map_err(|_| lock_poisoned())?.count_samples(k);
-        Ok(())
+    fn count_samples(&self, py: Python<'_>, k: u64) -> PyResult<()> {
+        locked(py, &self.inner, "OutputFactor.count_samples", |f| f.count_samples(k))
     }
 
-    fn merge(&self, other: &Bound<'_, PyOutputFactor>) -> PyResult<()> {
-        let o = other.get().inner.lock().map_err(|_| lock_poisoned())?.clone();
-        self.inner.lock().map_err(|_| lock_poisoned())?.merge(&o).map_err(to_py)
+    fn merge(&self, py: Python<'_>, other: &Bound<'_, PyOutputFactor>) -> PyResult<()> {
+        let other: &PyOutputFactor = other.get();
+        let o = locked(py, &other.inner, "OutputFactor.merge", |f| Ok(f.clone()))?;
+        locked(py, &self.inner, "OutputFactor.merge", |f| f.merge(&o))
     }
 
     /// `y = (1/T) Σ g ⊙ g`, float64.
     fn mean<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray1<f64>>> {
-        let y = self.inner.lock().map_err(|_| lock_poisoned())?.mean().map_err(to_py)?;
+        let y = locked(py, &self.inner, "OutputFactor.mean", |f| f.mean())?;
         Ok(vec_to_py(py, y))
     }
 
     /// `Σ g ⊙ g`, float64.
     fn sum<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray1<f64>>> {
-        let s = self.inner.lock().map_err(|_| lock_poisoned())?.sum();
+        let s = locked(py, &self.inner, "OutputFactor.sum", |f| Ok(f.sum()))?;
         Ok(vec_to_py(py, s))
     }
 
     /// Per-sample sums `(samples, m)`, or None.
     fn sample_sums<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyArray2<f64>>>> {
-        let f = self.inner.lock().map_err(|_| lock_poisoned())?;
-        Ok(f.sample_sums().map(|u| {
-            let m = f.m();
-            Array2::from_shape_vec((u.len() / m, m), u.to_vec()).expect("shape").into_pyarray(py)
-        }))
+        let u = locked(py, &self.inner, "OutputFactor.sample_sums", |f| {
+            Ok(f.sample_sums().map(|u| (u.to_vec(), f.m())))
+        })?;
+        u.map(|(u, m)| {
+            Array2::from_shape_vec((u.len() / m, m), u)
+                .map(|a| a.into_pyarray(py))
+                .map_err(|e| to_py(Error::Internal(format!("OutputFactor.sample_sums: {e}"))))
+        })
+        .transpose()
     }
 
     /// The raw sums of squares and their compensations.
     fn sum_raw<'py>(&self, py: Python<'py>) -> PyResult<(Bound<'py, PyArray1<f64>>, Bound<'py, PyArray1<f64>>)> {
-        let (s, c) = self.inner.lock().map_err(|_| lock_poisoned())?.sum_raw();
+        let (s, c) = locked(py, &self.inner, "OutputFactor.sum_raw", |f| Ok(f.sum_raw()))?;
         Ok((vec_to_py(py, s), vec_to_py(py, c)))
     }
 
     #[staticmethod]
     #[pyo3(signature = (sumsq, tokens, samples, sample_sums=None, compensation=None))]
     fn from_parts(
+        py: Python<'_>,
         sumsq: &Bound<'_, PyAny>,
         tokens: u64,
         samples: u64,
@@ -435,24 +509,31 @@ impl PyOutputFactor {
             .map(|a| matrix_arg(a, "OutputFactor.from_parts: sample_sums"))
             .transpose()?
             .map(|v| row_major(&v));
-        Ok(Self {
-            inner: Mutex::new(factors::OutputFactor::from_parts(s.len(), &s, comp.as_deref(), tokens, samples, u).map_err(to_py)?),
+        let f = py
+            .detach(|| {
+                guarded("OutputFactor.from_parts", || {
+                    factors::OutputFactor::from_parts(s.len(), &s, comp.as_deref(), tokens, samples, u)
+                })
+            })
+            .map_err(to_py)?;
+        Ok(Self { inner: Mutex::new(f) })
+    }
+
+    fn copy(&self, py: Python<'_>) -> PyResult<Self> {
+        let f = locked(py, &self.inner, "OutputFactor.copy", |f| Ok(f.clone()))?;
+        Ok(Self { inner: Mutex::new(f) })
+    }
+
+    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
+        locked(py, &self.inner, "OutputFactor.__repr__", |f| {
+            Ok(format!(
+                "OutputFactor(m={}, tokens={}, samples={}, per_sample={})",
+                f.m(),
+                f.tokens(),
+                f.samples(),
+                f.keeps_sample_sums()
+            ))
         })
-    }
-
-    fn copy(&self) -> PyResult<Self> {
-        Ok(Self { inner: Mutex::new(self.inner.lock().map_err(|_| lock_poisoned())?.clone()) })
-    }
-
-    fn __repr__(&self) -> PyResult<String> {
-        let f = self.inner.lock().map_err(|_| lock_poisoned())?;
-        Ok(format!(
-            "OutputFactor(m={}, tokens={}, samples={}, per_sample={})",
-            f.m(),
-            f.tokens(),
-            f.samples(),
-            f.keeps_sample_sums()
-        ))
     }
 }
 
@@ -462,7 +543,9 @@ fn lowrank_output_precision<'py>(py: Python<'py>, sample_sums: &Bound<'py, PyAny
     let v = matrix_arg(sample_sums, "lowrank_output_precision: sample_sums")?;
     let m = v.ncols();
     let flat = row_major(&v);
-    let p = py.detach(|| factors::lowrank_output_precision(&flat, m, damping)).map_err(to_py)?;
+    let p = py
+        .detach(|| guarded("lowrank_output_precision", || factors::lowrank_output_precision(&flat, m, damping)))
+        .map_err(to_py)?;
     Ok(vec_to_py(py, p))
 }
 
@@ -626,8 +709,10 @@ fn solve<'py>(
     let (z, g) = (z.as_ref(), g.as_ref());
     let prec = output_precision.map(|p| vector_arg(p, "output_precision")).transpose()?;
     let res = py.detach(|| {
-        let module = core_solve::ModuleInput { name, y: &y, g, precision: prec.as_deref() };
-        core_solve::solve_shared(z, &[module], &opts).map(|mut v| v.remove(0))
+        guarded(if name.is_empty() { "solve" } else { name }, || {
+            let module = core_solve::ModuleInput { name, y: &y, g, precision: prec.as_deref() };
+            core_solve::solve_shared(z, &[module], &opts).map(|mut v| v.remove(0))
+        })
     });
     Ok(PySolveResult { inner: res.map_err(to_py)? })
 }
@@ -681,10 +766,12 @@ fn solve_shared<'py>(
     let z = z.as_ref();
     let gs: Vec<MatRef<'_, f64>> = gs.iter().map(|g| g.as_ref()).collect();
     let results = py.detach(|| {
+        guarded("solve_shared", || {
         let modules: Vec<core_solve::ModuleInput<'_>> = (0..k)
             .map(|i| core_solve::ModuleInput { name: &names[i], y: &ys[i], g: gs[i], precision: precs[i].as_deref() })
             .collect();
         core_solve::solve_shared(z, &modules, &opts)
+        })
     });
     let out = PyList::empty(py);
     for r in results.map_err(to_py)? {

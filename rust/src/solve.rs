@@ -118,7 +118,7 @@ impl SolveOptions {
     fn check_scalars(&self) -> Result<()> {
         let bad = |name: &str, v: f64, need: &str| {
             Err(Error::InvalidArgument(format!(
-                "{name} must be {need}, got {v}"
+                "{name} must be {need}, got {v:?}"
             )))
         };
         if !(self.n_pop > 0.0 && self.n_pop.is_finite()) {
@@ -245,8 +245,9 @@ fn first_non_finite(what: &str, a: MatRef<'_, f64>) -> Result<()> {
 }
 
 /// Validate `y`, `Ḡ` and the rank against a Z of dimension `n`. Returns
-/// whether `Ḡ = 0` (SPEC §3's special case), found in the same pass over `Ḡ`.
-pub fn validate_module(n: usize, y: &[f64], g: MatRef<'_, f64>, opts: &SolveOptions) -> Result<bool> {
+/// `max |Ḡ|`, found in the same pass over `Ḡ`: zero is SPEC §3's special
+/// case `Ḡ = 0`, and its magnitude decides whether the solve must rescale.
+pub fn validate_module(n: usize, y: &[f64], g: MatRef<'_, f64>, opts: &SolveOptions) -> Result<f64> {
     let m = y.len();
     if g.nrows() != m || g.ncols() != n {
         return Err(Error::Shape(format!(
@@ -285,7 +286,7 @@ pub fn validate_module(n: usize, y: &[f64], g: MatRef<'_, f64>, opts: &SolveOpti
             "y[{j}] + output_damping = 0: the output precision 1/(y + λ_y) is infinite; use output_damping > 0"
         )));
     }
-    Ok(summary.max_abs == 0.0)
+    Ok(summary.max_abs)
 }
 
 /// `ỹ = 1 / (y + λ_y)` (SPEC §3.2).
@@ -341,7 +342,7 @@ pub fn solve_shared(
     // Z's values are validated in the pass that copies it for the Cholesky
     // factorization below, after the modules.
     check_input_shape(z).map_err(|e| e.context(&all))?;
-    let zero: Vec<bool> = modules
+    let gmax: Vec<f64> = modules
         .iter()
         .map(|m| validate_module(z.nrows(), m.y, m.g, opts).map_err(|e| e.context(m.name)))
         .collect::<Result<_>>()?;
@@ -349,7 +350,7 @@ pub fn solve_shared(
         .map_err(|e| e.context(&all))?;
     for_each_module(modules.len(), |k| {
         let m = &modules[k];
-        solve_factored(&chol, m.y, m.g, m.precision, zero[k], opts).map_err(|e| e.context(m.name))
+        solve_factored(&chol, m.y, m.g, m.precision, gmax[k], opts).map_err(|e| e.context(m.name))
     })
 }
 
@@ -368,34 +369,173 @@ pub fn for_each_module<T: Send>(
     }
 }
 
+/// `x · 2^e`, in steps that cannot overflow or underflow on the way (a
+/// single `2^e` is not representable for |e| > 1023).
+pub fn ldexp(mut x: f64, mut e: i32) -> f64 {
+    while e > 1000 {
+        x *= 2f64.powi(1000);
+        e -= 1000;
+    }
+    while e < -1000 {
+        x *= 2f64.powi(-1000);
+        e += 1000;
+    }
+    x * 2f64.powi(e)
+}
+
+/// `⌊log₂ |x|⌋` for a finite non-zero `x` (denormals included), else 0.
+pub fn exponent(x: f64) -> i32 {
+    if x == 0.0 || !x.is_finite() {
+        return 0;
+    }
+    let bits = x.abs().to_bits();
+    let biased = (bits >> 52) as i32;
+    if biased > 0 {
+        biased - 1023
+    } else {
+        // Denormal: the leading one of the mantissa gives the exponent.
+        -1011 - (bits.leading_zeros() as i32)
+    }
+}
+
+/// Quantities within `2^±RANGE` are used as they are (so ordinary inputs
+/// keep their bits); beyond, the solve works on a rescaled copy.
+const RANGE: i32 = 100;
+
+/// The power of two that brings `x` near 1, or 0 when it is already in range.
+fn rescale_exp(x: f64) -> i32 {
+    let e = exponent(x);
+    if x == 0.0 || (-RANGE..=RANGE).contains(&e) {
+        0
+    } else {
+        -e
+    }
+}
+
+/// `m · 2^e`: a float64 with an unbounded exponent, for the scalars of the
+/// solve (`c′`, `β c′`, `σ`) whose true value may be far outside float64
+/// while the rescaled problem is not. Products and quotients round exactly
+/// like plain float64 ones wherever those do not under- or overflow.
+#[derive(Clone, Copy, Debug)]
+struct Sci {
+    m: f64,
+    e: i32,
+}
+
+impl Sci {
+    fn new(x: f64) -> Sci {
+        let e = exponent(x);
+        Sci { m: ldexp(x, -e), e }
+    }
+    fn mul(self, o: Sci) -> Sci {
+        let p = Sci::new(self.m * o.m);
+        Sci { m: p.m, e: p.e + self.e + o.e }
+    }
+    fn div(self, o: Sci) -> Sci {
+        let q = Sci::new(self.m / o.m);
+        Sci { m: q.m, e: q.e + self.e - o.e }
+    }
+    fn pow2(self, k: i32) -> Sci {
+        Sci { m: self.m, e: self.e + k }
+    }
+    fn get(self) -> f64 {
+        ldexp(self.m, self.e)
+    }
+}
+
+/// `ỹ` as `q · 2^(−e)` with `max q ≈ 1` and `Σ ỹ` as a [`Sci`]: `1/(y + λ_y)`
+/// overflows for `y + λ_y` below 5.6e-309 and `y + λ_y` itself may overflow.
+fn scaled_precision(y: &[f64], given: Option<&[f64]>, ly: f64) -> (Vec<(f64, i32)>, Sci) {
+    // Each ỹ_j as (mantissa in (0.5, 1], exponent): ỹ_j = mant · 2^(−exp).
+    let parts: Vec<(f64, i32)> = match given {
+        Some(p) => p
+            .iter()
+            .map(|&v| {
+                let e = exponent(v);
+                (ldexp(v, -e), -e)
+            })
+            .collect(),
+        None => y
+            .iter()
+            .map(|&v| {
+                let (w, k) = if (v + ly).is_finite() { (v + ly, 0) } else { (0.5 * v + 0.5 * ly, 1) };
+                let f = exponent(w);
+                (1.0 / ldexp(w, -f), f + k)
+            })
+            .collect(),
+    };
+    let emin = parts.iter().filter(|p| p.0 != 0.0).map(|p| p.1).min().unwrap_or(0);
+    let sum: f64 = parts.iter().map(|&(m, e)| ldexp(m, emin - e)).sum();
+    (parts, Sci::new(sum).pow2(-emin))
+}
+
 /// The solve after the factorization. `precision` overrides `ỹ` (the
 /// `sequence_lowrank` output factor); inputs must already be validated, and
-/// `zero_gradient` is what [`validate_module`] returned.
+/// `grad_max` is the `max |Ḡ|` that [`validate_module`] returned.
+///
+/// Scale: `Ω` and `Δ̂` do not change when `Ḡ`, `ỹ` or `Z_λ` are multiplied by
+/// a positive number (with `normalize`; otherwise the scale is a known power),
+/// and the eigenvectors of `Ω′` do not change when `(α, βc′)` are. Where one
+/// of them is far from 1 (a gradient of 1e-300, y of 1e308, α of 1e308) the
+/// operator works on `H = 2^h D Ḡ` (`D` folded into a copy of `Ḡ`), on
+/// `2^z Z_λ` (see [`InputCholesky`]) and on `2^(−t) (α, βc′)`, all powers of
+/// two, and `σ`, `c` and the eigenvalues are scaled back at the end in
+/// [`Sci`] arithmetic. On ordinary inputs every power is 0 and the bits are
+/// those of the plain computation.
 pub fn solve_factored(
     chol: &InputCholesky,
     y: &[f64],
     g: MatRef<'_, f64>,
     precision: Option<&[f64]>,
-    zero_gradient: bool,
+    grad_max: f64,
     opts: &SolveOptions,
 ) -> Result<SolveResult> {
     let n = chol.dim();
     let r = opts.rank;
-    let prec: Vec<f64> = match precision {
-        Some(p) => {
-            if p.len() != y.len() {
-                return Err(Error::Shape(format!(
-                    "output precision has {} entries, m = {}",
-                    p.len(),
-                    y.len()
-                )));
-            }
-            crate::error::check_finite("output precision", p.iter().copied())?;
-            p.to_vec()
+    let zero_gradient = grad_max == 0.0;
+    if let Some(p) = precision {
+        if p.len() != y.len() {
+            return Err(Error::Shape(format!(
+                "output precision has {} entries, m = {}",
+                p.len(),
+                y.len()
+            )));
         }
+        crate::error::check_finite("output precision", p.iter().copied())?;
+    }
+    let ly = opts.output_damping.unwrap_or(opts.damping);
+    let plain: Vec<f64> = match precision {
+        Some(p) => p.to_vec(),
         None => output_precision(y, opts),
     };
-    let c_prime = prec.iter().sum::<f64>() / opts.n_pop;
+    let pmax = plain.iter().copied().fold(0.0, f64::max);
+    let n_pop = Sci::new(opts.n_pop);
+    // `D Ḡ` folded into a rescaled copy only when the plain factors are out
+    // of range: the copy costs a pass over Ḡ.
+    let ordinary = pmax.is_finite() && rescale_exp(pmax) == 0 && rescale_exp(grad_max) == 0;
+    let (h_store, prec, h_exp, c_prime): (Option<Mat<f64>>, Vec<f64>, i32, Sci) = if ordinary || (zero_gradient && pmax.is_finite()) {
+        let sum = Sci::new(plain.iter().sum::<f64>());
+        (None, plain, 0, sum.div(n_pop))
+    } else {
+        let (parts, sum) = scaled_precision(y, precision, ly);
+        let row_exp: Vec<i32> = (0..g.nrows())
+            .map(|i| exponent((0..g.ncols()).map(|j| g[(i, j)].abs()).fold(0.0, f64::max)))
+            .collect();
+        // log₂ of row i's largest |ỹ_i Ḡ_ij|, up to a factor 2; the copy is
+        // scaled so that the largest row's is 0 (h = −max).
+        let live = |i: usize| parts[i].0 != 0.0 && (0..g.ncols()).any(|j| g[(i, j)] != 0.0);
+        let lrow = |i: usize| row_exp[i] - parts[i].1;
+        let lmax = (0..g.nrows()).filter(|&i| live(i)).map(lrow).max().unwrap_or(0);
+        let h = Mat::from_fn(g.nrows(), g.ncols(), |i, j| {
+            if !live(i) {
+                return 0.0;
+            }
+            ldexp(parts[i].0 * ldexp(g[(i, j)], -row_exp[i]), lrow(i) - lmax)
+        });
+        (Some(h), vec![1.0; g.nrows()], -lmax, sum.div(n_pop))
+    };
+    let g_op = h_store.as_ref().map_or(g, |h| h.as_ref());
+    let z_exp = chol.scale_exp;
     let mut notes = Vec::new();
     if chol.damping != opts.damping {
         notes.push(format!(
@@ -403,6 +543,14 @@ pub fn solve_factored(
             opts.damping, chol.damping
         ));
     }
+    // β c′ in the scale of the operator: c′ k² 2^z with k = 2^(h − z).
+    let beta_c = Sci::new(opts.beta).mul(c_prime).pow2(2 * h_exp - z_exp);
+    let t_exp = if zero_gradient {
+        0
+    } else {
+        let top = [Sci::new(opts.alpha), beta_c].iter().filter(|v| v.m != 0.0).map(|v| v.e).max().unwrap_or(0);
+        if (-RANGE..=RANGE).contains(&top) { 0 } else { top }
+    };
     let (alpha, beta_c) = if zero_gradient {
         notes.push(
             "mean gradient is zero (Δ = 0): default used — σ = 1, B = 0, V = the top-r eigenvectors of Z + λI \
@@ -411,12 +559,18 @@ pub fn solve_factored(
         );
         (0.0, 1.0)
     } else {
-        (opts.alpha, opts.beta * c_prime)
+        (ldexp(opts.alpha, -t_exp), beta_c.pow2(-t_exp).get())
     };
-    let grad_rows = RowsView::new(g, chol.threads);
+    if !beta_c.is_finite() {
+        return Err(Error::NonFinite(format!(
+            "the variance weight β c′ = β Σỹ / N_pop (β = {:e}, N_pop = {:e}) overflows relative to α = {:e}",
+            opts.beta, opts.n_pop, opts.alpha
+        )));
+    }
+    let grad_rows = RowsView::new(g_op, chol.threads);
     let op = Guidance {
         chol,
-        mean_grad: g,
+        mean_grad: g_op,
         grad_rows: grad_rows.get(),
         precision: &prec,
         alpha,
@@ -430,7 +584,7 @@ pub fn solve_factored(
     };
     let eig = match method {
         Method::Krylov => {
-            let e = krylov_bottom(&op, r, opts, None);
+            let e = krylov_bottom(&op, r, opts, None)?;
             if e.residual <= CONTRACT_RESIDUAL || !opts.dense_fallback {
                 if e.residual > CONTRACT_RESIDUAL {
                     notes.push(format!(
@@ -451,13 +605,13 @@ pub fn solve_factored(
     };
     let (mut eig, used) = match eig {
         Some(e) => (e, Method::Krylov),
-        None => (dense_bottom(&op, r), Method::Dense),
+        None => (dense_bottom(&op, r)?, Method::Dense),
     };
     if eig.residual > CONTRACT_RESIDUAL && opts.dense_fallback {
         // The dense symmetric eigensolver can stop short of the contract on
         // some spectra (seen: 1e-8 at n = 768); Krylov started from its
         // vectors polishes them in a few steps.
-        let polished = krylov_bottom(&op, r, opts, Some(eig.vectors.clone()));
+        let polished = krylov_bottom(&op, r, opts, Some(eig.vectors.clone()))?;
         notes.push(format!(
             "{} residual {:.1e}; polished by Krylov from its vectors to {:.1e}",
             used.name(),
@@ -473,11 +627,21 @@ pub fn solve_factored(
     let sigma = if zero_gradient || !opts.normalize {
         1.0
     } else if used == Method::Dense {
-        dense_delta_norm(&op)
+        dense_delta_norm(&op)?
     } else {
-        krylov_delta_norm(&op, opts, &eig, &mut notes)
+        krylov_delta_norm(&op, opts, &eig, &mut notes)?
     };
     let s2 = sigma * sigma;
+    // True eigenvalue = ldexp(value / s2, eig_exp); B = Δ_opᵀ V / (σ √γ) · 2^b_exp.
+    let k_exp = h_exp - z_exp;
+    let (eig_exp, b_exp) = if zero_gradient {
+        (z_exp, 0)
+    } else if opts.normalize {
+        (t_exp, 0)
+    } else {
+        (t_exp - 2 * k_exp, -k_exp)
+    };
+    let scale_eig = |v: f64| ldexp(v / s2, eig_exp);
     let mut v = eig.vectors;
     let flipped = fix_signs(&mut v);
     let inv_sqrt_gamma = 1.0 / opts.gamma.sqrt();
@@ -499,25 +663,82 @@ pub fn solve_factored(
             None => op.delta_t(v.as_ref()),
         };
         b *= faer::Scale(inv_sqrt_gamma / sigma);
+        if b_exp != 0 {
+            b = Mat::from_fn(b.nrows(), b.ncols(), |i, j| ldexp(b[(i, j)], b_exp));
+        }
         b
     };
-    Ok(SolveResult {
+    let (sigma_true, c) = if zero_gradient {
+        (1.0, c_prime.get())
+    } else if opts.normalize {
+        // σ = σ_op / k; c = c′ / σ² = c′ k² / σ_op².
+        (ldexp(sigma, -k_exp), c_prime.div(Sci::new(s2)).pow2(2 * k_exp).get())
+    } else {
+        (1.0, c_prime.get())
+    };
+    let result = SolveResult {
         a,
         b,
         v,
-        eigenvalues: eig.values[..r].iter().map(|t| t / s2).collect(),
-        next_eigenvalue: eig.values[r] / s2,
-        gap: (eig.values[r] - eig.values[r - 1]) / s2,
+        eigenvalues: eig.values[..r].iter().map(|&t| scale_eig(t)).collect(),
+        next_eigenvalue: scale_eig(eig.values[r]),
+        gap: scale_eig(eig.values[r] - eig.values[r - 1]),
         residual: eig.residual,
-        omega_norm: eig.norm / s2,
+        omega_norm: scale_eig(eig.norm),
         iterations: eig.iterations,
         method: used,
-        sigma,
-        c: if zero_gradient { c_prime } else { c_prime / s2 },
+        sigma: sigma_true,
+        c,
         damping: chol.damping,
         zero_gradient,
         notes,
-    })
+    };
+    check_result(&result)?;
+    Ok(result)
+}
+
+/// SPEC: no NaN or infinity is ever returned as a result. Names the first
+/// non-finite quantity; reached only where the exact value is not
+/// representable (c = c′/σ² for σ near the underflow threshold, say) or the
+/// rescaled problem still overflows (a condition number of Z near 1e308).
+pub fn check_result(res: &SolveResult) -> Result<()> {
+    let scalars = [
+        ("sigma (σ = ‖Δ‖₂)", res.sigma),
+        ("c (= Σỹ / N_pop / σ²)", res.c),
+        ("next_eigenvalue", res.next_eigenvalue),
+        ("gap", res.gap),
+        ("residual", res.residual),
+        ("omega_norm (‖Ω‖₂)", res.omega_norm),
+        ("damping", res.damping),
+    ];
+    let context = format!("(σ = {:e}, c = {:e}, damping = {:e})", res.sigma, res.c, res.damping);
+    for (name, v) in scalars {
+        if !v.is_finite() {
+            return Err(Error::NonFinite(format!(
+                "the result {name} is not representable in float64: {v} {context}"
+            )));
+        }
+    }
+    let mats = [("A", res.a.as_ref()), ("B", res.b.as_ref()), ("V", res.v.as_ref())];
+    for (name, m) in mats {
+        for j in 0..m.ncols() {
+            for i in 0..m.nrows() {
+                if !m[(i, j)].is_finite() {
+                    return Err(Error::NonFinite(format!(
+                        "the result {name} has a non-finite value {} at ({i}, {j}) {context}",
+                        m[(i, j)]
+                    )));
+                }
+            }
+        }
+    }
+    if let Some(k) = res.eigenvalues.iter().position(|v| !v.is_finite()) {
+        return Err(Error::NonFinite(format!(
+            "the result eigenvalues has a non-finite value {} at {k} {context}",
+            res.eigenvalues[k]
+        )));
+    }
+    Ok(())
 }
 
 /// Bottom eigenpairs of `Ω′` in its own scale.
@@ -540,7 +761,7 @@ fn krylov_bottom(
     r: usize,
     opts: &SolveOptions,
     start: Option<Mat<f64>>,
-) -> Bottom {
+) -> Result<Bottom> {
     let n = op.dim();
     // Measured at n = 2048 (benches/RESULTS.md): blocks of r + 1 ≥ 8 need the
     // fewest operator applications; 16 or 32 cost more in total.
@@ -562,7 +783,7 @@ fn krylov_bottom(
         aux_tol: DELTA_TOP_TOL,
         par: opts.par,
     };
-    let res = block_krylov(op, &kopts);
+    let res = block_krylov(op, &kopts)?;
     let v = res.vectors.subcols(0, r).to_owned();
     // The residuals are those of the Ritz pairs against the basis images:
     // products with Ω′ itself (combined linearly), not a recurrence.
@@ -573,7 +794,7 @@ fn krylov_bottom(
         f64::INFINITY
     };
     let delta_t = res.side.map(|sd| sd.subcols(0, r).to_owned());
-    Bottom {
+    Ok(Bottom {
         values: res.values,
         vectors: v,
         residual,
@@ -581,14 +802,14 @@ fn krylov_bottom(
         iterations: res.applications,
         delta_top: res.aux,
         delta_t,
-    }
+    })
 }
 
 /// The dense recipe of SPEC §3 on `Ω′`: form it, full symmetric eigensolve.
-fn dense_bottom(op: &Guidance<'_>, r: usize) -> Bottom {
+fn dense_bottom(op: &Guidance<'_>, r: usize) -> Result<Bottom> {
     let n = op.dim();
     let omega = dense_omega(op);
-    let (values, vectors) = small_eigh(omega.as_ref());
+    let (values, vectors) = small_eigh(omega.as_ref())?;
     let norm = values[0]
         .abs()
         .max(values[n - 1].abs())
@@ -610,7 +831,7 @@ fn dense_bottom(op: &Guidance<'_>, r: usize) -> Bottom {
             rj.norm_l2() / norm
         })
         .fold(0.0, f64::max);
-    Bottom {
+    Ok(Bottom {
         values: values[..=r].to_vec(),
         vectors: v,
         residual,
@@ -618,7 +839,7 @@ fn dense_bottom(op: &Guidance<'_>, r: usize) -> Bottom {
         iterations: 1,
         delta_top: None,
         delta_t: None,
-    }
+    })
 }
 
 /// `Ω′ = −α Δ Δᵀ + β c′ Z_λ⁻¹`, dense and exactly symmetric.
@@ -644,10 +865,12 @@ fn dense_delta(op: &Guidance<'_>) -> Mat<f64> {
     op.delta(Mat::<f64>::identity(op.mean_grad.nrows(), op.mean_grad.nrows()).as_ref())
 }
 
-fn dense_delta_norm(op: &Guidance<'_>) -> f64 {
+fn dense_delta_norm(op: &Guidance<'_>) -> Result<f64> {
     let delta = dense_delta(op);
-    let sv = delta.singular_values().expect("SVD of a finite matrix");
-    sv.into_iter().fold(0.0, f64::max)
+    let sv = delta.singular_values().map_err(|e| {
+        Error::NonFinite(format!("σ = ‖Δ‖₂: the SVD of Δ did not converge ({e:?}); Δ is not finite in float64"))
+    })?;
+    Ok(sv.into_iter().fold(0.0, f64::max))
 }
 
 /// `σ = ‖Δ‖₂` from the top eigenvalue of `Δ Δᵀ` by block Krylov. A Ritz
@@ -663,11 +886,11 @@ fn krylov_delta_norm(
     opts: &SolveOptions,
     eig: &Bottom,
     notes: &mut Vec<String>,
-) -> f64 {
+) -> Result<f64> {
     // The Krylov basis of Ω′ usually holds the top pair of ΔΔᵀ already.
     if let Some(top) = &eig.delta_top {
         if top.residual <= DELTA_TOP_TOL && top.value > 0.0 {
-            return top.value.sqrt();
+            return Ok(top.value.sqrt());
         }
     }
     let warm = match &eig.delta_top {
@@ -691,9 +914,9 @@ fn krylov_delta_norm(
         aux_tol: 1.0,
         par: opts.par,
     };
-    let res = block_krylov(&gram, &kopts);
+    let res = block_krylov(&gram, &kopts)?;
     if res.converged || res.residuals[0] <= 1e-9 {
-        res.values[0].max(0.0).sqrt()
+        Ok(res.values[0].max(0.0).sqrt())
     } else {
         notes.push(format!(
             "σ: Krylov residual {:.1e} after {} applications; computed by a dense SVD instead",

@@ -146,7 +146,7 @@ fn block_krylov_finds_both_extremes() {
         aux_tol: 1.0,
         par: faer::Par::Seq,
     };
-    let res = block_krylov(&op, &opts);
+    let res = block_krylov(&op, &opts).unwrap();
     assert!(res.converged);
     for (k, v) in res.values.iter().enumerate() {
         assert!((v - (-5.0 + k as f64)).abs() < 1e-6, "{:?}", res.values);
@@ -157,7 +157,7 @@ fn block_krylov_finds_both_extremes() {
         extra: 0,
         ..opts
     };
-    let top = block_krylov(&op, &opts);
+    let top = block_krylov(&op, &opts).unwrap();
     assert!((top.values[0] - d[n - 1]).abs() <= 1e-9 * d[n - 1]);
 }
 
@@ -223,6 +223,77 @@ fn bad_input_is_an_error_not_a_panic() {
         solve(neg.as_ref(), &y, g.as_ref(), &o),
         Err(Error::NotPositiveDefinite(_))
     ));
+}
+
+/// Issue 10: extreme but finite scales give the exact scaled answer or an
+/// error naming the quantity float64 cannot hold, never NaN or a panic.
+#[test]
+fn extreme_scales_are_exact_answers_or_named_errors() {
+    use lora_da::solve::{exponent, ldexp};
+    assert_eq!(exponent(5e-324), -1074);
+    assert_eq!(exponent(2.2250738585072014e-308), -1022);
+    assert_eq!(exponent(3.0), 1);
+    assert_eq!(exponent(f64::MAX), 1023);
+    assert_eq!(ldexp(1.0, -1074), 5e-324);
+    assert_eq!(ldexp(5e-324, 1074), 1.0);
+    assert_eq!(ldexp(f64::MAX, -2000), ldexp(ldexp(f64::MAX, -1000), -1000));
+
+    let (z, y, g) = problem(40, 30);
+    for method in [Method::Dense, Method::Krylov] {
+        // Ḡ·2^k solves like Ḡ with N_pop·2^2k (normalize): same Ω, c, A, B; σ·2^k.
+        // Powers of two make every step exact, so the match is to rounding.
+        for k in [-700i32, -500, 500] {
+            // N_pop·2^-k keeps c (∝ 2^-2k / N_pop) within float64.
+            let n_pop = ldexp(1000.0, -k.min(0));
+            let mut o = SolveOptions::new(4, n_pop);
+            o.method = method;
+            let gs = Mat::from_fn(30, 40, |i, j| ldexp(g[(i, j)], k));
+            let scaled = solve(z.as_ref(), &y, gs.as_ref(), &o).unwrap();
+            o.n_pop = ldexp(n_pop, 2 * k);
+            let base = solve(z.as_ref(), &y, g.as_ref(), &o).unwrap();
+            assert!((scaled.sigma - ldexp(base.sigma, k)).abs() <= 1e-12 * scaled.sigma);
+            assert!((scaled.c - base.c).abs() <= 1e-12 * base.c);
+            for (a, b) in scaled.eigenvalues.iter().zip(&base.eigenvalues) {
+                assert!((a - b).abs() <= 1e-12 * base.omega_norm);
+            }
+            let diff = &scaled.b - &base.b;
+            assert!(diff.norm_l2() <= 1e-9 * base.b.norm_l2());
+        }
+        // Ḡ·2^-1000 with N_pop = 1000: c ≈ c₀·2^2000 is beyond float64.
+        let mut o = SolveOptions::new(4, 1000.0);
+        o.method = method;
+        let gs = Mat::from_fn(30, 40, |i, j| ldexp(g[(i, j)], -1000));
+        match solve(z.as_ref(), &y, gs.as_ref(), &o) {
+            Err(Error::NonFinite(m)) => assert!(m.contains("result c "), "{m}"),
+            other => panic!("expected a NonFinite error naming c, got {other:?}"),
+        }
+        // α of 1e308: Ω = 1e308 (−Δ̂Δ̂ᵀ + …), finite.
+        o.alpha = 1e308;
+        let r = solve(z.as_ref(), &y, g.as_ref(), &o).unwrap();
+        assert!(r.eigenvalues.iter().all(|v| v.is_finite() && *v < -1e300), "{:?}", r.eigenvalues);
+    }
+}
+
+#[test]
+fn huge_sizes_and_wrapping_counts_are_errors() {
+    assert!(matches!(InputFactor::new(1 << 40), Err(Error::OutOfMemory(_))));
+    assert!(matches!(InputFactor::new((1 << 32) + 1), Err(Error::OutOfMemory(_))));
+    assert!(matches!(OutputFactor::new(1 << 62, false), Err(Error::OutOfMemory(_))));
+    let mut f = OutputFactor::new(2, true).unwrap();
+    let g = [1.0, 2.0, 3.0, 4.0];
+    f.add_rows(&DenseRows { data: &g, cols: 2 }, Some(&[1, 1])).unwrap();
+    let before = f.clone();
+    // Sums to 2 modulo 2^64: must be refused before anything is updated.
+    assert!(matches!(
+        f.add_rows(&DenseRows { data: &g, cols: 2 }, Some(&[usize::MAX, 3])),
+        Err(Error::Shape(_))
+    ));
+    assert_eq!(f, before);
+    f.count_samples(0).unwrap();
+    let mut c = OutputFactor::new(2, false).unwrap();
+    c.count_samples(u64::MAX).unwrap();
+    assert!(matches!(c.count_samples(1), Err(Error::InvalidArgument(_))));
+    assert_eq!(c.samples(), u64::MAX);
 }
 
 /// `row_dot` against faer's GEMM, for every register-block shape and both
