@@ -171,3 +171,55 @@ def test_data_parallel_runs_agree_by_default(tmp_path):
         if "lora_" in n:
             want = p.detach().numpy()
             np.testing.assert_allclose(np.abs(res[0]["peft/" + n]), np.abs(want), rtol=0, atol=1e-6 * np.abs(want).max(), err_msg=n)
+
+
+_SPLIT = textwrap.dedent(
+    """
+    import os, sys
+    sys.path.insert(0, {tests!r})
+    import numpy as np, torch, torch.distributed as dist, torch.multiprocessing as mp
+
+    def work(rank, world, out):
+        os.environ["MASTER_ADDR"] = "127.0.0.1"
+        os.environ["MASTER_PORT"] = {port!r}
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+        import lora_da
+        import lora_da.init as init_mod
+        solved = []
+        real = init_mod._solve_on_host
+
+        def spy(Z, ys, Gs, names, *a, **k):
+            solved.extend(names)
+            return real(Z, ys, Gs, names, *a, **k)
+
+        init_mod._solve_on_host = spy
+        stats = lora_da.Statistics.load(os.path.join(out, "stats.safetensors"))
+        inits = lora_da.compute_init(stats, lora_da.LoraDAConfig(n_pop=100, rank=2, gamma=4.0), progress=False,
+                                     across_ranks=True)
+        res = {{f"{{n}}/A": i.A for n, i in inits.items()}}
+        res.update({{f"{{n}}/B": i.B for n, i in inits.items()}})
+        np.savez(os.path.join(out, f"split{{rank}}.npz"), solved=np.array(solved), **res)
+        dist.destroy_process_group()
+
+    if __name__ == "__main__":
+        mp.spawn(work, args=(2, sys.argv[1]), nprocs=2)
+    """
+)
+
+
+def test_compute_init_across_ranks_splits_the_solves_and_equals_one_process(tmp_path):
+    """Every module is solved on exactly one rank, both ranks solve some, and
+    every rank returns all modules with the bits one process computes."""
+    stats = lora_da.collect_statistics(tiny_llama(), many_batches(), ["q_proj", "k_proj", "down_proj"], progress=False)
+    stats.save(tmp_path / "stats.safetensors")
+    _run_two_ranks(_SPLIT, tmp_path)
+    one = lora_da.compute_init(lora_da.Statistics.load(tmp_path / "stats.safetensors"),
+                               lora_da.LoraDAConfig(n_pop=100, rank=2, gamma=4.0), progress=False)
+    parts = [dict(np.load(tmp_path / f"split{r}.npz")) for r in range(2)]
+    solved = [set(p.pop("solved").tolist()) for p in parts]
+    assert solved[0] and solved[1] and not solved[0] & solved[1] and solved[0] | solved[1] == set(one)
+    for p in parts:
+        for n, init in one.items():
+            np.testing.assert_array_equal(p[f"{n}/A"], init.A, err_msg=n)
+            np.testing.assert_array_equal(p[f"{n}/B"], init.B, err_msg=n)
