@@ -24,10 +24,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from lora_da.adapters import REPORT_NAME  # the report beside an adapter: one name for the API and the CLI
+from lora_da.adapters import REPORT_NAME, state_dict_of  # REPORT_NAME: one name for the API and the CLI
 
 PROG = "lora-da"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."  # PEFT's key prefix in a saved adapter's weights
 
 
 class CLIError(Exception):
@@ -531,13 +532,10 @@ def _write_outputs(args, stats, inits, config) -> None:
     if args.format == "peft":
         from peft import LoraConfig
 
-        tensors = {}
-        for name, init in inits.items():
-            tensors[f"base_model.model.{name}.lora_A.weight"] = torch.from_numpy(np.ascontiguousarray(init.A, dtype=np.float32))
-            tensors[f"base_model.model.{name}.lora_B.weight"] = torch.from_numpy(np.ascontiguousarray(init.B, dtype=np.float32))
+        tensors = state_dict_of(inits, prefix=PEFT_PREFIX)
         # The head the statistics were taken with travels with the adapter (PEFT's key names).
         for key, w in stats.new_weights.items():
-            tensors[f"base_model.model.{key}"] = torch.from_numpy(np.ascontiguousarray(w))
+            tensors[f"{PEFT_PREFIX}{key}"] = torch.from_numpy(np.ascontiguousarray(w))
         conv1d = any(stats.modules[n].kind == "conv1d" for n in inits)
         lcfg = LoraConfig(
             r=config.rank,
@@ -561,10 +559,7 @@ def _write_outputs(args, stats, inits, config) -> None:
                 shutil.rmtree(tmp, ignore_errors=True)
         print(f"lora-da: wrote PEFT adapter ({len(inits)} modules) to {out}")
     else:
-        tensors = {}
-        for name, init in inits.items():
-            tensors[f"{name}.lora_A.weight"] = torch.from_numpy(np.ascontiguousarray(init.A, dtype=np.float32))
-            tensors[f"{name}.lora_B.weight"] = torch.from_numpy(np.ascontiguousarray(init.B, dtype=np.float32))
+        tensors = state_dict_of(inits)
         for key, w in stats.new_weights.items():  # load into the base model (strict=False) before wrapping it
             tensors[key] = torch.from_numpy(np.ascontiguousarray(w))
         rep = _state_dict_report_path(out)
@@ -1107,7 +1102,7 @@ def cmd_demo(args) -> int:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from lora_da.adapters import initialize_lora_da_weights
+    from lora_da.adapters import initialize_lora_da_weights, state_dict_of
     from lora_da.collect import collect_statistics
     from lora_da.gamma import search_gamma, train_steps
     from lora_da.init import LoraDAConfig
@@ -1157,12 +1152,9 @@ def cmd_demo(args) -> int:
     # then every candidate γ is the same state dict divided by sqrt(γ).
     t0 = time.perf_counter()
     probe = fresh_peft()
-    unit = {}
-    for name, res in initialize_lora_da_weights(
+    unit = state_dict_of(initialize_lora_da_weights(
         probe, train, lora_da_config=LoraDAConfig(n_pop=len(train_rows), rank=8, gamma=1.0), statistics=stats, progress=False
-    ).items():
-        unit[f"{name}.lora_A.weight"] = torch.from_numpy(res.A.astype("float32"))
-        unit[f"{name}.lora_B.weight"] = torch.from_numpy(res.B.astype("float32"))
+    ))
     del probe
     print(f"demo: LoRA-DA solve of {len(unit) // 2} modules in {time.perf_counter() - t0:.1f} s")
 
