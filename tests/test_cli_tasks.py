@@ -12,7 +12,7 @@ import torch
 
 import lora_da
 from lora_da.cli import main
-from test_cli import WORDS, model_dir  # noqa: F401  (the causal-LM fixture)
+from helpers import WORDS
 
 GOOD = {"good", "fast", "big", "very"}
 

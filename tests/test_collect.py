@@ -11,79 +11,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from helpers import LLAMA_TARGETS, batches, brute_force, data, tiny_gpt2, tiny_llama
 
 import lora_da
-from lora_da.collect import causal_lm_per_sample_loss, linear_kind
-
-LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def tiny_llama(dtype=torch.float64):
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
-    return LlamaForCausalLM(cfg).to(dtype).eval()
-
-
-def tiny_gpt2(dtype=torch.float64):
-    torch.manual_seed(1)
-    cfg = GPT2Config(vocab_size=50, n_embd=24, n_layer=2, n_head=4, n_positions=32)
-    return GPT2LMHeadModel(cfg).to(dtype).eval()
-
-
-def data(n=6, length=9, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, 50, (n, length), generator=g)
-    mask = torch.ones_like(ids)
-    for i, keep in enumerate([9, 6, 9, 4, 7, 9][:n]):
-        mask[i, keep:] = 0  # right padding
-    return ids, mask
-
-
-def batches(ids, mask, bs):
-    return [{"input_ids": ids[i:i + bs], "attention_mask": mask[i:i + bs]} for i in range(0, len(ids), bs)]
-
-
-def brute_force(model, ids, mask, names):
-    """Per-sample autograd: Ḡ, Z, y and counts in float64."""
-    mods = dict(model.named_modules())
-    G = {n: 0.0 for n in names}
-    Zs = {n: 0.0 for n in names}
-    ys = {n: 0.0 for n in names}
-    T = 0
-    for s in range(len(ids)):
-        L = int(mask[s].sum())
-        x_in, outs = {}, {}
-
-        def fwd(name):
-            def hook(mod, args, out):
-                x_in[name] = args[0]
-                out.retain_grad()
-                outs[name] = out
-            return hook
-
-        hs = [mods[n].register_forward_hook(fwd(n)) for n in names]
-        logits = model(input_ids=ids[s:s + 1, :L]).logits
-        labels = ids[s:s + 1, :L]
-        loss = causal_lm_per_sample_loss(logits, labels)[0]
-        weights = [mods[n].weight for n in names]
-        grads = torch.autograd.grad(loss, weights + [outs[n] for n in names])
-        for h in hs:
-            h.remove()
-        for k, n in enumerate(names):
-            gw = grads[k].double()
-            if linear_kind(mods[n]) == "conv1d":
-                gw = gw.T
-            G[n] = G[n] + gw.numpy()
-            x = x_in[n][0].detach().double().numpy()
-            g = grads[len(names) + k][0].double().numpy()
-            Zs[n] = Zs[n] + x.T @ x
-            ys[n] = ys[n] + (g * g).sum(0)
-        T += L
-    N = len(ids)
-    return {n: (G[n] / N, Zs[n] / T, ys[n] / T) for n in names}, T
-
+from lora_da.collect import causal_lm_per_sample_loss
 
 def check(stats, brute, T, rtol):
     for name, (G, Z, y) in brute.items():
@@ -298,7 +229,7 @@ def test_label_token_mask_and_sequence_lowrank_match_per_sample_autograd():
 def test_compute_init_with_sequence_lowrank_matches_reference():
     """End to end: the solve uses diag((λI + UUᵀ/N)⁻¹) of the collected u_s in
     place of 1/(y + λ), as the SciPy reference with a dense inverse does."""
-    from test_solve import check_against_reference
+    from helpers import check_against_reference
 
     from lora_da.reference import lowrank_output_precision, reference_solve
 

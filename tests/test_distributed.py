@@ -10,8 +10,7 @@ from pathlib import Path
 import numpy as np
 
 import lora_da
-from test_hardening import TARGETS, many_batches
-from test_collect import tiny_llama
+from helpers import TARGETS, many_batches, tiny_llama
 
 HERE = Path(__file__).parent
 
@@ -27,8 +26,7 @@ _RANKS = textwrap.dedent(
         dist.init_process_group("gloo", rank=rank, world_size=world)
         import lora_da
         from lora_da.distributed import all_reduce_statistics
-        from test_hardening import many_batches, TARGETS
-        from test_collect import tiny_llama
+        from helpers import many_batches, TARGETS, tiny_llama
         shard = many_batches()[rank::world]
         stats = lora_da.collect_statistics(tiny_llama(), shard, TARGETS, progress=False, reduce_across_ranks=False)
         total = all_reduce_statistics(stats)
@@ -97,8 +95,7 @@ _DEFAULTS = textwrap.dedent(
         import lora_da
         from lora_da.init import collect_and_solve
         from peft import LoraConfig, get_peft_model
-        from test_hardening import many_batches, TARGETS
-        from test_collect import tiny_llama
+        from helpers import many_batches, TARGETS, tiny_llama
         shard = many_batches()[rank::world]
         cfg = lora_da.LoraDAConfig(n_pop=100, rank=2, gamma=4.0)
         lora_da.collect_statistics(tiny_llama(), shard, TARGETS, progress=False).save(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_collect import LLAMA_TARGETS, batches, data, tiny_llama
+from helpers import LLAMA_TARGETS, batches, data, tiny_llama
 
 import lora_da
 
@@ -58,7 +58,7 @@ def test_cuda_bf16_model():
 
 def test_device_solve_on_cuda_matches_the_core():
     """The GPU solve (two streams at once) against the Rust core on the same statistics."""
-    from test_scale import check_compute_init_on
+    from helpers import check_compute_init_on
 
     check_compute_init_on("cuda")
 

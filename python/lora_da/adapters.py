@@ -14,6 +14,7 @@ import os
 import re
 import tempfile
 
+import numpy as np
 import torch
 
 from lora_da.collect import resolve_targets
@@ -32,6 +33,39 @@ def _peft_targets(model: torch.nn.Module, peft_config) -> list[str]:
     return resolve_targets(model, names)
 
 
+def state_dict_of(inits, prefix: str = "", scale: float = 1.0) -> dict[str, torch.Tensor]:
+    """``{prefix + "<module>.lora_A.weight": scale·A, prefix + "<module>.lora_B.weight": scale·B}``
+    for ``inits`` (module name → anything with ``A`` and ``B``: a :class:`ModuleInit` or a
+    ``SolveResult``): SPEC §3 step 8's ``A``, ``B`` under PEFT's key names, spelt only here.
+
+    float32 and C-contiguous (safetensors refuses other layouts), always a copy, so a
+    caller may scale or write the tensors without touching the solve. ``scale`` is
+    applied in the solve's precision and rounded to float32 once; ``prefix`` is
+    ``"base_model.model."`` for a saved PEFT adapter.
+    """
+    out = {}
+    for name, init in inits.items():
+        for key, w in zip(_lora_keys(name, prefix), (init.A, init.B)):
+            if scale != 1.0:
+                w = w * scale
+            out[key] = torch.from_numpy(np.array(w, dtype=np.float32, order="C"))
+    return out
+
+
+def _lora_keys(name: str, prefix: str = "") -> tuple[str, str]:
+    """The state-dict keys of module ``name``'s ``A`` and ``B``."""
+    return f"{prefix}{name}.lora_A.weight", f"{prefix}{name}.lora_B.weight"
+
+
+def _check_rank(lora_da_config: LoraDAConfig, peft_config) -> None:
+    """The rank LoRA-DA solves for must be the adapter's: the shapes of A and B follow it."""
+    if lora_da_config.rank != peft_config.r:
+        raise InvalidArgumentError(
+            f"LoraDAConfig.rank = {lora_da_config.rank} differs from the PEFT config's r = {peft_config.r} "
+            "(leave rank unset to use the adapter's)"
+        )
+
+
 def get_lora_da_state_dict(
     model: torch.nn.Module,
     dataloader,
@@ -47,11 +81,7 @@ def get_lora_da_state_dict(
     the modules ``peft_config`` targets, computed from one pass over ``dataloader``
     (or from ``statistics`` already collected)."""
     lora_da_config = lora_da_config.with_rank(peft_config.r)
-    if lora_da_config.rank != peft_config.r:
-        raise InvalidArgumentError(
-            f"LoraDAConfig.rank = {lora_da_config.rank} differs from the PEFT config's r = {peft_config.r} "
-            "(leave rank unset to use the adapter's)"
-        )
+    _check_rank(lora_da_config, peft_config)
     names = _peft_targets(model, peft_config)
     if statistics is None:
         inits = collect_and_solve(model, dataloader, names, lora_da_config, loss_fn=loss_fn, progress=progress,
@@ -61,11 +91,7 @@ def get_lora_da_state_dict(
         if missing:
             raise InvalidArgumentError(f"the statistics have no entry for targeted module(s) {missing[:5]}")
         inits = compute_init(statistics, lora_da_config, modules=names, progress=progress)
-    out = {}
-    for name, init in inits.items():
-        out[f"{name}.lora_A.weight"] = torch.from_numpy(init.A.astype("float32"))
-        out[f"{name}.lora_B.weight"] = torch.from_numpy(init.B.astype("float32"))
-    return out
+    return state_dict_of(inits)
 
 
 def _lora_layers(peft_model, adapter_name):
@@ -90,13 +116,16 @@ def initialize_lora_da_weights(
     progress: bool = True,
     **collect_kwargs,
 ) -> dict:
-    """Write the LoRA-DA ``A``/``B`` into ``peft_model``'s adapter ``adapter_name``.
+    """Write the LoRA-DA ``A``/``B`` (SPEC §3 step 8) into ``peft_model``'s adapter ``adapter_name``.
 
     Without ``state_dict`` the statistics are collected on the base model (the
     adapter disabled). Every shape is checked before any weight is written.
     With ``preserve_output`` the base weights lose ``s·B A`` and the model's
     :meth:`save_pretrained` is guarded (see :func:`save_initial_adapter`).
     Returns ``{module: SolveResult}`` when it solved, else ``{}``.
+
+    A thin wrapper, as PEFT's EVA is: :func:`_solve_lora_layers` computes the
+    weights, :func:`_load_lora_da_state_dict` checks and writes them.
     """
     if not (hasattr(peft_model, "peft_config") and hasattr(peft_model, "get_base_model")):
         raise InvalidArgumentError(
@@ -108,11 +137,8 @@ def initialize_lora_da_weights(
         raise InvalidArgumentError(f"the PeftModel has no adapter named {adapter_name!r}")
     peft_config = peft_model.peft_config[adapter_name]
     lora_da_config = lora_da_config.with_rank(peft_config.r)
-    if state_dict is None and lora_da_config.rank != peft_config.r:
-        raise InvalidArgumentError(
-            f"LoraDAConfig.rank = {lora_da_config.rank} differs from the PEFT config's r = {peft_config.r} "
-            "(leave rank unset to use the adapter's)"
-        )
+    if state_dict is None:
+        _check_rank(lora_da_config, peft_config)
     layers = dict(_lora_layers(peft_model, adapter_name))
     for name, layer in layers.items():  # before any collection: its statistics would be of the modified base
         _check_not_preserved(name, layer, adapter_name)
@@ -120,26 +146,39 @@ def initialize_lora_da_weights(
     if state_dict is None:
         if dataloader is None and statistics is None:
             raise InvalidArgumentError("initialize_lora_da_weights needs a dataloader, statistics or a state_dict")
-        base = peft_model.get_base_model()
-        if statistics is None:
-            # hook the wrapped base layers; the results are named after the LoRA layers
-            with peft_model.disable_adapter():
-                solved = collect_and_solve(base, dataloader, [f"{n}.base_layer" for n in layers], lora_da_config,
-                                           loss_fn=loss_fn, progress=progress, **collect_kwargs)
-            suffix = ".base_layer"
-            inits = {k[: -len(suffix)] if k.endswith(suffix) else k: v for k, v in solved.items()}
-        else:
-            inits = compute_init(statistics, lora_da_config, modules=[n for n in layers if n in statistics.modules],
-                                 progress=progress)
-        state_dict = {}
-        for name, init in inits.items():
-            state_dict[f"{name}.lora_A.weight"] = torch.from_numpy(init.A.astype("float32"))
-            state_dict[f"{name}.lora_B.weight"] = torch.from_numpy(init.B.astype("float32"))
-            results[name] = init.result
-    # check everything before writing anything
+        inits = _solve_lora_layers(peft_model, layers, dataloader, statistics, lora_da_config,
+                                   loss_fn=loss_fn, progress=progress, **collect_kwargs)
+        state_dict = state_dict_of(inits)
+        results = {name: init.result for name, init in inits.items()}
+    _load_lora_da_state_dict(peft_model, state_dict, layers, adapter_name, lora_da_config, results)
+    return results
+
+
+def _solve_lora_layers(peft_model, layers: dict, dataloader, statistics: Statistics | None,
+                       lora_da_config: LoraDAConfig, *, loss_fn, progress: bool, **collect_kwargs) -> dict:
+    """``{LoRA layer name: ModuleInit}`` for the adapter's ``layers`` (SPEC §2–§3):
+    from ``statistics`` when given (the layers they cover), else one pass of
+    ``dataloader`` through the base model with the adapter disabled."""
+    if statistics is not None:
+        return compute_init(statistics, lora_da_config, modules=[n for n in layers if n in statistics.modules],
+                            progress=progress)
+    # hook the wrapped base layers; the results are named after the LoRA layers
+    with peft_model.disable_adapter():
+        solved = collect_and_solve(peft_model.get_base_model(), dataloader, [f"{n}.base_layer" for n in layers],
+                                   lora_da_config, loss_fn=loss_fn, progress=progress, **collect_kwargs)
+    suffix = ".base_layer"
+    return {k[: -len(suffix)] if k.endswith(suffix) else k: v for k, v in solved.items()}
+
+
+def _load_lora_da_state_dict(peft_model, state_dict: dict[str, torch.Tensor], layers: dict, adapter_name: str,
+                             lora_da_config: LoraDAConfig, results: dict) -> None:
+    """Copy ``state_dict`` into the ``lora_A``/``lora_B`` of ``layers`` (SPEC §3 step 8),
+    all or nothing: every entry's presence, shape and finiteness is checked before
+    the first write. Then ``preserve_output``'s ``W ← W − s·B A``, the report that
+    ``save_pretrained`` writes beside the adapter (SPEC §5), and the save guard."""
     plan = []
     for name, layer in layers.items():
-        ka, kb = f"{name}.lora_A.weight", f"{name}.lora_B.weight"
+        ka, kb = _lora_keys(name)
         if ka not in state_dict or kb not in state_dict:
             raise ShapeError(f"{name}: the LoRA-DA state dict has no entry for this adapter layer")
         A, B = state_dict[ka], state_dict[kb]
@@ -162,7 +201,6 @@ def initialize_lora_da_weights(
     _record(peft_model, adapter_name, lora_da_config, results)
     if lora_da_config.preserve_output:
         _guard_save(peft_model)
-    return results
 
 
 REPORT_NAME = "lora_da_report.json"

@@ -33,13 +33,10 @@ class GammaSearch:
 
 
 def unit_state_dict(inits, gamma: float) -> dict[str, torch.Tensor]:
-    """``{"<module>.lora_A.weight": A√γ, ...}``: a solve at ``gamma`` brought to γ = 1."""
-    k = math.sqrt(gamma)
-    out = {}
-    for name, init in inits.items():
-        out[f"{name}.lora_A.weight"] = torch.from_numpy(init.A * k).float()
-        out[f"{name}.lora_B.weight"] = torch.from_numpy(init.B * k).float()
-    return out
+    """``{"<module>.lora_A.weight": A√γ, ...}``: a solve at ``gamma`` brought to γ = 1 (SPEC §3 step 8)."""
+    from lora_da.adapters import state_dict_of
+
+    return state_dict_of(inits, scale=math.sqrt(gamma))
 
 
 def held_back_loss(model, batches, loss_fn=None) -> float:

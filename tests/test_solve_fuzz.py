@@ -108,7 +108,7 @@ def solve_input_is_valid(case) -> bool:
 
 
 def run_solve(case):
-    from test_solve import check_against_reference
+    from helpers import check_against_reference
 
     rng = np.random.default_rng(case["seed"])
     n, m, r = case["n"], case["m"], case["rank"]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import LLAMA_TARGETS, batches, data, tiny_llama
 from peft import LoraConfig, get_peft_model
-from test_collect import LLAMA_TARGETS, batches, data, tiny_llama
 from transformers import BertConfig, BertForSequenceClassification
 
 import lora_da

@@ -12,43 +12,21 @@ import textwrap
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from helpers import TARGETS, assert_same_statistics, many_batches, tiny_llama
 from peft import LoraConfig, get_peft_model
-from test_collect import batches, data, tiny_llama
 
 import lora_da
 from lora_da.collect import default_loss
 
 HERE = Path(__file__).parent
-TARGETS = ["q_proj", "down_proj"]
-
-
-def many_batches():
-    ids, mask = data()
-    ids = torch.cat([ids, ids.flip(0), ids.roll(1, 1)])
-    mask = torch.cat([mask, mask.flip(0), mask])
-    return batches(ids, mask, 2)  # 9 batches
-
-
-def assert_same_statistics(a, b, exact_grad=True):
-    assert a.n_samples == b.n_samples and a.modules == b.modules
-    for n in a.modules:
-        if exact_grad:
-            np.testing.assert_array_equal(a.mean_grad(n), b.mean_grad(n))
-        np.testing.assert_allclose(a.input_factor(n), b.input_factor(n), rtol=1e-15, atol=0)
-        np.testing.assert_allclose(a.output_factor(n), b.output_factor(n), rtol=1e-15, atol=0)
-        assert a.output_factors[n].tokens == b.output_factors[n].tokens
-
-
 _KILLED_RUN = textwrap.dedent(
     """
     import sys, time
     sys.path.insert(0, {tests!r})
     import lora_da
-    from test_hardening import many_batches, TARGETS
-    from test_collect import tiny_llama
+    from helpers import many_batches, TARGETS, tiny_llama
     from lora_da.collect import default_loss
 
     def slow_loss(model, batch):
@@ -177,8 +155,7 @@ _DETERMINISM = textwrap.dedent(
     import sys, hashlib
     sys.path.insert(0, {tests!r})
     import numpy as np, lora_da
-    from test_hardening import many_batches, TARGETS
-    from test_collect import tiny_llama
+    from helpers import many_batches, TARGETS, tiny_llama
     stats = lora_da.collect_statistics(tiny_llama(), many_batches(), TARGETS, progress=False)
     from lora_da.synthetic import make_problem
     p = make_problem(300, 260, cond=1e5, seed=4)

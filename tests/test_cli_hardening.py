@@ -14,21 +14,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import test_cli
 import torch
+from helpers import TARGETS, batches, data, tiny_llama
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
-from test_collect import batches, data, tiny_llama
 
 import lora_da
 from lora_da.adapters import REPORT_NAME
 from lora_da.cli import main
 from lora_da.errors import StatisticsFileError
 
-TARGETS = ["q_proj", "down_proj"]
-model_dir, data_file = test_cli.model_dir, test_cli.data_file  # the tiny Llama directory and data (fixtures)
 
 
 # -- a statistics file and ways to spoil it ----------------------------------------------------

@@ -6,46 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
-from test_collect import batches, data
-from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
+from helpers import ClassifierRows, batches, data, lora_params, peft_classifier, trainer_of
 
 import lora_da
-
-
-def _classifier():
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=24,
-                     max_position_embeddings=16, num_labels=2)
-    return BertForSequenceClassification(cfg).eval()
-
-
-class _Rows(torch.utils.data.Dataset):
-    def __init__(self):
-        ids, mask = data()
-        self.ids, self.mask, self.y = ids, mask, torch.tensor([0, 1, 1, 0, 1, 0])
-
-    def __len__(self):
-        return len(self.y)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "attention_mask": self.mask[i], "labels": self.y[i]}
-
-
-def _peft():
-    return get_peft_model(_classifier(), LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"],
-                                                    modules_to_save=["classifier"], task_type="SEQ_CLS"))
-
-
-def _lora(model) -> dict[str, np.ndarray]:
-    return {n: p.detach().double().numpy().copy() for n, p in model.named_parameters() if ".lora_" in n}
-
-
-def _trainer(model, tmp_path, callback, batch=4, **kw):
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=batch, max_steps=1, learning_rate=0.0,
-                             weight_decay=0.0, report_to=[], use_cpu=True, save_strategy="no", logging_strategy="no",
-                             seed=3, **kw)
-    return Trainer(model=model, args=args, train_dataset=_Rows(), callbacks=[callback])
 
 
 def test_the_callback_initializes_from_the_trainers_dataloader(tmp_path):
@@ -53,18 +16,18 @@ def test_the_callback_initializes_from_the_trainers_dataloader(tmp_path):
     order: the adapter after a zero-learning-rate step equals
     initialize_lora_da_weights on the whole set, computed independently."""
     cfg = lora_da.LoraDAConfig(n_pop=100, gamma=4.0)
-    model = _peft()
-    before = _lora(model)
+    model = peft_classifier()
+    before = lora_params(model)
     cb = lora_da.LoraDACallback(cfg, max_samples=None, progress=False)
-    _trainer(model, tmp_path, cb).train()
-    got = _lora(model)
+    trainer_of(model, tmp_path, cb).train()
+    got = lora_params(model)
     assert cb.results and len(cb.results) == 2
-    want_model = _peft()
+    want_model = peft_classifier()
     ids, mask = data()
     y = torch.tensor([0, 1, 1, 0, 1, 0])
     whole = [dict(b, labels=y[i:i + 3]) for i, b in zip((0, 3), batches(ids, mask, 3))]
     lora_da.initialize_lora_da_weights(want_model, whole, lora_da_config=cfg, progress=False)
-    want = _lora(want_model)
+    want = lora_params(want_model)
     assert got.keys() == want.keys() and len(got) == 4
     for k in got:
         assert not np.allclose(got[k], before[k])  # it wrote something
@@ -75,19 +38,19 @@ def test_max_samples_cuts_the_calibration_set_and_a_resumed_run_is_left_alone(tm
     cfg = lora_da.LoraDAConfig(n_pop=100, gamma=4.0)
     from lora_da.trainer import _first_samples
 
-    loader = torch.utils.data.DataLoader(_Rows(), batch_size=4)
+    loader = torch.utils.data.DataLoader(ClassifierRows(), batch_size=4)
     cut = _first_samples(loader, 5)
     assert [len(b["labels"]) for b in cut] == [4, 1]
     cb = lora_da.LoraDACallback(cfg, progress=False)
-    model = _peft()
-    before = _lora(model)
+    model = peft_classifier()
+    before = lora_params(model)
 
     class _State:
         global_step = 7
         is_local_process_zero = True
 
     cb.on_train_begin(None, _State(), None, model=model, train_dataloader=loader)
-    assert cb.results is None and all(np.array_equal(v, _lora(model)[k]) for k, v in before.items())
+    assert cb.results is None and all(np.array_equal(v, lora_params(model)[k]) for k, v in before.items())
     with pytest.raises(lora_da.InvalidArgumentError, match="LoraDAConfig"):
         lora_da.LoraDACallback({"n_pop": 100})
     with pytest.raises(lora_da.InvalidArgumentError, match="max_samples"):
@@ -100,12 +63,12 @@ sys.path.insert(0, {tests!r})
 import numpy as np, torch
 torch.set_num_threads(1)
 import lora_da
-from test_trainer import _peft, _lora, _trainer
-model = _peft()
+from helpers import peft_classifier, lora_params, trainer_of
+model = peft_classifier()
 cb = lora_da.LoraDACallback(lora_da.LoraDAConfig(n_pop=100, gamma=4.0), max_samples=None, progress=False)
-_trainer(model, {out!r}, cb, batch=3).train()  # 2 × 3 = the 6 rows: Accelerate repeats none to even the batches
+trainer_of(model, {out!r}, cb, batch=3).train()  # 2 × 3 = the 6 rows: Accelerate repeats none to even the batches
 import torch.distributed as dist
-np.savez(os.path.join({out!r}, "rank%d.npz" % dist.get_rank()), world=dist.get_world_size(), **_lora(model))
+np.savez(os.path.join({out!r}, "rank%d.npz" % dist.get_rank()), world=dist.get_world_size(), **lora_params(model))
 '''
 
 
@@ -124,13 +87,13 @@ def test_the_callback_under_torchrun_gives_every_rank_the_whole_sets_adapter(tmp
     assert out.returncode == 0, out.stderr[-3000:]
     ranks = [dict(np.load(tmp_path / f"rank{r}.npz")) for r in range(2)]
     assert int(ranks[0].pop("world")) == int(ranks[1].pop("world")) == 2
-    want_model = _peft()
+    want_model = peft_classifier()
     ids, mask = data()
     y = torch.tensor([0, 1, 1, 0, 1, 0])
     whole = [dict(b, labels=y[i:i + 3]) for i, b in zip((0, 3), batches(ids, mask, 3))]
     lora_da.initialize_lora_da_weights(want_model, whole, lora_da_config=lora_da.LoraDAConfig(n_pop=100, gamma=4.0),
                                        progress=False)
-    want = _lora(want_model)
+    want = lora_params(want_model)
     assert ranks[0].keys() == want.keys()
     for k in want:
         np.testing.assert_array_equal(ranks[0][k], ranks[1][k], err_msg=k)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_collect import LLAMA_TARGETS, batches, data, tiny_llama
+from helpers import LLAMA_TARGETS, batches, check_compute_init_on, data, tiny_llama
 
 import lora_da
 from lora_da.device_solve import solve_group_device
@@ -210,18 +210,6 @@ def test_device_solve_zero_gradient_and_bad_input():
         solve_group_device(Z, [ys[0] * float("nan")], [torch.tensor(p.G)], rank=3, n_pop=10.0)
     with pytest.raises(lora_da.InvalidArgumentError, match="rank"):
         solve_group_device(Z, ys, [torch.tensor(p.G)], rank=30, n_pop=10.0)
-
-
-def check_compute_init_on(device):
-    """``compute_init(device=…)`` against the Rust core on the same statistics (also used by test_gpu.py)."""
-    ids, mask = data()
-    stats = lora_da.collect_statistics(tiny_llama(), batches(ids, mask, 3), LLAMA_TARGETS, progress=False)
-    cfg = lora_da.LoraDAConfig(n_pop=100, rank=2, gamma=4.0)
-    core = lora_da.compute_init(stats, cfg, progress=False)
-    dev = lora_da.compute_init(stats, cfg, progress=False, device=device)
-    for n in core:
-        assert subspace_sin_theta(core[n].result.V, dev[n].result.V) <= 1e-8
-        assert np.abs(core[n].B - dev[n].B).max() <= 1e-8 * np.abs(core[n].B).max()
 
 
 def test_compute_init_on_a_torch_device_matches_the_core():
