@@ -93,7 +93,7 @@ def classification_task(model_dir, rows, *, n_train, n_select, n_eval, n_calib, 
         if "m" not in cache:
             cache["m"] = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=n_labels,
                                                                             local_files_only=True)
-        m = copy.deepcopy(cache["m"])
+        m = copy.deepcopy(cache["m"]).float()  # float32 training whatever dtype the checkpoint was saved in
         g = torch.Generator().manual_seed(seed)  # the head: seeded, the same for every arm of a seed
         for mod in m.modules():
             if mod is getattr(m, "classifier", None) and isinstance(mod, torch.nn.Linear):
@@ -372,12 +372,10 @@ def init_lora_one(base, cfg, calib, *, scale=16, task=None, seed=0):
 # -- LoRA-DA arms: one solve at γ = 1 per (task, seed, variant), each γ is that state dict / √γ -----------
 
 
-# {(task, seed, variant): (unit weights, seconds, peak MiB)}: the statistics of one seed serve every lr and γ of
-# that seed; the arm that reuses them is charged the time and memory of computing them (see run_one).
-_UNIT: dict = {}
-
-
-def _cached(key, compute, device):
+def _cached(task, key, compute, device):
+    """``task``'s ``{(seed, variant): (unit weights, seconds, peak MiB)}``: the statistics of one seed serve every
+    lr and γ of that seed; the arm that reuses them is charged the time and memory of computing them (run_one)."""
+    _UNIT = task.__dict__.setdefault("_unit_cache", {})
     if key not in _UNIT:
         is_cuda = torch.device(device).type == "cuda"
         if is_cuda:
@@ -406,7 +404,7 @@ def _unit_lora_da(base, cfg, calib, task, seed, beta):
         return {n: (torch.from_numpy(r.A.astype("float32")), torch.from_numpy(r.B.astype("float32")))
                 for n, r in res.items()}
 
-    return _cached((id(task), seed, beta, "exact"), compute, _device_of(base))
+    return _cached(task, (seed, beta, "exact"), compute, _device_of(base))
 
 
 def _write(model, unit, gammas):
@@ -496,7 +494,7 @@ def init_lora_da_authors(base, cfg, calib, *, scale=1024.0, task=None, seed=0):
             unit[n] = (A.float().cpu(), B.float().cpu())
         return unit
 
-    unit, secs, peak = _cached((id(task), seed, "authors"), compute, _device_of(base))
+    unit, secs, peak = _cached(task, (seed, "authors"), compute, _device_of(base))
     model = _peft(base, cfg, seed)
     model._solve_cost = (secs, peak)
     return _write(model, unit, {n: float(scale) for n in unit})
@@ -782,7 +780,10 @@ def run_comparison(tasks, *, seeds, lrs, steps, out_dir, methods=None, device="c
         md += [markdown(res), "", f"auto-norm bar (≤ PEFT default at every logged step, every seed): {msg}", ""]
     text = "\n".join(md)
     Path(out_dir, "results.md").write_text(text + "\n", encoding="utf-8")
-    plot(results, Path(out_dir, "loss_curves.png"))
     log(text)
-    log(f"[compare] wrote {Path(out_dir, 'results.md')} and {Path(out_dir, 'loss_curves.png')}")
+    try:
+        plot(results, Path(out_dir, "loss_curves.png"))
+        log(f"[compare] wrote {Path(out_dir, 'results.md')} and {Path(out_dir, 'loss_curves.png')}")
+    except ImportError as e:  # the table is the result; a machine without matplotlib still gets it
+        log(f"[compare] wrote {Path(out_dir, 'results.md')}; no plot ({e})")
     return results
