@@ -60,7 +60,7 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="CPU-sized: 1 seed, 1 lr, fewer steps and samples")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3; --quick 1)")
-    ap.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default 200; --quick 40)")
+    ap.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default 80; --quick 30)")
     ap.add_argument("--lrs", type=float, nargs="+", default=None, help="lr grid (default 2e-4 5e-4 2e-3; --quick 5e-4)")
     ap.add_argument("--tasks", nargs="+", default=["minilm", "lm"], choices=["minilm", "lm"])
     ap.add_argument("--methods", nargs="+", default=None, help="only these arms (names as in the table)")
@@ -74,7 +74,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     q = args.quick
     seeds = list(range(args.seeds if args.seeds else (1 if q else 3)))
-    steps = args.steps or (40 if q else 200)
+    steps = args.steps or (30 if q else 80)
     lrs = args.lrs or ([5e-4] if q else [2e-4, 5e-4, 2e-3])
     dev = args.device
     gpu = torch.cuda.get_device_name(0) if dev.startswith("cuda") else None
@@ -85,7 +85,7 @@ def main(argv=None):
     import transformers
 
     print(f"peft {peft.__version__}, transformers {transformers.__version__}; seeds {seeds}, steps {steps}, lrs {lrs}"
-          + ("  [--quick: 1 seed, 1 lr, 40 steps, fewer samples; EVA left out unless --methods names it]" if q else ""))
+          + ("  [--quick: 1 seed, 1 lr, 30 steps, fewer samples, batch 16; EVA left out unless --methods names it]" if q else ""))
     t_all = time.perf_counter()
     tasks = []
     if "minilm" in args.tasks:
@@ -94,12 +94,12 @@ def main(argv=None):
         rows = compare.read_label_rows(lex, vader=True)
         tasks.append(compare.classification_task(
             md, rows, n_train=256 if q else 2048, n_select=128 if q else 512, n_eval=256 if q else 2048,
-            n_calib=128 if q else 512, device=dev, name="MiniLM-L6 / VADER words"))
+            n_calib=128 if q else 512, batch=16 if q else 32, device=dev, name="MiniLM-L6 / VADER words"))
     if "lm" in args.tasks:
         tasks.append(compare.lm_task(n_train=512 if q else 3000, n_select=128 if q else 500,
                                      n_eval=256 if q else 1500, n_calib=128 if q else 512,
                                      pretrain_steps=150 if q else 600, pretrain_batch=32 if q else 128,
-                                     batch=32 if q else 64, device=dev))
+                                     batch=16 if q else 64, device=dev))
     sens = () if args.no_sensitivity else compare.SENSITIVITY_GAMMAS
     only = args.methods
     if q and not only:
