@@ -487,9 +487,10 @@ def init_lora_da_authors(base, cfg, calib, *, scale=1024.0, task=None, seed=0):
         unit = {}
         for n in names:
             k = f"{n}.base_layer"
-            Z = torch.from_numpy(st.input_factor(k)).float()
-            y = torch.from_numpy(st.output_factor(k)).float()
-            G = torch.from_numpy(st.mean_grad(k)).float()
+            dev = _device_of(base)  # the authors solve where their statistics live (the GPU)
+            Z = torch.from_numpy(st.input_factor(k)).float().to(dev)
+            y = torch.from_numpy(st.output_factor(k)).float().to(dev)
+            G = torch.from_numpy(st.mean_grad(k)).float().to(dev)
             A, B, _ = ba._solve(Z, y, 1.0, G, n_pop=task.n_pop, rank=cfg.r, alpha=1.0, beta=0.03, gamma=1.0,
                                 damping=1e-6)
             unit[n] = (A.float().cpu(), B.float().cpu())
