@@ -69,7 +69,7 @@ def compared(tmp_path_factory):
 
 def test_every_arm_runs_and_the_table_and_plot_are_written(compared):
     _, res, out = compared
-    assert set(res.runs) == set(ARMS)
+    assert set(res.runs) == set(ARMS) and res.failed == {}
     for name, runs in res.runs.items():
         assert [r.seed for r in runs] == [0, 1]
         assert all(len(r.losses) == 2 and all(math.isfinite(x) for x in r.losses) for r in runs), name

@@ -644,7 +644,7 @@ class TaskResult:
     search: dict  # method -> [(lr, scale, select loss)]
     runs: dict  # method -> [Run per seed] at the chosen setting
     sensitivity: dict  # γ -> [Run per seed]
-    skipped: list
+    failed: dict  # method -> why it could not run on this task
     steps: int
 
 
@@ -658,7 +658,7 @@ def compare_task(task: Task, methods: list[Method], *, seeds, lrs, steps, device
             done[key] = run_one(task, m, seed=seed, lr=lr, scale=sc, steps=steps, device=device)
         return done[key]
 
-    for m in methods:
+    def _search_and_seeds(m):
         t0 = time.perf_counter()
         grid = []
 
@@ -684,14 +684,26 @@ def compare_task(task: Task, methods: list[Method], *, seeds, lrs, steps, device
         ev = [r.eval["metric"] for r in runs[m.name]]
         log(f"[{task.name}] {m.name:18s} lr {best[1]:g} scale {best[2]}  eval {task.metric} "
             f"{sum(ev) / len(ev):.4f}  ({time.perf_counter() - t0:.1f} s)")
+
+    failed = {}
+    for m in methods:
+        try:
+            _search_and_seeds(m)
+        except Exception as e:  # an arm that cannot initialize this model is a result, not a crash of the bench
+            msg = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+            failed[m.name] = msg
+            search.pop(m.name, None)
+            chosen.pop(m.name, None)
+            log(f"[{task.name}] {m.name}: FAILED ({msg})")
+
     sens = {}
     da = next((m for m in methods if m.name == "LoRA-DA"), None)
-    if da is not None and sensitivity:
+    if da is not None and sensitivity and "LoRA-DA" in chosen:
         lr = chosen["LoRA-DA"][0]
         for g in sensitivity:
             sens[g] = [get(da, s, lr, float(g)) for s in seeds]
         log(f"[{task.name}] γ sensitivity done at lr {lr:g}")
-    return TaskResult(task, chosen, search, runs, sens, [], steps)
+    return TaskResult(task, chosen, search, runs, sens, failed, steps)
 
 
 # ----------------------------------------------------------------------------- reporting
@@ -726,6 +738,8 @@ def markdown(res: TaskResult) -> str:
             f"{_mean([r.init_s for r in rs]):.2f}", f"{_mean([r.train_s for r in rs]):.2f}",
             "n/a (CPU)" if peak is None else f"{peak:.0f}", rs[0].extra]
         lines.append("| " + " | ".join(row) + " |")
+    for name, why in res.failed.items():
+        lines.append(f"| {name} | — | — | " + " | ".join("—" for _ in pts) + f" | — | — | — | — | — | FAILED: {why} |")
     if res.sensitivity:
         lines += ["", f"γ sensitivity of LoRA-DA (published defaults otherwise; lr {res.chosen['LoRA-DA'][0]:g}):", "",
                   "| γ | held-back loss | " + " | ".join(f"loss@{p}" for p in pts) + f" | eval loss | eval {t.metric} |",
