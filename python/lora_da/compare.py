@@ -799,15 +799,21 @@ def run_comparison(tasks, *, seeds, lrs, steps, out_dir, methods=None, device="c
     if only:
         methods = [m for m in methods if m.name in only]
     results = []
+
+    def write():
+        md = []
+        for res in results:
+            ok, msg = auto_norm_bar(res)
+            md += [markdown(res), "", f"auto-norm bar (≤ PEFT default at every logged step, every seed): {msg}", ""]
+        text = "\n".join(md)
+        Path(out_dir, "results.md").write_text(text + "\n", encoding="utf-8")
+        return text
+
     for task in tasks:
         results.append(compare_task(task, methods, seeds=seeds, lrs=lrs, steps=steps, device=device, log=log,
                                     sensitivity=sensitivity))
-    md = []
-    for res in results:
-        ok, msg = auto_norm_bar(res)
-        md += [markdown(res), "", f"auto-norm bar (≤ PEFT default at every logged step, every seed): {msg}", ""]
-    text = "\n".join(md)
-    Path(out_dir, "results.md").write_text(text + "\n", encoding="utf-8")
+        write()  # after each task: a run stopped by a time limit keeps the tasks it finished
+    text = write()
     log(text)
     try:
         plot(results, Path(out_dir, "loss_curves.png"))
