@@ -1102,6 +1102,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gamma", default="auto", help="'auto' (search) or a number")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
+
+    from lora_da.compare_cli import add_subcommand as add_compare  # issue 13; lives in its own module
+
+    add_compare(sub)
     return parser
 
 

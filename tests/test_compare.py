@@ -1,0 +1,133 @@
+"""lora_da.compare: the arms of the quality benchmark are comparable and LoRA-DA's arm is the library's init.
+
+Tiny random Llama built from a config, a few steps: these check properties, not quality.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+pytest.importorskip("transformers")
+
+from lora_da import LoraDAConfig, initialize_lora_da_weights  # noqa: E402
+from lora_da import compare  # noqa: E402
+
+
+def tiny_task(n_batches=3, bs=4, length=8, vocab=24) -> compare.Task:
+    from peft import LoraConfig, TaskType
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=length)
+    base_model = LlamaForCausalLM(cfg).float().eval()
+
+    def batches(seed, n):
+        g = torch.Generator().manual_seed(seed)
+        out = []
+        for _ in range(n):
+            ids = torch.randint(0, vocab, (bs, length), generator=g)
+            mask = torch.ones_like(ids)
+            mask[0, -2:] = 0  # some padding, which must not count
+            out.append({"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)})
+        return out
+
+    @torch.no_grad()
+    def evaluate(model, bs_):
+        model.eval()
+        losses = [float(model(**b).loss) for b in bs_]
+        return {"loss": sum(losses) / len(losses), "metric": -sum(losses) / len(losses)}
+
+    return compare.Task(
+        "tiny", base=lambda seed: copy.deepcopy(base_model),
+        lora_config=lambda: LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "down_proj"],
+                                       lora_dropout=0.0, task_type=TaskType.CAUSAL_LM),
+        train=lambda seed: batches(100 + seed, n_batches), calib=batches(1, 2), select=batches(2, 1),
+        eval=batches(3, 1), evaluate=evaluate, metric="-loss", n_pop=n_batches * bs)
+
+
+# PiSSA and β = 0 add nothing these tests check beyond what PEFT default and LoRA-DA cover; they are left
+# out to keep the module fast
+ARMS = ("PEFT default", "gaussian", "LoRA-One*", "LoRA-DA", "LoRA-DA authors", "LoRA-DA auto-norm")
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+    out = tmp_path_factory.mktemp("compare")
+    task = tiny_task()
+    methods = [m for m in compare.available_methods(lambda *_: None) if m.name in ARMS]
+    methods = [compare.Method(m.name, m.init, (1.0, 16.0) if m.scales != (None,) else m.scales) for m in methods]
+    res = compare.run_comparison([task], seeds=[0, 1], lrs=[1e-3], steps=2, out_dir=out, methods=methods,
+                                 sensitivity=(1.0, 4.0), log=lambda *_: None)
+    return task, res[0], out
+
+
+def test_every_arm_runs_and_the_table_and_plot_are_written(compared):
+    _, res, out = compared
+    assert set(res.runs) == set(ARMS) and res.failed == {}
+    for name, runs in res.runs.items():
+        assert [r.seed for r in runs] == [0, 1]
+        assert all(len(r.losses) == 2 and all(math.isfinite(x) for x in r.losses) for r in runs), name
+    text = (out / "results.md").read_text()
+    for name in ARMS:
+        assert f"| {name} |" in text
+    assert "γ sensitivity" in text and "auto-norm bar" in text
+    png = (out / "loss_curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+
+
+def test_same_base_weights_and_data_order_across_arms(compared):
+    _, res, _ = compared
+    for seed in (0, 1):
+        runs = [r for rs in res.runs.values() for r in rs if r.seed == seed]
+        runs += [r for rs in res.sensitivity.values() for r in rs if r.seed == seed]
+        assert len(runs) == len(ARMS) + 2
+        assert len({r.base_fingerprint for r in runs}) == 1
+        assert all(torch.equal(r.first_batch, runs[0].first_batch) for r in runs)
+    # the seeds do differ in data order (else three seeds would be one)
+    a = next(r for r in res.runs["PEFT default"] if r.seed == 0)
+    b = next(r for r in res.runs["PEFT default"] if r.seed == 1)
+    assert not torch.equal(a.first_batch, b.first_batch)
+
+
+def test_search_grid_is_the_same_for_every_scaled_arm(compared):
+    _, res, _ = compared
+    grids = {name: sorted((lr, sc) for lr, sc, _ in g) for name, g in res.search.items()}
+    assert grids["LoRA-DA"] == grids["LoRA-One*"] == grids["LoRA-DA authors"] == [(1e-3, 1.0), (1e-3, 16.0)]
+    assert grids["PEFT default"] == [(1e-3, None)]
+
+
+def test_lora_da_arm_equals_initialize_lora_da_weights():
+    task = tiny_task()
+    arm = compare.init_lora_da(task.base(0), task.lora_config(), task.calib, scale=16.0, task=task, seed=0)
+    ref = compare._peft(task.base(0), task.lora_config(), 0)
+    initialize_lora_da_weights(ref, task.calib, lora_da_config=LoraDAConfig(n_pop=task.n_pop, gamma=16.0),
+                               progress=False)
+    got, want = arm.state_dict(), ref.state_dict()
+    keys = [k for k in want if "lora_" in k]
+    assert keys
+    for k in keys:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-8)
+    # and not trivially: LoRA-DA's B is not PEFT's zero B
+    assert any(float(want[k].abs().max()) > 0 for k in keys if "lora_B" in k)
+
+
+def test_auto_norm_sets_each_initial_update_to_rho_of_the_weight():
+    task = tiny_task()
+    model = compare.init_lora_da_auto(task.base(0), task.lora_config(), task.calib, task=task, seed=0)
+    from peft.tuners.lora import LoraLayer
+
+    seen = 0
+    for _, layer in model.get_base_model().named_modules():
+        if isinstance(layer, LoraLayer):
+            A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+            upd = layer.scaling["default"] * torch.linalg.matrix_norm((B @ A).detach().double())
+            w = torch.linalg.matrix_norm(layer.get_base_layer().weight.double())
+            assert float(upd / w) == pytest.approx(compare.AUTO_NORM_RHO, rel=1e-4)
+            seen += 1
+    assert seen == 6  # 2 layers × (q, v, down)
