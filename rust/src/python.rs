@@ -13,11 +13,11 @@ use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::type_object::PyTypeInfo;
-use pyo3::types::{PyList, PyTuple, PyType};
+use pyo3::types::{PyDict, PyList, PyTuple, PyType};
 
 use crate::error::{Error, Result as CoreResult};
 use crate::factors::{self, RowSource};
-use crate::solve::{self as core_solve, Method, SolveOptions};
+use crate::solve::{self as core_solve, solve_defaults, Method, SolveOptions};
 
 // The exception classes of lora-da, defined here where the core raises them
 // and re-exported by `python/lora_da/errors.py`. They report the module
@@ -719,12 +719,23 @@ fn options(
     Ok(o)
 }
 
+/// A `#[pyfunction]` whose signature is `head`, the solve defaults of
+/// [`solve_defaults`] and `tail`: the binding's defaults are the core's.
+/// Used as `solve_defaults!(solve_signature!([head] [tail] { fn ... }))`.
+macro_rules! solve_signature {
+    ([$($head:tt)*] [$($tail:tt)*] { $($item:tt)* } $($name:ident = $value:tt),*) => {
+        #[pyfunction]
+        #[pyo3(signature = ($($head)* $($name = $value,)* $($tail)*))]
+        #[allow(clippy::too_many_arguments)]
+        $($item)*
+    };
+}
+
+solve_defaults!(solve_signature!(
+    [z, y, g, *, rank, n_pop,]
+    [output_precision=None, name=""]
+    {
 /// Solve one module (SPEC §3). See `lora_da.solve` for the documentation.
-#[pyfunction]
-#[pyo3(signature = (z, y, g, *, rank, n_pop, alpha=1.0, beta=0.03, damping=1e-6, output_damping=None,
-    gamma=1024.0, normalize=true, method="auto", auto_damping=false, tol=1e-12, max_applications=None,
-    deterministic=true, output_precision=None, name="", dense_fallback=true))]
-#[allow(clippy::too_many_arguments)]
 fn solve<'py>(
     py: Python<'py>,
     z: &Bound<'py, PyAny>,
@@ -743,9 +754,9 @@ fn solve<'py>(
     tol: f64,
     max_applications: Option<usize>,
     deterministic: bool,
+    dense_fallback: bool,
     output_precision: Option<&Bound<'py, PyAny>>,
     name: &str,
-    dense_fallback: bool,
 ) -> PyResult<PySolveResult> {
     let opts = options(rank, n_pop, alpha, beta, damping, output_damping, gamma, normalize, method, auto_damping, tol, max_applications, deterministic, dense_fallback)?;
     let z = MatrixArg::extract(z, "Z")?;
@@ -761,14 +772,15 @@ fn solve<'py>(
     });
     Ok(PySolveResult { inner: res? })
 }
+    }
+));
 
+solve_defaults!(solve_signature!(
+    [z, ys, gs, *, rank, n_pop,]
+    [output_precisions=None, names=None]
+    {
 /// Solve several modules sharing one `Z` with one Cholesky factorization.
 /// `ys` and `gs` are sequences (one entry per module); `names` label errors.
-#[pyfunction]
-#[pyo3(signature = (z, ys, gs, *, rank, n_pop, alpha=1.0, beta=0.03, damping=1e-6, output_damping=None,
-    gamma=1024.0, normalize=true, method="auto", auto_damping=false, tol=1e-12, max_applications=None,
-    deterministic=true, output_precisions=None, names=None, dense_fallback=true))]
-#[allow(clippy::too_many_arguments)]
 fn solve_shared<'py>(
     py: Python<'py>,
     z: &Bound<'py, PyAny>,
@@ -787,9 +799,9 @@ fn solve_shared<'py>(
     tol: f64,
     max_applications: Option<usize>,
     deterministic: bool,
+    dense_fallback: bool,
     output_precisions: Option<Vec<Option<Bound<'py, PyAny>>>>,
     names: Option<Vec<String>>,
-    dense_fallback: bool,
 ) -> PyResult<Bound<'py, PyList>> {
     let opts = options(rank, n_pop, alpha, beta, damping, output_damping, gamma, normalize, method, auto_damping, tol, max_applications, deterministic, dense_fallback)?;
     if ys.len() != gs.len() {
@@ -824,6 +836,29 @@ fn solve_shared<'py>(
     }
     Ok(out)
 }
+    }
+));
+
+/// `SolveOptions::default()` as the keyword arguments of `solve` (SPEC §3):
+/// the one source of the defaults for `LoraDAConfig`, the reference, the
+/// device solve and the CLI.
+fn solve_defaults_dict(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
+    let o = SolveOptions::default();
+    let d = PyDict::new(py);
+    d.set_item("alpha", o.alpha)?;
+    d.set_item("beta", o.beta)?;
+    d.set_item("damping", o.damping)?;
+    d.set_item("output_damping", o.output_damping)?;
+    d.set_item("gamma", o.gamma)?;
+    d.set_item("normalize", o.normalize)?;
+    d.set_item("method", o.method.name())?;
+    d.set_item("auto_damping", o.auto_damping)?;
+    d.set_item("tol", o.tol)?;
+    d.set_item("max_applications", o.max_applications)?;
+    d.set_item("deterministic", matches!(o.par, faer::Par::Seq))?;
+    d.set_item("dense_fallback", o.dense_fallback)?;
+    Ok(d)
+}
 
 /// Number of threads of the core's pool.
 #[pyfunction]
@@ -848,6 +883,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("InvalidArgumentError", py.get_type::<InvalidArgumentError>())?;
     m.add("NotPositiveDefiniteError", py.get_type::<NotPositiveDefiniteError>())?;
     m.add("StatisticsFileError", py.get_type::<StatisticsFileError>())?;
+    m.add("SOLVE_DEFAULTS", solve_defaults_dict(py)?)?;
     m.add("TOKEN_CHUNK", factors::TOKEN_CHUNK)?;
     m.add("GAP_TOL", core_solve::GAP_TOL)?;
     m.add("GAP_REL", core_solve::GAP_REL)?;

@@ -94,25 +94,91 @@ pub struct SolveOptions {
     pub par: Par,
 }
 
-impl SolveOptions {
-    pub fn new(rank: usize, n_pop: f64) -> Self {
-        Self {
-            rank,
-            n_pop,
-            alpha: 1.0,
-            beta: 0.03,
-            damping: 1e-6,
-            output_damping: None,
-            gamma: 1024.0,
-            normalize: true,
-            method: Method::Auto,
-            auto_damping: false,
-            tol: 1e-12,
-            max_applications: None,
-            dense_fallback: true,
-            seed: 0x10_2A_DA,
-            par: Par::Seq,
+/// The defaults of the solve options (SPEC §3; the authors' published
+/// configuration), the one place they are written: [`SolveOptions::default`]
+/// reads them through [`DEFAULTS`], and the binding (`python.rs`) writes the
+/// Python signatures of `solve` and `solve_shared` from this list, so that
+/// `inspect.signature` shows the values and `_core.SOLVE_DEFAULTS` (built from
+/// `SolveOptions::default()`) gives them to the Python side.
+///
+/// Call as `solve_defaults!(callback!(tokens...))`: it expands to
+/// `callback!(tokens... name = value, ...)`. Each value is a single token, so
+/// that a proc macro receiving it sees a literal (pyo3 then shows it).
+macro_rules! solve_defaults {
+    ($callback:ident ! ( $($prefix:tt)* )) => {
+        $callback! { $($prefix)*
+            alpha = 1.0,
+            beta = 0.03,
+            damping = 1e-6,
+            output_damping = None,
+            gamma = 1024.0,
+            normalize = true,
+            method = "auto",
+            auto_damping = false,
+            tol = 1e-12,
+            max_applications = None,
+            deterministic = true,
+            dense_fallback = true
         }
+    };
+}
+pub(crate) use solve_defaults;
+
+/// The option defaults as written in [`solve_defaults`], with their types.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Defaults {
+    pub alpha: f64,
+    pub beta: f64,
+    pub damping: f64,
+    pub output_damping: Option<f64>,
+    pub gamma: f64,
+    pub normalize: bool,
+    pub method: &'static str,
+    pub auto_damping: bool,
+    pub tol: f64,
+    pub max_applications: Option<usize>,
+    /// `Par::Seq` inside one solve (see [`SolveOptions::par`]).
+    pub deterministic: bool,
+    pub dense_fallback: bool,
+}
+
+macro_rules! defaults_const {
+    ($($name:ident = $value:tt),*) => {
+        /// The defaults of the solve options (see [`solve_defaults`]).
+        pub const DEFAULTS: Defaults = Defaults { $($name: $value),* };
+    };
+}
+solve_defaults!(defaults_const!());
+
+/// The defaults, with `rank = 0` and `n_pop = NaN`: those two have none, and
+/// validation rejects them until the caller sets them ([`SolveOptions::new`]).
+impl Default for SolveOptions {
+    fn default() -> Self {
+        let d = DEFAULTS;
+        Self {
+            rank: 0,
+            n_pop: f64::NAN,
+            alpha: d.alpha,
+            beta: d.beta,
+            damping: d.damping,
+            output_damping: d.output_damping,
+            gamma: d.gamma,
+            normalize: d.normalize,
+            method: Method::parse(d.method).expect("the default method is a method"),
+            auto_damping: d.auto_damping,
+            tol: d.tol,
+            max_applications: d.max_applications,
+            dense_fallback: d.dense_fallback,
+            seed: 0x10_2A_DA,
+            par: if d.deterministic { Par::Seq } else { crate::default_par() },
+        }
+    }
+}
+
+impl SolveOptions {
+    /// The defaults for `rank` and `n_pop`.
+    pub fn new(rank: usize, n_pop: f64) -> Self {
+        Self { rank, n_pop, ..Self::default() }
     }
 
     fn check_scalars(&self) -> Result<()> {
