@@ -17,7 +17,8 @@ use pyo3::types::{PyDict, PyList, PyTuple, PyType};
 
 use crate::error::{Error, Result as CoreResult};
 use crate::factors::{self, RowSource};
-use crate::solve::{self as core_solve, solve_defaults, Method, SolveOptions};
+use crate::options::{solve_defaults, Method, SolveOptions};
+use crate::solve as core_solve;
 
 // The exception classes of lora-da, defined here where the core raises them
 // and re-exported by `python/lora_da/errors.py`. They report the module

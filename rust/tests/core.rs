@@ -229,7 +229,7 @@ fn bad_input_is_an_error_not_a_panic() {
 /// error naming the quantity float64 cannot hold, never NaN or a panic.
 #[test]
 fn extreme_scales_are_exact_answers_or_named_errors() {
-    use lora_da::solve::{exponent, ldexp};
+    use lora_da::pow2::{exponent, ldexp};
     assert_eq!(exponent(5e-324), -1074);
     assert_eq!(exponent(2.2250738585072014e-308), -1022);
     assert_eq!(exponent(3.0), 1);
@@ -349,7 +349,7 @@ fn row_dot_matches_gemm_in_every_shape() {
 /// The blocked Cholesky and the two triangular solves against faer's.
 #[test]
 fn blocked_cholesky_and_solves_match_faer() {
-    use lora_da::kernels::{cholesky, Triangular};
+    use lora_da::cholesky::{cholesky, Triangular};
     for n in [1, 5, 128, 129, 300] {
         let a = gaussian_block(n, n + 3, 21);
         let mut z = Mat::<f64>::zeros(n, n);
