@@ -29,9 +29,9 @@ pub struct InputCholesky {
     /// Parallelism of faer's kernels in the dense path and the Krylov
     /// bookkeeping (`Par::Seq` keeps them bit-reproducible).
     pub par: Par,
-    /// Whether the core's own kernels may use the thread pool; their results
-    /// do not depend on it.
-    pub threads: bool,
+    /// Parallelism of the core's own kernels (the triangular solves, the
+    /// products with `Ḡ`): their results do not depend on it.
+    pub kernel_par: Par,
 }
 
 /// The power of two that brings `Z_λ` (of largest entry `zmax`) near 1, or
@@ -52,19 +52,19 @@ impl InputCholesky {
     /// at most 12 times; the value used is in `self.damping`.
     pub fn new(z: MatRef<'_, f64>, damping: f64, auto_damping: bool, par: Par) -> Result<Self> {
         crate::init_parallelism();
-        let threads = crate::parallel_ok();
+        let kernel_par = crate::kernel_par();
         let n = z.nrows();
         let mut lambda = damping;
         // The copy that the factorization works in is made in the same pass
         // over Z as its validation (SPEC §3: inputs are validated first).
-        let (copy, scan) = lower_copy_checked(z, threads);
+        let (copy, scan) = lower_copy_checked(z, kernel_par);
         if !(scan.finite && scan.max_asym <= SYMMETRY_TOL * scan.max_abs) {
             validate_input_factor(z)?;
         }
         let mut copy = Some(copy);
         let mean_diag = (0..n).map(|i| z[(i, i)]).sum::<f64>() / n.max(1) as f64;
         for attempt in 0..13 {
-            let mut a = copy.take().unwrap_or_else(|| lower_copy_checked(z, threads).0);
+            let mut a = copy.take().unwrap_or_else(|| lower_copy_checked(z, kernel_par).0);
             let scale_exp = scale_exp_for(scan.max_abs.max(lambda));
             if scale_exp != 0 {
                 let mut am = a.as_mut();
@@ -74,13 +74,13 @@ impl InputCholesky {
                     }
                 }
             }
-            if let Some(l) = factor_lower(a, ldexp(lambda, scale_exp), threads) {
+            if let Some(l) = factor_lower(a, ldexp(lambda, scale_exp), kernel_par) {
                 return Ok(Self {
                     tri: Triangular::new(l),
                     damping: lambda,
                     scale_exp,
                     par,
-                    threads,
+                    kernel_par,
                 });
             }
             if !auto_damping || attempt == 12 {
@@ -105,8 +105,8 @@ impl InputCholesky {
 
     /// `X ← (2^scale_exp Z_λ)⁻¹ X` by two triangular solves.
     pub fn solve_in_place(&self, mut x: MatMut<'_, f64>) {
-        self.tri.solve_lower(x.as_mut(), self.threads);
-        self.tri.solve_upper(x.as_mut(), self.threads);
+        self.tri.solve_lower(x.as_mut(), self.kernel_par);
+        self.tri.solve_upper(x.as_mut(), self.kernel_par);
     }
 
     /// `Z_λ⁻¹` as a dense matrix (the dense path only).
@@ -141,13 +141,13 @@ impl Triangular {
 
     /// `X ← L⁻¹ X` (forward substitution by blocks of rows); in parallel over
     /// halves of the block's columns (each column's arithmetic is the same).
-    pub fn solve_lower(&self, x: MatMut<'_, f64>, parallel: bool) {
-        with_contiguous_columns(x, &|x| split_columns(x, parallel, &|x| self.solve_lower_seq(x)));
+    pub fn solve_lower(&self, x: MatMut<'_, f64>, par: Par) {
+        with_contiguous_columns(x, &|x| split_columns(x, par, &|x| self.solve_lower_seq(x)));
     }
 
     /// `X ← L⁻ᵀ X` (back substitution by blocks of rows).
-    pub fn solve_upper(&self, x: MatMut<'_, f64>, parallel: bool) {
-        with_contiguous_columns(x, &|x| split_columns(x, parallel, &|x| self.solve_upper_seq(x)));
+    pub fn solve_upper(&self, x: MatMut<'_, f64>, par: Par) {
+        with_contiguous_columns(x, &|x| split_columns(x, par, &|x| self.solve_upper_seq(x)));
     }
 
     fn solve_lower_seq(&self, mut x: MatMut<'_, f64>) {
@@ -204,7 +204,7 @@ impl Triangular {
                     cur.as_mut(),
                     -1.0,
                     true,
-                    false, // the caller parallelizes over columns
+                    Par::Seq, // the caller parallelizes over columns
                 );
             }
             diagonal_solve(self.l.as_ref().submatrix(i0, i0, nb, nb), cur, false);
@@ -247,8 +247,8 @@ fn with_contiguous_columns(mut x: MatMut<'_, f64>, f: &dyn Fn(MatMut<'_, f64>)) 
 /// so the grouping — chosen by the thread count — never changes the bits;
 /// each group reads the whole factor, so more groups than threads would only
 /// add memory traffic.
-fn split_columns(x: MatMut<'_, f64>, parallel: bool, f: &(dyn Fn(MatMut<'_, f64>) + Sync)) {
-    let groups = if parallel && crate::parallel_ok() {
+fn split_columns(x: MatMut<'_, f64>, par: Par, f: &(dyn Fn(MatMut<'_, f64>) + Sync)) {
+    let groups = if crate::pooled(par) {
         rayon::current_num_threads().min(x.ncols() / 2).max(1)
     } else {
         1
@@ -276,16 +276,15 @@ const CHOL_BLOCK: usize = 64;
 /// below it, update the trailing lower triangle with GEMMs on fixed column
 /// blocks (in parallel). The partition does not depend on the thread count,
 /// so neither do the bits of the result.
-pub fn cholesky(z: MatRef<'_, f64>, lambda: f64, parallel: bool) -> Option<BigMat> {
-    let par = parallel && crate::parallel_ok();
+pub fn cholesky(z: MatRef<'_, f64>, lambda: f64, par: Par) -> Option<BigMat> {
     factor_lower(lower_copy_checked(z, par).0, lambda, par)
 }
 
 /// [`cholesky`] of `a + λ I`, given the column-major lower-triangular copy
 /// `a` of `Z` (zeros above the diagonal) that [`lower_copy_checked`] made.
-pub fn factor_lower(mut a: BigMat, lambda: f64, parallel: bool) -> Option<BigMat> {
+pub fn factor_lower(mut a: BigMat, lambda: f64, par: Par) -> Option<BigMat> {
     let n = a.nrows();
-    let par = parallel && crate::parallel_ok();
+    let pooled = crate::pooled(par);
     for i in 0..n {
         a.as_mut()[(i, i)] += lambda;
     }
@@ -307,7 +306,7 @@ pub fn factor_lower(mut a: BigMat, lambda: f64, parallel: bool) -> Option<BigMat
                 Par::Seq,
             );
         };
-        if par {
+        if pooled {
             panel
                 .as_mut()
                 .par_row_chunks_mut(CHOL_BLOCK)
@@ -332,7 +331,7 @@ pub fn factor_lower(mut a: BigMat, lambda: f64, parallel: bool) -> Option<BigMat
                 Par::Seq,
             );
         };
-        if par {
+        if pooled {
             right
                 .as_mut()
                 .par_col_chunks_mut(CHOL_BLOCK)

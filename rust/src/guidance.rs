@@ -37,7 +37,7 @@ impl Guidance<'_> {
         let mut w = x.to_owned();
         self.chol.solve_in_place(w.as_mut());
         let mut p = Mat::<f64>::zeros(self.mean_grad.nrows(), x.ncols());
-        kernels::row_dot(self.grad_rows, w.as_ref(), p.as_mut(), 1.0, false, self.chol.threads);
+        kernels::row_dot(self.grad_rows, w.as_ref(), p.as_mut(), 1.0, false, self.chol.kernel_par);
         scale_rows(p.as_mut(), self.precision, -1.0);
         p
     }
@@ -47,7 +47,7 @@ impl Guidance<'_> {
         let mut dy = y.to_owned();
         scale_rows(dy.as_mut(), self.precision, -1.0);
         let mut out = Mat::<f64>::zeros(self.mean_grad.ncols(), y.ncols());
-        kernels::transposed_product(self.grad_rows, dy.as_ref(), out.as_mut(), self.chol.threads);
+        kernels::transposed_product(self.grad_rows, dy.as_ref(), out.as_mut(), self.chol.kernel_par);
         self.chol.solve_in_place(out.as_mut());
         out
     }
@@ -61,7 +61,7 @@ impl Guidance<'_> {
         let d2: Vec<f64> = self.precision.iter().map(|d| d * d).collect();
         let mut s = Mat::<f64>::zeros(m, k);
         let mut u = Mat::<f64>::zeros(n, k);
-        kernels::normal_product(self.grad_rows, w.as_ref(), &d2, s.as_mut(), u.as_mut(), self.chol.threads);
+        kernels::normal_product(self.grad_rows, w.as_ref(), &d2, s.as_mut(), u.as_mut(), self.chol.kernel_par);
         self.chol.solve_in_place(u.as_mut());
         (w, s, u)
     }

@@ -56,6 +56,25 @@ pub fn init_parallelism() {
     ONCE.call_once(|| faer::set_global_parallelism(faer::Par::Seq));
 }
 
+/// Whether the core's own kernels run on the pool with `par`: `Par::Rayon`,
+/// in the process that owns the pool. Their results never depend on it.
+pub fn pooled(par: faer::Par) -> bool {
+    matches!(par, faer::Par::Rayon(_)) && parallel_ok()
+}
+
+/// The parallelism the core's own kernels are given: `Par::Rayon` in the
+/// process that owns the pool, `Par::Seq` in a fork child. The kernels split
+/// work by fixed partitions and never read the count in `Par::Rayon`; asking
+/// rayon for it (`Par::rayon(0)`) would start the pool before a kernel needs
+/// it. Not for faer's kernels: those take [`default_par`].
+pub fn kernel_par() -> faer::Par {
+    if parallel_ok() {
+        faer::Par::Rayon(std::num::NonZeroUsize::MIN)
+    } else {
+        faer::Par::Seq
+    }
+}
+
 /// `Par::rayon(0)` in the process that owns the pool, `Par::Seq` in a fork child.
 pub fn default_par() -> faer::Par {
     if parallel_ok() {

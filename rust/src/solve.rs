@@ -317,7 +317,7 @@ pub fn solve_factored(
             opts.beta, opts.n_pop, opts.alpha
         )));
     }
-    let grad_rows = RowsView::new(g_op, chol.threads);
+    let grad_rows = RowsView::new(g_op, chol.kernel_par);
     let op = Guidance {
         chol,
         mean_grad: g_op,

@@ -1,7 +1,7 @@
 //! `out ← alpha · a · x` as dot products of the rows of `a` with the columns
 //! of `x`, by register-blocked SIMD micro-kernels (SPEC §4).
 
-use faer::{MatMut, MatRef};
+use faer::{MatMut, MatRef, Par};
 use rayon::prelude::*;
 
 #[cfg(target_arch = "x86_64")]
@@ -29,7 +29,7 @@ pub fn row_dot(
     out: MatMut<'_, f64>,
     alpha: f64,
     accumulate: bool,
-    parallel: bool,
+    par: Par,
 ) {
     assert_eq!(a.ncols(), x.nrows());
     assert_eq!(out.nrows(), a.nrows());
@@ -105,7 +105,7 @@ pub fn row_dot(
             }
         }
     };
-    if parallel && crate::parallel_ok() && a.nrows() > TASK_ROWS {
+    if crate::pooled(par) && a.nrows() > TASK_ROWS {
         a.par_row_chunks(TASK_ROWS)
             .zip(out.par_row_chunks_mut(TASK_ROWS))
             .for_each(|(a, o)| run(a, o));

@@ -1,7 +1,7 @@
 //! Tall products with `Ḡ`, read once along its contiguous rows (SPEC §4):
 //! `aᵀ p`, and `a x` with `aᵀ diag(d) (a x)` in the same pass.
 
-use faer::{MatMut, MatRef};
+use faer::{MatMut, MatRef, Par};
 use rayon::prelude::*;
 
 #[cfg(target_arch = "x86_64")]
@@ -34,21 +34,21 @@ pub fn normal_product(
     d: &[f64],
     s: MatMut<'_, f64>,
     u: MatMut<'_, f64>,
-    parallel: bool,
+    par: Par,
 ) {
     assert_eq!(a.ncols(), x.nrows());
     assert_eq!((s.nrows(), s.ncols()), (a.nrows(), x.ncols()));
     assert_eq!(u.ncols(), x.ncols());
     assert_eq!(d.len(), a.nrows());
-    tall_update(a, Weights::Dots { x, d, s }, u, parallel);
+    tall_update(a, Weights::Dots { x, d, s }, u, par);
 }
 
 /// `u ← aᵀ p` (`n × k`) for `a` (`m × n`, contiguous rows) and `p` (`m × k`),
 /// reading `a` along its rows.
-pub fn transposed_product(a: MatRef<'_, f64>, p: MatRef<'_, f64>, u: MatMut<'_, f64>, parallel: bool) {
+pub fn transposed_product(a: MatRef<'_, f64>, p: MatRef<'_, f64>, u: MatMut<'_, f64>, par: Par) {
     assert_eq!(p.nrows(), a.nrows());
     assert_eq!(p.ncols(), u.ncols());
-    tall_update(a, Weights::Given(p), u, parallel);
+    tall_update(a, Weights::Given(p), u, par);
 }
 
 /// Where the weights of the rows of `a` in `aᵀ p` come from.
@@ -58,7 +58,7 @@ enum Weights<'a> {
     Given(MatRef<'a, f64>),
 }
 
-fn tall_update(a: MatRef<'_, f64>, weights: Weights<'_>, mut u: MatMut<'_, f64>, parallel: bool) {
+fn tall_update(a: MatRef<'_, f64>, weights: Weights<'_>, mut u: MatMut<'_, f64>, par: Par) {
     let (m, n) = (a.nrows(), a.ncols());
     let k = u.ncols();
     assert_eq!(u.nrows(), n);
@@ -98,7 +98,7 @@ fn tall_update(a: MatRef<'_, f64>, weights: Weights<'_>, mut u: MatMut<'_, f64>,
             match weights {
                 Weights::Dots { x, d, s } => {
                     let mut sb = s.as_mut().subrows_mut(i0, rb);
-                    row_dot(rows, *x, sb.as_mut(), 1.0, false, false);
+                    row_dot(rows, *x, sb.as_mut(), 1.0, false, Par::Seq);
                     for r in 0..rb {
                         for q in 0..k {
                             w[r * k + q] = d[i0 + r] * sb[(r, q)];
@@ -127,7 +127,7 @@ fn tall_update(a: MatRef<'_, f64>, weights: Weights<'_>, mut u: MatMut<'_, f64>,
             i0 += rb;
         }
     };
-    if parallel && crate::parallel_ok() && chunks > 1 {
+    if crate::pooled(par) && chunks > 1 {
         jobs.par_iter_mut().for_each(work);
     } else {
         jobs.iter_mut().for_each(work);

@@ -2,7 +2,7 @@
 //! validated before any work), and the copy of `Z`'s lower triangle that the
 //! Cholesky factorization works in, made in the same pass.
 
-use faer::{MatMut, MatRef};
+use faer::{MatMut, MatRef, Par};
 use rayon::prelude::*;
 
 use crate::buffer::BigMat;
@@ -11,7 +11,7 @@ use crate::buffer::BigMat;
 /// [`Scan`] of all of `z` (finite, largest magnitude, largest asymmetry) made
 /// in the same pass: each lower tile is read with its mirror above the
 /// diagonal, so `Z` is read once for both the validation and the copy.
-pub fn lower_copy_checked(z: MatRef<'_, f64>, parallel: bool) -> (BigMat, Scan) {
+pub fn lower_copy_checked(z: MatRef<'_, f64>, par: Par) -> (BigMat, Scan) {
     const TILE: usize = 32;
     let n = z.nrows();
     assert_eq!(z.ncols(), n, "lower_copy_checked: Z must be square");
@@ -84,7 +84,7 @@ pub fn lower_copy_checked(z: MatRef<'_, f64>, parallel: bool) -> (BigMat, Scan) 
         x.merge(&y);
         x
     };
-    let acc = if parallel && crate::parallel_ok() && n > TILE {
+    let acc = if crate::pooled(par) && n > TILE {
         out.as_mut()
             .par_col_chunks_mut(TILE)
             .enumerate()
@@ -111,7 +111,7 @@ pub struct Scan {
     pub max_asym: f64,
 }
 
-pub fn scan(a: MatRef<'_, f64>, symmetry: bool, parallel: bool) -> Scan {
+pub fn scan(a: MatRef<'_, f64>, symmetry: bool, par: Par) -> Scan {
     const TILE: usize = 32;
     let (m, n) = (a.nrows(), a.ncols());
     assert!(!symmetry || m == n, "scan: symmetry needs a square matrix");
@@ -169,7 +169,7 @@ pub fn scan(a: MatRef<'_, f64>, symmetry: bool, parallel: bool) -> Scan {
         x
     };
     let blocks = vm.div_ceil(TILE);
-    let acc = if parallel && crate::parallel_ok() && blocks > 1 {
+    let acc = if crate::pooled(par) && blocks > 1 {
         (0..blocks).into_par_iter().map(|b| block(b * TILE)).reduce(Lanes::new, merge)
     } else {
         (0..blocks).map(|b| block(b * TILE)).fold(Lanes::new(), merge)

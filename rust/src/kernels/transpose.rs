@@ -1,12 +1,12 @@
 //! Copies of a matrix with contiguous rows (the products read `Ḡ` by rows).
 
-use faer::{MatMut, MatRef};
+use faer::{MatMut, MatRef, Par};
 use rayon::prelude::*;
 
 use crate::buffer::BigMat;
 
 /// A column-major copy of `aᵀ`, by tiles (in parallel over column blocks).
-pub fn transpose(a: MatRef<'_, f64>, parallel: bool) -> BigMat {
+pub fn transpose(a: MatRef<'_, f64>, par: Par) -> BigMat {
     const TILE: usize = 64;
     let (rs, cs) = (a.row_stride(), a.col_stride());
     let base = a.as_ptr() as usize;
@@ -35,7 +35,7 @@ pub fn transpose(a: MatRef<'_, f64>, parallel: bool) -> BigMat {
             }
         }
     };
-    if parallel && crate::parallel_ok() {
+    if crate::pooled(par) {
         out.as_mut()
             .par_col_chunks_mut(TILE)
             .enumerate()
@@ -57,11 +57,11 @@ pub enum RowsView<'a> {
 }
 
 impl<'a> RowsView<'a> {
-    pub fn new(a: MatRef<'a, f64>, parallel: bool) -> Self {
+    pub fn new(a: MatRef<'a, f64>, par: Par) -> Self {
         if a.col_stride() == 1 || a.ncols() <= 1 {
             RowsView::Borrowed(a)
         } else {
-            RowsView::Copied(transpose(a, parallel))
+            RowsView::Copied(transpose(a, par))
         }
     }
     pub fn get(&self) -> MatRef<'_, f64> {
