@@ -17,6 +17,7 @@ import lora_da._core
 
 pytest.importorskip("mypy.stubtest")
 
+
 def test_stub_matches_compiled_module(tmp_path):
     package_root = Path(lora_da._core.__file__).resolve().parent.parent
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(package_root), os.environ.get("PYTHONPATH", "")]))
