@@ -14,7 +14,7 @@ use crate::validate::{validate_input_factor, SYMMETRY_TOL};
 
 /// The Cholesky factor of `2^scale_exp · (Z + λ I)` (SPEC §3.1), shared by
 /// the modules that share one input factor, kept as `L` and `Lᵀ` for the
-/// triangular solves of the operator (see [`crate::kernels`]).
+/// triangular solves of the operator (see [`Triangular`]).
 ///
 /// `scale_exp` is 0 unless `max(|Z|, λ)` is beyond `2^±100`: then `Z_λ` is
 /// brought near 1 by an exact power of two, so that `Z_λ⁻¹` neither
@@ -62,6 +62,7 @@ impl InputCholesky {
             validate_input_factor(z)?;
         }
         let mut copy = Some(copy);
+        let mut pivot = None;
         let mean_diag = (0..n).map(|i| z[(i, i)]).sum::<f64>() / n.max(1) as f64;
         for attempt in 0..13 {
             let mut a = copy.take().unwrap_or_else(|| lower_copy_checked(z, kernel_par).0);
@@ -74,14 +75,17 @@ impl InputCholesky {
                     }
                 }
             }
-            if let Some(l) = factor_lower(a, ldexp(lambda, scale_exp), kernel_par) {
-                return Ok(Self {
-                    tri: Triangular::new(l),
-                    damping: lambda,
-                    scale_exp,
-                    par,
-                    kernel_par,
-                });
+            match factor_lower(a, ldexp(lambda, scale_exp), kernel_par) {
+                Ok(l) => {
+                    return Ok(Self {
+                        tri: Triangular::new(l),
+                        damping: lambda,
+                        scale_exp,
+                        par,
+                        kernel_par,
+                    })
+                }
+                Err(NonPositivePivot { index }) => pivot = Some(index),
             }
             if !auto_damping || attempt == 12 {
                 break;
@@ -92,11 +96,14 @@ impl InputCholesky {
             let base = if mean_diag != 0.0 { mean_diag.abs() } else { 1.0 };
             lambda = (lambda * 10.0).max(1e-10 * base);
         }
-        Err(Error::NotPositiveDefinite(format!(
-            "the Cholesky factorization of Z + λI failed with λ = {lambda:e} (mean diagonal of Z = {mean_diag:e}); \
-             raise the damping{}",
-            if auto_damping { "" } else { " or allow it to be raised automatically (auto_damping=True)" }
-        )))
+        Err(Error::NotPositiveDefinite {
+            message: format!(
+                "the Cholesky factorization of Z + λI failed with λ = {lambda:e} (mean diagonal of Z = {mean_diag:e}); \
+                 raise the damping{}",
+                if auto_damping { "" } else { " or allow it to be raised automatically (auto_damping=True)" }
+            ),
+            pivot,
+        })
     }
 
     pub fn dim(&self) -> usize {
@@ -269,20 +276,27 @@ fn split_into(x: MatMut<'_, f64>, groups: usize, f: &(dyn Fn(MatMut<'_, f64>) + 
 /// Column blocks of the blocked Cholesky factorization.
 const CHOL_BLOCK: usize = 64;
 
-/// The lower Cholesky factor of `Z + λ I` (SPEC §3.1), or `None` when a pivot
-/// is not positive. Only the lower triangle of `z` is read.
+/// A Cholesky factorization stopped at column `index`: its pivot was not
+/// positive and finite (as faer's `LltError::NonPositivePivot { index }`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NonPositivePivot {
+    pub index: usize,
+}
+
+/// The lower Cholesky factor of `Z + λ I` (SPEC §3.1), or the first pivot
+/// that is not positive. Only the lower triangle of `z` is read.
 ///
 /// Right-looking by column blocks: factor the diagonal block, solve the panel
 /// below it, update the trailing lower triangle with GEMMs on fixed column
 /// blocks (in parallel). The partition does not depend on the thread count,
 /// so neither do the bits of the result.
-pub fn cholesky(z: MatRef<'_, f64>, lambda: f64, par: Par) -> Option<BigMat> {
+pub fn cholesky(z: MatRef<'_, f64>, lambda: f64, par: Par) -> std::result::Result<BigMat, NonPositivePivot> {
     factor_lower(lower_copy_checked(z, par).0, lambda, par)
 }
 
 /// [`cholesky`] of `a + λ I`, given the column-major lower-triangular copy
 /// `a` of `Z` (zeros above the diagonal) that [`lower_copy_checked`] made.
-pub fn factor_lower(mut a: BigMat, lambda: f64, par: Par) -> Option<BigMat> {
+pub fn factor_lower(mut a: BigMat, lambda: f64, par: Par) -> std::result::Result<BigMat, NonPositivePivot> {
     let n = a.nrows();
     let pooled = crate::pooled(par);
     for i in 0..n {
@@ -295,7 +309,7 @@ pub fn factor_lower(mut a: BigMat, lambda: f64, par: Par) -> Option<BigMat> {
         let (left, mut right) = a.as_mut().split_at_col_mut(k1);
         let (top, bottom) = left.split_at_row_mut(k1);
         let mut diag = top.submatrix_mut(k0, k0, kb, kb);
-        factor_small(diag.as_mut())?;
+        factor_small(diag.as_mut()).map_err(|j| NonPositivePivot { index: k0 + j })?;
         let diag = diag.into_const();
         let mut panel = bottom.subcols_mut(k0, kb);
         // Panel ← Panel · L₁₁⁻ᵀ, i.e. L₁₁ Panelᵀ = Panelᵀ, rows independent.
@@ -355,12 +369,12 @@ pub fn factor_lower(mut a: BigMat, lambda: f64, par: Par) -> Option<BigMat> {
             }
         }
     }
-    Some(a)
+    Ok(a)
 }
 
-/// Unblocked Cholesky of a diagonal block, in place (lower); `None` on a
-/// pivot that is not positive and finite.
-fn factor_small(mut a: MatMut<'_, f64>) -> Option<()> {
+/// Unblocked Cholesky of a diagonal block, in place (lower); the block's
+/// column whose pivot is not positive and finite, if one is.
+fn factor_small(mut a: MatMut<'_, f64>) -> std::result::Result<(), usize> {
     let n = a.nrows();
     for j in 0..n {
         let mut d = a[(j, j)];
@@ -368,7 +382,7 @@ fn factor_small(mut a: MatMut<'_, f64>) -> Option<()> {
             d -= a[(j, k)] * a[(j, k)];
         }
         if !(d > 0.0 && d.is_finite()) {
-            return None;
+            return Err(j);
         }
         let d = d.sqrt();
         a[(j, j)] = d;
@@ -380,5 +394,5 @@ fn factor_small(mut a: MatMut<'_, f64>) -> Option<()> {
             a[(i, j)] = s / d;
         }
     }
-    Some(())
+    Ok(())
 }

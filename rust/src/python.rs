@@ -77,7 +77,7 @@ impl From<Error> for PyErr {
             Error::Shape(m) => PyErr::new::<ShapeError, _>(m),
             Error::NonFinite(m) => PyErr::new::<NonFiniteError, _>(m),
             Error::InvalidArgument(m) => PyErr::new::<InvalidArgumentError, _>(m),
-            Error::NotPositiveDefinite(m) => PyErr::new::<NotPositiveDefiniteError, _>(m),
+            Error::NotPositiveDefinite { message, .. } => PyErr::new::<NotPositiveDefiniteError, _>(message),
             Error::OutOfMemory(m) => PyMemoryError::new_err(m),
             Error::Internal(m) => LoraDAError::new_err(m),
         }

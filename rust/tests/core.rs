@@ -221,7 +221,7 @@ fn bad_input_is_an_error_not_a_panic() {
     let neg = Mat::from_fn(20, 20, |i, j| if i == j { -1.0 } else { 0.0 });
     assert!(matches!(
         solve(neg.as_ref(), &y, g.as_ref(), &o),
-        Err(Error::NotPositiveDefinite(_))
+        Err(Error::NotPositiveDefinite { pivot: Some(0), .. })
     ));
 }
 
@@ -433,10 +433,10 @@ fn blocked_cholesky_and_solves_match_faer() {
         let res = (&back - &b).norm_max() / b.norm_max();
         assert!(res < 1e-10, "n = {n}: residual {res:e}");
     }
-    // Not positive definite: None, not NaN.
+    // Not positive definite: the failing pivot, not NaN.
     let mut z = Mat::<f64>::identity(200, 200);
     z[(150, 150)] = -1.0;
-    assert!(cholesky(z.as_ref(), 0.0, lora_da::kernel_par()).is_none());
+    assert_eq!(cholesky(z.as_ref(), 0.0, lora_da::kernel_par()).err().map(|p| p.index), Some(150));
 }
 
 /// `scan` finds non-finite values, the largest magnitude and the asymmetry

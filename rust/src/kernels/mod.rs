@@ -5,11 +5,10 @@
 //! * [`transpose`] — copies with contiguous rows;
 //! * [`scan`] — one-pass validation summaries (finite, largest entry, asymmetry).
 //!
-//! Skinny products for the matrix-free operator (SPEC §4).
-//!
-//! The Krylov solve multiplies big `n × n` / `m × n` matrices by blocks of
-//! about `r + 1` vectors. General GEMMs pack the big operand first, which for
-//! so few columns reads and writes it once more than the product itself needs;
+//! Why kernels of their own: the Krylov solve multiplies big `n × n` and
+//! `m × n` matrices by blocks of about `r + 1` vectors. General GEMMs pack
+//! the big operand first, which for so few columns reads and writes it once
+//! more than the product itself needs;
 //! here the big operand is read once, in place, as rows that are contiguous in
 //! memory, and each output entry is a dot product with a column of the block.
 //!
