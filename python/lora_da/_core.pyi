@@ -1,18 +1,78 @@
 """Types of the Rust extension `lora_da._core` (rust/src/python.rs)."""
 
 from collections.abc import Sequence
+from typing import TypedDict, final
 
 import numpy as np
 import numpy.typing as npt
+from typing_extensions import Self
+
+# Checked against the compiled module by tests/test_stub.py (mypy's stubtest).
+
+__all__ = [
+    "InputFactor",
+    "OutputFactor",
+    "SolveResult",
+    "solve",
+    "solve_shared",
+    "lowrank_output_precision",
+    "num_threads",
+    "LoraDAError",
+    "ShapeError",
+    "NonFiniteError",
+    "InvalidArgumentError",
+    "NotPositiveDefiniteError",
+    "StatisticsFileError",
+    "SOLVE_DEFAULTS",
+    "TOKEN_CHUNK",
+    "GAP_TOL",
+    "GAP_REL",
+]
 
 TOKEN_CHUNK: int
 GAP_TOL: float
 GAP_REL: float
 
+class _SolveDefaults(TypedDict):
+    alpha: float
+    beta: float
+    damping: float
+    output_damping: float | None
+    gamma: float
+    normalize: bool
+    method: str
+    auto_damping: bool
+    tol: float
+    max_applications: int | None
+    deterministic: bool
+    dense_fallback: bool
+
+SOLVE_DEFAULTS: _SolveDefaults
+"""The defaults of `solve` and `solve_shared` (SolveOptions::default(), SPEC §3)."""
+
+class LoraDAError(Exception):
+    """Base class of every lora-da error."""
+
+class ShapeError(LoraDAError, ValueError):
+    """An array has the wrong shape, length or dtype."""
+
+class NonFiniteError(LoraDAError, ValueError):
+    """A NaN or infinity where a finite number is required."""
+
+class InvalidArgumentError(LoraDAError, ValueError):
+    """A scalar argument is outside its domain (rank, n_pop, damping, ...)."""
+
+class NotPositiveDefiniteError(LoraDAError, ValueError):
+    """``Z + λI`` could not be factored (SPEC §3 step 1); raise the damping."""
+
+class StatisticsFileError(LoraDAError, ValueError):
+    """A statistics file is truncated, corrupted, or from another model/version."""
+
+@final
 class InputFactor:
     """Streaming float64 accumulator of Σ_t x_t x_tᵀ (SPEC §2); one packed triangle.
     Thread-safe: calls are serialized by a lock; a failed call changes nothing."""
-    def __init__(self, n: int) -> None:
+    def __new__(cls, n: int) -> Self:
         """MemoryError when the n(n+1)/2 sums (and their compensations) cannot be allocated."""
     @property
     def n(self) -> int: ...
@@ -30,10 +90,11 @@ class InputFactor:
     def from_packed(n: int, packed: npt.NDArray[np.float64], tokens: int, compensation: npt.NDArray[np.float64] | None = None) -> InputFactor: ...
     def copy(self) -> InputFactor: ...
 
+@final
 class OutputFactor:
     """Streaming float64 accumulator of Σ_t g_t ⊙ g_t and optional per-sample sums (SPEC §2).
     Thread-safe like InputFactor."""
-    def __init__(self, m: int, per_sample: bool = False) -> None:
+    def __new__(cls, m: int, per_sample: bool = False) -> Self:
         """MemoryError when the m sums cannot be allocated."""
     @property
     def m(self) -> int: ...
@@ -55,6 +116,7 @@ class OutputFactor:
     def from_parts(sumsq: npt.NDArray[np.float64], tokens: int, samples: int, sample_sums: npt.NDArray[np.float64] | None = None, compensation: npt.NDArray[np.float64] | None = None) -> OutputFactor: ...
     def copy(self) -> OutputFactor: ...
 
+@final
 class SolveResult:
     """One module's LoRA-DA initialization (SPEC §3) and diagnostics (SPEC §5)."""
     A: npt.NDArray[np.float64]  # (r, n)
@@ -79,17 +141,17 @@ def solve(
     rank: int, n_pop: float, alpha: float = 1.0, beta: float = 0.03, damping: float = 1e-6,
     output_damping: float | None = None, gamma: float = 1024.0, normalize: bool = True,
     method: str = "auto", auto_damping: bool = False, tol: float = 1e-12,
-    max_applications: int | None = None, deterministic: bool = True,
-    output_precision: npt.NDArray[np.floating] | None = None, name: str = "", dense_fallback: bool = True,
+    max_applications: int | None = None, deterministic: bool = True, dense_fallback: bool = True,
+    output_precision: npt.NDArray[np.floating] | None = None, name: str = "",
 ) -> SolveResult: ...
 def solve_shared(
     z: npt.NDArray[np.floating], ys: Sequence[npt.NDArray[np.floating]], gs: Sequence[npt.NDArray[np.floating]], *,
     rank: int, n_pop: float, alpha: float = 1.0, beta: float = 0.03, damping: float = 1e-6,
     output_damping: float | None = None, gamma: float = 1024.0, normalize: bool = True,
     method: str = "auto", auto_damping: bool = False, tol: float = 1e-12,
-    max_applications: int | None = None, deterministic: bool = True,
+    max_applications: int | None = None, deterministic: bool = True, dense_fallback: bool = True,
     output_precisions: Sequence[npt.NDArray[np.floating] | None] | None = None,
-    names: Sequence[str] | None = None, dense_fallback: bool = True,
+    names: Sequence[str] | None = None,
 ) -> list[SolveResult]: ...
 def lowrank_output_precision(sample_sums: npt.NDArray[np.float64], damping: float) -> npt.NDArray[np.float64]: ...
 def num_threads() -> int: ...

@@ -1034,14 +1034,16 @@ def _add_collect_args(p) -> None:
 def _add_solve_args(p, *, n_pop_required: bool) -> None:
     p.add_argument("--n-pop", type=_number, required=n_pop_required, default=None, help="size of the fine-tuning set")
     p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--alpha", type=float, default=1.0, help="bias weight α (default 1)")
-    p.add_argument("--beta", type=float, default=0.03, help="variance weight β (default 0.03)")
-    p.add_argument("--damping", type=float, default=1e-6)
-    p.add_argument("--gamma", type=_gamma_arg, default=1024.0,
-                   help="scale γ (default 1024, the published value for 7B models; smaller models usually want "
+    from lora_da._core import SOLVE_DEFAULTS  # the core's defaults, their one source
+
+    p.add_argument("--alpha", type=float, default=SOLVE_DEFAULTS["alpha"], help="bias weight α (default %(default)g)")
+    p.add_argument("--beta", type=float, default=SOLVE_DEFAULTS["beta"], help="variance weight β (default %(default)g)")
+    p.add_argument("--damping", type=float, default=SOLVE_DEFAULTS["damping"])
+    p.add_argument("--gamma", type=_gamma_arg, default=SOLVE_DEFAULTS["gamma"],
+                   help="scale γ (default %(default)g, the published value for 7B models; smaller models usually want "
                         "1-64): a number, or 'auto' (init only) to choose it on held-back data")
     p.add_argument("--no-normalize", action="store_true", help="do not normalize Δ by its spectral norm")
-    p.add_argument("--method", choices=["auto", "krylov", "dense"], default="auto")
+    p.add_argument("--method", choices=["auto", "krylov", "dense"], default=SOLVE_DEFAULTS["method"])
     p.add_argument("--solve-device", default="auto",
                    help="where to solve: auto (a CUDA GPU when there is one, else the host), host (the Rust core "
                         "and LAPACK), or a torch device such as cuda:1 (float64 on that device)")

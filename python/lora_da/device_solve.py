@@ -33,6 +33,7 @@ import scipy.linalg
 import scipy.linalg.lapack
 import torch
 
+from lora_da._core import SOLVE_DEFAULTS
 from lora_da.errors import InvalidArgumentError, LoraDAError, NonFiniteError, NotPositiveDefiniteError, ShapeError
 
 CONTRACT_RESIDUAL = 1e-10
@@ -360,18 +361,18 @@ def solve_group_device(
     *,
     rank: int,
     n_pop: float,
-    alpha: float = 1.0,
-    beta: float = 0.03,
-    damping: float = 1e-6,
-    output_damping: float | None = None,
-    gamma: float = 1024.0,
-    normalize: bool = True,
-    auto_damping: bool = False,
-    tol: float = 1e-12,
+    alpha: float = SOLVE_DEFAULTS["alpha"],
+    beta: float = SOLVE_DEFAULTS["beta"],
+    damping: float = SOLVE_DEFAULTS["damping"],
+    output_damping: float | None = SOLVE_DEFAULTS["output_damping"],
+    gamma: float = SOLVE_DEFAULTS["gamma"],
+    normalize: bool = SOLVE_DEFAULTS["normalize"],
+    auto_damping: bool = SOLVE_DEFAULTS["auto_damping"],
+    tol: float = SOLVE_DEFAULTS["tol"],
     output_precisions: list | None = None,
     names: list[str] | None = None,
-    method: str = "auto",
-    deterministic: bool = True,
+    method: str = SOLVE_DEFAULTS["method"],
+    deterministic: bool = SOLVE_DEFAULTS["deterministic"],
 ) -> list[DeviceSolveResult]:
     """SPEC §3 for the modules that share one ``Z`` (one Cholesky), on ``Z``'s
     device in float64. ``Z`` is ``n × n``; each ``G`` is ``m × n``, each ``y`` has

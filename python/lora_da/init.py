@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from lora_da._core import SolveResult, lowrank_output_precision, num_threads, solve_shared
+from lora_da._core import SOLVE_DEFAULTS, SolveResult, lowrank_output_precision, num_threads, solve_shared
 from lora_da.device_solve import CONTRACT_RESIDUAL, DeviceSolveResult, check_finite_result, solve_group_device
 from lora_da.errors import InvalidArgumentError
 from lora_da.statistics import Statistics
@@ -35,19 +35,20 @@ class LoraDAConfig:
 
     n_pop: int | float | None = None
     rank: int | None = None  # None: the PEFT adapter's r, or the published 8 without an adapter
-    alpha: float = 1.0
-    beta: float = 0.03
-    damping: float = 1e-6
-    output_damping: float | None = None
-    gamma: float = 1024.0
-    normalize: bool = True
+    # The solve defaults come from the core (SolveOptions::default()), their one source.
+    alpha: float = SOLVE_DEFAULTS["alpha"]
+    beta: float = SOLVE_DEFAULTS["beta"]
+    damping: float = SOLVE_DEFAULTS["damping"]
+    output_damping: float | None = SOLVE_DEFAULTS["output_damping"]
+    gamma: float = SOLVE_DEFAULTS["gamma"]
+    normalize: bool = SOLVE_DEFAULTS["normalize"]
     token_mask: str = "attention"
     output_fisher: str = "diagonal"
     preserve_output: bool = False
-    method: str = "auto"
-    auto_damping: bool = False
-    tol: float = 1e-12
-    deterministic: bool = True
+    method: str = SOLVE_DEFAULTS["method"]
+    auto_damping: bool = SOLVE_DEFAULTS["auto_damping"]
+    tol: float = SOLVE_DEFAULTS["tol"]
+    deterministic: bool = SOLVE_DEFAULTS["deterministic"]
 
     def __post_init__(self):
         if self.n_pop is None:

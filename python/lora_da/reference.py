@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.linalg
 
+from lora_da._core import SOLVE_DEFAULTS
+
 
 @dataclass
 class ReferenceResult:
@@ -70,12 +72,12 @@ def reference_solve(
     *,
     rank: int,
     n_pop: float,
-    alpha: float = 1.0,
-    beta: float = 0.03,
-    damping: float = 1e-6,
-    output_damping: float | None = None,
-    gamma: float = 1024.0,
-    normalize: bool = True,
+    alpha: float = SOLVE_DEFAULTS["alpha"],
+    beta: float = SOLVE_DEFAULTS["beta"],
+    damping: float = SOLVE_DEFAULTS["damping"],
+    output_damping: float | None = SOLVE_DEFAULTS["output_damping"],
+    gamma: float = SOLVE_DEFAULTS["gamma"],
+    normalize: bool = SOLVE_DEFAULTS["normalize"],
     output_precision: np.ndarray | None = None,
 ) -> ReferenceResult:
     """SPEC §3 with dense float64 linear algebra.

@@ -1,5 +1,5 @@
 //! One error type for the whole core. Each variant maps to one Python exception
-//! class (`python/lora_da/errors.py`); messages name the offending value and,
+//! class (defined in `python.rs`, re-exported by `python/lora_da/errors.py`); messages name the offending value and,
 //! where the caller gave one, the module (`Error::context`).
 
 use std::fmt;
@@ -12,8 +12,10 @@ pub enum Error {
     NonFinite(String),
     /// A scalar argument is out of its domain (rank, n_pop, damping, ...).
     InvalidArgument(String),
-    /// `Z + λI` is not numerically positive definite (SPEC §3 step 1).
-    NotPositiveDefinite(String),
+    /// `Z + λI` is not numerically positive definite (SPEC §3 step 1);
+    /// `pivot` is the column where its (last) Cholesky factorization stopped,
+    /// when one did.
+    NotPositiveDefinite { message: String, pivot: Option<usize> },
     /// A buffer is larger than the address space or than what the allocator
     /// can give: Python's `MemoryError`, instead of an abort of the process.
     OutOfMemory(String),
@@ -30,7 +32,7 @@ impl Error {
             Error::Shape(m)
             | Error::NonFinite(m)
             | Error::InvalidArgument(m)
-            | Error::NotPositiveDefinite(m)
+            | Error::NotPositiveDefinite { message: m, .. }
             | Error::OutOfMemory(m)
             | Error::Internal(m) => m,
         }
@@ -46,7 +48,7 @@ impl Error {
             Error::Shape(m) => Error::Shape(wrap(m)),
             Error::NonFinite(m) => Error::NonFinite(wrap(m)),
             Error::InvalidArgument(m) => Error::InvalidArgument(wrap(m)),
-            Error::NotPositiveDefinite(m) => Error::NotPositiveDefinite(wrap(m)),
+            Error::NotPositiveDefinite { message, pivot } => Error::NotPositiveDefinite { message: wrap(message), pivot },
             Error::OutOfMemory(m) => Error::OutOfMemory(wrap(m)),
             Error::Internal(m) => Error::Internal(wrap(m)),
         }

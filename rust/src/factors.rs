@@ -750,7 +750,12 @@ pub fn lowrank_output_precision(sample_sums: &[f64], m: usize, damping: f64) -> 
     }
     let llt = inner
         .llt(faer::Side::Lower)
-        .map_err(|_| Error::NotPositiveDefinite("sequence_lowrank: λ N I + UᵀU is not positive definite".into()))?;
+        .map_err(|e| Error::NotPositiveDefinite {
+            message: "sequence_lowrank: λ N I + UᵀU is not positive definite".into(),
+            pivot: match e {
+                faer::linalg::cholesky::llt::factor::LltError::NonPositivePivot { index } => Some(index),
+            },
+        })?;
     // diag(U M⁻¹ Uᵀ)_j = ‖L⁻¹ U_jᵀ‖² with M = L Lᵀ.
     let mut w = u.transpose().to_owned();
     faer::linalg::triangular_solve::solve_lower_triangular_in_place(llt.L(), w.as_mut(), Par::Seq);

@@ -1,4 +1,5 @@
-//! The PyO3 binding: converts arrays, releases the GIL, maps errors. No math.
+//! The PyO3 binding: converts arrays, releases the GIL, defines the exception
+//! classes and maps the core's errors to them. No math.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Mutex, MutexGuard};
@@ -6,36 +7,81 @@ use std::sync::{Mutex, MutexGuard};
 use faer::{Mat, MatRef};
 use numpy::ndarray::{Array1, Array2, ArrayView2};
 use numpy::{IntoPyArray, PyArray1, PyArray2, PyReadonlyArray1, PyReadonlyArray2};
-use pyo3::exceptions::PyMemoryError;
+use pyo3::create_exception;
+use pyo3::exceptions::{PyException, PyMemoryError, PyValueError};
+use pyo3::ffi;
 use pyo3::prelude::*;
-use pyo3::types::PyList;
+use pyo3::sync::PyOnceLock;
+use pyo3::type_object::PyTypeInfo;
+use pyo3::types::{PyDict, PyList, PyTuple, PyType};
 
 use crate::error::{Error, Result as CoreResult};
 use crate::factors::{self, RowSource};
-use crate::solve::{self as core_solve, Method, SolveOptions};
+use crate::options::{solve_defaults, Method, SolveOptions};
+use crate::solve as core_solve;
 
-/// Raise the Python exception class of `lora_da.errors` matching the variant.
-///
-/// Needs the GIL: call it only after a GIL-free section (`detach`) has
-/// returned and after any accumulator lock has been released. Built inside
-/// the section, it would wait for the GIL while holding the lock, and a
-/// thread holding the GIL while waiting for that lock would never let go.
-fn to_py(err: Error) -> PyErr {
-    let class = match err {
-        Error::Shape(_) => "ShapeError",
-        Error::NonFinite(_) => "NonFiniteError",
-        Error::InvalidArgument(_) => "InvalidArgumentError",
-        Error::NotPositiveDefinite(_) => "NotPositiveDefiniteError",
-        Error::OutOfMemory(m) => return PyMemoryError::new_err(m),
-        Error::Internal(_) => "LoraDAError",
+// The exception classes of lora-da, defined here where the core raises them
+// and re-exported by `python/lora_da/errors.py`. They report the module
+// `lora_da.errors`, so that their repr and pickling name the public path.
+create_exception!(lora_da.errors, LoraDAError, PyException, "Base class of every lora-da error.");
+
+/// A `LoraDAError` that is also a `ValueError`, so that generic handlers of bad
+/// input still catch it. `create_exception!` takes one base only; this is the
+/// same lazily created type object with the two bases of `errors.py`.
+macro_rules! value_error {
+    ($name:ident, $doc:literal) => {
+        #[doc = $doc]
+        pub struct $name;
+
+        // SAFETY: the pointer is that of a type object created once and kept
+        // alive by the static for the life of the interpreter.
+        unsafe impl PyTypeInfo for $name {
+            fn type_object_raw(py: Python<'_>) -> *mut ffi::PyTypeObject {
+                static TYPE: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+                TYPE.get_or_init(py, || value_error_type(py, concat!("lora_da.errors.", stringify!($name), "\0"), concat!($doc, "\0")))
+                    .as_ptr()
+                    .cast()
+            }
+        }
     };
-    Python::attach(|py| match py.import("lora_da.errors").and_then(|m| m.getattr(class)) {
-        Ok(cls) => match cls.cast_into() {
-            Ok(cls) => PyErr::from_type(cls, err.message().to_string()),
-            Err(e) => e.into(),
-        },
-        Err(e) => e,
-    })
+}
+
+value_error!(ShapeError, "An array has the wrong shape, length or dtype.");
+value_error!(NonFiniteError, "A NaN or infinity where a finite number is required.");
+value_error!(InvalidArgumentError, "A scalar argument is outside its domain (rank, n_pop, damping, ...).");
+value_error!(NotPositiveDefiniteError, "``Z + λI`` could not be factored (SPEC §3 step 1); raise the damping.");
+value_error!(StatisticsFileError, "A statistics file is truncated, corrupted, or from another model/version.");
+
+/// The class `name(LoraDAError, ValueError)`; `name` and `doc` end in NUL.
+fn value_error_type(py: Python<'_>, name: &str, doc: &str) -> Py<PyType> {
+    let bases = PyTuple::new(py, [py.get_type::<LoraDAError>(), py.get_type::<PyValueError>()])
+        .expect("a tuple of two types");
+    // SAFETY: both strings are NUL-terminated (see the macro); `bases` is a
+    // tuple of exception classes, as `PyErr_NewExceptionWithDoc` requires.
+    let ty = unsafe {
+        Bound::from_owned_ptr_or_err(
+            py,
+            ffi::PyErr_NewExceptionWithDoc(name.as_ptr().cast(), doc.as_ptr().cast(), bases.as_ptr(), std::ptr::null_mut()),
+        )
+    };
+    ty.and_then(|t| t.cast_into::<PyType>().map_err(PyErr::from))
+        .expect("failed to create a lora_da exception class")
+        .unbind()
+}
+
+/// Each core error as its exception class. The error is built lazily (no
+/// GIL, no import), so it is safe to convert inside a GIL-free section too.
+impl From<Error> for PyErr {
+    fn from(err: Error) -> PyErr {
+        match err {
+            Error::Shape(m) => PyErr::new::<ShapeError, _>(m),
+            Error::NonFinite(m) => PyErr::new::<NonFiniteError, _>(m),
+            Error::InvalidArgument(m) => PyErr::new::<InvalidArgumentError, _>(m),
+            Error::NotPositiveDefinite { message, .. } => PyErr::new::<NotPositiveDefiniteError, _>(message),
+            Error::OutOfMemory(m) => PyMemoryError::new_err(m),
+            Error::Internal(m) => LoraDAError::new_err(m),
+        }
+    }
 }
 
 /// Run `f`, turning a panic into [`Error::Internal`] with its message: the
@@ -147,7 +193,7 @@ impl<'py> RowsHolder<'py> {
             Ok(d) => format!("dtype {d}, shape {}", obj.getattr("shape").map(|s| s.to_string()).unwrap_or_default()),
             Err(_) => format!("a {}", obj.get_type().name().map(|n| n.to_string()).unwrap_or_default()),
         };
-        Err(to_py(Error::Shape(format!(
+        Err(PyErr::from(Error::Shape(format!(
             "{what} takes a 2-D numpy array of float32, float64 or bfloat16 bits (uint16), got {desc}"
         ))))
     }
@@ -190,7 +236,7 @@ fn matrix_arg<'py>(obj: &Bound<'py, PyAny>, what: &str) -> PyResult<Mat<f64>> {
     if let Ok(a) = obj.extract::<PyReadonlyArray2<'py, f32>>() {
         return Ok(tiled_copy(a.as_array(), |x| x as f64));
     }
-    Err(to_py(Error::Shape(format!("{what} must be a 2-D float32 or float64 numpy array"))))
+    Err(PyErr::from(Error::Shape(format!("{what} must be a 2-D float32 or float64 numpy array"))))
 }
 
 /// A float64 matrix argument read in place (no copy) when numpy's strides
@@ -237,7 +283,7 @@ fn vector_arg<'py>(obj: &Bound<'py, PyAny>, what: &str) -> PyResult<Vec<f64>> {
     if let Ok(a) = obj.extract::<PyReadonlyArray1<'py, f32>>() {
         return Ok(a.as_array().iter().map(|v| *v as f64).collect());
     }
-    Err(to_py(Error::Shape(format!("{what} must be a 1-D float32 or float64 numpy array"))))
+    Err(PyErr::from(Error::Shape(format!("{what} must be a 1-D float32 or float64 numpy array"))))
 }
 
 /// The entries of `m` in row-major order.
@@ -264,7 +310,7 @@ fn locked<A: Send, T: Send>(
     what: &str,
     f: impl FnOnce(&mut A) -> CoreResult<T> + Send,
 ) -> PyResult<T> {
-    py.detach(|| guarded(what, || f(&mut lock(m)))).map_err(to_py)
+    py.detach(|| guarded(what, || f(&mut lock(m)))).map_err(PyErr::from)
 }
 
 /// Both locks in one fixed (address) order, so that `a == b` and `b == a`
@@ -291,7 +337,7 @@ struct PyInputFactor {
 impl PyInputFactor {
     #[new]
     fn new(py: Python<'_>, n: usize) -> PyResult<Self> {
-        let f = py.detach(|| guarded("InputFactor", || factors::InputFactor::new(n))).map_err(to_py)?;
+        let f = py.detach(|| guarded("InputFactor", || factors::InputFactor::new(n)))?;
         Ok(Self { inner: Mutex::new(f) })
     }
 
@@ -352,7 +398,7 @@ impl PyInputFactor {
         let c = compensation.map(|c| vector_arg(c, "InputFactor.from_packed: compensation")).transpose()?;
         let f = py
             .detach(|| guarded("InputFactor.from_packed", || factors::InputFactor::from_packed(n, &v, c.as_deref(), tokens)))
-            .map_err(to_py)?;
+            ?;
         Ok(Self { inner: Mutex::new(f) })
     }
 
@@ -374,7 +420,7 @@ impl PyInputFactor {
                         Ok(*a == *b)
                     })
                 })
-                .map_err(to_py)
+                .map_err(PyErr::from)
             }
             Err(_) => Ok(false),
         }
@@ -399,7 +445,7 @@ impl PyOutputFactor {
     #[new]
     #[pyo3(signature = (m, per_sample=false))]
     fn new(py: Python<'_>, m: usize, per_sample: bool) -> PyResult<Self> {
-        let f = py.detach(|| guarded("OutputFactor", || factors::OutputFactor::new(m, per_sample))).map_err(to_py)?;
+        let f = py.detach(|| guarded("OutputFactor", || factors::OutputFactor::new(m, per_sample)))?;
         Ok(Self { inner: Mutex::new(f) })
     }
 
@@ -482,7 +528,7 @@ impl PyOutputFactor {
         u.map(|(u, m)| {
             Array2::from_shape_vec((u.len() / m, m), u)
                 .map(|a| a.into_pyarray(py))
-                .map_err(|e| to_py(Error::Internal(format!("OutputFactor.sample_sums: {e}"))))
+                .map_err(|e| PyErr::from(Error::Internal(format!("OutputFactor.sample_sums: {e}"))))
         })
         .transpose()
     }
@@ -515,7 +561,7 @@ impl PyOutputFactor {
                     factors::OutputFactor::from_parts(s.len(), &s, comp.as_deref(), tokens, samples, u)
                 })
             })
-            .map_err(to_py)?;
+            ?;
         Ok(Self { inner: Mutex::new(f) })
     }
 
@@ -545,7 +591,7 @@ fn lowrank_output_precision<'py>(py: Python<'py>, sample_sums: &Bound<'py, PyAny
     let flat = row_major(&v);
     let p = py
         .detach(|| guarded("lowrank_output_precision", || factors::lowrank_output_precision(&flat, m, damping)))
-        .map_err(to_py)?;
+        ?;
     Ok(vec_to_py(py, p))
 }
 
@@ -665,7 +711,7 @@ fn options(
     o.output_damping = output_damping;
     o.gamma = gamma;
     o.normalize = normalize;
-    o.method = Method::parse(method).map_err(to_py)?;
+    o.method = Method::parse(method)?;
     o.auto_damping = auto_damping;
     o.tol = tol;
     o.max_applications = max_applications;
@@ -674,12 +720,23 @@ fn options(
     Ok(o)
 }
 
+/// A `#[pyfunction]` whose signature is `head`, the solve defaults of
+/// [`solve_defaults`] and `tail`: the binding's defaults are the core's.
+/// Used as `solve_defaults!(solve_signature!([head] [tail] { fn ... }))`.
+macro_rules! solve_signature {
+    ([$($head:tt)*] [$($tail:tt)*] { $($item:tt)* } $($name:ident = $value:tt),*) => {
+        #[pyfunction]
+        #[pyo3(signature = ($($head)* $($name = $value,)* $($tail)*))]
+        #[allow(clippy::too_many_arguments)]
+        $($item)*
+    };
+}
+
+solve_defaults!(solve_signature!(
+    [z, y, g, *, rank, n_pop,]
+    [output_precision=None, name=""]
+    {
 /// Solve one module (SPEC §3). See `lora_da.solve` for the documentation.
-#[pyfunction]
-#[pyo3(signature = (z, y, g, *, rank, n_pop, alpha=1.0, beta=0.03, damping=1e-6, output_damping=None,
-    gamma=1024.0, normalize=true, method="auto", auto_damping=false, tol=1e-12, max_applications=None,
-    deterministic=true, output_precision=None, name="", dense_fallback=true))]
-#[allow(clippy::too_many_arguments)]
 fn solve<'py>(
     py: Python<'py>,
     z: &Bound<'py, PyAny>,
@@ -698,9 +755,9 @@ fn solve<'py>(
     tol: f64,
     max_applications: Option<usize>,
     deterministic: bool,
+    dense_fallback: bool,
     output_precision: Option<&Bound<'py, PyAny>>,
     name: &str,
-    dense_fallback: bool,
 ) -> PyResult<PySolveResult> {
     let opts = options(rank, n_pop, alpha, beta, damping, output_damping, gamma, normalize, method, auto_damping, tol, max_applications, deterministic, dense_fallback)?;
     let z = MatrixArg::extract(z, "Z")?;
@@ -714,16 +771,17 @@ fn solve<'py>(
             core_solve::solve_shared(z, &[module], &opts).map(|mut v| v.remove(0))
         })
     });
-    Ok(PySolveResult { inner: res.map_err(to_py)? })
+    Ok(PySolveResult { inner: res? })
 }
+    }
+));
 
+solve_defaults!(solve_signature!(
+    [z, ys, gs, *, rank, n_pop,]
+    [output_precisions=None, names=None]
+    {
 /// Solve several modules sharing one `Z` with one Cholesky factorization.
 /// `ys` and `gs` are sequences (one entry per module); `names` label errors.
-#[pyfunction]
-#[pyo3(signature = (z, ys, gs, *, rank, n_pop, alpha=1.0, beta=0.03, damping=1e-6, output_damping=None,
-    gamma=1024.0, normalize=true, method="auto", auto_damping=false, tol=1e-12, max_applications=None,
-    deterministic=true, output_precisions=None, names=None, dense_fallback=true))]
-#[allow(clippy::too_many_arguments)]
 fn solve_shared<'py>(
     py: Python<'py>,
     z: &Bound<'py, PyAny>,
@@ -742,23 +800,23 @@ fn solve_shared<'py>(
     tol: f64,
     max_applications: Option<usize>,
     deterministic: bool,
+    dense_fallback: bool,
     output_precisions: Option<Vec<Option<Bound<'py, PyAny>>>>,
     names: Option<Vec<String>>,
-    dense_fallback: bool,
 ) -> PyResult<Bound<'py, PyList>> {
     let opts = options(rank, n_pop, alpha, beta, damping, output_damping, gamma, normalize, method, auto_damping, tol, max_applications, deterministic, dense_fallback)?;
     if ys.len() != gs.len() {
-        return Err(to_py(Error::Shape(format!("solve_shared: {} y vectors but {} gradients", ys.len(), gs.len()))));
+        return Err(PyErr::from(Error::Shape(format!("solve_shared: {} y vectors but {} gradients", ys.len(), gs.len()))));
     }
     let k = ys.len();
     let names: Vec<String> = names.unwrap_or_else(|| (0..k).map(|i| format!("module {i}")).collect());
     if names.len() != k {
-        return Err(to_py(Error::Shape(format!("solve_shared: {} names for {k} modules", names.len()))));
+        return Err(PyErr::from(Error::Shape(format!("solve_shared: {} names for {k} modules", names.len()))));
     }
     let precs: Vec<Option<Vec<f64>>> = match output_precisions {
         None => vec![None; k],
         Some(v) if v.len() == k => v.iter().map(|p| p.as_ref().map(|p| vector_arg(p, "output_precision")).transpose()).collect::<PyResult<_>>()?,
-        Some(v) => return Err(to_py(Error::Shape(format!("solve_shared: {} output precisions for {k} modules", v.len())))),
+        Some(v) => return Err(PyErr::from(Error::Shape(format!("solve_shared: {} output precisions for {k} modules", v.len())))),
     };
     let z = MatrixArg::extract(z, "Z")?;
     let ys: Vec<Vec<f64>> = ys.iter().map(|y| vector_arg(y, "y")).collect::<PyResult<_>>()?;
@@ -774,10 +832,33 @@ fn solve_shared<'py>(
         })
     });
     let out = PyList::empty(py);
-    for r in results.map_err(to_py)? {
+    for r in results? {
         out.append(PySolveResult { inner: r })?;
     }
     Ok(out)
+}
+    }
+));
+
+/// `SolveOptions::default()` as the keyword arguments of `solve` (SPEC §3):
+/// the one source of the defaults for `LoraDAConfig`, the reference, the
+/// device solve and the CLI.
+fn solve_defaults_dict(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
+    let o = SolveOptions::default();
+    let d = PyDict::new(py);
+    d.set_item("alpha", o.alpha)?;
+    d.set_item("beta", o.beta)?;
+    d.set_item("damping", o.damping)?;
+    d.set_item("output_damping", o.output_damping)?;
+    d.set_item("gamma", o.gamma)?;
+    d.set_item("normalize", o.normalize)?;
+    d.set_item("method", o.method.name())?;
+    d.set_item("auto_damping", o.auto_damping)?;
+    d.set_item("tol", o.tol)?;
+    d.set_item("max_applications", o.max_applications)?;
+    d.set_item("deterministic", matches!(o.par, faer::Par::Seq))?;
+    d.set_item("dense_fallback", o.dense_fallback)?;
+    Ok(d)
 }
 
 /// Number of threads of the core's pool.
@@ -796,6 +877,14 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(solve_shared, m)?)?;
     m.add_function(wrap_pyfunction!(lowrank_output_precision, m)?)?;
     m.add_function(wrap_pyfunction!(num_threads, m)?)?;
+    let py = m.py();
+    m.add("LoraDAError", py.get_type::<LoraDAError>())?;
+    m.add("ShapeError", py.get_type::<ShapeError>())?;
+    m.add("NonFiniteError", py.get_type::<NonFiniteError>())?;
+    m.add("InvalidArgumentError", py.get_type::<InvalidArgumentError>())?;
+    m.add("NotPositiveDefiniteError", py.get_type::<NotPositiveDefiniteError>())?;
+    m.add("StatisticsFileError", py.get_type::<StatisticsFileError>())?;
+    m.add("SOLVE_DEFAULTS", solve_defaults_dict(py)?)?;
     m.add("TOKEN_CHUNK", factors::TOKEN_CHUNK)?;
     m.add("GAP_TOL", core_solve::GAP_TOL)?;
     m.add("GAP_REL", core_solve::GAP_REL)?;

@@ -1,12 +1,16 @@
 //! From statistics to an initialization, per module (SPEC §3), with the
 //! diagnostics of the accuracy contract (SPEC §5).
 
-use faer::{Accum, Mat, MatRef, Par};
+use faer::{Accum, Mat, MatRef};
 
+use crate::cholesky::InputCholesky;
 use crate::eigensolver::{block_krylov, small_eigh, AuxTop, KrylovOptions, SymmetricOperator};
 use crate::error::{Error, Result};
-use crate::guidance::{DeltaGram, Guidance, InputCholesky, SYMMETRY_TOL};
+use crate::guidance::{DeltaGram, Guidance};
 use crate::kernels::RowsView;
+pub use crate::options::{Defaults, Method, SolveOptions, DEFAULTS, DENSE_BELOW};
+use crate::pow2::{exponent, ldexp};
+use crate::validate::{check_input_shape, validate_module};
 
 /// Residual the contract requires of any solver (SPEC §5).
 pub const CONTRACT_RESIDUAL: f64 = 1e-10;
@@ -29,124 +33,6 @@ pub const GAP_REL: f64 = 1e-2;
 /// the Krylov basis of `Ω′` gives `σ`: its Ritz value is then within
 /// `ρ² σ² / gap` of `σ²` and never further than `ρ σ²`.
 pub const DELTA_TOP_TOL: f64 = 1e-9;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Method {
-    /// Krylov for `n > DENSE_BELOW`, dense otherwise.
-    Auto,
-    Krylov,
-    Dense,
-}
-
-/// Below this input dimension `auto` uses the dense solve: it is cheaper there.
-pub const DENSE_BELOW: usize = 192;
-
-impl Method {
-    pub fn parse(s: &str) -> Result<Method> {
-        match s {
-            "auto" => Ok(Method::Auto),
-            "krylov" => Ok(Method::Krylov),
-            "dense" => Ok(Method::Dense),
-            other => Err(Error::InvalidArgument(format!(
-                "method must be 'auto', 'krylov' or 'dense', got {other:?}"
-            ))),
-        }
-    }
-    pub fn name(self) -> &'static str {
-        match self {
-            Method::Auto => "auto",
-            Method::Krylov => "krylov",
-            Method::Dense => "dense",
-        }
-    }
-}
-
-/// Hyper-parameters (SPEC §3; defaults are the authors' published ones).
-#[derive(Clone, Debug)]
-pub struct SolveOptions {
-    pub rank: usize,
-    /// `N_pop`, the size of the fine-tuning set.
-    pub n_pop: f64,
-    pub alpha: f64,
-    pub beta: f64,
-    /// `λ`, added to `Z`.
-    pub damping: f64,
-    /// `λ_y`, added to `y`; `None` means `λ`.
-    pub output_damping: Option<f64>,
-    pub gamma: f64,
-    pub normalize: bool,
-    pub method: Method,
-    /// Raise `λ` until `Z + λI` factors, instead of failing.
-    pub auto_damping: bool,
-    /// Krylov residual target relative to `‖Ω‖₂` (the contract asks 1e-10).
-    pub tol: f64,
-    /// Krylov budget in single-vector operator applications (`None`: `max(n, 600)`).
-    pub max_applications: Option<usize>,
-    /// When Krylov misses the contract, solve densely (the default). Off, the
-    /// Krylov result is returned as it is, its residual above the contract,
-    /// for a caller that has a cheaper dense route of its own (Python's LAPACK one).
-    pub dense_fallback: bool,
-    pub seed: u64,
-    /// Parallelism inside one solve. `Par::Seq` (the default, `deterministic`)
-    /// gives bit-identical results whatever the thread count; faer's parallel
-    /// kernels split work by thread count, which changes the last bits.
-    /// [`solve_shared`] still runs its modules in parallel.
-    pub par: Par,
-}
-
-impl SolveOptions {
-    pub fn new(rank: usize, n_pop: f64) -> Self {
-        Self {
-            rank,
-            n_pop,
-            alpha: 1.0,
-            beta: 0.03,
-            damping: 1e-6,
-            output_damping: None,
-            gamma: 1024.0,
-            normalize: true,
-            method: Method::Auto,
-            auto_damping: false,
-            tol: 1e-12,
-            max_applications: None,
-            dense_fallback: true,
-            seed: 0x10_2A_DA,
-            par: Par::Seq,
-        }
-    }
-
-    fn check_scalars(&self) -> Result<()> {
-        let bad = |name: &str, v: f64, need: &str| {
-            Err(Error::InvalidArgument(format!(
-                "{name} must be {need}, got {v:?}"
-            )))
-        };
-        if !(self.n_pop > 0.0 && self.n_pop.is_finite()) {
-            return bad("n_pop", self.n_pop, "a finite number > 0");
-        }
-        if !self.alpha.is_finite() {
-            return bad("alpha", self.alpha, "finite");
-        }
-        if !(self.beta >= 0.0 && self.beta.is_finite()) {
-            return bad("beta", self.beta, "finite and ≥ 0");
-        }
-        if !(self.damping >= 0.0 && self.damping.is_finite()) {
-            return bad("damping", self.damping, "finite and ≥ 0");
-        }
-        if let Some(d) = self.output_damping {
-            if !(d >= 0.0 && d.is_finite()) {
-                return bad("output_damping", d, "finite and ≥ 0");
-            }
-        }
-        if !(self.gamma > 0.0 && self.gamma.is_finite()) {
-            return bad("gamma", self.gamma, "finite and > 0");
-        }
-        if !(self.tol > 0.0 && self.tol < 1.0) {
-            return bad("tol", self.tol, "in (0, 1)");
-        }
-        Ok(())
-    }
-}
 
 /// One module's initialization and its diagnostics.
 #[derive(Clone, Debug)]
@@ -180,113 +66,6 @@ pub struct SolveResult {
     pub zero_gradient: bool,
     /// Human-readable remarks: fallbacks, raised damping, zero gradient.
     pub notes: Vec<String>,
-}
-
-/// `Z` must be square and non-empty.
-pub fn check_input_shape(z: MatRef<'_, f64>) -> Result<()> {
-    if z.ncols() != z.nrows() || z.nrows() == 0 {
-        return Err(Error::Shape(format!(
-            "Z must be square and non-empty, got ({}, {})",
-            z.nrows(),
-            z.ncols()
-        )));
-    }
-    Ok(())
-}
-
-/// Validate `Z` (SPEC §3, "Inputs are validated before any work"): finite
-/// and symmetric to `SYMMETRY_TOL · max|Z|`. The solve validates the values
-/// in the pass that copies `Z` for the Cholesky factorization
-/// ([`InputCholesky::new`]) and calls this only to name the offending entry.
-pub fn validate_input_factor(z: MatRef<'_, f64>) -> Result<()> {
-    check_input_shape(z)?;
-    let n = z.nrows();
-    // One parallel pass accepts a valid Z; the ordered scan below names the
-    // first offending entry of an invalid one.
-    let s = crate::kernels::scan(z, true, true);
-    if s.finite && s.max_asym <= SYMMETRY_TOL * s.max_abs {
-        return Ok(());
-    }
-    if !s.finite {
-        first_non_finite("Z", z)?;
-    }
-    let scale = s.max_abs;
-    // Compare Z[i, j] with Z[j, i] tile by tile: the transposed reads stay in cache.
-    const TILE: usize = 64;
-    for j0 in (0..n).step_by(TILE) {
-        for i0 in (j0..n).step_by(TILE) {
-            for j in j0..(j0 + TILE).min(n) {
-                for i in i0.max(j + 1)..(i0 + TILE).min(n) {
-                    let d = (z[(i, j)] - z[(j, i)]).abs();
-                    if d > SYMMETRY_TOL * scale {
-                        return Err(Error::InvalidArgument(format!(
-                            "Z is not symmetric: |Z[{i},{j}] − Z[{j},{i}]| = {d:e} > {SYMMETRY_TOL:e} · max|Z| = {:e}",
-                            SYMMETRY_TOL * scale
-                        )));
-                    }
-                }
-            }
-        }
-    }
-    Ok(())
-}
-
-/// The error naming the first non-finite entry of `a` (column by column), if any.
-fn first_non_finite(what: &str, a: MatRef<'_, f64>) -> Result<()> {
-    for j in 0..a.ncols() {
-        for i in 0..a.nrows() {
-            let v = a[(i, j)];
-            if !v.is_finite() {
-                return Err(Error::NonFinite(format!("{what} has a non-finite value {v} at ({i}, {j})")));
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Validate `y`, `Ḡ` and the rank against a Z of dimension `n`. Returns
-/// `max |Ḡ|`, found in the same pass over `Ḡ`: zero is SPEC §3's special
-/// case `Ḡ = 0`, and its magnitude decides whether the solve must rescale.
-pub fn validate_module(n: usize, y: &[f64], g: MatRef<'_, f64>, opts: &SolveOptions) -> Result<f64> {
-    let m = y.len();
-    if g.nrows() != m || g.ncols() != n {
-        return Err(Error::Shape(format!(
-            "G must have shape (m, n) = ({m}, {n}) to match y ({m}) and Z ({n}×{n}), got ({}, {})",
-            g.nrows(),
-            g.ncols()
-        )));
-    }
-    for (j, v) in y.iter().enumerate() {
-        if !v.is_finite() {
-            return Err(Error::NonFinite(format!(
-                "y has a non-finite value {v} at {j}"
-            )));
-        }
-        if *v < 0.0 {
-            return Err(Error::InvalidArgument(format!(
-                "y must be ≥ 0, got {v} at {j}"
-            )));
-        }
-    }
-    let summary = crate::kernels::scan(g, false, true);
-    if !summary.finite {
-        first_non_finite("G", g)?;
-    }
-    if opts.rank < 1 || opts.rank >= n.min(m) {
-        return Err(Error::InvalidArgument(format!(
-            "rank must satisfy 1 ≤ r < min(n, m) = min({n}, {m}) = {}, got {}",
-            n.min(m),
-            opts.rank
-        )));
-    }
-    opts.check_scalars()?;
-    let ly = opts.output_damping.unwrap_or(opts.damping);
-    if let Some(j) = y.iter().position(|v| v + ly <= 0.0) {
-        return Err(Error::InvalidArgument(format!(
-            "y[{j}] + output_damping = 0: the output precision 1/(y + λ_y) is infinite; use output_damping > 0"
-        )));
-    }
-    Ok(summary.max_abs)
 }
 
 /// `ỹ = 1 / (y + λ_y)` (SPEC §3.2).
@@ -366,35 +145,6 @@ pub fn for_each_module<T: Send>(
         (0..k).into_par_iter().map(f).collect()
     } else {
         (0..k).map(f).collect()
-    }
-}
-
-/// `x · 2^e`, in steps that cannot overflow or underflow on the way (a
-/// single `2^e` is not representable for |e| > 1023).
-pub fn ldexp(mut x: f64, mut e: i32) -> f64 {
-    while e > 1000 {
-        x *= 2f64.powi(1000);
-        e -= 1000;
-    }
-    while e < -1000 {
-        x *= 2f64.powi(-1000);
-        e += 1000;
-    }
-    x * 2f64.powi(e)
-}
-
-/// `⌊log₂ |x|⌋` for a finite non-zero `x` (denormals included), else 0.
-pub fn exponent(x: f64) -> i32 {
-    if x == 0.0 || !x.is_finite() {
-        return 0;
-    }
-    let bits = x.abs().to_bits();
-    let biased = (bits >> 52) as i32;
-    if biased > 0 {
-        biased - 1023
-    } else {
-        // Denormal: the leading one of the mantissa gives the exponent.
-        -1011 - (bits.leading_zeros() as i32)
     }
 }
 
@@ -567,7 +317,7 @@ pub fn solve_factored(
             opts.beta, opts.n_pop, opts.alpha
         )));
     }
-    let grad_rows = RowsView::new(g_op, chol.threads);
+    let grad_rows = RowsView::new(g_op, chol.kernel_par);
     let op = Guidance {
         chol,
         mean_grad: g_op,

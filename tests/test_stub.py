@@ -1,0 +1,38 @@
+"""The stub python/lora_da/_core.pyi against the compiled extension.
+
+mypy's stubtest imports `lora_da._core` and compares every public name,
+signature and default value with the stub: a binding change that the stub
+does not follow (or the reverse) fails here instead of in a user's type
+checker. No difference is allowed (no allowlist).
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import lora_da._core
+
+pytest.importorskip("mypy.stubtest")
+
+
+def test_stub_matches_compiled_module(tmp_path):
+    package_root = Path(lora_da._core.__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(package_root), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "mypy.stubtest", "lora_da._core"]
+    # its own cache directory, so that parallel runs and read-only checkouts work
+    env["MYPY_CACHE_DIR"] = str(tmp_path / "mypy_cache")
+    res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_solve_defaults_are_the_signature_defaults():
+    # the binding writes its signatures from the same list (rust/src/solve.rs `solve_defaults!`)
+    import inspect
+
+    for fn in (lora_da._core.solve, lora_da._core.solve_shared):
+        params = inspect.signature(fn).parameters
+        for name, value in lora_da._core.SOLVE_DEFAULTS.items():
+            assert params[name].default == value, (fn.__name__, name)
