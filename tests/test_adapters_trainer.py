@@ -69,6 +69,10 @@ cb = lora_da.LoraDACallback(lora_da.LoraDAConfig(n_pop=100, gamma=4.0), max_samp
 trainer_of(model, {out!r}, cb, batch=3).train()  # 2 × 3 = the 6 rows: Accelerate repeats none to even the batches
 import torch.distributed as dist
 np.savez(os.path.join({out!r}, "rank%d.npz" % dist.get_rank()), world=dist.get_world_size(), **lora_params(model))
+# Leaving gloo's threads to the interpreter's exit aborts the process now and then
+# ("terminate called without an active exception"): end the group as a script should.
+dist.barrier()
+dist.destroy_process_group()
 '''
 
 
