@@ -311,3 +311,17 @@ def test_output_factor_errors_and_merge():
     np.testing.assert_array_equal(a.sum(), np.full(4, 14.0))
     with pytest.raises(lora_da.ShapeError):
         a.merge(lora_da.OutputFactor(4, per_sample=True))
+
+
+def test_a_new_factor_leaves_its_zero_pages_untouched():
+    """A new InputFactor's zeros come from the allocator (untouched pages), not
+    from writing them: writing put a 7B model's 44 GB of host factors in
+    resident memory before the first batch. 2 × 1.6 GB here must not be resident."""
+    import subprocess
+    import sys
+
+    code = ("import resource, lora_da; f = lora_da.InputFactor(20000); "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert int(out.stdout.split()[-1]) * 1024 < 1.5e9  # ru_maxrss is in KiB on Linux

@@ -76,13 +76,27 @@ pub fn check_finite(what: &str, values: impl IntoIterator<Item = f64>) -> Result
 /// `len` float64 values, zeroed, or `OutOfMemory` naming `what` when the
 /// allocator refuses (a plain `vec!` would abort the whole interpreter).
 pub fn try_zeros(len: usize, what: &str) -> Result<Vec<f64>> {
-    let mut v = Vec::new();
-    v.try_reserve_exact(len).map_err(|_| {
+    use std::alloc::{alloc_zeroed, Layout};
+    let oom = || {
         Error::OutOfMemory(format!(
             "{what}: cannot allocate {len} float64 values ({:.3e} bytes)",
             len as f64 * 8.0
         ))
-    })?;
-    v.resize(len, 0.0);
-    Ok(v)
+    };
+    if len == 0 {
+        return Ok(Vec::new());
+    }
+    // Zeroed by the allocator (calloc: fresh pages are zero and untouched, as
+    // with `vec![0.0; len]`), not by writing: reserving and then filling wrote
+    // every page, which put a 7B model's 44 GB of host factors in resident
+    // memory and cost 30 s before the first batch.
+    let layout = Layout::array::<f64>(len).map_err(|_| oom())?;
+    // SAFETY: the layout has a non-zero size; a null pointer is the allocator's refusal.
+    let ptr = unsafe { alloc_zeroed(layout) } as *mut f64;
+    if ptr.is_null() {
+        return Err(oom());
+    }
+    // SAFETY: `ptr` comes from the global allocator with `Layout::array::<f64>(len)`,
+    // which is what a Vec<f64> of capacity `len` frees with; all-zero bytes are 0.0.
+    Ok(unsafe { Vec::from_raw_parts(ptr, len, len) })
 }
