@@ -54,15 +54,23 @@ def batches(ids, mask, bs):
 # -- statistics: brute force and equality ------------------------------------------------------
 
 
-def brute_force(model, ids, mask, names):
-    """Per-sample autograd: Ḡ, Z, y and counts in float64."""
+def brute_force(model, ids, mask, names, labels=None):
+    """Per-sample autograd: Ḡ, Z, y and counts in float64. With ``labels``
+    (token_mask="labels", SPEC §2) the valid tokens are those whose next-token
+    label is not -100, and each sample's ``u_s = Σ_{t valid} g_t`` comes too."""
     mods = dict(model.named_modules())
     G = {n: 0.0 for n in names}
     Zs = {n: 0.0 for n in names}
     ys = {n: 0.0 for n in names}
+    us = {n: [] for n in names}
     T = 0
     for s in range(len(ids)):
         L = int(mask[s].sum())
+        if labels is None:
+            sample_labels, valid = ids[s:s + 1, :L], list(range(L))
+        else:
+            sample_labels = labels[s:s + 1, :L]
+            valid = [t for t in range(L - 1) if int(labels[s, t + 1]) != -100]
         x_in, outs = {}, {}
 
         def fwd(name):
@@ -74,8 +82,7 @@ def brute_force(model, ids, mask, names):
 
         hs = [mods[n].register_forward_hook(fwd(n)) for n in names]
         logits = model(input_ids=ids[s:s + 1, :L]).logits
-        labels = ids[s:s + 1, :L]
-        loss = causal_lm_per_sample_loss(logits, labels)[0]
+        loss = causal_lm_per_sample_loss(logits, sample_labels)[0]
         weights = [mods[n].weight for n in names]
         grads = torch.autograd.grad(loss, weights + [outs[n] for n in names])
         for h in hs:
@@ -85,13 +92,16 @@ def brute_force(model, ids, mask, names):
             if linear_kind(mods[n]) == "conv1d":
                 gw = gw.T
             G[n] = G[n] + gw.numpy()
-            x = x_in[n][0].detach().double().numpy()
-            g = grads[len(names) + k][0].double().numpy()
+            x = x_in[n][0].detach().double().numpy()[valid]
+            g = grads[len(names) + k][0].double().numpy()[valid]
             Zs[n] = Zs[n] + x.T @ x
             ys[n] = ys[n] + (g * g).sum(0)
-        T += L
+            us[n].append(g.sum(0))
+        T += len(valid)
     N = len(ids)
-    return {n: (G[n] / N, Zs[n] / T, ys[n] / T) for n in names}, T
+    if labels is None:
+        return {n: (G[n] / N, Zs[n] / T, ys[n] / T) for n in names}, T
+    return {n: (G[n] / N, Zs[n] / T, ys[n] / T, np.array(us[n])) for n in names}, T
 
 
 TARGETS = ["q_proj", "down_proj"]

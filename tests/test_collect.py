@@ -165,46 +165,6 @@ def labeled_data():
     return ids, mask, labels
 
 
-def brute_force_labels(model, ids, mask, labels, names):
-    """Per-sample autograd under token_mask="labels": valid tokens are those
-    whose next-token label is not -100 (SPEC §2). Ḡ, Z, y and each sample's
-    u_s = Σ_{t valid} g_t, in float64."""
-    mods = dict(model.named_modules())
-    G = {n: 0.0 for n in names}
-    Zs = {n: 0.0 for n in names}
-    ys = {n: 0.0 for n in names}
-    us = {n: [] for n in names}
-    T = 0
-    for s in range(len(ids)):
-        L = int(mask[s].sum())
-        valid = [t for t in range(L - 1) if int(labels[s, t + 1]) != -100]
-        x_in, outs = {}, {}
-
-        def fwd(name):
-            def hook(mod, args, out):
-                x_in[name] = args[0]
-                out.retain_grad()
-                outs[name] = out
-            return hook
-
-        hs = [mods[n].register_forward_hook(fwd(n)) for n in names]
-        logits = model(input_ids=ids[s:s + 1, :L]).logits
-        loss = causal_lm_per_sample_loss(logits, labels[s:s + 1, :L])[0]
-        grads = torch.autograd.grad(loss, [mods[n].weight for n in names] + [outs[n] for n in names])
-        for h in hs:
-            h.remove()
-        for k, n in enumerate(names):
-            G[n] = G[n] + grads[k].double().numpy()
-            x = x_in[n][0].detach().double().numpy()[valid]
-            g = grads[len(names) + k][0].double().numpy()[valid]
-            Zs[n] = Zs[n] + x.T @ x
-            ys[n] = ys[n] + (g * g).sum(0)
-            us[n].append(g.sum(0))
-        T += len(valid)
-    N = len(ids)
-    return {n: (G[n] / N, Zs[n] / T, ys[n] / T, np.array(us[n])) for n in names}, T
-
-
 def test_label_token_mask_and_sequence_lowrank_match_per_sample_autograd():
     model = tiny_llama()
     ids, mask, labels = labeled_data()
@@ -212,7 +172,7 @@ def test_label_token_mask_and_sequence_lowrank_match_per_sample_autograd():
     stats = lora_da.collect_statistics(model, b, ["q_proj", "down_proj"], token_mask="labels",
                                        output_fisher="sequence_lowrank", progress=False)
     names = list(stats.modules)
-    brute, T = brute_force_labels(model, ids, mask, labels, names)
+    brute, T = brute_force(model, ids, mask, names, labels=labels)
     assert T == int((labels[:, 1:] != -100).sum())
     for name, (G, Z, y, u) in brute.items():
         assert stats.output_factors[name].tokens == T
