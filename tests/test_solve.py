@@ -18,6 +18,19 @@ from lora_da.reference import reference_solve, subspace_sin_theta
 from lora_da.synthetic import make_problem
 from mp_oracle import exact_solve
 
+def _options(draw, rank: int) -> dict:
+    """The solve options both property tests draw (the rank is drawn by each)."""
+    return dict(
+        rank=rank,
+        n_pop=draw(st.sampled_from([100.0, 5000.0, 1e6])),
+        alpha=draw(st.sampled_from([1.0, 0.5, 2.0])),
+        beta=draw(st.sampled_from([0.0, 0.03, 1.0])),
+        damping=draw(st.sampled_from([1e-6, 1e-4, 1e-8])),
+        gamma=draw(st.sampled_from([1024.0, 16.0, 1.0])),
+        normalize=draw(st.booleans()),
+    )
+
+
 @st.composite
 def problems(draw):
     n = draw(st.integers(6, 72))
@@ -36,16 +49,7 @@ def problems(draw):
         seed=draw(st.integers(0, 2**31 - 1)),
     )
     p = make_problem(n, m, **kw)
-    opts = dict(
-        rank=rank,
-        n_pop=draw(st.sampled_from([100.0, 5000.0, 1e6])),
-        alpha=draw(st.sampled_from([1.0, 0.5, 2.0])),
-        beta=draw(st.sampled_from([0.0, 0.03, 1.0])),
-        damping=draw(st.sampled_from([1e-6, 1e-4, 1e-8])),
-        gamma=draw(st.sampled_from([1024.0, 16.0, 1.0])),
-        normalize=draw(st.booleans()),
-    )
-    return p, opts
+    return p, _options(draw, rank)
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -73,16 +77,7 @@ def small_problems(draw):
         signal=draw(st.sampled_from([0.0, 1.0, 5.0, 20.0])), signal_rank=draw(st.integers(1, 12)),
         seed=draw(st.integers(0, 2**31 - 1)),
     )
-    opts = dict(
-        rank=draw(st.integers(1, min(n, m) - 1)),
-        n_pop=draw(st.sampled_from([100.0, 5000.0, 1e6])),
-        alpha=draw(st.sampled_from([1.0, 0.5, 2.0])),
-        beta=draw(st.sampled_from([0.0, 0.03, 1.0])),
-        damping=draw(st.sampled_from([1e-6, 1e-4, 1e-8])),
-        gamma=draw(st.sampled_from([1024.0, 16.0, 1.0])),
-        normalize=draw(st.booleans()),
-    )
-    return p, opts
+    return p, _options(draw, draw(st.integers(1, min(n, m) - 1)))
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
