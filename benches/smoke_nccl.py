@@ -7,8 +7,8 @@ backend and CUDA tensors, at world size 1 (NCCL cannot put two ranks on one GPU)
 Checks, on a small random Llama on the GPU: ``all_reduce_statistics`` is the
 identity at world size 1; the planned device sums reduced in place
 (``_DeviceSums.reduce_across``) solve to the same adapters as without the
-collective; ``compute_init(across_ranks=True)`` (owners + ``share_inits``
-through NCCL's object collectives) returns every module with the same bits as
+collective; ``compute_init(across_ranks=True)`` (owners + ``share_inits``:
+a header object, then the arrays as one flat tensor through NCCL) returns every module with the same bits as
 the plain call. Prints one line per check and ``ok`` last.
 """
 
@@ -63,7 +63,7 @@ def main():
     seen = {}
 
     def on_pass(sums, n_samples):
-        total = sums.reduce_across(dist.group.WORLD, n_samples)
+        total = sums.reduce_across(dist.group.WORLD, n_samples, {u.group: 0 for u in sums.units})
         assert total == n_samples
         for u in sums.units:
             Z, per_module = sums.unit_statistics(u, total)

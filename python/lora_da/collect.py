@@ -495,12 +495,17 @@ class _Run:
             replace(stats, config=dict(stats.config, finished=True)).save(self.checkpoint_path)
         return stats
 
-    def _set_groups(self) -> None:
+    def _set_groups(self, host_factors: bool = True) -> None:
+        """Fix the input groups on the first batch. ``host_factors``: create the
+        groups' host accumulators now (the host path adds rows to them); the
+        device path creates them when a pass is first flushed, and not at all
+        when its passes are solved on the device."""
         if self.groups is None:
             self.groups = _detect_groups(self.targets)
-            for name, leader in self.groups.items():
-                if leader == name:
-                    self.inputs[name] = InputFactor(self.targets[name].n)
+            if host_factors:
+                for name, leader in self.groups.items():
+                    if leader == name:
+                        self.inputs.setdefault(name, InputFactor(self.targets[name].n))
         else:
             _check_groups(self.targets, self.groups)
 
@@ -631,7 +636,7 @@ class _Run:
             torch.cuda.reset_peak_memory_stats(dev)
         with _Recorder(self.targets.values(), lambda *a: None, keep_inputs=False) as rec:
             self.forward_backward(batch, bsz, index, rec)
-            self._set_groups()
+            self._set_groups(host_factors=False)
         self.recomputes = rec.recomputes
         step = torch.cuda.max_memory_allocated(dev) - before if cuda else 0
         tokens = int(batch["input_ids"].numel()) if isinstance(batch.get("input_ids"), torch.Tensor) else bsz
@@ -744,6 +749,7 @@ class _DeviceSums:
     def __init__(self, units: list[Unit], targets: dict[str, _Target], groups: dict[str, str], device, per_sample: bool):
         f64 = dict(dtype=torch.float64, device=device)
         self.units = units
+        self.grad_device = torch.device(device)
         self.grad = {n: torch.zeros(targets[n].m, targets[n].n, **f64) for u in units for n, _ in u.modules}
         self.sumsq = {n: torch.zeros(targets[n].m, **f64) for n in self.grad}
         self.tokens = {n: torch.zeros((), **f64) for n in self.grad}
@@ -805,6 +811,8 @@ class _DeviceSums:
         """Into the host's compensated accumulators, then zero."""
         for u in self.units:
             t = int(self.gram_tokens[u.group])
+            if u.group not in run.inputs:
+                run.inputs[u.group] = InputFactor(u.n)
             if t:
                 run.inputs[u.group].add_gram(_symmetric_from_lower(self.gram[u.group]).cpu().numpy(), t)
             self.gram[u.group].zero_()
@@ -821,23 +829,35 @@ class _DeviceSums:
             self.samples[name] = []
         self.batch_samples = 0
 
-    def reduce_across(self, group, n_samples: int) -> int:
-        """Sum this pass's device sums over the ranks of ``group`` (in place,
-        exact float64 sums); per-sample rows are gathered. Returns the samples of all ranks."""
+    def reduce_across(self, group, n_samples: int, owner: dict[str, int]) -> int:
+        """Sum this pass's device sums over the ranks of ``group`` into each
+        input group's ``owner`` (the rank that solves it; exact float64 sums),
+        and free the sums of the groups other ranks own: each rank sends what
+        others solve and receives only what it solves itself, half the traffic
+        of an all-reduce on two ranks. Per-sample rows are gathered. Returns
+        the samples of all ranks."""
         import torch.distributed as dist
 
         from lora_da.distributed import collective_device
 
         where = collective_device(group)
-        tensors = [*self.grad.values(), *self.sumsq.values(), *self.tokens.values(), *self.gram.values(),
-                   *self.gram_tokens.values()]
-        for t in tensors:
-            if t.device == where:
-                dist.all_reduce(t, group=group)
-            else:
-                moved = t.to(where)
-                dist.all_reduce(moved, group=group)
-                t.copy_(moved)
+        me = dist.get_rank(group)
+        # the token counts and the samples in one small all-reduce (every rank reads its own groups' counts)
+        counts = torch.stack([*self.tokens.values(), *self.gram_tokens.values(),
+                              torch.tensor(float(n_samples), dtype=torch.float64, device=self.grad_device)]).to(where)
+        dist.all_reduce(counts, group=group)
+        counts = counts.to(self.grad_device)
+        for t, c in zip([*self.tokens.values(), *self.gram_tokens.values()], counts):
+            t.copy_(c)
+        for u in self.units:
+            dst = dist.get_global_rank(group, owner[u.group]) if group is not dist.group.WORLD else owner[u.group]
+            for t in [self.gram[u.group], *(x for name, _ in u.modules for x in (self.grad[name], self.sumsq[name]))]:
+                if t.device == where:
+                    dist.reduce(t, dst=dst, group=group)
+                else:
+                    moved = t.to(where)
+                    dist.reduce(moved, dst=dst, group=group)
+                    t.copy_(moved)
         if self.per_sample:
             parts = [None] * dist.get_world_size(group)
             mine = {n: torch.cat(v).cpu().numpy() if v else None for n, v in self.samples.items()}
@@ -845,7 +865,14 @@ class _DeviceSums:
             for n, rows in self.samples.items():
                 got = [torch.from_numpy(p[n]) for p in parts if p[n] is not None]
                 self.samples[n] = [torch.cat(got).to(self.grad[n].device)] if got else []
-        return int(agree([float(n_samples)], group, "sum")[0])
+        # what other ranks solve is no longer needed here
+        for u in self.units:
+            if owner[u.group] != me:
+                del self.gram[u.group]
+                for name, _ in u.modules:
+                    del self.grad[name], self.sumsq[name]
+        self.units = [u for u in self.units if owner[u.group] == me]
+        return int(round(float(counts[-1])))
 
     def unit_statistics(self, u: Unit, n_samples: int):
         """``Z``, and per module ``(y, Ḡ)``, of one input group on the device (SPEC §2)."""

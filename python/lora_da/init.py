@@ -330,21 +330,19 @@ def collect_and_solve(model, dataloader, target_modules, config: LoraDAConfig, *
     _check_rank(config, {name: (t.n, t.m) for name, t in run.targets.items()})
     inits: dict[str, ModuleInit] = {}
 
-    solve_seconds = 0.0
-
+    timings = {"reduce": 0.0, "solve": 0.0, "gather": 0.0}
     failed: list[Exception] = []
 
     def solve_pass(sums, n_samples: int) -> None:
-        nonlocal solve_seconds
         t0 = time.perf_counter()
         units = sums.units
         if group is not None:
-            import torch.distributed as dist
-
-            n_samples = sums.reduce_across(group, n_samples)
             costs = {u.group: solve_cost(u.n, [m for _, m in u.modules], config.rank) for u in units}
-            owner = owners(costs, group)
-            units = [u for u in units if owner[u.group] == dist.get_rank(group)]
+            n_samples = sums.reduce_across(group, n_samples, owners(costs, group))
+            units = sums.units
+            t1 = time.perf_counter()
+            timings["reduce"] += t1 - t0
+            t0 = t1
 
         def task(unit):
             def run():
@@ -363,7 +361,7 @@ def collect_and_solve(model, dataloader, target_modules, config: LoraDAConfig, *
             if group is None:
                 raise
             failed.append(e)  # the other ranks' passes go on; share_inits raises it everywhere
-        solve_seconds += time.perf_counter() - t0
+        timings["solve"] += time.perf_counter() - t0
 
     t0 = time.perf_counter()
     run.collect_on_device(max_device_bytes=max_device_bytes, max_host_bytes=max_host_bytes, keep_on_host=False,
@@ -373,10 +371,12 @@ def collect_and_solve(model, dataloader, target_modules, config: LoraDAConfig, *
     if group is not None:
         t1 = time.perf_counter()
         inits = share_inits(failed[0] if failed else inits, group)
-        solve_seconds += time.perf_counter() - t1
+        timings["gather"] = time.perf_counter() - t1
     total = time.perf_counter() - t0
-    collect_and_solve.last_report = RunReport(plan=run.plan, collect_seconds=total - solve_seconds,
-                                              solve_seconds=solve_seconds)
+    spent = sum(timings.values())
+    collect_and_solve.last_report = RunReport(plan=run.plan, collect_seconds=total - spent, solve_seconds=spent,
+                                              reduce_seconds=timings["reduce"], own_solve_seconds=timings["solve"],
+                                              gather_seconds=timings["gather"])
     return {n: inits[n] for n in run.targets if n in inits}
 
 
@@ -385,8 +385,11 @@ class RunReport:
     """What the last :func:`collect_and_solve` did (``collect_and_solve.last_report``): its plan and its wall time by stage."""
 
     plan: object
-    collect_seconds: float
-    solve_seconds: float
+    collect_seconds: float  # forward + backward passes with their sums
+    solve_seconds: float  # everything after the passes: the three below
+    reduce_seconds: float = 0.0  # summing the ranks' sums into their owners (under a process group)
+    own_solve_seconds: float = 0.0  # this rank's solves
+    gather_seconds: float = 0.0  # every rank's adapters to every rank
 
 
 # Solves running at once on a GPU, each on its own stream: one solve is a chain
