@@ -194,9 +194,22 @@ _SPLIT = textwrap.dedent(
         stats = lora_da.Statistics.load(os.path.join(out, "stats.safetensors"))
         inits = lora_da.compute_init(stats, lora_da.LoraDAConfig(n_pop=100, rank=2, gamma=4.0), progress=False,
                                      across_ranks=True)
-        res = {{f"{{n}}/A": i.A for n, i in inits.items()}}
-        res.update({{f"{{n}}/B": i.B for n, i in inits.items()}})
-        np.savez(os.path.join(out, f"split{{rank}}.npz"), solved=np.array(solved), **res)
+        res = {{f"{{n}}/{{k}}": getattr(i.result, k) for n, i in inits.items() for k in ("A", "B", "V", "eigenvalues")}}
+        res.update({{f"{{n}}/residual": np.float64(i.result.residual) for n, i in inits.items()}})
+
+        def fails_on_rank_1(*a, **k):
+            if rank == 1:
+                raise lora_da.NonFiniteError("planted failure")
+            return real(*a, **k)
+
+        init_mod._solve_on_host = fails_on_rank_1
+        try:
+            lora_da.compute_init(stats, lora_da.LoraDAConfig(n_pop=100, rank=2, gamma=4.0), progress=False,
+                                 across_ranks=True)
+            raised = "nothing"
+        except lora_da.LoraDAError as e:
+            raised = f"{{type(e).__name__}}: {{e}}"
+        np.savez(os.path.join(out, f"split{{rank}}.npz"), solved=np.array(solved), raised=np.array(raised), **res)
         dist.destroy_process_group()
 
     if __name__ == "__main__":
@@ -218,5 +231,11 @@ def test_compute_init_across_ranks_splits_the_solves_and_equals_one_process(tmp_
     assert solved[0] and solved[1] and not solved[0] & solved[1] and solved[0] | solved[1] == set(one)
     for p in parts:
         for n, init in one.items():
-            np.testing.assert_array_equal(p[f"{n}/A"], init.A, err_msg=n)
-            np.testing.assert_array_equal(p[f"{n}/B"], init.B, err_msg=n)
+            for k in ("A", "B", "V", "eigenvalues"):  # the gathered arrays keep every bit and shape
+                np.testing.assert_array_equal(p[f"{n}/{k}"], getattr(init.result, k), err_msg=f"{n} {k}")
+                assert p[f"{n}/{k}"].dtype == np.float64
+            assert p[f"{n}/residual"] == init.result.residual
+    # a failure on one rank is raised on both, naming the rank, instead of leaving the other waiting
+    for p in parts:
+        assert str(p["raised"]).startswith("NonFiniteError:") and "planted failure" in str(p["raised"])
+    assert "rank 1" in str(parts[0]["raised"])

@@ -162,34 +162,63 @@ def share_inits(local, group) -> dict:
     the ``A``/``B`` of a module are the bits its owner computed, so all ranks
     initialize their adapters identically. ``local`` may be the exception a
     rank's solves raised: it is raised on every rank (rather than leaving the
-    others waiting in a collective)."""
+    others waiting in a collective).
+
+    Two collectives: a small header per rank (names, diagnostics, array
+    shapes), then every rank's arrays as one flat float64 tensor (on the GPUs
+    under NCCL), which copies the bits unchanged."""
     import torch.distributed as dist
 
-    from lora_da.device_solve import DeviceSolveResult
+    from lora_da.device_solve import RESULT_ARRAYS, DeviceSolveResult
     from lora_da.init import ModuleInit
 
-    def portable(init):
-        r = init.result
-        if isinstance(r, DeviceSolveResult):
-            return init
-        fields = DeviceSolveResult.__dataclass_fields__
-        plain = {k: getattr(r, k) for k in fields if k != "notes"}
-        notes = r.notes
-        plain["notes"] = [notes] if isinstance(notes, str) and notes else list(notes or [])
-        return ModuleInit(init.name, DeviceSolveResult(**plain), init.seconds)
+    fields = [k for k in DeviceSolveResult.__dataclass_fields__ if k not in RESULT_ARRAYS]
 
-    gathered = [None] * dist.get_world_size(group)
-    mine = local if isinstance(local, BaseException) else {k: portable(v) for k, v in local.items()}
-    dist.all_gather_object(gathered, mine, group=group)
-    for rank, part in enumerate(gathered):
+    def header(init):
+        r = init.result
+        plain = {k: getattr(r, k) for k in fields}
+        notes = plain["notes"]
+        plain["notes"] = [notes] if isinstance(notes, str) and notes else list(notes or [])
+        arrays = [(k, np.shape(getattr(r, k)), np.asarray(getattr(r, k)).dtype.str) for k in RESULT_ARRAYS]
+        return init.seconds, plain, arrays
+
+    world = dist.get_world_size(group)
+    headers = [None] * world
+    mine = local if isinstance(local, BaseException) else {k: header(v) for k, v in local.items()}
+    dist.all_gather_object(headers, mine, group=group)
+    for rank, part in enumerate(headers):
         if isinstance(part, BaseException):
             if rank == dist.get_rank(group) and isinstance(local, BaseException):
                 raise local
             raise type(part)(f"rank {rank}: {part}") if isinstance(part, LoraDAError) else part
-    out = {}
-    for part in gathered:
-        for name, init in part.items():
-            if name in out:
+    seen: set = set()
+    for part in headers:
+        for name in part:
+            if name in seen:
                 raise ShapeError(f"share_inits: module {name} was solved on two ranks")
-            out[name] = init
+            seen.add(name)
+
+    lengths = [sum(int(np.prod(shape)) for _, _, arrays in part.values() for _, shape, _ in arrays) for part in headers]
+    longest = max(lengths)
+    if longest == 0:
+        return {}
+    device = collective_device(group)
+    flat = torch.zeros(longest, dtype=torch.float64, device=device)
+    if local:
+        ours = np.concatenate([np.asarray(getattr(init.result, k), dtype=np.float64).ravel()
+                               for init in local.values() for k in RESULT_ARRAYS])
+        flat[: ours.size] = torch.from_numpy(ours).to(device)
+    parts = [torch.empty_like(flat) for _ in range(world)]
+    dist.all_gather(parts, flat, group=group)
+    out = {}
+    for part, buf in zip(headers, parts):
+        buf = buf.cpu().numpy()
+        k = 0
+        for name, (seconds, plain, arrays) in part.items():
+            values = {}
+            for field_name, shape, dtype in arrays:
+                size = int(np.prod(shape))
+                values[field_name] = buf[k : k + size].reshape(shape).astype(dtype)
+                k += size
+            out[name] = ModuleInit(name, DeviceSolveResult(**values, **plain), seconds)
     return out
