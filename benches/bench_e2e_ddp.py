@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 
 
-def run(out: str, tag: str) -> None:
+def run(out: str, tag: str, repeats: int) -> None:
     import torch.distributed as dist
 
     from bench_e2e import SHAPES, TARGETS, HostPeak, batched, floor_pass, make_data, make_model
@@ -52,19 +52,30 @@ def run(out: str, tag: str) -> None:
     names = lora_da.adapters._peft_targets(model, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS))
     floor_pass(model, shard[:1])  # warm-up
     torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    dist.barrier()
-    with HostPeak() as hp:
-        t0 = time.perf_counter()
-        inits = collect_and_solve(model, shard, names, cfg, progress=False)
+    t0 = time.perf_counter()
+    floor_pass(model, shard)  # this rank's forward + backward alone: what the collection cannot beat
+    torch.cuda.synchronize()
+    floor = time.perf_counter() - t0
+    runs = []
+    for _ in range(repeats):
+        inits = None
         torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
         dist.barrier()
-        wall = time.perf_counter() - t0
-    rep = collect_and_solve.last_report
-    mine = {"rank": rank, "wall": wall, "collect": rep.collect_seconds, "solve": rep.solve_seconds,
-            "passes": len(rep.plan.passes), "gpu_gib": torch.cuda.max_memory_allocated() / 2**30,
-            "host_gib": hp.peak / 2**30, "batches": len(shard)}
+        with HostPeak() as hp:
+            t0 = time.perf_counter()
+            inits = collect_and_solve(model, shard, names, cfg, progress=False)
+            torch.cuda.synchronize()
+            dist.barrier()
+            wall = time.perf_counter() - t0
+        rep = collect_and_solve.last_report
+        runs.append({"wall": wall, "collect": rep.collect_seconds, "solve": rep.solve_seconds,
+                     "reduce": rep.reduce_seconds, "own_solve": rep.own_solve_seconds, "gather": rep.gather_seconds,
+                     "passes": len(rep.plan.passes), "gpu_gib": torch.cuda.max_memory_allocated() / 2**30,
+                     "host_gib": hp.peak / 2**30})
+    walls = [r["wall"] for r in runs]
+    mine = dict(runs[int(np.argsort(walls)[len(walls) // 2])], rank=rank, batches=len(shard), walls=walls, floor=floor)
     every = [None] * world
     dist.all_gather_object(every, mine)
     if rank == 0:
@@ -86,27 +97,39 @@ def sin_theta(A1: np.ndarray, A2: np.ndarray) -> float:
     return float(np.sqrt(max(0.0, 1.0 - s.min() ** 2)))
 
 
+def median_wall(meta: dict) -> float:
+    """The median over the repeats of the slowest rank's wall time."""
+    return float(np.median([max(w) for w in zip(*(r["walls"] for r in meta["ranks"]))]))
+
+
 def compare(out: str) -> None:
     runs = {}
     for path in sorted(glob.glob(os.path.join(out, "w*.json"))):
         key = os.path.basename(path)[:-5]
         runs[key] = (json.load(open(path)), dict(np.load(path[:-5] + ".npz")))
-    print("| run | GPUs | wall (s) | collect (s) | solve (s) | passes | GPU peak per rank (GiB) | host peak per rank (GiB) |")
-    print("|---|---:|---:|---:|---:|---:|---|---|")
+    print("| run | GPUs | wall (s), median | runs (s) | floor (s) | collect (s) | reduce (s) | own solves (s) | gather (s) | passes "
+          "| GPU peak per rank (GiB) | host peak per rank (GiB) |")
+    print("|---|---:|---:|---|---|---|---|---|---|---:|---|---|")
     for key, (meta, _) in runs.items():
-        r0 = meta["ranks"][0]
-        wall = max(r["wall"] for r in meta["ranks"])
-        print(f"| {key} | {meta['world']} | {wall:.1f} | {r0['collect']:.1f} | {r0['solve']:.1f} | {r0['passes']} | "
-              + ", ".join(f"{r['gpu_gib']:.1f}" for r in meta["ranks"]) + " | "
-              + ", ".join(f"{r['host_gib']:.1f}" for r in meta["ranks"]) + " |")
+        ranks = meta["ranks"]
+
+        def each(field):
+            return ", ".join(f"{r[field]:.2f}" for r in ranks)
+
+        wall = median_wall(meta)
+        runs_s = ", ".join(f"{max(w):.1f}" for w in zip(*(r["walls"] for r in ranks)))
+        print(f"| {key} | {meta['world']} | {wall:.1f} | {runs_s} | {each('floor')} | {each('collect')} | {each('reduce')} | "
+              f"{each('own_solve')} | {each('gather')} | {ranks[0]['passes']} | "
+              + ", ".join(f"{r['gpu_gib']:.1f}" for r in ranks) + " | "
+              + ", ".join(f"{r['host_gib']:.1f}" for r in ranks) + " |")
     base = runs.get("w1")
     if base is None:
         return
-    t1 = max(r["wall"] for r in base[0]["ranks"])
+    t1 = median_wall(base[0])
     for key, (meta, arrays) in runs.items():
         if key == "w1":
             continue
-        t = max(r["wall"] for r in meta["ranks"])
+        t = median_wall(meta)
         mods = sorted({k.rsplit("/", 1)[0] for k in arrays})
         angles = np.array([sin_theta(arrays[f"{n}/A"], base[1][f"{n}/A"]) for n in mods])
         rel = max(float(np.abs(np.abs(arrays[f"{n}/B"]) - np.abs(base[1][f"{n}/B"])).max() / np.abs(base[1][f"{n}/B"]).max())
@@ -119,12 +142,13 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     ap.add_argument("--tag", default="")
+    ap.add_argument("--repeats", type=int, default=3, help="runs in this process; the median is reported")
     ap.add_argument("--compare", default=None, metavar="DIR")
     args = ap.parse_args()
     if args.compare:
         compare(args.compare)
     else:
-        run(args.out, args.tag)
+        run(args.out, args.tag, args.repeats)
 
 
 if __name__ == "__main__":
