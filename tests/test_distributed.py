@@ -31,6 +31,10 @@ _RANKS = textwrap.dedent(
         stats = lora_da.collect_statistics(tiny_llama(), shard, TARGETS, progress=False, reduce_across_ranks=False)
         total = all_reduce_statistics(stats)
         total.save(os.path.join(out, f"rank{{rank}}.safetensors"))
+        from lora_da.distributed import gather_objects
+        import json
+        got = gather_objects({{"rank": rank, "pad": "x" * (1000 * rank + 3)}}, dist.group.WORLD)  # sizes differ
+        json.dump(got, open(os.path.join(out, f"objects{{rank}}.json"), "w"))
         dist.destroy_process_group()
 
     if __name__ == "__main__":
@@ -67,6 +71,11 @@ def test_two_ranks_sum_to_the_whole_set(tmp_path):
             np.testing.assert_allclose(st.output_factor(n), whole.output_factor(n), rtol=1e-14, atol=0)
     for n in whole.modules:  # every rank holds the same statistics
         np.testing.assert_array_equal(ranks[0].input_factor(n), ranks[1].input_factor(n))
+    import json
+
+    for r in range(2):  # objects of different sizes, in rank order, on both ranks
+        got = json.load(open(tmp_path / f"objects{r}.json"))
+        assert got == [{"rank": k, "pad": "x" * (1000 * k + 3)} for k in range(2)]
 
 
 def test_needs_a_process_group():

@@ -838,7 +838,7 @@ class _DeviceSums:
         the samples of all ranks."""
         import torch.distributed as dist
 
-        from lora_da.distributed import collective_device
+        from lora_da.distributed import collective_device, gather_objects, settle
 
         where = collective_device(group)
         me = dist.get_rank(group)
@@ -846,6 +846,7 @@ class _DeviceSums:
         counts = torch.stack([*self.tokens.values(), *self.gram_tokens.values(),
                               torch.tensor(float(n_samples), dtype=torch.float64, device=self.grad_device)]).to(where)
         dist.all_reduce(counts, group=group)
+        sent = [counts]
         counts = counts.to(self.grad_device)
         for t, c in zip([*self.tokens.values(), *self.gram_tokens.values()], counts):
             t.copy_(c)
@@ -854,14 +855,17 @@ class _DeviceSums:
             for t in [self.gram[u.group], *(x for name, _ in u.modules for x in (self.grad[name], self.sumsq[name]))]:
                 if t.device == where:
                     dist.reduce(t, dst=dst, group=group)
+                    sent.append(t)
                 else:
                     moved = t.to(where)
                     dist.reduce(moved, dst=dst, group=group)
                     t.copy_(moved)
+                    settle([moved])  # now, not at the end: the copies would add up to all the sums
+        settle(sent)
+        del sent
         if self.per_sample:
-            parts = [None] * dist.get_world_size(group)
             mine = {n: torch.cat(v).cpu().numpy() if v else None for n, v in self.samples.items()}
-            dist.all_gather_object(parts, mine, group=group)
+            parts = gather_objects(mine, group)
             for n, rows in self.samples.items():
                 got = [torch.from_numpy(p[n]) for p in parts if p[n] is not None]
                 self.samples[n] = [torch.cat(got).to(self.grad[n].device)] if got else []

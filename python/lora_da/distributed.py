@@ -11,6 +11,9 @@ solve on one rank, or split the modules between ranks.
 
 from __future__ import annotations
 
+import pickle
+import time
+
 import numpy as np
 import torch
 
@@ -27,6 +30,7 @@ def _reduce(arrays: list[np.ndarray], device, group) -> list[np.ndarray]:
     flat = torch.from_numpy(np.concatenate([np.ascontiguousarray(a, dtype=np.float64).ravel() for a in arrays]))
     flat = flat.to(device)
     dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+    settle([flat])
     flat = flat.cpu().numpy()
     out, k = [], 0
     for a, n in zip(arrays, sizes):
@@ -58,8 +62,7 @@ def all_reduce_statistics(stats: Statistics, group=None, device=None) -> Statist
         device = collective_device(group)
     # the same modules, in the same order, everywhere
     signature = [(n, i.in_features, i.out_features, i.input_group) for n, i in stats.modules.items()]
-    gathered = [None] * dist.get_world_size(group)
-    dist.all_gather_object(gathered, signature, group=group)
+    gathered = gather_objects(signature, group)
     if any(s != signature for s in gathered):
         raise ShapeError("all_reduce_statistics: the ranks collected statistics for different modules")
 
@@ -82,8 +85,7 @@ def all_reduce_statistics(stats: Statistics, group=None, device=None) -> Statist
     samples = {}
     if any(f.per_sample for f in stats.output_factors.values()):
         # per-sample rows differ in number per rank: gathered, not summed
-        parts = [None] * dist.get_world_size(group)
-        dist.all_gather_object(parts, {n: stats.output_factors[n].sample_sums() for n in names}, group=group)
+        parts = gather_objects({n: stats.output_factors[n].sample_sums() for n in names}, group)
         samples = {n: np.concatenate([p[n] for p in parts]) for n in names}
     inputs = {}
     for g in groups:
@@ -127,6 +129,52 @@ def collective_device(group) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
 
 
+# -- collectives that leave no tensor to a worker thread -------------------------------
+#
+# A gloo worker thread that drops the last reference to a tensor with a Python
+# wrapper must take the GIL to free that wrapper. When the collective was the
+# last before the interpreter exits, the thread can find the interpreter
+# finalizing, is ended inside a C++ destructor and the process aborts
+# ("terminate called without an active exception", SIGABRT at exit): 2–3 of 20
+# two-rank gloo runs of collect_statistics under torchrun, a core dump showing
+# ProcessGroupGloo::AsyncWork's destructor in take_gil. So every tensor given
+# to a collective here stays referenced until the worker has let go of it, and
+# the main thread, holding the GIL, frees it.
+
+SETTLE_SECONDS = 2.0  # a worker lets go microseconds after the collective completes
+
+
+def settle(tensors) -> None:
+    """Return once no thread but this one references ``tensors`` (CPU
+    collectives; bounded by ``SETTLE_SECONDS``). Device tensors are left to
+    the backend, which keeps them until the stream is done anyway."""
+    cpu = [t for t in tensors if t.device.type == "cpu" and hasattr(t, "_use_count")]
+    deadline = time.monotonic() + SETTLE_SECONDS
+    for t in cpu:
+        while t._use_count() > 1 and time.monotonic() < deadline:
+            time.sleep(1e-4)
+
+
+def gather_objects(obj, group) -> list:
+    """Every rank's picklable ``obj``, in rank order (``all_gather_object``'s
+    contract, over tensors this module settles)."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size(group)
+    device = collective_device(group)
+    data = pickle.dumps(obj)
+    size = torch.tensor([len(data)], dtype=torch.int64, device=device)
+    sizes = [torch.empty_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size, group=group)
+    lengths = [int(s) for s in sizes]
+    buf = torch.zeros(max(lengths), dtype=torch.uint8, device=device)
+    buf[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device)
+    parts = [torch.empty_like(buf) for _ in range(world)]
+    dist.all_gather(parts, buf, group=group)
+    settle([size, *sizes, buf, *parts])
+    return [pickle.loads(p[:n].cpu().numpy().tobytes()) for p, n in zip(parts, lengths)]
+
+
 def agree(values: list[float], group, op: str) -> list[float]:
     """Every rank's ``values`` reduced element-wise with ``op`` ("min", "max" or "sum");
     float64, so integers below 2^53 (bytes, counts) stay exact."""
@@ -135,6 +183,7 @@ def agree(values: list[float], group, op: str) -> list[float]:
     ops = {"min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX, "sum": dist.ReduceOp.SUM}
     t = torch.tensor(values, dtype=torch.float64, device=collective_device(group))
     dist.all_reduce(t, op=ops[op], group=group)
+    settle([t])
     return t.cpu().tolist()
 
 
@@ -183,9 +232,8 @@ def share_inits(local, group) -> dict:
         return init.seconds, plain, arrays
 
     world = dist.get_world_size(group)
-    headers = [None] * world
     mine = local if isinstance(local, BaseException) else {k: header(v) for k, v in local.items()}
-    dist.all_gather_object(headers, mine, group=group)
+    headers = gather_objects(mine, group)
     for rank, part in enumerate(headers):
         if isinstance(part, BaseException):
             if rank == dist.get_rank(group) and isinstance(local, BaseException):
@@ -210,6 +258,7 @@ def share_inits(local, group) -> dict:
         flat[: ours.size] = torch.from_numpy(ours).to(device)
     parts = [torch.empty_like(flat) for _ in range(world)]
     dist.all_gather(parts, flat, group=group)
+    settle([flat, *parts])
     out = {}
     for part, buf in zip(headers, parts):
         buf = buf.cpu().numpy()
