@@ -24,6 +24,8 @@ _RANKS = textwrap.dedent(
         os.environ["MASTER_ADDR"] = "127.0.0.1"
         os.environ["MASTER_PORT"] = {port!r}
         dist.init_process_group("gloo", rank=rank, world_size=world)
+        import warnings
+        warnings.filterwarnings("error", message="lora_da.distributed.settle")  # a collective that never settles fails
         import lora_da
         from lora_da.distributed import all_reduce_statistics
         from helpers import many_batches, TARGETS, tiny_llama
@@ -101,6 +103,8 @@ _DEFAULTS = textwrap.dedent(
         os.environ["MASTER_PORT"] = {port!r}
         torch.set_num_threads(1)
         dist.init_process_group("gloo", rank=rank, world_size=world)
+        import warnings
+        warnings.filterwarnings("error", message="lora_da.distributed.settle")  # a collective that never settles fails
         import lora_da
         from lora_da.init import collect_and_solve
         from peft import LoraConfig, get_peft_model
@@ -190,6 +194,8 @@ _SPLIT = textwrap.dedent(
         os.environ["MASTER_PORT"] = {port!r}
         torch.set_num_threads(1)
         dist.init_process_group("gloo", rank=rank, world_size=world)
+        import warnings
+        warnings.filterwarnings("error", message="lora_da.distributed.settle")  # a collective that never settles fails
         import lora_da
         import lora_da.init as init_mod
         solved = []
@@ -248,3 +254,18 @@ def test_compute_init_across_ranks_splits_the_solves_and_equals_one_process(tmp_
     for p in parts:
         assert str(p["raised"]).startswith("NonFiniteError:") and "planted failure" in str(p["raised"])
     assert "rank 1" in str(parts[0]["raised"])
+
+
+def test_owners_balance_over_passes(monkeypatch):
+    """A plan of one input group per pass alternates the ranks when the load is
+    carried over the passes, instead of giving every pass to rank 0."""
+    import torch.distributed as dist
+
+    from lora_da.distributed import owners
+
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    load = [0.0, 0.0]
+    got = [owners({f"g{p}": 1.0}, None, load)[f"g{p}"] for p in range(6)]
+    assert got == [0, 1, 0, 1, 0, 1] and load == [3.0, 3.0]
+    one = owners({"a": 5.0, "b": 3.0, "c": 2.0, "d": 1.0}, None)  # largest first, to the least loaded
+    assert one == {"a": 0, "b": 1, "c": 1, "d": 0}

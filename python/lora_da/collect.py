@@ -846,10 +846,11 @@ class _DeviceSums:
         counts = torch.stack([*self.tokens.values(), *self.gram_tokens.values(),
                               torch.tensor(float(n_samples), dtype=torch.float64, device=self.grad_device)]).to(where)
         dist.all_reduce(counts, group=group)
-        sent = [counts]
+        settle([counts])  # before any view of it holds a reference
         counts = counts.to(self.grad_device)
-        for t, c in zip([*self.tokens.values(), *self.gram_tokens.values()], counts):
+        for t, c in zip([*self.tokens.values(), *self.gram_tokens.values()], counts.unbind()):
             t.copy_(c)
+        sent = []
         for u in self.units:
             dst = dist.get_global_rank(group, owner[u.group]) if group is not dist.group.WORLD else owner[u.group]
             for t in [self.gram[u.group], *(x for name, _ in u.modules for x in (self.grad[name], self.sumsq[name]))]:
@@ -859,7 +860,8 @@ class _DeviceSums:
                 else:
                     moved = t.to(where)
                     dist.reduce(moved, dst=dst, group=group)
-                    t.copy_(moved)
+                    if owner[u.group] == me:
+                        t.copy_(moved)
                     settle([moved])  # now, not at the end: the copies would add up to all the sums
         settle(sent)
         del sent

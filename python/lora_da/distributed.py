@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import pickle
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -151,7 +152,11 @@ def settle(tensors) -> None:
     cpu = [t for t in tensors if t.device.type == "cpu" and hasattr(t, "_use_count")]
     deadline = time.monotonic() + SETTLE_SECONDS
     for t in cpu:
-        while t._use_count() > 1 and time.monotonic() < deadline:
+        while t._use_count() > 1:
+            if time.monotonic() > deadline:
+                warnings.warn(f"lora_da.distributed.settle: a {tuple(t.shape)} collective tensor is still referenced "
+                              f"after {SETTLE_SECONDS} s; going on", RuntimeWarning, stacklevel=2)
+                return
             time.sleep(1e-4)
 
 
@@ -187,12 +192,15 @@ def agree(values: list[float], group, op: str) -> list[float]:
     return t.cpu().tolist()
 
 
-def owners(costs: dict[str, float], group) -> dict[str, int]:
+def owners(costs: dict[str, float], group, load: list[float] | None = None) -> dict[str, int]:
     """Each key (an input group) → the rank that solves it: largest cost first,
-    each to the least loaded rank (the same answer on every rank: no communication)."""
+    each to the least loaded rank (the same answer on every rank: no communication).
+    ``load``: each rank's cost so far, updated in place, so that a plan of many
+    small passes does not give every pass's one group to rank 0."""
     import torch.distributed as dist
 
-    load = [0.0] * dist.get_world_size(group)
+    if load is None:
+        load = [0.0] * dist.get_world_size(group)
     out = {}
     for key in sorted(costs, key=lambda k: (-costs[k], k)):
         r = min(range(len(load)), key=lambda i: (load[i], i))

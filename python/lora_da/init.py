@@ -331,6 +331,10 @@ def collect_and_solve(model, dataloader, target_modules, config: LoraDAConfig, *
     inits: dict[str, ModuleInit] = {}
 
     timings = {"reduce": 0.0, "solve": 0.0, "gather": 0.0}
+    if group is not None:
+        import torch.distributed as dist
+
+        load = [0.0] * dist.get_world_size(group)  # carried over the passes
     failed: list[Exception] = []
 
     def solve_pass(sums, n_samples: int) -> None:
@@ -338,7 +342,7 @@ def collect_and_solve(model, dataloader, target_modules, config: LoraDAConfig, *
         units = sums.units
         if group is not None:
             costs = {u.group: solve_cost(u.n, [m for _, m in u.modules], config.rank) for u in units}
-            n_samples = sums.reduce_across(group, n_samples, owners(costs, group))
+            n_samples = sums.reduce_across(group, n_samples, owners(costs, group, load))
             units = sums.units
             t1 = time.perf_counter()
             timings["reduce"] += t1 - t0
