@@ -269,3 +269,58 @@ def test_owners_balance_over_passes(monkeypatch):
     assert got == [0, 1, 0, 1, 0, 1] and load == [3.0, 3.0]
     one = owners({"a": 5.0, "b": 3.0, "c": 2.0, "d": 1.0}, None)  # largest first, to the least loaded
     assert one == {"a": 0, "b": 1, "c": 1, "d": 0}
+
+
+_ONE_RANK_FAILS = textwrap.dedent(
+    """
+    import os, sys, json, datetime
+    sys.path.insert(0, {tests!r})
+    import torch, torch.distributed as dist, torch.multiprocessing as mp
+
+    def work(rank, world, out):
+        os.environ["MASTER_ADDR"] = "127.0.0.1"
+        os.environ["MASTER_PORT"] = {port!r}
+        torch.set_num_threads(1)
+        # short: the code before the agreement points left rank 0 waiting in its next collective
+        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=40))
+        import lora_da
+        from lora_da.init import collect_and_solve
+        from helpers import many_batches, TARGETS, tiny_llama
+        got = {{}}
+        cases = [("host", 1), ("device", 1), ("device", 0), ("solve", 1)]
+        for route, where in cases:
+            shard = many_batches()[rank::world]
+            if rank == 1:
+                shard[where] = [shard[where]["input_ids"]]  # not a dict: refused on rank 1 only
+            try:
+                if route == "solve":
+                    collect_and_solve(tiny_llama(), shard, TARGETS, lora_da.LoraDAConfig(n_pop=100, rank=2), progress=False,
+                                      accumulate_on="device")
+                else:
+                    lora_da.collect_statistics(tiny_llama(), shard, TARGETS, progress=False, accumulate_on=route)
+                got[f"{{route}}{{where}}"] = "nothing"
+            except Exception as e:
+                got[f"{{route}}{{where}}"] = f"{{type(e).__name__}}: {{e}}"
+        json.dump(got, open(os.path.join(out, f"fails{{rank}}.json"), "w"))
+        dist.destroy_process_group()
+
+    if __name__ == "__main__":
+        mp.spawn(work, args=(2, sys.argv[1]), nprocs=2)
+    """
+)
+
+
+def test_an_error_on_one_rank_is_raised_on_every_rank(tmp_path):
+    """A batch refused on rank 1 only (in the probe, mid-pass, on the host and
+    device routes, and in collect_and_solve) raises there, and rank 0 raises
+    the same type naming rank 1 at the end of the pass instead of waiting in
+    its next collective; both ranks then go on to the next case together."""
+    import json
+
+    _run_two_ranks(_ONE_RANK_FAILS, tmp_path)
+    got = [json.load(open(tmp_path / f"fails{r}.json")) for r in range(2)]
+    assert set(got[0]) == {"host1", "device1", "device0", "solve1"}
+    for case in got[0]:
+        assert got[1][case].startswith("InvalidArgumentError:") and "is a list, not a dict" in got[1][case], case
+        assert got[0][case].startswith("InvalidArgumentError:"), (case, got[0][case])
+        assert "rank 1 failed" in got[0][case] and "is a list, not a dict" in got[0][case], (case, got[0][case])

@@ -33,7 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lora_da._core import InputFactor, OutputFactor
-from lora_da.distributed import active_group, agree, all_reduce_statistics
+from lora_da.distributed import active_group, agree, all_reduce_statistics, together
 from lora_da.errors import InvalidArgumentError, LoraDAError, NonFiniteError, ShapeError, StatisticsFileError
 from lora_da.plan import MemoryPlan, Unit, available_host_bytes, plan_passes
 from lora_da.statistics import ModuleInfo, Statistics
@@ -281,7 +281,8 @@ def collect_statistics(
                      output_fisher=output_fisher, max_samples=max_samples, checkpoint_path=checkpoint_path,
                      checkpoint_every=checkpoint_every, resume=resume, progress=progress)
     if _on_host(run.device, max_device_bytes, accumulate_on):
-        run.collect_on_host()
+        with together(group, "collect"):
+            run.collect_on_host()
     else:
         run.collect_on_device(max_device_bytes=max_device_bytes, max_host_bytes=max_host_bytes, keep_on_host=True,
                               group=group)
@@ -659,12 +660,14 @@ class _Run:
         dev = self.device
         with _frozen(self.model):
             stream = self.batches()
-            first = next(stream, None)
+            with together(group, "collect: the first batch"):
+                first = next(stream, None)
+                if first is not None:
+                    step, tokens = self.probe(first)
             if group is not None and agree([float(first is None)], group, "max")[0]:
                 raise InvalidArgumentError("collect: a rank's dataloader yielded no sample; every rank needs a shard")
             if first is None:
                 return
-            step, tokens = self.probe(first)
             units = self.units()
             biggest = max(self.targets.values(), key=lambda t: t.n + t.m)
             # float64 copies of one call's x and g while its products form, plus a margin
@@ -702,36 +705,38 @@ class _Run:
                 names = [name for u in pass_units for name, _ in u.modules]
                 samples = 0
                 prints = []
-                with _Recorder([self.targets[n] for n in names], sums.add, stop_early=not self.recomputes,
-                               keep_inputs=False) as rec, \
-                        self._bar(f"lora-da: pass {p + 1}/{len(passes)}") as bar:
-                    for index, batch, bsz, mask in source:
-                        if len(passes) > 1:
-                            prints.append(self.fingerprint(batch))
-                            if p > 0 and (len(prints) > len(first_prints) or prints[-1] != first_prints[len(prints) - 1]):
-                                raise InvalidArgumentError(
-                                    f"pass {p + 1} got other data than pass 1 at batch {index}: the dataloader must yield "
-                                    "the same batches on every pass (no shuffling), or raise max_device_bytes for one pass"
-                                )
-                        sums.begin_batch(mask, bsz)
-                        self.forward_backward(batch, bsz, index, rec)
-                        _check_groups({n: self.targets[n] for n in names}, {n: self.groups[n] for n in names})
-                        sums.end_batch(index, rec.targets)
-                        samples += bsz
-                        bar.update(1)
-                        if p == 0:
-                            self.n_samples += bsz
-                            self.batches_done = index + 1
-                            if keep_on_host and self._checkpoint_due():
-                                sums.flush(self)
-                                self.snapshot().save(self.checkpoint_path)
-                if p == 0:
-                    first_prints = prints
-                if p > 0 and samples != self.n_samples - self.n_samples_at_start:
-                    raise InvalidArgumentError(
-                        f"pass {p + 1} saw {samples} samples, the first {self.n_samples - self.n_samples_at_start}: "
-                        "the dataloader must yield the same batches on every pass"
-                    )
+                # an error on one rank is raised on all at the end of the pass (no rank left waiting)
+                with together(group, f"collect: pass {p + 1}"):
+                    with _Recorder([self.targets[n] for n in names], sums.add, stop_early=not self.recomputes,
+                                   keep_inputs=False) as rec, \
+                            self._bar(f"lora-da: pass {p + 1}/{len(passes)}") as bar:
+                        for index, batch, bsz, mask in source:
+                            if len(passes) > 1:
+                                prints.append(self.fingerprint(batch))
+                                if p > 0 and (len(prints) > len(first_prints) or prints[-1] != first_prints[len(prints) - 1]):
+                                    raise InvalidArgumentError(
+                                        f"pass {p + 1} got other data than pass 1 at batch {index}: the dataloader must yield "
+                                        "the same batches on every pass (no shuffling), or raise max_device_bytes for one pass"
+                                    )
+                            sums.begin_batch(mask, bsz)
+                            self.forward_backward(batch, bsz, index, rec)
+                            _check_groups({n: self.targets[n] for n in names}, {n: self.groups[n] for n in names})
+                            sums.end_batch(index, rec.targets)
+                            samples += bsz
+                            bar.update(1)
+                            if p == 0:
+                                self.n_samples += bsz
+                                self.batches_done = index + 1
+                                if keep_on_host and self._checkpoint_due():
+                                    sums.flush(self)
+                                    self.snapshot().save(self.checkpoint_path)
+                    if p == 0:
+                        first_prints = prints
+                    if p > 0 and samples != self.n_samples - self.n_samples_at_start:
+                        raise InvalidArgumentError(
+                            f"pass {p + 1} saw {samples} samples, the first {self.n_samples - self.n_samples_at_start}: "
+                            "the dataloader must yield the same batches on every pass"
+                        )
                 if keep_on_host:
                     sums.flush(self)
                 else:

@@ -14,11 +14,13 @@ from __future__ import annotations
 import pickle
 import time
 import warnings
+from contextlib import contextmanager
 
 import numpy as np
 import torch
 
 from lora_da._core import InputFactor, OutputFactor
+from lora_da import errors
 from lora_da.errors import InvalidArgumentError, LoraDAError, ShapeError
 from lora_da.statistics import Statistics
 
@@ -178,6 +180,36 @@ def gather_objects(obj, group) -> list:
     dist.all_gather(parts, buf, group=group)
     settle([size, *sizes, buf, *parts])
     return [pickle.loads(p[:n].cpu().numpy().tobytes()) for p, n in zip(parts, lengths)]
+
+
+def raise_together(error: BaseException | None, group, what: str) -> None:
+    """One agreement point: if any rank's ``error`` is set, every rank raises
+    (the failed rank its own error, the others the same type naming that rank),
+    rather than the others waiting forever in their next collective."""
+    failures = gather_objects(None if error is None else (type(error).__name__, str(error)), group)
+    if error is not None:
+        raise error
+    for rank, failure in enumerate(failures):
+        if failure is not None:
+            name, message = failure
+            kind = getattr(errors, name, None)
+            kind = kind if isinstance(kind, type) and issubclass(kind, LoraDAError) else LoraDAError
+            raise kind(f"{what}: rank {rank} failed: {name}: {message}")
+
+
+@contextmanager
+def together(group, what: str):
+    """Run the block on every rank of ``group``, then :func:`raise_together`
+    (nothing without a group)."""
+    if group is None:
+        yield
+        return
+    try:
+        yield
+    except Exception as e:
+        raise_together(e, group, what)
+        raise
+    raise_together(None, group, what)
 
 
 def agree(values: list[float], group, op: str) -> list[float]:
