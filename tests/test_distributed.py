@@ -14,35 +14,40 @@ from helpers import TARGETS, many_batches, tiny_llama
 
 HERE = Path(__file__).parent
 
-_RANKS = textwrap.dedent(
+# The two processes' script: the body runs in each, after the gloo group is up,
+# with ``rank``, ``world`` and ``out`` (the test's tmp_path) defined.
+_HARNESS = textwrap.dedent(
     """
-    import os, sys
+    import datetime, json, os, sys, warnings
     sys.path.insert(0, {tests!r})
-    import torch, torch.distributed as dist, torch.multiprocessing as mp
+    import numpy as np, torch, torch.distributed as dist, torch.multiprocessing as mp
 
     def work(rank, world, out):
         os.environ["MASTER_ADDR"] = "127.0.0.1"
         os.environ["MASTER_PORT"] = {port!r}
-        dist.init_process_group("gloo", rank=rank, world_size=world)
-        import warnings
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds={timeout}))
         warnings.filterwarnings("error", message="lora_da.distributed.settle")  # a collective that never settles fails
-        import lora_da
-        from lora_da.distributed import all_reduce_statistics
-        from helpers import many_batches, TARGETS, tiny_llama
-        shard = many_batches()[rank::world]
-        stats = lora_da.collect_statistics(tiny_llama(), shard, TARGETS, progress=False, reduce_across_ranks=False)
-        total = all_reduce_statistics(stats)
-        total.save(os.path.join(out, f"rank{{rank}}.safetensors"))
-        from lora_da.distributed import gather_objects
-        import json
-        got = gather_objects({{"rank": rank, "pad": "x" * (1000 * rank + 3)}}, dist.group.WORLD)  # sizes differ
-        json.dump(got, open(os.path.join(out, f"objects{{rank}}.json"), "w"))
+    {body}
         dist.destroy_process_group()
 
     if __name__ == "__main__":
         mp.spawn(work, args=(2, sys.argv[1]), nprocs=2)
     """
 )
+
+_RANKS = """\
+import lora_da
+from lora_da.distributed import all_reduce_statistics
+from helpers import many_batches, TARGETS, tiny_llama
+shard = many_batches()[rank::world]
+stats = lora_da.collect_statistics(tiny_llama(), shard, TARGETS, progress=False, reduce_across_ranks=False)
+total = all_reduce_statistics(stats)
+total.save(os.path.join(out, f"rank{rank}.safetensors"))
+from lora_da.distributed import gather_objects
+got = gather_objects({"rank": rank, "pad": "x" * (1000 * rank + 3)}, dist.group.WORLD)  # sizes differ
+json.dump(got, open(os.path.join(out, f"objects{rank}.json"), "w"))
+"""
 
 
 def _free_port() -> str:
@@ -53,9 +58,10 @@ def _free_port() -> str:
         return str(s.getsockname()[1])
 
 
-def _run_two_ranks(template: str, tmp_path) -> None:
+def _run_two_ranks(body: str, tmp_path, timeout_s: int = 300) -> None:
     script = tmp_path / "ranks.py"
-    script.write_text(template.format(tests=str(HERE), port=_free_port()))
+    script.write_text(_HARNESS.format(tests=str(HERE), port=_free_port(), timeout=timeout_s,
+                                      body=textwrap.indent(body, " " * 4).strip("\n")))
     out = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
 
@@ -92,47 +98,30 @@ def test_needs_a_process_group():
 
 # What a data-parallel user runs: every call on every rank with its own shard
 # and no lora-da-specific glue; the library sums and splits by itself.
-_DEFAULTS = textwrap.dedent(
-    """
-    import os, sys
-    sys.path.insert(0, {tests!r})
-    import numpy as np, torch, torch.distributed as dist, torch.multiprocessing as mp
-
-    def work(rank, world, out):
-        os.environ["MASTER_ADDR"] = "127.0.0.1"
-        os.environ["MASTER_PORT"] = {port!r}
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", rank=rank, world_size=world)
-        import warnings
-        warnings.filterwarnings("error", message="lora_da.distributed.settle")  # a collective that never settles fails
-        import lora_da
-        from lora_da.init import collect_and_solve
-        from peft import LoraConfig, get_peft_model
-        from helpers import many_batches, TARGETS, tiny_llama
-        shard = many_batches()[rank::world]
-        cfg = lora_da.LoraDAConfig(n_pop=100, rank=2, gamma=4.0)
-        lora_da.collect_statistics(tiny_llama(), shard, TARGETS, progress=False).save(
-            os.path.join(out, f"stats{{rank}}.safetensors"))
-        lora_da.collect_statistics(tiny_llama(), shard, TARGETS, progress=False,
-                                   output_fisher="sequence_lowrank").save(os.path.join(out, f"lowrank{{rank}}.safetensors"))
-        res = {{}}
-        for route in ("host", "device"):
-            inits = collect_and_solve(tiny_llama(), shard, TARGETS, cfg, progress=False, accumulate_on=route)
-            for n, i in inits.items():
-                res[f"{{route}}/{{n}}/A"], res[f"{{route}}/{{n}}/B"] = i.A, i.B
-        peft_model = get_peft_model(tiny_llama(), LoraConfig(r=2, lora_alpha=4, target_modules=TARGETS))
-        lora_da.initialize_lora_da_weights(peft_model, shard, lora_da_config=lora_da.LoraDAConfig(n_pop=100, gamma=4.0),
-                                           progress=False)
-        for n, p in peft_model.named_parameters():
-            if "lora_" in n:
-                res["peft/" + n] = p.detach().numpy()
-        np.savez(os.path.join(out, f"res{{rank}}.npz"), **res)
-        dist.destroy_process_group()
-
-    if __name__ == "__main__":
-        mp.spawn(work, args=(2, sys.argv[1]), nprocs=2)
-    """
-)
+_DEFAULTS = """\
+import lora_da
+from lora_da.init import collect_and_solve
+from peft import LoraConfig, get_peft_model
+from helpers import many_batches, TARGETS, tiny_llama
+shard = many_batches()[rank::world]
+cfg = lora_da.LoraDAConfig(n_pop=100, rank=2, gamma=4.0)
+lora_da.collect_statistics(tiny_llama(), shard, TARGETS, progress=False).save(
+    os.path.join(out, f"stats{rank}.safetensors"))
+lora_da.collect_statistics(tiny_llama(), shard, TARGETS, progress=False,
+                           output_fisher="sequence_lowrank").save(os.path.join(out, f"lowrank{rank}.safetensors"))
+res = {}
+for route in ("host", "device"):
+    inits = collect_and_solve(tiny_llama(), shard, TARGETS, cfg, progress=False, accumulate_on=route)
+    for n, i in inits.items():
+        res[f"{route}/{n}/A"], res[f"{route}/{n}/B"] = i.A, i.B
+peft_model = get_peft_model(tiny_llama(), LoraConfig(r=2, lora_alpha=4, target_modules=TARGETS))
+lora_da.initialize_lora_da_weights(peft_model, shard, lora_da_config=lora_da.LoraDAConfig(n_pop=100, gamma=4.0),
+                                   progress=False)
+for n, p in peft_model.named_parameters():
+    if "lora_" in n:
+        res["peft/" + n] = p.detach().numpy()
+np.savez(os.path.join(out, f"res{rank}.npz"), **res)
+"""
 
 
 def test_data_parallel_runs_agree_by_default(tmp_path):
@@ -183,54 +172,37 @@ def test_data_parallel_runs_agree_by_default(tmp_path):
             np.testing.assert_allclose(np.abs(res[0]["peft/" + n]), np.abs(want), rtol=0, atol=1e-6 * np.abs(want).max(), err_msg=n)
 
 
-_SPLIT = textwrap.dedent(
-    """
-    import os, sys
-    sys.path.insert(0, {tests!r})
-    import numpy as np, torch, torch.distributed as dist, torch.multiprocessing as mp
+_SPLIT = """\
+import lora_da
+import lora_da.init as init_mod
+solved = []
+real = init_mod._solve_on_host
 
-    def work(rank, world, out):
-        os.environ["MASTER_ADDR"] = "127.0.0.1"
-        os.environ["MASTER_PORT"] = {port!r}
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", rank=rank, world_size=world)
-        import warnings
-        warnings.filterwarnings("error", message="lora_da.distributed.settle")  # a collective that never settles fails
-        import lora_da
-        import lora_da.init as init_mod
-        solved = []
-        real = init_mod._solve_on_host
+def spy(Z, ys, Gs, names, *a, **k):
+    solved.extend(names)
+    return real(Z, ys, Gs, names, *a, **k)
 
-        def spy(Z, ys, Gs, names, *a, **k):
-            solved.extend(names)
-            return real(Z, ys, Gs, names, *a, **k)
+init_mod._solve_on_host = spy
+stats = lora_da.Statistics.load(os.path.join(out, "stats.safetensors"))
+inits = lora_da.compute_init(stats, lora_da.LoraDAConfig(n_pop=100, rank=2, gamma=4.0), progress=False,
+                             across_ranks=True)
+res = {f"{n}/{k}": getattr(i.result, k) for n, i in inits.items() for k in ("A", "B", "V", "eigenvalues")}
+res.update({f"{n}/residual": np.float64(i.result.residual) for n, i in inits.items()})
 
-        init_mod._solve_on_host = spy
-        stats = lora_da.Statistics.load(os.path.join(out, "stats.safetensors"))
-        inits = lora_da.compute_init(stats, lora_da.LoraDAConfig(n_pop=100, rank=2, gamma=4.0), progress=False,
-                                     across_ranks=True)
-        res = {{f"{{n}}/{{k}}": getattr(i.result, k) for n, i in inits.items() for k in ("A", "B", "V", "eigenvalues")}}
-        res.update({{f"{{n}}/residual": np.float64(i.result.residual) for n, i in inits.items()}})
+def fails_on_rank_1(*a, **k):
+    if rank == 1:
+        raise lora_da.NonFiniteError("planted failure")
+    return real(*a, **k)
 
-        def fails_on_rank_1(*a, **k):
-            if rank == 1:
-                raise lora_da.NonFiniteError("planted failure")
-            return real(*a, **k)
-
-        init_mod._solve_on_host = fails_on_rank_1
-        try:
-            lora_da.compute_init(stats, lora_da.LoraDAConfig(n_pop=100, rank=2, gamma=4.0), progress=False,
-                                 across_ranks=True)
-            raised = "nothing"
-        except lora_da.LoraDAError as e:
-            raised = f"{{type(e).__name__}}: {{e}}"
-        np.savez(os.path.join(out, f"split{{rank}}.npz"), solved=np.array(solved), raised=np.array(raised), **res)
-        dist.destroy_process_group()
-
-    if __name__ == "__main__":
-        mp.spawn(work, args=(2, sys.argv[1]), nprocs=2)
-    """
-)
+init_mod._solve_on_host = fails_on_rank_1
+try:
+    lora_da.compute_init(stats, lora_da.LoraDAConfig(n_pop=100, rank=2, gamma=4.0), progress=False,
+                         across_ranks=True)
+    raised = "nothing"
+except lora_da.LoraDAError as e:
+    raised = f"{type(e).__name__}: {e}"
+np.savez(os.path.join(out, f"split{rank}.npz"), solved=np.array(solved), raised=np.array(raised), **res)
+"""
 
 
 def test_compute_init_across_ranks_splits_the_solves_and_equals_one_process(tmp_path):
@@ -271,43 +243,27 @@ def test_owners_balance_over_passes(monkeypatch):
     assert one == {"a": 0, "b": 1, "c": 1, "d": 0}
 
 
-_ONE_RANK_FAILS = textwrap.dedent(
-    """
-    import os, sys, json, datetime
-    sys.path.insert(0, {tests!r})
-    import torch, torch.distributed as dist, torch.multiprocessing as mp
-
-    def work(rank, world, out):
-        os.environ["MASTER_ADDR"] = "127.0.0.1"
-        os.environ["MASTER_PORT"] = {port!r}
-        torch.set_num_threads(1)
-        # short: the code before the agreement points left rank 0 waiting in its next collective
-        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=40))
-        import lora_da
-        from lora_da.init import collect_and_solve
-        from helpers import many_batches, TARGETS, tiny_llama
-        got = {{}}
-        cases = [("host", 1), ("device", 1), ("device", 0), ("solve", 1)]
-        for route, where in cases:
-            shard = many_batches()[rank::world]
-            if rank == 1:
-                shard[where] = [shard[where]["input_ids"]]  # not a dict: refused on rank 1 only
-            try:
-                if route == "solve":
-                    collect_and_solve(tiny_llama(), shard, TARGETS, lora_da.LoraDAConfig(n_pop=100, rank=2), progress=False,
-                                      accumulate_on="device")
-                else:
-                    lora_da.collect_statistics(tiny_llama(), shard, TARGETS, progress=False, accumulate_on=route)
-                got[f"{{route}}{{where}}"] = "nothing"
-            except Exception as e:
-                got[f"{{route}}{{where}}"] = f"{{type(e).__name__}}: {{e}}"
-        json.dump(got, open(os.path.join(out, f"fails{{rank}}.json"), "w"))
-        dist.destroy_process_group()
-
-    if __name__ == "__main__":
-        mp.spawn(work, args=(2, sys.argv[1]), nprocs=2)
-    """
-)
+_ONE_RANK_FAILS = """\
+import lora_da
+from lora_da.init import collect_and_solve
+from helpers import many_batches, TARGETS, tiny_llama
+got = {}
+cases = [("host", 1), ("device", 1), ("device", 0), ("solve", 1)]
+for route, where in cases:
+    shard = many_batches()[rank::world]
+    if rank == 1:
+        shard[where] = [shard[where]["input_ids"]]  # not a dict: refused on rank 1 only
+    try:
+        if route == "solve":
+            collect_and_solve(tiny_llama(), shard, TARGETS, lora_da.LoraDAConfig(n_pop=100, rank=2), progress=False,
+                              accumulate_on="device")
+        else:
+            lora_da.collect_statistics(tiny_llama(), shard, TARGETS, progress=False, accumulate_on=route)
+        got[f"{route}{where}"] = "nothing"
+    except Exception as e:
+        got[f"{route}{where}"] = f"{type(e).__name__}: {e}"
+json.dump(got, open(os.path.join(out, f"fails{rank}.json"), "w"))
+"""
 
 
 def test_an_error_on_one_rank_is_raised_on_every_rank(tmp_path):
@@ -317,7 +273,8 @@ def test_an_error_on_one_rank_is_raised_on_every_rank(tmp_path):
     its next collective; both ranks then go on to the next case together."""
     import json
 
-    _run_two_ranks(_ONE_RANK_FAILS, tmp_path)
+    # short: the code before the agreement points left rank 0 waiting in its next collective
+    _run_two_ranks(_ONE_RANK_FAILS, tmp_path, timeout_s=40)
     got = [json.load(open(tmp_path / f"fails{r}.json")) for r in range(2)]
     assert set(got[0]) == {"host1", "device1", "device0", "solve1"}
     for case in got[0]:
