@@ -37,17 +37,19 @@ def test_plan_covers_every_unit_in_order_within_the_budget(extra):
     # greedy: no pass could have taken the next pass's first unit
     for p, q in zip(plan.passes, plan.passes[1:]):
         assert sum(u.device_bytes for u in p) + q[0].device_bytes > budget
-    assert plan.host_bytes == sum(u.host_bytes for u in us)
+    assert plan.statistics_bytes == sum(u.host_bytes for u in us)
+    # what the host holds: the statistics and one group's staging (its n × n Gram and largest Ḡ)
+    assert plan.host_bytes == plan.statistics_bytes + max(8 * u.n * (u.n + max(m for _, m in u.modules)) for u in us)
 
 
 def test_plan_budget_is_free_memory_less_the_step():
     us = units()
     total = sum(u.device_bytes for u in us)
     one = plan_passes(us, device_free=total + 1000, reserve=1000, max_device_bytes=None, host_free=None,
-                      max_host_bytes=None, keep_on_host=False)
+                      max_host_bytes=None, keep_on_host=True)
     assert len(one.passes) == 1 and one.device_budget == total
     two = plan_passes(us, device_free=total + 1000, reserve=1001, max_device_bytes=None, host_free=None,
-                      max_host_bytes=None, keep_on_host=False)
+                      max_host_bytes=None, keep_on_host=True)
     assert len(two.passes) == 2
     assert "2 pass(es)" in two.describe()
 
@@ -57,7 +59,7 @@ def test_plan_refuses_what_cannot_fit():
     with pytest.raises(lora_da.InvalidArgumentError, match="input group g5 needs"):
         plan_passes(us, device_free=10**12, reserve=0, max_device_bytes=us[-1].device_bytes - 1, host_free=None,
                     max_host_bytes=None, keep_on_host=True)
-    with pytest.raises(lora_da.InvalidArgumentError, match="on the host"):
+    with pytest.raises(lora_da.InvalidArgumentError, match="of host memory .* are available"):
         plan_passes(us, device_free=10**12, reserve=0, max_device_bytes=None, host_free=10**12,
                     max_host_bytes=1000, keep_on_host=True)
     with pytest.raises(lora_da.InvalidArgumentError, match="max_device_bytes must be"):
@@ -82,7 +84,7 @@ def test_device_sums_match_the_host_accumulators(max_device_bytes, gram_block, m
     or one pass per input group when the budget is small; the Gram's lower
     block triangle in one block or in several) against the Rust compensated
     accumulators."""
-    monkeypatch.setattr(lora_da.collect, "GRAM_BLOCK", gram_block)
+    monkeypatch.setattr(lora_da.plan, "GRAM_BLOCK", gram_block)
     ids, mask = data()
     host = lora_da.collect_statistics(tiny_llama(), batches(ids, mask, 3), LLAMA_TARGETS, progress=False)
     dev = lora_da.collect_statistics(tiny_llama(), batches(ids, mask, 3), LLAMA_TARGETS, progress=False,

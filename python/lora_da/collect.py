@@ -24,6 +24,7 @@ import itertools
 import os
 import re
 import sys
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -35,7 +36,10 @@ from tqdm.auto import tqdm
 from lora_da._core import InputFactor, OutputFactor
 from lora_da.distributed import active_group, agree, all_reduce_statistics, together
 from lora_da.errors import InvalidArgumentError, LoraDAError, NonFiniteError, ShapeError, StatisticsFileError
-from lora_da.plan import MemoryPlan, Unit, available_host_bytes, plan_passes
+from lora_da.memory import OutOfMemoryError
+from lora_da.memory import release as _release
+from lora_da.plan import (DEVICE_SOLVE_WORKERS, MemoryPlan, Step, Unit, available_host_bytes, choose_plan,
+                          gram_block_rows)
 from lora_da.statistics import ModuleInfo, Statistics
 
 LossFn = Callable[[torch.nn.Module, dict], torch.Tensor]
@@ -413,6 +417,7 @@ class _Run:
     recomputes: bool = False  # the model ran forward calls inside its backward (seen on the probe)
     fingerprints: dict = field(default_factory=dict)  # model / data fingerprints written into checkpoints
     expected_data: str | None = None  # the resumed checkpoint's data fingerprint
+    micro: int = 1  # samples per forward + backward on the planned device path (plan.micro_batch, lowered on OOM)
 
     @classmethod
     def start(cls, model, dataloader, target_modules, *, loss_fn, token_mask, output_fisher, max_samples,
@@ -624,24 +629,51 @@ class _Run:
 
     # -- the device path: float64 sums on the GPU, planned ------------------------------
 
-    def probe(self, first) -> tuple[int, int]:
+    def probe(self, first) -> Step:
         """Forward + backward of the first batch with nothing accumulated: fixes
-        the input groups and measures what a plain step takes on the device.
-        Returns ``(bytes of that step above the resident ones, tokens of the batch)``."""
+        the input groups and measures what a plain step takes on the device
+        (SPEC §7). A step that runs out of device memory is tried again on half
+        as many samples, down to one: nothing is summed here, so nothing is lost."""
         index, batch, bsz, mask = first
         dev = self.device
         cuda = dev.type == "cuda"
+        mb = bsz
+        while True:
+            sub = batch if mb == bsz else _slice_batch(batch, bsz, 0, mb)
+            if cuda:
+                torch.cuda.synchronize(dev)
+                before = torch.cuda.memory_allocated(dev)
+                torch.cuda.reset_peak_memory_stats(dev)
+            t0 = time.perf_counter()
+            failed = False
+            try:
+                with _Recorder(self.targets.values(), lambda *a: None, keep_inputs=False) as rec:
+                    self.forward_backward(sub, mb, index, rec)
+                    calls = sum(len(t.keys) for t in self.targets.values())
+                    self._set_groups(host_factors=False)
+            except OutOfMemoryError:
+                failed = True
+            if not failed:
+                break
+            _release(dev)
+            if mb == 1:
+                raise LoraDAError(
+                    f"collect: one sample's forward + backward does not fit on {dev} "
+                    f"({_device_free(dev) / 2**30:.2f} GiB free beside the model): shorten the sequences "
+                    "(max_length), turn on gradient checkpointing (model.gradient_checkpointing_enable()), "
+                    "or collect on a larger device"
+                )
+            mb = (mb + 1) // 2
         if cuda:
             torch.cuda.synchronize(dev)
-            before = torch.cuda.memory_allocated(dev)
-            torch.cuda.reset_peak_memory_stats(dev)
-        with _Recorder(self.targets.values(), lambda *a: None, keep_inputs=False) as rec:
-            self.forward_backward(batch, bsz, index, rec)
-            self._set_groups(host_factors=False)
+        seconds = time.perf_counter() - t0
         self.recomputes = rec.recomputes
         step = torch.cuda.max_memory_allocated(dev) - before if cuda else 0
-        tokens = int(batch["input_ids"].numel()) if isinstance(batch.get("input_ids"), torch.Tensor) else bsz
-        return step, tokens
+        ids = sub.get("input_ids")
+        per_sample = int(ids.shape[1]) if isinstance(ids, torch.Tensor) and ids.dim() == 2 else 1
+        widest = max(t.n + 2 * t.m for t in self.targets.values())
+        return Step(samples=mb, bytes=int(step), seconds=seconds, tokens_per_sample=per_sample, calls=calls,
+                    widest=widest)
 
     def units(self) -> list[Unit]:
         out: dict[str, list] = {}
@@ -649,13 +681,45 @@ class _Run:
             out.setdefault(leader, []).append((name, self.targets[name].m))
         return [Unit(group=g, n=self.targets[g].n, modules=tuple(mods)) for g, mods in out.items()]
 
+    def plan_device(self, step: Step, batch: int, *, max_device_bytes, max_host_bytes, keep_on_host: bool,
+                    group=None, to_disk=None) -> MemoryPlan:
+        """SPEC §7: everything the device will hold against what is free now, before the first pass."""
+        dev = self.device
+        units = self.units()
+        device_free = _device_free(dev)
+        host_free = available_host_bytes() if keep_on_host else None
+        if group is not None:
+            # every rank plans from the same figures: the least room, the largest step
+            big = float(1 << 62)
+            vals = agree([float(device_free), float(host_free if host_free is not None else big), float(step.samples),
+                          -float(step.bytes), -step.seconds, -float(step.tokens_per_sample), -float(batch)], group, "min")
+            device_free, host = int(vals[0]), vals[1]
+            host_free = None if host_free is None else int(host)
+            step = replace(step, samples=int(vals[2]), bytes=int(-vals[3]), seconds=-vals[4],
+                           tokens_per_sample=int(-vals[5]))
+            batch = int(-vals[6])
+        plan = choose_plan(units, step, batch=batch, device_free=device_free, max_device_bytes=max_device_bytes,
+                           host_free=host_free, max_host_bytes=max_host_bytes, keep_on_host=keep_on_host,
+                           to_disk=to_disk, max_solve_workers=DEVICE_SOLVE_WORKERS if dev.type == "cuda" else 1)
+        if step.samples < batch:
+            plan.notes.insert(0, f"the first batch ({batch} samples) ran out of device memory in a plain forward + "
+                                 f"backward; it fit at {step.samples}")
+        return plan
+
     def collect_on_device(self, *, max_device_bytes, max_host_bytes, keep_on_host: bool, on_pass=None,
-                          group=None) -> None:
+                          group=None, to_disk=None) -> None:
         """Plan, then one pass per group of input groups that fits the device:
-        float64 sums on the GPU, flushed to the host (``keep_on_host``) or handed
-        to ``on_pass(sums)`` (which solves them on the device) after the pass.
+        float64 sums on the GPU, flushed to the host (``keep_on_host``; into the
+        file ``to_disk`` as each pass ends when given) or handed to
+        ``on_pass(sums)`` (which solves them on the device) after the pass.
         Under a process group (``group``) the ranks plan together: the same
-        passes everywhere, sized for the rank with the least room."""
+        passes everywhere, sized for the rank with the least room.
+
+        Out of device memory during a pass, the plan shrinks and the work goes
+        on from where it stopped (SPEC §7): a pass whose sums cannot be
+        allocated is split in two; a step that fails is redone at half the
+        micro-batch, skipping the module calls whose products it had already
+        summed, so nothing is lost and nothing is counted twice."""
         self.n_samples_at_start = self.n_samples
         dev = self.device
         with _frozen(self.model):
@@ -663,93 +727,175 @@ class _Run:
             with together(group, "collect: the first batch"):
                 first = next(stream, None)
                 if first is not None:
-                    step, tokens = self.probe(first)
+                    step = self.probe(first)
             if group is not None and agree([float(first is None)], group, "max")[0]:
                 raise InvalidArgumentError("collect: a rank's dataloader yielded no sample; every rank needs a shard")
             if first is None:
                 return
-            units = self.units()
-            biggest = max(self.targets.values(), key=lambda t: t.n + t.m)
-            # float64 copies of one call's x and g while its products form, plus a margin
-            transient = 2 * 8 * tokens * (biggest.n + biggest.m) + (512 << 20 if dev.type == "cuda" else 0)
-            device_free, reserve = _device_free(dev), step + transient
-            host_free = available_host_bytes() if keep_on_host else None
-            if group is not None:
-                big = float(1 << 62)
-                device_free, neg_reserve, host = agree(
-                    [float(device_free), -float(reserve), float(host_free if host_free is not None else big)], group, "min")
-                device_free, reserve = int(device_free), int(-neg_reserve)
-                host_free = None if host_free is None else int(host)
-            self.plan = plan_passes(
-                units, device_free=device_free, reserve=reserve, max_device_bytes=max_device_bytes,
-                host_free=host_free, max_host_bytes=max_host_bytes, keep_on_host=keep_on_host,
-            )
+            self.plan = self.plan_device(step, first[2], max_device_bytes=max_device_bytes,
+                                         max_host_bytes=max_host_bytes, keep_on_host=keep_on_host, group=group,
+                                         to_disk=to_disk)
+            self.micro = self.plan.micro_batch or first[2]
             if self.progress:
                 print(self.plan.describe(), file=sys.stderr)
             passes = self.plan.passes
-            if len(passes) > 1:
-                if self.checkpoint_path is not None:
-                    raise InvalidArgumentError(
-                        f"checkpointing needs a one-pass plan; this one has {len(passes)} passes: raise max_device_bytes "
-                        "or collect fewer modules per run"
-                    )
-                if iter(self.dataloader) is self.dataloader:
-                    raise InvalidArgumentError(
-                        f"the plan needs {len(passes)} passes over the data but the dataloader is a one-shot iterator; "
-                        "pass a list or a DataLoader"
-                    )
+            self._check_multipass(len(passes))
+            writer = None
+            if to_disk is not None:
+                writer = self.open_writer(to_disk, [u for p in passes for u in p])
+            staging = _Staging(dev)
             first_prints: list = []  # the first pass's batch fingerprints, when there are several passes
-            for p, pass_units in enumerate(passes):
-                source = itertools.chain([first], stream) if p == 0 else self.batches()
-                sums = _DeviceSums(pass_units, self.targets, self.groups, dev, self.per_sample)
-                names = [name for u in pass_units for name, _ in u.modules]
-                samples = 0
-                prints = []
-                # an error on one rank is raised on all at the end of the pass (no rank left waiting)
-                with together(group, f"collect: pass {p + 1}"):
-                    with _Recorder([self.targets[n] for n in names], sums.add, stop_early=not self.recomputes,
-                                   keep_inputs=False) as rec, \
-                            self._bar(f"lora-da: pass {p + 1}/{len(passes)}") as bar:
-                        for index, batch, bsz, mask in source:
-                            if len(passes) > 1:
-                                prints.append(self.fingerprint(batch))
-                                if p > 0 and (len(prints) > len(first_prints) or prints[-1] != first_prints[len(prints) - 1]):
-                                    raise InvalidArgumentError(
-                                        f"pass {p + 1} got other data than pass 1 at batch {index}: the dataloader must yield "
-                                        "the same batches on every pass (no shuffling), or raise max_device_bytes for one pass"
-                                    )
-                            sums.begin_batch(mask, bsz)
-                            self.forward_backward(batch, bsz, index, rec)
-                            _check_groups({n: self.targets[n] for n in names}, {n: self.groups[n] for n in names})
-                            sums.end_batch(index, rec.targets)
-                            samples += bsz
-                            bar.update(1)
-                            if p == 0:
-                                self.n_samples += bsz
-                                self.batches_done = index + 1
-                                if keep_on_host and self._checkpoint_due():
-                                    sums.flush(self)
-                                    self.snapshot().save(self.checkpoint_path)
-                    if p == 0:
-                        first_prints = prints
-                    if p > 0 and samples != self.n_samples - self.n_samples_at_start:
-                        raise InvalidArgumentError(
-                            f"pass {p + 1} saw {samples} samples, the first {self.n_samples - self.n_samples_at_start}: "
-                            "the dataloader must yield the same batches on every pass"
-                        )
-                if keep_on_host:
-                    sums.flush(self)
-                else:
-                    on_pass(sums, self.n_samples)
-                del sums
+            p = 0
+            try:
+                while p < len(passes):
+                    pass_units = passes[p]
+                    try:
+                        sums = _DeviceSums(pass_units, self.targets, self.groups, dev, self.per_sample)
+                    except OutOfMemoryError:
+                        sums = None
+                    if sums is None:
+                        self._split_pass(passes, p)
+                        continue
+                    source = itertools.chain([first], stream) if p == 0 else self.batches()
+                    names = [name for u in pass_units for name, _ in u.modules]
+                    check = lambda: _check_groups({n: self.targets[n] for n in names},  # noqa: E731
+                                                  {n: self.groups[n] for n in names})
+                    samples = 0
+                    prints = []
+                    # an error on one rank is raised on all at the end of the pass (no rank left waiting)
+                    with together(group, f"collect: pass {p + 1}"):
+                        with _Recorder([self.targets[n] for n in names], sums.add, stop_early=not self.recomputes,
+                                       keep_inputs=False) as rec, \
+                                self._bar(f"lora-da: pass {p + 1}/{len(passes)}") as bar:
+                            for index, batch, bsz, mask in source:
+                                if len(passes) > 1:
+                                    prints.append(self.fingerprint(batch))
+                                    if p > 0 and (len(prints) > len(first_prints)
+                                                  or prints[-1] != first_prints[len(prints) - 1]):
+                                        raise InvalidArgumentError(
+                                            f"pass {p + 1} got other data than pass 1 at batch {index}: the dataloader "
+                                            "must yield the same batches on every pass (no shuffling), or raise "
+                                            "max_device_bytes for one pass"
+                                        )
+                                self._batch_steps(batch, bsz, index, rec, sums, check)
+                                samples += bsz
+                                bar.update(1)
+                                if p == 0:
+                                    self.n_samples += bsz
+                                    self.batches_done = index + 1
+                                    if keep_on_host and writer is None and self._checkpoint_due():
+                                        sums.flush(self, staging)
+                                        self.snapshot().save(self.checkpoint_path)
+                        if p == 0:
+                            first_prints = prints
+                        if p > 0 and samples != self.n_samples - self.n_samples_at_start:
+                            raise InvalidArgumentError(
+                                f"pass {p + 1} saw {samples} samples, the first {self.n_samples - self.n_samples_at_start}: "
+                                "the dataloader must yield the same batches on every pass"
+                            )
+                    if writer is not None:
+                        sums.write(writer, staging, self.n_samples)
+                    elif keep_on_host:
+                        sums.flush(self, staging)
+                    else:
+                        on_pass(sums, self.n_samples)
+                    del sums
+                    p += 1
+                if writer is not None:
+                    writer.finish(self.stream_header())
+                    writer = None
+            finally:
+                if writer is not None:
+                    writer.abort()
+
+    def _check_multipass(self, n_passes: int) -> None:
+        if n_passes <= 1:
+            return
+        if self.checkpoint_path is not None:
+            raise InvalidArgumentError(
+                f"checkpointing needs a one-pass plan; this one has {n_passes} passes: raise max_device_bytes "
+                "or collect fewer modules per run"
+            )
+        if iter(self.dataloader) is self.dataloader:
+            raise InvalidArgumentError(
+                f"the plan needs {n_passes} passes over the data but the dataloader is a one-shot iterator; "
+                "pass a list or a DataLoader"
+            )
+
+    def _split_pass(self, passes: list, p: int) -> None:
+        """The sums of pass ``p`` could not be allocated (nothing of it is summed
+        yet): split it in two, or give up when it holds one input group."""
+        _release(self.device)
+        units = passes[p]
+        if len(units) == 1:
+            raise LoraDAError(
+                f"collect: out of device memory allocating the float64 sums of input group {units[0].group} "
+                f"({units[0].device_bytes / 2**30:.2f} GiB; {_device_free(self.device) / 2**30:.2f} GiB free): "
+                "free device memory, or pass max_device_bytes=0 to accumulate on the host CPU (slow)"
+            )
+        half = len(units) // 2
+        passes[p:p + 1] = [units[:half], units[half:]]
+        self._note(f"out of device memory allocating pass {p + 1}'s sums: split it in two ({len(passes)} passes now)")
+        self._check_multipass(len(passes))
+
+    def _note(self, text: str) -> None:
+        if self.plan is not None:
+            self.plan.notes.append(text)
+        if self.progress:
+            print(f"lora-da: {text}", file=sys.stderr)
+
+    def _batch_steps(self, batch, bsz: int, index: int, rec, sums, check) -> None:
+        """One user batch, in micro-batches of ``self.micro`` samples (SPEC §2:
+        the sums do not depend on how the samples are split)."""
+        self._steps(batch, bsz, index, rec, sums, check, 0, bsz, frozenset())
+
+    def _steps(self, batch, bsz, index, rec, sums, check, lo: int, hi: int, skip: frozenset) -> None:
+        """Samples ``lo:hi`` of a batch. A step that runs out of device memory
+        halves the micro-batch and is redone on its samples, skipping the
+        module calls (``skip``) whose products it had already summed."""
+        a = lo
+        while a < hi:
+            k = min(self.micro, hi - a)
+            sub = batch if (a == 0 and k == bsz) else _slice_batch(batch, bsz, a, a + k)
+            sums.begin_step(token_mask_of(sub, self.token_mask), skip)
+            failed = False
+            try:
+                self.forward_backward(sub, k, index, rec)
+                check()
+            except OutOfMemoryError:
+                failed = True
+            if failed:
+                done = sums.abort_step()
+                rec.clear()
+                _release(self.device)
+                if self.micro == 1:
+                    raise LoraDAError(
+                        f"collect: out of device memory at batch {index} with micro-batches of one sample "
+                        f"({_device_free(self.device) / 2**30:.2f} GiB free now); pass a smaller max_device_bytes "
+                        "so that the plan keeps fewer sums on the device, or free device memory"
+                    )
+                self.micro = (self.micro + 1) // 2
+                self._note(f"batch {index}: out of device memory; micro-batch lowered to {self.micro}, the step redone "
+                           f"without its {len(done)} module call(s) already summed")
+                self._steps(batch, bsz, index, rec, sums, check, a, a + k, skip | done)
+            else:
+                sums.end_step(k, index, rec.targets)
+            a += k
 
 
 class _DeviceSums:
     """Float64 running sums of one pass, on the device: per module ``Σ gᵀx``
     (all tokens), ``Σ g²`` and its token count (valid tokens), per input group
-    ``Σ x xᵀ`` of the valid tokens. Products are formed in the tensor hook as
-    each gradient arrives, so no call's tensors outlive its backward step;
-    invalid tokens are zero-weighted rather than selected (no host sync)."""
+    ``Σ x xᵀ`` of the valid tokens as its lower block triangle (row blocks
+    ``(b − a) × b``, :func:`lora_da.plan.gram_block_rows`). Products are formed
+    in the tensor hook as each gradient arrives, so no call's tensors outlive
+    its backward step; invalid tokens are zero-weighted rather than selected
+    (no host sync).
+
+    A step's additions are all-or-nothing per module call: the hook allocates
+    every temporary first and adds in place last, and records the call as
+    done; a step that fails (out of device memory) reports its done calls, so
+    that the step can be redone without them (``begin_step``'s ``skip``)."""
 
     def __init__(self, units: list[Unit], targets: dict[str, _Target], groups: dict[str, str], device, per_sample: bool):
         f64 = dict(dtype=torch.float64, device=device)
@@ -759,71 +905,92 @@ class _DeviceSums:
         self.sumsq = {n: torch.zeros(targets[n].m, **f64) for n in self.grad}
         self.tokens = {n: torch.zeros((), **f64) for n in self.grad}
         self.samples: dict[str, list] = {n: [] for n in self.grad}
-        self.gram = {u.group: torch.zeros(u.n, u.n, **f64) for u in units}
+        self.gram = {u.group: [torch.zeros(b - a, b, **f64) for a, b in gram_block_rows(u.n)] for u in units}
         self.gram_tokens = {u.group: torch.zeros((), **f64) for u in units}
+        self.n_of = {u.group: u.n for u in units}
         self.groups = groups
         self.per_sample = per_sample
         self.flags: list = []
         self.called: set = set()
         self.batch_samples = 0
         self.mask = None
+        self.skip: frozenset = frozenset()
+        self.done: set = set()
+        self.call_index: dict[str, int] = {}
 
-    def begin_batch(self, mask, bsz: int) -> None:
-        self.mask, self.flags, self.called = mask, [], set()
-        self.batch_samples += bsz
+    def begin_step(self, mask, skip: frozenset = frozenset()) -> None:
+        self.mask, self.called, self.skip, self.done, self.call_index = mask, set(), skip, set(), {}
+
+    def abort_step(self) -> frozenset:
+        """The module calls of a failed step whose products were summed (its finite flags stay, to be checked)."""
+        return frozenset(self.done)
 
     def add(self, target: _Target, x: torch.Tensor, g: torch.Tensor, key) -> None:
         name = target.name
+        call = self.call_index.get(name, 0)
+        self.call_index[name] = call + 1
         self.called.add(name)
+        if (name, call) in self.skip:
+            return  # summed by an earlier try of this step
         xr, gr = _as_rows(x), _as_rows(g)
         # x was checked by the forward hook (the recorder's ``seen``); only g is new here
-        self.flags.append((name, "output gradient", torch.isfinite(gr).all()))
-        # Own copies (a float64 model's tensors are autograd's): zero-weighted in place below.
-        xr, gr = xr.to(torch.float64, copy=True), gr.to(torch.float64, copy=True)
-        self.grad[name].addmm_(gr.T, xr)  # Ḡ: every token
+        finite = torch.isfinite(gr).all()
+        # Every temporary first (own float64 copies: a float64 model's tensors are
+        # autograd's; zero-weighted in place below), the in-place sums last.
+        xr, gr = _float64_copy(xr), _float64_copy(gr)
         w = _row_weights(x, self.mask)
+        sq = gr.square()
         if w is not None:
-            gr.mul_(w[:, None])
-        self.sumsq[name].add_(gr.square().sum(0))
-        self.tokens[name].add_(w.sum() if w is not None else gr.shape[0])
+            sq.mul_(w[:, None])  # w is 0/1: (w g)² = w g²
+        sq = sq.sum(0)
         if self.per_sample:
             if x.dim() != 3:
                 raise ShapeError(f"module {name}: sequence_lowrank needs per-token (B, L, m) outputs")
-            self.samples[name].append(gr.view(x.shape[0], x.shape[1], -1).sum(1))
-        if self.groups[name] == name:
+            rows = (gr if w is None else gr * w[:, None]).view(x.shape[0], x.shape[1], -1).sum(1)
+        count = w.sum() if w is not None else None
+        leader = self.groups[name] == name
+        self.grad[name].addmm_(gr.T, xr)  # Ḡ: every token
+        self.sumsq[name].add_(sq)
+        self.tokens[name].add_(count if count is not None else gr.shape[0])
+        if self.per_sample:
+            self.samples[name].append(rows)
+        if leader:
             if w is not None:
                 xr.mul_(w[:, None])
             _add_gram_lower(self.gram[name], xr)
-            self.gram_tokens[name].add_(w.sum() if w is not None else xr.shape[0])
+            self.gram_tokens[name].add_(count if count is not None else xr.shape[0])
+        self.flags.append((name, "output gradient", finite))
+        self.done.add((name, call))
 
-    def end_batch(self, index: int, targets: Sequence[_Target]) -> None:
-        """One sync per batch: every module had a call with gradient (as on the
+    def end_step(self, samples: int, index: int, targets: Sequence[_Target]) -> None:
+        """One sync per step: every module had a call with gradient (as on the
         host path), and every call's inputs (the finite flags the recorder's
         forward hooks kept in ``seen``) and gradients were finite."""
         missing = [n for n in self.grad if n not in self.called]
         if missing:
             raise LoraDAError(f"module {missing[0]}: no output gradient in batch {index}")
         flags = [(t.name, "input activation", f) for t in targets for f in t.seen] + self.flags
-        if not flags:
-            return
-        ok = torch.stack([f for _, _, f in flags]).cpu()
-        if not bool(ok.all()):
-            name, what, _ = flags[int((~ok).nonzero()[0])]
-            raise NonFiniteError(f"module {name}: non-finite {what} in batch {index}")
+        if flags:
+            ok = torch.stack([f for _, _, f in flags]).cpu()
+            if not bool(ok.all()):
+                name, what, _ = flags[int((~ok).nonzero()[0])]
+                raise NonFiniteError(f"module {name}: non-finite {what} in batch {index}")
         self.flags = []
+        self.batch_samples += samples
 
-    def flush(self, run: _Run) -> None:
+    def flush(self, run: _Run, staging: _Staging) -> None:
         """Into the host's compensated accumulators, then zero."""
         for u in self.units:
             t = int(self.gram_tokens[u.group])
             if u.group not in run.inputs:
                 run.inputs[u.group] = InputFactor(u.n)
             if t:
-                run.inputs[u.group].add_gram(_symmetric_from_lower(self.gram[u.group]).cpu().numpy(), t)
-            self.gram[u.group].zero_()
+                run.inputs[u.group].add_gram(staging.lower(self.gram[u.group], u.n), t)
+            for blk in self.gram[u.group]:
+                blk.zero_()
             self.gram_tokens[u.group].zero_()
         for name, gsum in self.grad.items():
-            run.grad_sums[name] += gsum.cpu().numpy()
+            staging.add_into(run.grad_sums[name], gsum)
             u = torch.cat(self.samples[name]).cpu().numpy() if self.per_sample and self.samples[name] else None
             run.outputs[name].add_sums(self.sumsq[name].cpu().numpy(), int(self.tokens[name]), u)
             if not self.per_sample:
@@ -858,7 +1025,7 @@ class _DeviceSums:
         sent = []
         for u in self.units:
             dst = dist.get_global_rank(group, owner[u.group]) if group is not dist.group.WORLD else owner[u.group]
-            for t in [self.gram[u.group], *(x for name, _ in u.modules for x in (self.grad[name], self.sumsq[name]))]:
+            for t in [*self.gram[u.group], *(x for name, _ in u.modules for x in (self.grad[name], self.sumsq[name]))]:
                 if t.device == where:
                     dist.reduce(t, dst=dst, group=group)
                     sent.append(t)
@@ -890,7 +1057,7 @@ class _DeviceSums:
         t = float(self.gram_tokens[u.group])
         if t == 0:
             raise InvalidArgumentError(f"collect: no valid token reached module(s) {[n for n, _ in u.modules]}; check token_mask")
-        Z = _symmetric_from_lower(self.gram.pop(u.group)).div_(t)
+        Z = _symmetric_from_lower(self.gram.pop(u.group), u.n).div_(t)
         per_module = []
         for name, _ in u.modules:
             y = self.sumsq.pop(name) / float(self.tokens.pop(name))
@@ -900,23 +1067,78 @@ class _DeviceSums:
         return Z, per_module
 
 
-GRAM_BLOCK = 1024
+def _add_gram_lower(rows: list[torch.Tensor], x: torch.Tensor) -> None:
+    """``Σ xᵀx`` into its lower block triangle (row blocks ``(b − a) × b`` of
+    ``GRAM_BLOCK`` rows, :func:`lora_da.plan.gram_block_rows`): ``Z`` is
+    symmetric (SPEC §2), and the float64 products are the collection's main
+    cost, so about 40 % of them are skipped, and the blocks above the diagonal
+    take no memory."""
+    for (a, b), blk in zip(gram_block_rows(x.shape[1]), rows):
+        blk.addmm_(x[:, a:b].T, x[:, :b])
 
 
-def _add_gram_lower(gram: torch.Tensor, x: torch.Tensor) -> None:
-    """``gram += xᵀx`` on the blocks on and below the diagonal only (blocks of
-    ``GRAM_BLOCK`` columns): ``Z`` is symmetric (SPEC §2), and the float64
-    products are the collection's main cost, so about 40 % of them are skipped."""
-    n = gram.shape[0]
-    edges = list(range(0, n, GRAM_BLOCK)) + [n]
-    for i in range(len(edges) - 1):
-        a, b = edges[i], edges[i + 1]
-        gram[a:b, :b].addmm_(x[:, a:b].T, x[:, :b])
+def _symmetric_from_lower(rows: list[torch.Tensor], n: int) -> torch.Tensor:
+    """The full symmetric ``n × n`` matrix from the row blocks that :func:`_add_gram_lower`
+    fills (the lower triangle of each diagonal block mirrored too); frees the blocks."""
+    blocks = gram_block_rows(n)
+    full = torch.empty(n, n, dtype=rows[0].dtype, device=rows[0].device)
+    for (a, b), blk in zip(blocks, rows):
+        full[a:b, :b].copy_(blk)
+    rows.clear()
+    for a, b in blocks:
+        d = full[a:b, a:b]
+        d.copy_(torch.tril(d).add_(torch.tril(d, -1).T))
+        if b < n:
+            full[a:b, b:].copy_(full[b:, a:b].T)
+    return full
 
 
-def _symmetric_from_lower(gram: torch.Tensor) -> torch.Tensor:
-    """The full symmetric matrix from the lower block triangle that :func:`_add_gram_lower` fills."""
-    return torch.tril(gram).add_(torch.tril(gram, -1).T)
+def _lower_full(rows: list[torch.Tensor], n: int) -> torch.Tensor:
+    """An ``n × n`` matrix whose lower triangle is the Gram's (the rest is not read)."""
+    full = torch.zeros(n, n, dtype=rows[0].dtype, device=rows[0].device)
+    for (a, b), blk in zip(gram_block_rows(n), rows):
+        full[a:b, :b].copy_(blk)
+    return full
+
+
+def _float64_copy(t: torch.Tensor) -> torch.Tensor:
+    """lora-da's own per-call float64 copy (the fault-injection tests replace it)."""
+    return t.to(torch.float64, copy=True)
+
+
+def _slice_batch(batch: dict, bsz: int, lo: int, hi: int) -> dict:
+    """Samples ``lo:hi`` of a collated batch: every tensor whose first dimension is the batch's."""
+    return {k: (v[lo:hi] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == bsz else v)
+            for k, v in batch.items()}
+
+
+class _Staging:
+    """Host side of the device-to-host transfers of a flush: one page-locked
+    buffer (on CUDA) reused for every tensor, so a pass's sums reach the host
+    at the link's speed without a pageable copy each (SPEC §7 counts it)."""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self.buf: torch.Tensor | None = None
+
+    def host(self, t: torch.Tensor) -> np.ndarray:
+        """A host copy of ``t`` (float64), valid until the next call."""
+        if self.device.type != "cuda":
+            return t.detach().cpu().numpy()
+        k = t.numel()
+        if self.buf is None or self.buf.numel() < k:
+            self.buf = None
+            self.buf = torch.empty(k, dtype=torch.float64, pin_memory=True)
+        view = self.buf[:k].view(t.shape)
+        view.copy_(t)
+        return view.numpy()
+
+    def lower(self, rows: list[torch.Tensor], n: int) -> np.ndarray:
+        return self.host(_lower_full(rows, n))
+
+    def add_into(self, acc: np.ndarray, t: torch.Tensor) -> None:
+        """``acc += t`` (exact float64 addition; into zeros it is a copy)."""
+        np.add(acc, self.host(t), out=acc)
 
 
 def _row_weights(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:

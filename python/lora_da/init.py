@@ -14,6 +14,9 @@ from tqdm.auto import tqdm
 from lora_da._core import SOLVE_DEFAULTS, SolveResult, lowrank_output_precision, num_threads, solve_shared
 from lora_da.device_solve import CONTRACT_RESIDUAL, DeviceSolveResult, check_finite_result, solve_group_device
 from lora_da.errors import InvalidArgumentError
+from lora_da.memory import OutOfMemoryError
+from lora_da.memory import release as _release
+from lora_da.plan import DEVICE_SOLVE_WORKERS
 from lora_da.statistics import Statistics
 
 
@@ -277,20 +280,103 @@ def _compute_init_on_device(stats: Statistics, config: LoraDAConfig, groups: dic
     order = sorted(groups.items(), key=lambda kv: -stats.modules[kv[0]].in_features)
     bar = tqdm(total=sum(len(v) for v in groups.values()), desc="lora-da: solving", unit="module", disable=not progress)
 
-    def task(group, names):
+    def upload(group, names):
+        """One group's statistics on the device (SPEC §2 means: ``Ḡ`` is divided there, the same
+        correctly rounded division as on the host); None when they do not fit."""
+        try:
+            Z = torch.as_tensor(np.ascontiguousarray(stats.input_factors[group].mean()), device=device)
+            ys = [torch.as_tensor(stats.output_factor(n), device=device) for n in names]
+            # on the CPU as_tensor shares the statistics' memory: divide into a new tensor there
+            Gs = [_divided(torch.as_tensor(np.ascontiguousarray(stats.grad_sums[n]), device=device), stats.n_samples,
+                           in_place=device.type != "cpu") for n in names]
+            if device.type == "cuda":
+                torch.cuda.current_stream(device).synchronize()  # the solve runs on another stream
+            return Z, ys, Gs
+        except OutOfMemoryError:
+            return None
+
+    # The host's share (the packed triangle to a dense Z, the file's pages) runs ahead
+    # of the device's solves on a few threads, a group or two ahead of each solve.
+    prep = ThreadPoolExecutor(max_workers=max(2, min(4, num_threads())))
+    ahead: dict = {}
+    submitted: set = set()
+    lock = threading.Lock()
+
+    def fetch(i):
+        with lock:
+            if i < len(order) and i not in submitted:
+                submitted.add(i)
+                ahead[i] = prep.submit(upload, *order[i])
+
+    def task(i):
         def run():
-            as_dev = lambda a: torch.as_tensor(np.ascontiguousarray(a), device=device)  # noqa: E731
-            inits = _solve_on_device(as_dev(stats.input_factors[group].mean()), [as_dev(stats.output_factor(n)) for n in names],
-                                     [as_dev(stats.mean_grad(n)) for n in names], names, config,
-                                     _group_precisions(stats, names, config))
+            group, names = order[i]
+            fetch(i)
+            fetch(i + 1)
+            with lock:
+                future = ahead.pop(i)
+            inputs = future.result()
+            precisions = _group_precisions(stats, names, config)
+            inits = _solve_device_or_host(inputs, lambda: _host_inputs(stats, group, names), names, config, precisions,
+                                          device)
             bar.update(len(inits))
             return inits
         return run
 
-    for init in _on_streams([task(g, names) for g, names in order], device):
-        out[init.name] = init
+    try:
+        for i in range(min(2, len(order))):
+            fetch(i)
+        for init in _on_streams([task(i) for i in range(len(order))], device):
+            out[init.name] = init
+    finally:
+        prep.shutdown(wait=True, cancel_futures=True)
     bar.close()
     return {n: out[n] for n in stats.modules if n in out}
+
+
+def _divided(t: torch.Tensor, k: int, *, in_place: bool) -> torch.Tensor:
+    return t.div_(k) if in_place else t / k
+
+
+def _host_inputs(stats: Statistics, group: str, names: list[str]):
+    return (stats.input_factors[group].mean(), [stats.output_factor(n) for n in names],
+            [stats.mean_grad(n) for n in names])
+
+
+_solo = threading.Lock()
+
+
+def _solve_device_or_host(inputs, host_inputs, names, config: LoraDAConfig, precisions, device) -> list[ModuleInit]:
+    """One input group on the device, or on the host when its work space does not fit there
+    (SPEC §7): ``inputs`` are the device tensors (None when they could not be uploaded),
+    ``host_inputs()`` gives NumPy ones. An out-of-memory error is retried once on the device
+    with the cache released, then the group is solved by the host's routes; either way
+    the result is the same contract (SPEC §5)."""
+    for attempt in range(2):
+        if inputs is None:
+            break
+        failed = False
+        try:
+            if attempt == 0:
+                return _solve_on_device(*inputs, names, config, precisions)
+            with _solo:
+                return _solve_on_device(*inputs, names, config, precisions)
+        except OutOfMemoryError:
+            failed = True
+        if failed:
+            _release(device)
+    del inputs
+    _release(device)
+    t0 = time.perf_counter()
+    Z, ys, Gs = host_inputs()
+    to_np = lambda a: a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)  # noqa: E731
+    results = _solve_on_host(np.ascontiguousarray(to_np(Z)), [to_np(y) for y in ys],
+                             [np.ascontiguousarray(to_np(G)) for G in Gs], names,
+                             None if precisions is None else [to_np(p) for p in precisions], config)
+    for r in results:
+        r.notes.append("solved on the host: its device work space did not fit in the free device memory")
+    dt = (time.perf_counter() - t0) / len(names)
+    return [ModuleInit(name, res, dt) for name, res in zip(names, results)]
 
 
 def collect_and_solve(model, dataloader, target_modules, config: LoraDAConfig, *, loss_fn=None, progress: bool = True,
@@ -328,6 +414,7 @@ def collect_and_solve(model, dataloader, target_modules, config: LoraDAConfig, *
                      output_fisher=config.output_fisher, max_samples=max_samples, checkpoint_path=None,
                      checkpoint_every=None, resume=False, progress=progress)
     _check_rank(config, {name: (t.n, t.m) for name, t in run.targets.items()})
+    collection = run
     inits: dict[str, ModuleInit] = {}
 
     timings = {"reduce": 0.0, "solve": 0.0, "gather": 0.0}
@@ -351,15 +438,21 @@ def collect_and_solve(model, dataloader, target_modules, config: LoraDAConfig, *
         def task(unit):
             def run():
                 Z, per_module = sums.unit_statistics(unit, n_samples)
-                return _solve_on_device(Z, [p[1] for p in per_module], [p[2] for p in per_module],
-                                        [p[0] for p in per_module], config,
-                                        _output_precisions(config, [p[3] for p in per_module]))
+                names = [p[0] for p in per_module]
+                ys, Gs = [p[1] for p in per_module], [p[2] for p in per_module]
+                precisions = _output_precisions(config, [p[3] for p in per_module])
+                on_host = unit.group in collection.plan.host_solves
+                inputs = None if on_host else (Z, ys, Gs)
+                host = (Z, ys, Gs)
+                del Z, ys, Gs
+                return _solve_device_or_host(inputs, lambda: host, names, config, precisions, device)
             return run
 
         if failed:
             return
         try:
-            for init in _on_streams([task(u) for u in sorted(units, key=lambda u: -u.n)], device):
+            for init in _on_streams([task(u) for u in sorted(units, key=lambda u: -u.n)], device,
+                                    collection.plan.solve_workers):
                 inits[init.name] = init
         except Exception as e:
             if group is None:
@@ -396,16 +489,10 @@ class RunReport:
     gather_seconds: float = 0.0  # every rank's adapters to every rank
 
 
-# Solves running at once on a GPU, each on its own stream: one solve is a chain
-# of small dependent steps with host synchronizations, which leaves the device
-# mostly idle; two chains keep it busier. Each holds its work space (plan.Unit.solve_bytes).
-DEVICE_SOLVE_WORKERS = 2
-
-
-def _on_streams(tasks, device) -> list[ModuleInit]:
+def _on_streams(tasks, device, workers: int = DEVICE_SOLVE_WORKERS) -> list[ModuleInit]:
     """Run ``tasks`` (each returns a list of :class:`ModuleInit`) in order, or on
-    CUDA over ``DEVICE_SOLVE_WORKERS`` threads with a stream each; results in task order."""
-    if device.type != "cuda" or DEVICE_SOLVE_WORKERS <= 1 or len(tasks) < 2:
+    CUDA over ``workers`` threads with a stream each; results in task order."""
+    if device.type != "cuda" or workers <= 1 or len(tasks) < 2:
         return [init for task in tasks for init in task()]
     torch.cuda.current_stream(device).synchronize()  # the sums are complete before other streams read them
     # torch.linalg loads its CUDA solver libraries lazily, and that first call is not thread-safe.
@@ -421,5 +508,5 @@ def _on_streams(tasks, device) -> list[ModuleInit]:
             local.stream.synchronize()  # nothing of this stream is pending when its tensors are freed
         return out
 
-    with ThreadPoolExecutor(max_workers=DEVICE_SOLVE_WORKERS) as pool:
+    with ThreadPoolExecutor(max_workers=workers) as pool:
         return [init for inits in pool.map(run, tasks) for init in inits]

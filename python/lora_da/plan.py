@@ -1,21 +1,30 @@
-"""The memory planner of the collection pass (SPEC §2 at scale).
+"""The memory planner of the collection pass (SPEC §2 at scale, SPEC §7).
 
 The float64 statistics of a large model do not fit beside it on one GPU (a
-7B model's ``Ḡ`` and Gram matrices are ~95 GB), and a host CPU cannot
+7B model's ``Ḡ`` and Gram triangles are ~70 GiB), and a host CPU cannot
 accumulate a GPU model's activations at the rate the GPU produces them. So
 the GPU forms and sums every product in float64, and this planner decides,
 from sizes alone (no tensor is touched, so it is tested on the CPU):
 
+* the micro-batch: the user's batch is split when one training-like step at
+  that size leaves too little room for the sums (the statistics are sums of
+  per-sample terms, SPEC §2, so they do not change);
 * which statistics stay on the device during a pass — whole input groups
-  (the Gram matrix and the ``Ḡ``, ``y`` of every module fed by that input), in
-  the model's order;
-* how many passes over the data that takes, when they do not all fit at once;
-* how many bytes that costs on the device and on the host.
+  (the Gram's lower block triangle and the ``Ḡ``, ``y`` of every module fed
+  by that input), in the model's order — and so how many passes over the data;
+* where each group is solved: on the device, one or two at a time, when its
+  work space fits beside what the pass still holds, else on the host;
+* how many bytes that costs on the device, on the host and on disk.
 
-The device budget is what is free on the device, less what one training-like
-step needs (measured on the first batch) and a margin, bounded by
-``max_device_bytes``; the host budget is the available memory, bounded by
-``max_host_bytes``.
+Everything the device will hold is counted against what is free before the
+first pass: the model's step at the micro-batch (measured on the first
+batch), lora-da's own per-call float64 temporaries, the pass's running sums,
+the largest solve's work space, and a margin for the allocator. Of the plans
+that fit, the one with the least estimated time wins; the estimate is
+passes × steps per pass × (a fixed cost per step + the measured cost per
+sample). Host accumulation of per-batch products was measured out: a batch's
+float64 ``Ḡ`` crosses PCIe at ~50 GB/s while the GPU forms it at ~256 flop
+per byte, a tenth of the rate a pass needs, so a second pass is always cheaper.
 """
 
 from __future__ import annotations
@@ -26,6 +35,32 @@ from dataclasses import dataclass, field
 from lora_da.errors import InvalidArgumentError
 
 GiB = 1 << 30
+
+# Column blocks of the Gram's lower block triangle (collect._add_gram_lower):
+# the sums keep only the blocks on and below the diagonal.
+GRAM_BLOCK = 1024
+
+# Held back on the device beyond the measured step: the caching allocator's
+# fragmentation and the libraries' work spaces (cuBLAS, cuSOLVER).
+MARGIN_BYTES = 384 << 20
+MARGIN_FRACTION = 0.04
+
+# Estimated fixed cost of one micro-batch step, per hooked module call (a
+# handful of small kernel launches and Python in the hook), in seconds; only
+# the ratio to the measured per-sample cost matters.
+STEP_COST_PER_CALL = 60e-6
+
+
+def gram_block_rows(n: int, block: int | None = None) -> list[tuple[int, int]]:
+    """``(a, b)`` of each row block of the lower block triangle: rows ``a:b``, columns ``0:b``."""
+    block = block or GRAM_BLOCK
+    edges = list(range(0, n, block)) + [n]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def gram_bytes(n: int, block: int | None = None) -> int:
+    """Float64 bytes of the Gram's lower block triangle on the device."""
+    return 8 * sum((b - a) * b for a, b in gram_block_rows(n, block))
 
 
 @dataclass(frozen=True)
@@ -38,8 +73,8 @@ class Unit:
 
     @property
     def device_bytes(self) -> int:
-        """Float64 running sums: the ``n × n`` Gram, each module's ``m × n`` ``Ḡ`` and ``m``-vector ``Σg²``."""
-        return 8 * (self.n * self.n + sum(m * self.n + m for _, m in self.modules))
+        """Float64 running sums: the ``n × n`` Gram's lower block triangle, each module's ``m × n`` ``Ḡ`` and ``m``-vector ``Σg²``."""
+        return gram_bytes(self.n) + 8 * sum(m * self.n + m for _, m in self.modules)
 
     @property
     def host_bytes(self) -> int:
@@ -48,12 +83,20 @@ class Unit:
         return 8 * (2 * packed + sum(m * self.n + 2 * m for _, m in self.modules))
 
     @property
+    def file_bytes(self) -> int:
+        """Bytes of this group in a statistics file written as it is collected
+        (SPEC §6, version 2: device sums are plain float64 sums, no compensation)."""
+        packed = self.n * (self.n + 1) // 2
+        return 8 * (packed + sum(m * self.n + m for _, m in self.modules))
+
+    @property
     def solve_bytes(self) -> int:
-        """Device work space of one solve (``device_solve``): about five ``n × n``
-        (the symmetrized copy and factor of ``Z``, ``Z_λ⁻¹``, ``ΔΔᵀ``/``Ω′``, a
-        product), ``Δ`` and ``ḠᵀD`` of the largest module."""
+        """Device work space of one solve (``device_solve``) beyond its inputs:
+        six ``n × n`` (the symmetric ``Z``, ``Z + λI`` and its factor,
+        ``Z_λ⁻¹``, ``ΔΔᵀ``/``Ω′`` and a product), ``Δ`` and ``ḠᵀD`` of the largest
+        module, and the float64 ``Ḡ`` upload."""
         m = max(m for _, m in self.modules)
-        return 8 * (5 * self.n * self.n + 2 * m * self.n)
+        return 8 * (6 * self.n * self.n + 3 * m * self.n)
 
 
 @dataclass
@@ -67,14 +110,43 @@ class MemoryPlan:
     flush_every: int | None  # batches between flushes of device sums to the host (None: at the end of each pass)
     reserve: int = 0  # bytes held back for the model's forward and backward
     notes: list[str] = field(default_factory=list)
+    micro_batch: int | None = None  # samples per forward + backward (None: the user's batches as they come)
+    batch: int | None = None  # the user's batch size (the first batch's)
+    solve_workers: int = 1  # device solves at once (collect_and_solve)
+    host_solves: tuple[str, ...] = ()  # groups whose solve work space does not fit the device
+    to_disk: str | None = None  # the statistics file written pass by pass
+    device_free: int = 0  # what was free for lora-da and the step when planned
+    estimate: float | None = None  # relative cost of the plan's passes (only compared between plans)
+    why: str = ""
 
     @property
     def device_bytes(self) -> int:
         return max((sum(u.device_bytes for u in p) for p in self.passes), default=0)
 
     @property
+    def statistics_bytes(self) -> int:
+        """The statistics' own size on the host (``Statistics`` in memory)."""
+        return sum(u.host_bytes for p in self.passes for u in p)
+
+    @property
+    def file_bytes(self) -> int:
+        return sum(u.file_bytes for p in self.passes for u in p)
+
+    @property
+    def transfer_bytes(self) -> int:
+        """Host staging for one group's Gram (``n × n``) and largest ``Ḡ`` at a time while a pass is flushed."""
+        units = [u for p in self.passes for u in p]
+        if not units or not self.keep_on_host:
+            return 0
+        return max(8 * u.n * u.n + 8 * max(m for _, m in u.modules) * u.n for u in units)
+
+    @property
     def host_bytes(self) -> int:
-        return sum(u.host_bytes for p in self.passes for u in p) if self.keep_on_host else 0
+        """Everything the host holds for the statistics: the statistics themselves
+        (unless they go to disk) and the staging of the transfers."""
+        if not self.keep_on_host:
+            return 0
+        return (0 if self.to_disk else self.statistics_bytes) + self.transfer_bytes
 
     @property
     def modules(self) -> int:
@@ -83,15 +155,27 @@ class MemoryPlan:
     def describe(self) -> str:
         gb = lambda b: f"{b / GiB:.2f} GiB"  # noqa: E731
         host = gb(self.host_budget) if self.host_budget is not None else "unbounded"
+        mb = ""
+        if self.micro_batch is not None and self.batch is not None and self.micro_batch < self.batch:
+            mb = f"; each batch of {self.batch} split into micro-batches of {self.micro_batch}"
         lines = [
             f"lora-da plan: {self.modules} modules in {sum(len(p) for p in self.passes)} input groups; "
-            f"{len(self.passes)} pass(es) over the data",
+            f"{len(self.passes)} pass(es) over the data{mb}",
             f"  device: {gb(self.device_bytes)} of float64 running sums per pass (budget {gb(self.device_budget)}, "
-            f"{gb(self.reserve)} held back for forward + backward)",
-            f"  host:   {gb(self.host_bytes)} of statistics (budget {host}); "
-            + ("device sums flushed " + (f"every {self.flush_every} batches" if self.flush_every else "at the end of each pass")
-               if self.keep_on_host else "each pass is solved on the device, then freed"),
+            f"{gb(self.reserve)} held back for forward + backward, {gb(self.device_free)} free)",
         ]
+        if self.keep_on_host:
+            where = (f"written to {self.to_disk} as each pass ends ({gb(self.file_bytes)} on disk)" if self.to_disk
+                     else f"{gb(self.statistics_bytes)} of statistics")
+            lines.append(f"  host:   {gb(self.host_bytes)} (budget {host}): {where}, "
+                         f"{gb(self.transfer_bytes)} of transfer staging; device sums flushed "
+                         + (f"every {self.flush_every} batches" if self.flush_every else "at the end of each pass"))
+        else:
+            solves = f"{self.solve_workers} at a time" if self.solve_workers > 1 else "one at a time"
+            host_s = f"; {len(self.host_solves)} group(s) solved on the host (work space too large)" if self.host_solves else ""
+            lines.append(f"  solves: each pass is solved on the device, {solves}, then freed{host_s}")
+        if self.why:
+            lines.append(f"  why: {self.why}")
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -111,6 +195,33 @@ def available_host_bytes() -> int | None:
         return None
 
 
+def margin(device_free: int) -> int:
+    return MARGIN_BYTES + int(MARGIN_FRACTION * max(device_free, 0))
+
+
+def _host_budget(host_free: int | None, max_host_bytes: int | None) -> int | None:
+    if max_host_bytes is not None:
+        if max_host_bytes < 0:
+            raise InvalidArgumentError(f"plan: max_host_bytes must be ≥ 0, got {max_host_bytes}")
+        return max_host_bytes if host_free is None else min(host_free, max_host_bytes)
+    return host_free
+
+
+def check_host(plan: MemoryPlan, *, streaming_possible: bool) -> None:
+    """SPEC §7: the host must hold what the plan keeps there, counted before the first batch."""
+    if not plan.keep_on_host or plan.host_budget is None or plan.host_bytes <= plan.host_budget:
+        return
+    need, have = plan.host_bytes, plan.host_budget
+    disk = (f"pass out=PATH (the CLI's collect --out) to write them to disk as they are collected "
+            f"({plan.file_bytes / GiB:.2f} GiB on disk, {plan.transfer_bytes / GiB:.2f} GiB of host memory)"
+            if streaming_possible and not plan.to_disk else "free host memory")
+    raise InvalidArgumentError(
+        f"plan: the statistics need {need / GiB:.2f} GiB of host memory ({need} bytes) but {have / GiB:.2f} GiB "
+        f"({have} bytes) are available (MemAvailable or max_host_bytes); target fewer modules, use collect_and_solve "
+        f"(initialize_lora_da_weights / get_lora_da_state_dict) which keeps no statistics, or {disk}"
+    )
+
+
 def plan_passes(
     units: list[Unit],
     *,
@@ -121,12 +232,20 @@ def plan_passes(
     max_host_bytes: int | None,
     keep_on_host: bool,
     flush_every: int | None = None,
+    solve_workers: int = 1,
+    solve_room: int | None = None,
+    to_disk: str | None = None,
 ) -> MemoryPlan:
     """Split ``units`` (in the model's order) into passes whose device sums fit
-    the budget. ``keep_on_host``: the statistics must all end on the host, so
-    the host budget must hold every unit (else an error that says what to do);
-    otherwise each pass is solved on the device, which also needs each unit's
-    solve work space within the free memory."""
+    the budget (``device_free − reserve``, at most ``max_device_bytes``).
+
+    ``keep_on_host``: the statistics all end on the host (or in ``to_disk``),
+    so the host budget must hold what the plan keeps there (else an error
+    that says what to do). Otherwise each pass is solved on the device right
+    after it, while the step's memory is free again: then a pass also keeps
+    ``solve_workers`` solves' work space free beside its sums within
+    ``solve_room`` (default ``device_free``); a group whose work space does
+    not fit even alone in its own pass is solved on the host."""
     if not units:
         raise InvalidArgumentError("plan: no module to collect")
     budget = max(0, device_free - reserve)
@@ -134,11 +253,7 @@ def plan_passes(
         if max_device_bytes < 0:
             raise InvalidArgumentError(f"plan: max_device_bytes must be ≥ 0, got {max_device_bytes}")
         budget = min(budget, max_device_bytes)
-    host_budget = host_free
-    if max_host_bytes is not None:
-        if max_host_bytes < 0:
-            raise InvalidArgumentError(f"plan: max_host_bytes must be ≥ 0, got {max_host_bytes}")
-        host_budget = max_host_bytes if host_budget is None else min(host_budget, max_host_bytes)
+    host_budget = _host_budget(host_free, max_host_bytes)
     big = max(units, key=lambda u: u.device_bytes)
     if big.device_bytes > budget:
         raise InvalidArgumentError(
@@ -147,29 +262,118 @@ def plan_passes(
             f"back for forward + backward, max_device_bytes={max_device_bytes}); use a smaller batch, raise "
             "max_device_bytes, or pass max_device_bytes=0 to accumulate on the host CPU (slow)"
         )
+    room = device_free if solve_room is None else solve_room
+    host_solves = []
+    if not keep_on_host:
+        host_solves = [u.group for u in units if u.device_bytes + u.solve_bytes > room]
+
+    def solve_fits(p: list[Unit], used: int) -> bool:
+        on_dev = [u for u in p if u.group not in host_solves]
+        if keep_on_host or not on_dev:
+            return True
+        need = sorted((u.solve_bytes for u in on_dev), reverse=True)[:solve_workers]
+        return used + sum(need) <= room
+
     passes: list[list[Unit]] = [[]]
     used = 0
     for u in units:
-        if passes[-1] and used + u.device_bytes > budget:
+        if passes[-1] and (used + u.device_bytes > budget or not solve_fits(passes[-1] + [u], used + u.device_bytes)):
             passes.append([])
             used = 0
         passes[-1].append(u)
         used += u.device_bytes
     plan = MemoryPlan(passes=passes, device_budget=budget, host_budget=host_budget, keep_on_host=keep_on_host,
-                      flush_every=flush_every, reserve=reserve)
-    if keep_on_host and host_budget is not None and plan.host_bytes > host_budget:
-        raise InvalidArgumentError(
-            f"plan: the statistics need {plan.host_bytes / GiB:.2f} GiB on the host but {host_budget / GiB:.2f} GiB are "
-            "available (max_host_bytes or free memory); target fewer modules, or let get_lora_da_state_dict / "
-            "initialize_lora_da_weights solve each pass on the device without keeping the statistics"
-        )
-    if not keep_on_host:
-        worst = max(units, key=lambda u: u.solve_bytes)
-        if worst.solve_bytes > device_free:
-            plan.notes.append(
-                f"the solve of {worst.group} needs {worst.solve_bytes / GiB:.2f} GiB of device work space; "
-                "it may not fit"
-            )
+                      flush_every=flush_every, reserve=reserve, solve_workers=solve_workers,
+                      host_solves=tuple(host_solves), to_disk=to_disk, device_free=device_free)
+    check_host(plan, streaming_possible=True)
+    if host_solves:
+        plan.notes.append(f"{len(host_solves)} input group(s) (the largest: n = {max(u.n for u in units if u.group in host_solves)}) "
+                          "need more device work space than is free: their statistics go to the host and the Rust core solves them")
     if len(passes) > 1:
         plan.notes.append(f"the dataloader is read {len(passes)} times; it must yield the same batches each time")
     return plan
+
+
+@dataclass(frozen=True)
+class Step:
+    """The first batch's forward + backward, as the probe measured it."""
+
+    samples: int  # the micro-batch it ran at
+    bytes: int  # device bytes above the resident ones at its peak
+    seconds: float  # its wall time (0 where unknown)
+    tokens_per_sample: int
+    calls: int  # hooked module calls per step
+    widest: int  # n + 2m of the widest module: its float64 copies per token
+
+
+def transient_bytes(step: Step, micro_batch: int) -> int:
+    """lora-da's own per-call temporaries in the backward hook: float64 copies
+    of one call's ``x`` and ``g`` and the squares of ``g``."""
+    return 8 * micro_batch * step.tokens_per_sample * step.widest
+
+
+def step_bytes(step: Step, micro_batch: int) -> int:
+    """A step's activations scale with its tokens (the probe ran at ``step.samples``)."""
+    return -(-step.bytes * micro_batch // max(step.samples, 1))
+
+
+def choose_plan(
+    units: list[Unit],
+    step: Step,
+    *,
+    batch: int,
+    device_free: int,
+    max_device_bytes: int | None,
+    host_free: int | None,
+    max_host_bytes: int | None,
+    keep_on_host: bool,
+    to_disk: str | None = None,
+    max_solve_workers: int = 2,
+) -> MemoryPlan:
+    """The cheapest plan that fits (module docstring): micro-batches of
+    ``batch``, ``batch/2``, …, 1 (never above what the probe ran), each with
+    its passes and solve placement; the least estimated time wins, ties to
+    the larger micro-batch. A refusal names what would fit."""
+    sizes, mb = [], min(batch, step.samples)
+    while True:
+        sizes.append(mb)
+        if mb == 1:
+            break
+        mb = (mb + 1) // 2
+    per_sample = step.seconds / max(step.samples, 1) if step.seconds > 0 else 1e-3
+    fixed = STEP_COST_PER_CALL * step.calls + 1e-3
+    candidates, errors = [], []
+    for mb in sizes:
+        reserve = step_bytes(step, mb) + transient_bytes(step, mb) + margin(device_free)
+        for workers in range(max(1, max_solve_workers), 0, -1):
+            try:
+                plan = plan_passes(units, device_free=device_free, reserve=reserve, max_device_bytes=max_device_bytes,
+                                   host_free=host_free, max_host_bytes=max_host_bytes, keep_on_host=keep_on_host,
+                                   solve_workers=workers, solve_room=device_free - margin(device_free), to_disk=to_disk)
+            except InvalidArgumentError as e:
+                errors.append(e)
+                break
+            steps = -(-batch // mb)  # per user batch
+            plan.estimate = len(plan.passes) * (steps * fixed + batch * per_sample) / batch
+            plan.micro_batch, plan.batch = mb, batch
+            candidates.append(plan)
+            if keep_on_host:
+                break
+    if not candidates:
+        raise errors[-1]
+    best = min(candidates, key=lambda p: (round(p.estimate, 12), -p.micro_batch, -p.solve_workers))
+    others = [p for p in candidates if p is not best]
+    alt = min(others, key=lambda p: p.estimate) if others else None
+    why = [f"micro-batch {best.micro_batch}: a step takes ~{step_bytes(step, best.micro_batch) / GiB:.2f} GiB, "
+           f"lora-da's per-call temporaries {transient_bytes(step, best.micro_batch) / GiB:.2f} GiB"]
+    if alt is not None:
+        why.append(f"the next best, micro-batch {alt.micro_batch} with {len(alt.passes)} pass(es), "
+                   f"is estimated {alt.estimate / best.estimate:.2f}× as long")
+    best.why = "; ".join(why)
+    return best
+
+
+# Solves running at once on a GPU, each on its own stream: one solve is a chain
+# of small dependent steps with host synchronizations, which leaves the device
+# mostly idle; two chains keep it busier. Each holds its work space (Unit.solve_bytes).
+DEVICE_SOLVE_WORKERS = 2

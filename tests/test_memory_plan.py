@@ -1,0 +1,272 @@
+"""Every GPU size (SPEC §7): the plan counts what the device will hold and
+chooses micro-batches, passes and solve places; out-of-memory errors from
+lora-da's own work shrink the plan and the work goes on from where it stopped.
+Run on the CPU with the planned device path (``accumulate_on="device"``) and
+fault injection: an allocation or a step that raises ``OutOfMemoryError``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from helpers import LLAMA_TARGETS, batches, data, tiny_llama
+
+import lora_da
+import lora_da.collect as collect
+import lora_da.init as init
+from lora_da.collect import _DeviceSums, _Run
+from lora_da.memory import OutOfMemoryError
+from lora_da.plan import MARGIN_BYTES, MARGIN_FRACTION, GiB, Step, Unit, choose_plan, gram_bytes
+from lora_da.reference import reference_solve, subspace_sin_theta
+
+GRAM_ROWS = [(0, 1024), (1024, 2048)]
+
+
+def host_statistics(bs=3, targets=LLAMA_TARGETS, **kw):
+    ids, mask = data()
+    return lora_da.collect_statistics(tiny_llama(), batches(ids, mask, bs), targets, progress=False, **kw)
+
+
+def device_statistics(bs=3, targets=LLAMA_TARGETS, **kw):
+    ids, mask = data()
+    return lora_da.collect_statistics(tiny_llama(), batches(ids, mask, bs), targets, progress=False,
+                                      accumulate_on="device", **kw)
+
+
+def assert_same(a, b, rel=1e-13):
+    """The sums of every sample, each once: a lost or a doubled contribution moves them by far more."""
+    assert a.groups() == b.groups() and a.n_samples == b.n_samples
+    for n in a.modules:
+        for f in ("mean_grad", "input_factor", "output_factor"):
+            x, y = getattr(a, f)(n), getattr(b, f)(n)
+            assert np.abs(x - y).max() <= rel * np.abs(x).max(), (n, f)
+        assert a.output_factors[n].tokens == b.output_factors[n].tokens
+    for g in a.input_factors:
+        assert a.input_factors[g].tokens == b.input_factors[g].tokens
+
+
+# -- the planner's byte counts against what is allocated ------------------------------------
+
+
+def test_unit_bytes_equal_the_tensors_the_pass_allocates():
+    """``Unit.device_bytes`` (what the plan counts) against the sizes of the
+    tensors ``_DeviceSums`` actually holds, for groups of one and of several
+    modules and for n below, at and above the Gram's block size."""
+    class T:  # the fields _DeviceSums reads of a target
+        def __init__(self, m, n):
+            self.m, self.n = m, n
+
+    units = [Unit("a", 40, (("a", 24),)), Unit("b", 1100, (("b", 8), ("b2", 16))), Unit("c", 2048, (("c", 3),))]
+    targets = {name: T(m, u.n) for u in units for name, m in u.modules}
+    groups = {name: u.group for u in units for name, _ in u.modules}
+    sums = _DeviceSums(units, targets, groups, "cpu", per_sample=False)
+    held = sum(t.numel() * t.element_size() for blocks in sums.gram.values() for t in blocks)
+    held += sum(t.numel() * t.element_size() for d in (sums.grad, sums.sumsq) for t in d.values())
+    assert held == sum(u.device_bytes for u in units)
+    assert gram_bytes(2048) == 8 * (1024 * 1024 + 1024 * 2048)  # two row blocks: 3/4 of the full matrix
+
+
+def test_host_bytes_equal_the_statistics_kept():
+    """``Unit.host_bytes`` against the bytes a collected ``Statistics`` holds (packed sums and
+    compensations, Ḡ, y and its compensation)."""
+    stats = host_statistics()
+    run_units = {}
+    for name, info in stats.modules.items():
+        run_units.setdefault(info.input_group, []).append((name, info.out_features))
+    units = [Unit(g, stats.input_factors[g].n, tuple(mods)) for g, mods in run_units.items()]
+    held = sum(a.nbytes for f in stats.input_factors.values() for a in f.packed_raw())
+    held += sum(a.nbytes for f in stats.output_factors.values() for a in f.sum_raw())
+    held += sum(g.nbytes for g in stats.grad_sums.values())
+    assert held == sum(u.host_bytes for u in units)
+
+
+# -- choosing a plan -------------------------------------------------------------------------
+
+
+def units_7b(layers=4):
+    """The Llama-2-7B shape's input groups, ``layers`` of them."""
+    out = []
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        out += [Unit(p + "q", 4096, ((p + "q", 4096), (p + "k", 4096), (p + "v", 4096))),
+                Unit(p + "o", 4096, ((p + "o", 4096),)),
+                Unit(p + "gate", 4096, ((p + "gate", 11008), (p + "up", 11008))),
+                Unit(p + "down", 11008, ((p + "down", 4096),))]
+    return out
+
+
+def test_a_step_too_large_for_its_sums_is_split_into_micro_batches():
+    """A 24 GiB card with a 7B model: a batch of 8 takes 17.8 GiB in one step,
+    which leaves no room for a down_proj group's sums; halving it does."""
+    step = Step(samples=8, bytes=int(17.8 * GiB), seconds=0.25, tokens_per_sample=512, calls=224, widest=11008 + 8192)
+    free = int(11.4 * GiB)
+    plan = choose_plan(units_7b(), step, batch=8, device_free=free, max_device_bytes=None, host_free=None,
+                       max_host_bytes=None, keep_on_host=False)
+    assert plan.micro_batch < 8
+    reserve = plan.reserve
+    assert reserve >= step.bytes * plan.micro_batch // 8
+    # everything the device holds at the peak of a pass fits what was free
+    assert all(sum(u.device_bytes for u in p) + reserve <= free for p in plan.passes)
+    assert "split into micro-batches" in plan.describe() and "why:" in plan.describe()
+    # and every pass leaves its solves room (the step's memory is free again then)
+    for p in plan.passes:
+        used = sum(u.device_bytes for u in p)
+        assert used + max(u.solve_bytes for u in p) <= free
+
+
+def test_a_solve_that_fits_nowhere_goes_to_the_host():
+    units = [Unit("small", 64, (("small", 32),)), Unit("big", 2048, (("big", 64),))]
+    big = units[1]
+    # what is left after the allocator's margin holds its sums and half its solve's work space
+    free = int((big.device_bytes + big.solve_bytes // 2 + MARGIN_BYTES) / (1 - MARGIN_FRACTION))
+    step = Step(samples=1, bytes=0, seconds=0.0, tokens_per_sample=4, calls=2, widest=2048 + 128)
+    plan = choose_plan(units, step, batch=1, device_free=free, max_device_bytes=None, host_free=None,
+                       max_host_bytes=None, keep_on_host=False)
+    assert plan.host_solves == ("big",)
+    assert "solved on the host" in plan.describe()
+
+
+def test_refusal_names_what_is_needed_and_what_is_free():
+    step = Step(samples=1, bytes=10 * GiB, seconds=0.1, tokens_per_sample=512, calls=4, widest=100)
+    with pytest.raises(lora_da.InvalidArgumentError, match=r"input group .* needs .* GiB .* budget is"):
+        choose_plan(units_7b(1), step, batch=1, device_free=11 * GiB, max_device_bytes=None, host_free=None,
+                    max_host_bytes=None, keep_on_host=False)
+
+
+def test_two_solves_at_once_only_where_both_fit():
+    units = units_7b(2)
+    step = Step(samples=1, bytes=GiB, seconds=0.1, tokens_per_sample=512, calls=56, widest=11008 + 8192)
+    roomy = choose_plan(units, step, batch=1, device_free=200 * GiB, max_device_bytes=None, host_free=None,
+                        max_host_bytes=None, keep_on_host=False)
+    assert roomy.solve_workers == 2 and len(roomy.passes) == 1
+    down = next(u for u in units if u.n == 11008)
+    tight = down.device_bytes + down.solve_bytes + 2 * GiB
+    plan = choose_plan(units, step, batch=1, device_free=tight, max_device_bytes=None, host_free=None,
+                       max_host_bytes=None, keep_on_host=False)
+    assert all(sum(u.device_bytes for u in p) + sum(sorted((u.solve_bytes for u in p), reverse=True)[:plan.solve_workers])
+               <= tight for p in plan.passes)
+
+
+# -- out of memory in the first step ---------------------------------------------------------
+
+
+def oom_above(limit):
+    """A loss that runs out of memory on more than ``limit`` samples (a step too large for the device)."""
+    def loss(model, batch):
+        if batch["input_ids"].shape[0] > limit:
+            raise OutOfMemoryError("injected: CUDA out of memory. Tried to allocate 2.00 GiB")
+        return collect.default_loss(model, batch)
+    return loss
+
+
+def test_a_first_batch_that_does_not_fit_is_probed_smaller_and_split():
+    host = host_statistics(bs=6)
+    dev = device_statistics(bs=6, loss_fn=oom_above(2))
+    assert dev.plan.micro_batch <= 2 and dev.plan.batch == 6
+    assert any("it fit at 2" in n for n in dev.plan.notes)
+    assert_same(host, dev)
+
+
+def test_not_even_one_sample_fits():
+    with pytest.raises(lora_da.LoraDAError, match="one sample's forward \\+ backward does not fit"):
+        device_statistics(bs=3, loss_fn=oom_above(0))
+
+
+# -- out of memory during a pass ---------------------------------------------------------
+
+
+def fail_copy_on(calls):
+    """lora-da's per-call float64 copy raising on its k-th calls (counted from 1)."""
+    count = {"n": 0}
+    real = collect._float64_copy
+
+    def copy(t):
+        count["n"] += 1
+        if count["n"] in calls:
+            raise OutOfMemoryError(f"injected at copy {count['n']}")
+        return real(t)
+    return copy
+
+
+@pytest.mark.parametrize("k", [1, 5, 16, 23, 28])  # 14 modules, 2 copies each per step
+def test_an_oom_in_a_hook_halves_the_micro_batch_and_loses_nothing(monkeypatch, k):
+    """The k-th float64 copy fails (mid-backward: some modules of the step were
+    summed, others not): the step is redone at half the micro-batch without the
+    summed calls, and the statistics equal the host path's."""
+    host = host_statistics(bs=6)
+    monkeypatch.setattr(collect, "_float64_copy", fail_copy_on({k}))
+    dev = device_statistics(bs=6)
+    assert dev.plan.micro_batch == 6  # planned at 6, lowered on the way
+    assert any("micro-batch lowered to 3" in n for n in dev.plan.notes)
+    assert_same(host, dev)
+
+
+def test_repeated_ooms_go_down_to_one_sample(monkeypatch):
+    host = host_statistics(bs=6)
+    monkeypatch.setattr(collect, "_float64_copy", fail_copy_on({3, 20, 40}))
+    dev = device_statistics(bs=6)
+    assert_same(host, dev)
+
+
+def test_an_oom_at_one_sample_is_an_error_that_says_what_to_do(monkeypatch):
+    monkeypatch.setattr(collect, "_float64_copy", fail_copy_on(set(range(7, 10**6))))
+    with pytest.raises(lora_da.LoraDAError, match="micro-batches of one sample.*max_device_bytes"):
+        device_statistics(bs=2)
+
+
+def test_a_pass_whose_sums_cannot_be_allocated_is_split(monkeypatch):
+    host = host_statistics()
+    real = _DeviceSums.__init__
+    sizes = []
+
+    def init_or_oom(self, units, *a, **kw):
+        sizes.append(len(units))
+        if len(units) > 2:
+            raise OutOfMemoryError("injected: the pass's sums")
+        real(self, units, *a, **kw)
+
+    monkeypatch.setattr(_DeviceSums, "__init__", init_or_oom)
+    dev = device_statistics()
+    assert len(dev.plan.passes) > 1 and max(len(p) for p in dev.plan.passes) <= 2
+    assert any("split it in two" in n for n in dev.plan.notes)
+    assert_same(host, dev)
+
+
+# -- out of memory in a device solve -----------------------------------------------------------
+
+
+def test_a_device_solve_that_runs_out_of_memory_is_solved_on_the_host(monkeypatch):
+    cfg = lora_da.LoraDAConfig(n_pop=100, rank=2, gamma=4.0)
+    stats = host_statistics()
+    calls = {"n": 0}
+    real = init._solve_on_device
+
+    def flaky(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] <= 3:  # the first group fails twice (host route), the second once (retried on the device)
+            raise OutOfMemoryError("injected: the solve's work space")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(init, "_solve_on_device", flaky)
+    ids, mask = data()
+    got = init.collect_and_solve(tiny_llama(), batches(ids, mask, 3), LLAMA_TARGETS, cfg, progress=False,
+                                 accumulate_on="device")
+    notes = [n for i in got.values() for n in i.result.notes]
+    assert any("solved on the host" in n for n in notes)
+    for n in stats.modules:
+        ref = reference_solve(stats.input_factor(n), stats.output_factor(n), stats.mean_grad(n), rank=2, n_pop=100.0,
+                              gamma=4.0)
+        assert subspace_sin_theta(ref.V, got[n].result.V) <= 1e-8
+        assert np.abs(ref.B - got[n].B).max() <= 1e-8 * np.abs(ref.B).max()
+
+
+def test_compute_init_on_a_device_falls_back_to_the_host_too(monkeypatch):
+    cfg = lora_da.LoraDAConfig(n_pop=100, rank=2, gamma=4.0)
+    stats = host_statistics()
+    monkeypatch.setattr(init, "_solve_on_device", lambda *a, **kw: (_ for _ in ()).throw(OutOfMemoryError("injected")))
+    got = lora_da.compute_init(stats, cfg, progress=False, device="cpu")
+    for n in stats.modules:
+        ref = reference_solve(stats.input_factor(n), stats.output_factor(n), stats.mean_grad(n), rank=2, n_pop=100.0,
+                              gamma=4.0)
+        assert subspace_sin_theta(ref.V, got[n].result.V) <= 1e-8
+        assert "solved on the host" in got[n].result.notes[-1]
