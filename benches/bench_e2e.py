@@ -5,6 +5,16 @@
 
 Random bf16 weights of the named shape (no download), random token ids with
 some right padding, all seven projection types, rank 8, β 0.03, γ 1024.
+With ``--gpu-gib 12,24,40,80,all --batches 1,4,16`` it runs the memory grid
+instead (SPEC §7, every GPU size): for each card size X the device is filled
+so that ``mem_get_info`` reports what a card of X GiB would with the model on
+it, and lora-da runs with default settings at each batch size; peaks are
+reported net of the filler, with the plan lora-da chose. The baseline runs
+once per shape at the smallest card it fits (its peak is far below the
+others, so the fill does not change it), ``--keep`` also times the route
+that keeps the statistics (``collect_statistics`` then
+``compute_init(device="cuda")``) at the largest card.
+
 Runs, in this order: a plain forward + backward over the data at lora-da's
 batch size (the floor), lora-da with default settings
 (:func:`lora_da.get_lora_da_state_dict`), lora-da with its device budget cut
@@ -133,6 +143,137 @@ def floor_pass_checkpointed(model, batches):
         floor_pass(model, batches)
 
 
+class Filler:
+    """Device memory taken so that ``mem_get_info`` reports what a card of ``gib`` GiB would, the model on it."""
+
+    def __init__(self):
+        self.t = None
+
+    def set(self, gib, model_bytes: int) -> int:
+        self.t = None
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        if gib == "all":
+            return 0
+        free, _ = torch.cuda.mem_get_info()
+        take = free - (int(float(gib) * 2**30) - model_bytes)
+        if take <= 0:
+            return 0
+        self.t = torch.empty(take, dtype=torch.uint8, device="cuda")
+        return take
+
+
+def run_cell(fn, filler_bytes):
+    """(result, seconds, GPU peak net of the filler, host peak) or the error's first line."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        with HostPeak() as hp:
+            t = time.perf_counter()
+            out = fn()
+            torch.cuda.synchronize()
+            dt = time.perf_counter() - t
+    except Exception as e:  # an out-of-memory or a refusal is a cell of the table, not the end of the run
+        import traceback
+
+        tb = traceback.extract_tb(e.__traceback__)
+        where = f"{tb[-1].filename.split('/')[-1]}:{tb[-1].lineno} {tb[-1].name}" if tb else ""
+        return None, f"{type(e).__name__} in {where}: {str(e).splitlines()[0][:160]}"
+    return (out, dt, (torch.cuda.max_memory_allocated() - filler_bytes) / 2**30, hp.peak / 2**30), None
+
+
+def grid(args, shape):
+    import lora_da
+    from lora_da.init import collect_and_solve
+    from peft import LoraConfig
+
+    print("command: python " + " ".join(sys.argv))
+    print(f"machine: {torch.cuda.get_device_name(0)}; torch {torch.__version__}; host threads {lora_da.num_threads()}")
+    model = make_model(shape)
+    model_bytes = torch.cuda.memory_allocated()
+    ids, mask = make_data(shape["samples"])
+    cfg = lora_da.LoraDAConfig(n_pop=10000, rank=8, beta=0.03, gamma=1024.0)
+    names = lora_da.adapters._peft_targets(model, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS))
+    floor_pass(model, batched(ids, mask, 1)[:1])  # warm-up
+    filler = Filler()
+    sizes = args.gpu_gib.split(",")
+    batch_sizes = [int(b) for b in args.batches.split(",")]
+    rows, log = [], open(os.path.join(os.environ.get("OUT", "."), f"grid_{args.shape}.log"), "a")
+
+    def say(line):
+        print(line, flush=True)
+        log.write(line + "\n")
+        log.flush()
+
+    base_at = None
+    for gib in sizes:
+        for bs in batch_sizes:
+            data = batched(ids, mask, bs)
+            took = filler.set(gib, model_bytes)
+            res, err = run_cell(lambda: (collect_and_solve(model, data, names, cfg, progress=False),
+                                         collect_and_solve.last_report), took)
+            if err:
+                rows.append((gib, bs, "lora-da", None, err, None, None))
+                say(f"card {gib} GiB, batch {bs}: {err}")
+                continue
+            (inits, rep), dt, g, h = res
+            plan = rep.plan
+            desc = (f"{len(plan.passes)} pass(es), micro-batch {plan.micro_batch}, {plan.solve_workers} solve(s) at once"
+                    + (f", {len(plan.host_solves)} host solve(s)" if plan.host_solves else "")
+                    + (f"; notes: {len(plan.notes)}" if plan.notes else ""))
+            rows.append((gib, bs, "lora-da", dt, f"collect {dt - rep.solve_seconds:.1f} s, solve {rep.solve_seconds:.1f} s; "
+                         + desc, g, h))
+            say(f"card {gib} GiB, batch {bs}: {dt:.1f} s, GPU {g:.1f} GiB net, host {h:.1f} GiB\n{plan.describe()}")
+            del inits
+        if args.keep and gib == sizes[0]:
+            bs = batch_sizes[-1]
+            data = batched(ids, mask, bs)
+            took = filler.set(gib, model_bytes)
+
+            def keep():
+                t0 = time.perf_counter()
+                stats = lora_da.collect_statistics(model, data, names, progress=False)
+                t1 = time.perf_counter()
+                out = lora_da.compute_init(stats, cfg, progress=False, device="cuda")
+                return stats.plan, t1 - t0, time.perf_counter() - t1, len(out)
+
+            res, err = run_cell(keep, took)
+            if err:
+                rows.append((gib, bs, "keep statistics", None, err, None, None))
+                say(f"keep, card {gib}: {err}")
+            else:
+                (plan, tc, ts, k), dt, g, h = res
+                rows.append((gib, bs, "keep statistics", dt, f"collect_statistics {tc:.1f} s, compute_init {ts:.1f} s "
+                             f"({plan.statistics_bytes / 2**30:.1f} GiB of statistics)", g, h))
+                say(f"keep, card {gib} GiB, batch {bs}: {dt:.1f} s (collect {tc:.1f}, solve {ts:.1f}), host {h:.1f} GiB")
+    if not args.skip_baseline:
+        from baseline_authors import authors_pipeline
+
+        for gib in reversed(sizes):  # the smallest card the baseline fits
+            took = filler.set(gib, model_bytes)
+            res, err = run_cell(lambda: authors_pipeline(model, batched(ids, mask, 1), TARGETS, n_pop=10000), took)
+            if err:
+                rows.append((gib, 1, "authors' pipeline", None, err, None, None))
+                say(f"baseline, card {gib}: {err}")
+                continue
+            _, dt, g, h = res
+            rows.append((gib, 1, "authors' pipeline", dt, "batch 1", g, h))
+            say(f"baseline, card {gib} GiB: {dt:.1f} s, GPU {g:.1f} GiB")
+            base_at = (gib, dt)
+            break
+    filler.set("all", model_bytes)
+    print(f"\nmodel: {args.shape} shape, {model_bytes / 2**30:.1f} GiB of bf16 weights; {shape['samples']} samples × 512 tokens")
+    print("| card (GiB) | batch | run | wall (s) | split / plan | GPU peak net (GiB) | host peak (GiB) | ratio to baseline |")
+    print("|---|---:|---|---:|---|---:|---:|---:|")
+    for gib, bs, who, dt, what, g, h in rows:
+        ratio = f"{dt / base_at[1]:.2f}×" if dt is not None and base_at else ""
+        print(f"| {gib} | {bs} | {who} | {'' if dt is None else f'{dt:.1f}'} | {what} | "
+              f"{'' if g is None else f'{g:.1f}'} | {'' if h is None else f'{h:.1f}'} | {ratio} |")
+    if base_at:
+        print(f"baseline measured on the {base_at[0]} GiB card: {base_at[1]:.1f} s")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", choices=sorted(SHAPES), default="tinyllama")
@@ -144,10 +285,15 @@ def main():
     ap.add_argument("--no-budget-checkpointing", dest="budget_checkpointing", action="store_false",
                     help="run the budget-limited run without gradient checkpointing")
     ap.add_argument("--repeats", type=int, default=1, help="runs of lora-da's default and of the baseline (median)")
+    ap.add_argument("--gpu-gib", default=None, help="memory grid: card sizes in GiB, e.g. 12,24,40,80,all (largest first)")
+    ap.add_argument("--batches", default="1,4,16", help="memory grid: batch sizes")
+    ap.add_argument("--keep", action="store_true", help="memory grid: also the keep-statistics route at the first card")
     args = ap.parse_args()
     shape = dict(SHAPES[args.shape])
     if args.samples:
         shape["samples"] = args.samples
+    if args.gpu_gib:
+        return grid(args, shape)
 
     import lora_da
     from peft import LoraConfig

@@ -270,3 +270,68 @@ def test_compute_init_on_a_device_falls_back_to_the_host_too(monkeypatch):
                               gamma=4.0)
         assert subspace_sin_theta(ref.V, got[n].result.V) <= 1e-8
         assert "solved on the host" in got[n].result.notes[-1]
+
+
+# -- keeping the statistics: the host's share checked first, or streamed to disk (issue: 7B) ----------
+
+
+def counting_loss():
+    calls = {"n": 0}
+
+    def loss(model, batch):
+        calls["n"] += 1
+        return collect.default_loss(model, batch)
+    return loss, calls
+
+
+@pytest.mark.parametrize("kw", [{}, {"output_fisher": "sequence_lowrank"}, {"max_device_bytes": 40_000}])
+def test_statistics_streamed_to_disk_equal_the_in_memory_ones_bit_for_bit(tmp_path, kw):
+    """``out=`` writes each pass's sums into the file as the pass ends; the result is
+    memory-mapped from it and equals the in-memory collection exactly (device sums are
+    plain float64 sums, so the in-memory accumulators hold them with zero compensation)."""
+    mem = device_statistics(**kw)
+    path = tmp_path / "stats.safetensors"
+    st = device_statistics(out=path, **kw)
+    assert (len(st.plan.passes) > 1) == ("max_device_bytes" in kw)
+    for n in mem.modules:
+        for f in ("mean_grad", "input_factor", "output_factor"):
+            assert np.array_equal(getattr(mem, f)(n), getattr(st, f)(n)), (n, f)
+        if "output_fisher" in kw:
+            assert np.array_equal(mem.output_factors[n].sample_sums(), st.output_factors[n].sample_sums())
+    cfg = lora_da.LoraDAConfig(n_pop=100, rank=2, gamma=4.0, output_fisher=kw.get("output_fisher", "diagonal"))
+    a, b = lora_da.compute_init(mem, cfg, progress=False), lora_da.compute_init(st, cfg, progress=False)
+    assert all(np.array_equal(a[n].A, b[n].A) and np.array_equal(a[n].B, b[n].B) for n in a)
+    # the file is a valid statistics file, read eagerly too, and nothing is left beside it
+    again = lora_da.Statistics.load(path)
+    assert all(np.array_equal(again.mean_grad(n), mem.mean_grad(n)) for n in mem.modules)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stats.safetensors"]
+    with pytest.raises(lora_da.InvalidArgumentError, match="memory-mapped"):
+        st.merge(mem)
+
+
+def test_a_host_too_small_for_the_statistics_is_refused_before_the_first_batch(tmp_path):
+    stats_bytes = sum(a.nbytes for g in host_statistics().grad_sums.values() for a in [g])
+    loss, calls = counting_loss()
+    with pytest.raises(lora_da.InvalidArgumentError, match=r"host memory \(\d+ bytes.*available.*out=PATH"):
+        device_statistics(loss_fn=loss, max_host_bytes=stats_bytes // 2)
+    assert calls["n"] == 0  # refused before any forward pass
+    with pytest.raises(lora_da.InvalidArgumentError, match=r"host memory .*out=PATH"):
+        host_statistics(loss_fn=loss, max_host_bytes=stats_bytes // 2)
+    assert calls["n"] == 0
+    assert not list(tmp_path.iterdir())
+
+
+def test_the_plan_counts_the_staging_and_the_statistics(tmp_path):
+    """Past the Ḡ floor, the plan's exact count (statistics + staging) is checked after the
+    probe, still before anything is summed; streaming to disk needs only the staging."""
+    full = device_statistics()
+    need = full.plan.host_bytes
+    assert need == full.plan.statistics_bytes + full.plan.transfer_bytes
+    floor = sum(g.nbytes for g in full.grad_sums.values())
+    budget = (floor + need) // 2
+    assert floor < budget < need
+    with pytest.raises(lora_da.InvalidArgumentError, match=rf"need {need / 2**30:.2f} GiB of host memory \({need} bytes"):
+        device_statistics(max_host_bytes=budget)
+    st = device_statistics(max_host_bytes=budget, out=tmp_path / "s.safetensors")
+    assert st.plan.host_bytes == st.plan.transfer_bytes < budget
+    assert "on disk" in st.plan.describe()

@@ -40,7 +40,7 @@ from lora_da.memory import OutOfMemoryError
 from lora_da.memory import release as _release
 from lora_da.plan import (DEVICE_SOLVE_WORKERS, MemoryPlan, Step, Unit, available_host_bytes, choose_plan,
                           gram_block_rows)
-from lora_da.statistics import ModuleInfo, Statistics
+from lora_da.statistics import ModuleInfo, Statistics, StatisticsWriter, file_header
 
 LossFn = Callable[[torch.nn.Module, dict], torch.Tensor]
 
@@ -242,6 +242,7 @@ def collect_statistics(
     progress: bool = True,
     accumulate_on: str = "auto",
     reduce_across_ranks: bool = True,
+    out: str | os.PathLike | None = None,
 ) -> Statistics:
     """One pass over ``dataloader`` → :class:`Statistics` for every target module (SPEC §2).
 
@@ -277,21 +278,48 @@ def collect_statistics(
     (:func:`lora_da.distributed.all_reduce_statistics`); the ranks also agree
     on one memory plan. ``reduce_across_ranks=False`` keeps each rank's own.
     A checkpoint path gets the rank in its name (``ck.rank1.safetensors``).
+
+    Keeping the statistics of a large model (SPEC §7): the host's share is
+    counted before the first batch against the available memory (and
+    ``max_host_bytes``): the statistics themselves and the transfer staging.
+    If they do not fit, the call refuses with the bytes needed and available.
+    With ``out=PATH`` each pass's sums are written into the statistics file
+    as the pass ends, so the host holds about one group's worth beside the
+    model, and the result is memory-mapped from that file
+    (:meth:`Statistics.load` with ``mmap=True``); ``compute_init`` then reads
+    one group at a time. On the host path (a CPU model) ``out`` is written at
+    the end.
     """
     group = active_group(reduce_across_ranks)
+    if out is not None and (checkpoint_path is not None or group is not None):
+        raise InvalidArgumentError(
+            "collect_statistics: out= (statistics written pass by pass) works without checkpoint_path and outside a "
+            "process group; collect, then save the result on one rank"
+        )
     if group is not None and checkpoint_path is not None:
         checkpoint_path = _rank_path(checkpoint_path)
     run = _Run.start(model, dataloader, target_modules, loss_fn=loss_fn, token_mask=token_mask,
                      output_fisher=output_fisher, max_samples=max_samples, checkpoint_path=checkpoint_path,
                      checkpoint_every=checkpoint_every, resume=resume, progress=progress)
-    if _on_host(run.device, max_device_bytes, accumulate_on):
+    on_host = _on_host(run.device, max_device_bytes, accumulate_on)
+    run.check_host_floor(max_host_bytes, streaming=out is not None and not on_host)
+    if on_host:
         with together(group, "collect"):
             run.collect_on_host()
     else:
         run.collect_on_device(max_device_bytes=max_device_bytes, max_host_bytes=max_host_bytes, keep_on_host=True,
-                              group=group)
+                              group=group, to_disk=out)
+    if out is not None and not on_host:
+        if run.n_samples == 0:
+            raise InvalidArgumentError("collect_statistics: the dataloader yielded no sample")
+        stats = Statistics.load(out, mmap=True)
+        stats.plan = run.plan
+        return stats
     if group is None:
-        return run.finish()
+        stats = run.finish()
+        if out is not None:
+            stats.save(out)
+        return stats
     # A rank without samples must still join the sum, or the others would wait forever.
     if agree([float(run.n_samples == 0)], group, "max")[0]:
         raise InvalidArgumentError("collect_statistics: a rank's dataloader yielded no sample; every rank needs a shard")
@@ -471,10 +499,7 @@ class _Run:
         self.batches_done = self.skip
 
     def snapshot(self) -> Statistics:
-        modules = {
-            name: ModuleInfo(name=name, in_features=t.n, out_features=t.m, kind=t.kind, input_group=self.groups[name])
-            for name, t in self.targets.items()
-        }
+        modules = self._module_infos()
         return Statistics(
             modules=modules,
             input_factors=self.inputs,
@@ -482,10 +507,7 @@ class _Run:
             grad_sums={n: g.copy() for n, g in self.grad_sums.items()},
             n_samples=self.n_samples,
             config=dict(self.config, batches_done=self.batches_done, **self.fingerprints),
-            model={
-                "class": type(self.model).__name__,
-                "name_or_path": getattr(getattr(self.model, "config", None), "_name_or_path", ""),
-            },
+            model=self._model_info(),
         )
 
     def finish(self) -> Statistics:
@@ -794,7 +816,7 @@ class _Run:
                                 "the dataloader must yield the same batches on every pass"
                             )
                     if writer is not None:
-                        sums.write(writer, staging, self.n_samples)
+                        sums.write(self, staging, self.n_samples)
                     elif keep_on_host:
                         sums.flush(self, staging)
                     else:
@@ -807,6 +829,48 @@ class _Run:
             finally:
                 if writer is not None:
                     writer.abort()
+
+    def open_writer(self, path, units: list[Unit]) -> StatisticsWriter:
+        """The statistics file that each pass's sums go to as it ends (SPEC §6, §7)."""
+        modules = self._module_infos()
+        self._written = {"groups": {}, "outputs": {}}
+        placeholder = file_header(
+            modules=modules, groups={u.group: {"n": u.n, "tokens": 10**18} for u in units},
+            outputs={n: {"tokens": 10**18, "samples": 10**18, "per_sample": self.per_sample} for n in modules},
+            n_samples=10**18, config=dict(self.config, batches_done=10**18, **self.fingerprints), model=self._model_info())
+        self.writer = StatisticsWriter(path, modules, {u.group: u.n for u in units}, self.per_sample, placeholder)
+        return self.writer
+
+    def stream_header(self) -> dict:
+        modules = self._module_infos()
+        return file_header(modules=modules, groups=self._written["groups"], outputs=self._written["outputs"],
+                           n_samples=self.n_samples, config=dict(self.config, batches_done=self.batches_done,
+                                                                 **self.fingerprints), model=self._model_info())
+
+    def _module_infos(self) -> dict[str, ModuleInfo]:
+        return {name: ModuleInfo(name=name, in_features=t.n, out_features=t.m, kind=t.kind, input_group=self.groups[name])
+                for name, t in self.targets.items()}
+
+    def _model_info(self) -> dict:
+        return {"class": type(self.model).__name__,
+                "name_or_path": getattr(getattr(self.model, "config", None), "_name_or_path", "")}
+
+    def check_host_floor(self, max_host_bytes: int | None, *, streaming: bool) -> None:
+        """Before the first batch (SPEC §7): the host must hold at least every module's ``Ḡ`` and ``y``
+        sums, whatever the input groups turn out to be (the plan counts the rest after the probe)."""
+        if streaming:
+            return
+        need = sum(8 * (t.m * t.n + 2 * t.m) for t in self.targets.values())
+        have = available_host_bytes()
+        if max_host_bytes is not None:
+            have = max_host_bytes if have is None else min(have, max_host_bytes)
+        if have is not None and need > have:
+            raise InvalidArgumentError(
+                f"collect_statistics: the statistics need at least {need / 2**30:.2f} GiB of host memory ({need} bytes: "
+                f"the mean gradients alone) but {have / 2**30:.2f} GiB ({have} bytes) are available; target fewer "
+                "modules, use collect_and_solve (initialize_lora_da_weights / get_lora_da_state_dict) which keeps no "
+                "statistics, or pass out=PATH to write them to disk as they are collected (on a GPU)"
+            )
 
     def _check_multipass(self, n_passes: int) -> None:
         if n_passes <= 1:
@@ -1000,6 +1064,28 @@ class _DeviceSums:
             self.tokens[name].zero_()
             self.samples[name] = []
         self.batch_samples = 0
+
+    def write(self, run: _Run, staging: _Staging, n_samples: int) -> None:
+        """This pass's sums into the statistics file, group by group (SPEC §6), then free them."""
+        writer = run.writer
+        writer.set_samples(n_samples)
+        for u in self.units:
+            t = int(self.gram_tokens.pop(u.group))
+            run._written["groups"][u.group] = {"n": u.n, "tokens": t}
+            # the transpose's rows hold the lower triangle's columns: the file's packed order
+            upper = _lower_full(self.gram.pop(u.group), u.n).T.contiguous()
+            writer.write_gram(f"input.{u.group}", staging.host(upper))
+            del upper
+            for name, _ in u.modules:
+                writer.write(f"grad.{name}", staging.host(self.grad.pop(name)))
+                writer.write(f"output.{name}", self.sumsq.pop(name).cpu().numpy())
+                samples = n_samples
+                if self.per_sample:
+                    rows = torch.cat(self.samples.pop(name)).cpu().numpy()
+                    writer.write(f"samples.{name}", rows)
+                    samples = rows.shape[0]
+                run._written["outputs"][name] = {"tokens": int(self.tokens.pop(name)), "samples": samples,
+                                                 "per_sample": self.per_sample}
 
     def reduce_across(self, group, n_samples: int, owner: dict[str, int]) -> int:
         """Sum this pass's device sums over the ranks of ``group`` into each

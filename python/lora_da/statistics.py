@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from dataclasses import fields as dataclass_fields
 from pathlib import Path
@@ -29,10 +30,13 @@ from pathlib import Path
 import numpy as np
 
 from lora_da._core import InputFactor, OutputFactor
-from lora_da.errors import ShapeError, StatisticsFileError
+from lora_da.errors import InvalidArgumentError, ShapeError, StatisticsFileError
 
 FORMAT = "lora-da-statistics"
-FORMAT_VERSION = 1
+# Version 2 (SPEC §6): the compensation tensors may be absent (all zeros), as in a
+# file written pass by pass from device sums. Version 1 files are read unchanged.
+FORMAT_VERSION = 2
+READS_VERSIONS = (1, 2)
 
 
 @dataclass
@@ -82,6 +86,9 @@ class Statistics:
 
     def merge(self, other: Statistics) -> None:
         """Add another shard's statistics (e.g. another rank's) into this one."""
+        if isinstance(self.input_factors, _LazyInputFactors):
+            raise InvalidArgumentError("Statistics.merge: these statistics are memory-mapped from their file (read-only); "
+                                       "load them with Statistics.load(path, mmap=False) to merge into them")
         if {k: asdict(v) for k, v in self.modules.items()} != {k: asdict(v) for k, v in other.modules.items()}:
             raise ShapeError("Statistics.merge: the two statistics describe different modules")
         for g, f in other.input_factors.items():
@@ -136,8 +143,14 @@ class Statistics:
             raise
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> Statistics:
-        """Read a statistics file, validating its header before any tensor."""
+    def load(cls, path: str | os.PathLike, *, mmap: bool = False) -> Statistics:
+        """Read a statistics file, validating its header before any tensor.
+
+        ``mmap=True`` maps the file instead of reading it (SPEC §6): the
+        header and every tensor's shape and dtype are validated now, each
+        input group's factor and each ``Ḡ`` are read (and checked finite)
+        when used, so a solve holds one group's statistics at a time. Such
+        statistics are read-only (``merge`` refuses them)."""
         from safetensors import safe_open
 
         path = Path(path)
@@ -172,12 +185,20 @@ class Statistics:
                         f"{path}: tensor {key!r} has dtype {dtype}; a statistics file holds real floats ({', '.join(_FLOAT_DTYPES)})"
                     )
 
+            version = header["format_version"]
+
+            def optional(key, expected):  # version 2 may leave out the compensations (zeros)
+                if version >= 2 and key not in keys:
+                    return False
+                shape_of(key, expected)
+                return True
+
             for g, info in groups.items():
                 shape_of(f"input.{g}", (info["n"] * (info["n"] + 1) // 2,))
-                shape_of(f"input_comp.{g}", (info["n"] * (info["n"] + 1) // 2,))
+                optional(f"input_comp.{g}", (info["n"] * (info["n"] + 1) // 2,))
             for name, mi in modules.items():
                 shape_of(f"output.{name}", (mi.out_features,))
-                shape_of(f"output_comp.{name}", (mi.out_features,))
+                optional(f"output_comp.{name}", (mi.out_features,))
                 shape_of(f"grad.{name}", (mi.out_features, mi.in_features))
                 if outputs[name]["per_sample"]:
                     shape_of(f"samples.{name}", (outputs[name]["samples"], mi.out_features))
@@ -195,19 +216,24 @@ class Statistics:
                         raise StatisticsFileError(f"{path}: tensor {key!r} has non-finite values")
                     return t
 
-                input_factors = {
-                    g: InputFactor.from_packed(info["n"], tensor(f"input.{g}"), info["tokens"], tensor(f"input_comp.{g}"))
-                    for g, info in groups.items()
-                }
+                comp = lambda key: tensor(key) if key in keys else None  # noqa: E731
+                if mmap:
+                    mapped = _Mapped(path)
+                    input_factors = _LazyInputFactors(mapped, groups, keys)
+                    grad_sums = _LazyGrads(mapped, modules)
+                else:
+                    input_factors = {
+                        g: InputFactor.from_packed(info["n"], tensor(f"input.{g}"), info["tokens"], comp(f"input_comp.{g}"))
+                        for g, info in groups.items()
+                    }
+                    grad_sums = {name: tensor(f"grad.{name}") for name in modules}
                 output_factors = {}
-                grad_sums = {}
                 for name, mi in modules.items():
                     o = outputs[name]
                     u = tensor(f"samples.{name}") if o["per_sample"] else None
                     output_factors[name] = OutputFactor.from_parts(
-                        tensor(f"output.{name}"), o["tokens"], o["samples"], u, tensor(f"output_comp.{name}")
+                        tensor(f"output.{name}"), o["tokens"], o["samples"], u, comp(f"output_comp.{name}")
                     )
-                    grad_sums[name] = tensor(f"grad.{name}")
                 new_weights = {}
                 for key in new_weight_names:
                     if f"weight.{key}" not in keys:
@@ -295,8 +321,9 @@ def validate_header(path, header) -> tuple[dict[str, ModuleInfo], dict, dict, in
     if header.get("format") != FORMAT:
         raise bad(f"format {_short(header.get('format'))} is not {FORMAT!r}")
     version = header.get("format_version")
-    if isinstance(version, bool) or version != FORMAT_VERSION:
-        raise bad(f"format version {_short(version)}; this lora-da reads version {FORMAT_VERSION}")
+    if isinstance(version, bool) or version not in READS_VERSIONS:
+        raise bad(f"format version {_short(version)}; this lora-da reads versions "
+                  f"{', '.join(map(str, READS_VERSIONS))}")
     fields(header, "header", {"format", "format_version", "n_samples", "modules", "groups", "outputs"})
     n_samples = count(header["n_samples"], "n_samples", 1)
 
@@ -367,3 +394,216 @@ def validate_header(path, header) -> tuple[dict[str, ModuleInfo], dict, dict, in
         if key in model:
             text(model[key], f"model.{key}")
     return modules, groups, outputs, n_samples, config, model
+
+
+# -- memory-mapped statistics (SPEC §6: read one group at a time) -------------------------
+
+_NP_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16}
+
+
+class _Mapped:
+    """The tensors of a safetensors file as copy-on-write memory maps: pages are
+    read from disk when touched and dropped by the kernel when memory is short."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            self.entries = json.loads(f.read(size))
+        self.base = 8 + size
+
+    def array(self, key: str) -> np.ndarray:
+        e = self.entries[key]
+        start, _ = e["data_offsets"]
+        return np.memmap(self.path, dtype=_NP_DTYPES[e["dtype"]], mode="c", offset=self.base + start,
+                         shape=tuple(e["shape"]))
+
+    def checked(self, key: str) -> np.ndarray:
+        a = self.array(key)
+        if a.dtype != np.float64:
+            a = a.astype(np.float64)
+        # chunked, so that the check needs no second copy of a large Ḡ
+        flat = a.reshape(-1)
+        for i in range(0, flat.size, 1 << 24):
+            if not np.isfinite(flat[i:i + (1 << 24)]).all():
+                raise StatisticsFileError(f"{self.path}: tensor {key!r} has non-finite values")
+        return a
+
+
+class _LazyInputFactors(Mapping):
+    """Input group → :class:`InputFactor`, built from the mapped file each time it is asked for."""
+
+    def __init__(self, mapped: _Mapped, groups: dict, keys: set):
+        self.mapped, self.groups, self.keys_ = mapped, groups, keys
+
+    def __getitem__(self, g: str) -> InputFactor:
+        info = self.groups[g]
+        comp = self.mapped.checked(f"input_comp.{g}") if f"input_comp.{g}" in self.keys_ else None
+        return InputFactor.from_packed(info["n"], self.mapped.checked(f"input.{g}"), info["tokens"], comp)
+
+    def __iter__(self):
+        return iter(self.groups)
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+
+class _LazyGrads(Mapping):
+    """Module → its ``Σ_s ∂ℓ_s/∂W`` as a memory map, checked finite the first time it is asked for."""
+
+    def __init__(self, mapped: _Mapped, modules: dict):
+        self.mapped, self.modules, self.ok = mapped, modules, set()
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self.modules:
+            raise KeyError(name)
+        if name in self.ok:
+            return self.mapped.array(f"grad.{name}")
+        a = self.mapped.checked(f"grad.{name}")
+        self.ok.add(name)
+        return a
+
+    def __iter__(self):
+        return iter(self.modules)
+
+    def __len__(self) -> int:
+        return len(self.modules)
+
+
+# -- a statistics file written as it is collected (SPEC §6, §7) --------------------------------
+
+
+def _packed_col_start(n: int, j: int) -> int:
+    """Offset of column ``j`` in the packed lower triangle (column-major), as the core's ``packed_col_start``."""
+    return j * n - (j * (j + 1)) // 2 + j
+
+
+class StatisticsWriter:
+    """One statistics file (SPEC §6, version 2), written tensor by tensor as
+    each input group's pass ends, so that the host never holds more than one
+    group's sums: the data region is laid out when the file is opened (fixed
+    shapes first, the per-sample sums last, once their count is known), the
+    header is written last into space reserved for it (safetensors allows a
+    header padded with spaces), and the file is renamed into place only when
+    complete. The compensation tensors are left out: device sums are plain
+    float64 sums."""
+
+    def __init__(self, path, modules: dict[str, ModuleInfo], group_n: dict[str, int], per_sample: bool,
+                 placeholder_header: dict):
+        self.path = Path(path)
+        self.modules, self.group_n, self.per_sample = modules, group_n, per_sample
+        self.entries: dict[str, dict] = {}
+        end = 0
+        for g, n in group_n.items():
+            end = self._place(f"input.{g}", [n * (n + 1) // 2], end)
+        for name, mi in modules.items():
+            end = self._place(f"output.{name}", [mi.out_features], end)
+            end = self._place(f"grad.{name}", [mi.out_features, mi.in_features], end)
+        self.fixed_end = end
+        self.end = end
+        # room for the final header: the placeholder's, with every count at its widest, and slack
+        widest = self._header_bytes(placeholder_header, samples=10**15)
+        self.reserved = -(-(len(widest) + 4096) // 8) * 8
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        self.fd = fd
+        try:
+            os.ftruncate(fd, 8 + self.reserved + self.end)
+        except BaseException:
+            self.abort()
+            raise
+
+    def _place(self, key: str, shape: list[int], start: int) -> int:
+        size = 8 * int(np.prod(shape))
+        self.entries[key] = {"dtype": "F64", "shape": shape, "data_offsets": [start, start + size]}
+        return start + size
+
+    @property
+    def file_bytes(self) -> int:
+        return 8 + self.reserved + self.end
+
+    def set_samples(self, n_samples: int) -> None:
+        """Lay out the per-sample sums (``sequence_lowrank``) once the sample count is known."""
+        if not self.per_sample or any(k.startswith("samples.") for k in self.entries):
+            return
+        end = self.fixed_end
+        for name, mi in self.modules.items():
+            end = self._place(f"samples.{name}", [n_samples, mi.out_features], end)
+        self.end = end
+        os.ftruncate(self.fd, 8 + self.reserved + self.end)
+
+    def _pwrite(self, data: np.ndarray, offset: int) -> None:
+        view = memoryview(np.ascontiguousarray(data, dtype=np.float64)).cast("B")
+        done = 0
+        while done < len(view):
+            done += os.pwrite(self.fd, view[done:], offset + done)
+
+    def write(self, key: str, array: np.ndarray) -> None:
+        e = self.entries[key]
+        if tuple(array.shape) != tuple(e["shape"]):
+            raise ShapeError(f"StatisticsWriter: {key} has shape {tuple(array.shape)}, the layout says {tuple(e['shape'])}")
+        self._pwrite(array, 8 + self.reserved + e["data_offsets"][0])
+
+    def write_gram(self, key: str, upper: np.ndarray) -> None:
+        """The packed lower triangle (column-major) from ``upper`` (``n × n``), whose row ``j``
+        from ``j`` on holds column ``j`` of the Gram's lower triangle (its transpose's rows)."""
+        n = upper.shape[0]
+        base = 8 + self.reserved + self.entries[key]["data_offsets"][0]
+        for j in range(n):
+            self._pwrite(upper[j, j:], base + 8 * _packed_col_start(n, j))
+
+    def _header_bytes(self, header: dict, samples: int | None = None) -> bytes:
+        entries = dict(self.entries)
+        if self.per_sample and samples is not None:
+            entries = dict(entries, **{f"samples.{k}": {"dtype": "F64", "shape": [samples, mi.out_features],
+                                                       "data_offsets": [10**15, 10**15]}
+                                       for k, mi in self.modules.items()})
+        return json.dumps({"__metadata__": {"lora_da": json.dumps(header)}, **entries}, separators=(",", ":")).encode()
+
+    def finish(self, header: dict) -> None:
+        """Write the header into its reserved space, flush, and rename the file into place."""
+        try:
+            raw = self._header_bytes(header)
+            if len(raw) > self.reserved:
+                raise StatisticsFileError(f"{self.path}: the header outgrew the space reserved for it "
+                                          f"({len(raw)} > {self.reserved} bytes)")
+            os.pwrite(self.fd, self.reserved.to_bytes(8, "little") + raw + b" " * (self.reserved - len(raw)), 0)
+            os.fsync(self.fd)
+            os.close(self.fd)
+            self.fd = None
+            os.chmod(self.tmp, 0o666 & ~_umask())
+            os.replace(self.tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        if os.path.exists(self.tmp):
+            os.unlink(self.tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def file_header(*, modules: dict[str, ModuleInfo], groups: dict, outputs: dict, n_samples: int, config: dict,
+                model: dict, new_weights=()) -> dict:
+    """The ``lora_da`` header of a statistics file (SPEC §6)."""
+    header = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "n_samples": n_samples,
+        "modules": {k: asdict(v) for k, v in modules.items()},
+        "groups": groups,
+        "outputs": outputs,
+        "config": config,
+        "model": model,
+    }
+    if new_weights:
+        header["new_weights"] = sorted(new_weights)
+    return header
