@@ -38,7 +38,7 @@ from lora_da.distributed import active_group, agree, all_reduce_statistics, toge
 from lora_da.errors import InvalidArgumentError, LoraDAError, NonFiniteError, ShapeError, StatisticsFileError
 from lora_da.memory import OutOfMemoryError
 from lora_da.memory import release as _release
-from lora_da.plan import (DEVICE_SOLVE_WORKERS, MemoryPlan, Step, Unit, available_host_bytes, choose_plan,
+from lora_da.plan import (DEVICE_SOLVE_WORKERS, FLUSH_THREADS, MemoryPlan, Step, Unit, available_host_bytes, choose_plan,
                           gram_block_rows)
 from lora_da.statistics import ModuleInfo, Statistics, StatisticsWriter, file_header
 
@@ -1043,18 +1043,38 @@ class _DeviceSums:
         self.batch_samples += samples
 
     def flush(self, run: _Run, staging: _Staging) -> None:
-        """Into the host's compensated accumulators, then zero."""
+        """Into the host's compensated accumulators, then zero. The transfers and the
+        host's additions of the groups run on several threads (the core and NumPy release
+        the GIL), each with its own host copy: the plan counts ``FLUSH_THREADS`` of them."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        tokens = {u.group: int(self.gram_tokens[u.group]) for u in self.units}
         for u in self.units:
-            t = int(self.gram_tokens[u.group])
             if u.group not in run.inputs:
                 run.inputs[u.group] = InputFactor(u.n)
-            if t:
-                run.inputs[u.group].add_gram(staging.lower(self.gram[u.group], u.n), t)
+
+        def gram(u):
+            if tokens[u.group]:
+                # assembled on the host, block by block: no n × n temporary on the device
+                full = np.zeros((u.n, u.n))
+                for (a, b), blk in zip(gram_block_rows(u.n), self.gram[u.group]):
+                    full[a:b, :b] = blk.cpu().numpy()
+                run.inputs[u.group].add_gram(full, tokens[u.group])
+
+        def grad(name):
+            acc = run.grad_sums[name]
+            np.add(acc, self.grad[name].cpu().numpy(), out=acc)
+
+        workers = 1 if self.grad_device.type != "cuda" else FLUSH_THREADS
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            jobs = [pool.submit(gram, u) for u in self.units] + [pool.submit(grad, n) for n in self.grad]
+            for j in jobs:
+                j.result()
+        for u in self.units:
             for blk in self.gram[u.group]:
                 blk.zero_()
             self.gram_tokens[u.group].zero_()
         for name, gsum in self.grad.items():
-            staging.add_into(run.grad_sums[name], gsum)
             u = torch.cat(self.samples[name]).cpu().numpy() if self.per_sample and self.samples[name] else None
             run.outputs[name].add_sums(self.sumsq[name].cpu().numpy(), int(self.tokens[name]), u)
             if not self.per_sample:

@@ -45,6 +45,9 @@ GRAM_BLOCK = 1024
 MARGIN_BYTES = 384 << 20
 MARGIN_FRACTION = 0.04
 
+# Threads of a flush to the host's accumulators: each holds one host copy of a Gram or a Ḡ.
+FLUSH_THREADS = 4
+
 # Estimated fixed cost of one micro-batch step, per hooked module call (a
 # handful of small kernel launches and Python in the hook), in seconds; only
 # the ratio to the measured per-sample cost matters.
@@ -134,11 +137,14 @@ class MemoryPlan:
 
     @property
     def transfer_bytes(self) -> int:
-        """Host staging for one group's Gram (``n × n``) and largest ``Ḡ`` at a time while a pass is flushed."""
+        """Host copies in flight while a pass is flushed: ``FLUSH_THREADS`` of the largest
+        Gram (``n × n``) or ``Ḡ``; written to disk, one group's Gram and ``Ḡ`` at a time."""
         units = [u for p in self.passes for u in p]
         if not units or not self.keep_on_host:
             return 0
-        return max(8 * u.n * u.n + 8 * max(m for _, m in u.modules) * u.n for u in units)
+        if self.to_disk:
+            return max(8 * u.n * u.n + 8 * max(m for _, m in u.modules) * u.n for u in units)
+        return FLUSH_THREADS * max(8 * max(u.n, *(m for _, m in u.modules)) * u.n for u in units)
 
     @property
     def host_bytes(self) -> int:
