@@ -90,13 +90,29 @@ class Report:
         return "\n".join(lines)
 
 
+def _unit(a) -> float:
+    """Unit roundoff of the format an array was stored in (float64 counts as 0:
+    the bounds already allow for it)."""
+    dt = np.asarray(a).dtype
+    return 0.0 if dt == np.float64 else float(np.finfo(dt).eps) / 2
+
+
 def _orthonormal(M: np.ndarray) -> np.ndarray:
     q, _ = np.linalg.qr(M)
     return q
 
 
-def check_module(case: Case, module: str, exp: Expected, omega: np.ndarray, A, B, sigma=None, c=None) -> ModuleVerdict:
-    """Measure one module's ``A`` (``r × n``), ``B`` (``m × r``) against ``exp``."""
+def _plus(bound_reason, extra: float):
+    bound, reason = bound_reason
+    if bound is None or extra == 0:
+        return bound, reason
+    return bound + extra, f"{reason}; + storage {extra:.1e}"
+
+
+def check_module(case: Case, module: str, exp: Expected, omega: np.ndarray, A, B, sigma=None, c=None,
+                 unit: float = 0.0) -> ModuleVerdict:
+    """Measure one module's ``A`` (``r × n``), ``B`` (``m × r``) against ``exp``;
+    ``unit`` is the unit roundoff of the format they were stored in (0: float64)."""
     v = ModuleVerdict(case.name, module)
     r, n = exp.A.shape
     m = exp.B.shape[0]
@@ -109,6 +125,7 @@ def check_module(case: Case, module: str, exp: Expected, omega: np.ndarray, A, B
         v.error = "A or B is not finite"
         return v
     norm = exp.omega_norm
+    extra = tol.stored(r, unit)
     # the subspace: sin θ between span(Aᵀ) and the exact V (A's scale and basis do not matter here)
     V_ref = exp.A.T / np.linalg.norm(exp.A[0])
     if np.linalg.matrix_rank(A) < r:
@@ -116,7 +133,7 @@ def check_module(case: Case, module: str, exp: Expected, omega: np.ndarray, A, B
         return v
     Q = _orthonormal(A.T)
     sin = float(np.linalg.norm(Q - V_ref @ (V_ref.T @ Q), 2))
-    bound, why = tol.subspace(exp.n, exp.cond, exp.gap_rel)
+    bound, why = _plus(tol.subspace(exp.n, exp.cond, exp.gap_rel), extra)
     v.checks.append(Check("sin θ", sin, bound, why))
     # B·A: the product PEFT uses
     ba, ba_ref = B @ A, exp.B @ exp.A
@@ -125,15 +142,15 @@ def check_module(case: Case, module: str, exp: Expected, omega: np.ndarray, A, B
         v.checks.append(Check("‖B·A‖ (Ḡ = 0)", float(np.linalg.norm(ba)), 0.0,
                               "SPEC §3: Ḡ = 0 gives B = 0 exactly"))
     else:
-        bound, why = tol.product(exp.n, exp.cond, exp.gap_rel, r, exp.alignment)
+        bound, why = _plus(tol.product(exp.n, exp.cond, exp.gap_rel, r, exp.alignment), extra / max(exp.alignment, 1e-300))
         v.checks.append(Check("B·A rel. error", float(np.linalg.norm(ba - ba_ref)) / ref_norm, bound, why))
     # eigenvalues: Rayleigh quotients of the returned vectors, and the bottom-r objective
     W = A.T
     rq = np.sort(np.einsum("ij,ij->j", W, omega @ W) / np.einsum("ij,ij->j", W, W))
-    bound, why = tol.eigenvalue(exp.n, exp.cond)
+    bound, why = _plus(tol.eigenvalue(exp.n, exp.cond), extra)
     v.checks.append(Check("eigenvalues", float(np.abs(rq - exp.eigenvalues).max()) / norm, bound, why))
     obj = float(np.trace(Q.T @ omega @ Q))
-    bound, why = tol.objective(exp.n, exp.cond, r)
+    bound, why = _plus(tol.objective(exp.n, exp.cond, r), r * extra)
     v.checks.append(Check("objective", abs(obj - float(exp.eigenvalues.sum())) / norm, bound, why))
     if sigma is not None:
         bound, why = tol.sigma(exp.n, exp.cond)
@@ -170,6 +187,8 @@ def save_expected(path, cases, inputs: dict[str, Inputs]) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     os.close(fd)
     try:
+        # safetensors.numpy writes the raw buffer: a Fortran-ordered array would be stored scrambled
+        tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
         save_file(tensors, tmp, metadata={"lora_da_conformance": json.dumps(meta)})
         os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide a package data file from other users
         os.replace(tmp, path)
@@ -202,12 +221,20 @@ def load_expected(path=EXPECTED_FILE) -> tuple[dict[str, dict[str, Expected]], d
 # -- a whole run --------------------------------------------------------------------------------
 
 
-def check_results(results: dict[str, np.ndarray], inputs: dict[str, Inputs] | None = None, *, cases=CASES,
-                  expected: dict | None = None, checksums: dict | None = None) -> Report:
-    """Check ``results`` (``{"<case>/<module>/A": …, "…/B": …}``, optionally ``…/sigma``
-    and ``…/c``) on ``cases``. ``inputs`` default to the recipes' regeneration;
-    ``expected`` to the recorded answers, which are used only where the inputs'
-    checksum matches the recorded one (elsewhere the oracle is rerun, and a note says so)."""
+@dataclass
+class Prepared:
+    """What checking needs besides the results: per ``(case, module)``, ``Ω`` and the exact answer."""
+
+    cases: tuple
+    answers: dict  # (case, module) -> (Ω, Expected)
+    notes: list[str]
+
+
+def prepare(inputs: dict[str, Inputs] | None = None, *, cases=CASES, expected: dict | None = None,
+            checksums: dict | None = None) -> Prepared:
+    """``Ω`` of every case module from its inputs (default: the recipes' regeneration)
+    and its exact answer: the recorded one where the inputs' checksum matches the
+    recorded checksum, else the oracle rerun on these inputs (with a note)."""
     from lora_da.conformance.cases import regenerate
 
     if inputs is None:
@@ -215,30 +242,48 @@ def check_results(results: dict[str, np.ndarray], inputs: dict[str, Inputs] | No
     if expected is None and checksums is None and EXPECTED_FILE.is_file():
         expected, checksums = load_expected()
     expected, checksums = expected or {}, checksums or {}
-    known = {result_key(c.name, m, w) for c in cases for m in c.modules for w in ("A", "B", "sigma", "c")}
-    stray = sorted(set(results) - known)
-    report = Report([])
-    if stray:
-        report.notes.append(f"note: {len(stray)} tensors in the results belong to no case (first: {stray[0]})")
+    answers, notes = {}, []
     for case in cases:
         inp = inputs[case.name]
         recorded = expected.get(case.name)
         if recorded is not None and checksums.get(case.name) != inp.checksum():
-            report.notes.append(f"note: {case.name}: the inputs differ from the recorded ones (checksum); "
-                                f"its exact answer is recomputed with lora_da.reference")
+            notes.append(f"note: {case.name}: the inputs differ from the recorded ones (checksum); "
+                         f"its exact answer is recomputed with lora_da.reference")
             recorded = None
         for name in case.modules:
             omega, exp = omega_and_exact(case, inp, name)
-            if recorded is not None:
-                exp = recorded[name]
+            answers[(case.name, name)] = (omega, exp if recorded is None else recorded[name])
+    return Prepared(tuple(cases), answers, notes)
+
+
+def check_results(results: dict[str, np.ndarray], inputs: dict[str, Inputs] | None = None, *, cases=CASES,
+                  expected: dict | None = None, checksums: dict | None = None,
+                  prepared: Prepared | None = None, units: dict[str, float] | None = None) -> Report:
+    """Check ``results`` (``{"<case>/<module>/A": …, "…/B": …}``, optionally ``…/sigma``
+    and ``…/c``) on ``cases``; see :func:`prepare` for the other arguments
+    (``prepared`` reuses one preparation for several results). ``units``: the unit
+    roundoff each result tensor was stored with, where its dtype no longer says."""
+    units = units or {}
+    if prepared is None:
+        prepared = prepare(inputs, cases=cases, expected=expected, checksums=checksums)
+    cases = prepared.cases
+    known = {result_key(c.name, m, w) for c in cases for m in c.modules for w in ("A", "B", "sigma", "c")}
+    stray = sorted(set(results) - known)
+    report = Report([], list(prepared.notes))
+    if stray:
+        report.notes.append(f"note: {len(stray)} tensors in the results belong to no case (first: {stray[0]})")
+    for case in cases:
+        for name in case.modules:
+            omega, exp = prepared.answers[(case.name, name)]
             ka, kb = result_key(case.name, name, "A"), result_key(case.name, name, "B")
             if ka not in results or kb not in results:
                 report.modules.append(ModuleVerdict(case.name, name, error=f"no {ka} / {kb} in the results"))
                 continue
             sig, c = results.get(result_key(case.name, name, "sigma")), results.get(result_key(case.name, name, "c"))
+            unit = max(units.get(ka, _unit(results[ka])), units.get(kb, _unit(results[kb])))
             report.modules.append(check_module(case, name, exp, omega, results[ka], results[kb],
                                                None if sig is None else float(np.asarray(sig).reshape(-1)[0]),
-                                               None if c is None else float(np.asarray(c).reshape(-1)[0])))
+                                               None if c is None else float(np.asarray(c).reshape(-1)[0]), unit=unit))
     return report
 
 
@@ -262,7 +307,8 @@ def solve_with_core(inputs: dict[str, Inputs], cases=CASES) -> dict[str, np.ndar
 
 
 def read_results(path) -> dict[str, np.ndarray]:
-    """A results safetensors file (keys ``<case>/<module>/A`` …), as float64 arrays."""
+    """A results safetensors file (keys ``<case>/<module>/A`` …), each array in its stored
+    dtype (the checker widens them, and allows for their rounding)."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -270,7 +316,7 @@ def read_results(path) -> dict[str, np.ndarray]:
         raise InvalidArgumentError(f"lora_da.conformance: RESULTS {path} is not a file")
     try:
         with safe_open(str(path), "np") as f:
-            return {k: np.asarray(f.get_tensor(k), dtype=np.float64) for k in f.keys()}
+            return {k: np.asarray(f.get_tensor(k)) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types for a malformed file
         raise ShapeError(f"lora_da.conformance: {path} is not a readable safetensors file of A/B tensors: {e}") from e
 
@@ -291,14 +337,22 @@ def check_adapter(adapter_dir, statistics_path, *, n_pop: float, gamma: float, a
     if not files[0].is_file():
         raise InvalidArgumentError(f"lora_da.conformance: {d} has no adapter_model.safetensors (not a PEFT adapter)")
     with safe_open(str(files[0]), "pt") as f:
-        weights = {k: f.get_tensor(k).to(torch.float64).numpy() for k in f.keys()}
+        weights, stored_units = {}, {}
+        for k in f.keys():
+            t = f.get_tensor(k)
+            weights[k] = t.to(torch.float64).numpy()
+            stored_units[k] = 0.0 if t.dtype == torch.float64 else float(torch.finfo(t.dtype).eps) / 2
     stats = Statistics.load(statistics_path)
 
-    def find(module: str, which: str):
+    def key(module: str, which: str):
         hits = [k for k in weights if (k == f"{module}.{which}.weight" or k.endswith(f".{module}.{which}.weight"))]
-        return weights[hits[0]] if len(hits) == 1 else None
+        return hits[0] if len(hits) == 1 else None
 
-    results, cases = {}, []
+    def find(module: str, which: str):
+        k = key(module, which)
+        return None if k is None else weights[k]
+
+    results, units, cases = {}, {}, []
     for group, names in stats.groups().items():
         present = [n for n in names if find(n, "lora_A") is not None and find(n, "lora_B") is not None]
         if not present:
@@ -309,9 +363,10 @@ def check_adapter(adapter_dir, statistics_path, *, n_pop: float, gamma: float, a
                     extra={"alpha": alpha, "beta": beta, "damping": damping, "normalize": normalize})
         cases.append(case)
         for n in present:
-            results[result_key(group, n, "A")] = find(n, "lora_A")
-            results[result_key(group, n, "B")] = find(n, "lora_B")
+            for which, what in (("lora_A", "A"), ("lora_B", "B")):
+                results[result_key(group, n, what)] = find(n, which)
+                units[result_key(group, n, what)] = stored_units[key(n, which)]
     if not cases:
         raise InvalidArgumentError(f"lora_da.conformance: no module of {statistics_path} has lora_A/lora_B in {d}")
     inputs = {c.name: cut(c, stats) for c in cases}
-    return check_results(results, inputs, cases=cases, expected={}, checksums={})
+    return check_results(results, inputs, cases=cases, expected={}, checksums={}, units=units)

@@ -37,6 +37,14 @@ def rounding(n: int, cond: float) -> float:
     return n * UNIT_ROUNDOFF * cond
 
 
+def stored(r: int, unit: float) -> float:
+    """What storing ``A``/``B`` in a format of unit roundoff ``unit`` adds (0 for
+    float64): each entry moves by ``unit`` relative, so a basis of ``r`` vectors by
+    at most ``√r · unit`` in norm; ``4r · unit`` is added to every bound below
+    (float32 results: about ``2.4e-7 · r``)."""
+    return 4 * r * unit
+
+
 def eigenvalue(n: int, cond: float) -> tuple[float, str]:
     """``|λ_i − λ_i^ref| ≤ (RESIDUAL + 2η) · ‖Ω‖₂``."""
     eta = rounding(n, cond)
