@@ -217,3 +217,26 @@ def test_peft_adapter_directory_with_its_statistics(tmp_path, capsys):
     assert conformance_main(args) == 1
     assert "B·A rel. error" in capsys.readouterr().out
     assert conformance_main(["check", str(adapter)]) == 2  # a directory needs its statistics
+
+
+def test_export_command_and_bad_results(inputs, tmp_path, monkeypatch, capsys):
+    from safetensors.numpy import save_file
+
+    monkeypatch.setattr(cases, "regenerate", lambda: inputs)  # the recipes ran once already, in the fixture
+    d = tmp_path / "cases"
+    assert conformance_main(["export", str(d)]) == 0
+    assert (d / "manifest.json").is_file() and len(list(d.glob("*.safetensors"))) == len(CASES)
+    assert conformance_main(["export", str(d)]) == 2  # exists, no --overwrite
+    assert "exists" in capsys.readouterr().err
+    # results for one case only: the others fail, each naming the missing tensor
+    core = checker.solve_with_core(inputs)
+    first = CASES[0]
+    part = tmp_path / "part.safetensors"
+    save_file({k: np.ascontiguousarray(v) for k, v in core.items() if k.startswith(first.name + "/")}, str(part))
+    assert conformance_main(["check", str(part), "--inputs", str(d)]) == 1
+    out = capsys.readouterr().out
+    assert f"PASS  {first.name}" in out and f"no {CASES[1].name}/" in out
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"not a safetensors file")
+    assert conformance_main(["check", str(garbage), "--inputs", str(d)]) == 2
+    assert "garbage.safetensors" in capsys.readouterr().err
