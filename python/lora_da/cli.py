@@ -1108,6 +1108,9 @@ def build_parser() -> argparse.ArgumentParser:
     from lora_da.compare_cli import add_subcommand as add_compare  # issue 13; lives in its own module
 
     add_compare(sub)
+    from lora_da.conformance.command import add_subcommand as add_conformance  # issue 24; its own package
+
+    add_conformance(sub)
     return parser
 
 

@@ -1,0 +1,5 @@
+import sys
+
+from lora_da.conformance.command import main
+
+sys.exit(main())

@@ -1,0 +1,94 @@
+"""``conformance export DIR``: the cases' inputs in plain formats, for any language.
+
+``DIR/manifest.json`` lists the cases: the tensor file of each, its modules,
+its SPEC §3 options, what it covers and the sha256 of its inputs (as
+:meth:`lora_da.conformance.cases.Inputs.checksum` forms it). Each
+``DIR/<case>.safetensors`` holds float64 tensors ``Z`` (``n × n``) and, per
+module, ``y/<module>`` (``m``), ``G/<module>`` (``Ḡ``, ``m × n``, out × in) and,
+with ``output_fisher = "sequence_lowrank"``, ``U/<module>`` (``N_s × m``, the
+per-sample sums ``u_s`` of SPEC §2). An implementation writes its answer as one
+safetensors file of ``<case>/<module>/A`` (``r × n``) and ``…/B`` (``m × r``),
+optionally ``…/sigma`` and ``…/c`` (one element each), and runs
+``lora-da conformance check RESULTS --inputs DIR``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from lora_da.conformance.cases import CASES, Inputs
+from lora_da.errors import InvalidArgumentError
+
+MANIFEST = "manifest.json"
+FORMAT = "lora-da-conformance-cases"
+
+
+def export(directory, inputs: dict[str, Inputs], cases=CASES, *, overwrite: bool = False) -> Path:
+    """Write the cases to ``directory`` (built in a temporary sibling, then renamed:
+    never half-written). Returns the directory."""
+    from safetensors.numpy import save_file
+
+    out = Path(directory)
+    if out.exists() and not overwrite:
+        raise InvalidArgumentError(f"lora_da.conformance: {out} exists (pass overwrite=True / --overwrite)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        manifest = {"format": FORMAT, "version": 1, "spec": "SPEC.md §3 (recipe), §5 (tolerances)",
+                    "results": "one safetensors file: '<case>/<module>/A' (r × n), '<case>/<module>/B' (m × r), "
+                               "optionally '/sigma' and '/c' (1 element); float32 or float64",
+                    "cases": []}
+        for case in cases:
+            inp = inputs[case.name]
+            tensors = {"Z": np.ascontiguousarray(inp.Z)}
+            for n in case.modules:
+                tensors[f"y/{n}"] = np.ascontiguousarray(inp.y[n])
+                tensors[f"G/{n}"] = np.ascontiguousarray(inp.G[n])
+                if n in inp.U:
+                    tensors[f"U/{n}"] = np.ascontiguousarray(inp.U[n])
+            save_file(tensors, str(tmp / f"{case.name}.safetensors"))
+            manifest["cases"].append({
+                "name": case.name, "file": f"{case.name}.safetensors", "modules": list(case.modules),
+                "covers": case.covers, "options": {**case.options(), "output_fisher": case.output_fisher},
+                "sha256": inp.checksum(),
+            })
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_exported(directory, cases=CASES) -> dict[str, Inputs]:
+    """The inputs written by :func:`export`, each checked against its manifest's sha256."""
+    from safetensors.numpy import load_file
+
+    d = Path(directory)
+    try:
+        manifest = json.loads((d / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise InvalidArgumentError(f"lora_da.conformance: {d / MANIFEST}: not a case manifest ({e})") from e
+    if manifest.get("format") != FORMAT:
+        raise InvalidArgumentError(f"lora_da.conformance: {d / MANIFEST}: format {manifest.get('format')!r}, not {FORMAT!r}")
+    entries = {c["name"]: c for c in manifest.get("cases", [])}
+    out = {}
+    for case in cases:
+        if case.name not in entries:
+            raise InvalidArgumentError(f"lora_da.conformance: {d}: the manifest has no case {case.name!r}")
+        t = load_file(str(d / entries[case.name]["file"]))
+        inp = Inputs(t["Z"], {n: t[f"y/{n}"] for n in case.modules}, {n: t[f"G/{n}"] for n in case.modules},
+                     {n: t[f"U/{n}"] for n in case.modules if f"U/{n}" in t})
+        if inp.checksum() != entries[case.name]["sha256"]:
+            raise InvalidArgumentError(f"lora_da.conformance: {d}: case {case.name}'s tensors do not match the "
+                                       f"manifest's sha256 (changed after export?)")
+        out[case.name] = inp
+    return out
