@@ -205,3 +205,36 @@ def check_shared_lowrank_solves(inits, brute):
     for name, (G, Z, y, u) in brute.items():
         ref = reference_solve(Z, y, G, output_precision=lowrank_output_precision(u, 1e-4), **opts)
         check_against_reference(inits[name].result, ref, Z, opts)
+
+
+# -- collect_statistics with every option away from its default --------------------------------
+
+
+def check_collection_options(device, accumulate_on, tmp_path, rel, checkpoint=True):
+    """One collection with a loss of its own (twice the default: Ḡ and u_s double,
+    y quadruples, Z stays), max_samples cutting the second batch, the label
+    mask, sequence_lowrank, a checkpoint after every batch (``checkpoint``) and a progress bar,
+    on the shared-input targets: against per-sample autograd on the first
+    four samples, to ``rel`` of each quantity's largest entry."""
+    from lora_da.collect import default_loss
+
+    cpu_model = tiny_model()
+    stats = lora_da.collect_statistics(tiny_model().to(device), labeled_batches(device), SHARED_TARGETS,
+                                       loss_fn=lambda m, b: 2.0 * default_loss(m, b), token_mask="labels",
+                                       output_fisher="sequence_lowrank", max_samples=4,
+                                       checkpoint_path=tmp_path / "ck.safetensors" if checkpoint else None,
+                                       checkpoint_every=1 if checkpoint else None, resume=True,
+                                       progress=True, accumulate_on=accumulate_on)
+    assert stats.n_samples == 4
+    ids, mask, labels = _labeled()
+    names = list(stats.modules)
+    brute, T = brute_force(cpu_model, ids[:4], mask[:4], names, labels=labels[:4])
+    scaled = {n: (2 * G, Z, 4 * y, 2 * u) for n, (G, Z, y, u) in brute.items()}
+    assert all(stats.output_factors[n].tokens == T and stats.output_factors[n].samples == 4 for n in names)
+    check_shared_lowrank_statistics(stats, scaled, rel)
+
+
+def tiny_model():
+    from helpers import tiny_llama
+
+    return tiny_llama()

@@ -119,3 +119,12 @@ def test_sequence_lowrank_of_shared_inputs_on_cuda():
     host = lora_da.collect_statistics(cpu_model, labeled_batches(), SHARED_TARGETS, token_mask="labels",
                                       output_fisher="sequence_lowrank", progress=False)
     check_shared_lowrank_solves(lora_da.compute_init(host, SHARED_CONFIG, progress=False, device="cuda"), brute)
+
+
+def test_every_collection_option_at_once_on_cuda(tmp_path):
+    """test_routes' collection options with the model on the GPU (no checkpoint: see
+    DEVICE_CHECKPOINT_BUG there), to float32 rounding as test_cuda_statistics_match_cpu."""
+    from route_cases import check_collection_options
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    check_collection_options("cuda", "auto", tmp_path, rel=1e-6, checkpoint=False)

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import torch
 from helpers import batches, brute_force, check_against_reference, data, tiny_gpt2, tiny_llama
-from route_cases import (CASE_IDS, CASES, SHARED_CONFIG, SHARED_TARGETS, check_preserve_output, check_route,
+from route_cases import (CASE_IDS, CASES, SHARED_CONFIG, SHARED_TARGETS, check_collection_options,
+                         check_preserve_output, check_route,
                          check_shared_lowrank_solves, check_shared_lowrank_statistics, config_of, group_statistics,
                          labeled_batches, run_case, shared_lowrank_brute_force, with_method)
 
@@ -174,6 +175,24 @@ def test_merge_refuses_other_statistics_and_changes_nothing():
     _assert_unchanged(before, mine)
 
 
+def test_add_gram_reads_the_lower_triangle_only():
+    """``InputFactor.add_gram`` takes a Gram whose lower triangle is filled (what
+    a device forms block by block, SPEC §2): what lies above the diagonal,
+    garbage or NaN, is never read, and the sums are the rows' exact ones."""
+    rng = np.random.default_rng(3)
+    n, T = 9, 13
+    x = rng.integers(-4, 5, size=(T, n)).astype(np.float64)
+    S = x.T @ x
+    rows = lora_da.InputFactor(n)
+    rows.add(x)
+    for above in (7.0, np.nan):
+        f = lora_da.InputFactor(n)
+        f.add_gram(np.tril(S) + np.triu(np.full((n, n), above), 1), T)
+        assert f.tokens == T
+        np.testing.assert_array_equal(f.packed(), rows.packed())
+        np.testing.assert_array_equal(f.packed(), S[np.triu_indices(n)])
+
+
 # -- every route × every option (route_cases.py) ---------------------------------------------
 
 
@@ -316,3 +335,30 @@ def test_sequence_lowrank_gives_each_module_of_a_shared_input_its_own_precision(
              "collect_and_solve": lambda: collect_and_solve(tiny_llama(), labeled_batches(), SHARED_TARGETS, cfg,
                                                             progress=False, accumulate_on="device")}[route]
     check_shared_lowrank_solves(solve(), brute)
+
+
+# The planned device sums (the default on a GPU) flush at every checkpoint and
+# again at the end of the pass; when the last batch was checkpointed the final
+# flush has no u_s to pass and the per-sample factor refuses it
+# (_DeviceSums.flush, on the lead's list of code being rewritten: reported, not fixed here).
+DEVICE_CHECKPOINT_BUG = pytest.mark.xfail(strict=True, raises=lora_da.InvalidArgumentError,
+                                          reason="sequence_lowrank + a checkpoint on the last batch of a device pass")
+
+
+@pytest.mark.parametrize("accumulate_on,checkpoint", [("host", True), ("device", False),
+                                                      pytest.param("device", True, marks=DEVICE_CHECKPOINT_BUG)])
+def test_every_collection_option_at_once_matches_per_sample_autograd(accumulate_on, checkpoint, tmp_path):
+    check_collection_options("cpu", accumulate_on, tmp_path, rel=1e-10, checkpoint=checkpoint)
+
+
+def test_an_output_precision_of_the_wrong_length_is_a_shape_error_on_every_route():
+    """As the core says it (ShapeError naming the module), not as a failed solve on extreme values."""
+    stats = group_statistics()
+    Z, names = stats.input_factor("q"), list(stats.modules)
+    ys, Gs = [stats.output_factor(n) for n in names], [stats.mean_grad(n) for n in names]
+    wrong = [np.ones(len(ys[1])), np.ones(len(ys[1]))]  # q's has k's width
+    with pytest.raises(lora_da.ShapeError, match="q: output precision has 24 entries"):
+        lora_da.solve_shared(Z, ys, Gs, rank=3, n_pop=37.0, names=names, output_precisions=wrong)
+    with pytest.raises(lora_da.ShapeError, match="module q: .*output precision has 24 entries"):
+        solve_group_device(torch.from_numpy(Z), [torch.from_numpy(y) for y in ys], [torch.from_numpy(G) for G in Gs],
+                           rank=3, n_pop=37.0, names=names, output_precisions=wrong)
