@@ -124,11 +124,12 @@ def with_method(cfg, method):
 # -- preserve_output (SPEC §3): the logits at step 0 are the base model's ---------------------
 
 
-def check_preserve_output(model_fn, targets, kw, use_rslora, device):
+def check_preserve_output(model_fn, targets, kw, use_rslora, device, method="auto"):
     """s = lora_alpha / r, or lora_alpha / √r with rsLoRA; lora_alpha = 6, r = 4 so
     that neither is 1 and they differ. ``W`` moves by exactly s·BA of the
     adapter's own A and B, the logits at step 0 equal the base model's, and
-    the adapter alone (W restored) does move them."""
+    the adapter alone (W restored) does move them. ``method``: "auto" takes the
+    host's LAPACK route for these small models on the CPU, "krylov" the Rust core."""
     ids, mask = data()
     x = {"input_ids": ids[:3].to(device), "attention_mask": mask[:3].to(device)}
     base = model_fn(torch.float64).to(device)
@@ -138,7 +139,7 @@ def check_preserve_output(model_fn, targets, kw, use_rslora, device):
                                                  lora_dropout=0.0, **kw))
     layers = {n: m for n, m in peft_model.get_base_model().named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
     w0 = {n: m.get_base_layer().weight.detach().clone() for n, m in layers.items()}
-    cfg = lora_da.LoraDAConfig(n_pop=100, rank=4, gamma=1.0, preserve_output=True)
+    cfg = lora_da.LoraDAConfig(n_pop=100, rank=4, gamma=1.0, preserve_output=True, method=method)
     results = lora_da.initialize_lora_da_weights(peft_model, batches(ids.to(device), mask.to(device), 3),
                                                  lora_da_config=cfg, progress=False)
     s = 6 / (np.sqrt(4) if use_rslora else 4)

@@ -304,8 +304,9 @@ def test_solve_group_device_takes_every_option_directly():
 @pytest.mark.parametrize("use_rslora", [False, True])
 @pytest.mark.parametrize("model_fn,targets,kw", [(tiny_llama, ["q_proj", "k_proj", "up_proj"], {}),
                                                  (tiny_gpt2, ["c_attn"], {"fan_in_fan_out": True})])
-def test_preserve_output_keeps_the_base_logits_under_every_scaling(use_rslora, model_fn, targets, kw):
-    check_preserve_output(model_fn, targets, kw, use_rslora, "cpu")
+@pytest.mark.parametrize("method", ["auto", "krylov"])
+def test_preserve_output_keeps_the_base_logits_under_every_scaling(use_rslora, model_fn, targets, kw, method):
+    check_preserve_output(model_fn, targets, kw, use_rslora, "cpu", method)
 
 
 # -- sequence_lowrank on modules that share their input --------------------------------------
