@@ -11,6 +11,9 @@ import numpy as np
 import pytest
 import torch
 from helpers import LLAMA_TARGETS, batches, data, tiny_llama
+from route_cases import (CASE_IDS, CASES, SHARED_CONFIG, SHARED_TARGETS, check_preserve_output,
+                         check_shared_lowrank_solves, check_shared_lowrank_statistics, labeled_batches, run_case,
+                         shared_lowrank_brute_force, with_method)
 
 import lora_da
 
@@ -78,3 +81,50 @@ def test_collect_and_solve_on_cuda_in_passes():
     assert len(collect_and_solve.last_report.plan.passes) > 1
     for n in ref:
         assert subspace_sin_theta(ref[n].result.V, got[n].result.V) <= 1e-8
+
+
+# -- the option × route audit on the CUDA route (issue 27; route_cases.py, tests/COVERAGE.md) --
+
+
+@pytest.mark.parametrize("method", ["auto", "dense"])
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_every_option_on_the_cuda_route_matches_the_reference(case, method):
+    """The host's cases (test_routes.py) solved on the GPU, float64, against the SciPy reference."""
+    from lora_da.device_solve import DeviceSolveResult
+
+    def route(stats, cfg):
+        inits = lora_da.compute_init(stats, with_method(cfg, method), progress=False, device="cuda")
+        assert all(isinstance(i.result, DeviceSolveResult) for i in inits.values())
+        return inits
+
+    run_case(case, route)
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_preserve_output_on_cuda_keeps_the_base_logits(use_rslora):
+    """The PEFT path with the model on the GPU (statistics and solve there)."""
+    check_preserve_output(tiny_llama, ["q_proj", "k_proj", "up_proj"], {}, use_rslora, "cuda")
+
+
+def test_sequence_lowrank_of_shared_inputs_on_cuda():
+    """Collected on the GPU against per-sample autograd on the CPU (to float32 rounding,
+    as test_cuda_statistics_match_cpu); solved on the GPU from the CPU's statistics
+    against the reference, each module of a shared input with its own u_s."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    cpu_model = tiny_llama()
+    brute = shared_lowrank_brute_force(cpu_model)
+    gpu = lora_da.collect_statistics(tiny_llama().cuda(), labeled_batches("cuda"), SHARED_TARGETS, token_mask="labels",
+                                     output_fisher="sequence_lowrank", progress=False)
+    check_shared_lowrank_statistics(gpu, brute, rel=1e-6)
+    host = lora_da.collect_statistics(cpu_model, labeled_batches(), SHARED_TARGETS, token_mask="labels",
+                                      output_fisher="sequence_lowrank", progress=False)
+    check_shared_lowrank_solves(lora_da.compute_init(host, SHARED_CONFIG, progress=False, device="cuda"), brute)
+
+
+def test_every_collection_option_at_once_on_cuda(tmp_path):
+    """test_routes' collection options with the model on the GPU (no checkpoint: see
+    DEVICE_CHECKPOINT_BUG there), to float32 rounding as test_cuda_statistics_match_cpu."""
+    from route_cases import check_collection_options
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    check_collection_options("cuda", "auto", tmp_path, rel=1e-6, checkpoint=False)

@@ -412,6 +412,8 @@ def solve_group_device(
             raise InvalidArgumentError(f"device_solve: {where}y has negative entries")
         prec = 1.0 / (y + lam_y) if output_precisions is None or output_precisions[i] is None else (
             torch.as_tensor(output_precisions[i], dtype=torch.float64, device=Z.device))
+        if prec.shape != (m,):
+            raise ShapeError(f"device_solve: {where}output precision has {prec.numel()} entries, m = {m}")
         _require_finite(prec, f"{where}output precision")
         c_prime = float(prec.sum()) / n_pop
         zero_gradient = not bool(G.any())

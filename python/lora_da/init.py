@@ -134,7 +134,7 @@ def compute_init(
         config = config.with_rank()
         all_groups = stats.groups()
         wanted = set(stats.modules) if modules is None else set(modules)
-        costs = {g: solve_cost(stats.modules[g].in_features, [stats.modules[n].out_features for n in names], config.rank)
+        costs = {g: solve_cost(stats.input_factors[g].n, [stats.modules[n].out_features for n in names], config.rank)
                  for g, names in all_groups.items() if any(n in wanted for n in names)}
         import torch.distributed as dist
 
@@ -277,7 +277,7 @@ def _solve_on_device(Z, ys, Gs, names, config: LoraDAConfig, precisions=None) ->
 def _compute_init_on_device(stats: Statistics, config: LoraDAConfig, groups: dict, device, progress: bool):
     out: dict[str, ModuleInit] = {}
     # Largest first: the big factorizations start while memory is least fragmented.
-    order = sorted(groups.items(), key=lambda kv: -stats.modules[kv[0]].in_features)
+    order = sorted(groups.items(), key=lambda kv: -stats.input_factors[kv[0]].n)
     bar = tqdm(total=sum(len(v) for v in groups.values()), desc="lora-da: solving", unit="module", disable=not progress)
 
     def upload(group, names):

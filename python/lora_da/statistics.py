@@ -85,12 +85,25 @@ class Statistics:
         return out
 
     def merge(self, other: Statistics) -> None:
-        """Add another shard's statistics (e.g. another rank's) into this one."""
+        """Add another shard's statistics (e.g. another rank's) into this one
+        (SPEC §2, data-parallel runs: sums and counts added, ``u_s`` appended).
+
+        Everything is checked before anything is added, so a refused merge
+        leaves this object as it was."""
         if isinstance(self.input_factors, _LazyInputFactors):
             raise InvalidArgumentError("Statistics.merge: these statistics are memory-mapped from their file (read-only); "
                                        "load them with Statistics.load(path, mmap=False) to merge into them")
         if {k: asdict(v) for k, v in self.modules.items()} != {k: asdict(v) for k, v in other.modules.items()}:
             raise ShapeError("Statistics.merge: the two statistics describe different modules")
+        for key in ("token_mask", "output_fisher"):
+            # the same sums over other tokens, or without the u_s, are other quantities
+            if self.config.get(key) != other.config.get(key):
+                raise ShapeError(f"Statistics.merge: {key} {other.config.get(key)!r} cannot merge into "
+                                 f"{self.config.get(key)!r}")
+        for name, f in other.output_factors.items():
+            if f.per_sample != self.output_factors[name].per_sample:
+                raise ShapeError(f"Statistics.merge: module {name}: per-sample sums (output_fisher='sequence_lowrank') "
+                                 f"kept by {'the other' if f.per_sample else 'this'} shard only")
         for g, f in other.input_factors.items():
             self.input_factors[g].merge(f)
         for name, f in other.output_factors.items():
