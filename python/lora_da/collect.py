@@ -280,7 +280,10 @@ def collect_statistics(
     run = _Run.start(model, dataloader, target_modules, loss_fn=loss_fn, token_mask=token_mask,
                      output_fisher=output_fisher, max_samples=max_samples, checkpoint_path=checkpoint_path,
                      checkpoint_every=checkpoint_every, resume=resume, progress=progress)
-    if _on_host(run.device, max_device_bytes, accumulate_on):
+    if run.finished is not None:  # a rerun of a finished checkpointed pass: its statistics, once the data match
+        with together(group, "collect"):
+            run.confirm_finished()
+    elif _on_host(run.device, max_device_bytes, accumulate_on):
         with together(group, "collect"):
             run.collect_on_host()
     else:
@@ -413,6 +416,7 @@ class _Run:
     recomputes: bool = False  # the model ran forward calls inside its backward (seen on the probe)
     fingerprints: dict = field(default_factory=dict)  # model / data fingerprints written into checkpoints
     expected_data: str | None = None  # the resumed checkpoint's data fingerprint
+    finished: Statistics | None = None  # a finished checkpoint of this very pass, returned as it is
 
     @classmethod
     def start(cls, model, dataloader, target_modules, *, loss_fn, token_mask, output_fisher, max_samples,
@@ -442,6 +446,8 @@ class _Run:
         )
         if checkpoint_path is not None:
             run.fingerprints["model_fingerprint"] = _model_fingerprint(targets)
+            # a finished pass is reused only for the same sample budget
+            run.fingerprints["max_samples"] = None if max_samples is None else int(max_samples)
         if checkpoint_path is not None and resume and os.path.exists(checkpoint_path):
             run._resume(Statistics.load(checkpoint_path))
         return run
@@ -451,6 +457,7 @@ class _Run:
         return next(self.model.parameters()).device
 
     def _resume(self, ck: Statistics) -> None:
+        _check_is_checkpoint(self.checkpoint_path, ck)
         want = {n: (t.n, t.m, t.kind) for n, t in self.targets.items()}
         have = {n: (i.in_features, i.out_features, i.kind) for n, i in ck.modules.items()}
         if want != have or any(ck.config.get(k) != v for k, v in self.config.items()):
@@ -459,11 +466,46 @@ class _Run:
             )
         _check_checkpoint_identity(self.checkpoint_path, ck, self.fingerprints["model_fingerprint"])
         self.expected_data = ck.config.get("data_fingerprint")
+        if ck.config.get("finished"):
+            if ck.config.get("max_samples", "unrecorded") != self.fingerprints["max_samples"]:
+                raise StatisticsFileError(
+                    f"{self.checkpoint_path}: the checkpoint holds a finished pass with max_samples="
+                    f"{ck.config.get('max_samples', 'unrecorded')}, not {self.max_samples}; delete it or pass "
+                    "resume=False to collect again"
+                )
+            self.finished, self.n_samples = ck, ck.n_samples
+            self.batches_done = int(ck.config["batches_done"])
+            return
         self.inputs, self.outputs = ck.input_factors, ck.output_factors
         self.grad_sums = {n: g.copy() for n, g in ck.grad_sums.items()}
         self.groups = {n: i.input_group for n, i in ck.modules.items()}
         self.n_samples, self.skip = ck.n_samples, int(ck.config["batches_done"])
         self.batches_done = self.skip
+        if self.progress:
+            total = _length(self.dataloader)
+            print(f"lora-da: {self.checkpoint_path}: resuming at batch {self.skip + 1}"
+                  f"{f' of {total}' if total is not None else ''} ({self.n_samples} samples already summed)",
+                  file=sys.stderr)
+
+    def confirm_finished(self) -> None:
+        """A finished checkpoint stands for this pass only on the same data: its first
+        batch (and its length, when the dataloader has one and no max_samples cut it)."""
+        first = next(iter(self.dataloader), None)
+        if not isinstance(first, Mapping) or _batch_digest(first) != self.expected_data:
+            raise StatisticsFileError(
+                f"{self.checkpoint_path}: the checkpoint holds a finished pass on other data or another order (its "
+                "first batch differs from this dataloader's); delete it or pass resume=False"
+            )
+        total = _length(self.dataloader)
+        if self.max_samples is None and total is not None and total != self.batches_done:
+            raise StatisticsFileError(
+                f"{self.checkpoint_path}: the checkpoint holds a finished pass of {self.batches_done} batches, but this "
+                f"dataloader has {total}; delete it or pass resume=False"
+            )
+        if self.progress:
+            print(f"lora-da: {self.checkpoint_path}: the pass already finished ({self.n_samples} samples, "
+                  f"{self.batches_done} batches) on this model, data and options; returning its statistics",
+                  file=sys.stderr)
 
     def snapshot(self) -> Statistics:
         modules = {
@@ -484,6 +526,8 @@ class _Run:
         )
 
     def finish(self) -> Statistics:
+        if self.finished is not None:
+            return self.finished
         if self.n_samples == 0:
             raise InvalidArgumentError("collect_statistics: the dataloader yielded no sample")
         empty = [g for g, f in self.inputs.items() if f.tokens == 0]
@@ -1088,16 +1132,30 @@ def _model_fingerprint(targets: dict[str, _Target]) -> str:
     return _digest(b"\0".join(parts))
 
 
-def _check_checkpoint_identity(path, ck: Statistics, model_fingerprint: str) -> None:
-    """Refuse a finished checkpoint, and one written for another model. (Checkpoints
-    from before issue 10 carry no fingerprint and are only checked by their shapes.)"""
-    if ck.config.get("finished"):
+def _length(dataloader) -> int | None:
+    try:
+        return len(dataloader)
+    except (TypeError, NotImplementedError):  # an iterable without a length (a generator, an IterableDataset)
+        return None
+
+
+def _check_is_checkpoint(path, ck: Statistics) -> None:
+    """Only a file a checkpointed pass wrote is resumed: it carries the fingerprints of its
+    model and data. A plain statistics file (``Statistics.save``, ``lora-da collect``)
+    has none, and resuming it would hand another model's statistics back."""
+    missing = [k for k in ("model_fingerprint", "data_fingerprint") if not ck.config.get(k)]
+    if missing or "batches_done" not in ck.config:
         raise StatisticsFileError(
-            f"{path}: the checkpoint holds a finished pass ({ck.n_samples} samples); load it with "
-            "lora_da.Statistics.load, or delete it or pass resume=False to collect again"
+            f"{path}: not a checkpoint (no {' or '.join(missing) or 'batches_done'}): a statistics file from "
+            "Statistics.save or 'lora-da collect' cannot be resumed; pass another checkpoint_path (or resume=False "
+            "to overwrite it), and load statistics with lora_da.Statistics.load"
         )
+
+
+def _check_checkpoint_identity(path, ck: Statistics, model_fingerprint: str) -> None:
+    """Refuse a checkpoint written for another model (a finished one too)."""
     have = ck.config.get("model_fingerprint")
-    if have is not None and have != model_fingerprint:
+    if have != model_fingerprint:
         raise StatisticsFileError(
             f"{path}: the checkpoint was collected on another model (its target weights differ from this "
             "model's); delete it or pass resume=False"
