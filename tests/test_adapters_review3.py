@@ -177,3 +177,26 @@ def test_numpy_integers_and_huge_n_pop():
     for bad in (8.0, "8", True):
         with pytest.raises(InvalidArgumentError, match="rank must be an integer"):
             lora_da.LoraDAConfig(n_pop=10, rank=bad)
+
+
+# -- 10: the γ search never picks a diverged candidate ---------------------------------------------
+
+
+def test_gamma_search_skips_a_nan_candidate(monkeypatch):
+    import lora_da.gamma as gamma
+
+    model = peft_classifier()
+    unit = {}
+    for name, m in model.get_base_model().named_modules():
+        if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {}):
+            unit[f"{name}.lora_A.weight"] = torch.full(m.lora_A["default"].weight.shape, 0.01)
+            unit[f"{name}.lora_B.weight"] = torch.full(m.lora_B["default"].weight.shape, 0.01)
+    losses = iter([0.7, float("nan"), 0.7, 0.5, 0.7, 0.6])  # γ = 1 diverges; γ = 4 is best
+    monkeypatch.setattr(gamma, "held_back_loss", lambda *a, **k: next(losses))
+    monkeypatch.setattr(gamma, "train_steps", lambda *a, **k: [])
+    found = gamma.search_gamma(lambda: model, unit, [{}], [{}], lora_da.LoraDAConfig(n_pop=10), gammas=(1.0, 4.0, 16.0))
+    assert found.best == 4.0 and len(found.table) == 3
+    nan = iter([float("nan")] * 4)
+    monkeypatch.setattr(gamma, "held_back_loss", lambda *a, **k: next(nan))
+    with pytest.raises(lora_da.NonFiniteError, match="not finite for any γ"):
+        gamma.search_gamma(lambda: model, unit, [{}], [{}], lora_da.LoraDAConfig(n_pop=10), gammas=(1.0, 4.0))

@@ -111,3 +111,80 @@ def test_a_resumed_run_says_where_it_resumes(tmp_path, capsys):
     assert "resuming at batch 4 of 9 (6 samples already summed)" in capsys.readouterr().err
     assert_same_statistics(resumed, lora_da.collect_statistics(tiny_llama(), many_batches(), TARGETS, progress=False),
                            exact_grad=False)
+
+
+# -- 9: Statistics.merge is all or nothing -------------------------------------------------------
+
+
+def test_a_refused_merge_changes_nothing():
+    ids, mask = data()
+    mine = lora_da.collect_statistics(tiny_llama(), batches(ids, mask, 3), TARGETS, progress=False)
+    want = lora_da.collect_statistics(tiny_llama(), batches(ids, mask, 3), TARGETS, progress=False)
+    lowrank = lora_da.collect_statistics(tiny_llama(), batches(ids, mask, 2), TARGETS, output_fisher="sequence_lowrank",
+                                         progress=False)
+    with pytest.raises(ShapeError, match="per_sample"):
+        mine.merge(lowrank)  # the output factors refuse, after the input factors were merged
+    assert_same_statistics(mine, want)
+    mine.merge(want)  # and a valid merge still adds
+    assert mine.n_samples == 12
+    for n in mine.modules:
+        np.testing.assert_array_equal(mine.grad_sums[n], 2 * want.grad_sums[n])
+
+
+# -- 15, 16: inputs_embeds, misused loss functions and model outputs --------------------------------
+
+
+def _with_labels(ids, mask):
+    labels = ids.clone()
+    labels[mask == 0] = -100
+    return labels
+
+
+def test_inputs_embeds_batches_give_the_statistics_of_their_input_ids():
+    ids, mask = data()
+    model = tiny_llama()
+    with torch.no_grad():
+        embeds = model.get_input_embeddings()(ids)
+    by_ids = [{"input_ids": ids[i:i + 3], "attention_mask": mask[i:i + 3], "labels": _with_labels(ids, mask)[i:i + 3]}
+              for i in (0, 3)]
+    by_embeds = [{"inputs_embeds": embeds[i:i + 3], "attention_mask": mask[i:i + 3],
+                  "labels": _with_labels(ids, mask)[i:i + 3]} for i in (0, 3)]
+    want = lora_da.collect_statistics(model, by_ids, TARGETS, progress=False)
+    got = lora_da.collect_statistics(model, by_embeds, TARGETS, progress=False)
+    assert_same_statistics(got, want, exact_grad=False)
+    for n in want.modules:
+        np.testing.assert_allclose(got.mean_grad(n), want.mean_grad(n), rtol=1e-12, atol=1e-15)
+    assert not by_embeds[0]["inputs_embeds"].requires_grad  # the caller's tensors are left as they were
+
+
+@pytest.mark.parametrize("bad, match", [
+    (lambda m, b: (default_loss(m, b), None), "got a tuple .*not a tuple"),
+    (lambda m, b: default_loss(m, b).detach(), "without gradient"),
+    (lambda m, b: default_loss(m, b).long(), "real floats, got dtype torch.int64"),
+    (lambda m, b: default_loss(m, b).to(torch.complex128), "real floats, got dtype torch.complex128"),
+    (lambda m, b: float(default_loss(m, b).sum()), "got a float"),
+])
+def test_a_misused_loss_fn_is_named(bad, match):
+    ids, mask = data()
+    with pytest.raises(InvalidArgumentError, match="loss_fn\\(model, batch\\) must return .*" + match):
+        lora_da.collect_statistics(tiny_llama(), batches(ids, mask, 3), TARGETS, loss_fn=bad, progress=False)
+
+
+def test_a_model_returning_bare_logits():
+    class Bare(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = tiny_classifier()
+
+        def forward(self, **kw):
+            return self.inner(**kw).logits
+
+    ids, mask = data()
+    y = torch.tensor([0, 1, 1, 0, 1, 0])
+    bs = [dict(b, labels=y[i:i + 3]) for i, b in zip((0, 3), batches(ids, mask, 3))]
+    bare = Bare()
+    got = lora_da.collect_statistics(bare, bs, ["query"], progress=False)
+    want = lora_da.collect_statistics(bare.inner, bs, ["query"], progress=False)
+    assert [n.removeprefix("inner.") for n in got.modules] == list(want.modules)
+    for a, b in zip(got.modules, want.modules):
+        np.testing.assert_array_equal(got.mean_grad(a), want.mean_grad(b))

@@ -144,7 +144,10 @@ def default_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     ``label`` key that ``datasets`` produces is accepted too)."""
     inputs = {k: v for k, v in batch.items() if k not in ("labels", "label")}
     out = model(**inputs)
-    logits = out.logits if hasattr(out, "logits") else out[0]
+    # a model may return its logits bare; out[0] of a tensor would be its first sample
+    logits = out if isinstance(out, torch.Tensor) else (out.logits if hasattr(out, "logits") else out[0])
+    if not isinstance(logits, torch.Tensor):
+        raise InvalidArgumentError(f"default loss: the model returned {type(out).__name__} without logits; pass loss_fn")
     labels = batch.get("labels", batch.get("label"))
     if logits.dim() == 3:
         if labels is None:
@@ -170,6 +173,11 @@ def token_mask_of(batch: dict, mode: str) -> torch.Tensor | None:
         labels = batch.get("labels")
         if labels is None:
             raise InvalidArgumentError("token_mask='labels' needs 'labels' in every batch")
+        if labels.dim() != 2:
+            # class labels (B,) have no token to shift: sequence classification masks by attention
+            raise InvalidArgumentError(
+                f"token_mask='labels' needs per-token labels (batch, length) of a causal LM; these labels have shape "
+                f"{tuple(labels.shape)} (one class per sample?): pass token_mask='attention'")
         valid = torch.zeros_like(labels, dtype=torch.bool)
         valid[:, :-1] = labels[:, 1:] != -100
         return valid
@@ -608,10 +616,15 @@ class _Run:
         with torch.enable_grad():
             # The hooks need outputs that require grad: make the embedding output do so.
             handle = _make_inputs_require_grad(self.model)
+            embeds = batch.get("inputs_embeds")
+            if isinstance(embeds, torch.Tensor) and embeds.is_floating_point() and not embeds.requires_grad:
+                # the embedding layer is not called for inputs_embeds: start the graph at them instead
+                batch = dict(batch, inputs_embeds=embeds.detach().requires_grad_(True))
             try:
                 losses = self.loss_fn(self.model, batch)
             finally:
                 handle.remove()
+            _check_losses(losses, bsz)
             if losses.dim() != 1 or losses.shape[0] != bsz:
                 raise ShapeError(f"loss_fn must return per-sample losses of shape ({bsz},), got {tuple(losses.shape)}")
             if not torch.all(torch.isfinite(losses)):
@@ -1000,6 +1013,20 @@ def _frozen(model: torch.nn.Module):
             p.grad = grads_before[p]
         for m, mode in modes.items():  # each module's own mode: a model may mix them
             m.training = mode
+
+
+def _check_losses(losses, bsz: int) -> None:
+    """What ``loss_fn`` returned must be the per-sample losses ``(B,)``: a real floating
+    tensor attached to the model's graph (SPEC §2); anything else is named, with what to return."""
+    what = "loss_fn(model, batch) must return a tensor of per-sample losses"
+    if not isinstance(losses, torch.Tensor):
+        raise InvalidArgumentError(f"{what} of shape ({bsz},), got a {type(losses).__name__}"
+                                   + (" (return the losses alone, not a tuple)" if isinstance(losses, tuple) else ""))
+    if losses.is_complex() or not losses.is_floating_point():
+        raise InvalidArgumentError(f"{what} as real floats, got dtype {losses.dtype}")
+    if losses.grad_fn is None and not losses.requires_grad:
+        raise InvalidArgumentError(f"{what} computed from the model's outputs, got a tensor without gradient (detached, "
+                                   "or computed under torch.no_grad())")
 
 
 def _batch_size(batch: dict) -> int:

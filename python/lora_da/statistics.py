@@ -81,14 +81,21 @@ class Statistics:
         return out
 
     def merge(self, other: Statistics) -> None:
-        """Add another shard's statistics (e.g. another rank's) into this one."""
+        """Add another shard's statistics (e.g. another rank's) into this one, all or
+        nothing: the sums are formed on copies and swapped in only when every one
+        succeeded, so a refused merge leaves this object exactly as it was."""
         if {k: asdict(v) for k, v in self.modules.items()} != {k: asdict(v) for k, v in other.modules.items()}:
             raise ShapeError("Statistics.merge: the two statistics describe different modules")
+        if self.input_factors.keys() != other.input_factors.keys():
+            raise ShapeError("Statistics.merge: the two statistics have different input groups")
+        inputs = {g: f.copy() for g, f in self.input_factors.items()}
+        outputs = {n: f.copy() for n, f in self.output_factors.items()}
         for g, f in other.input_factors.items():
-            self.input_factors[g].merge(f)
+            inputs[g].merge(f)
         for name, f in other.output_factors.items():
-            self.output_factors[name].merge(f)
-            self.grad_sums[name] += other.grad_sums[name]
+            outputs[name].merge(f)
+        grads = {n: g + other.grad_sums[n] for n, g in self.grad_sums.items()}
+        self.input_factors, self.output_factors, self.grad_sums = inputs, outputs, grads
         self.n_samples += other.n_samples
 
     # -- files ----------------------------------------------------------------
