@@ -33,7 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lora_da._core import InputFactor, OutputFactor
-from lora_da.distributed import active_group, agree, all_reduce_statistics, together
+from lora_da.distributed import active_group, agree, all_reduce_statistics, check_same_options, together
 from lora_da.errors import InvalidArgumentError, LoraDAError, NonFiniteError, ShapeError, StatisticsFileError
 from lora_da.plan import MemoryPlan, Unit, available_host_bytes, plan_passes
 from lora_da.statistics import ModuleInfo, Statistics
@@ -283,6 +283,9 @@ def collect_statistics(
     A checkpoint path gets the rank in its name (``ck.rank1.safetensors``).
     """
     group = active_group(reduce_across_ranks)
+    if group is not None:
+        check_same_options(dict(target_modules=target_modules, loss_fn=loss_fn, token_mask=token_mask,
+                                output_fisher=output_fisher, accumulate_on=accumulate_on), group, "collect_statistics")
     if group is not None and checkpoint_path is not None:
         checkpoint_path = _rank_path(checkpoint_path)
     run = _Run.start(model, dataloader, target_modules, loss_fn=loss_fn, token_mask=token_mask,

@@ -341,6 +341,12 @@ def collect_and_solve(model, dataloader, target_modules, config: LoraDAConfig, *
     config = config.with_rank()
     device = next(model.parameters()).device
     group = active_group(reduce_across_ranks)
+    if group is not None:  # each rank solves its share with its own settings: they must be the same
+        from lora_da.distributed import check_same_options
+
+        check_same_options(dict(target_modules=target_modules, loss_fn=loss_fn, accumulate_on=accumulate_on,
+                                checkpoint=checkpoint_path is not None, **config.to_dict()), group,
+                           "collect_and_solve")
     if checkpoint_path is not None or _on_host(device, max_device_bytes, accumulate_on):
         stats = collect_statistics(model, dataloader, target_modules, loss_fn=loss_fn, token_mask=config.token_mask,
                                    output_fisher=config.output_fisher, max_samples=max_samples,
