@@ -261,3 +261,81 @@ def test_collect_checkpoint_resumes_after_ctrl_c_and_returns_a_finished_pass(mod
     assert main(args) == 0 and not calls
     assert "already finished" in capsys.readouterr().err
     assert_same_statistics(lora_da.Statistics.load(out), lora_da.Statistics.load(whole), exact_grad=False)
+
+
+# -- fuzzing the JSONL reader (FUZZING.md, "The CLI's JSONL reader") ------------------------------
+
+import os  # noqa: E402
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "200"))
+
+_json_scalars = (st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.sampled_from([0, 1, 2, -1, 10**30])
+                 | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=8))
+_json = st.recursive(_json_scalars, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=6), c, max_size=3),
+                     max_leaves=8)
+
+
+@st.composite
+def jsonl_lines(draw) -> bytes:
+    """One line of a data file: a valid sample, a sample with a wrong-typed or odd field, a
+    lone surrogate, random JSON, deep nesting, raw bytes (non-UTF-8), or blank."""
+    kind = draw(st.sampled_from(["valid", "valid", "field", "surrogate", "json", "deep", "bytes", "blank"]))
+    if kind == "valid":
+        return json.dumps({"text": draw(st.text(min_size=1, max_size=20).filter(str.strip)),
+                           "label": draw(st.integers(0, 5))}).encode()
+    if kind == "field":
+        obj = {"text": draw(_json | st.text(max_size=8)), "label": draw(_json)}
+        return json.dumps(obj, allow_nan=True).encode()
+    if kind == "surrogate":
+        return ('{"text": "a \\u%04x b", "label": 0}' % draw(st.integers(0xD800, 0xDFFF))).encode()
+    if kind == "json":
+        return json.dumps(draw(_json), allow_nan=True).encode()
+    if kind == "deep":
+        depth = draw(st.integers(500, 100_000))
+        return ("[" * depth + "]" * depth).encode()
+    if kind == "bytes":
+        return draw(st.binary(min_size=1, max_size=20)).replace(b"\n", b" ")
+    return b"   "
+
+
+def test_fuzz_jsonl_reader(tmp_path):
+    """Every data file either reads into non-empty Unicode texts and class indices 0..K-1
+    (the first --max-samples of them, and the labels of the whole file), or is refused
+    by a ValueError (or CLIError) whose one message names the file; nothing else escapes."""
+    from lora_da.cli import CLIError, _all_labels, _infer_task, _read_data
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"architectures": ["BertModel"]}))
+    counts = {"read": 0, "refused": 0}
+
+    @settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(lines=st.lists(jsonl_lines(), min_size=1, max_size=6), limit=st.integers(1, 6),
+           task=st.sampled_from(["seq-cls", "causal-lm", None]))
+    def check(lines, limit, task):
+        path = tmp_path / "dätä.jsonl"
+        path.write_bytes(b"\n".join(lines) + b"\n")
+        try:
+            chosen = task or _infer_task(str(path), str(model))
+            texts, labels = _read_data(str(path), chosen, limit)
+            every = _all_labels(str(path)) if chosen == "seq-cls" else None
+        except (ValueError, CLIError) as e:
+            assert str(path) in str(e) or "--task" in str(e), f"the message does not name the file: {e}"
+            assert "\n" not in str(e)
+            counts["refused"] += 1
+            return
+        assert 1 <= len(texts) <= limit
+        for t in texts:
+            assert isinstance(t, str) and t.strip()
+            t.encode("utf-8")  # no lone surrogate reaches the tokenizer
+        if chosen == "seq-cls":
+            assert len(labels) == len(texts) and all(isinstance(v, int) and v >= 0 for v in labels)
+            assert set(labels) <= every and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in every)
+        counts["read"] += 1
+
+    check()
+    print(f"fuzz_jsonl_reader: {counts}")
+    assert counts["read"] > 0 and counts["refused"] > 0
