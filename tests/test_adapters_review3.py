@@ -200,3 +200,46 @@ def test_gamma_search_skips_a_nan_candidate(monkeypatch):
     monkeypatch.setattr(gamma, "held_back_loss", lambda *a, **k: next(nan))
     with pytest.raises(lora_da.NonFiniteError, match="not finite for any γ"):
         gamma.search_gamma(lambda: model, unit, [{}], [{}], lora_da.LoraDAConfig(n_pop=10), gammas=(1.0, 4.0))
+
+
+# -- 18: negative counts and sizes to the Rust core ------------------------------------------------
+
+_EYE, _ONES = np.eye(3), np.ones(3)
+
+
+@pytest.mark.parametrize("call, name", [
+    (lambda f, o: lora_da.InputFactor(-1), "InputFactor: n"),
+    (lambda f, o: lora_da.OutputFactor(-2), "OutputFactor: m"),
+    (lambda f, o: f.add_gram(_EYE, -1), "InputFactor.add_gram: tokens"),
+    (lambda f, o: lora_da.InputFactor.from_packed(-3, np.zeros(6), 1), "InputFactor.from_packed: n"),
+    (lambda f, o: lora_da.InputFactor.from_packed(3, np.zeros(6), -1), "InputFactor.from_packed: tokens"),
+    (lambda f, o: o.add_sums(np.zeros(3), -4), "OutputFactor.add_sums: tokens"),
+    (lambda f, o: o.count_samples(-1), "OutputFactor.count_samples: k"),
+    (lambda f, o: lora_da.OutputFactor(3, per_sample=True).add(np.ones((2, 3), np.float32), [3, -1]),
+     "OutputFactor.add: sample_lengths"),
+    (lambda f, o: lora_da.OutputFactor.from_parts(np.zeros(3), -1, 1), "OutputFactor.from_parts: tokens"),
+    (lambda f, o: lora_da.OutputFactor.from_parts(np.zeros(3), 1, -1), "OutputFactor.from_parts: samples"),
+    (lambda f, o: lora_da.solve(_EYE, _ONES, np.ones((3, 3)), rank=-1, n_pop=10.0), "rank"),
+    (lambda f, o: lora_da.solve(_EYE, _ONES, np.ones((3, 3)), rank=1, n_pop=10.0, max_applications=-5),
+     "max_applications"),
+    (lambda f, o: lora_da.solve_shared(_EYE, [_ONES], [np.ones((3, 3))], rank=-2, n_pop=10.0), "rank"),
+])
+def test_negative_counts_and_sizes_to_the_core(call, name):
+    f, o = lora_da.InputFactor(3), lora_da.OutputFactor(3)
+    f.add(np.ones((2, 3)))
+    o.add(np.ones((2, 3)))
+    o.count_samples(2)
+    f0, o0 = f.copy(), o.copy()
+    with pytest.raises(InvalidArgumentError, match=f"^{name} must be ≥ 0, got -[0-9]+$"):
+        call(f, o)
+    assert f == f0 and o == o0  # a refused call changes nothing
+
+
+def test_output_factor_equality_compares_contents():
+    """README: ``==`` compares the accumulators (OutputFactor's compared identities: a copy was never equal)."""
+    o = lora_da.OutputFactor(3, per_sample=True)
+    o.add(np.arange(6.0).reshape(2, 3), [1, 1])
+    c = o.copy()
+    assert c == o and c is not o
+    c.add(np.ones((1, 3)), [1])
+    assert c != o and o != lora_da.InputFactor(3)

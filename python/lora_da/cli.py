@@ -738,6 +738,8 @@ def _prepare_out(args) -> None:
         outputs.append((Path(args.save_stats), "statistics"))
     _guard_outputs(args, outputs)
     _check_out_free(out, args.overwrite)
+    if getattr(args, "save_stats", None):
+        _check_writable(Path(args.save_stats))  # written after the pass: its directory is checked before it
 
 
 # -- what --overwrite may replace ------------------------------------------------------------
