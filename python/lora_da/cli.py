@@ -1098,7 +1098,14 @@ def cmd_init(args) -> int:
     _check_checkpoint_arg(args, [Path(args.out)] + ([Path(args.save_stats)] if args.save_stats else []))
     if args.gamma == "auto":
         stats, (model, calibration, held) = _collect(args, search=True)
-        found = _search_gamma(args, stats, model, calibration, held)
+        from lora_da.errors import LoraDAError
+
+        try:
+            found = _search_gamma(args, stats, model, calibration, held)
+        except (LoraDAError, CLIError, OSError):
+            raise
+        except Exception as e:  # the model's own failure in the AdamW steps: one line, as in the pass
+            raise CLIError(_model_failure(args, model, calibration + held, e)) from e
         del model, calibration, held
         args.gamma, args.gamma_search = found.best, found
     else:
