@@ -140,6 +140,20 @@ def test_one_token_rows_give_no_gradient_and_are_refused(model_dir, tmp_path, ca
     assert not out.exists()
 
 
+def test_a_zero_gradient_in_some_modules_is_printed(tmp_path, capsys):
+    from helpers import batches, data, tiny_llama
+
+    ids, mask = data()
+    stats = lora_da.collect_statistics(tiny_llama(), batches(ids, mask, 3), ["q_proj"], progress=False)
+    stats.grad_sums["model.layers.0.self_attn.q_proj"][:] = 0.0
+    stats.save(tmp_path / "s.safetensors")
+    out = tmp_path / "adapter"
+    assert main(["solve", str(tmp_path / "s.safetensors"), "--n-pop", "10", "--rank", "2", "--out", str(out), "-q"]) == 0
+    err = capsys.readouterr().err
+    assert "lora-da: warning: the mean gradient is zero in 1 of 2 modules (model.layers.0.self_attn.q_proj)" in err
+    assert (out / "adapter_model.safetensors").is_file()
+
+
 def test_a_head_named_as_a_target_is_refused_before_the_pass(encoder, tmp_path, capsys, monkeypatch):
     import lora_da.collect
 
