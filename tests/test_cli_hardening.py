@@ -497,10 +497,12 @@ def many_batches():
 
 
 def test_a_finished_checkpoint_is_not_silently_reused(tmp_path):
+    """A finished checkpoint is returned only for the same data (issue 21 item 4 made
+    the matching rerun return it, tests/test_collect_review3.py): other data are refused."""
     ckpt = tmp_path / "c.safetensors"
     lora_da.collect_statistics(tiny_llama(), many_batches(), TARGETS, checkpoint_path=ckpt, progress=False)
-    with pytest.raises(StatisticsFileError, match="finished pass") as e:
-        lora_da.collect_statistics(tiny_llama(), many_batches(), TARGETS, checkpoint_path=ckpt, progress=False)
+    with pytest.raises(StatisticsFileError, match="finished pass on other data") as e:
+        lora_da.collect_statistics(tiny_llama(), many_batches()[::-1], TARGETS, checkpoint_path=ckpt, progress=False)
     assert str(ckpt) in str(e.value)
     assert lora_da.Statistics.load(ckpt).n_samples == 12  # still usable as statistics
 

@@ -281,3 +281,49 @@ def test_an_error_on_one_rank_is_raised_on_every_rank(tmp_path):
         assert got[1][case].startswith("InvalidArgumentError:") and "is a list, not a dict" in got[1][case], case
         assert got[0][case].startswith("InvalidArgumentError:"), (case, got[0][case])
         assert "rank 1 failed" in got[0][case] and "is a list, not a dict" in got[0][case], (case, got[0][case])
+
+
+_OPTIONS_DIFFER = """\
+import lora_da
+from lora_da.init import collect_and_solve
+from helpers import many_batches, TARGETS, tiny_llama
+shard = many_batches()[rank::world]
+got = {}
+cases = {
+    "output_fisher": lambda: lora_da.collect_statistics(
+        tiny_llama(), shard, TARGETS, progress=False, output_fisher=["diagonal", "sequence_lowrank"][rank]),
+    "token_mask": lambda: lora_da.collect_statistics(
+        tiny_llama(), [dict(b, labels=b["input_ids"]) for b in shard], TARGETS, progress=False,
+        token_mask=["attention", "labels"][rank]),
+    "target_modules": lambda: lora_da.collect_statistics(
+        tiny_llama(), shard, [TARGETS, ["q_proj"]][rank], progress=False),
+    "gamma": lambda: collect_and_solve(tiny_llama(), shard, TARGETS, lora_da.LoraDAConfig(n_pop=100, rank=2,
+                                       gamma=[4.0, 16.0][rank]), progress=False, accumulate_on="device"),
+}
+for name, call in cases.items():
+    try:
+        call()
+        got[name] = "nothing"
+    except Exception as e:
+        got[name] = f"{type(e).__name__}: {e}"
+got["same"] = lora_da.collect_statistics(tiny_llama(), shard, TARGETS, progress=False).n_samples
+json.dump(got, open(os.path.join(out, f"options{rank}.json"), "w"))
+"""
+
+
+def test_options_that_differ_between_ranks_are_refused_on_every_rank(tmp_path):
+    """Issue 22 item 8: a different output_fisher ended in a raw gloo error on one rank
+    and statistics on the other; a different token_mask was summed silently."""
+    import json
+
+    _run_two_ranks(_OPTIONS_DIFFER, tmp_path, timeout_s=60)
+    got = [json.load(open(tmp_path / f"options{r}.json")) for r in range(2)]
+    shown = {"output_fisher": "rank 0 has 'diagonal', rank 1 has 'sequence_lowrank'",
+             "token_mask": "rank 0 has 'attention', rank 1 has 'labels'",
+             "target_modules": "rank 0 has ['q_proj', 'down_proj'], rank 1 has ['q_proj']",
+             "gamma": "rank 0 has 4.0, rank 1 has 16.0"}
+    for r in range(2):
+        for option, text in shown.items():
+            assert got[r][option].startswith("InvalidArgumentError:"), (r, option, got[r][option])
+            assert f"the ranks disagree on {option} ({text}" in got[r][option], (r, option, got[r][option])
+        assert got[r]["same"] == 18  # the ranks still work together afterwards

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from lora_da.collect import resolve_targets
-from lora_da.errors import InvalidArgumentError, LoraDAError, ShapeError
+from lora_da.errors import InvalidArgumentError, LoraDAError, NonFiniteError, ShapeError
 from lora_da.init import LoraDAConfig, collect_and_solve, compute_init
 from lora_da.statistics import Statistics
 
@@ -45,11 +45,53 @@ def state_dict_of(inits, prefix: str = "", scale: float = 1.0) -> dict[str, torc
     """
     out = {}
     for name, init in inits.items():
-        for key, w in zip(_lora_keys(name, prefix), (init.A, init.B)):
+        for key, which, w in zip(_lora_keys(name, prefix), "AB", (init.A, init.B)):
             if scale != 1.0:
                 w = w * scale
-            out[key] = torch.from_numpy(np.array(w, dtype=np.float32, order="C"))
+            with np.errstate(over="ignore"):
+                w32 = np.array(w, dtype=np.float32, order="C")
+            # finite in float64 is not enough: an extreme γ puts A or B past float32's range
+            _check_finite_cast(name, which, w32, w, "float32")
+            out[key] = torch.from_numpy(w32)
     return out
+
+
+def _check_finite_cast(name: str, which: str, cast, original, dtype) -> None:
+    """A weight that is no longer finite after its cast to the dtype it is written in is
+    refused, naming the module, before anything is written (SPEC §3 step 8)."""
+    finite = torch.isfinite(cast).all() if isinstance(cast, torch.Tensor) else np.isfinite(cast).all()
+    if bool(finite):
+        return
+    big = float(np.max(np.abs(original))) if not isinstance(original, torch.Tensor) else float(original.abs().max())
+    raise NonFiniteError(
+        f"{name}: the LoRA-DA {which} (largest |entry| {big:.3g}) is not finite in the adapter's dtype {dtype}; "
+        "γ is too small for this model: pass a larger gamma (it divides B·A)"
+    )
+
+
+def zero_gradient_modules(inits) -> list[str]:
+    """The modules whose mean gradient Ḡ was exactly zero (their ``B`` is 0)."""
+    return [n for n, i in inits.items() if bool(getattr(getattr(i, "result", i), "zero_gradient", False))]
+
+
+def check_zero_gradients(inits, *, warn: bool = True) -> list[str]:
+    """Refuse weights in which every module's gradient was zero (``B = 0`` everywhere: the
+    adapter would start exactly where PEFT's default does, with nothing learned from the
+    data); warn about the modules that have one. Returns those modules."""
+    zero = zero_gradient_modules(inits)
+    if inits and len(zero) == len(inits):
+        raise InvalidArgumentError(
+            f"the mean gradient is zero in every one of the {len(zero)} targeted modules, so every B would be 0: "
+            "the loss has no gradient on these samples (causal-LM rows of a single token, or labels all -100); "
+            "pass samples of at least two tokens, or labels the loss can use"
+        )
+    if zero and warn:
+        import warnings
+
+        shown = ", ".join(zero[:5]) + (f" and {len(zero) - 5} more" if len(zero) > 5 else "")
+        warnings.warn(f"lora-da: the mean gradient is zero in {len(zero)} of {len(inits)} modules ({shown}): "
+                      "their B is 0", UserWarning, stacklevel=3)
+    return zero
 
 
 def _lora_keys(name: str, prefix: str = "") -> tuple[str, str]:
@@ -91,6 +133,7 @@ def get_lora_da_state_dict(
         if missing:
             raise InvalidArgumentError(f"the statistics have no entry for targeted module(s) {missing[:5]}")
         inits = compute_init(statistics, lora_da_config, modules=names, progress=progress)
+    check_zero_gradients(inits)
     return state_dict_of(inits)
 
 
@@ -142,12 +185,15 @@ def initialize_lora_da_weights(
     layers = dict(_lora_layers(peft_model, adapter_name))
     for name, layer in layers.items():  # before any collection: its statistics would be of the modified base
         _check_not_preserved(name, layer, adapter_name)
+        if lora_da_config.preserve_output:
+            _check_only_adapter(name, layer, adapter_name)
     results = {}
     if state_dict is None:
         if dataloader is None and statistics is None:
             raise InvalidArgumentError("initialize_lora_da_weights needs a dataloader, statistics or a state_dict")
         inits = _solve_lora_layers(peft_model, layers, dataloader, statistics, lora_da_config,
                                    loss_fn=loss_fn, progress=progress, **collect_kwargs)
+        check_zero_gradients(inits)
         state_dict = state_dict_of(inits)
         results = {name: init.result for name, init in inits.items()}
     _load_lora_da_state_dict(peft_model, state_dict, layers, adapter_name, lora_da_config, results)
@@ -189,14 +235,18 @@ def _load_lora_da_state_dict(peft_model, state_dict: dict[str, torch.Tensor], la
                 f"lora_A {tuple(wa.shape)} / lora_B {tuple(wb.shape)}"
             )
         if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
-            raise LoraDAError(f"{name}: non-finite LoRA-DA weights")
-        plan.append((name, layer, A, B))
-    for name, layer, A, B in plan:
-        wa, wb = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
-        wa.copy_(A.to(device=wa.device, dtype=wa.dtype))
-        wb.copy_(B.to(device=wb.device, dtype=wb.dtype))
-        if lora_da_config.preserve_output:
-            _subtract_from_base(layer, adapter_name)
+            raise NonFiniteError(f"{name}: non-finite LoRA-DA weights in the state dict")
+        # the check that counts is in the dtype written: float16 overflows where float32 does not
+        A_cast, B_cast = A.to(device=wa.device, dtype=wa.dtype), B.to(device=wb.device, dtype=wb.dtype)
+        _check_finite_cast(name, "A", A_cast, A, wa.dtype)
+        _check_finite_cast(name, "B", B_cast, B, wb.dtype)
+        base = _residual_base(layer, adapter_name, A_cast, B_cast) if lora_da_config.preserve_output else None
+        plan.append((name, layer, A_cast, B_cast, base))
+    for name, layer, A, B, base in plan:
+        layer.lora_A[adapter_name].weight.copy_(A)
+        layer.lora_B[adapter_name].weight.copy_(B)
+        if base is not None:
+            layer.get_base_layer().weight.data = base
             _mark_preserved(layer, adapter_name)
     _record(peft_model, adapter_name, lora_da_config, results)
     if lora_da_config.preserve_output:
@@ -277,15 +327,18 @@ def _write_json(path: str, obj: dict) -> None:
         raise
 
 
-def _subtract_from_base(layer, adapter_name: str) -> None:
-    """``W ← W − s·B A`` (in the layer's storage orientation), so the outputs at
-    step 0 equal the base model's."""
+def _residual_base(layer, adapter_name: str, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """``W − s·B A`` (in the layer's storage orientation and dtype), so the outputs at
+    step 0 equal the base model's; checked finite in that dtype, not yet written."""
     base = layer.get_base_layer()
-    wa, wb = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
-    delta = layer.scaling[adapter_name] * (wb.double() @ wa.double())  # m × n
+    delta = layer.scaling[adapter_name] * (B.double() @ A.double())  # m × n
     if getattr(layer, "fan_in_fan_out", False):
         delta = delta.T
-    base.weight.data = (base.weight.double() - delta.to(base.weight.device)).to(base.weight.dtype)
+    new = base.weight.double() - delta.to(base.weight.device)
+    cast = new.to(base.weight.dtype)
+    _check_finite_cast(f"{layer.__class__.__name__} base of adapter {adapter_name!r}", "W − s·B·A", cast, new,
+                       base.weight.dtype)
+    return cast
 
 
 # on the base layer itself, so that wrapping the modified base in a new PeftModel still shows it
@@ -301,11 +354,32 @@ def _check_not_preserved(name: str, layer, adapter_name: str) -> None:
     """A second initialization of an adapter whose ``s·B A`` was already subtracted
     from the base would subtract again (preserve_output) or leave the base off by the
     old ``s·B A`` (without it): either way the step-0 outputs are wrong."""
-    if adapter_name in layer.get_base_layer().__dict__.get(_PRESERVED, ()):
+    preserved = layer.get_base_layer().__dict__.get(_PRESERVED, ())
+    others = sorted(a for a in preserved if a != adapter_name)
+    if others:
+        raise LoraDAError(
+            f"{name}: adapter {others[0]!r} was initialized with preserve_output=True, so these base weights already "
+            f"lost its s·B·A; statistics or a subtraction for {adapter_name!r} on them would be of a modified model. "
+            "Start from a freshly loaded base model."
+        )
+    if adapter_name in preserved:
         raise LoraDAError(
             f"{name}: adapter {adapter_name!r} was already initialized with preserve_output=True, so its base "
             "weights already lost s·B·A; initializing it again would corrupt them. Start from a freshly loaded "
             "base model."
+        )
+
+
+def _check_only_adapter(name: str, layer, adapter_name: str) -> None:
+    """``preserve_output`` makes ``W − s·B A`` reproduce the base for this adapter alone:
+    another adapter on the same layer would then start from a changed base, and this
+    one would not reproduce the base while the other is active."""
+    others = sorted(a for a in layer.lora_A if a != adapter_name)
+    if others:
+        raise InvalidArgumentError(
+            f"{name}: preserve_output=True needs {adapter_name!r} to be the only adapter on its layers, but the layer "
+            f"also holds {others}: subtracting s·B·A from the shared base weights would change what those adapters "
+            "start from. Initialize one adapter per base model, or pass preserve_output=False"
         )
 
 

@@ -69,10 +69,35 @@ def _read_data(path: str, task: str, limit: int | None = None) -> tuple[list[str
                 if label is not None:
                     labels.append(label)
     except UnicodeDecodeError:
-        raise ValueError(f"{path}:{i + 1}: not UTF-8 text") from None
+        raise ValueError(f"{path}:{i + 1}: not UTF-8 text (convert the file to UTF-8)") from None
     if not texts:
         raise ValueError(f"{path}: no sample found")
     return texts, (labels if task == "seq-cls" else None)
+
+
+def _all_labels(path: str) -> set[int]:
+    """Every label of the whole file (its other fields unread past ``--max-samples``):
+    the classification head's size comes from all the classes, not from the calibration
+    slice (a file sorted by label would otherwise give a head too small)."""
+    seen: set[int] = set()
+    i = 0
+    try:
+        with open(path, encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except (ValueError, RecursionError) as e:
+                    raise ValueError(f"{path}:{i}: not valid JSON ({getattr(e, 'msg', type(e).__name__)})") from None
+                lab = obj.get("label") if isinstance(obj, dict) else None
+                if isinstance(lab, bool) or not isinstance(lab, int) or lab < 0:
+                    raise ValueError(f"{path}:{i}: seq-cls needs a class index 0..K-1 in the 'label' field, got "
+                                     f"{json.dumps(lab)[:40]}")
+                seen.add(lab)
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}:{i + 1}: not UTF-8 text (convert the file to UTF-8)") from None
+    return seen
 
 
 def _infer_task(data: str, model_dir: str) -> str:
@@ -81,15 +106,18 @@ def _infer_task(data: str, model_dir: str) -> str:
     anything else is ambiguous and refused with the flag to pass."""
     has_labels = False
     if Path(data).suffix.lower() in (".jsonl", ".json", ".ndjson") and Path(data).is_file():
-        with open(data, encoding="utf-8") as f:
-            for line in f:
-                if line.strip():
-                    try:
-                        first = json.loads(line)
-                    except json.JSONDecodeError:
-                        break  # _read_data reports it with its line number
-                    has_labels = isinstance(first, dict) and "label" in first
-                    break
+        try:
+            with open(data, encoding="utf-8") as f:
+                for line in f:
+                    if line.strip():
+                        try:
+                            first = json.loads(line)
+                        except (ValueError, RecursionError):  # bad JSON, nested past the limit
+                            break  # _read_data reports it with its line number
+                        has_labels = isinstance(first, dict) and "label" in first
+                        break
+        except UnicodeDecodeError:
+            pass  # _read_data names the file and the line
     try:
         archs = json.loads((Path(model_dir) / "config.json").read_text()).get("architectures") or []
     except (OSError, ValueError, AttributeError):
@@ -122,6 +150,11 @@ def _parse_jsonl_line(path: str, i: int, line: str, task: str) -> tuple[str, int
     if not obj["text"].strip():
         # an empty text tokenizes to no token at all and fails deep inside the model
         raise ValueError(f"{path}:{i}: the 'text' field is empty")
+    try:
+        obj["text"].encode("utf-8")
+    except UnicodeEncodeError as e:  # JSON's "\ud800" escape: a lone surrogate, which no tokenizer takes
+        raise ValueError(f"{path}:{i}: the 'text' field holds a lone surrogate ({obj['text'][e.start]!a}), which is not "
+                         "Unicode text; remove or pair it") from None
     if task != "seq-cls":
         return obj["text"], None
     lab = obj.get("label")
@@ -132,19 +165,44 @@ def _parse_jsonl_line(path: str, i: int, line: str, task: str) -> tuple[str, int
     return obj["text"], lab
 
 
-def _num_labels(path: str, labels: list[int], model_dir: str) -> int:
-    """K = max label + 1, the size of the classification head; refused above
-    MAX_LABELS unless the model's config.json declares that many classes."""
+def _num_labels(path: str, labels, model_dir: str, requested: int | None = None) -> int:
+    """K, the size of the classification head, for the labels of the whole file: ``--num-labels``
+    when given; a sequence classifier's own head (its config.json); else max label + 1 — at
+    least 2 (transformers takes a 1-output head for regression) and refused above
+    MAX_LABELS unless the model's config.json declares that many classes. A head that
+    cannot hold every label is refused, before any model is loaded."""
     k = max(labels) + 1
-    if k <= MAX_LABELS:
-        return k
-    declared = None
+    declared, classifier = None, False
     try:
         cfg = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
         declared = cfg.get("num_labels", len(cfg["id2label"]) if isinstance(cfg.get("id2label"), dict) else None)
+        classifier = any("ForSequenceClassification" in str(a) for a in cfg.get("architectures") or [])
     except (OSError, ValueError, RecursionError, AttributeError):
         pass
-    if isinstance(declared, int) and not isinstance(declared, bool) and k <= declared:
+    if not (isinstance(declared, int) and not isinstance(declared, bool) and declared > 0):
+        declared = None
+    if requested is not None:
+        if requested < 2:
+            raise CLIError(f"--num-labels {requested}: a classifier needs at least 2 classes (a 1-output head is "
+                           "regression in transformers)")
+        if k > requested:
+            raise CLIError(f"{path}: label {k - 1} does not fit --num-labels {requested} (labels are 0..K-1): pass "
+                           f"--num-labels {k} or more")
+        if classifier and declared is not None and declared != requested:
+            raise CLIError(f"--num-labels {requested} disagrees with the {declared}-way head of {model_dir} "
+                           "(config.json): pass the model's own number of classes, or a model without a head")
+        return requested
+    if classifier and declared is not None:
+        if k > declared:
+            raise CLIError(f"{path}: label {k - 1} does not fit the {declared}-way classification head of {model_dir} "
+                           "(config.json num_labels): the data and the model's head disagree")
+        return declared
+    if k < 2:
+        raise CLIError(f"{path}: every label is 0, which would build a 1-output head (regression in transformers): "
+                       "pass --num-labels K with the number of classes")
+    if k <= MAX_LABELS:
+        return k
+    if declared is not None and k <= declared:
         return declared
     raise ValueError(
         f"{path}: label {k - 1} asks for a {k}-way classification head; labels must be class indices 0..K-1 with "
@@ -317,14 +375,21 @@ def _collect(args, search: bool = False):
     last fifth of the samples is held back from them, and the model, the
     calibration batches and the held-back batches are returned too."""
     from lora_da.collect import collect_statistics
+    from lora_da.errors import LoraDAError
 
     _check_model_dir(args.model_dir)
     _check_device(args.device, "--device")
     if args.task is None:
         args.task = _infer_task(args.data, args.model_dir)
+    if args.task == "seq-cls" and args.token_mask == "labels":
+        raise CLIError("--token-mask labels keeps the tokens whose next-token label is set (a causal LM); seq-cls has "
+                       "one class label per sample: use --token-mask attention")
     texts, labels = _read_data(args.data, args.task, args.max_samples)
     targets = _parse_targets(args.targets)
-    num_labels = _num_labels(args.data, labels, args.model_dir) if labels else None
+    requested = getattr(args, "num_labels", None)
+    if requested is not None and args.task != "seq-cls":
+        raise CLIError(f"--num-labels sizes a classification head: it needs --task seq-cls, not {args.task}")
+    num_labels = _num_labels(args.data, _all_labels(args.data), args.model_dir, requested) if labels else None
     if search:
         k = max(1, len(texts) // 5)
         if len(texts) - k < 1:
@@ -333,16 +398,25 @@ def _collect(args, search: bool = False):
         labels, held_labels = (labels[:-k], labels[-k:]) if labels is not None else (None, None)
     model, tokenizer, new_weights = _load_model_checked(args.model_dir, args.task, num_labels, args.device, args.quiet,
                                                         args.seed)
+    _check_head_not_targeted(model, targets, new_weights)
     batches = _make_batches(tokenizer, texts, labels, args.batch_size, args.max_length, args.task)
-    stats = collect_statistics(
-        model,
-        batches,
-        targets,
-        token_mask=args.token_mask,
-        output_fisher=args.output_fisher or "diagonal",
-        max_samples=args.max_samples,
-        progress=not args.quiet,
-    )
+    checkpoint = getattr(args, "checkpoint", None)
+    try:
+        stats = collect_statistics(
+            model,
+            batches,
+            targets,
+            token_mask=args.token_mask,
+            output_fisher=args.output_fisher or "diagonal",
+            max_samples=args.max_samples,
+            progress=not args.quiet,
+            checkpoint_path=checkpoint,
+            checkpoint_every=args.checkpoint_every if checkpoint else None,
+        )
+    except (LoraDAError, CLIError, OSError, KeyboardInterrupt):
+        raise
+    except Exception as e:  # the model's own failure (an IndexError past its positions, ...): one line
+        raise CLIError(_model_failure(args, model, batches, e)) from e
     stats.config.setdefault("task", args.task)
     stats.config["seed"] = args.seed
     stats.new_weights = new_weights
@@ -356,6 +430,38 @@ def _collect(args, search: bool = False):
         held = _make_batches(tokenizer, held_texts, held_labels, args.batch_size, args.max_length, args.task)
         return stats, (model, batches, held)
     return stats
+
+
+def _model_failure(args, model, batches, e: Exception) -> str:
+    """One line for an exception the model raised on the calibration data, with the
+    likely cause: sequences longer than its position table."""
+    msg = " ".join(str(e).split())[:200]
+    longest = max((b["input_ids"].shape[1] for b in batches), default=0)
+    cfg = getattr(model, "config", None)
+    limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    hint = ""
+    if isinstance(limit, int) and longest > limit:
+        hint = (f"; the batches hold {longest} tokens but the model has {limit} positions: pass --max-length {limit} "
+                "or less")
+    return f"{args.model_dir}: the model failed on {args.data} ({type(e).__name__}: {msg}){hint}"
+
+
+def _check_head_not_targeted(model, targets, new_weights: dict) -> None:
+    """A classification head the model initializes is saved whole (PEFT
+    ``modules_to_save``); PEFT's loader drops the LoRA A/B of a module that is also
+    saved whole, so a head in ``--targets`` would lose its solve without a word."""
+    from lora_da.collect import resolve_targets
+
+    heads = {key.rsplit(".", 1)[0] for key in new_weights}
+    _refuse_head_targets(sorted(heads & set(resolve_targets(model, targets))))
+
+
+def _refuse_head_targets(both: list[str]) -> None:
+    if both:
+        raise CLIError(
+            f"--targets selects {', '.join(both)}, the classification head the model initializes, which the adapter "
+            "saves whole (PEFT modules_to_save); PEFT would drop its LoRA A/B. Leave it out of --targets"
+        )
 
 
 def _search_gamma(args, stats, model, calibration, held):
@@ -500,6 +606,20 @@ def _check_out_free(out: Path, overwrite: bool) -> None:
         raise ValueError(f"{out} already exists (pass --overwrite to replace it)")
     if not out.parent.is_dir():
         raise FileNotFoundError(f"{out.parent}: no such directory for the output")
+    _check_writable(out)
+
+
+def _check_writable(out: Path) -> None:
+    """Before the pass: the output is written to a temporary file beside it, so that
+    directory must take a new file (a read-only or foreign directory used to be found
+    only after the whole collection)."""
+    parent = out.parent if str(out.parent) else Path(".")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{out.name}.probe-", dir=parent)
+    except OSError as e:
+        raise CLIError(f"cannot write {out}: {e.strerror or e} in {parent}; choose a writable --out") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def _replace(tmp: Path, out: Path) -> None:
@@ -523,7 +643,14 @@ def _write_outputs(args, stats, inits, config) -> None:
     import torch
     from safetensors.torch import save_file
 
+    from lora_da.adapters import check_zero_gradients
+
     out = Path(args.out)
+    _refuse_head_targets(sorted(set(inits) & set(_modules_to_save(stats) or ())))
+    zero = check_zero_gradients(inits, warn=False)  # refused when every module's is zero
+    if zero:
+        print(f"lora-da: warning: the mean gradient is zero in {len(zero)} of {len(inits)} modules "
+              f"({', '.join(zero[:5])}{' ...' if len(zero) > 5 else ''}): their B is 0", file=sys.stderr)
     report = _report_dict(stats, inits, config)
     found = getattr(args, "gamma_search", None)
     if found is not None:
@@ -611,6 +738,8 @@ def _prepare_out(args) -> None:
         outputs.append((Path(args.save_stats), "statistics"))
     _guard_outputs(args, outputs)
     _check_out_free(out, args.overwrite)
+    if getattr(args, "save_stats", None):
+        _check_writable(Path(args.save_stats))  # written after the pass: its directory is checked before it
 
 
 # -- what --overwrite may replace ------------------------------------------------------------
@@ -808,6 +937,7 @@ def _figure(report: dict):
                              layout="constrained")
     rank = report.get("config", {}).get("rank")
     for ax, (kind, rows) in zip(axes.flat, sorted(kinds.items())):
+        k = 0  # a panel whose modules report no eigenvalue has no cut to mark
         for layer, name, r in sorted(rows, key=lambda t: (t[0] is None, t[0] or 0, t[1])):
             ev = list(r.get("eigenvalues") or [])
             if not ev:
@@ -823,7 +953,8 @@ def _figure(report: dict):
                 ax.plot([k, k + 1], y[k - 1:k + 1], color=color, linewidth=0.6, linestyle=":")
                 ax.plot([k + 1], y[k:], color=color, marker="x", markersize=4)
         cut = rank if rank else k
-        ax.axvline(cut + 0.5, color="crimson", linewidth=0.8, linestyle="--")
+        if cut:
+            ax.axvline(cut + 0.5, color="crimson", linewidth=0.8, linestyle="--")
         ax.set_title(f"{kind} ({len(rows)} modules)", fontsize=9)
         ax.set_xlabel("i", fontsize=8)
         ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
@@ -915,6 +1046,10 @@ def _check_report_shape(path: Path, report: dict) -> None:
 def cmd_collect(args) -> int:
     out = Path(args.out)
     _guard_outputs(args, [(out, "statistics")])
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"{out.parent}: no such directory for the output")
+    _check_writable(out)
+    _check_checkpoint_arg(args, [out])
     stats = _collect(args)
     with _Writing(out):
         stats.save(out)
@@ -937,18 +1072,40 @@ def cmd_solve(args) -> int:
     _validate_solve_options(args)
     _prepare_out(args)
     stats = Statistics.load(args.stats)
+    _refuse_head_targets(sorted(set(stats.modules) & set(_modules_to_save(stats) or ())))
     inits, config = _solve(args, stats)
     with _Writing(args.out):
         _write_outputs(args, stats, inits, config)
     return 0
 
 
+def _check_checkpoint_arg(args, outputs: list[Path]) -> None:
+    """``--checkpoint`` is neither an input nor an output (it is resumed, then kept)."""
+    ck = getattr(args, "checkpoint", None)
+    if ck is None:
+        return
+    for what, p in _input_paths(args) + [("the output", o) for o in outputs]:
+        if _overlaps(Path(ck), p):
+            raise CLIError(f"--checkpoint {ck} overlaps {what} {p}: give the checkpoint its own path")
+    if not Path(ck).parent.is_dir():
+        raise FileNotFoundError(f"{Path(ck).parent}: no such directory for --checkpoint")
+    _check_writable(Path(ck))
+
+
 def cmd_init(args) -> int:
     _validate_solve_options(args)  # before the expensive pass
     _prepare_out(args)
+    _check_checkpoint_arg(args, [Path(args.out)] + ([Path(args.save_stats)] if args.save_stats else []))
     if args.gamma == "auto":
         stats, (model, calibration, held) = _collect(args, search=True)
-        found = _search_gamma(args, stats, model, calibration, held)
+        from lora_da.errors import LoraDAError
+
+        try:
+            found = _search_gamma(args, stats, model, calibration, held)
+        except (LoraDAError, CLIError, OSError):
+            raise
+        except Exception as e:  # the model's own failure in the AdamW steps: one line, as in the pass
+            raise CLIError(_model_failure(args, model, calibration + held, e)) from e
         del model, calibration, held
         args.gamma, args.gamma_search = found.best, found
     else:
@@ -1029,6 +1186,14 @@ def _add_collect_args(p) -> None:
     p.add_argument("--seed", type=int, default=0,
                    help="seed of what the model initializes itself (a classification head; default 0)")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, ...")
+    p.add_argument("--num-labels", type=_positive_int("--num-labels"), default=None,
+                   help="seq-cls: the number of classes (default: the model's own head, else max label + 1 over the "
+                        "whole data file)")
+    p.add_argument("--checkpoint", default=None, metavar="PATH",
+                   help="checkpoint the pass here (default: none); rerunning the same command resumes it after an "
+                        "interruption, or returns the finished pass")
+    p.add_argument("--checkpoint-every", type=_positive_int("--checkpoint-every"), default=8, metavar="N",
+                   help="with --checkpoint: write it every N batches (default 8)")
 
 
 def _add_solve_args(p, *, n_pop_required: bool) -> None:
@@ -1129,7 +1294,9 @@ def main(argv=None) -> int:
         print(f"{PROG}: error: {msg}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
+        ck = getattr(args, "checkpoint", None)
+        again = f"; rerun the same command to resume from {ck}" if ck and Path(ck).exists() else ""
+        print(f"{PROG}: interrupted{again}", file=sys.stderr)
         return 130
 
 

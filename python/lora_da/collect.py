@@ -34,7 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lora_da._core import InputFactor, OutputFactor
-from lora_da.distributed import active_group, agree, all_reduce_statistics, together
+from lora_da.distributed import active_group, agree, all_reduce_statistics, check_same_options, together
 from lora_da.errors import InvalidArgumentError, LoraDAError, NonFiniteError, ShapeError, StatisticsFileError
 from lora_da.memory import OutOfMemoryError
 from lora_da.memory import release as _release
@@ -148,7 +148,10 @@ def default_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     ``label`` key that ``datasets`` produces is accepted too)."""
     inputs = {k: v for k, v in batch.items() if k not in ("labels", "label")}
     out = model(**inputs)
-    logits = out.logits if hasattr(out, "logits") else out[0]
+    # a model may return its logits bare; out[0] of a tensor would be its first sample
+    logits = out if isinstance(out, torch.Tensor) else (out.logits if hasattr(out, "logits") else out[0])
+    if not isinstance(logits, torch.Tensor):
+        raise InvalidArgumentError(f"default loss: the model returned {type(out).__name__} without logits; pass loss_fn")
     labels = batch.get("labels", batch.get("label"))
     if logits.dim() == 3:
         if labels is None:
@@ -174,6 +177,11 @@ def token_mask_of(batch: dict, mode: str) -> torch.Tensor | None:
         labels = batch.get("labels")
         if labels is None:
             raise InvalidArgumentError("token_mask='labels' needs 'labels' in every batch")
+        if labels.dim() != 2:
+            # class labels (B,) have no token to shift: sequence classification masks by attention
+            raise InvalidArgumentError(
+                f"token_mask='labels' needs per-token labels (batch, length) of a causal LM; these labels have shape "
+                f"{tuple(labels.shape)} (one class per sample?): pass token_mask='attention'")
         valid = torch.zeros_like(labels, dtype=torch.bool)
         valid[:, :-1] = labels[:, 1:] != -100
         return valid
@@ -296,17 +304,24 @@ def collect_statistics(
             "collect_statistics: out= (statistics written pass by pass) works without checkpoint_path and outside a "
             "process group; collect, then save the result on one rank"
         )
+    if group is not None:
+        check_same_options(dict(target_modules=target_modules, loss_fn=loss_fn, token_mask=token_mask,
+                                output_fisher=output_fisher, accumulate_on=accumulate_on), group, "collect_statistics")
     if group is not None and checkpoint_path is not None:
         checkpoint_path = _rank_path(checkpoint_path)
     run = _Run.start(model, dataloader, target_modules, loss_fn=loss_fn, token_mask=token_mask,
                      output_fisher=output_fisher, max_samples=max_samples, checkpoint_path=checkpoint_path,
                      checkpoint_every=checkpoint_every, resume=resume, progress=progress)
     on_host = _on_host(run.device, max_device_bytes, accumulate_on)
-    run.check_host_floor(max_host_bytes, streaming=out is not None and not on_host)
-    if on_host:
+    if run.finished is not None:  # a rerun of a finished checkpointed pass: its statistics, once the data match
+        with together(group, "collect"):
+            run.confirm_finished()
+    elif on_host:
+        run.check_host_floor(max_host_bytes, streaming=False)
         with together(group, "collect"):
             run.collect_on_host()
     else:
+        run.check_host_floor(max_host_bytes, streaming=out is not None)
         run.collect_on_device(max_device_bytes=max_device_bytes, max_host_bytes=max_host_bytes, keep_on_host=True,
                               group=group, to_disk=out)
     if out is not None and not on_host:
@@ -446,6 +461,7 @@ class _Run:
     fingerprints: dict = field(default_factory=dict)  # model / data fingerprints written into checkpoints
     expected_data: str | None = None  # the resumed checkpoint's data fingerprint
     micro: int = 1  # samples per forward + backward on the planned device path (plan.micro_batch, lowered on OOM)
+    finished: Statistics | None = None  # a finished checkpoint of this very pass, returned as it is
 
     @classmethod
     def start(cls, model, dataloader, target_modules, *, loss_fn, token_mask, output_fisher, max_samples,
@@ -475,6 +491,8 @@ class _Run:
         )
         if checkpoint_path is not None:
             run.fingerprints["model_fingerprint"] = _model_fingerprint(targets)
+            # a finished pass is reused only for the same sample budget
+            run.fingerprints["max_samples"] = None if max_samples is None else int(max_samples)
         if checkpoint_path is not None and resume and os.path.exists(checkpoint_path):
             run._resume(Statistics.load(checkpoint_path))
         return run
@@ -484,6 +502,7 @@ class _Run:
         return next(self.model.parameters()).device
 
     def _resume(self, ck: Statistics) -> None:
+        _check_is_checkpoint(self.checkpoint_path, ck)
         want = {n: (t.n, t.m, t.kind) for n, t in self.targets.items()}
         have = {n: (i.in_features, i.out_features, i.kind) for n, i in ck.modules.items()}
         if want != have or any(ck.config.get(k) != v for k, v in self.config.items()):
@@ -492,11 +511,46 @@ class _Run:
             )
         _check_checkpoint_identity(self.checkpoint_path, ck, self.fingerprints["model_fingerprint"])
         self.expected_data = ck.config.get("data_fingerprint")
+        if ck.config.get("finished"):
+            if ck.config.get("max_samples", "unrecorded") != self.fingerprints["max_samples"]:
+                raise StatisticsFileError(
+                    f"{self.checkpoint_path}: the checkpoint holds a finished pass with max_samples="
+                    f"{ck.config.get('max_samples', 'unrecorded')}, not {self.max_samples}; delete it or pass "
+                    "resume=False to collect again"
+                )
+            self.finished, self.n_samples = ck, ck.n_samples
+            self.batches_done = int(ck.config["batches_done"])
+            return
         self.inputs, self.outputs = ck.input_factors, ck.output_factors
         self.grad_sums = {n: g.copy() for n, g in ck.grad_sums.items()}
         self.groups = {n: i.input_group for n, i in ck.modules.items()}
         self.n_samples, self.skip = ck.n_samples, int(ck.config["batches_done"])
         self.batches_done = self.skip
+        if self.progress:
+            total = _length(self.dataloader)
+            print(f"lora-da: {self.checkpoint_path}: resuming at batch {self.skip + 1}"
+                  f"{f' of {total}' if total is not None else ''} ({self.n_samples} samples already summed)",
+                  file=sys.stderr)
+
+    def confirm_finished(self) -> None:
+        """A finished checkpoint stands for this pass only on the same data: its first
+        batch (and its length, when the dataloader has one and no max_samples cut it)."""
+        first = next(iter(self.dataloader), None)
+        if not isinstance(first, Mapping) or _batch_digest(first) != self.expected_data:
+            raise StatisticsFileError(
+                f"{self.checkpoint_path}: the checkpoint holds a finished pass on other data or another order (its "
+                "first batch differs from this dataloader's); delete it or pass resume=False"
+            )
+        total = _length(self.dataloader)
+        if self.max_samples is None and total is not None and total != self.batches_done:
+            raise StatisticsFileError(
+                f"{self.checkpoint_path}: the checkpoint holds a finished pass of {self.batches_done} batches, but this "
+                f"dataloader has {total}; delete it or pass resume=False"
+            )
+        if self.progress:
+            print(f"lora-da: {self.checkpoint_path}: the pass already finished ({self.n_samples} samples, "
+                  f"{self.batches_done} batches) on this model, data and options; returning its statistics",
+                  file=sys.stderr)
 
     def snapshot(self) -> Statistics:
         modules = self._module_infos()
@@ -511,6 +565,8 @@ class _Run:
         )
 
     def finish(self) -> Statistics:
+        if self.finished is not None:
+            return self.finished
         if self.n_samples == 0:
             raise InvalidArgumentError("collect_statistics: the dataloader yielded no sample")
         empty = [g for g, f in self.inputs.items() if f.tokens == 0]
@@ -591,10 +647,15 @@ class _Run:
         with torch.enable_grad():
             # The hooks need outputs that require grad: make the embedding output do so.
             handle = _make_inputs_require_grad(self.model)
+            embeds = batch.get("inputs_embeds")
+            if isinstance(embeds, torch.Tensor) and embeds.is_floating_point() and not embeds.requires_grad:
+                # the embedding layer is not called for inputs_embeds: start the graph at them instead
+                batch = dict(batch, inputs_embeds=embeds.detach().requires_grad_(True))
             try:
                 losses = self.loss_fn(self.model, batch)
             finally:
                 handle.remove()
+            _check_losses(losses, bsz)
             if losses.dim() != 1 or losses.shape[0] != bsz:
                 raise ShapeError(f"loss_fn must return per-sample losses of shape ({bsz},), got {tuple(losses.shape)}")
             if not torch.all(torch.isfinite(losses)):
@@ -1286,6 +1347,20 @@ def _frozen(model: torch.nn.Module):
             m.training = mode
 
 
+def _check_losses(losses, bsz: int) -> None:
+    """What ``loss_fn`` returned must be the per-sample losses ``(B,)``: a real floating
+    tensor attached to the model's graph (SPEC §2); anything else is named, with what to return."""
+    what = "loss_fn(model, batch) must return a tensor of per-sample losses"
+    if not isinstance(losses, torch.Tensor):
+        raise InvalidArgumentError(f"{what} of shape ({bsz},), got a {type(losses).__name__}"
+                                   + (" (return the losses alone, not a tuple)" if isinstance(losses, tuple) else ""))
+    if losses.is_complex() or not losses.is_floating_point():
+        raise InvalidArgumentError(f"{what} as real floats, got dtype {losses.dtype}")
+    if losses.grad_fn is None and not losses.requires_grad:
+        raise InvalidArgumentError(f"{what} computed from the model's outputs, got a tensor without gradient (detached, "
+                                   "or computed under torch.no_grad())")
+
+
 def _batch_size(batch: dict) -> int:
     for k in ("input_ids", "attention_mask", "labels", "inputs_embeds"):
         v = batch.get(k)
@@ -1416,16 +1491,30 @@ def _model_fingerprint(targets: dict[str, _Target]) -> str:
     return _digest(b"\0".join(parts))
 
 
-def _check_checkpoint_identity(path, ck: Statistics, model_fingerprint: str) -> None:
-    """Refuse a finished checkpoint, and one written for another model. (Checkpoints
-    from before issue 10 carry no fingerprint and are only checked by their shapes.)"""
-    if ck.config.get("finished"):
+def _length(dataloader) -> int | None:
+    try:
+        return len(dataloader)
+    except (TypeError, NotImplementedError):  # an iterable without a length (a generator, an IterableDataset)
+        return None
+
+
+def _check_is_checkpoint(path, ck: Statistics) -> None:
+    """Only a file a checkpointed pass wrote is resumed: it carries the fingerprints of its
+    model and data. A plain statistics file (``Statistics.save``, ``lora-da collect``)
+    has none, and resuming it would hand another model's statistics back."""
+    missing = [k for k in ("model_fingerprint", "data_fingerprint") if not ck.config.get(k)]
+    if missing or "batches_done" not in ck.config:
         raise StatisticsFileError(
-            f"{path}: the checkpoint holds a finished pass ({ck.n_samples} samples); load it with "
-            "lora_da.Statistics.load, or delete it or pass resume=False to collect again"
+            f"{path}: not a checkpoint (no {' or '.join(missing) or 'batches_done'}): a statistics file from "
+            "Statistics.save or 'lora-da collect' cannot be resumed; pass another checkpoint_path (or resume=False "
+            "to overwrite it), and load statistics with lora_da.Statistics.load"
         )
+
+
+def _check_checkpoint_identity(path, ck: Statistics, model_fingerprint: str) -> None:
+    """Refuse a checkpoint written for another model (a finished one too)."""
     have = ck.config.get("model_fingerprint")
-    if have is not None and have != model_fingerprint:
+    if have != model_fingerprint:
         raise StatisticsFileError(
             f"{path}: the checkpoint was collected on another model (its target weights differ from this "
             "model's); delete it or pass resume=False"

@@ -50,7 +50,7 @@ def _dev(batch, device):
 def read_label_rows(path, *, vader: bool = False) -> list[tuple[str, int]]:
     """``text<TAB>label`` lines; with ``vader`` the VADER lexicon (label 1 iff mean valence > 0)."""
     rows = []
-    for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
+    for i, line in enumerate(Path(path).read_text(encoding="utf-8", errors="replace").splitlines(), 1):
         parts = line.split("\t")
         if len(parts) < 2:
             continue
@@ -58,6 +58,8 @@ def read_label_rows(path, *, vader: bool = False) -> list[tuple[str, int]]:
             rows.append((parts[0], (1 if float(parts[1]) > 0 else 0) if vader else int(parts[1])))
         except ValueError:
             continue
+        if rows[-1][1] < 0:  # a class index; a negative one ended in a StopIteration deep in the split
+            raise ValueError(f"{path}:{i}: label {rows[-1][1]} is negative; labels are class indices 0..K-1")
     return rows
 
 

@@ -212,6 +212,35 @@ def together(group, what: str):
     raise_together(None, group, what)
 
 
+def _option_value(v):
+    """A comparable, printable stand-in for an option: a function by its qualified name
+    (the same code on every rank), a collection by its items, anything else by repr."""
+    if callable(v) and hasattr(v, "__qualname__"):
+        return f"{getattr(v, '__module__', '?')}.{v.__qualname__}"
+    if isinstance(v, (set, frozenset)):
+        return repr(sorted(v, key=repr))
+    if isinstance(v, tuple):
+        return repr(list(v))  # ("q_proj",) and ["q_proj"] select the same modules
+    return repr(v)
+
+
+def check_same_options(options: dict, group, where: str) -> None:
+    """Every rank of ``group`` must pass the same ``options`` (those that shape the
+    statistics or the solve: ``token_mask``, ``output_fisher``, the targets, the loss,
+    the route, the solve settings). Checked once, before any collection: a different
+    ``output_fisher`` left one rank with statistics and the other with a raw gloo error,
+    a different ``token_mask`` was summed silently. Raised on every rank, naming the
+    option and each rank's value."""
+    mine = {k: _option_value(v) for k, v in options.items()}
+    every = gather_objects(mine, group)
+    for key in options:
+        values = [ranks.get(key) for ranks in every]
+        if any(v != values[0] for v in values[1:]):
+            shown = ", ".join(f"rank {r} has {v}" for r, v in enumerate(values))
+            raise InvalidArgumentError(f"{where}: the ranks disagree on {key} ({shown}); pass the same {key} on "
+                                       "every rank")
+
+
 def agree(values: list[float], group, op: str) -> list[float]:
     """Every rank's ``values`` reduced element-wise with ``op`` ("min", "max" or "sum");
     float64, so integers below 2^53 (bytes, counts) stay exact."""

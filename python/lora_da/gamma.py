@@ -93,7 +93,14 @@ def search_gamma(make_model, unit: dict[str, torch.Tensor], train_batches, val_b
         train_steps(model, train_batches, steps, lr, seed)
         table.append((float(g), before, held_back_loss(model, val_batches, loss_fn)))
         del model
-    best = min(table, key=lambda row: (row[2], -row[0]))[0]
+    # a candidate whose loss diverged (NaN or inf) cannot win: min() over NaN keys is arbitrary
+    finite = [row for row in table if math.isfinite(row[2])]
+    if not finite:
+        from lora_da.errors import NonFiniteError
+
+        raise NonFiniteError(f"search_gamma: the held-back loss is not finite for any γ in {list(gammas)} after {steps} "
+                             "steps; lower lr or check the data")
+    best = min(finite, key=lambda row: (row[2], -row[0]))[0]
     return GammaSearch(best=best, table=table, steps=steps)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +20,20 @@ from lora_da.memory import OutOfMemoryError
 from lora_da.memory import release as _release
 from lora_da.plan import DEVICE_SOLVE_WORKERS
 from lora_da.statistics import Statistics
+
+
+def _real(name: str, v) -> int | float:
+    """``v`` as a Python number (an int where one is exact, else a float): any real
+    number, numpy's too; refused by name if it is not one or is too large for a
+    float64 (an integer n_pop of 10**400; 10**20 became numpy's TypeError)."""
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real):
+        raise InvalidArgumentError(f"LoraDAConfig: {name} must be a number, got {v!r}")
+    try:
+        f = float(v)
+    except OverflowError:
+        raise InvalidArgumentError(f"LoraDAConfig: {name} = {str(v)[:12]}… ({len(str(v))} digits) is too large for "
+                                   "a float64; pass the number of fine-tuning samples") from None
+    return int(v) if isinstance(v, numbers.Integral) and abs(f) < 2.0**53 else f
 
 
 @dataclass
@@ -56,10 +72,20 @@ class LoraDAConfig:
     def __post_init__(self):
         if self.n_pop is None:
             raise InvalidArgumentError("LoraDAConfig: n_pop (the number of fine-tuning samples) is required")
-        if not (isinstance(self.n_pop, (int, float)) and np.isfinite(self.n_pop) and self.n_pop > 0):
-            raise InvalidArgumentError(f"LoraDAConfig: n_pop must be > 0, got {self.n_pop!r}")
-        if self.rank is not None and not (isinstance(self.rank, int) and not isinstance(self.rank, bool) and self.rank >= 1):
-            raise InvalidArgumentError(f"LoraDAConfig: rank must be an integer ≥ 1, got {self.rank!r}")
+        self.n_pop = _real("n_pop", self.n_pop)
+        if not (math.isfinite(self.n_pop) and self.n_pop > 0):
+            raise InvalidArgumentError(f"LoraDAConfig: n_pop must be a finite number > 0, got {self.n_pop!r}")
+        if self.rank is not None:
+            # numpy integers are integers too; a float 8.0, a bool or a string is not
+            if isinstance(self.rank, (bool, np.bool_)) or not isinstance(self.rank, numbers.Integral) or self.rank < 1:
+                raise InvalidArgumentError(f"LoraDAConfig: rank must be an integer ≥ 1, got {self.rank!r}")
+            self.rank = int(self.rank)
+        for flag in ("normalize", "preserve_output", "auto_damping", "deterministic"):
+            v = getattr(self, flag)
+            # "no" is truthy: a flag given as a string would silently act as True
+            if not isinstance(v, (bool, np.bool_)):
+                raise InvalidArgumentError(f"LoraDAConfig: {flag} must be True or False, got {v!r}")
+            setattr(self, flag, bool(v))
         if self.token_mask not in ("attention", "labels"):
             raise InvalidArgumentError(f"LoraDAConfig: token_mask must be 'attention' or 'labels', got {self.token_mask!r}")
         if self.output_fisher not in ("diagonal", "sequence_lowrank"):
@@ -401,6 +427,12 @@ def collect_and_solve(model, dataloader, target_modules, config: LoraDAConfig, *
     config = config.with_rank()
     device = next(model.parameters()).device
     group = active_group(reduce_across_ranks)
+    if group is not None:  # each rank solves its share with its own settings: they must be the same
+        from lora_da.distributed import check_same_options
+
+        check_same_options(dict(target_modules=target_modules, loss_fn=loss_fn, accumulate_on=accumulate_on,
+                                checkpoint=checkpoint_path is not None, **config.to_dict()), group,
+                           "collect_and_solve")
     if checkpoint_path is not None or _on_host(device, max_device_bytes, accumulate_on):
         stats = collect_statistics(model, dataloader, target_modules, loss_fn=loss_fn, token_mask=config.token_mask,
                                    output_fisher=config.output_fisher, max_samples=max_samples,

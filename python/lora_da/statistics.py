@@ -88,13 +88,16 @@ class Statistics:
         """Add another shard's statistics (e.g. another rank's) into this one
         (SPEC §2, data-parallel runs: sums and counts added, ``u_s`` appended).
 
-        Everything is checked before anything is added, so a refused merge
-        leaves this object as it was."""
+        All or nothing: everything is checked first, and the sums are formed on
+        copies and swapped in only when every one succeeded, so a refused merge
+        leaves this object exactly as it was."""
         if isinstance(self.input_factors, _LazyInputFactors):
             raise InvalidArgumentError("Statistics.merge: these statistics are memory-mapped from their file (read-only); "
                                        "load them with Statistics.load(path, mmap=False) to merge into them")
         if {k: asdict(v) for k, v in self.modules.items()} != {k: asdict(v) for k, v in other.modules.items()}:
             raise ShapeError("Statistics.merge: the two statistics describe different modules")
+        if self.input_factors.keys() != other.input_factors.keys():
+            raise ShapeError("Statistics.merge: the two statistics have different input groups")
         for key in ("token_mask", "output_fisher"):
             # the same sums over other tokens, or without the u_s, are other quantities
             if self.config.get(key) != other.config.get(key):
@@ -104,11 +107,14 @@ class Statistics:
             if f.per_sample != self.output_factors[name].per_sample:
                 raise ShapeError(f"Statistics.merge: module {name}: per-sample sums (output_fisher='sequence_lowrank') "
                                  f"kept by {'the other' if f.per_sample else 'this'} shard only")
+        inputs = {g: f.copy() for g, f in self.input_factors.items()}
+        outputs = {n: f.copy() for n, f in self.output_factors.items()}
         for g, f in other.input_factors.items():
-            self.input_factors[g].merge(f)
+            inputs[g].merge(f)
         for name, f in other.output_factors.items():
-            self.output_factors[name].merge(f)
-            self.grad_sums[name] += other.grad_sums[name]
+            outputs[name].merge(f)
+        grads = {n: g + other.grad_sums[n] for n, g in self.grad_sums.items()}
+        self.input_factors, self.output_factors, self.grad_sums = inputs, outputs, grads
         self.n_samples += other.n_samples
 
     # -- files ----------------------------------------------------------------

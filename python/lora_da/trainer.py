@@ -38,6 +38,15 @@ class LoraDACallback(TrainerCallback):
         if not isinstance(lora_da_config, LoraDAConfig):
             raise InvalidArgumentError(
                 f"LoraDACallback needs a lora_da.LoraDAConfig, got {type(lora_da_config).__name__}")
+        if lora_da_config.preserve_output:
+            # preserve_output rewrites the base weights, and every checkpoint the Trainer saves would then be
+            # refused by the save guard (hours into a run) or, saved plainly, be wrong on a fresh base model
+            raise InvalidArgumentError(
+                "LoraDACallback: preserve_output=True cannot be combined with the Trainer, whose checkpoint saves "
+                "would store an adapter for the modified base weights; pass preserve_output=False, or initialize "
+                "before training with lora_da.initialize_lora_da_weights(...) and lora_da.save_initial_adapter(model, "
+                "path), and save the final model with save_pretrained(out, path_initial_model_for_weight_conversion=path)"
+            )
         if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1):
             raise InvalidArgumentError(f"LoraDACallback: max_samples must be a positive integer or None, got {max_samples!r}")
         self.lora_da_config = lora_da_config

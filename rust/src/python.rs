@@ -336,7 +336,8 @@ struct PyInputFactor {
 #[pymethods]
 impl PyInputFactor {
     #[new]
-    fn new(py: Python<'_>, n: usize) -> PyResult<Self> {
+    fn new(py: Python<'_>, n: i128) -> PyResult<Self> {
+        let n = count::<usize>(n, "InputFactor: n")?;
         let f = py.detach(|| guarded("InputFactor", || factors::InputFactor::new(n)))?;
         Ok(Self { inner: Mutex::new(f) })
     }
@@ -359,7 +360,8 @@ impl PyInputFactor {
     }
 
     /// Add a partial Gram matrix `Σ x xᵀ` (float64, `(n, n)`) over `tokens` rows.
-    fn add_gram(&self, py: Python<'_>, gram: &Bound<'_, PyAny>, tokens: u64) -> PyResult<()> {
+    fn add_gram(&self, py: Python<'_>, gram: &Bound<'_, PyAny>, tokens: i128) -> PyResult<()> {
+        let tokens = count::<u64>(tokens, "InputFactor.add_gram: tokens")?;
         let mat = matrix_arg(gram, "InputFactor.add_gram: gram")?;
         locked(py, &self.inner, "InputFactor.add_gram", |f| f.add_gram(mat.as_ref(), tokens))
     }
@@ -393,7 +395,9 @@ impl PyInputFactor {
 
     #[staticmethod]
     #[pyo3(signature = (n, packed, tokens, compensation=None))]
-    fn from_packed(py: Python<'_>, n: usize, packed: &Bound<'_, PyAny>, tokens: u64, compensation: Option<&Bound<'_, PyAny>>) -> PyResult<Self> {
+    fn from_packed(py: Python<'_>, n: i128, packed: &Bound<'_, PyAny>, tokens: i128, compensation: Option<&Bound<'_, PyAny>>) -> PyResult<Self> {
+        let n = count::<usize>(n, "InputFactor.from_packed: n")?;
+        let tokens = count::<u64>(tokens, "InputFactor.from_packed: tokens")?;
         let v = vector_arg(packed, "InputFactor.from_packed: packed")?;
         let c = compensation.map(|c| vector_arg(c, "InputFactor.from_packed: compensation")).transpose()?;
         let f = py
@@ -444,7 +448,8 @@ struct PyOutputFactor {
 impl PyOutputFactor {
     #[new]
     #[pyo3(signature = (m, per_sample=false))]
-    fn new(py: Python<'_>, m: usize, per_sample: bool) -> PyResult<Self> {
+    fn new(py: Python<'_>, m: i128, per_sample: bool) -> PyResult<Self> {
+        let m = count::<usize>(m, "OutputFactor: m")?;
         let f = py.detach(|| guarded("OutputFactor", || factors::OutputFactor::new(m, per_sample)))?;
         Ok(Self { inner: Mutex::new(f) })
     }
@@ -469,7 +474,10 @@ impl PyOutputFactor {
     /// Add output-gradient rows `g` of shape `(T, m)`; `sample_lengths` splits
     /// them into consecutive samples (required when per-sample sums are kept).
     #[pyo3(signature = (g, sample_lengths=None))]
-    fn add(&self, py: Python<'_>, g: &Bound<'_, PyAny>, sample_lengths: Option<Vec<usize>>) -> PyResult<()> {
+    fn add(&self, py: Python<'_>, g: &Bound<'_, PyAny>, sample_lengths: Option<Vec<i128>>) -> PyResult<()> {
+        let sample_lengths = sample_lengths
+            .map(|v| v.into_iter().map(|l| count::<usize>(l, "OutputFactor.add: sample_lengths")).collect::<PyResult<Vec<_>>>())
+            .transpose()?;
         let holder = RowsHolder::extract(g, "OutputFactor.add")?;
         let rows = holder.view();
         locked(py, &self.inner, "OutputFactor.add", |f| f.add_rows(&rows, sample_lengths.as_deref()))
@@ -478,7 +486,8 @@ impl PyOutputFactor {
     /// Add precomputed `Σ g ⊙ g` over `tokens` rows and, for a per-sample
     /// factor, the per-sample sums `(k, m)`.
     #[pyo3(signature = (sumsq, tokens, sample_sums=None))]
-    fn add_sums(&self, py: Python<'_>, sumsq: &Bound<'_, PyAny>, tokens: u64, sample_sums: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
+    fn add_sums(&self, py: Python<'_>, sumsq: &Bound<'_, PyAny>, tokens: i128, sample_sums: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
+        let tokens = count::<u64>(tokens, "OutputFactor.add_sums: tokens")?;
         let s = vector_arg(sumsq, "OutputFactor.add_sums: sumsq")?;
         let u = sample_sums
             .map(|a| matrix_arg(a, "OutputFactor.add_sums: sample_sums"))
@@ -498,7 +507,8 @@ impl PyOutputFactor {
     }
 
     /// Count `k` samples (for factors without per-sample sums).
-    fn count_samples(&self, py: Python<'_>, k: u64) -> PyResult<()> {
+    fn count_samples(&self, py: Python<'_>, k: i128) -> PyResult<()> {
+        let k = count::<u64>(k, "OutputFactor.count_samples: k")?;
         locked(py, &self.inner, "OutputFactor.count_samples", |f| f.count_samples(k))
     }
 
@@ -544,11 +554,13 @@ impl PyOutputFactor {
     fn from_parts(
         py: Python<'_>,
         sumsq: &Bound<'_, PyAny>,
-        tokens: u64,
-        samples: u64,
+        tokens: i128,
+        samples: i128,
         sample_sums: Option<&Bound<'_, PyAny>>,
         compensation: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
+        let tokens = count::<u64>(tokens, "OutputFactor.from_parts: tokens")?;
+        let samples = count::<u64>(samples, "OutputFactor.from_parts: samples")?;
         let s = vector_arg(sumsq, "OutputFactor.from_parts: sumsq")?;
         let comp = compensation.map(|c| vector_arg(c, "OutputFactor.from_parts: compensation")).transpose()?;
         let u = sample_sums
@@ -568,6 +580,27 @@ impl PyOutputFactor {
     fn copy(&self, py: Python<'_>) -> PyResult<Self> {
         let f = locked(py, &self.inner, "OutputFactor.copy", |f| Ok(f.clone()))?;
         Ok(Self { inner: Mutex::new(f) })
+    }
+
+    /// Equal sums, compensations, counts and per-sample sums (as `InputFactor`'s `==`;
+    /// without it Python compared identities, so a copy was never equal).
+    fn __eq__(&self, py: Python<'_>, other: &Bound<'_, PyAny>) -> PyResult<bool> {
+        match other.cast::<PyOutputFactor>() {
+            Ok(o) => {
+                let o: &PyOutputFactor = o.get();
+                if std::ptr::eq(self, o) {
+                    return Ok(true);
+                }
+                py.detach(|| {
+                    guarded("OutputFactor.__eq__", || {
+                        let (a, b) = lock_pair(&self.inner, &o.inner);
+                        Ok(*a == *b)
+                    })
+                })
+                .map_err(PyErr::from)
+            }
+            Err(_) => Ok(false),
+        }
     }
 
     fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
@@ -687,9 +720,18 @@ impl PySolveResult {
     }
 }
 
+/// A count or size from Python, taken as any integer and checked here: PyO3's own
+/// conversion to an unsigned type raises a bare `OverflowError` on a negative one.
+fn count<T: TryFrom<i128>>(v: i128, what: &str) -> PyResult<T> {
+    if v < 0 {
+        return Err(PyErr::new::<InvalidArgumentError, _>(format!("{what} must be ≥ 0, got {v}")));
+    }
+    T::try_from(v).map_err(|_| PyErr::new::<InvalidArgumentError, _>(format!("{what} = {v} is too large")))
+}
+
 #[allow(clippy::too_many_arguments)]
 fn options(
-    rank: usize,
+    rank: i128,
     n_pop: f64,
     alpha: f64,
     beta: f64,
@@ -700,10 +742,12 @@ fn options(
     method: &str,
     auto_damping: bool,
     tol: f64,
-    max_applications: Option<usize>,
+    max_applications: Option<i128>,
     deterministic: bool,
     dense_fallback: bool,
 ) -> PyResult<SolveOptions> {
+    let rank = count::<usize>(rank, "rank")?;
+    let max_applications = max_applications.map(|a| count::<usize>(a, "max_applications")).transpose()?;
     let mut o = SolveOptions::new(rank, n_pop);
     o.alpha = alpha;
     o.beta = beta;
@@ -742,7 +786,7 @@ fn solve<'py>(
     z: &Bound<'py, PyAny>,
     y: &Bound<'py, PyAny>,
     g: &Bound<'py, PyAny>,
-    rank: usize,
+    rank: i128,
     n_pop: f64,
     alpha: f64,
     beta: f64,
@@ -753,7 +797,7 @@ fn solve<'py>(
     method: &str,
     auto_damping: bool,
     tol: f64,
-    max_applications: Option<usize>,
+    max_applications: Option<i128>,
     deterministic: bool,
     dense_fallback: bool,
     output_precision: Option<&Bound<'py, PyAny>>,
@@ -787,7 +831,7 @@ fn solve_shared<'py>(
     z: &Bound<'py, PyAny>,
     ys: Vec<Bound<'py, PyAny>>,
     gs: Vec<Bound<'py, PyAny>>,
-    rank: usize,
+    rank: i128,
     n_pop: f64,
     alpha: f64,
     beta: f64,
@@ -798,7 +842,7 @@ fn solve_shared<'py>(
     method: &str,
     auto_damping: bool,
     tol: f64,
-    max_applications: Option<usize>,
+    max_applications: Option<i128>,
     deterministic: bool,
     dense_fallback: bool,
     output_precisions: Option<Vec<Option<Bound<'py, PyAny>>>>,

@@ -1,0 +1,245 @@
+"""Issue 22 (hardening, third round): the API's defect classes around writing
+adapters: the Trainer callback with preserve_output (1), weights that overflow
+the adapter's dtype (4), preserve_output beside another adapter (5), zero
+gradients (6), misused loss functions (16) and loose config types (14, 17).
+
+Each test failed on the code before the fix (checked by stashing the fix)."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from helpers import batches, data, peft_classifier, tiny_llama
+from peft import LoraConfig, get_peft_model
+
+import lora_da
+from lora_da.errors import InvalidArgumentError, NonFiniteError, ShapeError
+
+
+def _params(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _assert_unchanged(model, before) -> None:
+    now = dict(model.named_parameters())
+    assert now.keys() == before.keys()
+    for n, p in now.items():
+        assert torch.equal(p.detach(), before[n]), n
+
+
+def _classifier_batches():
+    ids, mask = data()
+    y = torch.tensor([0, 1, 1, 0, 1, 0])
+    return [dict(b, labels=y[i:i + 3]) for i, b in zip((0, 3), batches(ids, mask, 3))]
+
+
+# -- 1: the Trainer callback with preserve_output ---------------------------------------------
+
+
+def test_the_callback_refuses_preserve_output_when_it_is_built():
+    with pytest.raises(InvalidArgumentError, match="preserve_output=True cannot be combined with the Trainer"):
+        lora_da.LoraDACallback(lora_da.LoraDAConfig(n_pop=100, preserve_output=True))
+    lora_da.LoraDACallback(lora_da.LoraDAConfig(n_pop=100))  # the plain config still builds
+
+
+# -- 4: finite in float32, infinite in the adapter's dtype ------------------------------------
+
+
+def test_weights_that_overflow_the_adapters_dtype_are_refused_before_any_write():
+    model = peft_classifier()
+    for _, m in model.named_modules():  # a float16 adapter: 1e5 is finite in float32, not in float16
+        if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {}):
+            m.lora_A["default"].half()
+            m.lora_B["default"].half()
+    state = {}
+    for name, m in model.get_base_model().named_modules():
+        if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {}):
+            a, b = m.lora_A["default"].weight, m.lora_B["default"].weight
+            state[f"{name}.lora_A.weight"] = torch.full(a.shape, 0.5)
+            state[f"{name}.lora_B.weight"] = torch.full(b.shape, 1e5)
+    before = _params(model)
+    with pytest.raises(NonFiniteError, match="float16.*larger gamma"):
+        lora_da.initialize_lora_da_weights(model, state_dict=state, lora_da_config=lora_da.LoraDAConfig(n_pop=10))
+    _assert_unchanged(model, before)
+
+
+def test_state_dict_of_refuses_an_a_or_b_past_float32():
+    from types import SimpleNamespace
+
+    from lora_da.adapters import state_dict_of
+
+    huge = SimpleNamespace(A=np.full((2, 4), 1e-3), B=np.full((3, 2), 1e39))  # finite in float64
+    with pytest.raises(NonFiniteError, match="mod.*B.*float32"):
+        state_dict_of({"mod": huge})
+    fine = SimpleNamespace(A=np.full((2, 4), 1e-3), B=np.full((3, 2), 1e30))
+    assert torch.isfinite(state_dict_of({"mod": fine})["mod.lora_B.weight"]).all()
+
+
+def test_preserve_output_refuses_a_base_weight_that_would_overflow():
+    model = peft_classifier()
+    state, before = {}, _params(model)
+    for name, m in model.get_base_model().named_modules():
+        if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {}):
+            a, b = m.lora_A["default"].weight, m.lora_B["default"].weight
+            state[f"{name}.lora_A.weight"] = torch.full(a.shape, 1e19)  # s·B·A = 2·16·1e38: past float32
+            state[f"{name}.lora_B.weight"] = torch.full(b.shape, 1e19)
+    cfg = lora_da.LoraDAConfig(n_pop=10, preserve_output=True)
+    with pytest.raises(NonFiniteError, match="W − s·B·A"):
+        lora_da.initialize_lora_da_weights(model, state_dict=state, lora_da_config=cfg)
+    _assert_unchanged(model, before)
+
+
+# -- 5: preserve_output on a second adapter -----------------------------------------------------
+
+
+def test_preserve_output_on_a_second_adapter_is_refused_and_changes_nothing():
+    model = peft_classifier()
+    model.add_adapter("second", LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"]))
+    before = _params(model)
+    cfg = lora_da.LoraDAConfig(n_pop=100, gamma=4.0, preserve_output=True)
+    with pytest.raises(InvalidArgumentError, match="only adapter"):
+        lora_da.initialize_lora_da_weights(model, _classifier_batches(), lora_da_config=cfg, adapter_name="second",
+                                           progress=False)
+    _assert_unchanged(model, before)
+
+
+def test_an_adapter_beside_a_preserved_one_is_refused():
+    ids, mask = data()
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj"]))
+    cfg = lora_da.LoraDAConfig(n_pop=100, rank=4, gamma=1.0, preserve_output=True)
+    lora_da.initialize_lora_da_weights(model, batches(ids, mask, 3), lora_da_config=cfg, progress=False)
+    model.add_adapter("second", LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj"]))
+    before = _params(model)
+    with pytest.raises(lora_da.LoraDAError, match="'default' was initialized with preserve_output"):
+        lora_da.initialize_lora_da_weights(model, batches(ids, mask, 3), adapter_name="second",
+                                           lora_da_config=lora_da.LoraDAConfig(n_pop=100, rank=4), progress=False)
+    _assert_unchanged(model, before)
+
+
+# -- 6: zero gradients ----------------------------------------------------------------------------
+
+
+def test_all_zero_gradients_are_refused_and_nothing_is_written():
+    """One-token causal-LM rows have no next token: the loss has no gradient anywhere."""
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    one_token = [{"input_ids": torch.tensor([[5], [7]]), "attention_mask": torch.ones(2, 1, dtype=torch.long)}]
+    before = _params(model)
+    with pytest.raises(InvalidArgumentError, match="zero in every one of the 4 targeted modules"):
+        lora_da.initialize_lora_da_weights(model, one_token, lora_da_config=lora_da.LoraDAConfig(n_pop=10),
+                                           progress=False)
+    _assert_unchanged(model, before)
+    with pytest.raises(InvalidArgumentError, match="zero in every"):
+        lora_da.get_lora_da_state_dict(tiny_llama(), one_token, LoraConfig(r=4, target_modules=["q_proj"]),
+                                       lora_da.LoraDAConfig(n_pop=10), progress=False)
+
+
+def test_some_zero_gradients_warn_and_name_the_modules():
+    ids, mask = data()
+    stats = lora_da.collect_statistics(tiny_llama(), batches(ids, mask, 3), ["q_proj", "v_proj"], progress=False)
+    zeroed = "model.layers.1.self_attn.v_proj"
+    stats.grad_sums[zeroed][:] = 0.0
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    with pytest.warns(UserWarning, match=f"zero in 1 of 4 modules \\({zeroed}\\)"):
+        res = lora_da.initialize_lora_da_weights(model, statistics=stats, lora_da_config=lora_da.LoraDAConfig(n_pop=10),
+                                                 progress=False)
+    assert res[zeroed].zero_gradient and not np.abs(res[zeroed].B).any()
+    with warnings.catch_warnings():  # no warning when every module has a gradient
+        warnings.filterwarnings("error", message="lora-da")
+        full = lora_da.collect_statistics(tiny_llama(), batches(ids, mask, 3), ["q_proj"], progress=False)
+        lora_da.initialize_lora_da_weights(
+            get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"])), statistics=full,
+            lora_da_config=lora_da.LoraDAConfig(n_pop=10), progress=False)
+
+
+# -- 14, 17: loose config types -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flag", ["preserve_output", "normalize", "auto_damping", "deterministic"])
+def test_a_flag_given_as_a_string_is_refused(flag):
+    with pytest.raises(InvalidArgumentError, match=f"{flag} must be True or False, got 'no'"):
+        lora_da.LoraDAConfig(n_pop=10, **{flag: "no"})
+    assert getattr(lora_da.LoraDAConfig(n_pop=10, **{flag: np.bool_(False)}), flag) is False
+
+
+def test_numpy_integers_and_huge_n_pop():
+    cfg = lora_da.LoraDAConfig(n_pop=np.int64(5000), rank=np.int32(4))
+    assert cfg.n_pop == 5000 and type(cfg.n_pop) is int and cfg.rank == 4 and type(cfg.rank) is int
+    big = lora_da.LoraDAConfig(n_pop=10**20)
+    assert big.n_pop == 1e20 and big.solve_kwargs()["n_pop"] == 1e20
+    with pytest.raises(InvalidArgumentError, match="n_pop = 1000.*too large"):
+        lora_da.LoraDAConfig(n_pop=10**400)
+    for bad in ("100", True, float("nan"), -3):
+        with pytest.raises(InvalidArgumentError, match="n_pop"):
+            lora_da.LoraDAConfig(n_pop=bad)
+    for bad in (8.0, "8", True):
+        with pytest.raises(InvalidArgumentError, match="rank must be an integer"):
+            lora_da.LoraDAConfig(n_pop=10, rank=bad)
+
+
+# -- 10: the γ search never picks a diverged candidate ---------------------------------------------
+
+
+def test_gamma_search_skips_a_nan_candidate(monkeypatch):
+    import lora_da.gamma as gamma
+
+    model = peft_classifier()
+    unit = {}
+    for name, m in model.get_base_model().named_modules():
+        if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {}):
+            unit[f"{name}.lora_A.weight"] = torch.full(m.lora_A["default"].weight.shape, 0.01)
+            unit[f"{name}.lora_B.weight"] = torch.full(m.lora_B["default"].weight.shape, 0.01)
+    losses = iter([0.7, float("nan"), 0.7, 0.5, 0.7, 0.6])  # γ = 1 diverges; γ = 4 is best
+    monkeypatch.setattr(gamma, "held_back_loss", lambda *a, **k: next(losses))
+    monkeypatch.setattr(gamma, "train_steps", lambda *a, **k: [])
+    found = gamma.search_gamma(lambda: model, unit, [{}], [{}], lora_da.LoraDAConfig(n_pop=10), gammas=(1.0, 4.0, 16.0))
+    assert found.best == 4.0 and len(found.table) == 3
+    nan = iter([float("nan")] * 4)
+    monkeypatch.setattr(gamma, "held_back_loss", lambda *a, **k: next(nan))
+    with pytest.raises(lora_da.NonFiniteError, match="not finite for any γ"):
+        gamma.search_gamma(lambda: model, unit, [{}], [{}], lora_da.LoraDAConfig(n_pop=10), gammas=(1.0, 4.0))
+
+
+# -- 18: negative counts and sizes to the Rust core ------------------------------------------------
+
+_EYE, _ONES = np.eye(3), np.ones(3)
+
+
+@pytest.mark.parametrize("call, name", [
+    (lambda f, o: lora_da.InputFactor(-1), "InputFactor: n"),
+    (lambda f, o: lora_da.OutputFactor(-2), "OutputFactor: m"),
+    (lambda f, o: f.add_gram(_EYE, -1), "InputFactor.add_gram: tokens"),
+    (lambda f, o: lora_da.InputFactor.from_packed(-3, np.zeros(6), 1), "InputFactor.from_packed: n"),
+    (lambda f, o: lora_da.InputFactor.from_packed(3, np.zeros(6), -1), "InputFactor.from_packed: tokens"),
+    (lambda f, o: o.add_sums(np.zeros(3), -4), "OutputFactor.add_sums: tokens"),
+    (lambda f, o: o.count_samples(-1), "OutputFactor.count_samples: k"),
+    (lambda f, o: lora_da.OutputFactor(3, per_sample=True).add(np.ones((2, 3), np.float32), [3, -1]),
+     "OutputFactor.add: sample_lengths"),
+    (lambda f, o: lora_da.OutputFactor.from_parts(np.zeros(3), -1, 1), "OutputFactor.from_parts: tokens"),
+    (lambda f, o: lora_da.OutputFactor.from_parts(np.zeros(3), 1, -1), "OutputFactor.from_parts: samples"),
+    (lambda f, o: lora_da.solve(_EYE, _ONES, np.ones((3, 3)), rank=-1, n_pop=10.0), "rank"),
+    (lambda f, o: lora_da.solve(_EYE, _ONES, np.ones((3, 3)), rank=1, n_pop=10.0, max_applications=-5),
+     "max_applications"),
+    (lambda f, o: lora_da.solve_shared(_EYE, [_ONES], [np.ones((3, 3))], rank=-2, n_pop=10.0), "rank"),
+])
+def test_negative_counts_and_sizes_to_the_core(call, name):
+    f, o = lora_da.InputFactor(3), lora_da.OutputFactor(3)
+    f.add(np.ones((2, 3)))
+    o.add(np.ones((2, 3)))
+    o.count_samples(2)
+    f0, o0 = f.copy(), o.copy()
+    with pytest.raises(InvalidArgumentError, match=f"^{name} must be ≥ 0, got -[0-9]+$"):
+        call(f, o)
+    assert f == f0 and o == o0  # a refused call changes nothing
+
+
+def test_output_factor_equality_compares_contents():
+    """README: ``==`` compares the accumulators (OutputFactor's compared identities: a copy was never equal)."""
+    o = lora_da.OutputFactor(3, per_sample=True)
+    o.add(np.arange(6.0).reshape(2, 3), [1, 1])
+    c = o.copy()
+    assert c == o and c is not o
+    c.add(np.ones((1, 3)), [1])
+    assert c != o and o != lora_da.InputFactor(3)
