@@ -35,6 +35,8 @@ class LoraDAConfig:
 
     n_pop: int | float | None = None
     rank: int | None = None  # None: the PEFT adapter's r, or the published 8 without an adapter
+    # Per-module r, by full module name (a PEFT rank_pattern resolved per module); others use ``rank``.
+    ranks: dict[str, int] | None = None
     # The solve defaults come from the core (SolveOptions::default()), their one source.
     alpha: float = SOLVE_DEFAULTS["alpha"]
     beta: float = SOLVE_DEFAULTS["beta"]
@@ -57,6 +59,12 @@ class LoraDAConfig:
             raise InvalidArgumentError(f"LoraDAConfig: n_pop must be > 0, got {self.n_pop!r}")
         if self.rank is not None and not (isinstance(self.rank, int) and not isinstance(self.rank, bool) and self.rank >= 1):
             raise InvalidArgumentError(f"LoraDAConfig: rank must be an integer ≥ 1, got {self.rank!r}")
+        if self.ranks is not None:
+            if not isinstance(self.ranks, dict):
+                raise InvalidArgumentError(f"LoraDAConfig: ranks must be a dict of module name → rank, got {self.ranks!r}")
+            for name, r in self.ranks.items():
+                if not isinstance(name, str) or isinstance(r, bool) or not isinstance(r, int) or r < 1:
+                    raise InvalidArgumentError(f"LoraDAConfig: ranks[{name!r}] must be an integer ≥ 1, got {r!r}")
         if self.token_mask not in ("attention", "labels"):
             raise InvalidArgumentError(f"LoraDAConfig: token_mask must be 'attention' or 'labels', got {self.token_mask!r}")
         if self.output_fisher not in ("diagonal", "sequence_lowrank"):
@@ -71,6 +79,12 @@ class LoraDAConfig:
         if self.rank is not None:
             return self
         return replace(self, rank=8 if r is None else r)
+
+    def rank_of(self, name: str) -> int:
+        """The r module ``name`` is solved at: ``ranks[name]`` when given, else ``rank`` (or the published 8)."""
+        if self.ranks and name in self.ranks:
+            return self.ranks[name]
+        return self.with_rank().rank
 
     def solve_kwargs(self) -> dict:
         return dict(
@@ -131,7 +145,8 @@ def compute_init(
         config = config.with_rank()
         all_groups = stats.groups()
         wanted = set(stats.modules) if modules is None else set(modules)
-        costs = {g: solve_cost(stats.modules[g].in_features, [stats.modules[n].out_features for n in names], config.rank)
+        costs = {g: solve_cost(stats.modules[g].in_features, [stats.modules[n].out_features for n in names],
+                               max(config.rank_of(n) for n in names))
                  for g, names in all_groups.items() if any(n in wanted for n in names)}
         import torch.distributed as dist
 
@@ -205,7 +220,9 @@ def _solve_on_host(Z, ys, Gs, names, precisions, config: LoraDAConfig) -> list:
     """One input group on the host: Krylov (Rust) within a budget, LAPACK
     where that is cheaper. Whichever route solved a module, a non-finite
     result is a :class:`NonFiniteError` naming it, never a returned NaN."""
-    results = _solve_on_host_routes(Z, ys, Gs, names, precisions, config)
+    results = _by_rank(names, config, lambda idx, cfg: _solve_on_host_routes(
+        Z, [ys[i] for i in idx], [Gs[i] for i in idx], [names[i] for i in idx],
+        None if precisions is None else [precisions[i] for i in idx], cfg))
     for name, res in zip(names, results):
         check_finite_result(res, name)
     return results
@@ -238,11 +255,29 @@ def _solve_on_host_routes(Z, ys, Gs, names, precisions, config: LoraDAConfig) ->
     return results
 
 
+def _by_rank(names: list[str], config: LoraDAConfig, solve) -> list:
+    """Results for ``names`` in their order, from ``solve(indices, config)`` called once per
+    distinct r among them, with that r as the config's ``rank``: the solvers take one r
+    per call. Ω does not depend on r (SPEC §3 step 6), so a group's modules of different
+    r share ``Z``; each r pays its own factorization, a cost only a rank_pattern brings."""
+    by: dict[int, list[int]] = {}
+    for i, name in enumerate(names):
+        by.setdefault(config.rank_of(name), []).append(i)
+    if len(by) == 1 and not config.ranks:
+        return list(solve(list(range(len(names))), config))
+    out: list = [None] * len(names)
+    for r, idx in by.items():
+        for i, res in zip(idx, solve(idx, replace(config, rank=r, ranks=None))):
+            out[i] = res
+    return out
+
+
 def _check_rank(config: LoraDAConfig, shapes: dict[str, tuple[int, int]]) -> None:
-    """``1 ≤ r < min(n, m)`` for every module (SPEC §3), before any work."""
+    """``1 ≤ r < min(n, m)`` for every module, at its own r (SPEC §3), before any work."""
     for name, (n, m) in shapes.items():
-        if config.rank >= min(n, m):
-            raise InvalidArgumentError(f"{name}: rank {config.rank} must be < min(in_features, out_features) = {min(n, m)}")
+        r = config.rank_of(name)
+        if r >= min(n, m):
+            raise InvalidArgumentError(f"{name}: rank {r} must be < min(in_features, out_features) = {min(n, m)}")
 
 
 def _output_precisions(config: LoraDAConfig, sample_sums: list) -> list | None:
@@ -266,7 +301,9 @@ def _group_precisions(stats: Statistics, names: list[str], config: LoraDAConfig)
 
 def _solve_on_device(Z, ys, Gs, names, config: LoraDAConfig, precisions=None) -> list[ModuleInit]:
     t0 = time.perf_counter()
-    results = solve_group_device(Z, ys, Gs, names=names, output_precisions=precisions, **config.solve_kwargs())
+    results = _by_rank(names, config, lambda idx, cfg: solve_group_device(
+        Z, [ys[i] for i in idx], [Gs[i] for i in idx], names=[names[i] for i in idx],
+        output_precisions=None if precisions is None else [precisions[i] for i in idx], **cfg.solve_kwargs()))
     dt = (time.perf_counter() - t0) / len(names)
     return [ModuleInit(name, res, dt) for name, res in zip(names, results)]
 
@@ -341,7 +378,8 @@ def collect_and_solve(model, dataloader, target_modules, config: LoraDAConfig, *
         t0 = time.perf_counter()
         units = sums.units
         if group is not None:
-            costs = {u.group: solve_cost(u.n, [m for _, m in u.modules], config.rank) for u in units}
+            costs = {u.group: solve_cost(u.n, [m for _, m in u.modules], max(config.rank_of(n) for n, _ in u.modules))
+                     for u in units}
             n_samples = sums.reduce_across(group, n_samples, owners(costs, group, load))
             units = sums.units
             t1 = time.perf_counter()
