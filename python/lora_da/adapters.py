@@ -19,7 +19,9 @@ import torch
 
 from lora_da.collect import resolve_targets
 from lora_da.errors import InvalidArgumentError, LoraDAError, ShapeError
+from lora_da.files import follow_umask, write_text_atomic
 from lora_da.init import LoraDAConfig, collect_and_solve, compute_init
+from lora_da.report import REPORT_NAME, build_report, model_card_section, module_report  # noqa: F401 (re-exported)
 from lora_da.statistics import Statistics
 
 
@@ -271,44 +273,15 @@ def _load_lora_da_state_dict(peft_model, state_dict: dict[str, torch.Tensor], la
         _guard_save(peft_model)
 
 
-REPORT_NAME = "lora_da_report.json"
-
-
-def module_report(result) -> dict:
-    """One module's solve diagnostics as JSON-ready values (SPEC §5)."""
-    notes = result.notes if not isinstance(result.notes, str) else ([result.notes] if result.notes else [])
-    return {
-        "n": int(result.A.shape[1]),
-        "m": int(result.B.shape[0]),
-        "eigenvalues": [float(v) for v in result.eigenvalues],
-        "next_eigenvalue": float(result.next_eigenvalue),
-        "gap": float(result.gap),
-        "residual": float(result.residual),
-        "sigma": float(result.sigma),
-        "c": float(result.c),
-        "method": str(result.method),
-        "iterations": int(result.iterations),
-        "notes": list(notes),
-    }
-
-
 def _record(peft_model, adapter_name: str, config: LoraDAConfig, results: dict) -> None:
     """Say what was done beside the adapter: ``save_pretrained`` also writes
-    ``lora_da_report.json`` (the LoRA-DA settings and each module's
-    diagnostics) next to each saved adapter's ``adapter_config.json``, a file
-    PEFT ignores (its config keeps ``init_lora_weights``, which it validates)."""
-    import lora_da
-
+    ``lora_da_report.json`` (the report of SPEC §5: the LoRA-DA settings and each
+    module's diagnostics) next to each saved adapter's ``adapter_config.json``, a file
+    PEFT ignores (its config keeps ``init_lora_weights``, which it validates), and a
+    LoRA-DA section in the README.md (model card) PEFT writes there."""
     reports = peft_model.__dict__.setdefault("_lora_da_reports", {})
-    reports[adapter_name] = {
-        "format": "lora-da-report",
-        "init": "lora-da",
-        "lora_da_version": lora_da.__version__,
-        "adapter_name": adapter_name,
-        "config": config.to_dict(),
-        "source": "solved from data" if results else "written from a state dict",
-        "modules": {name: module_report(r) for name, r in results.items()},
-    }
+    reports[adapter_name] = build_report(results, config, adapter_name=adapter_name,
+                                         source="solved from data" if results else "written from a state dict")
     if getattr(peft_model, "_lora_da_recording", False):
         return
     original = peft_model.save_pretrained
@@ -323,6 +296,10 @@ def _record(peft_model, adapter_name: str, config: LoraDAConfig, results: dict) 
             where = os.path.join(os.fspath(save_directory), name) if name != "default" else os.fspath(save_directory)
             if os.path.isfile(os.path.join(where, "adapter_config.json")):
                 _write_json(os.path.join(where, REPORT_NAME), report)
+                add_model_card_section(where, report)
+                for weights in ("adapter_model.safetensors", "adapter_model.bin"):
+                    if os.path.isfile(os.path.join(where, weights)):
+                        follow_umask(os.path.join(where, weights))  # safetensors writes 0600 whatever the umask
         return out
 
     save_pretrained._lora_da_wrapper = True
@@ -330,19 +307,26 @@ def _record(peft_model, adapter_name: str, config: LoraDAConfig, results: dict) 
     peft_model._lora_da_recording = True
 
 
+def add_model_card_section(folder: str, report: dict) -> None:
+    """Append the LoRA-DA section to ``folder``'s README.md (PEFT's model card; created
+    when PEFT wrote none), once: a second save replaces the section, not repeats it."""
+    path = os.path.join(folder, "README.md")
+    text = ""
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    marker = "\n## Initialization: LoRA-DA\n"
+    if marker in text:
+        text = text[: text.index(marker)]
+    text = text.rstrip("\n") + "\n" + model_card_section(report)
+    write_text_atomic(path, text)
+
+
 def _write_json(path: str, obj: dict) -> None:
-    """Atomically: a temporary file in the same folder, then a rename."""
+    """Atomically (a temporary file in the same folder, then a rename), readable as the umask allows."""
     import json
 
-    fd, tmp = tempfile.mkstemp(prefix=".lora_da_", suffix=".json", dir=os.path.dirname(path) or ".")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_text_atomic(path, json.dumps(obj, indent=2))
 
 
 def _subtract_from_base(layer, adapter_name: str) -> None:
@@ -465,6 +449,7 @@ def _restore_modules_to_save(peft_model, save_directory: str, selected) -> None:
         os.close(fd)
         try:
             write(saved, tmp)
+            follow_umask(tmp)
             os.replace(tmp, target)
         except BaseException:
             if os.path.exists(tmp):
@@ -486,6 +471,7 @@ def save_initial_adapter(peft_model, path: str | os.PathLike, adapter_name: str 
         src = os.path.join(tmp, adapter_name) if adapter_name != "default" else tmp
         if os.path.exists(path):
             raise LoraDAError(f"{path} already exists")
+        follow_umask(src)  # mkdtemp's 0700 would stay on the renamed folder
         os.replace(src, path)
     finally:
         if os.path.isdir(tmp):

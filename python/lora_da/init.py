@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from lora_da._core import SOLVE_DEFAULTS, SolveResult, lowrank_output_precision, num_threads, solve_shared
 from lora_da.device_solve import CONTRACT_RESIDUAL, DeviceSolveResult, check_finite_result, solve_group_device
 from lora_da.errors import InvalidArgumentError
+from lora_da.quality import warn_poor
 from lora_da.statistics import Statistics
 
 
@@ -122,6 +123,14 @@ class ModuleInit:
     def B(self) -> np.ndarray:
         return self.result.B
 
+    @property
+    def warnings(self) -> list[str]:
+        """What is poor about this init (SPEC §5, "A poor init"): ``λ_r ≥ 0``, or a gap at
+        the cut below ``POOR_GAP_REL·‖Ω‖₂``; empty when nothing is."""
+        from lora_da.quality import assess_result
+
+        return assess_result(self.result)
+
 
 def compute_init(
     stats: Statistics, config: LoraDAConfig, *, progress: bool = True, modules=None, device=None,
@@ -170,7 +179,9 @@ def compute_init(
                          for names in groups.values() for n in names})
 
     if device is not None:
-        return _compute_init_on_device(stats, config, groups, torch.device(device), progress)
+        out = _compute_init_on_device(stats, config, groups, torch.device(device), progress)
+        warn_poor(out)
+        return out
 
     def solve_group(item):
         group, names = item
@@ -191,7 +202,9 @@ def compute_init(
                 out[init.name] = init
             bar.update(len(inits))
     bar.close()
-    return {n: out[n] for n in stats.modules if n in out}
+    out = {n: out[n] for n in stats.modules if n in out}
+    warn_poor(out)
+    return out
 
 
 # The host's routes (method "auto"). The Rust core's matrix-free Krylov wins
@@ -419,7 +432,9 @@ def collect_and_solve(model, dataloader, target_modules, config: LoraDAConfig, *
     collect_and_solve.last_report = RunReport(plan=run.plan, collect_seconds=total - spent, solve_seconds=spent,
                                               reduce_seconds=timings["reduce"], own_solve_seconds=timings["solve"],
                                               gather_seconds=timings["gather"])
-    return {n: inits[n] for n in run.targets if n in inits}
+    inits = {n: inits[n] for n in run.targets if n in inits}
+    warn_poor(inits)
+    return inits
 
 
 @dataclass
