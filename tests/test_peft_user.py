@@ -204,3 +204,122 @@ def test_outputs_follow_the_umask(umask_022, six_sample_stats, tmp_path, capsys)
     peft_model.save_pretrained(tmp_path / "api", path_initial_model_for_weight_conversion=str(tmp_path / "init"))
     for p in (tmp_path / "api").iterdir():
         assert _mode(p) == 0o644, p.name
+
+
+# -- item 3: `compare` gives a verdict a user can act on -----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder(tmp_path_factory):
+    from helpers import WORDS
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    d = tmp_path_factory.mktemp("tiny-bert-compare")
+    vocab = {"[PAD]": 0, "[UNK]": 1}
+    for w in WORDS:
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]").save_pretrained(d)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=24, max_position_embeddings=32, pad_token_id=0)).save_pretrained(d)
+    rng = np.random.default_rng(3)
+    data_path = d / "rows.jsonl"
+    with open(data_path, "w") as f:
+        for i in range(40):
+            words = list(rng.choice(WORDS, 4))
+            f.write(json.dumps({"text": " ".join(words), "label": int(i % 4 == 0)}) + "\n")
+    return d, data_path
+
+
+def _compare(tiny_encoder, out, *extra):
+    d, data_path = tiny_encoder
+    return main(["compare", "--model", str(d), "--data", str(data_path), "--train", "16", "--select", "8", "--eval",
+                 "8", "--calib", "8", "--steps", "2", "--lrs", "1e-3", "--no-sensitivity", "--device", "cpu",
+                 "--target-modules", "query", "value", "--out", str(out), *extra])
+
+
+def test_compare_with_one_seed_records_the_run_and_says_no_spread_was_measured(tiny_encoder, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert _compare(tiny_encoder, out, "--seeds", "1", "--methods", "PEFT default", "LoRA-DA",
+                    "LoRA-DA auto-norm") == 0
+    text = (out / "results.md").read_text()
+    d, data_path = tiny_encoder
+    assert "± 0" not in text and "one seed: no spread between seeds was measured" in text
+    closing = [line for line in text.splitlines() if line.startswith("Verdict (")]
+    assert len(closing) == 1 and "no spread between seeds was measured" in closing[0]
+    # the best arm it names is the one with the highest eval accuracy in the table (or the arms tied there)
+    rows = {line.split("|")[1].strip(): float(line.split("|")[-6].strip()) for line in text.splitlines()
+            if line.startswith("| ") and not line.startswith("| method")}
+    top = [n for n, v in rows.items() if v == max(rows.values())]
+    if len(top) == 1:
+        assert f"is {top[0]} (" in closing[0]
+    else:
+        assert f"{', '.join(top)} tie at" in closing[0]
+    assert "auto-norm bar" not in text and "auto-norm bar" not in capsys.readouterr().out
+    assert "lora-da compare --model" in text and "--seeds 1" in text and "--steps 2" in text
+    assert f"{data_path} (40 labeled rows)" in text
+    assert "label balance (all rows): 0: 30 (75%) / 1: 10 (25%)" in text
+    assert f"model: {d}" in text and "train 16, select 8, eval 8, calib 8" in text
+
+
+def test_compare_refuses_unknown_methods_and_shows_defaults(tiny_encoder, tmp_path, capsys):
+    assert _compare(tiny_encoder, tmp_path / "x", "--methods", "LoRA-DA", "LoRA-XYZ") != 0
+    err = capsys.readouterr().err
+    assert "unknown arm(s) ['LoRA-XYZ']" in err and "'PEFT default'" in err
+    assert not (tmp_path / "x").exists()
+    assert main(["compare", "--help"]) == 0
+    help_text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for default in ("(default: 1024)", "(default: 3)", "(default: 100)", "(default: lora_da_compare)"):
+        assert default in help_text
+
+
+def test_compare_reads_the_jsonl_of_the_other_commands_with_its_checks(tmp_path):
+    from lora_da.compare import read_label_rows
+
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"text": "a b", "label": 1}\n{"text": "c", "label": 0}\n')
+    assert read_label_rows(p) == [("a b", 1), ("c", 0)]
+    p.write_text('{"text": "a b", "label": 1}\n{"text": "c", "label": "x"}\n')
+    with pytest.raises(ValueError, match=r"d.jsonl:2: seq-cls needs an integer 'label'"):
+        read_label_rows(p)
+
+
+def _task_result(evals: dict[str, list[float]]):
+    from lora_da import compare
+
+    task = compare.Task("t", base=None, lora_config=None, train=None, calib=[], select=[], eval=[], evaluate=None,
+                        metric="accuracy", n_pop=1)
+    runs = {name: [compare.Run(name, s, 1e-3, None, [1.0], {"loss": 1.0}, {"loss": 1.0, "metric": v}, 0, 0, None)
+                   for s, v in enumerate(vs)] for name, vs in evals.items()}
+    return compare.TaskResult(task, {n: (1e-3, None) for n in evals}, {}, runs, {}, {}, 1)
+
+
+@pytest.mark.parametrize("evals,best,clear", [
+    ({"A": [0.80, 0.82, 0.81], "B": [0.70, 0.71, 0.69]}, "A", True),
+    ({"A": [0.80, 0.70, 0.75], "B": [0.74, 0.73, 0.75]}, "A", False),
+    ({"A": [0.60, 0.61], "B": [0.90, 0.50]}, "B", False),
+])
+def test_the_verdict_compares_the_lead_with_the_spread_between_seeds(evals, best, clear):
+    from lora_da.compare import verdict
+
+    text = verdict(_task_result(evals))
+    means = {k: float(np.mean(v)) for k, v in evals.items()}
+    order = sorted(means, key=means.get, reverse=True)
+    assert order[0] == best and f"is {best} ({means[best]:.4f})" in text
+    lead = means[order[0]] - means[order[1]]
+    spread = max(float(np.std(evals[k], ddof=1)) for k in order[:2])
+    assert (lead > spread) == clear
+    assert ("exceeds the spread" in text) == clear and ("no clear winner" in text) == (not clear)
+    assert f"{spread:.4f}" in text
+
+
+def test_the_verdict_names_a_tie_and_a_single_seed():
+    from lora_da.compare import verdict
+
+    assert "A, B tie at 0.5000 (one seed" in verdict(_task_result({"A": [0.5], "B": [0.5], "C": [0.25]}))
+    one = verdict(_task_result({"A": [0.75], "B": [0.5]}))
+    assert "is A (0.7500), 0.2500 ahead of B" in one and "no spread between seeds was measured" in one
+    assert "±" not in one

@@ -813,6 +813,7 @@ def _figure(report: dict):
     fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols + 1.2, 3.0 * nrows + 0.6), squeeze=False,
                              layout="constrained")
     floor = 1e-17  # below float64 resolution relative to ‖Ω‖: a gap of exactly 0 is drawn here
+    rank = report.get("config", {}).get("rank")
     for ax, (kind, rows) in zip(axes.flat, sorted(kinds.items())):
         poor_x, poor_y = [], []
         for layer, name, r in sorted(rows, key=lambda t: (t[0] is None, t[0] or 0, t[1])):
@@ -834,9 +835,14 @@ def _figure(report: dict):
                 poor_y.append(d[-1])
         ax.set_yscale("log")
         ax.axhline(POOR_GAP_REL, color="crimson", linewidth=0.8, linestyle="--", label="poor-gap threshold")
+        ks = {len(r.get("eigenvalues") or []) for _, _, r in rows} - {0}
+        cut = rank if rank else (max(ks) if ks else None)
+        if cut:
+            ax.axvline(cut + 0.5, color="crimson", linewidth=0.8, linestyle=":", label="the cut")
         if poor_x:
             ax.plot(poor_x, poor_y, linestyle="none", marker="x", markersize=7, color="crimson", label="poor init")
-        ax.set_title(f"{kind} ({len(rows)} modules, {sum(n in poor for _, n, _ in rows)} poor)", fontsize=9)
+        n_poor = sum(n in poor for _, n, _ in rows)
+        ax.set_title(f"{kind} ({len(rows)} modules" + (f", {n_poor} poor)" if n_poor else ")"), fontsize=9)
         ax.set_xlabel("i", fontsize=8)
         ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
         ax.set_ylabel("(λ_r+1 − λ_i) / ‖Ω‖₂", fontsize=8)
@@ -846,7 +852,6 @@ def _figure(report: dict):
     if layers:
         sm = plt.cm.ScalarMappable(norm=norm, cmap=cmap)
         fig.colorbar(sm, ax=[a for a in axes.flat if a.get_visible()], label="layer", shrink=0.8)
-    rank = report.get("config", {}).get("rank")
     fig.suptitle(f"LoRA-DA: distance of λ_1..λ_r below λ_r+1 (last point: the gap at the cut r = {rank or '?'}); "
                  "open: λ_i ≥ 0, red ×: poor init", fontsize=9)
     return fig
