@@ -323,3 +323,65 @@ def test_the_verdict_names_a_tie_and_a_single_seed():
     one = verdict(_task_result({"A": [0.75], "B": [0.5]}))
     assert "is A (0.7500), 0.2500 ahead of B" in one and "no spread between seeds was measured" in one
     assert "±" not in one
+
+
+# -- item 5: progress with a total and an ETA -------------------------------------------------------
+
+
+class _Bar:
+    made: list = []
+
+    def __init__(self, *a, total=None, disable=False, **k):
+        self.total, self.n = total, 0
+        _Bar.made.append(self)
+
+    def update(self, k=1):
+        self.n += k
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def close(self):
+        pass
+
+
+class _Rows(torch.utils.data.IterableDataset):
+    def __init__(self, ids, mask):
+        self.ids, self.mask = ids, mask
+
+    def __iter__(self):
+        for i in range(len(self.ids)):
+            yield {"input_ids": self.ids[i], "attention_mask": self.mask[i]}
+
+
+@pytest.mark.parametrize("make,max_samples,total", [
+    ("list", None, 3),  # a list of batches: its length
+    ("loader", None, 3),  # a DataLoader over 6 rows, batch 2
+    ("loader", 3, 2),  # max_samples = 3 at batch 2: two batches, the second cut to one row
+    ("iterable", 5, 3),  # no length, but max_samples and the loader's batch_size bound it
+    ("generator", None, None),  # nothing bounds it: no total is invented
+])
+def test_the_collection_bar_has_a_total_when_the_data_bound_it(monkeypatch, make, max_samples, total):
+    import lora_da.collect
+
+    monkeypatch.setattr(lora_da.collect, "tqdm", _Bar)
+    _Bar.made = []
+    ids, mask = data()
+    if make == "list":
+        dl = batches(ids, mask, 2)
+    elif make == "loader":
+        dl = torch.utils.data.DataLoader([{"input_ids": ids[i], "attention_mask": mask[i]} for i in range(6)],
+                                         batch_size=2)
+    elif make == "iterable":
+        dl = torch.utils.data.DataLoader(_Rows(ids, mask), batch_size=2)
+    else:
+        dl = (b for b in batches(ids, mask, 2))
+    stats = lora_da.collect_statistics(tiny_llama(), dl, ["v_proj"], max_samples=max_samples, progress=True)
+    bar = _Bar.made[0]
+    assert bar.total == total
+    if total is not None:
+        assert bar.n == total  # the bar ends full: the total was right
+    assert stats.n_samples == (max_samples or 6)
