@@ -385,3 +385,75 @@ def test_the_collection_bar_has_a_total_when_the_data_bound_it(monkeypatch, make
     if total is not None:
         assert bar.n == total  # the bar ends full: the total was right
     assert stats.n_samples == (max_samples or 6)
+
+
+# -- item 8: --gamma auto at the edge of its grid -------------------------------------------------------
+
+
+def _search(per_sample: dict[float, list[float]]):
+    from lora_da.gamma import GammaSearch
+
+    table = [(g, 0.0, float(np.mean(v))) for g, v in per_sample.items()]
+    best = min(table, key=lambda row: (row[2], -row[0]))[0]
+    return GammaSearch(best=best, table=table, losses=per_sample)
+
+
+def _paired(per_sample, best):
+    """Independently: per candidate, |mean paired difference| ≤ 2 standard errors?"""
+    ref = np.asarray(per_sample[best])
+    out = {}
+    for g, v in per_sample.items():
+        if g != best:
+            d = np.asarray(v) - ref
+            out[g] = abs(d.mean()) <= 2 * d.std(ddof=1) / np.sqrt(len(d))
+    return out
+
+
+def test_an_edge_choice_within_noise_says_so_and_suggests_the_next_grid():
+    rng = np.random.default_rng(0)
+    base = rng.normal(1.0, 0.3, size=20)
+    # γ = 1 lowest by a hair, every candidate within its noise
+    per = {g: list(base + 1e-4 * k + rng.normal(0, 0.05, size=20)) for k, g in enumerate((1.0, 4.0, 16.0, 64.0))}
+    per[1.0] = list(np.asarray(per[1.0]) - 0.01)
+    s = _search(per)
+    assert s.best == 1.0 and all(_paired(per, 1.0).values())
+    assert s.at_edge() and s.within_noise()
+    text = s.verdict()
+    assert "γ = 1 is at the edge of the grid" in text and "did not determine γ" in text
+    assert s.next_grid() == [1 / 64, 1 / 16, 1 / 4, 1.0] and "0.015625, 0.0625, 0.25, 1" in text
+
+
+def test_an_edge_choice_out_of_noise_suggests_going_further_and_a_clear_interior_choice_says_nothing():
+    rng = np.random.default_rng(1)
+    base = rng.normal(1.0, 0.3, size=20)
+    per = {g: list(base + 0.1 * k + rng.normal(0, 0.001, size=20)) for k, g in enumerate((1.0, 4.0, 16.0))}
+    per = {g: v for g, v in zip((16.0, 4.0, 1.0), per.values())}  # the lowest at the large edge
+    s = _search(per)
+    assert s.best == 16.0 and not any(_paired(per, 16.0).values())
+    assert s.at_edge() and not s.within_noise()
+    assert "γ = 16 is at the edge" in s.verdict() and s.next_grid() == [16.0, 64.0, 256.0, 1024.0]
+    inner = {1.0: per[4.0], 4.0: per[16.0], 16.0: per[1.0]}  # the lowest in the middle, clearly
+    s = _search(inner)
+    assert s.best == 4.0 and not s.at_edge() and s.verdict() == ""
+
+
+def test_search_gamma_keeps_the_per_sample_losses_and_the_cli_reports_the_verdict(tmp_path, capsys, tiny_encoder):
+    d, data_path = tiny_encoder
+    out = tmp_path / "adapter"
+    assert main(["init", str(d), str(data_path), "--n-pop", "100", "--rank", "2", "--gamma", "auto", "--batch-size",
+                 "8", "--targets", "query,value", "--out", str(out), "-q"]) == 0
+    search = json.loads((out / "lora_da_report.json").read_text())["gamma_search"]
+    grid = [row["gamma"] for row in search["table"]]
+    assert search["at_edge"] == (search["chosen"] in (min(grid), max(grid)))
+    printed = capsys.readouterr().out
+    if search["verdict"]:
+        assert f"lora-da: note: {search['verdict']}" in printed
+    assert (search["next_grid"] is not None) == search["at_edge"]
+
+    from lora_da.gamma import held_back_loss, held_back_losses
+
+    model = tiny_llama()
+    ids, mask = data()
+    b = batches(ids, mask, 4)
+    per = held_back_losses(model, b)
+    assert len(per) == 6 and held_back_loss(model, b) == pytest.approx(float(np.mean(per)), rel=1e-12)

@@ -390,6 +390,8 @@ def _search_gamma(args, stats, model, calibration, held):
                          seed=args.seed)
     print(found.describe())
     print(f"lora-da: chose γ = {found.best:g}")
+    if found.verdict():
+        print(f"lora-da: note: {found.verdict()}")
     return found
 
 
@@ -502,7 +504,10 @@ def _write_outputs(args, stats, inits, config) -> None:
     found = getattr(args, "gamma_search", None)
     if found is not None:
         report["gamma_search"] = {"chosen": found.best, "steps": GAMMA_SEARCH_STEPS, "lr": GAMMA_SEARCH_LR,
-                                  "table": [{"gamma": g, "loss_at_0": a, "loss_after": b} for g, a, b in found.table]}
+                                  "table": [{"gamma": g, "loss_at_0": a, "loss_after": b} for g, a, b in found.table],
+                                  "at_edge": found.at_edge(), "within_noise": found.within_noise(),
+                                  "verdict": found.verdict() or None,
+                                  "next_grid": found.next_grid() if found.at_edge() else None}
     if args.format == "peft":
         from peft import LoraConfig
 
