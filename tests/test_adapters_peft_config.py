@@ -65,8 +65,17 @@ def test_rank_pattern_on_a_peft_model_with_each_solver_route(method):
                    layer.lora_B["default"].weight.detach().double().numpy()) for n, layer in layers.items()}
     # the same weights (tiny_llama seeds itself), unwrapped, for the brute force's autograd
     _check_against_reference(tiny_llama(), sorted(results), ranks, weights, ids, mask)
+    # the diagnostics are those of each module's own r: λ_1..λ_r, λ_{r+1} and the gap at its cut
+    brute, _ = brute_force(tiny_llama(), *_x()[:2], sorted(results))
     for name, res in results.items():
+        G, Z, y = brute[name]
+        ref = reference_solve(Z, y, G, rank=ranks[name], n_pop=1000.0, gamma=16.0)
+        tol = 1e-8 * ref.omega_norm
         assert len(res.eigenvalues) == ranks[name]
+        np.testing.assert_allclose(res.eigenvalues, ref.eigenvalues, rtol=0, atol=tol)
+        if method != "krylov":  # Krylov's λ_{r+1} is an upper bound within GAP_TOL (SPEC §5); auto is dense at n = 32
+            assert res.next_eigenvalue == pytest.approx(ref.next_eigenvalue, abs=tol)
+            assert res.gap == pytest.approx(ref.gap, abs=tol)
 
 
 def test_rank_pattern_from_collected_statistics():
