@@ -368,9 +368,15 @@ def _search_gamma(args, stats, model, calibration, held):
     from lora_da.gamma import search_gamma, unit_state_dict
     from lora_da.init import compute_init
 
+    import warnings
+
+    from lora_da.quality import PoorInitWarning
+
     config = _config(args, stats)
-    unit = unit_state_dict(compute_init(stats, config, progress=False, device=_solve_device(args.solve_device)),
-                           config.gamma)
+    with warnings.catch_warnings():  # the final solve (_solve) says it, once
+        warnings.simplefilter("ignore", PoorInitWarning)
+        unit = unit_state_dict(compute_init(stats, config, progress=False, device=_solve_device(args.solve_device)),
+                               config.gamma)
     peft_model = get_peft_model(model, LoraConfig(
         r=config.rank, lora_alpha=args.lora_alpha, use_rslora=args.rslora, lora_dropout=0.0,
         target_modules=sorted(stats.modules), modules_to_save=_modules_to_save(stats),
@@ -707,10 +713,24 @@ def _solve_device(choice: str):
 def _solve(args, stats):
     from lora_da.init import compute_init
 
+    import warnings
+
+    from lora_da.quality import PoorInitWarning
+
     config = _config(args, stats)
     t0 = time.perf_counter()
-    inits = compute_init(stats, config, progress=not args.quiet, device=_solve_device(args.solve_device))
+    with warnings.catch_warnings():
+        # said below, one line per module, instead of Python's warning with a source line
+        warnings.simplefilter("ignore", PoorInitWarning)
+        inits = compute_init(stats, config, progress=not args.quiet, device=_solve_device(args.solve_device))
     print(f"lora-da: solved {len(inits)} modules in {time.perf_counter() - t0:.2f} s (rank {config.rank}, γ {config.gamma:g})")
+    poor = {name: init.warnings for name, init in inits.items() if init.warnings}
+    for name, msgs in poor.items():
+        for msg in msgs:
+            print(f"lora-da: warning: poor init: {name}: {msg}", file=sys.stderr)
+    if poor:
+        print(f"lora-da: warning: {len(poor)} of {len(inits)} modules have a poor init (SPEC §5); the report lists them",
+              file=sys.stderr)
     return inits, config
 
 
