@@ -211,3 +211,26 @@ def test_an_embedding_adapter_is_refused_not_left_at_peft_init():
     with pytest.raises(InvalidArgumentError, match="embed_tokens: a LoRA adapter on an embedding"):
         lora_da.initialize_lora_da_weights(peft_model, batches(ids, mask, 3),
                                            lora_da_config=lora_da.LoraDAConfig(n_pop=10), progress=False)
+
+
+@pytest.mark.parametrize("kw", [dict(rank_pattern={"v_proj": 2}, alpha_pattern={"q_proj": 32}), dict(use_dora=True)])
+def test_preserve_output_adapters_with_patterns_or_dora_convert_for_the_original_base(kw, tmp_path):
+    # trained (here: B moved by hand) on the modified base; saved through PEFT's conversion; loaded on a fresh
+    # base it gives the same outputs: W + (s·B A − s·B₀A₀) = (W − s·B₀A₀) + s·B A, each layer at its own r and s
+    from peft import PeftModel
+
+    ids, mask, x = _x()
+    pm = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                 lora_dropout=0.0, **kw))
+    lora_da.initialize_lora_da_weights(pm, batches(ids, mask, 3), progress=False,
+                                       lora_da_config=lora_da.LoraDAConfig(n_pop=100, gamma=4.0, preserve_output=True))
+    lora_da.save_initial_adapter(pm, tmp_path / "init")
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.01)
+        trained = pm(**x).logits.clone()
+    pm.save_pretrained(tmp_path / "out", path_initial_model_for_weight_conversion=str(tmp_path / "init"))
+    fresh = PeftModel.from_pretrained(tiny_llama(), tmp_path / "out")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(**x).logits, trained, rtol=1e-10, atol=1e-10)
