@@ -91,9 +91,9 @@ def test_lora_da_report_prints_the_warnings_and_marks_the_plot(one_sample_stats,
     with warnings.catch_warnings():
         warnings.simplefilter("error", PoorInitWarning)  # the CLI says it in its own lines, not as a Python warning
         assert main(["solve", str(stats_path), "--n-pop", "1000", "--rank", "12", "--out", str(out), "-q"]) == 0
-    err = capsys.readouterr().err
-    assert "lora-da: warning: poor init: model.layers.0.self_attn.q_proj: r = 12 exceeds" in err
-    assert f"lora-da: warning: {len(one_sample_stats.modules)} of {len(one_sample_stats.modules)} modules" in err
+    said = capsys.readouterr().out
+    assert "lora-da: warning: poor init: model.layers.0.self_attn.q_proj: r = 12 exceeds" in said
+    assert f"lora-da: warning: {len(one_sample_stats.modules)} of {len(one_sample_stats.modules)} modules" in said
     assert main(["report", str(out), "--plot", str(tmp_path / "s.png")]) == 0
     printed = capsys.readouterr().out
     assert "warning: poor init: model.layers.0.self_attn.q_proj: r = 12 exceeds" in printed

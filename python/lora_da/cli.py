@@ -724,13 +724,13 @@ def _solve(args, stats):
         warnings.simplefilter("ignore", PoorInitWarning)
         inits = compute_init(stats, config, progress=not args.quiet, device=_solve_device(args.solve_device))
     print(f"lora-da: solved {len(inits)} modules in {time.perf_counter() - t0:.2f} s (rank {config.rank}, γ {config.gamma:g})")
+    # on stdout with the other progress lines: stderr carries a failed command's one error line
     poor = {name: init.warnings for name, init in inits.items() if init.warnings}
     for name, msgs in poor.items():
         for msg in msgs:
-            print(f"lora-da: warning: poor init: {name}: {msg}", file=sys.stderr)
+            print(f"lora-da: warning: poor init: {name}: {msg}")
     if poor:
-        print(f"lora-da: warning: {len(poor)} of {len(inits)} modules have a poor init (SPEC §5); the report lists them",
-              file=sys.stderr)
+        print(f"lora-da: warning: {len(poor)} of {len(inits)} modules have a poor init (SPEC §5); the report lists them")
     return inits, config
 
 
