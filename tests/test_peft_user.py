@@ -266,6 +266,10 @@ def test_compare_with_one_seed_records_the_run_and_says_no_spread_was_measured(t
     assert f"{data_path} (40 labeled rows)" in text
     assert "label balance (all rows): 0: 30 (75%) / 1: 10 (25%)" in text
     assert f"model: {d}" in text and "train 16, select 8, eval 8, calib 8" in text
+    from transformers import AutoModelForSequenceClassification
+
+    n_params = sum(p.numel() for p in AutoModelForSequenceClassification.from_pretrained(d, num_labels=2).parameters())
+    assert f"parameters: {n_params:,} (BertForSequenceClassification)" in text
 
 
 def test_compare_refuses_unknown_methods_and_shows_defaults(tiny_encoder, tmp_path, capsys):

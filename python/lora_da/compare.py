@@ -102,6 +102,7 @@ def classification_task(model_dir, rows, *, n_train, n_select, n_eval, n_calib, 
         if "m" not in cache:
             cache["m"] = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=n_labels,
                                                                             local_files_only=True)
+            about["parameters"] = f"{sum(p.numel() for p in cache['m'].parameters()):,} ({type(cache['m']).__name__})"
         m = copy.deepcopy(cache["m"]).float()  # float32 training whatever dtype the checkpoint was saved in
         g = torch.Generator().manual_seed(seed)  # the head: seeded, the same for every arm of a seed
         for mod in m.modules():

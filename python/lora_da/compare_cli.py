@@ -75,8 +75,11 @@ def cmd_compare(args) -> int:
     task = compare.classification_task(args.model, rows, n_train=args.train, n_select=args.select, n_eval=args.eval,
                                        n_calib=min(args.calib, args.train), target_modules=args.target_modules,
                                        device=device)
-    task.about = {"data": f"{args.data} ({len(rows)} labeled rows{', VADER lexicon' if args.vader else ''})",
-                  **task.about}
+    # in place: the task fills in the model's parameter count once it has loaded it
+    rest = dict(task.about)
+    task.about.clear()
+    task.about.update({"data": f"{args.data} ({len(rows)} labeled rows{', VADER lexicon' if args.vader else ''})",
+                       **rest})
     compare.run_comparison([task], seeds=list(range(args.seeds)), lrs=args.lrs, steps=args.steps, out_dir=args.out,
                            device=device, only=args.methods, methods=methods, command=command_line(args),
                            internal_checks=False,
