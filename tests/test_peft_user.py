@@ -61,8 +61,9 @@ def test_the_warnings_say_what_the_reference_spectrum_says(r, which, one_sample_
 
 def test_one_sample_at_r_12_warns_and_a_healthy_init_does_not(one_sample_stats, six_sample_stats):
     # the case: one calibration sample at r = 12, cut gap ~1e-11·‖Ω‖ with λ_r > 0
-    with pytest.warns(PoorInitWarning, match=r"modules have a poor init.*q_proj: r = 12 exceeds"):
+    with pytest.warns(PoorInitWarning, match=r"modules have a poor init.*q_proj: r = 12 exceeds") as caught:
         inits = lora_da.compute_init(one_sample_stats, lora_da.LoraDAConfig(n_pop=1000, rank=12), progress=False)
+    assert [w.filename for w in caught] == [__file__]  # the user's line, not lora-da's internals
     q = inits["model.layers.0.self_attn.q_proj"]
     assert q.result.eigenvalues[-1] > 0 and q.result.gap < 1e-9 * q.result.omega_norm
     assert len(q.warnings) == 2
@@ -75,9 +76,11 @@ def test_one_sample_at_r_12_warns_and_a_healthy_init_does_not(one_sample_stats, 
 def test_the_peft_path_warns_and_its_report_names_the_poor_modules(tmp_path):
     ids, mask = data()
     peft_model = get_peft_model(tiny_llama(), LoraConfig(r=12, target_modules=["q_proj"]))
-    with pytest.warns(PoorInitWarning):
+    with pytest.warns(PoorInitWarning) as caught:
         lora_da.initialize_lora_da_weights(peft_model, batches(ids[:1], mask[:1], 1),
                                            lora_da_config=lora_da.LoraDAConfig(n_pop=100), progress=False)
+    assert [w.filename for w in caught if w.category is PoorInitWarning] == [__file__]
+    assert "model.layers.0.self_attn.q_proj:" in str(caught[0].message) and ".base_layer" not in str(caught[0].message)
     peft_model.save_pretrained(tmp_path / "a")
     report = json.loads((tmp_path / "a" / "lora_da_report.json").read_text())
     assert report["poor_init"] == sorted(report["modules"]) and len(report["poor_init"]) == 2

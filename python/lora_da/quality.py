@@ -62,8 +62,28 @@ def assess_result(result) -> list[str]:
     return assess(result.eigenvalues, getattr(result, "gap", None), getattr(result, "omega_norm", None))
 
 
-def warn_poor(inits: dict, stacklevel: int = 3) -> None:
-    """One :class:`PoorInitWarning` for all modules of ``inits`` (name → ``ModuleInit``) whose init is poor."""
+def _caller_level() -> int:
+    """The ``stacklevel`` that points the warning at the first frame outside lora-da (the user's call)."""
+    import os
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    # decorators around lora-da's functions (torch.no_grad) add frames of their own
+    wrappers = ("torch.utils._contextlib", "contextlib", "functools")
+
+    def inside(frame) -> bool:
+        return (os.path.dirname(os.path.abspath(frame.f_code.co_filename)) == here
+                or frame.f_globals.get("__name__", "") in wrappers)
+
+    frame, level = sys._getframe(1), 1
+    while frame is not None and inside(frame):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def warn_poor(inits: dict) -> None:
+    """One :class:`PoorInitWarning` for all modules of ``inits`` (name → ``ModuleInit``) whose init is poor,
+    attributed to the user's line that called lora-da."""
     # the PEFT path solves the wrapped layers: name them as the user's LoRA layers
     poor = {name.removesuffix(".base_layer"): init.warnings for name, init in inits.items() if init.warnings}
     if not poor:
@@ -71,4 +91,4 @@ def warn_poor(inits: dict, stacklevel: int = 3) -> None:
     shown = "; ".join(f"{name}: {msgs[0]}" for name, msgs in list(poor.items())[:3])
     more = f"; and {len(poor) - 3} more" if len(poor) > 3 else ""
     warnings.warn(f"lora-da: {len(poor)} of {len(inits)} modules have a poor init — {shown}{more}",
-                  PoorInitWarning, stacklevel=stacklevel)
+                  PoorInitWarning, stacklevel=_caller_level())
