@@ -183,9 +183,10 @@ def test_plot_is_readable_at_two_hundred_modules():
     assert len(report["modules"]) == 196
     fig = _figure(report)
     panels = [a for a in fig.axes if a.get_visible() and a.get_label() != "<colorbar>"]
-    titles = sorted(a.get_title() for a in panels)
-    assert titles == sorted(f"{k} (28 modules)" for k in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                                          "down_proj"))
+    # the title counts the poor inits too ("28 modules, 16 poor)"): these random gaps are small beside ‖Ω‖
+    titles = sorted(a.get_title().split(",")[0].rstrip(")") for a in panels)
+    assert titles == sorted(f"{k} (28 modules" for k in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                         "down_proj"))
     for ax in panels:
         cuts = [ln for ln in ax.get_lines() if list(ln.get_xdata()) == [4.5, 4.5]]
         assert len(cuts) == 1  # between λ_r and λ_{r+1}

@@ -36,6 +36,7 @@ from lora_da.errors import (
     StatisticsFileError,
 )
 from lora_da.init import LoraDAConfig, ModuleInit, compute_init
+from lora_da.quality import POOR_GAP_REL, PoorInitWarning
 from lora_da.statistics import ModuleInfo, Statistics
 
 __version__ = "0.1.0"
@@ -77,4 +78,6 @@ __all__ = [
     "InvalidArgumentError",
     "NotPositiveDefiniteError",
     "StatisticsFileError",
+    "PoorInitWarning",
+    "POOR_GAP_REL",
 ]

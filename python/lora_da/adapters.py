@@ -19,7 +19,9 @@ import torch
 
 from lora_da.collect import resolve_targets
 from lora_da.errors import InvalidArgumentError, LoraDAError, NonFiniteError, ShapeError
+from lora_da.files import follow_umask, write_text_atomic
 from lora_da.init import LoraDAConfig, collect_and_solve, compute_init
+from lora_da.report import REPORT_NAME, build_report, model_card_section, module_report  # noqa: F401 (re-exported)
 from lora_da.statistics import Statistics
 
 
@@ -108,6 +110,58 @@ def _check_rank(lora_da_config: LoraDAConfig, peft_config) -> None:
         )
 
 
+# init_lora_weights values that only draw A and B: LoRA-DA overwrites both, so any of them is fine.
+# The others (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA, ...) also rewrite the base weights or are
+# initializations of their own: the model would be neither theirs nor LoRA-DA's.
+_PLAIN_INITS = (True, False, "gaussian")
+
+
+def _check_peft_config(peft_config) -> None:
+    """Refuse, with the reason, the ``LoraConfig`` settings LoRA-DA cannot honour;
+    every other field a user sets is honoured (README, "Which LoraConfig")."""
+    if getattr(peft_config, "target_parameters", None):
+        raise InvalidArgumentError(
+            f"LoraConfig.target_parameters={list(peft_config.target_parameters)!r}: LoRA on bare parameters (e.g. MoE "
+            "experts) has no per-module input and output gradient that LoRA-DA's statistics (SPEC §2) are taken "
+            "from; target the linear modules with target_modules instead"
+        )
+    init = getattr(peft_config, "init_lora_weights", True)
+    if init not in _PLAIN_INITS:
+        raise InvalidArgumentError(
+            f"LoraConfig.init_lora_weights={init!r} is an initialization of its own (it may also change the base "
+            "weights); LoRA-DA replaces A and B, so use init_lora_weights=True with it"
+        )
+    if getattr(peft_config, "layer_replication", None):
+        raise InvalidArgumentError(
+            "LoraConfig.layer_replication: replicated layers share their base weights, so each copy's LoRA-DA "
+            "statistics would be of a model that does not exist before the replication; not supported"
+        )
+
+
+def _pattern_ranks(peft_config, names: list[str]) -> dict[str, int]:
+    """Each targeted module's r by PEFT's own ``rank_pattern`` rule (its ``get_pattern_key``)."""
+    pattern = getattr(peft_config, "rank_pattern", None) or {}
+    if not pattern:
+        return {}
+    from peft.utils.other import get_pattern_key
+
+    return {n: int(pattern.get(get_pattern_key(pattern.keys(), n), peft_config.r)) for n in names}
+
+
+def _with_ranks(lora_da_config: LoraDAConfig, ranks: dict[str, int]) -> LoraDAConfig:
+    """``lora_da_config`` solving each module at the adapter's own r (a ``rank_pattern``);
+    ranks the user set on the LoraDAConfig must agree with the adapter's."""
+    from dataclasses import replace
+
+    mine = lora_da_config.ranks or {}
+    clash = [(n, r, ranks[n]) for n, r in mine.items() if n in ranks and ranks[n] != r]
+    if clash:
+        n, r, theirs = clash[0]
+        raise InvalidArgumentError(f"{n}: LoraDAConfig.ranks gives r = {r}, the PEFT adapter has r = {theirs}")
+    differ = {n: r for n, r in ranks.items() if r != lora_da_config.rank}
+    return replace(lora_da_config, ranks={**mine, **differ} or None) if differ or mine else lora_da_config
+
+
 def get_lora_da_state_dict(
     model: torch.nn.Module,
     dataloader,
@@ -122,9 +176,11 @@ def get_lora_da_state_dict(
     """``{"<module>.lora_A.weight": A, "<module>.lora_B.weight": B}`` (float32) for
     the modules ``peft_config`` targets, computed from one pass over ``dataloader``
     (or from ``statistics`` already collected)."""
+    _check_peft_config(peft_config)
     lora_da_config = lora_da_config.with_rank(peft_config.r)
     _check_rank(lora_da_config, peft_config)
     names = _peft_targets(model, peft_config)
+    lora_da_config = _with_ranks(lora_da_config, _pattern_ranks(peft_config, names))
     if statistics is None:
         inits = collect_and_solve(model, dataloader, names, lora_da_config, loss_fn=loss_fn, progress=progress,
                                   **collect_kwargs)
@@ -142,6 +198,12 @@ def _lora_layers(peft_model, adapter_name):
 
     base = peft_model.get_base_model()
     for name, module in base.named_modules():
+        if isinstance(module, LoraLayer) and adapter_name in getattr(module, "lora_embedding_A", {}):
+            # left alone it would keep PEFT's init while the report says LoRA-DA
+            raise InvalidArgumentError(
+                f"{name}: a LoRA adapter on an embedding ({type(module.get_base_layer()).__name__}); LoRA-DA's "
+                "statistics are those of linear layers (SPEC §2): leave the embedding out of target_modules"
+            )
         if isinstance(module, LoraLayer) and adapter_name in module.lora_A:
             yield name, module
 
@@ -179,10 +241,13 @@ def initialize_lora_da_weights(
     if adapter_name not in peft_model.peft_config:
         raise InvalidArgumentError(f"the PeftModel has no adapter named {adapter_name!r}")
     peft_config = peft_model.peft_config[adapter_name]
+    _check_peft_config(peft_config)
     lora_da_config = lora_da_config.with_rank(peft_config.r)
     if state_dict is None:
         _check_rank(lora_da_config, peft_config)
     layers = dict(_lora_layers(peft_model, adapter_name))
+    # each layer's own r, as PEFT resolved rank_pattern for it
+    lora_da_config = _with_ranks(lora_da_config, {n: int(layer.r[adapter_name]) for n, layer in layers.items()})
     for name, layer in layers.items():  # before any collection: its statistics would be of the modified base
         _check_not_preserved(name, layer, adapter_name)
         if lora_da_config.preserve_output:
@@ -209,10 +274,14 @@ def _solve_lora_layers(peft_model, layers: dict, dataloader, statistics: Statist
         return compute_init(statistics, lora_da_config, modules=[n for n in layers if n in statistics.modules],
                             progress=progress)
     # hook the wrapped base layers; the results are named after the LoRA layers
-    with peft_model.disable_adapter():
-        solved = collect_and_solve(peft_model.get_base_model(), dataloader, [f"{n}.base_layer" for n in layers],
-                                   lora_da_config, loss_fn=loss_fn, progress=progress, **collect_kwargs)
     suffix = ".base_layer"
+    if lora_da_config.ranks:
+        from dataclasses import replace
+
+        lora_da_config = replace(lora_da_config, ranks={f"{n}{suffix}": r for n, r in lora_da_config.ranks.items()})
+    with peft_model.disable_adapter():
+        solved = collect_and_solve(peft_model.get_base_model(), dataloader, [f"{n}{suffix}" for n in layers],
+                                   lora_da_config, loss_fn=loss_fn, progress=progress, **collect_kwargs)
     return {k[: -len(suffix)] if k.endswith(suffix) else k: v for k, v in solved.items()}
 
 
@@ -248,49 +317,21 @@ def _load_lora_da_state_dict(peft_model, state_dict: dict[str, torch.Tensor], la
         if base is not None:
             layer.get_base_layer().weight.data = base
             _mark_preserved(layer, adapter_name)
+        _refresh_dora_magnitude(layer, adapter_name)
     _record(peft_model, adapter_name, lora_da_config, results)
     if lora_da_config.preserve_output:
         _guard_save(peft_model)
 
 
-REPORT_NAME = "lora_da_report.json"
-
-
-def module_report(result) -> dict:
-    """One module's solve diagnostics as JSON-ready values (SPEC §5)."""
-    notes = result.notes if not isinstance(result.notes, str) else ([result.notes] if result.notes else [])
-    return {
-        "n": int(result.A.shape[1]),
-        "m": int(result.B.shape[0]),
-        "eigenvalues": [float(v) for v in result.eigenvalues],
-        "next_eigenvalue": float(result.next_eigenvalue),
-        "gap": float(result.gap),
-        "residual": float(result.residual),
-        "sigma": float(result.sigma),
-        "c": float(result.c),
-        "method": str(result.method),
-        "iterations": int(result.iterations),
-        "notes": list(notes),
-    }
-
-
 def _record(peft_model, adapter_name: str, config: LoraDAConfig, results: dict) -> None:
     """Say what was done beside the adapter: ``save_pretrained`` also writes
-    ``lora_da_report.json`` (the LoRA-DA settings and each module's
-    diagnostics) next to each saved adapter's ``adapter_config.json``, a file
-    PEFT ignores (its config keeps ``init_lora_weights``, which it validates)."""
-    import lora_da
-
+    ``lora_da_report.json`` (the report of SPEC §5: the LoRA-DA settings and each
+    module's diagnostics) next to each saved adapter's ``adapter_config.json``, a file
+    PEFT ignores (its config keeps ``init_lora_weights``, which it validates), and a
+    LoRA-DA section in the README.md (model card) PEFT writes there."""
     reports = peft_model.__dict__.setdefault("_lora_da_reports", {})
-    reports[adapter_name] = {
-        "format": "lora-da-report",
-        "init": "lora-da",
-        "lora_da_version": lora_da.__version__,
-        "adapter_name": adapter_name,
-        "config": config.to_dict(),
-        "source": "solved from data" if results else "written from a state dict",
-        "modules": {name: module_report(r) for name, r in results.items()},
-    }
+    reports[adapter_name] = build_report(results, config, adapter_name=adapter_name,
+                                         source="solved from data" if results else "written from a state dict")
     if getattr(peft_model, "_lora_da_recording", False):
         return
     original = peft_model.save_pretrained
@@ -305,6 +346,10 @@ def _record(peft_model, adapter_name: str, config: LoraDAConfig, results: dict) 
             where = os.path.join(os.fspath(save_directory), name) if name != "default" else os.fspath(save_directory)
             if os.path.isfile(os.path.join(where, "adapter_config.json")):
                 _write_json(os.path.join(where, REPORT_NAME), report)
+                add_model_card_section(where, report)
+                for weights in ("adapter_model.safetensors", "adapter_model.bin"):
+                    if os.path.isfile(os.path.join(where, weights)):
+                        follow_umask(os.path.join(where, weights))  # safetensors writes 0600 whatever the umask
         return out
 
     save_pretrained._lora_da_wrapper = True
@@ -312,19 +357,26 @@ def _record(peft_model, adapter_name: str, config: LoraDAConfig, results: dict) 
     peft_model._lora_da_recording = True
 
 
+def add_model_card_section(folder: str, report: dict) -> None:
+    """Append the LoRA-DA section to ``folder``'s README.md (PEFT's model card; created
+    when PEFT wrote none), once: a second save replaces the section, not repeats it."""
+    path = os.path.join(folder, "README.md")
+    text = ""
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    marker = "\n## Initialization: LoRA-DA\n"
+    if marker in text:
+        text = text[: text.index(marker)]
+    text = text.rstrip("\n") + "\n" + model_card_section(report)
+    write_text_atomic(path, text)
+
+
 def _write_json(path: str, obj: dict) -> None:
-    """Atomically: a temporary file in the same folder, then a rename."""
+    """Atomically (a temporary file in the same folder, then a rename), readable as the umask allows."""
     import json
 
-    fd, tmp = tempfile.mkstemp(prefix=".lora_da_", suffix=".json", dir=os.path.dirname(path) or ".")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_text_atomic(path, json.dumps(obj, indent=2))
 
 
 def _residual_base(layer, adapter_name: str, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
@@ -339,6 +391,26 @@ def _residual_base(layer, adapter_name: str, A: torch.Tensor, B: torch.Tensor) -
     _check_finite_cast(f"{layer.__class__.__name__} base of adapter {adapter_name!r}", "W − s·B·A", cast, new,
                        base.weight.dtype)
     return cast
+
+
+def _refresh_dora_magnitude(layer, adapter_name: str) -> None:
+    """DoRA (``use_dora``): PEFT set the magnitude ``m = ‖W + s·B A‖`` (row norms, out
+    features) from its own A and B = 0. With LoRA-DA's A, B (and the base after
+    ``preserve_output``) it is recomputed from the new weights, in float64, so that DoRA's
+    ``m / ‖W + s·B A‖`` is 1 at step 0 and the adapted layer is ``W + s·B A``: the same
+    start as the plain LoRA adapter (the base model's output with ``preserve_output``)."""
+    mags = getattr(layer, "lora_magnitude_vector", None)
+    if not mags or adapter_name not in mags:
+        return
+    dora = mags[adapter_name]
+    W = layer.get_base_layer().weight.double()
+    if getattr(layer, "fan_in_fan_out", False):
+        W = W.T  # Conv1D stores in × out; the norms are per output feature
+    wa, wb = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
+    merged = W + layer.scaling[adapter_name] * (wb.double() @ wa.double()).to(W.device)
+    dora.weight.data.copy_(torch.linalg.norm(merged, dim=1).to(device=dora.weight.device, dtype=dora.weight.dtype))
+    if hasattr(dora, "_cache_clear"):
+        dora._cache_clear()
 
 
 # on the base layer itself, so that wrapping the modified base in a new PeftModel still shows it
@@ -451,6 +523,7 @@ def _restore_modules_to_save(peft_model, save_directory: str, selected) -> None:
         os.close(fd)
         try:
             write(saved, tmp)
+            follow_umask(tmp)
             os.replace(tmp, target)
         except BaseException:
             if os.path.exists(tmp):
@@ -472,6 +545,7 @@ def save_initial_adapter(peft_model, path: str | os.PathLike, adapter_name: str 
         src = os.path.join(tmp, adapter_name) if adapter_name != "default" else tmp
         if os.path.exists(path):
             raise LoraDAError(f"{path} already exists")
+        follow_umask(src)  # mkdtemp's 0700 would stay on the renamed folder
         os.replace(src, path)
     finally:
         if os.path.isdir(tmp):

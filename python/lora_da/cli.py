@@ -24,7 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from lora_da.adapters import REPORT_NAME, state_dict_of  # REPORT_NAME: one name for the API and the CLI
+from lora_da.adapters import REPORT_NAME, add_model_card_section, state_dict_of  # REPORT_NAME: one name for the API and the CLI
+from lora_da.files import follow_umask
 
 PROG = "lora-da"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -473,9 +474,15 @@ def _search_gamma(args, stats, model, calibration, held):
     from lora_da.gamma import search_gamma, unit_state_dict
     from lora_da.init import compute_init
 
+    import warnings
+
+    from lora_da.quality import PoorInitWarning
+
     config = _config(args, stats)
-    unit = unit_state_dict(compute_init(stats, config, progress=False, device=_solve_device(args.solve_device)),
-                           config.gamma)
+    with warnings.catch_warnings():  # the final solve (_solve) says it, once
+        warnings.simplefilter("ignore", PoorInitWarning)
+        unit = unit_state_dict(compute_init(stats, config, progress=False, device=_solve_device(args.solve_device)),
+                               config.gamma)
     peft_model = get_peft_model(model, LoraConfig(
         r=config.rank, lora_alpha=args.lora_alpha, use_rslora=args.rslora, lora_dropout=0.0,
         target_modules=sorted(stats.modules), modules_to_save=_modules_to_save(stats),
@@ -495,6 +502,8 @@ def _search_gamma(args, stats, model, calibration, held):
                          seed=args.seed)
     print(found.describe())
     print(f"lora-da: chose γ = {found.best:g}")
+    if found.verdict():
+        print(f"lora-da: note: {found.verdict()}")
     return found
 
 
@@ -552,37 +561,10 @@ def _floats(a) -> list[float]:
 
 
 def _report_dict(stats, inits, config) -> dict:
-    mods = {}
-    for name, init in inits.items():
-        r = init.result
-        info = stats.modules[name]
-        notes = r.notes
-        if isinstance(notes, str):
-            notes = [notes] if notes else []
-        mods[name] = {
-            "n": info.in_features,
-            "m": info.out_features,
-            "kind": info.kind,
-            "input_group": info.input_group,
-            "eigenvalues": _floats(r.eigenvalues),
-            "next_eigenvalue": None if r.next_eigenvalue is None else float(r.next_eigenvalue),
-            "gap": None if r.gap is None else float(r.gap),
-            "residual": float(r.residual),
-            "sigma": float(r.sigma),
-            "c": float(r.c),
-            "method": str(r.method),
-            "iterations": int(r.iterations),
-            "seconds": float(init.seconds),
-            "notes": list(notes),
-        }
-    return {
-        "format": "lora-da-report",
-        "config": config.to_dict(),
-        "n_samples": stats.n_samples,
-        "statistics_config": stats.config,
-        "model": stats.model,
-        "modules": mods,
-    }
+    """The report (SPEC §5, "The report"): the same schema as the API's ``lora_da_report.json``."""
+    from lora_da.report import build_report
+
+    return build_report(inits, config, stats=stats)
 
 
 def _task_type(args, stats) -> str | None:
@@ -655,7 +637,10 @@ def _write_outputs(args, stats, inits, config) -> None:
     found = getattr(args, "gamma_search", None)
     if found is not None:
         report["gamma_search"] = {"chosen": found.best, "steps": GAMMA_SEARCH_STEPS, "lr": GAMMA_SEARCH_LR,
-                                  "table": [{"gamma": g, "loss_at_0": a, "loss_after": b} for g, a, b in found.table]}
+                                  "table": [{"gamma": g, "loss_at_0": a, "loss_after": b} for g, a, b in found.table],
+                                  "at_edge": found.at_edge(), "within_noise": found.within_noise(),
+                                  "verdict": found.verdict() or None,
+                                  "next_grid": found.next_grid() if found.at_edge() else None}
     if args.format == "peft":
         from peft import LoraConfig
 
@@ -678,8 +663,11 @@ def _write_outputs(args, stats, inits, config) -> None:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         try:
             save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+            follow_umask(tmp / ADAPTER_WEIGHTS)  # safetensors writes 0600 whatever the umask
             lcfg.save_pretrained(str(tmp))
             (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2))
+            add_model_card_section(str(tmp), report)
+            follow_umask(tmp)  # mkdtemp's 0700 would stay on the renamed adapter folder
             _replace(tmp, out)
         finally:
             if tmp.exists():
@@ -693,6 +681,7 @@ def _write_outputs(args, stats, inits, config) -> None:
         stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         try:
             save_file(tensors, str(stage / out.name), metadata={"format": "pt", "lora_da": "state-dict"})
+            follow_umask(stage / out.name)  # safetensors writes 0600 whatever the umask
             (stage / rep.name).write_text(json.dumps(report, indent=2))
             _install_together([(stage / out.name, out), (stage / rep.name, rep)])
         finally:
@@ -745,7 +734,7 @@ def _prepare_out(args) -> None:
 # -- what --overwrite may replace ------------------------------------------------------------
 
 # the entries of an adapter directory written by `lora-da solve/init`
-_ADAPTER_ENTRIES = {ADAPTER_WEIGHTS, "adapter_config.json", REPORT_NAME}
+_ADAPTER_ENTRIES = {ADAPTER_WEIGHTS, "adapter_config.json", REPORT_NAME, "README.md"}
 _INPUT_ARGS = {"model_dir": "the model directory", "data": "the data file", "stats": "the statistics file"}
 
 
@@ -853,10 +842,24 @@ def _solve_device(choice: str):
 def _solve(args, stats):
     from lora_da.init import compute_init
 
+    import warnings
+
+    from lora_da.quality import PoorInitWarning
+
     config = _config(args, stats)
     t0 = time.perf_counter()
-    inits = compute_init(stats, config, progress=not args.quiet, device=_solve_device(args.solve_device))
+    with warnings.catch_warnings():
+        # said below, one line per module, instead of Python's warning with a source line
+        warnings.simplefilter("ignore", PoorInitWarning)
+        inits = compute_init(stats, config, progress=not args.quiet, device=_solve_device(args.solve_device))
     print(f"lora-da: solved {len(inits)} modules in {time.perf_counter() - t0:.2f} s (rank {config.rank}, γ {config.gamma:g})")
+    # on stdout with the other progress lines: stderr carries a failed command's one error line
+    poor = {name: init.warnings for name, init in inits.items() if init.warnings}
+    for name, msgs in poor.items():
+        for msg in msgs:
+            print(f"lora-da: warning: poor init: {name}: {msg}")
+    if poor:
+        print(f"lora-da: warning: {len(poor)} of {len(inits)} modules have a poor init (SPEC §5); the report lists them")
     return inits, config
 
 
@@ -896,6 +899,28 @@ def _print_table(report: dict) -> None:
     for name, r in report["modules"].items():
         for note in r.get("notes") or []:
             print(f"note: {name}: {note}")
+    poor = _poor_modules(report)
+    for name, msgs in poor.items():
+        for msg in msgs:
+            print(f"warning: poor init: {name}: {msg}")
+    if poor:
+        print(f"lora-da report: {len(poor)} of {len(report['modules'])} modules have a poor init (warnings above; "
+              "SPEC §5, 'A poor init')")
+
+
+def _poor_modules(report: dict) -> dict[str, list[str]]:
+    """``{module: warnings}`` for the modules whose init is poor: the report's own
+    ``warnings`` (version 2), else judged from its eigenvalues (a version-1 report)."""
+    from lora_da.quality import assess
+
+    out = {}
+    for name, r in report["modules"].items():
+        msgs = r.get("warnings")
+        if msgs is None:
+            msgs = assess(r.get("eigenvalues") or [], r.get("gap"), r.get("omega_norm"))
+        if msgs:
+            out[name] = list(msgs)
+    return out
 
 
 def _pyplot():
@@ -917,12 +942,18 @@ def _layer_and_kind(name: str) -> tuple[int | None, str]:
 
 
 def _figure(report: dict):
-    """One panel per projection type; in it each module's bottom eigenvalues
-    λ_1..λ_r and λ_{r+1}, divided by |λ_1| so that layers of different scale
-    share an axis, coloured by layer; the cut between r and r + 1 is marked."""
+    """One panel per projection type. In it, for each module (coloured by layer), how
+    far each of its bottom eigenvalues lies below the next one past the cut,
+    ``(λ_{r+1} − λ_i) / ‖Ω‖₂`` for i = 1..r, on a log scale: the last point is the gap
+    at the cut, which a plot of λ_i itself hides when it is 1e-11 of ‖Ω‖. The dashed line
+    is the poor-gap threshold (SPEC §5); a module with a poor init gets a red ×, and an
+    eigenvalue λ_i ≥ 0 (r past the informative directions) an open marker."""
     import numpy as np
 
+    from lora_da.quality import POOR_GAP_REL
+
     plt = _pyplot()
+    poor = _poor_modules(report)
     kinds: dict[str, list] = {}
     for name, r in report["modules"].items():
         layer, kind = _layer_and_kind(name)
@@ -935,38 +966,48 @@ def _figure(report: dict):
     nrows = -(-len(kinds) // ncols) or 1
     fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols + 1.2, 3.0 * nrows + 0.6), squeeze=False,
                              layout="constrained")
+    floor = 1e-17  # below float64 resolution relative to ‖Ω‖: a gap of exactly 0 is drawn here
     rank = report.get("config", {}).get("rank")
     for ax, (kind, rows) in zip(axes.flat, sorted(kinds.items())):
-        k = 0  # a panel whose modules report no eigenvalue has no cut to mark
+        poor_x, poor_y = [], []
         for layer, name, r in sorted(rows, key=lambda t: (t[0] is None, t[0] or 0, t[1])):
-            ev = list(r.get("eigenvalues") or [])
-            if not ev:
+            ev = np.asarray(r.get("eigenvalues") or [], dtype=float)
+            nxt = r.get("next_eigenvalue")
+            if not len(ev) or nxt is None:
                 continue
-            k = len(ev)
-            if r.get("next_eigenvalue") is not None:
-                ev.append(r["next_eigenvalue"])
-            scale = abs(ev[0]) or 1.0
-            y = np.asarray(ev, dtype=float) / scale
+            scale = r.get("omega_norm") or max(np.abs(ev).max(), abs(nxt)) or 1.0
+            d = np.maximum((nxt - ev) / scale, floor)
+            i = np.arange(1, len(ev) + 1)
             color = cmap(norm(layer)) if layer is not None else "0.4"
-            ax.plot(range(1, k + 1), y[:k], color=color, linewidth=0.8, marker="o", markersize=2.5)
-            if len(y) > k:
-                ax.plot([k, k + 1], y[k - 1:k + 1], color=color, linewidth=0.6, linestyle=":")
-                ax.plot([k + 1], y[k:], color=color, marker="x", markersize=4)
-        cut = rank if rank else k
+            ax.plot(i, d, color=color, linewidth=0.8)
+            neg = ev < 0
+            ax.plot(i[neg], d[neg], linestyle="none", marker="o", markersize=2.5, color=color)
+            ax.plot(i[~neg], d[~neg], linestyle="none", marker="o", markersize=3.5, markerfacecolor="none",
+                    color=color)
+            if name in poor:
+                poor_x.append(len(ev))
+                poor_y.append(d[-1])
+        ax.set_yscale("log")
+        ax.axhline(POOR_GAP_REL, color="crimson", linewidth=0.8, linestyle="--", label="poor-gap threshold")
+        ks = {len(r.get("eigenvalues") or []) for _, _, r in rows} - {0}
+        cut = rank if rank else (max(ks) if ks else None)
         if cut:
-            ax.axvline(cut + 0.5, color="crimson", linewidth=0.8, linestyle="--")
-        ax.set_title(f"{kind} ({len(rows)} modules)", fontsize=9)
+            ax.axvline(cut + 0.5, color="crimson", linewidth=0.8, linestyle=":", label="the cut")
+        if poor_x:
+            ax.plot(poor_x, poor_y, linestyle="none", marker="x", markersize=7, color="crimson", label="poor init")
+        n_poor = sum(n in poor for _, n, _ in rows)
+        ax.set_title(f"{kind} ({len(rows)} modules" + (f", {n_poor} poor)" if n_poor else ")"), fontsize=9)
         ax.set_xlabel("i", fontsize=8)
         ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
-        ax.set_ylabel("λ_i / |λ_1|", fontsize=8)
+        ax.set_ylabel("(λ_r+1 − λ_i) / ‖Ω‖₂", fontsize=8)
         ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[len(kinds):]:
         ax.set_visible(False)
     if layers:
         sm = plt.cm.ScalarMappable(norm=norm, cmap=cmap)
         fig.colorbar(sm, ax=[a for a in axes.flat if a.get_visible()], label="layer", shrink=0.8)
-    fig.suptitle(f"LoRA-DA: bottom eigenvalues λ_1..λ_r of Ω per module, × = λ_r+1, dashed = the cut at r = {rank or '?'}",
-                 fontsize=10)
+    fig.suptitle(f"LoRA-DA: distance of λ_1..λ_r below λ_r+1 (last point: the gap at the cut r = {rank or '?'}); "
+                 "open: λ_i ≥ 0, red ×: poor init", fontsize=9)
     return fig
 
 
@@ -980,6 +1021,7 @@ def _plot(report: dict, path: str) -> None:
     try:
         with _Writing(path):
             fig.savefig(tmp, dpi=120)
+            follow_umask(tmp)
             os.replace(tmp, target)
     finally:
         plt.close(fig)
@@ -1008,7 +1050,7 @@ def _load_report(path: Path) -> dict | None:
     return report
 
 
-_REPORT_NUMBERS = ("next_eigenvalue", "gap", "residual", "sigma", "c", "seconds")
+_REPORT_NUMBERS = ("next_eigenvalue", "gap", "residual", "sigma", "c", "seconds", "omega_norm")
 
 
 def _check_report_shape(path: Path, report: dict) -> None:
@@ -1035,9 +1077,10 @@ def _check_report_shape(path: Path, report: dict) -> None:
         ev = r.get("eigenvalues")
         if ev is not None and not (isinstance(ev, list) and all(number(v) for v in ev)):
             raise bad(f"module {name!r}: 'eigenvalues' must be a list of numbers", ev)
-        notes = r.get("notes")
-        if notes is not None and not (isinstance(notes, list) and all(isinstance(v, str) for v in notes)):
-            raise bad(f"module {name!r}: 'notes' must be a list of strings", notes)
+        for key in ("notes", "warnings"):
+            v = r.get(key)
+            if v is not None and not (isinstance(v, list) and all(isinstance(x, str) for x in v)):
+                raise bad(f"module {name!r}: {key!r} must be a list of strings", v)
 
 
 # -- subcommands ---------------------------------------------------------------------------

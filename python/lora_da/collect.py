@@ -683,8 +683,22 @@ class _Run:
     def _checkpoint_due(self) -> bool:
         return self.checkpoint_every is not None and self.batches_done % self.checkpoint_every == 0
 
-    def _bar(self, desc: str):
-        return tqdm(desc=desc, unit="batch", disable=not self.progress)
+    def _bar(self, desc: str, batch_size: int | None = None):
+        """A progress bar over the batches still to come, with a total (and so an ETA)
+        whenever it is known: the dataloader's length, less the batches a resumed run
+        skips, and the batches ``max_samples`` leaves at the dataloader's ``batch_size``
+        (or ``batch_size``, the first batch's size), whichever is fewer."""
+        total = None
+        try:
+            total = max(0, len(self.dataloader) - self.skip)
+        except TypeError:  # an iterable without a length
+            pass
+        if self.max_samples is not None:
+            bs = batch_size or getattr(self.dataloader, "batch_size", None)
+            if isinstance(bs, int) and bs > 0:
+                left = -(-max(0, self.max_samples - self.n_samples_at_start) // bs)
+                total = left if total is None else min(total, left)
+        return tqdm(desc=desc, total=total, unit="batch", disable=not self.progress)
 
     # -- the host path: rows to the Rust accumulators -----------------------------------
 
@@ -849,7 +863,8 @@ class _Run:
                     with together(group, f"collect: pass {p + 1}"):
                         with _Recorder([self.targets[n] for n in names], sums.add, stop_early=not self.recomputes,
                                        keep_inputs=False) as rec, \
-                                self._bar(f"lora-da: pass {p + 1}/{len(passes)}") as bar:
+                                self._bar(f"lora-da: pass {p + 1}/{len(passes)}",
+                                          batch_size=first[2]) as bar:
                             for index, batch, bsz, mask in source:
                                 if len(passes) > 1:
                                     prints.append(self.fingerprint(batch))

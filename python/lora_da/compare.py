@@ -41,6 +41,7 @@ class Task:
     metric: str
     n_pop: int  # size of the fine-tuning set (LoRA-DA's variance term)
     eva_label_mask: bool = True
+    about: dict = field(default_factory=dict)  # what results.md records: model, data, sizes
 
 
 def _dev(batch, device):
@@ -48,7 +49,14 @@ def _dev(batch, device):
 
 
 def read_label_rows(path, *, vader: bool = False) -> list[tuple[str, int]]:
-    """``text<TAB>label`` lines; with ``vader`` the VADER lexicon (label 1 iff mean valence > 0)."""
+    """``text<TAB>label`` lines; with ``vader`` the VADER lexicon (label 1 iff mean valence > 0); a
+    ``.jsonl``/``.json``/``.ndjson`` file is read as the other commands read it (``{"text", "label"}``
+    per line, each line checked)."""
+    if not vader and Path(path).suffix.lower() in (".jsonl", ".json", ".ndjson"):
+        from lora_da.cli import _read_data
+
+        texts, labels = _read_data(str(path), "seq-cls")
+        return list(zip(texts, labels))
     rows = []
     for i, line in enumerate(Path(path).read_text(encoding="utf-8", errors="replace").splitlines(), 1):
         parts = line.split("\t")
@@ -96,6 +104,7 @@ def classification_task(model_dir, rows, *, n_train, n_select, n_eval, n_calib, 
         if "m" not in cache:
             cache["m"] = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=n_labels,
                                                                             local_files_only=True)
+            about["parameters"] = f"{sum(p.numel() for p in cache['m'].parameters()):,} ({type(cache['m']).__name__})"
         m = copy.deepcopy(cache["m"]).float()  # float32 training whatever dtype the checkpoint was saved in
         g = torch.Generator().manual_seed(seed)  # the head: seeded, the same for every arm of a seed
         for mod in m.modules():
@@ -126,10 +135,21 @@ def classification_task(model_dir, rows, *, n_train, n_select, n_eval, n_calib, 
             n += b["labels"].shape[0]
         return {"loss": loss / n, "metric": correct / n}
 
+    def balance(rs):
+        counts = [0] * n_labels
+        for _, lab in rs:
+            counts[lab] += 1
+        return " / ".join(f"{lab}: {c} ({c / max(1, len(rs)):.0%})" for lab, c in enumerate(counts))
+
+    about = {"model": str(model_dir), "rows": len(rows), "labels": n_labels,
+             "label balance (all rows)": balance(rows), "label balance (eval)": balance(eval_rows),
+             "sizes": f"train {n_train}, select {n_select}, eval {n_eval}, calib {n_calib} (a prefix of train), "
+                      f"batch {batch}, max_length {max_length}",
+             "targets": ", ".join(target_modules)}
     return Task(name or f"{Path(model_dir).name} classification", base, lora_config, train,
                 calib=batches(train_rows[:n_calib], batch), select=batches(select_rows, 128),
                 eval=batches(eval_rows, 128), evaluate=evaluate, metric="accuracy", n_pop=n_train,
-                eva_label_mask=False)
+                eva_label_mask=False, about=about)
 
 
 # -- causal LM: a tiny Llama pretrained on additions, adapted to subtractions ------------------------
@@ -726,8 +746,10 @@ def markdown(res: TaskResult) -> str:
     pts = log_steps(steps)
     head = (["method", "lr", "γ/scale"] + [f"loss@{p}" for p in pts]
             + [f"eval loss", f"eval {t.metric}", "init s", "train s", "peak MiB", "note"])
-    lines = [f"#### {t.name} — {steps} steps, seeds {sorted({r.seed for rs in res.runs.values() for r in rs})}"
-             f" (mean over seeds; ± = std of eval {t.metric})", "",
+    seeds = sorted({r.seed for rs in res.runs.values() for r in rs})
+    spread = (f"mean over seeds; ± = std of eval {t.metric} between seeds" if len(seeds) > 1
+              else "one seed: no spread between seeds was measured")
+    lines = [f"#### {t.name} — {steps} steps, seeds {seeds} ({spread})", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, rs in res.runs.items():
         lr, sc = res.chosen[name]
@@ -736,7 +758,8 @@ def markdown(res: TaskResult) -> str:
         ev = [r.eval["metric"] for r in rs]
         peak = _mean([r.peak_mb for r in rs])
         row = [name, f"{lr:g}", "—" if sc is None else f"{sc:g}"] + [f"{x:.4f}" for x in ls] + [
-            f"{_mean([r.eval['loss'] for r in rs]):.4f}", f"{_mean(ev):.4f} ± {_std(ev):.4f}",
+            f"{_mean([r.eval['loss'] for r in rs]):.4f}",
+            f"{_mean(ev):.4f} ± {_std(ev):.4f}" if len(ev) > 1 else f"{_mean(ev):.4f}",
             f"{_mean([r.init_s for r in rs]):.2f}", f"{_mean([r.train_s for r in rs]):.2f}",
             "n/a (CPU)" if peak is None else f"{peak:.0f}", rs[0].extra]
         lines.append("| " + " | ".join(row) + " |")
@@ -753,6 +776,36 @@ def markdown(res: TaskResult) -> str:
                          + " | ".join(f"{x:.4f}" for x in ls)
                          + f" | {_mean([r.eval['loss'] for r in rs]):.4f} | {_mean([r.eval['metric'] for r in rs]):.4f} |")
     return "\n".join(lines)
+
+
+def verdict(res: TaskResult) -> str:
+    """The closing line: the best arm on the held-out (eval) metric, higher is better, and
+    whether its lead over the next arm exceeds the spread between seeds (the larger of
+    the two arms' standard deviations); with one seed, that no spread was measured."""
+    t = res.task
+    means = sorted(((_mean([r.eval["metric"] for r in rs]), name, [r.eval["metric"] for r in rs])
+                    for name, rs in res.runs.items()), key=lambda x: -x[0])
+    if not means:
+        return f"Verdict ({t.name}): no arm ran."
+    best, name, ev = means[0]
+    if len(means) == 1:
+        return f"Verdict ({t.name}): {name} is the only arm that ran (eval {t.metric} {best:.4f})."
+    tied = [n for m, n, _ in means if m == best]
+    if len(tied) > 1:
+        return (f"Verdict ({t.name}): no best arm on held-out {t.metric}: {', '.join(tied)} tie at {best:.4f}"
+                + (" (one seed: no spread between seeds was measured)." if len(ev) < 2 else "."))
+    second, other, ev2 = means[1]
+    lead = best - second
+    head = (f"Verdict ({t.name}): best on held-out {t.metric} is {name} ({best:.4f}), "
+            f"{lead:.4f} ahead of {other} ({second:.4f}); ")
+    if len(ev) < 2 or len(ev2) < 2:
+        return head + ("one seed, so no spread between seeds was measured: run --seeds 3 or more "
+                       "before acting on this lead.")
+    spread = max(_std(ev), _std(ev2))
+    if lead > spread:
+        return head + f"the lead exceeds the spread between seeds ({spread:.4f}, {len(ev)} seeds)."
+    return head + (f"the lead is within the spread between seeds ({spread:.4f}, {len(ev)} seeds): "
+                   "no clear winner.")
 
 
 def auto_norm_bar(res: TaskResult) -> tuple[bool, str]:
@@ -794,8 +847,12 @@ def plot(results: list[TaskResult], path):
 
 
 def run_comparison(tasks, *, seeds, lrs, steps, out_dir, methods=None, device="cpu", log=print,
-                   sensitivity=SENSITIVITY_GAMMAS, only=None) -> list[TaskResult]:
-    """Compare on each task; writes ``results.md`` and ``loss_curves.png`` in ``out_dir``."""
+                   sensitivity=SENSITIVITY_GAMMAS, only=None, command=None, internal_checks=True) -> list[TaskResult]:
+    """Compare on each task; writes ``results.md`` and ``loss_curves.png`` in ``out_dir``.
+
+    ``results.md`` opens with ``command`` (when given), each task's model, data and sizes
+    (``Task.about``), and ends each task with :func:`verdict`. ``internal_checks`` adds the
+    benchmark's own auto-norm bar (benches/bench_quality.py), which ``lora-da compare`` leaves out."""
     os.makedirs(out_dir, exist_ok=True)
     methods = methods if methods is not None else available_methods(log)
     if only:
@@ -804,9 +861,16 @@ def run_comparison(tasks, *, seeds, lrs, steps, out_dir, methods=None, device="c
 
     def write():
         md = []
+        if command:
+            md += ["Command:", "", f"    {command}", ""]
+        md += [f"Device: {device}; seeds {list(seeds)}; lrs {list(lrs)}; {steps} steps", ""]
         for res in results:
-            ok, msg = auto_norm_bar(res)
-            md += [markdown(res), "", f"auto-norm bar (≤ PEFT default at every logged step, every seed): {msg}", ""]
+            if res.task.about:
+                md += [f"{res.task.name}:", ""] + [f"- {k}: {v}" for k, v in res.task.about.items()] + [""]
+            md += [markdown(res), "", verdict(res), ""]
+            if internal_checks:
+                ok, msg = auto_norm_bar(res)
+                md += [f"auto-norm bar (≤ PEFT default at every logged step, every seed): {msg}", ""]
         text = "\n".join(md)
         Path(out_dir, "results.md").write_text(text + "\n", encoding="utf-8")
         return text

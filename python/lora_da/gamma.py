@@ -19,17 +19,83 @@ import torch
 GAMMAS = (1.0, 4.0, 16.0, 64.0, 256.0, 1024.0)
 
 
+# A candidate is "within noise" of the chosen γ when the mean of their paired
+# per-sample differences on the held-back samples is at most this many standard errors.
+NOISE_SE = 2.0
+
+
 @dataclass
 class GammaSearch:
-    """The chosen γ and, per candidate, ``(γ, held-back loss at step 0, after the steps)``."""
+    """The chosen γ and, per candidate, ``(γ, held-back loss at step 0, after the steps)``;
+    ``losses`` holds each candidate's per-sample held-back losses after the steps (the
+    noise :meth:`verdict` judges the choice by)."""
 
     best: float
     table: list[tuple[float, float, float]]
     steps: int = 5
+    losses: dict | None = None
 
     def describe(self) -> str:
         rows = [f"  {g:<7g}  {l0:.4f}    {l1:.4f}" for g, l0, l1 in self.table]
         return "\n".join([f"  γ        loss@0    loss@{self.steps}", *rows])
+
+    def at_edge(self) -> bool:
+        """The chosen γ is the smallest or the largest candidate: the optimum may lie past the grid."""
+        grid = sorted(g for g, _, _ in self.table)
+        return len(grid) > 1 and self.best in (grid[0], grid[-1])
+
+    def differences(self) -> dict[float, tuple[float, float]]:
+        """Per other candidate γ: (mean, standard error) of its per-sample held-back loss minus
+        the chosen γ's, paired over the same samples (empty without ``losses`` or with < 2 samples)."""
+        import numpy as np
+
+        if not self.losses or self.best not in self.losses:
+            return {}
+        ref = np.asarray(self.losses[self.best], dtype=float)
+        if ref.size < 2:
+            return {}
+        out = {}
+        for g, ls in self.losses.items():
+            if g == self.best:
+                continue
+            d = np.asarray(ls, dtype=float) - ref
+            out[g] = (float(d.mean()), float(d.std(ddof=1) / math.sqrt(d.size)))
+        return out
+
+    def within_noise(self) -> bool:
+        """Every candidate's held-back loss is within ``NOISE_SE`` standard errors of the chosen one's."""
+        diffs = self.differences()
+        return bool(diffs) and all(abs(m) <= NOISE_SE * se for m, se in diffs.values())
+
+    def next_grid(self) -> list[float]:
+        """Four candidates past the edge the chosen γ sits on, at the grid's own ratio, the chosen γ included."""
+        grid = sorted(g for g, _, _ in self.table)
+        ratio = grid[1] / grid[0] if len(grid) > 1 and grid[0] > 0 else 4.0
+        if self.best == grid[0]:
+            return [self.best / ratio**k for k in (3, 2, 1, 0)]
+        return [self.best * ratio**k for k in (0, 1, 2, 3)]
+
+    def verdict(self) -> str:
+        """What the choice is worth, in a sentence (empty when the choice is inside the grid and
+        stands out of the noise): at the edge of the grid, within noise of every other candidate."""
+        edge, flat = self.at_edge(), self.within_noise()
+        if not edge and not flat:
+            return ""
+        diffs = self.differences()
+        n = len(next(iter(self.losses.values()))) if self.losses else 0
+        grid = ", ".join(f"{g:g}" for g in self.next_grid())
+        noise = ""
+        if diffs:
+            g, (m, se) = max(diffs.items(), key=lambda kv: abs(kv[1][0]))
+            noise = (f"every candidate's held-back loss is within {NOISE_SE:g} standard errors of it (the largest "
+                     f"difference, at γ = {g:g}, is {m:+.4f} ± {se:.4f} over {n} held-back samples)")
+        if edge and flat:
+            return (f"γ = {self.best:g} is at the edge of the grid and {noise}: the search did not determine γ. "
+                    f"Try the next grid, γ in {grid} (search_gamma(..., gammas=...)), or more held-back samples.")
+        if edge:
+            return (f"γ = {self.best:g} is at the edge of the grid: a γ past it may do better; try the next grid, "
+                    f"γ in {grid} (search_gamma(..., gammas=...)).")
+        return f"γ = {self.best:g} was chosen but {noise}: γ matters little here, or more held-back samples are needed."
 
 
 def unit_state_dict(inits, gamma: float) -> dict[str, torch.Tensor]:
@@ -41,17 +107,21 @@ def unit_state_dict(inits, gamma: float) -> dict[str, torch.Tensor]:
 
 def held_back_loss(model, batches, loss_fn=None) -> float:
     """Mean per-sample loss over ``batches`` (the default loss of :mod:`lora_da.collect`)."""
+    losses = held_back_losses(model, batches, loss_fn)
+    return math.fsum(losses) / len(losses)
+
+
+def held_back_losses(model, batches, loss_fn=None) -> list[float]:
+    """Each sample's loss over ``batches``, in order (the default loss of :mod:`lora_da.collect`)."""
     from lora_da.collect import default_loss
 
     loss_fn = loss_fn or default_loss
     model.eval()
-    total, n = 0.0, 0
+    out: list[float] = []
     with torch.no_grad():
         for b in batches:
-            per_sample = loss_fn(model, _to(b, model))
-            total += float(per_sample.double().sum())
-            n += per_sample.shape[0]
-    return total / n
+            out += [float(v) for v in loss_fn(model, _to(b, model)).double().cpu()]
+    return out
 
 
 def train_steps(model, batches, steps: int, lr: float, seed: int) -> list[float]:
@@ -83,7 +153,7 @@ def search_gamma(make_model, unit: dict[str, torch.Tensor], train_batches, val_b
         raise InvalidArgumentError(f"search_gamma: gammas must be positive finite numbers, got {gammas!r}")
     if not train_batches or not val_batches:
         raise InvalidArgumentError("search_gamma: needs calibration batches to train on and held-back batches to score")
-    table = []
+    table, losses = [], {}
     for g in gammas:
         model = make_model()
         scaled = {k: v / math.sqrt(g) for k, v in unit.items()}
@@ -91,7 +161,8 @@ def search_gamma(make_model, unit: dict[str, torch.Tensor], train_batches, val_b
                                    adapter_name=adapter_name, progress=False)
         before = held_back_loss(model, val_batches, loss_fn)
         train_steps(model, train_batches, steps, lr, seed)
-        table.append((float(g), before, held_back_loss(model, val_batches, loss_fn)))
+        losses[float(g)] = held_back_losses(model, val_batches, loss_fn)
+        table.append((float(g), before, math.fsum(losses[float(g)]) / len(losses[float(g)])))
         del model
     # a candidate whose loss diverged (NaN or inf) cannot win: min() over NaN keys is arbitrary
     finite = [row for row in table if math.isfinite(row[2])]
@@ -101,7 +172,7 @@ def search_gamma(make_model, unit: dict[str, torch.Tensor], train_batches, val_b
         raise NonFiniteError(f"search_gamma: the held-back loss is not finite for any γ in {list(gammas)} after {steps} "
                              "steps; lower lr or check the data")
     best = min(finite, key=lambda row: (row[2], -row[0]))[0]
-    return GammaSearch(best=best, table=table, steps=steps)
+    return GammaSearch(best=best, table=table, steps=steps, losses=losses)
 
 
 def _to(batch: dict, model) -> dict:

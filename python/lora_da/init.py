@@ -19,6 +19,7 @@ from lora_da.errors import InvalidArgumentError
 from lora_da.memory import OutOfMemoryError
 from lora_da.memory import release as _release
 from lora_da.plan import DEVICE_SOLVE_WORKERS
+from lora_da.quality import warn_poor
 from lora_da.statistics import Statistics
 
 
@@ -54,6 +55,8 @@ class LoraDAConfig:
 
     n_pop: int | float | None = None
     rank: int | None = None  # None: the PEFT adapter's r, or the published 8 without an adapter
+    # Per-module r, by full module name (a PEFT rank_pattern resolved per module); others use ``rank``.
+    ranks: dict[str, int] | None = None
     # The solve defaults come from the core (SolveOptions::default()), their one source.
     alpha: float = SOLVE_DEFAULTS["alpha"]
     beta: float = SOLVE_DEFAULTS["beta"]
@@ -80,6 +83,14 @@ class LoraDAConfig:
             if isinstance(self.rank, (bool, np.bool_)) or not isinstance(self.rank, numbers.Integral) or self.rank < 1:
                 raise InvalidArgumentError(f"LoraDAConfig: rank must be an integer ≥ 1, got {self.rank!r}")
             self.rank = int(self.rank)
+        if self.ranks is not None:
+            if not isinstance(self.ranks, dict):
+                raise InvalidArgumentError(f"LoraDAConfig: ranks must be a dict of module name → rank, got {self.ranks!r}")
+            for name, r in self.ranks.items():
+                if (not isinstance(name, str) or isinstance(r, (bool, np.bool_)) or not isinstance(r, numbers.Integral)
+                        or r < 1):
+                    raise InvalidArgumentError(f"LoraDAConfig: ranks[{name!r}] must be an integer ≥ 1, got {r!r}")
+            self.ranks = {name: int(r) for name, r in self.ranks.items()}
         for flag in ("normalize", "preserve_output", "auto_damping", "deterministic"):
             v = getattr(self, flag)
             # "no" is truthy: a flag given as a string would silently act as True
@@ -100,6 +111,12 @@ class LoraDAConfig:
         if self.rank is not None:
             return self
         return replace(self, rank=8 if r is None else r)
+
+    def rank_of(self, name: str) -> int:
+        """The r module ``name`` is solved at: ``ranks[name]`` when given, else ``rank`` (or the published 8)."""
+        if self.ranks and name in self.ranks:
+            return self.ranks[name]
+        return self.with_rank().rank
 
     def solve_kwargs(self) -> dict:
         return dict(
@@ -137,6 +154,14 @@ class ModuleInit:
     def B(self) -> np.ndarray:
         return self.result.B
 
+    @property
+    def warnings(self) -> list[str]:
+        """What is poor about this init (SPEC §5, "A poor init"): ``λ_r ≥ 0``, or a gap at
+        the cut below ``POOR_GAP_REL·‖Ω‖₂``; empty when nothing is."""
+        from lora_da.quality import assess_result
+
+        return assess_result(self.result)
+
 
 def compute_init(
     stats: Statistics, config: LoraDAConfig, *, progress: bool = True, modules=None, device=None,
@@ -160,7 +185,8 @@ def compute_init(
         config = config.with_rank()
         all_groups = stats.groups()
         wanted = set(stats.modules) if modules is None else set(modules)
-        costs = {g: solve_cost(stats.input_factors[g].n, [stats.modules[n].out_features for n in names], config.rank)
+        costs = {g: solve_cost(stats.input_factors[g].n, [stats.modules[n].out_features for n in names],
+                               max(config.rank_of(n) for n in names))
                  for g, names in all_groups.items() if any(n in wanted for n in names)}
         import torch.distributed as dist
 
@@ -184,7 +210,9 @@ def compute_init(
                          for names in groups.values() for n in names})
 
     if device is not None:
-        return _compute_init_on_device(stats, config, groups, torch.device(device), progress)
+        out = _compute_init_on_device(stats, config, groups, torch.device(device), progress)
+        warn_poor(out)
+        return out
 
     def solve_group(item):
         group, names = item
@@ -205,7 +233,9 @@ def compute_init(
                 out[init.name] = init
             bar.update(len(inits))
     bar.close()
-    return {n: out[n] for n in stats.modules if n in out}
+    out = {n: out[n] for n in stats.modules if n in out}
+    warn_poor(out)
+    return out
 
 
 # The host's routes (method "auto"). The Rust core's matrix-free Krylov wins
@@ -234,7 +264,9 @@ def _solve_on_host(Z, ys, Gs, names, precisions, config: LoraDAConfig) -> list:
     """One input group on the host: Krylov (Rust) within a budget, LAPACK
     where that is cheaper. Whichever route solved a module, a non-finite
     result is a :class:`NonFiniteError` naming it, never a returned NaN."""
-    results = _solve_on_host_routes(Z, ys, Gs, names, precisions, config)
+    results = _by_rank(names, config, lambda idx, cfg: _solve_on_host_routes(
+        Z, [ys[i] for i in idx], [Gs[i] for i in idx], [names[i] for i in idx],
+        None if precisions is None else [precisions[i] for i in idx], cfg))
     for name, res in zip(names, results):
         check_finite_result(res, name)
     return results
@@ -267,11 +299,29 @@ def _solve_on_host_routes(Z, ys, Gs, names, precisions, config: LoraDAConfig) ->
     return results
 
 
+def _by_rank(names: list[str], config: LoraDAConfig, solve) -> list:
+    """Results for ``names`` in their order, from ``solve(indices, config)`` called once per
+    distinct r among them, with that r as the config's ``rank``: the solvers take one r
+    per call. Ω does not depend on r (SPEC §3 step 6), so a group's modules of different
+    r share ``Z``; each r pays its own factorization, a cost only a rank_pattern brings."""
+    by: dict[int, list[int]] = {}
+    for i, name in enumerate(names):
+        by.setdefault(config.rank_of(name), []).append(i)
+    if len(by) == 1 and not config.ranks:
+        return list(solve(list(range(len(names))), config))
+    out: list = [None] * len(names)
+    for r, idx in by.items():
+        for i, res in zip(idx, solve(idx, replace(config, rank=r, ranks=None))):
+            out[i] = res
+    return out
+
+
 def _check_rank(config: LoraDAConfig, shapes: dict[str, tuple[int, int]]) -> None:
-    """``1 ≤ r < min(n, m)`` for every module (SPEC §3), before any work."""
+    """``1 ≤ r < min(n, m)`` for every module, at its own r (SPEC §3), before any work."""
     for name, (n, m) in shapes.items():
-        if config.rank >= min(n, m):
-            raise InvalidArgumentError(f"{name}: rank {config.rank} must be < min(in_features, out_features) = {min(n, m)}")
+        r = config.rank_of(name)
+        if r >= min(n, m):
+            raise InvalidArgumentError(f"{name}: rank {r} must be < min(in_features, out_features) = {min(n, m)}")
 
 
 def _output_precisions(config: LoraDAConfig, sample_sums: list) -> list | None:
@@ -295,7 +345,9 @@ def _group_precisions(stats: Statistics, names: list[str], config: LoraDAConfig)
 
 def _solve_on_device(Z, ys, Gs, names, config: LoraDAConfig, precisions=None) -> list[ModuleInit]:
     t0 = time.perf_counter()
-    results = solve_group_device(Z, ys, Gs, names=names, output_precisions=precisions, **config.solve_kwargs())
+    results = _by_rank(names, config, lambda idx, cfg: solve_group_device(
+        Z, [ys[i] for i in idx], [Gs[i] for i in idx], names=[names[i] for i in idx],
+        output_precisions=None if precisions is None else [precisions[i] for i in idx], **cfg.solve_kwargs()))
     dt = (time.perf_counter() - t0) / len(names)
     return [ModuleInit(name, res, dt) for name, res in zip(names, results)]
 
@@ -460,7 +512,8 @@ def collect_and_solve(model, dataloader, target_modules, config: LoraDAConfig, *
         t0 = time.perf_counter()
         units = sums.units
         if group is not None:
-            costs = {u.group: solve_cost(u.n, [m for _, m in u.modules], config.rank) for u in units}
+            costs = {u.group: solve_cost(u.n, [m for _, m in u.modules], max(config.rank_of(n) for n, _ in u.modules))
+                     for u in units}
             n_samples = sums.reduce_across(group, n_samples, owners(costs, group, load))
             units = sums.units
             t1 = time.perf_counter()
@@ -506,7 +559,9 @@ def collect_and_solve(model, dataloader, target_modules, config: LoraDAConfig, *
     collect_and_solve.last_report = RunReport(plan=run.plan, collect_seconds=total - spent, solve_seconds=spent,
                                               reduce_seconds=timings["reduce"], own_solve_seconds=timings["solve"],
                                               gather_seconds=timings["gather"])
-    return {n: inits[n] for n in run.targets if n in inits}
+    inits = {n: inits[n] for n in run.targets if n in inits}
+    warn_poor(inits)
+    return inits
 
 
 @dataclass

@@ -65,6 +65,19 @@ class Statistics:
     new_weights: dict[str, np.ndarray] = field(default_factory=dict)
 
     # -- SPEC §2 quantities -------------------------------------------------
+    def __repr__(self) -> str:
+        """A summary (modules, input groups, samples, tokens, float64 bytes, a few names), not every module:
+        a 7B model's statistics have hundreds of modules and the dataclass repr printed each one."""
+        names = list(self.modules)
+        shown = ", ".join(names[:3]) + (f", … ({len(names) - 3} more)" if len(names) > 3 else "")
+        tokens = sum(f.tokens for f in self.input_factors.values())
+        nbytes = sum(8 * (f.n * (f.n + 1) // 2) for f in self.input_factors.values()) + sum(
+            g.nbytes for g in self.grad_sums.values()) + sum(8 * f.m for f in self.output_factors.values())
+        model = self.model.get("name_or_path") or self.model.get("class") or "?"
+        return (f"Statistics({len(names)} modules in {len(self.input_factors)} input groups, {self.n_samples} samples, "
+                f"{tokens} tokens over the groups, {nbytes / 2**20:.1f} MiB float64, model {model!r}; "
+                f"modules: {shown})")
+
     def input_factor(self, name: str) -> np.ndarray:
         """``Z = (1/T) Σ_t x_t x_tᵀ`` of module ``name`` (``n × n``)."""
         return self.input_factors[self.modules[name].input_group].mean()
