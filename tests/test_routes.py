@@ -338,16 +338,9 @@ def test_sequence_lowrank_gives_each_module_of_a_shared_input_its_own_precision(
     check_shared_lowrank_solves(solve(), brute)
 
 
-# The planned device sums (the default on a GPU) flush at every checkpoint and
-# again at the end of the pass; when the last batch was checkpointed the final
-# flush has no u_s to pass and the per-sample factor refuses it
-# (_DeviceSums.flush, on the lead's list of code being rewritten: reported, not fixed here).
-DEVICE_CHECKPOINT_BUG = pytest.mark.xfail(strict=True, raises=lora_da.InvalidArgumentError,
-                                          reason="sequence_lowrank + a checkpoint on the last batch of a device pass")
-
-
-@pytest.mark.parametrize("accumulate_on,checkpoint", [("host", True), ("device", False),
-                                                      pytest.param("device", True, marks=DEVICE_CHECKPOINT_BUG)])
+# ("device", True): the planned device sums flush at every checkpoint and again at the end
+# of the pass; a checkpoint on the last batch leaves that final flush no u_s to pass.
+@pytest.mark.parametrize("accumulate_on,checkpoint", [("host", True), ("device", False), ("device", True)])
 def test_every_collection_option_at_once_matches_per_sample_autograd(accumulate_on, checkpoint, tmp_path):
     check_collection_options("cpu", accumulate_on, tmp_path, rel=1e-10, checkpoint=checkpoint)
 

@@ -1151,7 +1151,10 @@ class _DeviceSums:
                 blk.zero_()
             self.gram_tokens[u.group].zero_()
         for name, gsum in self.grad.items():
-            u = torch.cat(self.samples[name]).cpu().numpy() if self.per_sample and self.samples[name] else None
+            u = None
+            if self.per_sample:  # a flush after a checkpoint on the pass's last batch has no new sample: (0, m)
+                u = (torch.cat(self.samples[name]).cpu().numpy() if self.samples[name]
+                     else np.zeros((0, self.sumsq[name].shape[0])))
             run.outputs[name].add_sums(self.sumsq[name].cpu().numpy(), int(self.tokens[name]), u)
             if not self.per_sample:
                 run.outputs[name].count_samples(self.batch_samples)
