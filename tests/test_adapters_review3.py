@@ -192,12 +192,14 @@ def test_gamma_search_skips_a_nan_candidate(monkeypatch):
             unit[f"{name}.lora_A.weight"] = torch.full(m.lora_A["default"].weight.shape, 0.01)
             unit[f"{name}.lora_B.weight"] = torch.full(m.lora_B["default"].weight.shape, 0.01)
     losses = iter([0.7, float("nan"), 0.7, 0.5, 0.7, 0.6])  # γ = 1 diverges; γ = 4 is best
-    monkeypatch.setattr(gamma, "held_back_loss", lambda *a, **k: next(losses))
+    monkeypatch.setattr(gamma, "held_back_loss", lambda *a, **k: next(losses))  # before the steps
+    monkeypatch.setattr(gamma, "held_back_losses", lambda *a, **k: [next(losses)])  # after them, per sample
     monkeypatch.setattr(gamma, "train_steps", lambda *a, **k: [])
     found = gamma.search_gamma(lambda: model, unit, [{}], [{}], lora_da.LoraDAConfig(n_pop=10), gammas=(1.0, 4.0, 16.0))
     assert found.best == 4.0 and len(found.table) == 3
     nan = iter([float("nan")] * 4)
     monkeypatch.setattr(gamma, "held_back_loss", lambda *a, **k: next(nan))
+    monkeypatch.setattr(gamma, "held_back_losses", lambda *a, **k: [next(nan)])
     with pytest.raises(lora_da.NonFiniteError, match="not finite for any γ"):
         gamma.search_gamma(lambda: model, unit, [{}], [{}], lora_da.LoraDAConfig(n_pop=10), gammas=(1.0, 4.0))
 
