@@ -207,6 +207,24 @@ def grid(args, shape):
         log.flush()
 
     base_at = None
+    # Subspaces against the first card's run at the same batch size (SPEC §5): the same
+    # micro-batches give the same bf16 forward, so only the plan differs between the cells.
+    L = shape["layers"]
+    check = ["model.layers.0.self_attn.q_proj", f"model.layers.{L // 2}.self_attn.o_proj",
+             f"model.layers.{L - 1}.mlp.gate_proj", f"model.layers.{L // 2}.mlp.down_proj"]
+    first_V: dict = {}
+    cas_at: dict = {}
+
+    def against_first(bs, inits, micro):
+        from lora_da.reference import subspace_sin_theta
+
+        if bs not in first_V:
+            first_V[bs] = ({n: inits[n].result.V for n in check}, micro)
+            return "reference for its batch"
+        ref, ref_micro = first_V[bs]
+        worst = max(subspace_sin_theta(ref[n], inits[n].result.V) for n in check)
+        return f"sin θ vs first card {worst:.1e}" + ("" if micro == ref_micro else f" (micro-batch {micro} vs {ref_micro})")
+
     for gib in sizes:
         for bs in batch_sizes:
             data = batched(ids, mask, bs)
@@ -222,12 +240,15 @@ def grid(args, shape):
             desc = (f"{len(plan.passes)} pass(es), micro-batch {plan.micro_batch}, {plan.solve_workers} solve(s) at once"
                     + (f", {len(plan.host_solves)} host solve(s)" if plan.host_solves else "")
                     + (f"; notes: {len(plan.notes)}" if plan.notes else ""))
+            angle = against_first(bs, inits, plan.micro_batch)
+            cas_at[(gib, bs)] = dt
             rows.append((gib, bs, "lora-da", dt, f"collect {dt - rep.solve_seconds:.1f} s, solve {rep.solve_seconds:.1f} s; "
-                         + desc, g, h))
-            say(f"card {gib} GiB, batch {bs}: {dt:.1f} s, GPU {g:.1f} GiB net, host {h:.1f} GiB\n{plan.describe()}")
+                         + desc + "; " + angle, g, h))
+            say(f"card {gib} GiB, batch {bs}: {dt:.1f} s, GPU {g:.1f} GiB net, host {h:.1f} GiB; {angle}\n"
+                f"{plan.describe()}")
             del inits
         if args.keep and gib == sizes[0]:
-            bs = batch_sizes[-1]
+            bs = batch_sizes[0]
             data = batched(ids, mask, bs)
             took = filler.set(gib, model_bytes)
 
@@ -244,9 +265,12 @@ def grid(args, shape):
                 say(f"keep, card {gib}: {err}")
             else:
                 (plan, tc, ts, k), dt, g, h = res
+                vs = cas_at.get((gib, bs))
+                vs = f"; {dt / vs:.2f}× collect_and_solve's {vs:.1f} s" if vs else ""
                 rows.append((gib, bs, "keep statistics", dt, f"collect_statistics {tc:.1f} s, compute_init {ts:.1f} s "
-                             f"({plan.statistics_bytes / 2**30:.1f} GiB of statistics)", g, h))
-                say(f"keep, card {gib} GiB, batch {bs}: {dt:.1f} s (collect {tc:.1f}, solve {ts:.1f}), host {h:.1f} GiB")
+                             f"({plan.statistics_bytes / 2**30:.1f} GiB of statistics){vs}", g, h))
+                say(f"keep, card {gib} GiB, batch {bs}: {dt:.1f} s (collect {tc:.1f}, solve {ts:.1f}), host {h:.1f} GiB, "
+                    f"statistics {plan.statistics_bytes / 2**30:.1f} GiB{vs}")
     if not args.skip_baseline:
         from baseline_authors import authors_pipeline
 

@@ -180,16 +180,28 @@ def _llama_statistics():
 
 
 _SOURCES = {"minilm": _minilm_statistics, "llama": _llama_statistics}
+RECIPE_THREADS = 1  # torch threads of the recipes (see regenerate)
 
 
 def regenerate(cases=CASES) -> dict[str, Inputs]:
-    """Run the recipes (each source once) and cut every case's inputs from them."""
+    """Run the recipes (each source once) and cut every case's inputs from them.
+
+    The recipes run torch on ``RECIPE_THREADS`` threads whatever the caller set:
+    a CPU matrix product's last bits depend on the thread count, and the
+    recorded checksums are of this count."""
+    import torch
+
     stats = {}
     out = {}
-    for case in cases:
-        if case.source not in stats:
-            stats[case.source] = _SOURCES[case.source]()
-        out[case.name] = cut(case, stats[case.source])
+    before = torch.get_num_threads()
+    torch.set_num_threads(RECIPE_THREADS)
+    try:
+        for case in cases:
+            if case.source not in stats:
+                stats[case.source] = _SOURCES[case.source]()
+            out[case.name] = cut(case, stats[case.source])
+    finally:
+        torch.set_num_threads(before)
     return out
 
 
