@@ -163,6 +163,31 @@ class Filler:
         return take
 
 
+def host_and_link(gib: int = 2) -> str:
+    """This machine's host-memory first touch and the GPU link, pageable and page-locked:
+    what the routes that keep statistics on the host pay for."""
+    k = gib * 2**27  # float64 entries
+    t = time.perf_counter()
+    a = np.ones(k)
+    touch = time.perf_counter() - t
+    d = torch.ones(k, dtype=torch.float64, device="cuda")
+    torch.cuda.synchronize()
+    out = []
+    for name, fn in [("D2H pageable", lambda: d.cpu()),
+                     ("D2H into touched pageable", lambda: torch.from_numpy(a).copy_(d)),
+                     ("D2H page-locked", lambda: pinned.copy_(d)),
+                     ("H2D pageable", lambda: torch.from_numpy(a).to("cuda")),
+                     ("H2D page-locked", lambda: pinned.to("cuda"))]:
+        if name == "D2H page-locked":
+            pinned = torch.empty(k, dtype=torch.float64, pin_memory=True)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        out.append(f"{name} {gib / (time.perf_counter() - t):.1f}")
+    return f"host first touch {gib / touch:.1f} GiB/s; link GiB/s: " + ", ".join(out)
+
+
 def run_cell(fn, filler_bytes):
     """(result, seconds, GPU peak net of the filler, host peak) or the error's first line."""
     torch.cuda.synchronize()
@@ -206,6 +231,7 @@ def grid(args, shape):
         log.write(line + "\n")
         log.flush()
 
+    say(host_and_link())
     base_at = None
     # Subspaces against the first card's run at the same batch size (SPEC §5): the same
     # micro-batches give the same bf16 forward, so only the plan differs between the cells.
@@ -253,10 +279,26 @@ def grid(args, shape):
             took = filler.set(gib, model_bytes)
 
             def keep():
-                t0 = time.perf_counter()
-                stats = lora_da.collect_statistics(model, data, names, progress=False)
+                import lora_da.collect as collect
+
+                flush, spent = collect._DeviceSums.flush, [0.0]
+
+                def timed(*a, **k):  # the host's share of the collection: the sums' transfer and additions
+                    t = time.perf_counter()
+                    try:
+                        return flush(*a, **k)
+                    finally:
+                        spent[0] += time.perf_counter() - t
+
+                collect._DeviceSums.flush = timed
+                try:
+                    t0 = time.perf_counter()
+                    stats = lora_da.collect_statistics(model, data, names, progress=False)
+                finally:
+                    collect._DeviceSums.flush = flush
                 t1 = time.perf_counter()
                 out = lora_da.compute_init(stats, cfg, progress=False, device="cuda")
+                say(f"keep: flush to the host {spent[0]:.1f} s of collect_statistics' {t1 - t0:.1f} s")
                 return stats.plan, t1 - t0, time.perf_counter() - t1, len(out)
 
             res, err = run_cell(keep, took)

@@ -215,6 +215,41 @@ def test_add_gram_and_packed_round_trip():
     assert exact == a  # bit for bit, compensation included
 
 
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 150), t=st.integers(1, 60), seed=st.integers(0, 2**32 - 1))
+def test_mean_into_writes_the_mean_bit_for_bit(n, t, seed):
+    """mean_into (the device route's way to a page-locked buffer) gives mean()'s bits, and both are
+    the exact float64 sum of x xᵀ, scaled by 1/T, within a few ulps."""
+    x = np.random.default_rng(seed).standard_normal((t, n))
+    f = lora_da.InputFactor(n)
+    f.add(x)
+    out = np.full((n, n), np.nan)
+    f.mean_into(out)
+    z = f.mean()
+    assert z.flags.c_contiguous and np.array_equal(out.view(np.int64), z.view(np.int64))
+    exact = np.array([[math.fsum(x[:, i] * x[:, j]) for j in range(n)] for i in range(n)]) / t
+    assert rel_err(z, exact) <= 4e-16
+    fortran = np.empty((n, n), order="F")  # the same buffer read transposed: Z is symmetric
+    f.mean_into(fortran)
+    np.testing.assert_array_equal(fortran, z)
+
+
+def test_mean_into_refuses_a_wrong_buffer_and_leaves_it():
+    f = lora_da.InputFactor(6)
+    f.add(np.ones((3, 6)))
+    read_only = np.zeros((6, 6))
+    read_only.flags.writeable = False
+    cases = [(np.zeros((6, 5)), "36|30|6 × 6"), (np.zeros((6, 6), np.float32), "float64"),
+             (np.zeros((6, 12))[:, ::2], "contiguous"), (read_only, "writeable"), (np.zeros(36), "2 dimensions")]
+    for out, words in cases:
+        before = out.copy()
+        with pytest.raises(lora_da.ShapeError, match=f"InputFactor.mean_into: .*({words})"):
+            f.mean_into(out)
+        np.testing.assert_array_equal(out, before)
+    with pytest.raises(lora_da.InvalidArgumentError, match="no token"):
+        lora_da.InputFactor(2).mean_into(np.zeros((2, 2)))
+
+
 def test_bad_input_leaves_the_accumulator_unchanged():
     rng = np.random.default_rng(6)
     f = lora_da.InputFactor(5)

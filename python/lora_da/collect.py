@@ -24,6 +24,7 @@ import itertools
 import os
 import re
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -462,6 +463,7 @@ class _Run:
     expected_data: str | None = None  # the resumed checkpoint's data fingerprint
     micro: int = 1  # samples per forward + backward on the planned device path (plan.micro_batch, lowered on OOM)
     finished: Statistics | None = None  # a finished checkpoint of this very pass, returned as it is
+    grads_written: set = field(default_factory=set)  # modules whose host Ḡ holds sums (the others are still zero)
 
     @classmethod
     def start(cls, model, dataloader, target_modules, *, loss_fn, token_mask, output_fisher, max_samples,
@@ -523,6 +525,7 @@ class _Run:
             return
         self.inputs, self.outputs = ck.input_factors, ck.output_factors
         self.grad_sums = {n: g.copy() for n, g in ck.grad_sums.items()}
+        self.grads_written = set(self.grad_sums)
         self.groups = {n: i.input_group for n, i in ck.modules.items()}
         self.n_samples, self.skip = ck.n_samples, int(ck.config["batches_done"])
         self.batches_done = self.skip
@@ -558,7 +561,9 @@ class _Run:
             modules=modules,
             input_factors=self.inputs,
             output_factors=self.outputs,
-            grad_sums={n: g.copy() for n, g in self.grad_sums.items()},
+            # not copied: a checkpoint is written at once, and finish() ends the run (a copy
+            # would double the host's largest share, Ḡ, at the very end)
+            grad_sums=dict(self.grad_sums),
             n_samples=self.n_samples,
             config=dict(self.config, batches_done=self.batches_done, **self.fingerprints),
             model=self._model_info(),
@@ -1129,17 +1134,29 @@ class _DeviceSums:
             if u.group not in run.inputs:
                 run.inputs[u.group] = InputFactor(u.n)
 
+        local = threading.local()
+
         def gram(u):
             if tokens[u.group]:
-                # assembled on the host, block by block: no n × n temporary on the device
-                full = np.zeros((u.n, u.n))
+                # assembled on the host, block by block: no n × n temporary on the device. One
+                # buffer per thread, reused: fresh host pages cost more than the copy itself,
+                # and add_gram reads only the lower triangle, which the blocks cover.
+                buf = getattr(local, "buf", None)
+                if buf is None or buf.size < u.n * u.n:
+                    buf = local.buf = None
+                    buf = local.buf = np.empty(u.n * u.n)
+                full = buf[:u.n * u.n].reshape(u.n, u.n)
                 for (a, b), blk in zip(gram_block_rows(u.n), self.gram[u.group]):
                     full[a:b, :b] = blk.cpu().numpy()
                 run.inputs[u.group].add_gram(full, tokens[u.group])
 
         def grad(name):
             acc = run.grad_sums[name]
-            np.add(acc, self.grad[name].cpu().numpy(), out=acc)
+            if name in run.grads_written:
+                np.add(acc, self.grad[name].cpu().numpy(), out=acc)
+            else:  # still zero: the transfer lands in the accumulator, no host temporary
+                torch.from_numpy(acc).copy_(self.grad[name])
+                run.grads_written.add(name)
 
         workers = 1 if self.grad_device.type != "cuda" else FLUSH_THREADS
         with ThreadPoolExecutor(max_workers=workers) as pool:

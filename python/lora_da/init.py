@@ -362,7 +362,7 @@ def _compute_init_on_device(stats: Statistics, config: LoraDAConfig, groups: dic
         """One group's statistics on the device (SPEC §2 means: ``Ḡ`` is divided there, the same
         correctly rounded division as on the host); None when they do not fit."""
         try:
-            Z = torch.as_tensor(np.ascontiguousarray(stats.input_factors[group].mean()), device=device)
+            Z = _input_mean_on(stats.input_factors[group], device, pinned)
             ys = [torch.as_tensor(stats.output_factor(n), device=device) for n in names]
             # on the CPU as_tensor shares the statistics' memory: divide into a new tensor there
             Gs = [_divided(torch.as_tensor(np.ascontiguousarray(stats.grad_sums[n]), device=device), stats.n_samples,
@@ -372,6 +372,8 @@ def _compute_init_on_device(stats: Statistics, config: LoraDAConfig, groups: dic
             return Z, ys, Gs
         except OutOfMemoryError:
             return None
+
+    pinned = threading.local()  # each preparing thread's page-locked buffer for Z, reused group after group
 
     # The host's share (the packed triangle to a dense Z, the file's pages) runs ahead
     # of the device's solves on a few threads, a group or two ahead of each solve.
@@ -410,6 +412,26 @@ def _compute_init_on_device(stats: Statistics, config: LoraDAConfig, groups: dic
         prep.shutdown(wait=True, cancel_futures=True)
     bar.close()
     return {n: out[n] for n in stats.modules if n in out}
+
+
+def _input_mean_on(factor, device, local) -> torch.Tensor:
+    """``Z`` (SPEC §2) on ``device``. To a GPU it goes through this thread's page-locked
+    buffer (``local.buf``), formed there by the core and reused for every group: no fresh
+    host pages per group, and a transfer at the link's speed. The caller synchronizes
+    before the buffer is reused."""
+    if device.type != "cuda":
+        return torch.as_tensor(np.ascontiguousarray(factor.mean()), device=device)
+    n = factor.n
+    buf = getattr(local, "buf", None)
+    if buf is None or buf.numel() < n * n:
+        local.buf = None
+        try:
+            local.buf = buf = torch.empty(n * n, dtype=torch.float64, pin_memory=True)
+        except RuntimeError:  # no page-locked memory to be had: the pageable copy
+            return torch.as_tensor(factor.mean(), device=device)
+    view = buf[:n * n].view(n, n)
+    factor.mean_into(view.numpy())
+    return view.to(device, non_blocking=True)
 
 
 def _divided(t: torch.Tensor, k: int, *, in_place: bool) -> torch.Tensor:

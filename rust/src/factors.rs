@@ -459,6 +459,49 @@ impl InputFactor {
         }
     }
 
+    /// `Z = (1/T) Σ_t x_t x_tᵀ` (SPEC §2) as a row-major `n × n` vector: the same
+    /// values as [`Self::mean`], laid out for a zero-copy hand-over to NumPy.
+    ///
+    /// Packed column `j` (rows `j..n`) is row `j` of the upper triangle, so the
+    /// upper half is written contiguously; the lower half is its transpose, copied
+    /// in square tiles so that neither side of the copy strides through memory.
+    pub fn mean_row_major(&self) -> Result<Vec<f64>> {
+        let mut z = vec![0.0; self.n * self.n];
+        self.mean_row_major_into(&mut z)?;
+        Ok(z)
+    }
+
+    /// [`Self::mean_row_major`] into a caller's buffer of `n²` entries (reused
+    /// memory, e.g. page-locked for transfers to a GPU).
+    pub fn mean_row_major_into(&self, z: &mut [f64]) -> Result<()> {
+        if self.tokens == 0 {
+            return Err(Error::InvalidArgument("InputFactor.mean: no token has been added".into()));
+        }
+        let n = self.n;
+        if z.len() != n * n {
+            return Err(Error::Shape(format!("InputFactor.mean: the output holds {} entries, Z has {}", z.len(), n * n)));
+        }
+        let scale = 1.0 / self.tokens as f64;
+        for j in 0..n {
+            let off = packed_col_start(n, j);
+            let row = &mut z[j * n + j..(j + 1) * n];
+            for (k, v) in row.iter_mut().enumerate() {
+                *v = self.gram.value(off + k) * scale;
+            }
+        }
+        const TILE: usize = 64;
+        for i0 in (0..n).step_by(TILE) {
+            for j0 in (0..=i0).step_by(TILE) {
+                for i in i0..(i0 + TILE).min(n) {
+                    for j in j0..(j0 + TILE).min(i) {
+                        z[i * n + j] = z[j * n + i];
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// `Z = (1/T) Σ_t x_t x_tᵀ` as a dense matrix (SPEC §2).
     pub fn mean(&self) -> Result<faer::Mat<f64>> {
         if self.tokens == 0 {

@@ -46,6 +46,25 @@ fn input_factor_matches_naive_sum_and_merges() {
 }
 
 #[test]
+fn row_major_mean_is_the_dense_mean_bit_for_bit() {
+    // sizes around the transpose's 64-wide tiles: one partial tile, exact tiles, a ragged edge
+    for n in [1, 5, 63, 64, 65, 130] {
+        let x = rows(40, n, n as u64);
+        let mut f = InputFactor::new(n).unwrap();
+        f.add_rows(&DenseRows { data: &x, cols: n }).unwrap();
+        let dense = f.mean().unwrap();
+        let flat = f.mean_row_major().unwrap();
+        assert_eq!(flat.len(), n * n);
+        for i in 0..n {
+            for j in 0..n {
+                assert_eq!(flat[i * n + j].to_bits(), dense[(i, j)].to_bits(), "n {n} ({i},{j})");
+            }
+        }
+    }
+    assert!(matches!(InputFactor::new(3).unwrap().mean_row_major(), Err(Error::InvalidArgument(_))));
+}
+
+#[test]
 fn non_finite_rows_leave_the_factor_unchanged() {
     let n = 3;
     let mut f = InputFactor::new(n).unwrap();
