@@ -1,4 +1,4 @@
-"""The GPU solve (``lora_da.device_solve``) by stage, on real statistics of a few layers.
+"""The GPU solve (``lora_da.torch_solve``) by stage, on real statistics of a few layers.
 
     python benches/bench_device_solve.py --shape llama7b --layers 0 16 31
 
@@ -31,7 +31,7 @@ def main():
     args = ap.parse_args()
 
     import lora_da
-    import lora_da.device_solve as ds
+    import lora_da.torch_solve as ds
     from lora_da.reference import subspace_sin_theta
     from bench_e2e import SHAPES, TARGETS, batched, make_data, make_model
 

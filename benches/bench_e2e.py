@@ -114,13 +114,14 @@ def measure(fn):
 
 def floor_pass(model, batches):
     """forward + backward of Σ_s ℓ_s, parameters frozen, the embedding output requiring grad: no hooks."""
-    from lora_da.collect import _frozen, _make_inputs_require_grad, default_loss
+    from lora_da.collect import default_loss
+    from lora_da.collect.hooks import frozen, make_inputs_require_grad
 
-    with _frozen(model):
+    with frozen(model):
         for b in batches:
             b = {k: v.cuda() for k, v in b.items()}
             with torch.enable_grad():
-                h = _make_inputs_require_grad(model)
+                h = make_inputs_require_grad(model)
                 loss = default_loss(model, b).sum()
                 h.remove()
                 loss.backward()
@@ -137,9 +138,9 @@ def all_times(runs) -> str:
 
 def floor_pass_checkpointed(model, batches):
     """``floor_pass`` with the checkpointed layers in training mode, as the collection runs them."""
-    from lora_da.collect import _frozen
+    from lora_da.collect.hooks import frozen
 
-    with _frozen(model):
+    with frozen(model):
         floor_pass(model, batches)
 
 
@@ -210,7 +211,7 @@ def run_cell(fn, filler_bytes):
 
 def grid(args, shape):
     import lora_da
-    from lora_da.init import collect_and_solve
+    from lora_da.pipeline import collect_and_solve
     from peft import LoraConfig
 
     print("command: python " + " ".join(sys.argv))
@@ -255,8 +256,8 @@ def grid(args, shape):
         for bs in batch_sizes:
             data = batched(ids, mask, bs)
             took = filler.set(gib, model_bytes)
-            res, err = run_cell(lambda: (collect_and_solve(model, data, names, cfg, progress=False),
-                                         collect_and_solve.last_report), took)
+            res, err = run_cell(lambda: (lambda inits: (inits, inits.report))(
+                collect_and_solve(model, data, names, cfg, progress=False)), took)
             if err:
                 rows.append((gib, bs, "lora-da", None, err, None, None))
                 say(f"card {gib} GiB, batch {bs}: {err}")
@@ -279,9 +280,9 @@ def grid(args, shape):
             took = filler.set(gib, model_bytes)
 
             def keep():
-                import lora_da.collect as collect
+                from lora_da.collect.device_sums import DeviceSums
 
-                flush, spent = collect._DeviceSums.flush, [0.0]
+                flush, spent = DeviceSums.flush, [0.0]
 
                 def timed(*a, **k):  # the host's share of the collection: the sums' transfer and additions
                     t = time.perf_counter()
@@ -290,12 +291,12 @@ def grid(args, shape):
                     finally:
                         spent[0] += time.perf_counter() - t
 
-                collect._DeviceSums.flush = timed
+                DeviceSums.flush = timed
                 try:
                     t0 = time.perf_counter()
                     stats = lora_da.collect_statistics(model, data, names, progress=False)
                 finally:
-                    collect._DeviceSums.flush = flush
+                    DeviceSums.flush = flush
                 t1 = time.perf_counter()
                 out = lora_da.compute_init(stats, cfg, progress=False, device="cuda")
                 say(f"keep: flush to the host {spent[0]:.1f} s of collect_statistics' {t1 - t0:.1f} s")
@@ -379,11 +380,11 @@ def main():
     rows.append((f"floor: forward + backward, batch {bs}, no hooks", t_floor, "", g_floor, h_floor))
 
     def run_lora_da(**kw):
-        from lora_da.init import collect_and_solve
+        from lora_da.pipeline import collect_and_solve
 
         names = lora_da.adapters._peft_targets(model, peft_cfg)
         inits = collect_and_solve(model, batches if "batches" not in kw else kw.pop("batches"), names, cfg, **kw)
-        return inits, collect_and_solve.last_report
+        return inits, inits.report
 
     runs = [measure(lambda: run_lora_da(progress=False)) for _ in range(args.repeats)]
     (inits, report), t_da, g_da, h_da = median_run(runs)

@@ -7,7 +7,7 @@
 The TinyLlama shape and data of ``bench_e2e.py`` (random bf16 weights, 256 ×
 512 tokens, all seven projections, rank 8, β 0.03, γ 1024). Every rank builds
 the same model (same seed), takes its shard of the batches (``rank::world``)
-and calls :func:`lora_da.init.collect_and_solve` with default settings: the
+and calls :func:`lora_da.pipeline.collect_and_solve` with default settings: the
 statistics are summed over the ranks with NCCL, the solves split over them,
 and every rank receives every module. Each run writes its wall time by stage,
 per-rank GPU and host peaks and rank 0's adapters to ``DIR/w<world>[.<tag>].npz``;
@@ -40,7 +40,7 @@ def run(out: str, tag: str, repeats: int) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
     import lora_da
-    from lora_da.init import collect_and_solve
+    from lora_da.pipeline import collect_and_solve
     from peft import LoraConfig
 
     shape = SHAPES["tinyllama"]
@@ -69,7 +69,7 @@ def run(out: str, tag: str, repeats: int) -> None:
             torch.cuda.synchronize()
             dist.barrier()
             wall = time.perf_counter() - t0
-        rep = collect_and_solve.last_report
+        rep = inits.report
         runs.append({"wall": wall, "collect": rep.collect_seconds, "solve": rep.solve_seconds,
                      "reduce": rep.reduce_seconds, "own_solve": rep.own_solve_seconds, "gather": rep.gather_seconds,
                      "passes": len(rep.plan.passes), "gpu_gib": torch.cuda.max_memory_allocated() / 2**30,

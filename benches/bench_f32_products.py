@@ -24,20 +24,21 @@ import numpy as np
 import torch
 
 import lora_da
-import lora_da.collect as collect
+from lora_da.collect.device_sums import DeviceSums
+from lora_da.collect.losses import as_rows, row_weights
 from lora_da.reference import reference_solve, subspace_sin_theta
 
 sys.path.insert(0, os.path.dirname(__file__))
 
 
 def float32_add(self, target, x, g, key):
-    """``_DeviceSums.add`` with each call's products formed in float32 (no TF32), then added in float64."""
+    """``DeviceSums.add`` with each call's products formed in float32 (no TF32), then added in float64."""
     name = target.name
     call = self.call_index.get(name, 0)
     self.call_index[name] = call + 1
     self.called.add(name)
-    xr, gr = collect._as_rows(x).float(), collect._as_rows(g).float()
-    w = collect._row_weights(x, self.mask)
+    xr, gr = as_rows(x).float(), as_rows(g).float()
+    w = row_weights(x, self.mask)
     self.grad[name].add_((gr.T @ xr).double())
     gw = gr if w is None else gr * w.float()[:, None]
     self.sumsq[name].add_((gw * gw).sum(0).double())
@@ -53,14 +54,14 @@ def float32_add(self, target, x, g, key):
 
 
 def statistics(model, batches, float32: bool):
-    real = collect._DeviceSums.add
+    real = DeviceSums.add
     if float32:
-        collect._DeviceSums.add = float32_add
+        DeviceSums.add = float32_add
     try:
         return lora_da.collect_statistics(model, batches, ["query", "key", "value", "dense"], progress=False,
                                           accumulate_on="device")
     finally:
-        collect._DeviceSums.add = real
+        DeviceSums.add = real
 
 
 def main():

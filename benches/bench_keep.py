@@ -86,7 +86,7 @@ def main():
     args = ap.parse_args()
 
     import lora_da
-    from lora_da.init import collect_and_solve
+    from lora_da.pipeline import collect_and_solve
     from lora_da.reference import subspace_sin_theta
 
     out_dir = os.environ.get("OUT", ".")
@@ -121,7 +121,7 @@ def main():
         inits = collect_and_solve(model, batches, names, cfg, progress=False)
         torch.cuda.synchronize()
         t_cas = time.perf_counter() - t
-    plan = collect_and_solve.last_report.plan
+    plan = inits.report.plan
     say(f"collect_and_solve: {t_cas:.1f} s, host anon {hm.anon / 2**30:.1f} GiB\n{plan.describe()}")
     rows.append(("collect_and_solve", t_cas, "", hm.anon, hm.rss))
 

@@ -6,7 +6,7 @@ backend and CUDA tensors, at world size 1 (NCCL cannot put two ranks on one GPU)
 
 Checks, on a small random Llama on the GPU: ``all_reduce_statistics`` is the
 identity at world size 1; the planned device sums reduced in place
-(``_DeviceSums.reduce_across``) solve to the same adapters as without the
+(``DeviceSums.reduce_across``) solve to the same adapters as without the
 collective; ``compute_init(across_ranks=True)`` (owners + ``share_inits``:
 a header object, then the arrays as one flat tensor through NCCL) returns every module with the same bits as
 the plain call. Prints one line per check and ``ok`` last.
@@ -27,7 +27,7 @@ def main():
         torch.cuda.set_device(0)
     import lora_da
     from lora_da.distributed import all_reduce_statistics, share_inits
-    from lora_da.init import collect_and_solve
+    from lora_da.pipeline import collect_and_solve
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -55,11 +55,12 @@ def main():
         assert np.array_equal(shared[n].A, init.A) and np.array_equal(shared[n].B, init.B), n
     print(f"share_inits over {dist.get_backend()}: {len(shared)} modules, the same bits")
 
-    from lora_da.collect import _Run
+    from lora_da.collect.passes import collect_on_device
+    from lora_da.collect.run import Run
 
     # the planned device path with an explicit NCCL reduction of each pass's sums
-    run = _Run.start(model, batches, targets, loss_fn=None, token_mask="attention", output_fisher="diagonal",
-                     max_samples=None, checkpoint_path=None, checkpoint_every=None, resume=False, progress=False)
+    run = Run.start(model, batches, targets, loss_fn=None, token_mask="attention", output_fisher="diagonal",
+                    max_samples=None, checkpoint_path=None, checkpoint_every=None, resume=False, progress=False)
     seen = {}
 
     def on_pass(sums, n_samples):
@@ -70,12 +71,12 @@ def main():
             for name, y, G, _ in per_module:
                 seen[name] = G.cpu().numpy()
 
-    run.collect_on_device(max_device_bytes=None, max_host_bytes=None, keep_on_host=False, on_pass=on_pass,
-                          group=dist.group.WORLD)
+    collect_on_device(run, max_device_bytes=None, max_host_bytes=None, keep_on_host=False, on_pass=on_pass,
+                      group=dist.group.WORLD)
     assert seen, "no pass was solved"
     for n, G in seen.items():
         np.testing.assert_allclose(G, stats.mean_grad(n), rtol=0, atol=1e-9 * np.abs(G).max())
-    print(f"_DeviceSums.reduce_across over {dist.get_backend()}: {len(seen)} modules agree with collect_statistics")
+    print(f"DeviceSums.reduce_across over {dist.get_backend()}: {len(seen)} modules agree with collect_statistics")
     inits = collect_and_solve(model, batches, targets, config, progress=False)
     print(f"collect_and_solve under a {dist.get_backend()} group of 1: {len(inits)} modules")
     dist.destroy_process_group()

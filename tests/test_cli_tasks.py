@@ -200,12 +200,12 @@ def test_plot_without_matplotlib_fails_before_the_solve(tmp_path, monkeypatch, c
 
     stats_path = tmp_path / "s.safetensors"
     assert _collect(encoder_dir, labeled, stats_path) == 0
-    import lora_da.init
+    import lora_da.pipeline
 
     def boom(*a, **k):
         raise AssertionError("solved before checking for matplotlib")
 
-    monkeypatch.setattr(lora_da.init, "compute_init", boom)
+    monkeypatch.setattr(lora_da.pipeline, "compute_init", boom)
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     assert main(["report", str(stats_path), "--n-pop", "100", "--plot", str(tmp_path / "p.png")]) != 0
     assert "pip install 'lora-da[plot]'" in capsys.readouterr().err

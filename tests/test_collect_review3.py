@@ -67,7 +67,7 @@ def test_rerunning_a_finished_checkpointed_run_returns_its_statistics(tmp_path, 
     assert_same_statistics(again, first)
     assert "already finished (18 samples, 9 batches)" in capsys.readouterr().err
     # the PEFT path through collect_and_solve too
-    inits = lora_da.init.collect_and_solve(tiny_llama(), many_batches(), TARGETS, lora_da.LoraDAConfig(n_pop=100),
+    inits = lora_da.collect_and_solve(tiny_llama(), many_batches(), TARGETS, lora_da.LoraDAConfig(n_pop=100),
                                            checkpoint_path=ckpt, loss_fn=loss_fn, progress=False)
     want = lora_da.compute_init(first, lora_da.LoraDAConfig(n_pop=100), progress=False)
     assert not calls and inits.keys() == want.keys()

@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from helpers import LLAMA_TARGETS, batches, check_compute_init_on, data, tiny_llama
 
 import lora_da
-from lora_da.device_solve import solve_group_device
-from lora_da.init import collect_and_solve
+from lora_da.torch_solve import solve_group_device
+from lora_da.pipeline import collect_and_solve
 from lora_da.plan import FLUSH_THREADS, Unit, plan_passes
 from lora_da.reference import reference_solve, relative_residual, subspace_sin_theta
 from lora_da.synthetic import make_problem
@@ -122,7 +122,7 @@ def test_collect_and_solve_in_passes_matches_the_core():
     ref = lora_da.compute_init(host, cfg, progress=False)
     got = collect_and_solve(tiny_llama(), batches(ids, mask, 3), LLAMA_TARGETS, cfg, progress=False,
                             accumulate_on="device", max_device_bytes=40_000)
-    report = collect_and_solve.last_report
+    report = got.report
     assert len(report.plan.passes) > 1 and report.solve_seconds > 0 and report.collect_seconds > 0
     assert set(got) == set(ref)
     for n in ref:

@@ -100,7 +100,7 @@ def test_needs_a_process_group():
 # and no lora-da-specific glue; the library sums and splits by itself.
 _DEFAULTS = """\
 import lora_da
-from lora_da.init import collect_and_solve
+from lora_da.pipeline import collect_and_solve
 from peft import LoraConfig, get_peft_model
 from helpers import many_batches, TARGETS, tiny_llama
 shard = many_batches()[rank::world]
@@ -130,7 +130,7 @@ def test_data_parallel_runs_agree_by_default(tmp_path):
     single process on the whole set up to the rounding of the shard sums."""
     from peft import LoraConfig, get_peft_model
 
-    from lora_da.init import collect_and_solve
+    from lora_da.pipeline import collect_and_solve
 
     _run_two_ranks(_DEFAULTS, tmp_path)
     whole = lora_da.collect_statistics(tiny_llama(), many_batches(), TARGETS, progress=False)
@@ -245,7 +245,7 @@ def test_owners_balance_over_passes(monkeypatch):
 
 _ONE_RANK_FAILS = """\
 import lora_da
-from lora_da.init import collect_and_solve
+from lora_da.pipeline import collect_and_solve
 from helpers import many_batches, TARGETS, tiny_llama
 got = {}
 cases = [("host", 1), ("device", 1), ("device", 0), ("solve", 1)]
@@ -285,7 +285,7 @@ def test_an_error_on_one_rank_is_raised_on_every_rank(tmp_path):
 
 _OPTIONS_DIFFER = """\
 import lora_da
-from lora_da.init import collect_and_solve
+from lora_da.pipeline import collect_and_solve
 from helpers import many_batches, TARGETS, tiny_llama
 shard = many_batches()[rank::world]
 got = {}

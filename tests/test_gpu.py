@@ -67,7 +67,7 @@ def test_device_solve_on_cuda_matches_the_core():
 
 
 def test_collect_and_solve_on_cuda_in_passes():
-    from lora_da.init import collect_and_solve
+    from lora_da.pipeline import collect_and_solve
     from lora_da.reference import subspace_sin_theta
 
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -78,7 +78,7 @@ def test_collect_and_solve_on_cuda_in_passes():
     ref = lora_da.compute_init(host, cfg, progress=False)
     got = collect_and_solve(tiny_llama().cuda(), batches(ids, mask, 3), LLAMA_TARGETS, cfg, progress=False,
                             max_device_bytes=40_000)
-    assert len(collect_and_solve.last_report.plan.passes) > 1
+    assert len(got.report.plan.passes) > 1
     for n in ref:
         assert subspace_sin_theta(ref[n].result.V, got[n].result.V) <= 1e-8
 
@@ -90,7 +90,7 @@ def test_collect_and_solve_on_cuda_in_passes():
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_every_option_on_the_cuda_route_matches_the_reference(case, method):
     """The host's cases (test_routes.py) solved on the GPU, float64, against the SciPy reference."""
-    from lora_da.device_solve import DeviceSolveResult
+    from lora_da.results import DeviceSolveResult
 
     def route(stats, cfg):
         inits = lora_da.compute_init(stats, with_method(cfg, method), progress=False, device="cuda")

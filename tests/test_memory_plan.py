@@ -14,7 +14,9 @@ from helpers import LLAMA_TARGETS, batches, data, tiny_llama
 import lora_da
 import lora_da.collect as collect
 import lora_da.init as init
-from lora_da.collect import _DeviceSums, _Run
+import lora_da.pipeline as pipeline
+import lora_da.collect.device_sums as device_sums
+from lora_da.collect.device_sums import DeviceSums
 from lora_da.memory import OutOfMemoryError
 from lora_da.plan import MARGIN_BYTES, MARGIN_FRACTION, GiB, Step, Unit, choose_plan, gram_bytes
 from lora_da.reference import reference_solve, subspace_sin_theta
@@ -50,16 +52,16 @@ def assert_same(a, b, rel=1e-13):
 
 def test_unit_bytes_equal_the_tensors_the_pass_allocates():
     """``Unit.device_bytes`` (what the plan counts) against the sizes of the
-    tensors ``_DeviceSums`` actually holds, for groups of one and of several
+    tensors ``DeviceSums`` actually holds, for groups of one and of several
     modules and for n below, at and above the Gram's block size."""
-    class T:  # the fields _DeviceSums reads of a target
+    class T:  # the fields DeviceSums reads of a target
         def __init__(self, m, n):
             self.m, self.n = m, n
 
     units = [Unit("a", 40, (("a", 24),)), Unit("b", 1100, (("b", 8), ("b2", 16))), Unit("c", 2048, (("c", 3),))]
     targets = {name: T(m, u.n) for u in units for name, m in u.modules}
     groups = {name: u.group for u in units for name, _ in u.modules}
-    sums = _DeviceSums(units, targets, groups, "cpu", per_sample=False)
+    sums = DeviceSums(units, targets, groups, "cpu", per_sample=False)
     held = sum(t.numel() * t.element_size() for blocks in sums.gram.values() for t in blocks)
     held += sum(t.numel() * t.element_size() for d in (sums.grad, sums.sumsq) for t in d.values())
     assert held == sum(u.device_bytes for u in units)
@@ -178,7 +180,7 @@ def test_not_even_one_sample_fits():
 def fail_copy_on(calls):
     """lora-da's per-call float64 copy raising on its k-th calls (counted from 1)."""
     count = {"n": 0}
-    real = collect._float64_copy
+    real = device_sums.float64_copy
 
     def copy(t):
         count["n"] += 1
@@ -194,7 +196,7 @@ def test_an_oom_in_a_hook_halves_the_micro_batch_and_loses_nothing(monkeypatch, 
     summed, others not): the step is redone at half the micro-batch without the
     summed calls, and the statistics equal the host path's."""
     host = host_statistics(bs=6)
-    monkeypatch.setattr(collect, "_float64_copy", fail_copy_on({k}))
+    monkeypatch.setattr(device_sums, "float64_copy", fail_copy_on({k}))
     dev = device_statistics(bs=6)
     assert dev.plan.micro_batch == 6  # planned at 6, lowered on the way
     assert any("micro-batch lowered to 3" in n for n in dev.plan.notes)
@@ -203,20 +205,20 @@ def test_an_oom_in_a_hook_halves_the_micro_batch_and_loses_nothing(monkeypatch, 
 
 def test_repeated_ooms_go_down_to_one_sample(monkeypatch):
     host = host_statistics(bs=6)
-    monkeypatch.setattr(collect, "_float64_copy", fail_copy_on({3, 20, 40}))
+    monkeypatch.setattr(device_sums, "float64_copy", fail_copy_on({3, 20, 40}))
     dev = device_statistics(bs=6)
     assert_same(host, dev)
 
 
 def test_an_oom_at_one_sample_is_an_error_that_says_what_to_do(monkeypatch):
-    monkeypatch.setattr(collect, "_float64_copy", fail_copy_on(set(range(7, 10**6))))
+    monkeypatch.setattr(device_sums, "float64_copy", fail_copy_on(set(range(7, 10**6))))
     with pytest.raises(lora_da.LoraDAError, match="micro-batches of one sample.*max_device_bytes"):
         device_statistics(bs=2)
 
 
 def test_a_pass_whose_sums_cannot_be_allocated_is_split(monkeypatch):
     host = host_statistics()
-    real = _DeviceSums.__init__
+    real = DeviceSums.__init__
     sizes = []
 
     def init_or_oom(self, units, *a, **kw):
@@ -225,7 +227,7 @@ def test_a_pass_whose_sums_cannot_be_allocated_is_split(monkeypatch):
             raise OutOfMemoryError("injected: the pass's sums")
         real(self, units, *a, **kw)
 
-    monkeypatch.setattr(_DeviceSums, "__init__", init_or_oom)
+    monkeypatch.setattr(DeviceSums, "__init__", init_or_oom)
     dev = device_statistics()
     assert len(dev.plan.passes) > 1 and max(len(p) for p in dev.plan.passes) <= 2
     assert any("split it in two" in n for n in dev.plan.notes)
@@ -249,7 +251,7 @@ def test_a_device_solve_that_runs_out_of_memory_is_solved_on_the_host(monkeypatc
 
     monkeypatch.setattr(init, "_solve_on_device", flaky)
     ids, mask = data()
-    got = init.collect_and_solve(tiny_llama(), batches(ids, mask, 3), LLAMA_TARGETS, cfg, progress=False,
+    got = pipeline.collect_and_solve(tiny_llama(), batches(ids, mask, 3), LLAMA_TARGETS, cfg, progress=False,
                                  accumulate_on="device")
     notes = [n for i in got.values() for n in i.result.notes]
     assert any("solved on the host" in n for n in notes)

@@ -375,9 +375,9 @@ class _Rows(torch.utils.data.IterableDataset):
     ("generator", None, None),  # nothing bounds it: no total is invented
 ])
 def test_the_collection_bar_has_a_total_when_the_data_bound_it(monkeypatch, make, max_samples, total):
-    import lora_da.collect
+    import lora_da.collect.run
 
-    monkeypatch.setattr(lora_da.collect, "tqdm", _Bar)
+    monkeypatch.setattr(lora_da.collect.run, "tqdm", _Bar)
     _Bar.made = []
     ids, mask = data()
     if make == "list":

@@ -23,8 +23,10 @@ from route_cases import (CASE_IDS, CASES, SHARED_CONFIG, SHARED_TARGETS, check_c
 
 import lora_da
 from lora_da._core import SolveResult
-from lora_da.device_solve import DeviceSolveResult, solve_group_device
-from lora_da.init import HOST_DENSE_BELOW, collect_and_solve
+from lora_da.results import DeviceSolveResult
+from lora_da.torch_solve import solve_group_device
+from lora_da.init import HOST_DENSE_BELOW
+from lora_da.pipeline import collect_and_solve
 from lora_da.reference import lowrank_output_precision, reference_solve
 
 # -- Statistics.merge: exact sums -----------------------------------------------------------

@@ -263,11 +263,11 @@ def test_failed_update_leaves_the_accumulator_unchanged_and_usable():
     np.testing.assert_array_equal(x.packed(), [1.0, 0.0, 0.0, 1.0, 0.0, 1.0])  # the lower triangle, by columns
 
 
-# --- the Python routes (device_solve / host LAPACK) -------------------------
+# --- the Python routes (torch_solve / host LAPACK) -------------------------
 
 def test_python_routes_never_return_non_finite_results():
     torch = pytest.importorskip("torch")
-    from lora_da.device_solve import solve_group_device
+    from lora_da.torch_solve import solve_group_device
 
     Z, y, G = problem()
     t = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
@@ -294,7 +294,7 @@ extreme = st.tuples(st.integers(0, 9), st.sampled_from(VALID_EXTREMES), st.sampl
                    st.floats(allow_nan=True, allow_infinity=True)).map(
     lambda t: t[1] if t[0] < 8 else t[2] if t[0] == 8 else t[3])
 
-# The rules of SolveOptions::check_scalars (and device_solve._check_scalars).
+# The rules of SolveOptions::check_scalars (and torch_solve._check_scalars).
 RULES = {
     "n_pop": lambda v: v > 0 and math.isfinite(v),
     "alpha": math.isfinite,

@@ -8,7 +8,8 @@ The numerical contract is SPEC.md (shared with the project); the public API:
   ``Z``, ``y`` and ``Ḡ`` (SPEC §3), matrix-free block Krylov with a reported
   dense fallback (SPEC §4–5);
 * :func:`collect_statistics` → :class:`Statistics` (one pass, any batch size);
-* :class:`LoraDAConfig`, :func:`compute_init`;
+* :class:`LoraDAConfig`, :func:`compute_init`, :func:`collect_and_solve` → :class:`Inits`
+  (``{name: ModuleInit}`` with the run's :class:`RunReport`);
 * PEFT: :func:`get_lora_da_state_dict`, :func:`initialize_lora_da_weights`,
   :func:`save_initial_adapter`;
 * :mod:`lora_da.reference` — the dense float64 SciPy oracle.
@@ -35,7 +36,9 @@ from lora_da.errors import (
     ShapeError,
     StatisticsFileError,
 )
-from lora_da.init import LoraDAConfig, ModuleInit, compute_init
+from lora_da.init import LoraDAConfig
+from lora_da.pipeline import collect_and_solve, compute_init
+from lora_da.results import Inits, ModuleInit, RunReport
 from lora_da.quality import POOR_GAP_REL, PoorInitWarning
 from lora_da.statistics import ModuleInfo, Statistics
 
@@ -62,6 +65,9 @@ __all__ = [
     "LoraDAConfig",
     "ModuleInit",
     "compute_init",
+    "collect_and_solve",
+    "Inits",
+    "RunReport",
     "get_lora_da_state_dict",
     "initialize_lora_da_weights",
     "save_initial_adapter",

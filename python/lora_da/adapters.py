@@ -20,7 +20,8 @@ import torch
 from lora_da.collect import resolve_targets
 from lora_da.errors import InvalidArgumentError, LoraDAError, NonFiniteError, ShapeError
 from lora_da.files import follow_umask, write_text_atomic
-from lora_da.init import LoraDAConfig, collect_and_solve, compute_init
+from lora_da.init import LoraDAConfig
+from lora_da.pipeline import collect_and_solve, compute_init
 from lora_da.report import REPORT_NAME, build_report, model_card_section, module_report  # noqa: F401 (re-exported)
 from lora_da.statistics import Statistics
 

@@ -472,7 +472,7 @@ def _search_gamma(args, stats, model, calibration, held):
     from peft import LoraConfig, get_peft_model
 
     from lora_da.gamma import search_gamma, unit_state_dict
-    from lora_da.init import compute_init
+    from lora_da.pipeline import compute_init
 
     import warnings
 
@@ -840,7 +840,7 @@ def _solve_device(choice: str):
 
 
 def _solve(args, stats):
-    from lora_da.init import compute_init
+    from lora_da.pipeline import compute_init
 
     import warnings
 

@@ -22,6 +22,7 @@ import torch
 from lora_da._core import InputFactor, OutputFactor
 from lora_da import errors
 from lora_da.errors import InvalidArgumentError, LoraDAError, ShapeError
+from lora_da.results import RESULT_ARRAYS, DeviceSolveResult, ModuleInit
 from lora_da.statistics import Statistics
 
 
@@ -287,8 +288,6 @@ def share_inits(local, group) -> dict:
     under NCCL), which copies the bits unchanged."""
     import torch.distributed as dist
 
-    from lora_da.device_solve import RESULT_ARRAYS, DeviceSolveResult
-    from lora_da.init import ModuleInit
 
     fields = [k for k in DeviceSolveResult.__dataclass_fields__ if k not in RESULT_ARRAYS]
 

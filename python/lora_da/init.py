@@ -13,14 +13,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from lora_da._core import SOLVE_DEFAULTS, SolveResult, lowrank_output_precision, num_threads, solve_shared
-from lora_da.device_solve import CONTRACT_RESIDUAL, DeviceSolveResult, check_finite_result, solve_group_device
+from lora_da._core import SOLVE_DEFAULTS, lowrank_output_precision, num_threads, solve_shared
 from lora_da.errors import InvalidArgumentError
 from lora_da.memory import OutOfMemoryError
 from lora_da.memory import release as _release
 from lora_da.plan import DEVICE_SOLVE_WORKERS
 from lora_da.quality import warn_poor
+from lora_da.results import ModuleInit, check_finite_result
 from lora_da.statistics import Statistics
+from lora_da.torch_solve import CONTRACT_RESIDUAL, solve_group_device
 
 
 def _real(name: str, v) -> int | float:
@@ -138,66 +139,12 @@ class LoraDAConfig:
         return asdict(self)
 
 
-@dataclass
-class ModuleInit:
-    """One module's ``A`` (``r × n``), ``B`` (``m × r``) and solve diagnostics."""
-
-    name: str
-    result: SolveResult | DeviceSolveResult
-    seconds: float
-
-    @property
-    def A(self) -> np.ndarray:
-        return self.result.A
-
-    @property
-    def B(self) -> np.ndarray:
-        return self.result.B
-
-    @property
-    def warnings(self) -> list[str]:
-        """What is poor about this init (SPEC §5, "A poor init"): ``λ_r ≥ 0``, or a gap at
-        the cut below ``POOR_GAP_REL·‖Ω‖₂``; empty when nothing is."""
-        from lora_da.quality import assess_result
-
-        return assess_result(self.result)
-
-
-def compute_init(
-    stats: Statistics, config: LoraDAConfig, *, progress: bool = True, modules=None, device=None,
-    across_ranks: bool = False,
-) -> dict[str, ModuleInit]:
-    """Solve every module (SPEC §3); modules sharing ``Z`` share one Cholesky
-    (``config.rank`` None means the published 8).
-
-    ``device=None`` solves on the host with the Rust core, groups in parallel
-    over the cores; a torch device (``"cuda"``) solves there in float64 with
-    :mod:`lora_da.device_solve`, largest groups first, uploading one group at a time.
-
-    ``across_ranks=True`` (every rank of an initialized ``torch.distributed``
-    group must call it, with the same statistics) spreads the input groups
-    over the ranks, largest first, and gathers the results: every rank
-    returns all modules, each computed once, with the same bits everywhere."""
-    from lora_da.distributed import active_group, owners, share_inits, solve_cost
-
-    group = active_group(across_ranks)
-    if group is not None:
-        config = config.with_rank()
-        all_groups = stats.groups()
-        wanted = set(stats.modules) if modules is None else set(modules)
-        costs = {g: solve_cost(stats.input_factors[g].n, [stats.modules[n].out_features for n in names],
-                               max(config.rank_of(n) for n in names))
-                 for g, names in all_groups.items() if any(n in wanted for n in names)}
-        import torch.distributed as dist
-
-        me = dist.get_rank(group)
-        mine = [n for g, r in owners(costs, group).items() if r == me for n in all_groups[g] if n in wanted]
-        try:
-            local = compute_init(stats, config, progress=progress, modules=mine, device=device) if mine else {}
-        except Exception as e:  # raised on every rank by share_inits, not only here
-            local = e
-        shared = share_inits(local, group)
-        return {n: shared[n] for n in stats.modules if n in shared}
+def solve_statistics(stats: Statistics, config: LoraDAConfig, *, progress: bool = True, modules=None,
+                     device=None) -> dict[str, ModuleInit]:
+    """Solve every module of ``stats`` (or ``modules``) in this process (SPEC §3);
+    modules sharing ``Z`` share one Cholesky. ``device=None``: on the host with the
+    Rust core, groups in parallel over the cores; a torch device: there, in float64
+    (:mod:`lora_da.torch_solve`), largest groups first, one group uploaded at a time."""
     config = config.with_rank()
     wanted = set(stats.modules) if modules is None else set(modules)
     missing = wanted - set(stats.modules)
@@ -206,7 +153,7 @@ def compute_init(
     out: dict[str, ModuleInit] = {}
     groups = {g: [n for n in names if n in wanted] for g, names in stats.groups().items()}
     groups = {g: v for g, v in groups.items() if v}
-    _check_rank(config, {n: (stats.modules[n].in_features, stats.modules[n].out_features)
+    check_rank(config, {n: (stats.modules[n].in_features, stats.modules[n].out_features)
                          for names in groups.values() for n in names})
 
     if device is not None:
@@ -240,7 +187,7 @@ def compute_init(
 
 # The host's routes (method "auto"). The Rust core's matrix-free Krylov wins
 # where its spectrum converges in few operator applications; LAPACK's dsyevr on
-# the formed Ω′ (device_solve's dense route on the CPU) costs a fixed O(n³) and
+# the formed Ω′ (torch_solve's dense route on the CPU) costs a fixed O(n³) and
 # wins on small inputs and on near-degenerate gaps, which took Krylov over a
 # thousand applications on real statistics.
 HOST_DENSE_BELOW = 512
@@ -316,7 +263,7 @@ def _by_rank(names: list[str], config: LoraDAConfig, solve) -> list:
     return out
 
 
-def _check_rank(config: LoraDAConfig, shapes: dict[str, tuple[int, int]]) -> None:
+def check_rank(config: LoraDAConfig, shapes: dict[str, tuple[int, int]]) -> None:
     """``1 ≤ r < min(n, m)`` for every module, at its own r (SPEC §3), before any work."""
     for name, (n, m) in shapes.items():
         r = config.rank_of(name)
@@ -324,7 +271,7 @@ def _check_rank(config: LoraDAConfig, shapes: dict[str, tuple[int, int]]) -> Non
             raise InvalidArgumentError(f"{name}: rank {r} must be < min(in_features, out_features) = {min(n, m)}")
 
 
-def _output_precisions(config: LoraDAConfig, sample_sums: list) -> list | None:
+def output_precisions(config: LoraDAConfig, sample_sums: list) -> list | None:
     """``sequence_lowrank``: ``diag((λI + UUᵀ/N)⁻¹)`` per module (SPEC §2), by the core's Woodbury."""
     if config.output_fisher != "sequence_lowrank":
         return None
@@ -340,7 +287,7 @@ def _group_precisions(stats: Statistics, names: list[str], config: LoraDAConfig)
     missing = [n for n, u in zip(names, sums) if u is None]
     if missing:
         raise InvalidArgumentError(f"{missing[0]}: output_fisher='sequence_lowrank' needs statistics collected with it")
-    return _output_precisions(config, sums)
+    return output_precisions(config, sums)
 
 
 def _solve_on_device(Z, ys, Gs, names, config: LoraDAConfig, precisions=None) -> list[ModuleInit]:
@@ -397,7 +344,7 @@ def _compute_init_on_device(stats: Statistics, config: LoraDAConfig, groups: dic
                 future = ahead.pop(i)
             inputs = future.result()
             precisions = _group_precisions(stats, names, config)
-            inits = _solve_device_or_host(inputs, lambda: _host_inputs(stats, group, names), names, config, precisions,
+            inits = solve_on_device_or_host(inputs, lambda: _host_inputs(stats, group, names), names, config, precisions,
                                           device)
             bar.update(len(inits))
             return inits
@@ -406,7 +353,7 @@ def _compute_init_on_device(stats: Statistics, config: LoraDAConfig, groups: dic
     try:
         for i in range(min(2, len(order))):
             fetch(i)
-        for init in _on_streams([task(i) for i in range(len(order))], device):
+        for init in on_streams([task(i) for i in range(len(order))], device):
             out[init.name] = init
     finally:
         prep.shutdown(wait=True, cancel_futures=True)
@@ -446,7 +393,7 @@ def _host_inputs(stats: Statistics, group: str, names: list[str]):
 _solo = threading.Lock()
 
 
-def _solve_device_or_host(inputs, host_inputs, names, config: LoraDAConfig, precisions, device) -> list[ModuleInit]:
+def solve_on_device_or_host(inputs, host_inputs, names, config: LoraDAConfig, precisions, device) -> list[ModuleInit]:
     """One input group on the device, or on the host when its work space does not fit there
     (SPEC §7): ``inputs`` are the device tensors (None when they could not be uploaded),
     ``host_inputs()`` gives NumPy ones. An out-of-memory error is retried once on the device
@@ -479,126 +426,7 @@ def _solve_device_or_host(inputs, host_inputs, names, config: LoraDAConfig, prec
     return [ModuleInit(name, res, dt) for name, res in zip(names, results)]
 
 
-def collect_and_solve(model, dataloader, target_modules, config: LoraDAConfig, *, loss_fn=None, progress: bool = True,
-                      max_samples=None, max_device_bytes=None, max_host_bytes=None, accumulate_on: str = "auto",
-                      checkpoint_path=None, checkpoint_every=None, resume: bool = True,
-                      reduce_across_ranks: bool = True) -> dict[str, ModuleInit]:
-    """Statistics and solves in one go, without keeping the statistics (SPEC §2–3).
-
-    On a GPU the planner's passes each end with their modules solved on the
-    device and their sums freed, so a model whose statistics exceed the
-    device and the host (a 7B model's are ~95 GB) still runs on one GPU.
-    With a checkpoint, or on the host path, the statistics are collected
-    first (:func:`lora_da.collect_statistics`) and then solved.
-
-    Under ``torch.distributed`` (more than one rank, ``reduce_across_ranks``)
-    each rank passes its shard; the statistics are summed over the ranks,
-    the solves spread over them, and every rank returns the same modules
-    with the same bits (see :func:`compute_init`'s ``across_ranks``)."""
-    from lora_da.collect import _on_host, _Run, collect_statistics
-    from lora_da.distributed import active_group, owners, share_inits, solve_cost
-
-    config = config.with_rank()
-    device = next(model.parameters()).device
-    group = active_group(reduce_across_ranks)
-    if group is not None:  # each rank solves its share with its own settings: they must be the same
-        from lora_da.distributed import check_same_options
-
-        check_same_options(dict(target_modules=target_modules, loss_fn=loss_fn, accumulate_on=accumulate_on,
-                                checkpoint=checkpoint_path is not None, **config.to_dict()), group,
-                           "collect_and_solve")
-    if checkpoint_path is not None or _on_host(device, max_device_bytes, accumulate_on):
-        stats = collect_statistics(model, dataloader, target_modules, loss_fn=loss_fn, token_mask=config.token_mask,
-                                   output_fisher=config.output_fisher, max_samples=max_samples,
-                                   max_device_bytes=max_device_bytes, max_host_bytes=max_host_bytes,
-                                   checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every, resume=resume,
-                                   progress=progress, accumulate_on=accumulate_on,
-                                   reduce_across_ranks=reduce_across_ranks)
-        return compute_init(stats, config, progress=progress, device=None if device.type == "cpu" else device,
-                            across_ranks=group is not None)
-    run = _Run.start(model, dataloader, target_modules, loss_fn=loss_fn, token_mask=config.token_mask,
-                     output_fisher=config.output_fisher, max_samples=max_samples, checkpoint_path=None,
-                     checkpoint_every=None, resume=False, progress=progress)
-    _check_rank(config, {name: (t.n, t.m) for name, t in run.targets.items()})
-    collection = run
-    inits: dict[str, ModuleInit] = {}
-
-    timings = {"reduce": 0.0, "solve": 0.0, "gather": 0.0}
-    if group is not None:
-        import torch.distributed as dist
-
-        load = [0.0] * dist.get_world_size(group)  # carried over the passes
-    failed: list[Exception] = []
-
-    def solve_pass(sums, n_samples: int) -> None:
-        t0 = time.perf_counter()
-        units = sums.units
-        if group is not None:
-            costs = {u.group: solve_cost(u.n, [m for _, m in u.modules], max(config.rank_of(n) for n, _ in u.modules))
-                     for u in units}
-            n_samples = sums.reduce_across(group, n_samples, owners(costs, group, load))
-            units = sums.units
-            t1 = time.perf_counter()
-            timings["reduce"] += t1 - t0
-            t0 = t1
-
-        def task(unit):
-            def run():
-                Z, per_module = sums.unit_statistics(unit, n_samples)
-                names = [p[0] for p in per_module]
-                ys, Gs = [p[1] for p in per_module], [p[2] for p in per_module]
-                precisions = _output_precisions(config, [p[3] for p in per_module])
-                on_host = unit.group in collection.plan.host_solves
-                inputs = None if on_host else (Z, ys, Gs)
-                host = (Z, ys, Gs)
-                del Z, ys, Gs
-                return _solve_device_or_host(inputs, lambda: host, names, config, precisions, device)
-            return run
-
-        if failed:
-            return
-        try:
-            for init in _on_streams([task(u) for u in sorted(units, key=lambda u: -u.n)], device,
-                                    collection.plan.solve_workers):
-                inits[init.name] = init
-        except Exception as e:
-            if group is None:
-                raise
-            failed.append(e)  # the other ranks' passes go on; share_inits raises it everywhere
-        timings["solve"] += time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    run.collect_on_device(max_device_bytes=max_device_bytes, max_host_bytes=max_host_bytes, keep_on_host=False,
-                          on_pass=solve_pass, group=group)
-    if run.n_samples == 0:
-        raise InvalidArgumentError("collect_and_solve: the dataloader yielded no sample")
-    if group is not None:
-        t1 = time.perf_counter()
-        inits = share_inits(failed[0] if failed else inits, group)
-        timings["gather"] = time.perf_counter() - t1
-    total = time.perf_counter() - t0
-    spent = sum(timings.values())
-    collect_and_solve.last_report = RunReport(plan=run.plan, collect_seconds=total - spent, solve_seconds=spent,
-                                              reduce_seconds=timings["reduce"], own_solve_seconds=timings["solve"],
-                                              gather_seconds=timings["gather"])
-    inits = {n: inits[n] for n in run.targets if n in inits}
-    warn_poor(inits)
-    return inits
-
-
-@dataclass
-class RunReport:
-    """What the last :func:`collect_and_solve` did (``collect_and_solve.last_report``): its plan and its wall time by stage."""
-
-    plan: object
-    collect_seconds: float  # forward + backward passes with their sums
-    solve_seconds: float  # everything after the passes: the three below
-    reduce_seconds: float = 0.0  # summing the ranks' sums into their owners (under a process group)
-    own_solve_seconds: float = 0.0  # this rank's solves
-    gather_seconds: float = 0.0  # every rank's adapters to every rank
-
-
-def _on_streams(tasks, device, workers: int = DEVICE_SOLVE_WORKERS) -> list[ModuleInit]:
+def on_streams(tasks, device, workers: int = DEVICE_SOLVE_WORKERS) -> list[ModuleInit]:
     """Run ``tasks`` (each returns a list of :class:`ModuleInit`) in order, or on
     CUDA over ``workers`` threads with a stream each; results in task order."""
     if device.type != "cuda" or workers <= 1 or len(tasks) < 2:

@@ -94,7 +94,7 @@ class Unit:
 
     @property
     def solve_bytes(self) -> int:
-        """Device work space of one solve (``device_solve``) beyond its inputs:
+        """Device work space of one solve (``torch_solve``) beyond its inputs:
         six ``n × n`` (the symmetric ``Z``, ``Z + λI`` and its factor,
         ``Z_λ⁻¹``, ``ΔΔᵀ``/``Ω′`` and a product), ``Δ`` and ``ḠᵀD`` of the largest
         module, and the float64 ``Ḡ`` upload."""

@@ -1,4 +1,5 @@
-"""SPEC §3 on a torch device in float64: the GPU route of :func:`lora_da.compute_init`.
+"""SPEC §3 with torch in float64: the GPU route of :func:`lora_da.compute_init`,
+and on the CPU the host's dense route (LAPACK through torch and SciPy).
 
 On an H200 float64 matrix products run at tens of TFLOP/s while the host's
 cores manage a fraction of one, so here the dense quantities of SPEC §3 are
@@ -26,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.linalg
@@ -35,6 +35,7 @@ import torch
 
 from lora_da._core import SOLVE_DEFAULTS
 from lora_da.errors import InvalidArgumentError, LoraDAError, NonFiniteError, NotPositiveDefiniteError, ShapeError
+from lora_da.results import DeviceSolveResult, check_finite_result
 
 CONTRACT_RESIDUAL = 1e-10
 SYMMETRY_TOL = 1e-10
@@ -62,56 +63,9 @@ def _stage(name: str, device):
     PROFILE[name] = PROFILE.get(name, 0.0) + time.perf_counter() - t
 
 
-@dataclass
-class DeviceSolveResult:
-    """Same fields as the core's :class:`lora_da.SolveResult` (SPEC §3, §5), float64 NumPy arrays."""
-
-    A: np.ndarray
-    B: np.ndarray
-    V: np.ndarray
-    eigenvalues: np.ndarray
-    next_eigenvalue: float
-    gap: float
-    residual: float
-    omega_norm: float
-    iterations: int
-    method: str
-    sigma: float
-    c: float
-    damping: float
-    zero_gradient: bool
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def rank(self) -> int:
-        return self.A.shape[0]
-
-
-RESULT_ARRAYS = ("A", "B", "V", "eigenvalues")
-RESULT_SCALARS = ("next_eigenvalue", "gap", "residual", "sigma", "c", "omega_norm", "damping")
-
-
-def check_finite_result(res, name: str = "") -> None:
-    """No NaN or infinity is ever returned (the core's ``solve::check_result``):
-    a :class:`NonFiniteError` naming the module and the first non-finite
-    quantity of a result of any route (Rust, LAPACK, torch)."""
-    where = f"module {name}: " if name else ""
-    for what in RESULT_ARRAYS:
-        a = np.asarray(getattr(res, what))
-        if not np.all(np.isfinite(a)):
-            k = int(np.flatnonzero(~np.isfinite(a.ravel()))[0])
-            raise NonFiniteError(f"{where}the result {what} has a non-finite value {a.ravel()[k]!r} at flat index {k} "
-                                 f"(σ = {res.sigma!r}, c = {res.c!r}): not representable in float64")
-    for what in RESULT_SCALARS:
-        v = float(getattr(res, what))
-        if not math.isfinite(v):
-            raise NonFiniteError(f"{where}the result {what} is not representable in float64: {v!r} "
-                                 f"(σ = {res.sigma!r}, c = {res.c!r})")
-
-
 def _require_finite(t: torch.Tensor, what: str) -> None:
     if not bool(torch.isfinite(t).all()):
-        raise NonFiniteError(f"device_solve: {what} has non-finite entries")
+        raise NonFiniteError(f"torch_solve: {what} has non-finite entries")
 
 
 def inverse_input(Z: torch.Tensor, damping: float, auto_damping: bool, name: str = "") -> tuple[torch.Tensor, float]:
@@ -124,7 +78,7 @@ def inverse_input(Z: torch.Tensor, damping: float, auto_damping: bool, name: str
     _require_finite(Z, f"{where}Z")
     scale = float(Z.abs().max())
     if float((Z - Z.T).abs().max()) > SYMMETRY_TOL * max(scale, np.finfo(float).tiny):
-        raise InvalidArgumentError(f"device_solve: {where}Z is not symmetric")
+        raise InvalidArgumentError(f"torch_solve: {where}Z is not symmetric")
     sym = _symmetric(Z.clone())
     mean_diag = float(Z.diagonal().mean())
     lam = damping
@@ -333,7 +287,7 @@ def fix_signs(V: torch.Tensor) -> torch.Tensor:
 def _check_scalars(*, rank, n_pop, alpha, beta, damping, output_damping, gamma, tol) -> None:
     """The core's rules for the hyper-parameters (``SolveOptions::check_scalars``), with the same messages."""
     def bad(name, v, need):
-        raise InvalidArgumentError(f"device_solve: {name} must be {need}, got {v!r}")
+        raise InvalidArgumentError(f"torch_solve: {name} must be {need}, got {v!r}")
 
     if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1:
         bad("rank", rank, "an integer ≥ 1")
@@ -383,9 +337,9 @@ def solve_group_device(
     _check_scalars(rank=rank, n_pop=n_pop, alpha=alpha, beta=beta, damping=damping, output_damping=output_damping,
                    gamma=gamma, tol=tol)
     if len(ys) != len(Gs) or len(names) != len(Gs) or (output_precisions is not None and len(output_precisions) != len(Gs)):
-        raise ShapeError(f"device_solve: {len(ys)} y vectors, {len(Gs)} gradients, {len(names)} names")
+        raise ShapeError(f"torch_solve: {len(ys)} y vectors, {len(Gs)} gradients, {len(names)} names")
     if not isinstance(Z, torch.Tensor) or Z.dim() != 2 or Z.shape[0] != Z.shape[1] or Z.shape[0] == 0:
-        raise ShapeError(f"device_solve: Z must be a square, non-empty tensor, got {getattr(Z, 'shape', type(Z))}")
+        raise ShapeError(f"torch_solve: Z must be a square, non-empty tensor, got {getattr(Z, 'shape', type(Z))}")
     Z = Z.to(torch.float64)
     n = Z.shape[0]
     dev = Z.device
@@ -398,22 +352,22 @@ def solve_group_device(
         name = names[i]
         where = f"module {name}: " if name else ""
         if not (isinstance(y, torch.Tensor) and y.dim() == 1 and isinstance(G, torch.Tensor) and G.dim() == 2):
-            raise ShapeError(f"device_solve: {where}y must be a vector and Ḡ a matrix, got {getattr(y, 'shape', None)} "
+            raise ShapeError(f"torch_solve: {where}y must be a vector and Ḡ a matrix, got {getattr(y, 'shape', None)} "
                              f"and {getattr(G, 'shape', None)}")
         y, G = y.to(torch.float64), G.to(torch.float64)
         m = y.shape[0]
         if G.shape != (m, n):
-            raise ShapeError(f"device_solve: {where}Ḡ has shape {tuple(G.shape)}, expected ({m}, {n})")
+            raise ShapeError(f"torch_solve: {where}Ḡ has shape {tuple(G.shape)}, expected ({m}, {n})")
         if not 1 <= rank < min(m, n):
-            raise InvalidArgumentError(f"device_solve: {where}rank {rank} must be ≥ 1 and < min(m, n) = {min(m, n)}")
+            raise InvalidArgumentError(f"torch_solve: {where}rank {rank} must be ≥ 1 and < min(m, n) = {min(m, n)}")
         _require_finite(y, f"{where}y")
         _require_finite(G, f"{where}Ḡ")
         if bool((y < 0).any()):
-            raise InvalidArgumentError(f"device_solve: {where}y has negative entries")
+            raise InvalidArgumentError(f"torch_solve: {where}y has negative entries")
         prec = 1.0 / (y + lam_y) if output_precisions is None or output_precisions[i] is None else (
             torch.as_tensor(output_precisions[i], dtype=torch.float64, device=Z.device))
         if prec.shape != (m,):
-            raise ShapeError(f"device_solve: {where}output precision has {prec.numel()} entries, m = {m}")
+            raise ShapeError(f"torch_solve: {where}output precision has {prec.numel()} entries, m = {m}")
         _require_finite(prec, f"{where}output precision")
         c_prime = float(prec.sum()) / n_pop
         zero_gradient = not bool(G.any())
@@ -448,7 +402,7 @@ def solve_group_device(
         sigma = 1.0 if zero_gradient or not normalize else math.sqrt(s2)
         scale2 = sigma * sigma
         if not scale2 > 0:
-            raise NonFiniteError(f"device_solve: {where}σ = ‖Δ‖₂ underflowed to {sigma!r} (Ḡ or ỹ near the float64 "
+            raise NonFiniteError(f"torch_solve: {where}σ = ‖Δ‖₂ underflowed to {sigma!r} (Ḡ or ỹ near the float64 "
                                  "range's lower end): rescale the statistics")
         V = fix_signs(vectors)
         A = V.T / math.sqrt(gamma)
@@ -484,5 +438,5 @@ def solve_group_device(
         except (ValueError, RuntimeError, ZeroDivisionError, OverflowError, np.linalg.LinAlgError) as e:
             # Finite but extreme inputs (scales near the float64 range) can break a
             # step outside the checks above: an error that names the module, not a NaN.
-            raise NonFiniteError(f"device_solve: module {names[i]}: the solve failed on extreme values ({e})") from e
+            raise NonFiniteError(f"torch_solve: module {names[i]}: the solve failed on extreme values ({e})") from e
     return results

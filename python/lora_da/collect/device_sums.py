@@ -1,0 +1,322 @@
+"""A pass's float64 sums on the device (SPEC §2, §7): formed in the tensor
+hook as each gradient arrives, flushed to the host's sums
+(:class:`lora_da.collect.host_sums.HostSums`), written into a statistics
+file, summed across ranks, or handed to the solves, then freed."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from lora_da.collect.host_sums import HostSums
+from lora_da.collect.losses import as_rows, row_weights
+from lora_da.collect.targets import Target
+from lora_da.errors import InvalidArgumentError, LoraDAError, NonFiniteError, ShapeError
+from lora_da.plan import FLUSH_THREADS, Unit, gram_block_rows
+from lora_da.statistics import StatisticsWriter
+
+
+class DeviceSums:
+    """Float64 running sums of one pass, on the device: per module ``Σ gᵀx``
+    (all tokens), ``Σ g²`` and its token count (valid tokens), per input group
+    ``Σ x xᵀ`` of the valid tokens as its lower block triangle (row blocks
+    ``(b − a) × b``, :func:`lora_da.plan.gram_block_rows`). Products are formed
+    in the tensor hook as each gradient arrives, so no call's tensors outlive
+    its backward step; invalid tokens are zero-weighted rather than selected
+    (no host sync).
+
+    A step's additions are all-or-nothing per module call: the hook allocates
+    every temporary first and adds in place last, and records the call as
+    done; a step that fails (out of device memory) reports its done calls, so
+    that the step can be redone without them (``begin_step``'s ``skip``)."""
+
+    def __init__(self, units: list[Unit], targets: dict[str, Target], groups: dict[str, str], device, per_sample: bool):
+        f64 = dict(dtype=torch.float64, device=device)
+        self.units = units
+        self.grad_device = torch.device(device)
+        self.grad = {n: torch.zeros(targets[n].m, targets[n].n, **f64) for u in units for n, _ in u.modules}
+        self.sumsq = {n: torch.zeros(targets[n].m, **f64) for n in self.grad}
+        self.tokens = {n: torch.zeros((), **f64) for n in self.grad}
+        self.samples: dict[str, list] = {n: [] for n in self.grad}
+        self.gram = {u.group: [torch.zeros(b - a, b, **f64) for a, b in gram_block_rows(u.n)] for u in units}
+        self.gram_tokens = {u.group: torch.zeros((), **f64) for u in units}
+        self.n_of = {u.group: u.n for u in units}
+        self.groups = groups
+        self.per_sample = per_sample
+        self.flags: list = []
+        self.called: set = set()
+        self.batch_samples = 0
+        self.mask = None
+        self.skip: frozenset = frozenset()
+        self.done: set = set()
+        self.call_index: dict[str, int] = {}
+
+    def begin_step(self, mask, skip: frozenset = frozenset()) -> None:
+        self.mask, self.called, self.skip, self.done, self.call_index = mask, set(), skip, set(), {}
+
+    def abort_step(self) -> frozenset:
+        """The module calls of a failed step whose products were summed (its finite flags stay, to be checked)."""
+        return frozenset(self.done)
+
+    def add(self, target: Target, x: torch.Tensor, g: torch.Tensor, key) -> None:
+        name = target.name
+        call = self.call_index.get(name, 0)
+        self.call_index[name] = call + 1
+        self.called.add(name)
+        if (name, call) in self.skip:
+            return  # summed by an earlier try of this step
+        xr, gr = as_rows(x), as_rows(g)
+        # x was checked by the forward hook (the recorder's ``seen``); only g is new here
+        finite = torch.isfinite(gr).all()
+        # Every temporary first (own float64 copies: a float64 model's tensors are
+        # autograd's; zero-weighted in place below), the in-place sums last.
+        xr, gr = float64_copy(xr), float64_copy(gr)
+        w = row_weights(x, self.mask)
+        sq = gr.square()
+        if w is not None:
+            sq.mul_(w[:, None])  # w is 0/1: (w g)² = w g²
+        sq = sq.sum(0)
+        if self.per_sample:
+            if x.dim() != 3:
+                raise ShapeError(f"module {name}: sequence_lowrank needs per-token (B, L, m) outputs")
+            rows = (gr if w is None else gr * w[:, None]).view(x.shape[0], x.shape[1], -1).sum(1)
+        count = w.sum() if w is not None else None
+        leader = self.groups[name] == name
+        self.grad[name].addmm_(gr.T, xr)  # Ḡ: every token
+        self.sumsq[name].add_(sq)
+        self.tokens[name].add_(count if count is not None else gr.shape[0])
+        if self.per_sample:
+            self.samples[name].append(rows)
+        if leader:
+            if w is not None:
+                xr.mul_(w[:, None])
+            add_gram_lower(self.gram[name], xr)
+            self.gram_tokens[name].add_(count if count is not None else xr.shape[0])
+        self.flags.append((name, "output gradient", finite))
+        self.done.add((name, call))
+
+    def end_step(self, samples: int, index: int, targets: Sequence[Target]) -> None:
+        """One sync per step: every module had a call with gradient (as on the
+        host path), and every call's inputs (the finite flags the recorder's
+        forward hooks kept in ``seen``) and gradients were finite."""
+        missing = [n for n in self.grad if n not in self.called]
+        if missing:
+            raise LoraDAError(f"module {missing[0]}: no output gradient in batch {index}")
+        flags = [(t.name, "input activation", f) for t in targets for f in t.seen] + self.flags
+        if flags:
+            ok = torch.stack([f for _, _, f in flags]).cpu()
+            if not bool(ok.all()):
+                name, what, _ = flags[int((~ok).nonzero()[0])]
+                raise NonFiniteError(f"module {name}: non-finite {what} in batch {index}")
+        self.flags = []
+        self.batch_samples += samples
+
+    def flush(self, host: HostSums, staging: Staging) -> None:
+        """Into the host's compensated accumulators, then zero. The transfers and the
+        host's additions of the groups run on several threads (the core and NumPy release
+        the GIL), each with its own host copy: the plan counts ``FLUSH_THREADS`` of them."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        tokens = {u.group: int(self.gram_tokens[u.group]) for u in self.units}
+        for u in self.units:  # created here, not on the threads below
+            host.input_factor(u.group, u.n)
+
+        local = threading.local()
+
+        def gram(u):
+            if tokens[u.group]:
+                # assembled on the host, block by block: no n × n temporary on the device. One
+                # buffer per thread, reused: fresh host pages cost more than the copy itself,
+                # and add_gram reads only the lower triangle, which the blocks cover.
+                buf = getattr(local, "buf", None)
+                if buf is None or buf.size < u.n * u.n:
+                    buf = local.buf = None
+                    buf = local.buf = np.empty(u.n * u.n)
+                full = buf[:u.n * u.n].reshape(u.n, u.n)
+                for (a, b), blk in zip(gram_block_rows(u.n), self.gram[u.group]):
+                    full[a:b, :b] = blk.cpu().numpy()
+                host.add_gram(u.group, u.n, full, tokens[u.group])
+
+        def grad(name):
+            host.add_grad(name, self.grad[name])
+
+        workers = 1 if self.grad_device.type != "cuda" else FLUSH_THREADS
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            jobs = [pool.submit(gram, u) for u in self.units] + [pool.submit(grad, n) for n in self.grad]
+            for j in jobs:
+                j.result()
+        for u in self.units:
+            for blk in self.gram[u.group]:
+                blk.zero_()
+            self.gram_tokens[u.group].zero_()
+        for name, gsum in self.grad.items():
+            u = None
+            if self.per_sample:  # a flush after a checkpoint on the pass's last batch has no new sample: (0, m)
+                u = (torch.cat(self.samples[name]).cpu().numpy() if self.samples[name]
+                     else np.zeros((0, self.sumsq[name].shape[0])))
+            host.add_outputs(name, self.sumsq[name].cpu().numpy(), int(self.tokens[name]), u)
+            if not self.per_sample:
+                host.outputs[name].count_samples(self.batch_samples)
+            gsum.zero_()
+            self.sumsq[name].zero_()
+            self.tokens[name].zero_()
+            self.samples[name] = []
+        self.batch_samples = 0
+
+    def write(self, writer: StatisticsWriter, written: dict, staging: Staging, n_samples: int) -> None:
+        """This pass's sums into the statistics file, group by group (SPEC §6), then free them;
+        ``written`` gets each group's and module's counts for the file's header."""
+        writer.set_samples(n_samples)
+        for u in self.units:
+            t = int(self.gram_tokens.pop(u.group))
+            written["groups"][u.group] = {"n": u.n, "tokens": t}
+            # the transpose's rows hold the lower triangle's columns: the file's packed order
+            upper = lower_full(self.gram.pop(u.group), u.n).T.contiguous()
+            writer.write_gram(f"input.{u.group}", staging.host(upper))
+            del upper
+            for name, _ in u.modules:
+                writer.write(f"grad.{name}", staging.host(self.grad.pop(name)))
+                writer.write(f"output.{name}", self.sumsq.pop(name).cpu().numpy())
+                samples = n_samples
+                if self.per_sample:
+                    rows = torch.cat(self.samples.pop(name)).cpu().numpy()
+                    writer.write(f"samples.{name}", rows)
+                    samples = rows.shape[0]
+                written["outputs"][name] = {"tokens": int(self.tokens.pop(name)), "samples": samples,
+                                                 "per_sample": self.per_sample}
+
+    def reduce_across(self, group, n_samples: int, owner: dict[str, int]) -> int:
+        """Sum this pass's device sums over the ranks of ``group`` into each
+        input group's ``owner`` (the rank that solves it; exact float64 sums),
+        and free the sums of the groups other ranks own: each rank sends what
+        others solve and receives only what it solves itself, half the traffic
+        of an all-reduce on two ranks. Per-sample rows are gathered. Returns
+        the samples of all ranks."""
+        import torch.distributed as dist
+
+        from lora_da.distributed import collective_device, gather_objects, settle
+
+        where = collective_device(group)
+        me = dist.get_rank(group)
+        # the token counts and the samples in one small all-reduce (every rank reads its own groups' counts)
+        counts = torch.stack([*self.tokens.values(), *self.gram_tokens.values(),
+                              torch.tensor(float(n_samples), dtype=torch.float64, device=self.grad_device)]).to(where)
+        dist.all_reduce(counts, group=group)
+        settle([counts])  # before any view of it holds a reference
+        counts = counts.to(self.grad_device)
+        for t, c in zip([*self.tokens.values(), *self.gram_tokens.values()], counts.unbind()):
+            t.copy_(c)
+        sent = []
+        for u in self.units:
+            dst = dist.get_global_rank(group, owner[u.group]) if group is not dist.group.WORLD else owner[u.group]
+            for t in [*self.gram[u.group], *(x for name, _ in u.modules for x in (self.grad[name], self.sumsq[name]))]:
+                if t.device == where:
+                    dist.reduce(t, dst=dst, group=group)
+                    sent.append(t)
+                else:
+                    moved = t.to(where)
+                    dist.reduce(moved, dst=dst, group=group)
+                    if owner[u.group] == me:
+                        t.copy_(moved)
+                    settle([moved])  # now, not at the end: the copies would add up to all the sums
+        settle(sent)
+        del sent
+        if self.per_sample:
+            mine = {n: torch.cat(v).cpu().numpy() if v else None for n, v in self.samples.items()}
+            parts = gather_objects(mine, group)
+            for n, rows in self.samples.items():
+                got = [torch.from_numpy(p[n]) for p in parts if p[n] is not None]
+                self.samples[n] = [torch.cat(got).to(self.grad[n].device)] if got else []
+        # what other ranks solve is no longer needed here
+        for u in self.units:
+            if owner[u.group] != me:
+                del self.gram[u.group]
+                for name, _ in u.modules:
+                    del self.grad[name], self.sumsq[name]
+        self.units = [u for u in self.units if owner[u.group] == me]
+        return int(round(float(counts[-1])))
+
+    def unit_statistics(self, u: Unit, n_samples: int):
+        """``Z``, and per module ``(y, Ḡ)``, of one input group on the device (SPEC §2)."""
+        t = float(self.gram_tokens[u.group])
+        if t == 0:
+            raise InvalidArgumentError(f"collect: no valid token reached module(s) {[n for n, _ in u.modules]}; check token_mask")
+        Z = symmetric_from_lower(self.gram.pop(u.group), u.n).div_(t)
+        per_module = []
+        for name, _ in u.modules:
+            y = self.sumsq.pop(name) / float(self.tokens.pop(name))
+            G = self.grad.pop(name).div_(n_samples)
+            u_s = torch.cat(self.samples.pop(name)).cpu().numpy() if self.per_sample else None
+            per_module.append((name, y, G, u_s))
+        return Z, per_module
+
+
+def add_gram_lower(rows: list[torch.Tensor], x: torch.Tensor) -> None:
+    """``Σ xᵀx`` into its lower block triangle (row blocks ``(b − a) × b`` of
+    ``GRAM_BLOCK`` rows, :func:`lora_da.plan.gram_block_rows`): ``Z`` is
+    symmetric (SPEC §2), and the float64 products are the collection's main
+    cost, so about 40 % of them are skipped, and the blocks above the diagonal
+    take no memory."""
+    for (a, b), blk in zip(gram_block_rows(x.shape[1]), rows):
+        blk.addmm_(x[:, a:b].T, x[:, :b])
+
+
+def symmetric_from_lower(rows: list[torch.Tensor], n: int) -> torch.Tensor:
+    """The full symmetric ``n × n`` matrix from the row blocks that :func:`add_gram_lower`
+    fills (the lower triangle of each diagonal block mirrored too); frees the blocks."""
+    blocks = gram_block_rows(n)
+    full = torch.empty(n, n, dtype=rows[0].dtype, device=rows[0].device)
+    for (a, b), blk in zip(blocks, rows):
+        full[a:b, :b].copy_(blk)
+    rows.clear()
+    for a, b in blocks:
+        d = full[a:b, a:b]
+        d.copy_(torch.tril(d).add_(torch.tril(d, -1).T))
+        if b < n:
+            full[a:b, b:].copy_(full[b:, a:b].T)
+    return full
+
+
+def lower_full(rows: list[torch.Tensor], n: int) -> torch.Tensor:
+    """An ``n × n`` matrix whose lower triangle is the Gram's (the rest is not read)."""
+    full = torch.zeros(n, n, dtype=rows[0].dtype, device=rows[0].device)
+    for (a, b), blk in zip(gram_block_rows(n), rows):
+        full[a:b, :b].copy_(blk)
+    return full
+
+
+def float64_copy(t: torch.Tensor) -> torch.Tensor:
+    """lora-da's own per-call float64 copy (the fault-injection tests replace it)."""
+    return t.to(torch.float64, copy=True)
+
+
+class Staging:
+    """Host side of the device-to-host transfers of a flush: one page-locked
+    buffer (on CUDA) reused for every tensor, so a pass's sums reach the host
+    at the link's speed without a pageable copy each (SPEC §7 counts it)."""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self.buf: torch.Tensor | None = None
+
+    def host(self, t: torch.Tensor) -> np.ndarray:
+        """A host copy of ``t`` (float64), valid until the next call."""
+        if self.device.type != "cuda":
+            return t.detach().cpu().numpy()
+        k = t.numel()
+        if self.buf is None or self.buf.numel() < k:
+            self.buf = None
+            self.buf = torch.empty(k, dtype=torch.float64, pin_memory=True)
+        view = self.buf[:k].view(t.shape)
+        view.copy_(t)
+        return view.numpy()
+
+    def lower(self, rows: list[torch.Tensor], n: int) -> np.ndarray:
+        return self.host(lower_full(rows, n))
+
+    def add_into(self, acc: np.ndarray, t: torch.Tensor) -> None:
+        """``acc += t`` (exact float64 addition; into zeros it is a copy)."""
+        np.add(acc, self.host(t), out=acc)

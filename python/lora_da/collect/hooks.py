@@ -1,0 +1,143 @@
+"""The hooks of a pass (SPEC §2): a forward hook on each target pairs the call's
+input ``x`` with a tensor hook on its output, which receives
+``g = ∂(Σ_s ℓ_s)/∂o``. Pairing per call means a module called twice per
+forward (weight tying) counts both calls, and a forward whose output takes no
+gradient (the no-grad first pass of reentrant checkpointing) counts nothing.
+Modules whose calls receive the very same input tensor share one ``Z``."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+
+import torch
+
+from lora_da.collect.targets import Target
+from lora_da.errors import LoraDAError
+
+
+class BackwardDone(Exception):
+    """Raised from the last awaited tensor hook to end the backward pass there."""
+
+
+class Recorder:
+    """The hooks of one pass, with their own lifetime: a forward hook on each
+    target pairs the call's input with a tensor hook on its output, and
+    ``sink(target, x, g, key)`` receives the pair when the gradient arrives.
+    Per batch each target keeps its calls' input identities (``keys``, for
+    shared-input detection) and, in ``seen``, its inputs (host path) or whether
+    each was finite (device path), to name the source of non-finite values."""
+
+    def __init__(self, targets: Sequence[Target], sink, stop_early: bool = False, keep_inputs: bool = True):
+        self.targets, self.sink, self.handles = list(targets), sink, []
+        # ``seen`` holds the inputs themselves (scanned only when a loss is not
+        # finite) or, where they should not outlive their call, a finite flag each.
+        self.keep_inputs = keep_inputs
+        # With ``stop_early`` the backward is cut once every call of this batch
+        # had its gradient: a pass over the top layers need not reach the bottom.
+        self.stop_early, self.expect, self.received = stop_early, None, 0
+        self.recomputes = False
+
+    def __enter__(self) -> Recorder:
+        self.handles = [t.module.register_forward_hook(self._hook(t)) for t in self.targets]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
+        self.clear()
+
+    def clear(self) -> None:
+        self.received = 0
+        for t in self.targets:
+            t.calls.clear()
+            t.keys.clear()
+            t.seen.clear()
+
+    def _hook(self, target: Target):
+        sink = self.sink
+        recorder = self
+
+        def hook(module, args, output):
+            if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
+                return
+            x = args[0].detach()
+            key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x._version)
+            target.keys.append(key)
+            target.seen.append(x if recorder.keep_inputs else torch.isfinite(x).all())
+
+            def grad_hook(g):
+                sink(target, x, g.detach(), key)
+                recorder.received += 1
+                if recorder.expect is not None and recorder.received >= recorder.expect:
+                    raise BackwardDone
+
+            output.register_hook(grad_hook)
+
+        return hook
+
+
+@contextlib.contextmanager
+def frozen(model: torch.nn.Module):
+    """Gradients are needed w.r.t. module outputs only: parameters take none
+    during collection, and get their flags, ``.grad`` and mode back after."""
+    requires = {p: p.requires_grad for p in model.parameters()}
+    grads_before = {p: p.grad for p in model.parameters()}
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    # Gradient checkpointing (what a user short of GPU memory turns on) is active
+    # only in training mode in transformers' layers: keep those layers' own flag
+    # so the pass fits where training fits; their submodules stay in eval (no dropout).
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:  # an older transformers: its layers checkpoint by other means
+        GradientCheckpointingLayer = ()
+    for m in model.modules():
+        if isinstance(m, GradientCheckpointingLayer) and getattr(m, "gradient_checkpointing", False) is True:
+            m.training = True
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, r in requires.items():
+            p.requires_grad_(r)
+            p.grad = grads_before[p]
+        for m, mode in modes.items():  # each module's own mode: a model may mix them
+            m.training = mode
+
+
+def make_inputs_require_grad(model: torch.nn.Module):
+    """Make the input embeddings' output require grad (parameters are frozen
+    during collection, so nothing else would start the graph)."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if emb is None:
+        # Fall back to the first module that produces a floating tensor.
+        emb = next(m for m in model.modules() if not list(m.children()))
+
+    def hook(module, args, output):
+        if isinstance(output, torch.Tensor) and output.is_floating_point():
+            return output.requires_grad_(True) if output.is_leaf else output
+
+    return emb.register_forward_hook(hook)
+
+
+def detect_groups(targets: dict[str, Target]) -> dict[str, str]:
+    """Modules whose calls saw the very same input tensors share one ``Z``."""
+    leaders: dict[tuple, str] = {}
+    groups = {}
+    for name, t in targets.items():
+        key = tuple(t.keys)
+        if not key:
+            raise LoraDAError(f"module {name} was not called with gradient in the first batch; it cannot be targeted")
+        groups[name] = leaders.setdefault(key, name)
+    return groups
+
+
+def check_groups(targets: dict[str, Target], groups: dict[str, str]) -> None:
+    for name, leader in groups.items():
+        if leader != name and targets[name].keys != targets[leader].keys:
+            raise LoraDAError(
+                f"modules {leader} and {name} shared their input in the first batch but not in a later one; "
+                "shared-input detection needs a fixed call pattern"
+            )

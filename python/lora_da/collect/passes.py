@@ -1,0 +1,314 @@
+"""The device path of a collection (SPEC §7): probe the first batch, plan
+what the device holds, then one pass per group of input groups that fits,
+with float64 sums on the device. Out of device memory, the plan shrinks and
+the work goes on from where it stopped; nothing summed is lost."""
+
+from __future__ import annotations
+
+import itertools
+import sys
+import time
+from dataclasses import replace
+
+import torch
+
+from lora_da.collect.device_sums import DeviceSums, Staging
+from lora_da.collect.hooks import Recorder, check_groups, frozen
+from lora_da.collect.losses import slice_batch, token_mask_of
+from lora_da.distributed import agree, together
+from lora_da.errors import InvalidArgumentError, LoraDAError
+from lora_da.memory import OutOfMemoryError
+from lora_da.memory import release as _release
+from lora_da.plan import DEVICE_SOLVE_WORKERS, MemoryPlan, Step, Unit, available_host_bytes, choose_plan
+from lora_da.statistics import StatisticsWriter, file_header
+
+
+def free_device_bytes(dev: torch.device) -> int:
+    """Bytes the statistics may take on ``dev``: free device memory plus what
+    the caching allocator holds unused (the host's available memory on the CPU)."""
+    if dev.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(dev)
+        return free + torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
+    return available_host_bytes() or (1 << 62)
+
+
+def probe(run, first) -> Step:
+    """Forward + backward of the first batch with nothing accumulated: fixes
+    the input groups and measures what a plain step takes on the device
+    (SPEC §7). A step that runs out of device memory is tried again on half
+    as many samples, down to one: nothing is summed here, so nothing is lost."""
+    index, batch, bsz, mask = first
+    dev = run.device
+    cuda = dev.type == "cuda"
+    mb = bsz
+    while True:
+        sub = batch if mb == bsz else slice_batch(batch, bsz, 0, mb)
+        if cuda:
+            torch.cuda.synchronize(dev)
+            before = torch.cuda.memory_allocated(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+        t0 = time.perf_counter()
+        failed = False
+        try:
+            with Recorder(run.targets.values(), lambda *a: None, keep_inputs=False) as rec:
+                run.forward_backward(sub, mb, index, rec)
+                calls = sum(len(t.keys) for t in run.targets.values())
+                run.set_groups(host_factors=False)
+        except OutOfMemoryError:
+            failed = True
+        if not failed:
+            break
+        _release(dev)
+        if mb == 1:
+            raise LoraDAError(
+                f"collect: one sample's forward + backward does not fit on {dev} "
+                f"({free_device_bytes(dev) / 2**30:.2f} GiB free beside the model): shorten the sequences "
+                "(max_length), turn on gradient checkpointing (model.gradient_checkpointing_enable()), "
+                "or collect on a larger device"
+            )
+        mb = (mb + 1) // 2
+    if cuda:
+        torch.cuda.synchronize(dev)
+    seconds = time.perf_counter() - t0
+    run.recomputes = rec.recomputes
+    step = torch.cuda.max_memory_allocated(dev) - before if cuda else 0
+    ids = sub.get("input_ids")
+    per_sample = int(ids.shape[1]) if isinstance(ids, torch.Tensor) and ids.dim() == 2 else 1
+    widest = max(t.n + 2 * t.m for t in run.targets.values())
+    return Step(samples=mb, bytes=int(step), seconds=seconds, tokens_per_sample=per_sample, calls=calls,
+                widest=widest)
+
+
+def input_units(run) -> list[Unit]:
+    out: dict[str, list] = {}
+    for name, leader in run.groups.items():
+        out.setdefault(leader, []).append((name, run.targets[name].m))
+    return [Unit(group=g, n=run.targets[g].n, modules=tuple(mods)) for g, mods in out.items()]
+
+
+def plan_device(run, step: Step, batch: int, *, max_device_bytes, max_host_bytes, keep_on_host: bool,
+                group=None, to_disk=None) -> MemoryPlan:
+    """SPEC §7: everything the device will hold against what is free now, before the first pass."""
+    dev = run.device
+    units = input_units(run)
+    device_free = free_device_bytes(dev)
+    host_free = available_host_bytes() if keep_on_host else None
+    if group is not None:
+        # every rank plans from the same figures: the least room, the largest step
+        big = float(1 << 62)
+        vals = agree([float(device_free), float(host_free if host_free is not None else big), float(step.samples),
+                      -float(step.bytes), -step.seconds, -float(step.tokens_per_sample), -float(batch)], group, "min")
+        device_free, host = int(vals[0]), vals[1]
+        host_free = None if host_free is None else int(host)
+        step = replace(step, samples=int(vals[2]), bytes=int(-vals[3]), seconds=-vals[4],
+                       tokens_per_sample=int(-vals[5]))
+        batch = int(-vals[6])
+    plan = choose_plan(units, step, batch=batch, device_free=device_free, max_device_bytes=max_device_bytes,
+                       host_free=host_free, max_host_bytes=max_host_bytes, keep_on_host=keep_on_host,
+                       to_disk=to_disk, max_solve_workers=DEVICE_SOLVE_WORKERS if dev.type == "cuda" else 1)
+    if step.samples < batch:
+        plan.notes.insert(0, f"the first batch ({batch} samples) ran out of device memory in a plain forward + "
+                             f"backward; it fit at {step.samples}")
+    return plan
+
+
+def collect_on_device(run, *, max_device_bytes, max_host_bytes, keep_on_host: bool, on_pass=None,
+                      group=None, to_disk=None) -> None:
+    """Plan, then one pass per group of input groups that fits the device:
+    float64 sums on the GPU, flushed to the host (``keep_on_host``; into the
+    file ``to_disk`` as each pass ends when given) or handed to
+    ``on_pass(sums)`` (which solves them on the device) after the pass.
+    Under a process group (``group``) the ranks plan together: the same
+    passes everywhere, sized for the rank with the least room.
+
+    Out of device memory during a pass, the plan shrinks and the work goes
+    on from where it stopped (SPEC §7): a pass whose sums cannot be
+    allocated is split in two; a step that fails is redone at half the
+    micro-batch, skipping the module calls whose products it had already
+    summed, so nothing is lost and nothing is counted twice."""
+    run.n_samples_at_start = run.n_samples
+    dev = run.device
+    with frozen(run.model):
+        stream = run.batches()
+        with together(group, "collect: the first batch"):
+            first = next(stream, None)
+            if first is not None:
+                step = probe(run, first)
+        if group is not None and agree([float(first is None)], group, "max")[0]:
+            raise InvalidArgumentError("collect: a rank's dataloader yielded no sample; every rank needs a shard")
+        if first is None:
+            return
+        run.plan = plan_device(run, step, first[2], max_device_bytes=max_device_bytes,
+                                     max_host_bytes=max_host_bytes, keep_on_host=keep_on_host, group=group,
+                                     to_disk=to_disk)
+        run.micro = run.plan.micro_batch or first[2]
+        if run.progress:
+            print(run.plan.describe(), file=sys.stderr)
+        passes = run.plan.passes
+        check_multipass(run, len(passes))
+        writer = None
+        if to_disk is not None:
+            writer = open_writer(run, to_disk, [u for p in passes for u in p])
+        staging = Staging(dev)
+        first_prints: list = []  # the first pass's batch fingerprints, when there are several passes
+        p = 0
+        try:
+            while p < len(passes):
+                pass_units = passes[p]
+                try:
+                    sums = DeviceSums(pass_units, run.targets, run.groups, dev, run.per_sample)
+                except OutOfMemoryError:
+                    sums = None
+                if sums is None:
+                    split_pass(run, passes, p)
+                    continue
+                source = itertools.chain([first], stream) if p == 0 else run.batches()
+                names = [name for u in pass_units for name, _ in u.modules]
+                check = lambda: check_groups({n: run.targets[n] for n in names},  # noqa: E731
+                                              {n: run.groups[n] for n in names})
+                samples = 0
+                prints = []
+                # an error on one rank is raised on all at the end of the pass (no rank left waiting)
+                with together(group, f"collect: pass {p + 1}"):
+                    with Recorder([run.targets[n] for n in names], sums.add, stop_early=not run.recomputes,
+                                   keep_inputs=False) as rec, \
+                            run.bar(f"lora-da: pass {p + 1}/{len(passes)}",
+                                      batch_size=first[2]) as bar:
+                        for index, batch, bsz, mask in source:
+                            if len(passes) > 1:
+                                prints.append(run.fingerprint(batch))
+                                if p > 0 and (len(prints) > len(first_prints)
+                                              or prints[-1] != first_prints[len(prints) - 1]):
+                                    raise InvalidArgumentError(
+                                        f"pass {p + 1} got other data than pass 1 at batch {index}: the dataloader "
+                                        "must yield the same batches on every pass (no shuffling), or raise "
+                                        "max_device_bytes for one pass"
+                                    )
+                            batch_steps(run, batch, bsz, index, rec, sums, check)
+                            samples += bsz
+                            bar.update(1)
+                            if p == 0:
+                                run.n_samples += bsz
+                                run.batches_done = index + 1
+                                if keep_on_host and writer is None and run.checkpoint_due():
+                                    sums.flush(run.host, staging)
+                                    run.snapshot().save(run.checkpoint_path)
+                    if p == 0:
+                        first_prints = prints
+                    if p > 0 and samples != run.n_samples - run.n_samples_at_start:
+                        raise InvalidArgumentError(
+                            f"pass {p + 1} saw {samples} samples, the first {run.n_samples - run.n_samples_at_start}: "
+                            "the dataloader must yield the same batches on every pass"
+                        )
+                if writer is not None:
+                    sums.write(run.writer, run.written, staging, run.n_samples)
+                elif keep_on_host:
+                    sums.flush(run.host, staging)
+                else:
+                    on_pass(sums, run.n_samples)
+                del sums
+                p += 1
+            if writer is not None:
+                writer.finish(stream_header(run))
+                writer = None
+        finally:
+            if writer is not None:
+                writer.abort()
+
+
+def open_writer(run, path, units: list[Unit]) -> StatisticsWriter:
+    """The statistics file that each pass's sums go to as it ends (SPEC §6, §7)."""
+    modules = run.module_infos()
+    run.written = {"groups": {}, "outputs": {}}
+    placeholder = file_header(
+        modules=modules, groups={u.group: {"n": u.n, "tokens": 10**18} for u in units},
+        outputs={n: {"tokens": 10**18, "samples": 10**18, "per_sample": run.per_sample} for n in modules},
+        n_samples=10**18, config=dict(run.config, batches_done=10**18, **run.fingerprints), model=run.model_info())
+    run.writer = StatisticsWriter(path, modules, {u.group: u.n for u in units}, run.per_sample, placeholder)
+    return run.writer
+
+
+def stream_header(run) -> dict:
+    modules = run.module_infos()
+    return file_header(modules=modules, groups=run.written["groups"], outputs=run.written["outputs"],
+                       n_samples=run.n_samples, config=dict(run.config, batches_done=run.batches_done,
+                                                             **run.fingerprints), model=run.model_info())
+
+
+def check_multipass(run, n_passes: int) -> None:
+    if n_passes <= 1:
+        return
+    if run.checkpoint_path is not None:
+        raise InvalidArgumentError(
+            f"checkpointing needs a one-pass plan; this one has {n_passes} passes: raise max_device_bytes "
+            "or collect fewer modules per run"
+        )
+    if iter(run.dataloader) is run.dataloader:
+        raise InvalidArgumentError(
+            f"the plan needs {n_passes} passes over the data but the dataloader is a one-shot iterator; "
+            "pass a list or a DataLoader"
+        )
+
+
+def split_pass(run, passes: list, p: int) -> None:
+    """The sums of pass ``p`` could not be allocated (nothing of it is summed
+    yet): split it in two, or give up when it holds one input group."""
+    _release(run.device)
+    units = passes[p]
+    if len(units) == 1:
+        raise LoraDAError(
+            f"collect: out of device memory allocating the float64 sums of input group {units[0].group} "
+            f"({units[0].device_bytes / 2**30:.2f} GiB; {free_device_bytes(run.device) / 2**30:.2f} GiB free): "
+            "free device memory, or pass max_device_bytes=0 to accumulate on the host CPU (slow)"
+        )
+    half = len(units) // 2
+    passes[p:p + 1] = [units[:half], units[half:]]
+    note(run, f"out of device memory allocating pass {p + 1}'s sums: split it in two ({len(passes)} passes now)")
+    check_multipass(run, len(passes))
+
+
+def note(run, text: str) -> None:
+    if run.plan is not None:
+        run.plan.notes.append(text)
+    if run.progress:
+        print(f"lora-da: {text}", file=sys.stderr)
+
+
+def batch_steps(run, batch, bsz: int, index: int, rec, sums, check) -> None:
+    """One user batch, in micro-batches of ``run.micro`` samples (SPEC §2:
+    the sums do not depend on how the samples are split)."""
+    steps(run, batch, bsz, index, rec, sums, check, 0, bsz, frozenset())
+
+
+def steps(run, batch, bsz, index, rec, sums, check, lo: int, hi: int, skip: frozenset) -> None:
+    """Samples ``lo:hi`` of a batch. A step that runs out of device memory
+    halves the micro-batch and is redone on its samples, skipping the
+    module calls (``skip``) whose products it had already summed."""
+    a = lo
+    while a < hi:
+        k = min(run.micro, hi - a)
+        sub = batch if (a == 0 and k == bsz) else slice_batch(batch, bsz, a, a + k)
+        sums.begin_step(token_mask_of(sub, run.token_mask), skip)
+        failed = False
+        try:
+            run.forward_backward(sub, k, index, rec)
+            check()
+        except OutOfMemoryError:
+            failed = True
+        if failed:
+            done = sums.abort_step()
+            rec.clear()
+            _release(run.device)
+            if run.micro == 1:
+                raise LoraDAError(
+                    f"collect: out of device memory at batch {index} with micro-batches of one sample "
+                    f"({free_device_bytes(run.device) / 2**30:.2f} GiB free now); pass a smaller max_device_bytes "
+                    "so that the plan keeps fewer sums on the device, or free device memory"
+                )
+            run.micro = (run.micro + 1) // 2
+            note(run, f"batch {index}: out of device memory; micro-batch lowered to {run.micro}, the step redone "
+                       f"without its {len(done)} module call(s) already summed")
+            steps(run, batch, bsz, index, rec, sums, check, a, a + k, skip | done)
+        else:
+            sums.end_step(k, index, rec.targets)
+        a += k

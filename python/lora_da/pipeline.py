@@ -1,0 +1,157 @@
+"""From a model and its calibration data to every module's initialization
+(SPEC §2–3, §7): the orchestration above the collection (:mod:`lora_da.collect`)
+and the solves (:mod:`lora_da.init`). :func:`compute_init` solves kept
+statistics, spread over the ranks of a process group when asked;
+:func:`collect_and_solve` collects and solves pass by pass without keeping them."""
+
+from __future__ import annotations
+
+import time
+
+from lora_da.collect.passes import collect_on_device
+from lora_da.collect.run import Run, accumulates_on_host, collect_statistics
+from lora_da.distributed import active_group, check_same_options, owners, share_inits, solve_cost
+from lora_da.errors import InvalidArgumentError
+from lora_da.init import LoraDAConfig, check_rank, on_streams, output_precisions, solve_on_device_or_host, solve_statistics
+from lora_da.quality import warn_poor
+from lora_da.results import Inits, ModuleInit, RunReport
+from lora_da.statistics import Statistics
+
+
+def compute_init(
+    stats: Statistics, config: LoraDAConfig, *, progress: bool = True, modules=None, device=None,
+    across_ranks: bool = False,
+) -> Inits:
+    """Solve every module (SPEC §3); modules sharing ``Z`` share one Cholesky
+    (``config.rank`` None means the published 8).
+
+    ``device=None`` solves on the host with the Rust core, groups in parallel
+    over the cores; a torch device (``"cuda"``) solves there in float64 with
+    :mod:`lora_da.torch_solve`, largest groups first, uploading one group at a time.
+
+    ``across_ranks=True`` (every rank of an initialized ``torch.distributed``
+    group must call it, with the same statistics) spreads the input groups
+    over the ranks, largest first, and gathers the results: every rank
+    returns all modules, each computed once, with the same bits everywhere."""
+    group = active_group(across_ranks)
+    if group is not None:
+        config = config.with_rank()
+        all_groups = stats.groups()
+        wanted = set(stats.modules) if modules is None else set(modules)
+        costs = {g: solve_cost(stats.input_factors[g].n, [stats.modules[n].out_features for n in names],
+                               max(config.rank_of(n) for n in names))
+                 for g, names in all_groups.items() if any(n in wanted for n in names)}
+        import torch.distributed as dist
+
+        me = dist.get_rank(group)
+        mine = [n for g, r in owners(costs, group).items() if r == me for n in all_groups[g] if n in wanted]
+        try:
+            local = solve_statistics(stats, config, progress=progress, modules=mine, device=device) if mine else {}
+        except Exception as e:  # raised on every rank by share_inits, not only here
+            local = e
+        shared = share_inits(local, group)
+        return Inits({n: shared[n] for n in stats.modules if n in shared})
+    return Inits(solve_statistics(stats, config, progress=progress, modules=modules, device=device))
+
+
+def collect_and_solve(model, dataloader, target_modules, config: LoraDAConfig, *, loss_fn=None, progress: bool = True,
+                      max_samples=None, max_device_bytes=None, max_host_bytes=None, accumulate_on: str = "auto",
+                      checkpoint_path=None, checkpoint_every=None, resume: bool = True,
+                      reduce_across_ranks: bool = True) -> Inits:
+    """Statistics and solves in one go, without keeping the statistics (SPEC §2–3).
+
+    On a GPU the planner's passes each end with their modules solved on the
+    device and their sums freed, so a model whose statistics exceed the
+    device and the host (a 7B model's are ~95 GB) still runs on one GPU.
+    With a checkpoint, or on the host path, the statistics are collected
+    first (:func:`lora_da.collect_statistics`) and then solved.
+
+    Under ``torch.distributed`` (more than one rank, ``reduce_across_ranks``)
+    each rank passes its shard; the statistics are summed over the ranks,
+    the solves spread over them, and every rank returns the same modules
+    with the same bits (see :func:`compute_init`'s ``across_ranks``)."""
+
+    config = config.with_rank()
+    device = next(model.parameters()).device
+    group = active_group(reduce_across_ranks)
+    if group is not None:  # each rank solves its share with its own settings: they must be the same
+        check_same_options(dict(target_modules=target_modules, loss_fn=loss_fn, accumulate_on=accumulate_on,
+                                checkpoint=checkpoint_path is not None, **config.to_dict()), group,
+                           "collect_and_solve")
+    if checkpoint_path is not None or accumulates_on_host(device, max_device_bytes, accumulate_on):
+        stats = collect_statistics(model, dataloader, target_modules, loss_fn=loss_fn, token_mask=config.token_mask,
+                                   output_fisher=config.output_fisher, max_samples=max_samples,
+                                   max_device_bytes=max_device_bytes, max_host_bytes=max_host_bytes,
+                                   checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every, resume=resume,
+                                   progress=progress, accumulate_on=accumulate_on,
+                                   reduce_across_ranks=reduce_across_ranks)
+        return compute_init(stats, config, progress=progress, device=None if device.type == "cpu" else device,
+                            across_ranks=group is not None)
+    run = Run.start(model, dataloader, target_modules, loss_fn=loss_fn, token_mask=config.token_mask,
+                     output_fisher=config.output_fisher, max_samples=max_samples, checkpoint_path=None,
+                     checkpoint_every=None, resume=False, progress=progress)
+    check_rank(config, {name: (t.n, t.m) for name, t in run.targets.items()})
+    collection = run
+    inits: dict[str, ModuleInit] = {}
+
+    timings = {"reduce": 0.0, "solve": 0.0, "gather": 0.0}
+    if group is not None:
+        import torch.distributed as dist
+
+        load = [0.0] * dist.get_world_size(group)  # carried over the passes
+    failed: list[Exception] = []
+
+    def solve_pass(sums, n_samples: int) -> None:
+        t0 = time.perf_counter()
+        units = sums.units
+        if group is not None:
+            costs = {u.group: solve_cost(u.n, [m for _, m in u.modules], max(config.rank_of(n) for n, _ in u.modules))
+                     for u in units}
+            n_samples = sums.reduce_across(group, n_samples, owners(costs, group, load))
+            units = sums.units
+            t1 = time.perf_counter()
+            timings["reduce"] += t1 - t0
+            t0 = t1
+
+        def task(unit):
+            def run():
+                Z, per_module = sums.unit_statistics(unit, n_samples)
+                names = [p[0] for p in per_module]
+                ys, Gs = [p[1] for p in per_module], [p[2] for p in per_module]
+                precisions = output_precisions(config, [p[3] for p in per_module])
+                on_host = unit.group in collection.plan.host_solves
+                inputs = None if on_host else (Z, ys, Gs)
+                host = (Z, ys, Gs)
+                del Z, ys, Gs
+                return solve_on_device_or_host(inputs, lambda: host, names, config, precisions, device)
+            return run
+
+        if failed:
+            return
+        try:
+            for init in on_streams([task(u) for u in sorted(units, key=lambda u: -u.n)], device,
+                                    collection.plan.solve_workers):
+                inits[init.name] = init
+        except Exception as e:
+            if group is None:
+                raise
+            failed.append(e)  # the other ranks' passes go on; share_inits raises it everywhere
+        timings["solve"] += time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    collect_on_device(run, max_device_bytes=max_device_bytes, max_host_bytes=max_host_bytes, keep_on_host=False,
+                      on_pass=solve_pass, group=group)
+    if run.n_samples == 0:
+        raise InvalidArgumentError("collect_and_solve: the dataloader yielded no sample")
+    if group is not None:
+        t1 = time.perf_counter()
+        inits = share_inits(failed[0] if failed else inits, group)
+        timings["gather"] = time.perf_counter() - t1
+    total = time.perf_counter() - t0
+    spent = sum(timings.values())
+    report = RunReport(plan=run.plan, collect_seconds=total - spent, solve_seconds=spent,
+                                              reduce_seconds=timings["reduce"], own_solve_seconds=timings["solve"],
+                                              gather_seconds=timings["gather"])
+    inits = Inits({n: inits[n] for n in run.targets if n in inits}, report)
+    warn_poor(inits)
+    return inits
