@@ -36,7 +36,7 @@ from lora_da.errors import InvalidArgumentError
 
 GiB = 1 << 30
 
-# Column blocks of the Gram's lower block triangle (collect._add_gram_lower):
+# Column blocks of the Gram's lower block triangle (collect.device_sums.add_gram_lower):
 # the sums keep only the blocks on and below the diagonal.
 GRAM_BLOCK = 1024
 
