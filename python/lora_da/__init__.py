@@ -38,9 +38,7 @@ from lora_da.errors import (
 from lora_da.init import LoraDAConfig, ModuleInit, compute_init
 from lora_da.quality import POOR_GAP_REL, PoorInitWarning
 from lora_da.statistics import ModuleInfo, Statistics
-
-__version__ = "0.1.0"
-
+from lora_da.version import __version__  # noqa: F401 (the package's version)
 
 
 def __getattr__(name):
