@@ -19,7 +19,15 @@ from lora_da.cli.models import (
     refuse_head_targets,
     solve_device,
 )
-from lora_da.cli.outputs import Writing, check_checkpoint_arg, check_writable, guard_outputs, overlaps, prepare_out, write_outputs
+from lora_da.cli.outputs import (
+    Writing,
+    check_checkpoint_arg,
+    check_writable,
+    guard_outputs,
+    overlaps,
+    prepare_out,
+    write_outputs,
+)
 from lora_da.data import all_labels, infer_task, make_batches, read_data
 from lora_da.data import num_labels as count_labels
 from lora_da.errors import CLIError
@@ -91,14 +99,13 @@ def _collect(args, search: bool = False):
 def _search_gamma(args, stats, model, calibration, held):
     """``--gamma auto``: :func:`lora_da.gamma.search_gamma` on one PeftModel whose
     trainable weights are reset before each candidate (no copy of the model)."""
+    import warnings
+
     import torch
     from peft import LoraConfig, get_peft_model
 
     from lora_da.gamma import search_gamma, unit_state_dict
     from lora_da.init import compute_init
-
-    import warnings
-
     from lora_da.quality import PoorInitWarning
 
     config = _config(args, stats)
@@ -192,10 +199,9 @@ def _validate_solve_options(args) -> None:
 
 
 def _solve(args, stats):
-    from lora_da.init import compute_init
-
     import warnings
 
+    from lora_da.init import compute_init
     from lora_da.quality import PoorInitWarning
 
     config = _config(args, stats)
