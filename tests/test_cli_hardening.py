@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 import lora_da
-from lora_da.adapters import REPORT_NAME
+from lora_da.report import REPORT_NAME
 from lora_da.cli import main
 from lora_da.errors import StatisticsFileError
 
@@ -315,9 +315,9 @@ def _no_model(*a, **k):
 
 
 def test_huge_label_is_refused_before_the_model_is_built(model_dir, tmp_path, monkeypatch, capsys):
-    import lora_da.cli as cli
+    import lora_da.cli.models as models
 
-    monkeypatch.setattr(cli, "_load_model", _no_model)
+    monkeypatch.setattr(models, "load_model", _no_model)
     data = tmp_path / "d.jsonl"
     data.write_text("\n".join(json.dumps({"text": "the cat", "label": lab}) for lab in (0, 1, 10**7)) + "\n")
     code = main(["collect", str(model_dir), str(data), "--task", "seq-cls", "--out", str(tmp_path / "s.safetensors"), "-q"])
@@ -327,9 +327,9 @@ def test_huge_label_is_refused_before_the_model_is_built(model_dir, tmp_path, mo
 
 
 def test_negative_label_names_the_line(model_dir, tmp_path, monkeypatch, capsys):
-    import lora_da.cli as cli
+    import lora_da.cli.models as models
 
-    monkeypatch.setattr(cli, "_load_model", _no_model)
+    monkeypatch.setattr(models, "load_model", _no_model)
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"text": "a", "label": 0}) + "\n" + json.dumps({"text": "b", "label": -3}) + "\n")
     assert main(["collect", str(model_dir), str(data), "--task", "seq-cls", "--out", str(tmp_path / "s"), "-q"]) != 0
@@ -337,13 +337,13 @@ def test_negative_label_names_the_line(model_dir, tmp_path, monkeypatch, capsys)
 
 
 def test_a_head_as_large_as_the_config_declares_is_allowed(tmp_path):
-    from lora_da.cli import MAX_LABELS, _num_labels
+    from lora_da.data import MAX_LABELS, num_labels
 
     (tmp_path / "config.json").write_text(json.dumps({"num_labels": MAX_LABELS + 5}))
-    assert _num_labels("d", [0, MAX_LABELS + 4], str(tmp_path)) == MAX_LABELS + 5
+    assert num_labels("d", [0, MAX_LABELS + 4], str(tmp_path)) == MAX_LABELS + 5
     with pytest.raises(ValueError, match=f"{MAX_LABELS + 6}-way"):
-        _num_labels("d", [MAX_LABELS + 5], str(tmp_path))
-    assert _num_labels("d", [0, 2, 1], str(tmp_path)) == 3  # unchanged: max label + 1
+        num_labels("d", [MAX_LABELS + 5], str(tmp_path))
+    assert num_labels("d", [0, 2, 1], str(tmp_path)) == 3  # unchanged: max label + 1
 
 
 def test_max_samples_stops_reading_the_file(model_dir, tmp_path):
@@ -374,9 +374,9 @@ def test_empty_text_names_the_line(model_dir, tmp_path, capsys):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
 @pytest.mark.parametrize("option", ["--device", "--solve-device"])
 def test_cuda_on_a_machine_without_a_gpu(option, model_dir, data_file, tmp_path, monkeypatch, capsys):
-    import lora_da.cli as cli
+    import lora_da.cli.models as models
 
-    monkeypatch.setattr(cli, "_load_model", _no_model)  # refused before any model is loaded
+    monkeypatch.setattr(models, "load_model", _no_model)  # refused before any model is loaded
     code = main(["init", str(model_dir), str(data_file), "--n-pop", "100", "--out", str(tmp_path / "a"), option, "cuda",
                  "-q"])
     assert code != 0
@@ -591,9 +591,9 @@ OPTIONS = {  # a bad value → what the one-line error must name
 @pytest.mark.parametrize("option", OPTIONS)
 def test_init_validates_every_option_before_loading_the_model(option, model_dir, data_file, tmp_path, monkeypatch,
                                                               capsys):
-    import lora_da.cli as cli
+    import lora_da.cli.models as models
 
-    monkeypatch.setattr(cli, "_load_model", _no_model)
+    monkeypatch.setattr(models, "load_model", _no_model)
     code = main(["init", str(model_dir), str(data_file), "--n-pop", "100", "--out", str(tmp_path / "a"), option, "-q"])
     assert code != 0
     one_error_line(capsys, OPTIONS[option])

@@ -160,7 +160,7 @@ def test_a_head_named_as_a_target_is_refused_before_the_pass(encoder, tmp_path, 
     def no_pass(*a, **k):
         raise AssertionError("the pass ran")
 
-    monkeypatch.setattr(lora_da.cli, "collect_statistics", no_pass, raising=False)
+    monkeypatch.setattr(lora_da.cli.commands, "collect_statistics", no_pass, raising=False)
     monkeypatch.setattr(lora_da.collect, "collect_statistics", no_pass)
     data = _rows(tmp_path / "d.jsonl", [0, 1, 0, 1])
     assert main(["collect", str(encoder), str(data), "--out", str(tmp_path / "s.safetensors"), "-q",
@@ -178,12 +178,12 @@ def test_max_length_past_the_models_positions_is_one_line(encoder, tmp_path, cap
 
 
 def test_an_unwritable_out_is_found_before_the_model_is_loaded(encoder, tmp_path, capsys, monkeypatch):
-    import lora_da.cli as cli
+    import lora_da.cli.models as models
 
     def no_model(*a, **k):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(cli, "_load_model", no_model)
+    monkeypatch.setattr(models, "load_model", no_model)
     data = _rows(tmp_path / "d.jsonl", [0, 1])
     for command in (["collect", str(encoder), str(data)], ["init", str(encoder), str(data), "--n-pop", "10"]):
         assert main([*command, "--out", "/proc/lora-da-out", "-q"]) != 0  # /proc takes no new file, even as root
@@ -319,7 +319,8 @@ def test_fuzz_jsonl_reader(tmp_path):
     """Every data file either reads into non-empty Unicode texts and class indices 0..K-1
     (the first --max-samples of them, and the labels of the whole file), or is refused
     by a ValueError (or CLIError) whose one message names the file; nothing else escapes."""
-    from lora_da.cli import CLIError, _all_labels, _infer_task, _read_data
+    from lora_da.data import all_labels, infer_task, read_data
+    from lora_da.errors import CLIError
 
     model = tmp_path / "model"
     model.mkdir()
@@ -333,9 +334,9 @@ def test_fuzz_jsonl_reader(tmp_path):
         path = tmp_path / "dätä.jsonl"
         path.write_bytes(b"\n".join(lines) + b"\n")
         try:
-            chosen = task or _infer_task(str(path), str(model))
-            texts, labels = _read_data(str(path), chosen, limit)
-            every = _all_labels(str(path)) if chosen == "seq-cls" else None
+            chosen = task or infer_task(str(path), str(model))
+            texts, labels = read_data(str(path), chosen, limit)
+            every = all_labels(str(path)) if chosen == "seq-cls" else None
         except (ValueError, CLIError) as e:
             assert str(path) in str(e) or "--task" in str(e), f"the message does not name the file: {e}"
             assert "\n" not in str(e)

@@ -177,11 +177,11 @@ def _fake_report(n_layers=28, kinds=("q_proj", "k_proj", "v_proj", "o_proj", "ga
 
 def test_plot_is_readable_at_two_hundred_modules():
     """One panel per projection type, layers on a colour scale, the cut at r marked."""
-    from lora_da.cli import _figure
+    from lora_da.report import figure
 
     report = _fake_report()
     assert len(report["modules"]) == 196
-    fig = _figure(report)
+    fig = figure(report)
     panels = [a for a in fig.axes if a.get_visible() and a.get_label() != "<colorbar>"]
     # the title counts the poor inits too ("28 modules, 16 poor)"): these random gaps are small beside ‖Ω‖
     titles = sorted(a.get_title().split(",")[0].rstrip(")") for a in panels)

@@ -102,10 +102,10 @@ def test_lora_da_report_prints_the_warnings_and_marks_the_plot(one_sample_stats,
     assert "warning: poor init: model.layers.0.self_attn.q_proj: r = 12 exceeds" in printed
     assert "modules have a poor init" in printed
 
-    from lora_da.cli import _figure
+    from lora_da.report import figure
 
     report = json.loads((out / "lora_da_report.json").read_text())
-    fig = _figure(report)
+    fig = figure(report)
     marked = [line for ax in fig.axes for line in ax.get_lines() if line.get_label() == "poor init"]
     assert marked and all(ax.get_yscale() == "log" for ax in fig.axes if ax.get_visible() and ax.get_lines())
     # the red × sits at the cut: (r, gap/‖Ω‖₂) of a poor module

@@ -41,9 +41,7 @@ from lora_da.pipeline import collect_and_solve, compute_init
 from lora_da.results import Inits, ModuleInit, RunReport
 from lora_da.quality import POOR_GAP_REL, PoorInitWarning
 from lora_da.statistics import ModuleInfo, Statistics
-
-__version__ = "0.1.0"
-
+from lora_da.version import __version__  # noqa: F401 (the package's version)
 
 
 def __getattr__(name):

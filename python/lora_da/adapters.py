@@ -19,10 +19,16 @@ import torch
 
 from lora_da.collect import resolve_targets
 from lora_da.errors import InvalidArgumentError, LoraDAError, NonFiniteError, ShapeError
-from lora_da.files import follow_umask, write_text_atomic
+from lora_da.files import follow_umask, write_atomic
 from lora_da.init import LoraDAConfig
 from lora_da.pipeline import collect_and_solve, compute_init
-from lora_da.report import REPORT_NAME, build_report, model_card_section, module_report  # noqa: F401 (re-exported)
+from lora_da.report import (  # noqa: F401 (REPORT_NAME, module_report: re-exported)
+    REPORT_NAME,
+    add_model_card_section,
+    build_report,
+    module_report,
+    write_report,
+)
 from lora_da.statistics import Statistics
 
 
@@ -346,7 +352,7 @@ def _record(peft_model, adapter_name: str, config: LoraDAConfig, results: dict) 
                 continue
             where = os.path.join(os.fspath(save_directory), name) if name != "default" else os.fspath(save_directory)
             if os.path.isfile(os.path.join(where, "adapter_config.json")):
-                _write_json(os.path.join(where, REPORT_NAME), report)
+                write_report(os.path.join(where, REPORT_NAME), report)
                 add_model_card_section(where, report)
                 for weights in ("adapter_model.safetensors", "adapter_model.bin"):
                     if os.path.isfile(os.path.join(where, weights)):
@@ -356,28 +362,6 @@ def _record(peft_model, adapter_name: str, config: LoraDAConfig, results: dict) 
     save_pretrained._lora_da_wrapper = True
     peft_model.save_pretrained = save_pretrained
     peft_model._lora_da_recording = True
-
-
-def add_model_card_section(folder: str, report: dict) -> None:
-    """Append the LoRA-DA section to ``folder``'s README.md (PEFT's model card; created
-    when PEFT wrote none), once: a second save replaces the section, not repeats it."""
-    path = os.path.join(folder, "README.md")
-    text = ""
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    marker = "\n## Initialization: LoRA-DA\n"
-    if marker in text:
-        text = text[: text.index(marker)]
-    text = text.rstrip("\n") + "\n" + model_card_section(report)
-    write_text_atomic(path, text)
-
-
-def _write_json(path: str, obj: dict) -> None:
-    """Atomically (a temporary file in the same folder, then a rename), readable as the umask allows."""
-    import json
-
-    write_text_atomic(path, json.dumps(obj, indent=2))
 
 
 def _residual_base(layer, adapter_name: str, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
@@ -520,16 +504,7 @@ def _restore_modules_to_save(peft_model, save_directory: str, selected) -> None:
         if not missing:
             continue
         saved.update(missing)
-        fd, tmp = tempfile.mkstemp(prefix=".lora_da_", suffix=".tmp", dir=where)
-        os.close(fd)
-        try:
-            write(saved, tmp)
-            follow_umask(tmp)
-            os.replace(tmp, target)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        write_atomic(target, functools.partial(write, saved))
 
 
 def save_initial_adapter(peft_model, path: str | os.PathLike, adapter_name: str = "default") -> None:

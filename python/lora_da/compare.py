@@ -53,7 +53,7 @@ def read_label_rows(path, *, vader: bool = False) -> list[tuple[str, int]]:
     ``.jsonl``/``.json``/``.ndjson`` file is read as the other commands read it (``{"text", "label"}``
     per line, each line checked)."""
     if not vader and Path(path).suffix.lower() in (".jsonl", ".json", ".ndjson"):
-        from lora_da.cli import _read_data
+        from lora_da.data import read_data as _read_data
 
         texts, labels = _read_data(str(path), "seq-cls")
         return list(zip(texts, labels))

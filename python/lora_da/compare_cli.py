@@ -60,7 +60,7 @@ def cmd_compare(args) -> int:
     import torch
 
     from lora_da import compare
-    from lora_da.cli import CLIError
+    from lora_da.errors import CLIError
 
     methods = compare.available_methods()  # prints a note for each arm the installed PEFT lacks
     if args.methods:

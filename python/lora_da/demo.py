@@ -9,7 +9,7 @@ import os
 import time
 from pathlib import Path
 
-from lora_da.cli import CLIError  # the demo is a command: a missing extra is a one-line CLI error
+from lora_da.errors import CLIError  # the demo is a command: a missing extra is a one-line CLI error
 
 DEMO_LR = 5e-4
 DEMO_BATCH = 32

@@ -18,6 +18,12 @@ about bad input are also :class:`ValueError`, so generic handlers still work:
 The classes are defined in the Rust extension, where the core raises them
 (``rust/src/python.rs``), and re-exported here; they report this module as
 theirs, so ``lora_da.errors.ShapeError`` is their name in reprs and pickles.
+
+:class:`CLIError` is apart: the error of a command (``lora-da ...``), not of the
+library — a user's choice on the command line refused, or an optional extra that
+is not installed. The command line prints it as one line and exits with its
+``exit_code``. It lives here, below every command, so that the modules a command
+runs (the demo, compare, conformance) can raise it without importing the CLI.
 """
 
 from lora_da._core import (
@@ -36,4 +42,12 @@ __all__ = [
     "InvalidArgumentError",
     "NotPositiveDefiniteError",
     "StatisticsFileError",
+    "CLIError",
 ]
+
+
+class CLIError(Exception):
+    """A user error detected by the command line itself, or a missing optional extra:
+    ``lora-da: error: <message>`` on stderr, exit status :attr:`exit_code`."""
+
+    exit_code = 1

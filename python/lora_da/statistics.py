@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from dataclasses import fields as dataclass_fields
@@ -31,6 +30,7 @@ import numpy as np
 
 from lora_da._core import InputFactor, OutputFactor
 from lora_da.errors import InvalidArgumentError, ShapeError, StatisticsFileError
+from lora_da.files import install, temp_file_beside, write_atomic
 
 FORMAT = "lora-da-statistics"
 # Version 2 (SPEC §6): the compensation tensors may be absent (all zeros), as in a
@@ -164,15 +164,7 @@ class Statistics:
             header["new_weights"] = sorted(self.new_weights)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={"lora_da": json.dumps(header)})
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata={"lora_da": json.dumps(header)}))
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, mmap: bool = False) -> Statistics:
@@ -537,7 +529,7 @@ class StatisticsWriter:
         widest = self._header_bytes(placeholder_header, samples=10**15)
         self.reserved = -(-(len(widest) + 4096) // 8) * 8
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        fd, self.tmp = temp_file_beside(self.path)
         self.fd = fd
         try:
             os.ftruncate(fd, 8 + self.reserved + self.end)
@@ -603,8 +595,7 @@ class StatisticsWriter:
             os.fsync(self.fd)
             os.close(self.fd)
             self.fd = None
-            os.chmod(self.tmp, 0o666 & ~_umask())
-            os.replace(self.tmp, self.path)
+            install(self.tmp, self.path)
         except BaseException:
             self.abort()
             raise
@@ -615,12 +606,6 @@ class StatisticsWriter:
             self.fd = None
         if os.path.exists(self.tmp):
             os.unlink(self.tmp)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def file_header(*, modules: dict[str, ModuleInfo], groups: dict, outputs: dict, n_samples: int, config: dict,

@@ -80,7 +80,7 @@ def cmd_check(args) -> int:
 
 
 def main(argv=None) -> int:
-    from lora_da.cli import CLIError
+    from lora_da.errors import CLIError
     from lora_da.errors import LoraDAError
 
     p = argparse.ArgumentParser(prog="python -m lora_da.conformance", description="LoRA-DA conformance kit (SPEC §5)")
