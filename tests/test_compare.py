@@ -105,7 +105,7 @@ def test_search_grid_is_the_same_for_every_scaled_arm(compared):
 def test_lora_da_arm_equals_initialize_lora_da_weights():
     task = tiny_task()
     arm = compare.init_lora_da(task.base(0), task.lora_config(), task.calib, scale=16.0, task=task, seed=0)
-    ref = compare._peft(task.base(0), task.lora_config(), 0)
+    ref = compare.peft_model(task.base(0), task.lora_config(), 0)
     initialize_lora_da_weights(ref, task.calib, lora_da_config=LoraDAConfig(n_pop=task.n_pop, gamma=16.0),
                                progress=False)
     got, want = arm.state_dict(), ref.state_dict()
