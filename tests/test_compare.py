@@ -131,3 +131,34 @@ def test_auto_norm_sets_each_initial_update_to_rho_of_the_weight():
             assert float(upd / w) == pytest.approx(compare.AUTO_NORM_RHO, rel=1e-4)
             seen += 1
     assert seen == 6  # 2 layers × (q, v, down)
+
+
+def test_the_authors_recipe_solves_the_statistics_of_spec_2(monkeypatch):
+    """The baseline is the authors' pipeline only if what it hands its float32 solve is SPEC §2's Z/T, y/T and Ḡ:
+    checked against per-sample autograd in float64, to float32 rounding, one decoder layer per Fisher pass."""
+    import numpy as np
+    from helpers import LLAMA_TARGETS, brute_force, data, tiny_llama
+
+    from lora_da.compare import authors
+
+    model = tiny_llama(torch.float32)
+    ids, mask = data()
+    samples = [{"input_ids": ids[i:i + 1], "attention_mask": mask[i:i + 1]} for i in range(len(ids))]
+    handed, solve = [], authors.solve_float32
+
+    def spy(Z, y, T, G, **kw):
+        handed.append(((Z / T).double().numpy(), (y / T).double().numpy(), G.double().numpy()))
+        return solve(Z, y, T, G, **kw)
+
+    monkeypatch.setattr(authors, "solve_float32", spy)
+    out = authors.authors_pipeline(model, samples, LLAMA_TARGETS, n_pop=100, rank=2, layers_per_pass=1)
+    names = [n for n, m in model.named_modules()
+             if isinstance(m, torch.nn.Linear) and n.split(".")[-1] in LLAMA_TARGETS]
+    assert list(out["inits"]) == names and len(handed) == len(names) == 14
+    want, _ = brute_force(tiny_llama(torch.float64), ids, mask, names)
+    for n, (Z, y, G) in zip(names, handed):
+        G64, Z64, y64 = want[n]
+        for got, ref in ((Z, Z64), (y, y64), (G, G64)):
+            np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max(), err_msg=n)
+        A, B = out["inits"][n]
+        assert A.shape == (2, Z.shape[0]) and B.shape == (y.shape[0], 2) and torch.isfinite(A).all()

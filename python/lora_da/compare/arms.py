@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import copy
 import math
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import torch
 
@@ -222,29 +220,12 @@ def init_lora_da_auto(base, cfg, calib, *, scale=None, task=None, seed=0):
     return _write(model, unit, gam)
 
 
-def _authors_module():
-    try:
-        import baseline_authors
-    except ImportError:
-        import importlib.util
-
-        path = Path(__file__).resolve().parents[3] / "benches" / "baseline_authors.py"
-        if not path.is_file():
-            raise ImportError(f"{path}: benches/baseline_authors.py not found (run from the repository)")
-        spec = importlib.util.spec_from_file_location("baseline_authors", path)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        sys.modules["baseline_authors"] = mod
-        return mod
-    return baseline_authors
-
-
 def init_lora_da_authors(base, cfg, calib, *, scale=1024.0, task=None, seed=0):
     """The published research code's numerics: statistics rounded to float32, then the authors' per-module
-    dense float32 solve with 10 LOBPCG iterations (benches/baseline_authors.py ``_solve``)."""
+    dense float32 solve with 10 LOBPCG iterations (:func:`lora_da.compare.authors.solve_float32`)."""
     from lora_da import collect_statistics
+    from lora_da.compare.authors import solve_float32
 
-    ba = _authors_module()
     def compute():
         probe = peft_model(copy.deepcopy(base), copy.deepcopy(cfg), seed)
         names = _lora_names(probe)
@@ -257,8 +238,8 @@ def init_lora_da_authors(base, cfg, calib, *, scale=1024.0, task=None, seed=0):
             Z = torch.from_numpy(st.input_factor(k)).float().to(dev)
             y = torch.from_numpy(st.output_factor(k)).float().to(dev)
             G = torch.from_numpy(st.mean_grad(k)).float().to(dev)
-            A, B, _ = ba._solve(Z, y, 1.0, G, n_pop=task.n_pop, rank=cfg.r, alpha=1.0, beta=0.03, gamma=1.0,
-                                damping=1e-6)
+            A, B, _ = solve_float32(Z, y, 1.0, G, n_pop=task.n_pop, rank=cfg.r, alpha=1.0, beta=0.03, gamma=1.0,
+                                    damping=1e-6)
             unit[n] = (A.float().cpu(), B.float().cpu())
         return unit
 
