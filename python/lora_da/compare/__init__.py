@@ -18,6 +18,7 @@ from lora_da.compare.arms import (
     AUTO_NORM_RHO,
     GAMMA_GRID,
     SENSITIVITY_GAMMAS,
+    ArmSetup,
     Method,
     auto_norm_gammas,
     available_methods,
@@ -51,7 +52,7 @@ from lora_da.compare.report import (
 )
 from lora_da.compare.tasks import Task, classification_task, lm_task, read_label_rows
 
-__all__ = ["AUTO_NORM_RHO", "GAMMA_GRID", "SENSITIVITY_GAMMAS", "Method", "Run", "Task", "TaskResult",
+__all__ = ["AUTO_NORM_RHO", "GAMMA_GRID", "SENSITIVITY_GAMMAS", "ArmSetup", "Method", "Run", "Task", "TaskResult",
            "auto_norm_bar", "auto_norm_gammas", "available_methods", "classification_task", "compare_task",
            "init_corda", "init_default", "init_eva", "init_gaussian", "init_lora_da", "init_lora_da_authors",
            "init_lora_da_auto", "init_lora_da_beta0", "init_lora_ga", "init_lora_one", "init_pissa", "lm_task",

@@ -1,9 +1,10 @@
 """The arms of a comparison: the LoRA initializations compared, each with its scale grid.
 
 An initialization is ``init(base, lora_config, calib_batches, scale=..., task=..., seed=...)``
-returning a :class:`peft.PeftModel`; a :class:`Method` names it and the scales (γ, or
-LoRA-GA's ``stable_gamma``) its search tries. :func:`available_methods` lists every arm
-the installed PEFT supports.
+returning an :class:`ArmSetup`: the initialized :class:`peft.PeftModel` and what the
+harness charges the run or reports for it; a :class:`Method` names it and the scales (γ,
+or LoRA-GA's ``stable_gamma``) its search tries. :func:`available_methods` lists every
+arm the installed PEFT supports.
 """
 
 from __future__ import annotations
@@ -17,6 +18,18 @@ from dataclasses import dataclass, replace
 import torch
 
 
+@dataclass
+class ArmSetup:
+    """What an arm hands the harness (:func:`lora_da.compare.harness.run_one`)."""
+
+    model: object  # the peft.PeftModel, initialized
+    # statistics and a solve computed once per seed and reused by every lr and scale of that seed: each run
+    # that uses them is charged their seconds (added to its init time) and their GPU peak (MiB; None on a CPU)
+    solve_s: float = 0.0
+    solve_peak_mb: float | None = None
+    gammas: dict | None = None  # γ per module when the arm chose them itself (auto-norm): the table gives their median
+
+
 def peft_model(base, cfg, seed=0):
     """``base`` wrapped by PEFT with ``cfg``, every random draw of the wrapping seeded by ``seed``."""
     from peft import get_peft_model
@@ -26,15 +39,15 @@ def peft_model(base, cfg, seed=0):
 
 
 def init_default(base, cfg, calib, *, scale=None, task=None, seed=0):
-    return peft_model(base, cfg, seed)
+    return ArmSetup(peft_model(base, cfg, seed))
 
 
 def init_gaussian(base, cfg, calib, *, scale=None, task=None, seed=0):
-    return peft_model(base, replace(cfg, init_lora_weights="gaussian"), seed)
+    return ArmSetup(peft_model(base, replace(cfg, init_lora_weights="gaussian"), seed))
 
 
 def init_pissa(base, cfg, calib, *, scale=None, task=None, seed=0):
-    return peft_model(base, replace(cfg, init_lora_weights="pissa"), seed)
+    return ArmSetup(peft_model(base, replace(cfg, init_lora_weights="pissa"), seed))
 
 
 def init_eva(base, cfg, calib, *, scale=None, task=None, seed=0):
@@ -44,7 +57,7 @@ def init_eva(base, cfg, calib, *, scale=None, task=None, seed=0):
     eva = EvaConfig(rho=1.0, use_label_mask=task.eva_label_mask if task else True)
     model = peft_model(base, replace(cfg, init_lora_weights="eva", eva_config=eva), seed)
     initialize_lora_eva_weights(model, calib, prepare_layer_inputs_fn=_eva_layer_inputs, show_progress_bar=False)
-    return model
+    return ArmSetup(model)
 
 
 def _eva_layer_inputs(layer_input, model_input, layer_name):
@@ -69,7 +82,7 @@ def init_corda(base, cfg, calib, *, scale=None, task=None, seed=0):
             base(**b)
 
     preprocess_corda(base, cfg, run_model=run_model)
-    return peft_model(base, cfg, seed)
+    return ArmSetup(peft_model(base, cfg, seed))
 
 
 def init_lora_ga(base, cfg, calib, *, scale=16, task=None, seed=0):
@@ -83,7 +96,7 @@ def init_lora_ga(base, cfg, calib, *, scale=16, task=None, seed=0):
             (base(**b).loss / len(calib)).backward()
 
     preprocess_loraga(base, cfg, train_step)
-    return peft_model(base, cfg, seed)
+    return ArmSetup(peft_model(base, cfg, seed))
 
 
 def _full_gradients(base, names, calib):
@@ -132,7 +145,7 @@ def init_lora_one(base, cfg, calib, *, scale=16, task=None, seed=0):
         layer = mods[n]
         layer.lora_B["default"].weight.copy_(U[:, :r] * root / math.sqrt(scale))
         layer.lora_A["default"].weight.copy_(root[:, None] * Vh[:r] / math.sqrt(scale))
-    return model
+    return ArmSetup(model)
 
 
 # -- LoRA-DA arms: one solve at γ = 1 per (task, seed, variant), each γ is that state dict / √γ -----------
@@ -186,9 +199,8 @@ def _write(model, unit, gammas):
 
 def init_lora_da(base, cfg, calib, *, scale=1024.0, task=None, seed=0, beta=0.03):
     unit, secs, peak = _unit_lora_da(base, cfg, calib, task, seed, beta)
-    model = peft_model(base, cfg, seed)
-    model._solve_cost = (secs, peak)
-    return _write(model, unit, {n: float(scale) for n in unit})
+    model = _write(peft_model(base, cfg, seed), unit, {n: float(scale) for n in unit})
+    return ArmSetup(model, solve_s=secs, solve_peak_mb=peak)
 
 
 def init_lora_da_beta0(base, cfg, calib, *, scale=1024.0, task=None, seed=0):
@@ -214,10 +226,8 @@ def auto_norm_gammas(model, unit, rho=AUTO_NORM_RHO, adapter="default"):
 def init_lora_da_auto(base, cfg, calib, *, scale=None, task=None, seed=0):
     unit, secs, peak = _unit_lora_da(base, cfg, calib, task, seed, 0.03)
     model = peft_model(base, cfg, seed)
-    model._solve_cost = (secs, peak)
     gam = auto_norm_gammas(model, unit)
-    model._auto_gammas = gam  # reported: the median γ it chose
-    return _write(model, unit, gam)
+    return ArmSetup(_write(model, unit, gam), solve_s=secs, solve_peak_mb=peak, gammas=gam)
 
 
 def init_lora_da_authors(base, cfg, calib, *, scale=1024.0, task=None, seed=0):
@@ -244,9 +254,8 @@ def init_lora_da_authors(base, cfg, calib, *, scale=1024.0, task=None, seed=0):
         return unit
 
     unit, secs, peak = _cached(task, (seed, "authors"), compute, _device_of(base))
-    model = peft_model(base, cfg, seed)
-    model._solve_cost = (secs, peak)
-    return _write(model, unit, {n: float(scale) for n in unit})
+    model = _write(peft_model(base, cfg, seed), unit, {n: float(scale) for n in unit})
+    return ArmSetup(model, solve_s=secs, solve_peak_mb=peak)
 
 
 @dataclass

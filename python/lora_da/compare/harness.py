@@ -36,6 +36,7 @@ class Run:
     first_batch: object = field(default=None, repr=False)
     base_fingerprint: float | None = None
     extra: str = ""
+    model: object = field(default=None, repr=False)  # the trained model, kept only with run_one(keep_model=True)
 
 
 def _fingerprint(model):
@@ -59,7 +60,8 @@ def run_one(task: Task, method: Method, *, seed, lr, scale, steps, device="cpu",
     _sync(device)
     t0 = time.perf_counter()
     kw = {} if scale is None else {"scale": scale}
-    model = method.init(base, task.lora_config(), task.calib, task=task, seed=seed, **kw)
+    setup = method.init(base, task.lora_config(), task.calib, task=task, seed=seed, **kw)
+    model = setup.model
     _sync(device)
     init_s = time.perf_counter() - t0
     batches = task.train(seed)
@@ -80,20 +82,17 @@ def run_one(task: Task, method: Method, *, seed, lr, scale, steps, device="cpu",
     _sync(device)
     train_s = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() / 2**20 if is_cuda else None
-    if hasattr(model, "_solve_cost"):  # statistics + solve computed once per seed: charge them to every run
-        init_s += model._solve_cost[0]
-        if peak is not None and model._solve_cost[1] is not None:
-            peak = max(peak, model._solve_cost[1])
+    init_s += setup.solve_s  # statistics + solve computed once per seed: charged to every run that reuses them
+    if peak is not None and setup.solve_peak_mb is not None:
+        peak = max(peak, setup.solve_peak_mb)
     sel, ev = task.evaluate(model, task.select), task.evaluate(model, task.eval)
     extra = ""
-    if hasattr(model, "_auto_gammas"):
-        g = sorted(model._auto_gammas.values())
+    if setup.gammas:
+        g = sorted(setup.gammas.values())
         extra = f"γ median {g[len(g) // 2]:.3g} (range {g[0]:.3g}…{g[-1]:.3g})"
-    run = Run(method.name, seed, lr, scale, losses, sel, ev, init_s, train_s, peak,
-              first_batch=batches[0]["input_ids"].cpu(), base_fingerprint=fp, extra=extra)
-    if keep_model:
-        run.model = model
-    return run
+    return Run(method.name, seed, lr, scale, losses, sel, ev, init_s, train_s, peak,
+               first_batch=batches[0]["input_ids"].cpu(), base_fingerprint=fp, extra=extra,
+               model=model if keep_model else None)
 
 
 @dataclass
