@@ -17,6 +17,9 @@ from dataclasses import dataclass, replace
 
 import torch
 
+# the published defaults (SPEC §3), their one source
+from lora_da._core import SOLVE_DEFAULTS
+
 
 @dataclass
 class ArmSetup:
@@ -197,13 +200,14 @@ def _write(model, unit, gammas):
     return model
 
 
-def init_lora_da(base, cfg, calib, *, scale=1024.0, task=None, seed=0, beta=0.03):
+def init_lora_da(base, cfg, calib, *, scale=SOLVE_DEFAULTS["gamma"], task=None, seed=0,
+                 beta=SOLVE_DEFAULTS["beta"]):
     unit, secs, peak = _unit_lora_da(base, cfg, calib, task, seed, beta)
     model = _write(peft_model(base, cfg, seed), unit, {n: float(scale) for n in unit})
     return ArmSetup(model, solve_s=secs, solve_peak_mb=peak)
 
 
-def init_lora_da_beta0(base, cfg, calib, *, scale=1024.0, task=None, seed=0):
+def init_lora_da_beta0(base, cfg, calib, *, scale=SOLVE_DEFAULTS["gamma"], task=None, seed=0):
     return init_lora_da(base, cfg, calib, scale=scale, task=task, seed=seed, beta=0.0)
 
 
@@ -224,13 +228,13 @@ def auto_norm_gammas(model, unit, rho=AUTO_NORM_RHO, adapter="default"):
 
 
 def init_lora_da_auto(base, cfg, calib, *, scale=None, task=None, seed=0):
-    unit, secs, peak = _unit_lora_da(base, cfg, calib, task, seed, 0.03)
+    unit, secs, peak = _unit_lora_da(base, cfg, calib, task, seed, SOLVE_DEFAULTS["beta"])
     model = peft_model(base, cfg, seed)
     gam = auto_norm_gammas(model, unit)
     return ArmSetup(_write(model, unit, gam), solve_s=secs, solve_peak_mb=peak, gammas=gam)
 
 
-def init_lora_da_authors(base, cfg, calib, *, scale=1024.0, task=None, seed=0):
+def init_lora_da_authors(base, cfg, calib, *, scale=SOLVE_DEFAULTS["gamma"], task=None, seed=0):
     """The published research code's numerics: statistics rounded to float32, then the authors' per-module
     dense float32 solve with 10 LOBPCG iterations (:func:`lora_da.compare.authors.solve_float32`)."""
     from lora_da import collect_statistics
@@ -248,8 +252,8 @@ def init_lora_da_authors(base, cfg, calib, *, scale=1024.0, task=None, seed=0):
             Z = torch.from_numpy(st.input_factor(k)).float().to(dev)
             y = torch.from_numpy(st.output_factor(k)).float().to(dev)
             G = torch.from_numpy(st.mean_grad(k)).float().to(dev)
-            A, B, _ = solve_float32(Z, y, 1.0, G, n_pop=task.n_pop, rank=cfg.r, alpha=1.0, beta=0.03, gamma=1.0,
-                                    damping=1e-6)
+            A, B, _ = solve_float32(Z, y, 1.0, G, n_pop=task.n_pop, rank=cfg.r, alpha=SOLVE_DEFAULTS["alpha"],
+                                    beta=SOLVE_DEFAULTS["beta"], gamma=1.0, damping=SOLVE_DEFAULTS["damping"])
             unit[n] = (A.float().cpu(), B.float().cpu())
         return unit
 

@@ -23,6 +23,9 @@ import time
 
 import torch
 
+# SPEC §3's defaults are the authors' published configuration: the recipe reads them from their one source
+from lora_da._core import SOLVE_DEFAULTS
+
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
@@ -64,8 +67,9 @@ def solve_float32(Z, y, T, G, *, n_pop, rank, alpha, beta, gamma, damping, seed=
     return V.T / s, (d_hat.T @ V) / s, fell_back
 
 
-def authors_pipeline(model, samples, target_suffixes, *, n_pop, rank=8, alpha=1.0, beta=0.03, gamma=1024.0,
-                     damping=1e-6, layers_per_pass=8, timer=None) -> dict:
+def authors_pipeline(model, samples, target_suffixes, *, n_pop, rank=8, alpha=SOLVE_DEFAULTS["alpha"],
+                     beta=SOLVE_DEFAULTS["beta"], gamma=SOLVE_DEFAULTS["gamma"], damping=SOLVE_DEFAULTS["damping"],
+                     layers_per_pass=8, timer=None) -> dict:
     device = next(model.parameters()).device
     targets = {name: mod for name, mod in model.named_modules()
                if isinstance(mod, torch.nn.Linear) and name.split(".")[-1] in target_suffixes}

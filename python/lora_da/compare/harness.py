@@ -187,7 +187,7 @@ def run_comparison(tasks, *, seeds, lrs, steps, out_dir, methods=None, device="c
                 md += [f"{res.task.name}:", ""] + [f"- {k}: {v}" for k, v in res.task.about.items()] + [""]
             md += [markdown(res), "", verdict(res), ""]
             if internal_checks:
-                ok, msg = auto_norm_bar(res)
+                _, msg = auto_norm_bar(res)
                 md += [f"auto-norm bar (≤ PEFT default at every logged step, every seed): {msg}", ""]
         text = "\n".join(md)
         Path(out_dir, "results.md").write_text(text + "\n", encoding="utf-8")
