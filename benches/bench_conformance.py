@@ -6,7 +6,7 @@ authors' own ``lora_da.py`` when given its path, checked against the exact answe
 ``--inputs`` reads the cases written by ``lora-da conformance export DIR``
 (default: regenerate them from the recipes, which needs the demo extra).
 
-* **float32 recipe** — ``benches/baseline_authors._solve``, the recipe the
+* **float32 recipe** — ``lora_da.compare.authors.solve_float32``, the recipe the
   end-to-end benchmark compares against: float32 ``Z``, ``y``, ``Ḡ``, Cholesky
   and ``cholesky_inverse``, σ from ``svd_lowrank``, 10 LOBPCG iterations (dense
   ``eigh`` only if LOBPCG raises or returns non-finite vectors). It has no
@@ -24,17 +24,12 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import sys
 import time
-from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from baseline_authors import _solve as authors_float32_solve  # noqa: E402
-
-from lora_da.conformance import CASES, checker, regenerate, result_key  # noqa: E402
-from lora_da.conformance.export import read_exported  # noqa: E402
+from lora_da.compare.authors import solve_float32 as authors_float32_solve
+from lora_da.conformance import CASES, checker, regenerate, result_key
+from lora_da.conformance.export import read_exported
 
 SKIP = "skip"
 

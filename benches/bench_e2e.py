@@ -19,7 +19,7 @@ Runs, in this order: a plain forward + backward over the data at lora-da's
 batch size (the floor), lora-da with default settings
 (:func:`lora_da.get_lora_da_state_dict`), lora-da with its device budget cut
 so that its peak stays near the baseline's, the baseline
-(``baseline_authors.py``: batch 1, gradient pass, Fisher passes of 8 layers,
+(``lora_da.compare.authors``: batch 1, gradient pass, Fisher passes of 8 layers,
 float32 solves), and the subspace angle of both against a float64 reference
 solve of lora-da's own statistics on a few modules. Prints a Markdown table
 last; logs go to ``$OUT`` when set.
@@ -315,7 +315,7 @@ def grid(args, shape):
                 say(f"keep, card {gib} GiB, batch {bs}: {dt:.1f} s (collect {tc:.1f}, solve {ts:.1f}), host {h:.1f} GiB, "
                     f"statistics {plan.statistics_bytes / 2**30:.1f} GiB{vs}")
     if not args.skip_baseline:
-        from baseline_authors import authors_pipeline
+        from lora_da.compare.authors import authors_pipeline
 
         for gib in reversed(sizes):  # the smallest card the baseline fits
             took = filler.set(gib, model_bytes)
@@ -399,7 +399,7 @@ def main():
 
     base = None
     if not args.skip_baseline:
-        from baseline_authors import authors_pipeline
+        from lora_da.compare.authors import authors_pipeline
 
         samples = batched(ids, mask, 1)
         base_runs = [measure(lambda: authors_pipeline(model, samples, TARGETS, n_pop=10000))

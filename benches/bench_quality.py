@@ -24,14 +24,10 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # baseline_authors.py
-
 import torch
-
 from lora_da import compare
 
 

@@ -16,7 +16,7 @@ from helpers import batches, data, peft_classifier, tiny_llama
 from peft import LoraConfig, get_peft_model
 
 import lora_da
-from lora_da.errors import InvalidArgumentError, NonFiniteError, ShapeError
+from lora_da.errors import InvalidArgumentError, NonFiniteError
 
 
 def _params(model) -> dict[str, torch.Tensor]:

@@ -3,7 +3,6 @@ elsewhere, fork safety, determinism across thread counts."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import subprocess

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import TARGETS, assert_same_statistics, batches, brute_force, data, many_batches, tiny_classifier, tiny_llama
+from helpers import TARGETS, assert_same_statistics, batches, data, many_batches, tiny_classifier, tiny_llama
 
 import lora_da
 from lora_da.collect import default_loss

@@ -104,8 +104,8 @@ def test_search_grid_is_the_same_for_every_scaled_arm(compared):
 
 def test_lora_da_arm_equals_initialize_lora_da_weights():
     task = tiny_task()
-    arm = compare.init_lora_da(task.base(0), task.lora_config(), task.calib, scale=16.0, task=task, seed=0)
-    ref = compare._peft(task.base(0), task.lora_config(), 0)
+    arm = compare.init_lora_da(task.base(0), task.lora_config(), task.calib, scale=16.0, task=task, seed=0).model
+    ref = compare.peft_model(task.base(0), task.lora_config(), 0)
     initialize_lora_da_weights(ref, task.calib, lora_da_config=LoraDAConfig(n_pop=task.n_pop, gamma=16.0),
                                progress=False)
     got, want = arm.state_dict(), ref.state_dict()
@@ -119,7 +119,7 @@ def test_lora_da_arm_equals_initialize_lora_da_weights():
 
 def test_auto_norm_sets_each_initial_update_to_rho_of_the_weight():
     task = tiny_task()
-    model = compare.init_lora_da_auto(task.base(0), task.lora_config(), task.calib, task=task, seed=0)
+    model = compare.init_lora_da_auto(task.base(0), task.lora_config(), task.calib, task=task, seed=0).model
     from peft.tuners.lora import LoraLayer
 
     seen = 0
@@ -131,3 +131,62 @@ def test_auto_norm_sets_each_initial_update_to_rho_of_the_weight():
             assert float(upd / w) == pytest.approx(compare.AUTO_NORM_RHO, rel=1e-4)
             seen += 1
     assert seen == 6  # 2 layers × (q, v, down)
+
+
+def test_the_authors_recipe_solves_the_statistics_of_spec_2(monkeypatch):
+    """The baseline is the authors' pipeline only if what it hands its float32 solve is SPEC §2's Z/T, y/T and Ḡ:
+    checked against per-sample autograd in float64, to float32 rounding, one decoder layer per Fisher pass."""
+    import numpy as np
+    from helpers import LLAMA_TARGETS, brute_force, data, tiny_llama
+
+    from lora_da.compare import authors
+
+    model = tiny_llama(torch.float32)
+    ids, mask = data()
+    samples = [{"input_ids": ids[i:i + 1], "attention_mask": mask[i:i + 1]} for i in range(len(ids))]
+    handed, solve = [], authors.solve_float32
+
+    def spy(Z, y, T, G, **kw):
+        handed.append(((Z / T).double().numpy(), (y / T).double().numpy(), G.double().numpy()))
+        return solve(Z, y, T, G, **kw)
+
+    monkeypatch.setattr(authors, "solve_float32", spy)
+    out = authors.authors_pipeline(model, samples, LLAMA_TARGETS, n_pop=100, rank=2, layers_per_pass=1)
+    names = [n for n, m in model.named_modules()
+             if isinstance(m, torch.nn.Linear) and n.split(".")[-1] in LLAMA_TARGETS]
+    assert list(out["inits"]) == names and len(handed) == len(names) == 14
+    want, _ = brute_force(tiny_llama(torch.float64), ids, mask, names)
+    for n, (Z, y, G) in zip(names, handed):
+        G64, Z64, y64 = want[n]
+        for got, ref in ((Z, Z64), (y, y64), (G, G64)):
+            np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max(), err_msg=n)
+        A, B = out["inits"][n]
+        assert A.shape == (2, Z.shape[0]) and B.shape == (y.shape[0], 2) and torch.isfinite(A).all()
+
+
+def test_what_an_arm_returns_reaches_the_run_and_the_table(tmp_path):
+    """The harness reads the arm's ArmSetup: the solve cost it reports is charged to the run's init time (the
+    table's "init s"), the γ it chose per module is summarised in the note."""
+    task = tiny_task()
+
+    def costly(base, cfg, calib, *, task=None, seed=0):
+        model = compare.init_default(base, cfg, calib, task=task, seed=seed).model
+        return compare.ArmSetup(model, solve_s=250.0, gammas={"q": 64.0, "v": 1.0, "down": 4.0})
+
+    arms = [compare.Method("PEFT default", compare.init_default), compare.Method("costly", costly)]
+    res = compare.run_comparison([task], seeds=[0], lrs=[1e-3], steps=1, out_dir=tmp_path, methods=arms,
+                                 sensitivity=(), log=lambda *_: None, internal_checks=False)[0]
+    plain, charged = res.runs["PEFT default"][0], res.runs["costly"][0]
+    assert charged.init_s >= 250.0 > plain.init_s
+    assert charged.extra == "γ median 4 (range 1…64)" and plain.extra == ""
+    rows = {cells[1].strip(): cells for cells in (line.split("|") for line in
+                                                  (tmp_path / "results.md").read_text().splitlines())
+            if len(cells) > 2 and cells[1].strip() in ("PEFT default", "costly")}
+    assert float(rows["costly"][-5]) >= 250.0 > float(rows["PEFT default"][-5])  # init s
+    assert rows["costly"][-2].strip() == "γ median 4 (range 1…64)" and rows["PEFT default"][-2].strip() == ""
+
+    # LoRA-DA's arm reports the statistics and solve it computed once for the seed, to every γ that reuses them
+    first = compare.init_lora_da(task.base(0), task.lora_config(), task.calib, scale=16.0, task=task, seed=0)
+    again = compare.init_lora_da(task.base(0), task.lora_config(), task.calib, scale=1.0, task=task, seed=0)
+    ((_, seconds, peak),) = task.solved.values()
+    assert first.solve_s == again.solve_s == seconds > 0 and first.solve_peak_mb is peak is None  # a CPU: no GPU peak

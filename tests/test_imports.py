@@ -135,7 +135,7 @@ def test_the_walk_sees_the_package():
     assert {"lora_da", "lora_da.cli", "lora_da.errors", "lora_da.report"} <= set(MODULES)
     graph = _graph()
     assert "lora_da.errors" in graph["lora_da.cli.parser"] | graph["lora_da.cli.commands"]
-    assert "lora_da.data" in graph["lora_da.compare"]
+    assert "lora_da.data" in graph["lora_da.compare.tasks"]
 
 
 def test_no_import_circle():

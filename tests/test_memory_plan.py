@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from helpers import LLAMA_TARGETS, batches, data, tiny_llama
 
 import lora_da

@@ -11,7 +11,6 @@ number of examples (CI: 60 per target; FUZZING.md records longer runs), and
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 

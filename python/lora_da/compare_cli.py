@@ -1,7 +1,7 @@
-"""``lora-da compare``: the issue-13 comparison of LoRA initializations on the user's own local
-sequence-classification model and data (``text<TAB>label`` lines, or the JSONL the other
-commands read; no downloads). Kept apart from :mod:`lora_da.compare` so that building the CLI
-parser does not import torch."""
+"""``lora-da compare``: the comparison of LoRA initializations that benches/bench_quality.py runs, on
+the user's own local sequence-classification model and data (``text<TAB>label`` lines, or the JSONL
+the other commands read; no downloads). Kept apart from :mod:`lora_da.compare` so that building the
+CLI parser does not import torch."""
 
 from __future__ import annotations
 

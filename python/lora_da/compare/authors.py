@@ -1,12 +1,18 @@
-"""Baseline: the LoRA-DA authors' research pipeline, re-implemented for benchmarks.
+"""The LoRA-DA authors' research pipeline, re-implemented: the baseline of the benchmarks
+and the numerics of ``lora-da compare``'s "LoRA-DA authors" arm.
 
 This re-implements the recipe of the authors' public code (github.com/zqy0126/LoRA-DA)
 as described in SPEC.md §2–§3 and the project's issue; it is written from that
 description, no code is copied. It is the speed/memory BASELINE the GPU end-to-end
-benchmark compares `lora_da` against, so it keeps the authors' choices even where
-they are slow or inexact: batch size 1, a separate gradient pass, Fisher passes over
-8 decoder layers at a time (ceil(L/8) passes over the data), one float32 `Z` per
+benchmark (``benches/bench_e2e.py``) compares `lora_da` against, so it keeps the authors'
+choices even where they are slow or inexact: batch size 1, a separate gradient pass, Fisher
+passes over 8 decoder layers at a time (ceil(L/8) passes over the data), one float32 `Z` per
 module (no sharing between q/k/v), dense float32 solve with `torch.lobpcg` (10 iters).
+
+Its solve alone, :func:`solve_float32`, is the "LoRA-DA authors" arm of
+:mod:`lora_da.compare.arms` and the "float32 recipe" of ``benches/bench_conformance.py``;
+:func:`authors_pipeline` is the whole pipeline ``benches/bench_e2e.py`` times. It lives in
+the package so that every arm ``lora-da compare`` lists runs wherever lora-da is installed.
 """
 
 from __future__ import annotations
@@ -16,6 +22,9 @@ import re
 import time
 
 import torch
+
+# SPEC §3's defaults are the authors' published configuration: the recipe reads them from their one source
+from lora_da._core import SOLVE_DEFAULTS
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
@@ -33,7 +42,7 @@ def _batch(sample, device):
 
 
 @torch.no_grad()
-def _solve(Z, y, T, G, *, n_pop, rank, alpha, beta, gamma, damping, seed=0):
+def solve_float32(Z, y, T, G, *, n_pop, rank, alpha, beta, gamma, damping, seed=0):
     """One module, dense float32 on the statistics' device; returns (A, B, fell_back)."""
     n = Z.shape[0]
     Z, y, G = Z / T, y / T, G.float()
@@ -58,8 +67,9 @@ def _solve(Z, y, T, G, *, n_pop, rank, alpha, beta, gamma, damping, seed=0):
     return V.T / s, (d_hat.T @ V) / s, fell_back
 
 
-def authors_pipeline(model, samples, target_suffixes, *, n_pop, rank=8, alpha=1.0, beta=0.03, gamma=1024.0,
-                     damping=1e-6, layers_per_pass=8, timer=None) -> dict:
+def authors_pipeline(model, samples, target_suffixes, *, n_pop, rank=8, alpha=SOLVE_DEFAULTS["alpha"],
+                     beta=SOLVE_DEFAULTS["beta"], gamma=SOLVE_DEFAULTS["gamma"], damping=SOLVE_DEFAULTS["damping"],
+                     layers_per_pass=8, timer=None) -> dict:
     device = next(model.parameters()).device
     targets = {name: mod for name, mod in model.named_modules()
                if isinstance(mod, torch.nn.Linear) and name.split(".")[-1] in target_suffixes}
@@ -125,7 +135,7 @@ def authors_pipeline(model, samples, target_suffixes, *, n_pop, rank=8, alpha=1.
                 targets[n].weight.requires_grad_(False)
                 targets[n].weight.grad = None
                 Z, y, T = stats.pop(n)
-                A, B, fb = _solve(Z, y, T, grads.pop(n), n_pop=n_pop, rank=rank, alpha=alpha, beta=beta,
+                A, B, fb = solve_float32(Z, y, T, grads.pop(n), n_pop=n_pop, rank=rank, alpha=alpha, beta=beta,
                                   gamma=gamma, damping=damping)
                 inits[n] = (A.cpu(), B.cpu())
                 fallbacks += fb
@@ -140,69 +150,3 @@ def authors_pipeline(model, samples, target_suffixes, *, n_pop, rank=8, alpha=1.
             p.grad = g
         model.train(was_training)
     return {"inits": inits, "seconds": seconds, "lobpcg_fallbacks": fallbacks}
-
-
-if __name__ == "__main__":
-    # Smoke run on a tiny random Llama (CPU, float32), checked against the float64 SciPy oracle.
-    #   python benches/baseline_authors.py [n_samples]   (default 6 samples of 12 tokens)
-    import copy
-    import importlib.util
-    import pathlib
-    import sys
-
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    try:
-        from lora_da import reference
-    except ImportError:  # the Rust core not built: load the pure-SciPy oracle by path
-        path = pathlib.Path(__file__).resolve().parents[1] / "python/lora_da/reference.py"
-        spec = importlib.util.spec_from_file_location("reference", path)
-        reference = sys.modules["reference"] = importlib.util.module_from_spec(spec)  # dataclasses need it
-        spec.loader.exec_module(reference)
-
-    n_samples = int(sys.argv[1]) if len(sys.argv) > 1 else 6
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=50, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2)
-    model = LlamaForCausalLM(cfg).float().eval()
-    samples = []
-    for i in range(n_samples):
-        ids, mask = torch.randint(0, 50, (1, 12)), torch.ones(1, 12, dtype=torch.long)
-        mask[0, 12 - i % 6:] = 0  # right padding of 0..5 tokens
-        samples.append({"input_ids": ids.masked_fill(mask == 0, 0), "attention_mask": mask})
-    suffixes = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    rank, n_pop, gamma = 4, 1000, 1024.0
-    out = authors_pipeline(model, samples, suffixes, n_pop=n_pop, rank=rank, gamma=gamma, layers_per_pass=2)
-
-    # Brute-force float64 statistics: per-sample autograd on a float64 copy, per-token x and g.
-    m64 = copy.deepcopy(model).double()
-    mods = dict(m64.named_modules())
-    names = list(out["inits"])
-    st = {n: {"Z": 0.0, "y": 0.0, "T": 0, "G": 0.0} for n in names}
-    for s in samples:
-        ids, mask, labels = _batch(s, torch.device("cpu"))
-        valid, xs, outs = mask[0].bool(), {}, {}
-
-        def keep(mod, i, o, n):  # returns None: the output is left untouched
-            xs[n], outs[n] = i[0][0], o
-        hs = [mods[n].register_forward_hook(lambda mod, i, o, n=n: keep(mod, i, o, n)) for n in names]
-        loss = m64(input_ids=ids, attention_mask=mask, labels=labels).loss
-        for h in hs:
-            h.remove()
-        gs = torch.autograd.grad(loss, [outs[n] for n in names] + [mods[n].weight for n in names])
-        for k, n in enumerate(names):
-            x, g = xs[n][valid].detach(), gs[k][0][valid]
-            st[n]["Z"] = st[n]["Z"] + x.T @ x
-            st[n]["y"] = st[n]["y"] + (g * g).sum(0)
-            st[n]["T"] += int(valid.sum())
-            st[n]["G"] = st[n]["G"] + gs[len(names) + k] / len(samples)
-    print(f"{n_samples} samples, T = {st[names[0]]['T']} tokens; sin θ_max of V = A.T·sqrt(γ) vs the float64 reference")
-    for n in names:
-        A, B = out["inits"][n]
-        T = st[n]["T"]
-        ref = reference.reference_solve((st[n]["Z"] / T).numpy(), (st[n]["y"] / T).numpy(), st[n]["G"].numpy(),
-                                        rank=rank, n_pop=n_pop, gamma=gamma)
-        V = torch.linalg.qr(A.T.double() * math.sqrt(gamma))[0].numpy()  # lobpcg's V is orthonormal to ~1e-7
-        print(f"{n:34s} A {tuple(A.shape)} B {tuple(B.shape)}  sin θ {reference.subspace_sin_theta(ref.V, V):.1e}"
-              f"  gap/‖Ω‖ {ref.gap / ref.omega_norm:.1e}")
-    print("seconds:", {k: round(v, 4) for k, v in out["seconds"].items()}, "lobpcg fallbacks:", out["lobpcg_fallbacks"])
