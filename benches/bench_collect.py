@@ -1,4 +1,4 @@
-"""Statistics collection on a small Llama-architecture model on the CPU (issue 3).
+"""Statistics collection on a small Llama-architecture model on the CPU.
 
     python benches/bench_collect.py [--samples 32] [--length 64] [--repeats 3]
 

@@ -1,4 +1,4 @@
-"""The conformance cases (issue 24) run by the authors' float32 recipe, and by the
+"""The conformance cases run by the authors' float32 recipe, and by the
 authors' own ``lora_da.py`` when given its path, checked against the exact answers.
 
     python benches/bench_conformance.py [--inputs DIR] [--authors PATH/TO/lora_da.py] [--markdown]

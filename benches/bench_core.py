@@ -1,4 +1,4 @@
-"""Benchmark of the Rust core, side by side in one run (issues 2 and 9).
+"""Benchmark of the Rust core, side by side in one run.
 
     python benches/bench_core.py [--sizes 2048 4096] [--repeats 3] [--tokens 4096] [--kfac 2048] [--real]
 

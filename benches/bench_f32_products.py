@@ -1,4 +1,4 @@
-"""What float32 per-batch products would cost in accuracy (issue: every GPU size).
+"""What float32 per-batch products would cost in accuracy.
 
 Most GPUs people own run float64 at 1/32–1/64 of their float32 rate. A route
 for them: form each micro-batch's products (``gᵀx``, ``x xᵀ``, ``g²``) in

@@ -1,4 +1,4 @@
-"""How fast can an exact float64 Gram be on this CPU? (issue 2's accumulation goal)
+"""How fast can an exact float64 Gram be on this CPU?
 
 `InputFactor.add` must match exact float64 sums, so its products need float64
 arithmetic. This measures, side by side and interleaved, the float64 kernels

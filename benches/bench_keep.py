@@ -1,4 +1,4 @@
-"""Keeping a large model's statistics on one GPU (issue 26; SPEC §6, §7), one run:
+"""Keeping a large model's statistics on one GPU (SPEC §6, §7), one run:
 
     python benches/bench_keep.py --shape llama7b --targets q_proj,k_proj,v_proj,o_proj --dir /tmp
 

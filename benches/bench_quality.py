@@ -1,4 +1,4 @@
-"""Fine-tuning quality of LoRA-DA against other LoRA initializations (issue 13).
+"""Fine-tuning quality of LoRA-DA against other LoRA initializations.
 
 Two offline tasks, every arm with the same base weights, data order, optimizer,
 steps and seeds, and the same search budget (lr grid × the arm's own scale grid,

@@ -1,4 +1,4 @@
-"""One-process NCCL smoke test of lora-da's collectives (issue 14's fallback
+"""One-process NCCL smoke test of lora-da's collectives (the fallback
 while no 2-GPU machine is lent): the data-parallel code paths with the NCCL
 backend and CUDA tensors, at world size 1 (NCCL cannot put two ranks on one GPU).
 

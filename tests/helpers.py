@@ -2,7 +2,7 @@
 reference checks, the trainer setup. Fixtures live in conftest.py.
 
 Plain functions in an importable module (``from helpers import ...``), because
-the subprocess tests (test_distributed.py, test_collect_hardening.py,
+the subprocess tests (test_distributed.py, test_collect_resume.py,
 test_adapters_trainer.py) put this folder on ``sys.path`` in the scripts they
 spawn and import the same helpers by name.
 """

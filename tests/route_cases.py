@@ -1,4 +1,4 @@
-"""The option × route audit (issue 27): one input group of two modules, every
+"""The option × route audit: one input group of two modules, every
 option of `LoraDAConfig` that reaches the solve set to a value other than its
 default, solved by each route and checked against the SciPy reference.
 

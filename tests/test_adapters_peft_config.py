@@ -1,4 +1,4 @@
-"""Every LoraConfig field a PEFT user sets is honoured or refused with a reason (issue 21 item 1).
+"""Every LoraConfig field a PEFT user sets is honoured or refused with a reason.
 
 Each honoured field is checked against an independent computation: the SciPy
 reference on brute-force statistics at the module's own r, PEFT's own forward

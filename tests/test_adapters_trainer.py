@@ -1,5 +1,5 @@
 """The Trainer path: LoraDACallback initializes the adapter from the trainer's
-own train dataloader when training begins (issue 12, item 7)."""
+own train dataloader when training begins."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The conformance kit (issue 24, SPEC §5 "Conformance tolerances").
+"""The conformance kit (SPEC §5 "Conformance tolerances").
 
 The cases' inputs are regenerated once per module from their recipes (MiniLM on
 VADER words, a random Llama: the demo extra); the core must pass every case,

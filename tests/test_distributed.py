@@ -312,7 +312,7 @@ json.dump(got, open(os.path.join(out, f"options{rank}.json"), "w"))
 
 
 def test_options_that_differ_between_ranks_are_refused_on_every_rank(tmp_path):
-    """Issue 22 item 8: a different output_fisher ended in a raw gloo error on one rank
+    """A different output_fisher had ended in a raw gloo error on one rank
     and statistics on the other; a different token_mask was summed silently."""
     import json
 

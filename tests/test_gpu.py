@@ -83,7 +83,7 @@ def test_collect_and_solve_on_cuda_in_passes():
         assert subspace_sin_theta(ref[n].result.V, got[n].result.V) <= 1e-8
 
 
-# -- the option × route audit on the CUDA route (issue 27; route_cases.py, tests/COVERAGE.md) --
+# -- the option × route audit on the CUDA route (route_cases.py, tests/COVERAGE.md) ----------
 
 
 @pytest.mark.parametrize("method", ["auto", "dense"])

@@ -273,7 +273,7 @@ def test_compute_init_on_a_device_falls_back_to_the_host_too(monkeypatch):
         assert "solved on the host" in got[n].result.notes[-1]
 
 
-# -- keeping the statistics: the host's share checked first, or streamed to disk (issue: 7B) ----------
+# -- keeping the statistics: the host's share checked first, or streamed to disk ----------------------
 
 
 def counting_loss():

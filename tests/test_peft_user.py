@@ -1,4 +1,4 @@
-"""A PEFT user's second day (issue 21): warnings about a poor init, one report schema,
+"""A PEFT user's second day: warnings about a poor init, one report schema,
 an adapter that says how it was made, files a team can read, a short Statistics repr."""
 
 from __future__ import annotations

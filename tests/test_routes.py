@@ -1,4 +1,4 @@
-"""Issue 27, second round of tests that would catch a wrong answer: the
+"""The second round of tests that would catch a wrong answer: the
 promises the first round left untested, each against an independent
 computation (exact float64 sums, the SciPy reference, per-sample autograd).
 

@@ -1,4 +1,4 @@
-"""Property-based fuzzing of the Rust entry points (issue 4; see FUZZING.md).
+"""Property-based fuzzing of the Rust entry points (see FUZZING.md).
 
 Random shapes, dtypes, strides, transposes, non-contiguous and misaligned
 arrays go into the accumulators and the solve. Every call either gives the

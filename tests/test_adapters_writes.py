@@ -1,5 +1,5 @@
-"""Issue 22 (hardening, third round): the API's defect classes around writing
-adapters: the Trainer callback with preserve_output (1), weights that overflow
+"""The API's defect classes around writing adapters (numbered as in the
+third hardening review): the Trainer callback with preserve_output (1), weights that overflow
 the adapter's dtype (4), preserve_output beside another adapter (5), zero
 gradients (6), misused loss functions (16) and loose config types (14, 17).
 

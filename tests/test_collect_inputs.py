@@ -1,7 +1,8 @@
-"""Issue 22 (hardening, third round), the collection's defect classes: a
+"""What a collection is given, and its defect classes (numbered as in the third
+hardening review): a
 statistics file taken for a checkpoint (3), token_mask='labels' with class
 labels (13), inputs_embeds batches (15), misused loss functions and model
-outputs (16); and issue 21 item 4: a finished checkpointed run rerun returns
+outputs (16); and a finished checkpointed run, rerun, returns
 its statistics, a resumed one says where it resumes.
 
 Each test failed on the code before the fix (checked by stashing the fix)."""
@@ -54,7 +55,7 @@ def test_a_statistics_file_is_refused_as_a_checkpoint_and_left_as_it_was(tmp_pat
     assert fresh.n_samples == 18
 
 
-# -- issue 21 item 4: rerunning a finished run, resuming ---------------------------------------
+# -- rerunning a finished run, resuming ------------------------------------------------------
 
 
 def test_rerunning_a_finished_checkpointed_run_returns_its_statistics(tmp_path, capsys):
@@ -276,7 +277,7 @@ def test_fuzz_checkpoint_headers(partial_checkpoint, tmp_path):
     the pass either refuses it with a StatisticsFileError naming the file, or returns statistics
     that are usable — and equal to the uninterrupted pass whenever the header and tensors were
     left as they were. Nothing else escapes (no KeyError, TypeError, LoraDAError without the file)."""
-    from test_cli_hardening import header_mutations, read, tensor_mutations, write
+    from test_cli_files import header_mutations, read, tensor_mutations, write
 
     base, whole = partial_checkpoint
     header, tensors = read(base)

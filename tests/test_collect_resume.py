@@ -1,4 +1,4 @@
-"""Hardening (issue 4): interruption and resume, bad batches, files from
+"""A collection interrupted and resumed, bad batches, files from
 elsewhere, fork safety, determinism across thread counts."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Errors that teach, and the inputs a PEFT user passes first (issue 12, items 8–9)."""
+"""Errors that teach, and the inputs a PEFT user passes first."""
 
 from __future__ import annotations
 

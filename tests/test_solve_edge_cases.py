@@ -1,4 +1,4 @@
-"""Hardening of the Rust core (issue 10): one test per defect class, and a
+"""The Rust core at its edges: one test per defect class, and a
 Hypothesis pass over the scalar arguments of ``solve`` at the extremes of
 float64 (FUZZING.md, "Scalar extremes of `solve`").
 

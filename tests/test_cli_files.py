@@ -1,4 +1,4 @@
-"""Hardening (issue 10), the file and CLI half: statistics files from careless
+"""Statistics files and the command line's writes: statistics files from careless
 or hostile hands, what ``--overwrite`` may delete, memory before validation,
 one-line CLI errors, and the smaller API holes (preserve_output twice, a
 foreign checkpoint, NaN lora_alpha, hyper-parameters checked late)."""
@@ -497,8 +497,8 @@ def many_batches():
 
 
 def test_a_finished_checkpoint_is_not_silently_reused(tmp_path):
-    """A finished checkpoint is returned only for the same data (issue 21 item 4 made
-    the matching rerun return it, tests/test_collect_review3.py): other data are refused."""
+    """A finished checkpoint is returned only for the same data (a matching rerun
+    returns it, tests/test_collect_inputs.py): other data are refused."""
     ckpt = tmp_path / "c.safetensors"
     lora_da.collect_statistics(tiny_llama(), many_batches(), TARGETS, checkpoint_path=ckpt, progress=False)
     with pytest.raises(StatisticsFileError, match="finished pass on other data") as e:

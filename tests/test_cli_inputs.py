@@ -1,9 +1,10 @@
-"""Issue 22 (hardening, third round), the command line's defect classes: the
+"""The command line's inputs and their defect classes (numbered as in the third
+hardening review): the
 head sized from the calibration slice (2), weights past float32 (4), zero
 gradients (6), a head named as a LoRA target (7), model errors and an
 unwritable --out (11), bad JSONL (12), --token-mask labels with class labels
 (13), report --plot without eigenvalues (19), compare on a negative label (20);
-and issue 21 item 4: ``--checkpoint``.
+and ``--checkpoint``.
 
 Each test failed on the code before the fix (checked by stashing the fix)."""
 
@@ -242,7 +243,7 @@ def test_compare_refuses_a_negative_label(encoder, tmp_path, capsys):
     one_error_line(capsys, f"{data}:2", "label -1")
 
 
-# -- issue 21 item 4: --checkpoint ----------------------------------------------------------------
+# -- --checkpoint ----------------------------------------------------------------------------------
 
 
 def test_collect_checkpoint_resumes_after_ctrl_c_and_returns_a_finished_pass(model_dir, data_file, tmp_path, capsys,
