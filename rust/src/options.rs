@@ -145,7 +145,7 @@ impl Default for SolveOptions {
             max_applications: d.max_applications,
             dense_fallback: d.dense_fallback,
             seed: 0x10_2A_DA,
-            par: if d.deterministic { Par::Seq } else { crate::default_par() },
+            par: if d.deterministic { Par::Seq } else { crate::parallel::default_par() },
         }
     }
 }

@@ -786,7 +786,7 @@ fn options(
     o.tol = tol;
     o.max_applications = max_applications;
     o.dense_fallback = dense_fallback;
-    o.par = if deterministic { faer::Par::Seq } else { crate::default_par() };
+    o.par = if deterministic { faer::Par::Seq } else { crate::parallel::default_par() };
     Ok(o)
 }
 
@@ -939,7 +939,7 @@ fn num_threads() -> usize {
 
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    crate::init_parallelism();
+    crate::parallel::init_parallelism();
     m.add_class::<PyInputFactor>()?;
     m.add_class::<PyOutputFactor>()?;
     m.add_class::<PySolveResult>()?;
