@@ -29,7 +29,7 @@ def test_stub_matches_compiled_module(tmp_path):
 
 
 def test_solve_defaults_are_the_signature_defaults():
-    # the binding writes its signatures from the same list (rust/src/solve.rs `solve_defaults!`)
+    # the binding writes its signatures from the same list (rust/src/options.rs `solve_defaults!`)
     import inspect
 
     for fn in (lora_da._core.solve, lora_da._core.solve_shared):

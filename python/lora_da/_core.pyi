@@ -1,4 +1,4 @@
-"""Types of the Rust extension `lora_da._core` (rust/src/python.rs)."""
+"""Types of the Rust extension `lora_da._core` (rust/src/python/)."""
 
 from collections.abc import Sequence
 from typing import TypedDict, final

@@ -1,7 +1,7 @@
 //! lora-da core: the numerical heart of the LoRA-DA initialization.
 //!
 //! Pure Rust, no Python: `cargo test` exercises it directly. The optional
-//! `python` feature adds the thin PyO3 binding (`python.rs`) that maturin builds
+//! `python` feature adds the thin PyO3 binding (`python/`) that maturin builds
 //! into `lora_da._core`.
 //!
 //! This file is the crate's face: it declares the modules and re-exports the

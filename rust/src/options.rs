@@ -70,7 +70,7 @@ pub struct SolveOptions {
 
 /// The defaults of the solve options (SPEC §3; the authors' published
 /// configuration), the one place they are written: [`SolveOptions::default`]
-/// reads them through [`DEFAULTS`], and the binding (`python.rs`) writes the
+/// reads them through [`DEFAULTS`], and the binding (`python/solve.rs`) writes the
 /// Python signatures of `solve` and `solve_shared` from this list, so that
 /// `inspect.signature` shows the values and `_core.SOLVE_DEFAULTS` (built from
 /// `SolveOptions::default()`) gives them to the Python side.
