@@ -99,14 +99,7 @@ pub fn validate_module(n: usize, y: &[f64], g: MatRef<'_, f64>, opts: &SolveOpti
     if !summary.finite {
         first_non_finite("G", g)?;
     }
-    if opts.rank < 1 || opts.rank >= n.min(m) {
-        return Err(Error::InvalidArgument(format!(
-            "rank must satisfy 1 ≤ r < min(n, m) = min({n}, {m}) = {}, got {}",
-            n.min(m),
-            opts.rank
-        )));
-    }
-    opts.check_scalars()?;
+    opts.check(Some((n, m)))?;
     let ly = opts.output_damping.unwrap_or(opts.damping);
     if let Some(j) = y.iter().position(|v| v + ly <= 0.0) {
         return Err(Error::InvalidArgument(format!(

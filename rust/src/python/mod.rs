@@ -15,7 +15,7 @@ use pyo3::prelude::*;
 
 use errors::{InvalidArgumentError, LoraDAError, NonFiniteError, NotPositiveDefiniteError, ShapeError, StatisticsFileError};
 use factors::{lowrank_output_precision, PyInputFactor, PyOutputFactor};
-use solve::{solve_defaults_dict, solve_shared, PySolveResult};
+use solve::{check_solve_options, solve_defaults_dict, solve_shared, PySolveResult};
 
 /// Number of threads of the core's pool.
 #[pyfunction]
@@ -31,6 +31,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PySolveResult>()?;
     m.add_function(wrap_pyfunction!(solve::solve, m)?)?;
     m.add_function(wrap_pyfunction!(solve_shared, m)?)?;
+    m.add_function(wrap_pyfunction!(check_solve_options, m)?)?;
     m.add_function(wrap_pyfunction!(lowrank_output_precision, m)?)?;
     m.add_function(wrap_pyfunction!(num_threads, m)?)?;
     let py = m.py();
@@ -44,6 +45,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("TOKEN_CHUNK", crate::factors::TOKEN_CHUNK)?;
     m.add("GAP_TOL", crate::solve::GAP_TOL)?;
     m.add("GAP_REL", crate::solve::GAP_REL)?;
+    m.add("CONTRACT_RESIDUAL", crate::solve::CONTRACT_RESIDUAL)?;
+    m.add("SYMMETRY_TOL", crate::validate::SYMMETRY_TOL)?;
     Ok(())
 }
 

@@ -1,5 +1,5 @@
-//! The bindings of the solve (SPEC §3): `solve`, `solve_shared`, their
-//! options, and the result with its diagnostics (SPEC §5).
+//! The bindings of the solve (SPEC §3): `solve`, `solve_shared`, the check
+//! of their options, and the result with its diagnostics (SPEC §5).
 
 use faer::MatRef;
 use numpy::{PyArray1, PyArray2};
@@ -7,7 +7,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
 use super::convert::{count, mat_to_py, vec_to_py, vector_arg, MatrixArg};
-use super::errors::guarded;
+use super::errors::{guarded, InvalidArgumentError};
 use crate::error::Error;
 use crate::options::{solve_defaults, Method, SolveOptions, DEFAULTS};
 use crate::parallel::default_par;
@@ -143,7 +143,7 @@ solve_defaults!(solve_args_struct!());
 
 impl SolveArgs<'_> {
     /// The core's options: the counts and the method checked here, the rest by
-    /// the core's validation before any work.
+    /// the core ([`SolveOptions::check`]), as the solve itself does.
     fn options(self) -> PyResult<SolveOptions> {
         let mut o = SolveOptions::new(count::<usize>(self.rank, "rank")?, self.n_pop);
         o.max_applications = self.max_applications.map(|a| count::<usize>(a, "max_applications")).transpose()?;
@@ -261,6 +261,32 @@ solve_defaults!(solve_function!(
             out.append(PySolveResult { inner: r })?;
         }
         Ok(out)
+    }
+));
+
+solve_defaults!(solve_function!(
+    /// The options checked as `solve` checks them, without solving (SPEC §3,
+    /// "Inputs are validated before any work"): the same exceptions with the
+    /// same messages. With `n` and `m` (`Z` is `n × n`, `Ḡ` is `m × n`) the
+    /// rank is checked against them, without them only `r ≥ 1`; `name`
+    /// prefixes the messages as `solve`'s `name` does.
+    fn check_solve_options<'py>(
+        _py: Python<'py>,
+        [],
+        args: SolveArgs,
+        [n: Option<i128> = None, m: Option<i128> = None, name: &str = ""]
+    ) -> PyResult<()> {
+        let opts = args.options()?;
+        let shape = match (n, m) {
+            (Some(n), Some(m)) => Some((count::<usize>(n, "n")?, count::<usize>(m, "m")?)),
+            (None, None) => None,
+            _ => {
+                return Err(PyErr::new::<InvalidArgumentError, _>(format!(
+                    "check_solve_options: n and m are given together or not at all, got n = {n:?}, m = {m:?}"
+                )))
+            }
+        };
+        opts.check(shape).map_err(|e| PyErr::from(e.context(name)))
     }
 ));
 
