@@ -38,16 +38,28 @@ fn locked<A: Send, T: Send>(
     py.detach(|| guarded(what, || f(&mut lock(m)))).map_err(PyErr::from)
 }
 
-/// Both locks in one fixed (address) order, so that `a == b` and `b == a`
-/// in two threads cannot each hold one lock and wait for the other.
-fn lock_pair<'a, A>(a: &'a Mutex<A>, b: &'a Mutex<A>) -> (MutexGuard<'a, A>, MutexGuard<'a, A>) {
-    if (a as *const Mutex<A>) < (b as *const Mutex<A>) {
-        let ga = lock(a);
-        (ga, lock(b))
-    } else {
-        let gb = lock(b);
-        (lock(a), gb)
+/// Whether the accumulators behind `a` and `b` hold the same contents,
+/// compared without the GIL. Both locks are taken in one fixed (address)
+/// order, so that `a == b` and `b == a` in two threads cannot each hold one
+/// lock and wait for the other; an accumulator equals itself without being
+/// locked twice.
+fn equal<A: PartialEq + Send>(py: Python<'_>, a: &Mutex<A>, b: &Mutex<A>, what: &str) -> PyResult<bool> {
+    if std::ptr::eq(a, b) {
+        return Ok(true);
     }
+    py.detach(|| {
+        guarded(what, || {
+            let (ga, gb) = if (a as *const Mutex<A>) < (b as *const Mutex<A>) {
+                let ga = lock(a);
+                (ga, lock(b))
+            } else {
+                let gb = lock(b);
+                (lock(a), gb)
+            };
+            Ok(*ga == *gb)
+        })
+    })
+    .map_err(PyErr::from)
 }
 
 /// Streaming float64 accumulator of `Σ_t x_t x_tᵀ` (SPEC §2). Thread-safe:
@@ -164,19 +176,7 @@ impl PyInputFactor {
 
     fn __eq__(&self, py: Python<'_>, other: &Bound<'_, PyAny>) -> PyResult<bool> {
         match other.cast::<PyInputFactor>() {
-            Ok(o) => {
-                let o: &PyInputFactor = o.get();
-                if std::ptr::eq(self, o) {
-                    return Ok(true);
-                }
-                py.detach(|| {
-                    guarded("InputFactor.__eq__", || {
-                        let (a, b) = lock_pair(&self.inner, &o.inner);
-                        Ok(*a == *b)
-                    })
-                })
-                .map_err(PyErr::from)
-            }
+            Ok(o) => equal(py, &self.inner, &o.get().inner, "InputFactor.__eq__"),
             Err(_) => Ok(false),
         }
     }
@@ -337,19 +337,7 @@ impl PyOutputFactor {
     /// without it Python compared identities, so a copy was never equal).
     fn __eq__(&self, py: Python<'_>, other: &Bound<'_, PyAny>) -> PyResult<bool> {
         match other.cast::<PyOutputFactor>() {
-            Ok(o) => {
-                let o: &PyOutputFactor = o.get();
-                if std::ptr::eq(self, o) {
-                    return Ok(true);
-                }
-                py.detach(|| {
-                    guarded("OutputFactor.__eq__", || {
-                        let (a, b) = lock_pair(&self.inner, &o.inner);
-                        Ok(*a == *b)
-                    })
-                })
-                .map_err(PyErr::from)
-            }
+            Ok(o) => equal(py, &self.inner, &o.get().inner, "OutputFactor.__eq__"),
             Err(_) => Ok(false),
         }
     }
