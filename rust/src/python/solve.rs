@@ -105,11 +105,12 @@ impl PySolveResult {
     }
 }
 
-/// The type in which the binding takes each solve option from Python. Counts
-/// come as any integer and are checked by [`count`]: PyO3's own conversion to
-/// an unsigned type raises a bare `OverflowError` on a negative one; `$lt` is
-/// the lifetime of a borrowed string. An option
-/// added to [`solve_defaults`] fails to compile until it is given a type here.
+/// The type in which the binding takes each solve option from Python (`$lt`:
+/// the lifetime of a borrowed string). Counts come as any integer and are
+/// checked by [`count`]: PyO3's own conversion to an unsigned type raises a
+/// bare `OverflowError` on a negative one. An option added to
+/// [`solve_defaults`] fails to compile until it is given a type here, and its
+/// field warns as never read until [`SolveArgs::options`] converts it.
 macro_rules! option_type {
     ($lt:lifetime, rank) => { i128 };
     ($lt:lifetime, n_pop) => { f64 };
