@@ -29,10 +29,10 @@ def test_stub_matches_compiled_module(tmp_path):
 
 
 def test_solve_defaults_are_the_signature_defaults():
-    # the binding writes its signatures from the same list (rust/src/solve.rs `solve_defaults!`)
+    # the binding writes its signatures from the same list (rust/src/options.rs `solve_defaults!`)
     import inspect
 
-    for fn in (lora_da._core.solve, lora_da._core.solve_shared):
+    for fn in (lora_da._core.solve, lora_da._core.solve_shared, lora_da._core.check_solve_options):
         params = inspect.signature(fn).parameters
         for name, value in lora_da._core.SOLVE_DEFAULTS.items():
             assert params[name].default == value, (fn.__name__, name)

@@ -1,4 +1,4 @@
-"""Types of the Rust extension `lora_da._core` (rust/src/python.rs)."""
+"""Types of the Rust extension `lora_da._core` (rust/src/python/)."""
 
 from collections.abc import Sequence
 from typing import TypedDict, final
@@ -15,6 +15,7 @@ __all__ = [
     "SolveResult",
     "solve",
     "solve_shared",
+    "check_solve_options",
     "lowrank_output_precision",
     "num_threads",
     "LoraDAError",
@@ -27,11 +28,17 @@ __all__ = [
     "TOKEN_CHUNK",
     "GAP_TOL",
     "GAP_REL",
+    "CONTRACT_RESIDUAL",
+    "SYMMETRY_TOL",
 ]
 
 TOKEN_CHUNK: int
 GAP_TOL: float
 GAP_REL: float
+CONTRACT_RESIDUAL: float
+"""The largest eigen-residual ``max_i ‖Ω v_i − λ_i v_i‖ / ‖Ω‖₂`` a solve may return (SPEC §5)."""
+SYMMETRY_TOL: float
+"""The largest ``|Z[i,j] − Z[j,i]|``, relative to ``max |Z|``, that a solve accepts (SPEC §3)."""
 
 class _SolveDefaults(TypedDict):
     alpha: float
@@ -159,3 +166,12 @@ def solve_shared(
 ) -> list[SolveResult]: ...
 def lowrank_output_precision(sample_sums: npt.NDArray[np.float64], damping: float) -> npt.NDArray[np.float64]: ...
 def num_threads() -> int: ...
+def check_solve_options(
+    *, rank: int, n_pop: float, alpha: float = 1.0, beta: float = 0.03, damping: float = 1e-6,
+    output_damping: float | None = None, gamma: float = 1024.0, normalize: bool = True,
+    method: str = "auto", auto_damping: bool = False, tol: float = 1e-12,
+    max_applications: int | None = None, deterministic: bool = True, dense_fallback: bool = True,
+    n: int | None = None, m: int | None = None, name: str = "",
+) -> None:
+    """The options checked as `solve` checks them, without solving: the same exceptions and
+    messages. With `n` and `m` (Z is n × n, Ḡ is m × n) the rank is checked against them."""

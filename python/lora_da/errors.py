@@ -16,7 +16,7 @@ about bad input are also :class:`ValueError`, so generic handlers still work:
   truncated, corrupted, or from another model/version.
 
 The classes are defined in the Rust extension, where the core raises them
-(``rust/src/python.rs``), and re-exported here; they report this module as
+(``rust/src/python/errors.rs``), and re-exported here; they report this module as
 theirs, so ``lora_da.errors.ShapeError`` is their name in reprs and pickles.
 
 :class:`CLIError` is apart: the error of a command (``lora-da ...``), not of the

@@ -59,7 +59,7 @@ impl BigMat {
             .expect("matrix size overflows");
         // Not in a fork child: a lock held by another thread at the fork
         // would never be released there.
-        if align == HUGE && crate::parallel_ok() {
+        if align == HUGE && crate::parallel::parallel_ok() {
             let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(k) = pool.iter().position(|&(_, size)| size == layout.size()) {
                 let (addr, _) = pool.swap_remove(k);
@@ -121,7 +121,7 @@ impl BigMat {
 
 impl Drop for BigMat {
     fn drop(&mut self) {
-        if self.layout.align() == HUGE && crate::parallel_ok() {
+        if self.layout.align() == HUGE && crate::parallel::parallel_ok() {
             let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
             let kept: usize = pool.iter().map(|&(_, size)| size).sum();
             if kept + self.layout.size() <= POOL_BYTES {

@@ -51,8 +51,8 @@ impl InputCholesky {
     /// that is 0) until it works,
     /// at most 12 times; the value used is in `self.damping`.
     pub fn new(z: MatRef<'_, f64>, damping: f64, auto_damping: bool, par: Par) -> Result<Self> {
-        crate::init_parallelism();
-        let kernel_par = crate::kernel_par();
+        crate::parallel::init_parallelism();
+        let kernel_par = crate::parallel::kernel_par();
         let n = z.nrows();
         let mut lambda = damping;
         // The copy that the factorization works in is made in the same pass
@@ -255,7 +255,7 @@ fn with_contiguous_columns(mut x: MatMut<'_, f64>, f: &dyn Fn(MatMut<'_, f64>)) 
 /// each group reads the whole factor, so more groups than threads would only
 /// add memory traffic.
 fn split_columns(x: MatMut<'_, f64>, par: Par, f: &(dyn Fn(MatMut<'_, f64>) + Sync)) {
-    let groups = if crate::pooled(par) {
+    let groups = if crate::parallel::pooled(par) {
         rayon::current_num_threads().min(x.ncols() / 2).max(1)
     } else {
         1
@@ -298,7 +298,7 @@ pub fn cholesky(z: MatRef<'_, f64>, lambda: f64, par: Par) -> std::result::Resul
 /// `a` of `Z` (zeros above the diagonal) that [`lower_copy_checked`] made.
 pub fn factor_lower(mut a: BigMat, lambda: f64, par: Par) -> std::result::Result<BigMat, NonPositivePivot> {
     let n = a.nrows();
-    let pooled = crate::pooled(par);
+    let pooled = crate::parallel::pooled(par);
     for i in 0..n {
         a.as_mut()[(i, i)] += lambda;
     }

@@ -238,7 +238,7 @@ fn cholqr_against(basis: MatRef<'_, f64>, t: &Mat<f64>, par: Par) -> Option<Mat<
 /// Fails (rather than panics) when the matrix is not finite: the operator
 /// overflowed, which the caller reports as a non-finite error.
 pub fn small_eigh(h: MatRef<'_, f64>) -> Result<(Vec<f64>, Mat<f64>)> {
-    crate::init_parallelism();
+    crate::parallel::init_parallelism();
     let k = h.nrows();
     let hs = Mat::from_fn(k, k, |i, j| 0.5 * (h[(i, j)] + h[(j, i)]));
     if let Some(v) = hs.as_ref().col_iter().flat_map(|c| c.iter().copied()).find(|v| !v.is_finite()) {

@@ -1,5 +1,5 @@
 //! One error type for the whole core. Each variant maps to one Python exception
-//! class (defined in `python.rs`, re-exported by `python/lora_da/errors.py`); messages name the offending value and,
+//! class (defined in `python/errors.rs`, re-exported by `python/lora_da/errors.py`); messages name the offending value and,
 //! where the caller gave one, the module (`Error::context`).
 
 use std::fmt;

@@ -351,7 +351,7 @@ impl InputFactor {
             j0 = j1;
         }
         let panel = |(j0, s, c): (usize, &mut [f64], &mut [f64])| add_panel(xt, j0, s, c);
-        if crate::parallel_ok() {
+        if crate::parallel::parallel_ok() {
             panels.into_par_iter().for_each(panel);
         } else {
             panels.into_iter().for_each(panel);
@@ -601,7 +601,7 @@ impl OutputFactor {
                 }
             }
         };
-        if crate::parallel_ok() {
+        if crate::parallel::parallel_ok() {
             s.par_chunks_mut(256).zip(c.par_chunks_mut(256)).enumerate().for_each(block);
         } else {
             s.chunks_mut(256).zip(c.chunks_mut(256)).enumerate().for_each(block);
@@ -782,7 +782,7 @@ pub fn lowrank_output_precision(sample_sums: &[f64], m: usize, damping: f64) -> 
         )));
     }
     crate::error::check_finite("sequence_lowrank sample sums", sample_sums.iter().copied())?;
-    crate::init_parallelism();
+    crate::parallel::init_parallelism();
     let ns = sample_sums.len() / m;
     // Uᵀ is N × m row-major, i.e. U is m × N column-major.
     let u = MatRef::from_column_major_slice(sample_sums, m, ns);

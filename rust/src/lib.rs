@@ -1,87 +1,41 @@
 //! lora-da core: the numerical heart of the LoRA-DA initialization.
 //!
 //! Pure Rust, no Python: `cargo test` exercises it directly. The optional
-//! `python` feature adds the thin PyO3 binding (`python.rs`) that maturin builds
+//! `python` feature adds the thin PyO3 binding (`python/`) that maturin builds
 //! into `lora_da._core`.
 //!
-//! Modules in the order of the data, each using only those above it:
+//! This file is the crate's face: it declares the modules and re-exports the
+//! public API, and defines nothing. The modules are declared in the order of
+//! the data, and each uses only modules declared above it (checked by
+//! `tests/test_rust_layering.py`):
 //!
-//! * [`error`], [`buffer`], [`pow2`], [`kernels`] — errors, big buffers,
-//!   exact power-of-two scaling, the SIMD/tall-product/scan kernels (SPEC §4);
+//! * [`parallel`] — where the core may use the thread pool, and with which `Par`;
+//! * [`error`], [`pow2`], [`buffer`], [`kernels`] — errors, exact power-of-two
+//!   scaling, big buffers, the SIMD/tall-product/scan kernels (SPEC §4);
 //! * [`factors`] — streaming float64 K-FAC factors `Z`, `y` (SPEC §2);
 //! * [`options`] — the solve options and their defaults (SPEC §3);
 //! * [`validate`] — the inputs are validated before any work (SPEC §3);
 //! * [`cholesky`] — `Z + λI = L Lᵀ` and its triangular solves (SPEC §3.1);
-//! * [`guidance`] — the matrix-free operator `Ω` and the step `Δ` (SPEC §3–§4);
 //! * [`eigensolver`] — block Krylov for extreme eigenpairs (SPEC §4);
-//! * [`solve`] — the per-module initialization and its diagnostics (SPEC §3, §5).
+//! * [`guidance`] — the matrix-free operator `Ω` and the step `Δ` (SPEC §3–§4);
+//! * [`solve`] — the per-module initialization and its diagnostics (SPEC §3, §5);
+//! * `python` — the binding, above everything it converts.
 
+pub mod parallel;
+pub mod error;
+pub mod pow2;
 pub mod buffer;
+pub mod kernels;
+pub mod factors;
+pub mod options;
+pub mod validate;
 pub mod cholesky;
 pub mod eigensolver;
-pub mod error;
-pub mod factors;
 pub mod guidance;
-pub mod kernels;
-pub mod options;
-pub mod pow2;
 pub mod solve;
-pub mod validate;
-
 #[cfg(feature = "python")]
 mod python;
 
 pub use error::{Error, Result};
-
-/// Whether the rayon thread pool may be used from this process.
-///
-/// A process forked after the pool started (a PyTorch DataLoader worker, say)
-/// inherits the pool's bookkeeping but not its threads: handing it work would
-/// wait forever. The first call records the process id; a call from another
-/// process (a fork child) gets `false`, and the core then runs sequentially.
-/// Sequential and parallel runs give bit-identical results (see `factors`).
-pub fn parallel_ok() -> bool {
-    use std::sync::OnceLock;
-    static OWNER: OnceLock<u32> = OnceLock::new();
-    *OWNER.get_or_init(std::process::id) == std::process::id()
-}
-
-/// faer's high-level decompositions (Cholesky, symmetric eigen, SVD) use a
-/// global parallelism setting; the core sets it to sequential once, so that
-/// they are deterministic and never enter the pool from a fork child. The
-/// core passes `Par` explicitly where it wants parallel kernels.
-pub fn init_parallelism() {
-    use std::sync::Once;
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| faer::set_global_parallelism(faer::Par::Seq));
-}
-
-/// Whether the core's own kernels run on the pool with `par`: `Par::Rayon`,
-/// in the process that owns the pool. Their results never depend on it.
-pub fn pooled(par: faer::Par) -> bool {
-    matches!(par, faer::Par::Rayon(_)) && parallel_ok()
-}
-
-/// The parallelism the core's own kernels are given: `Par::Rayon` in the
-/// process that owns the pool, `Par::Seq` in a fork child. The kernels split
-/// work by fixed partitions and never read the count in `Par::Rayon`; asking
-/// rayon for it (`Par::rayon(0)`) would start the pool before a kernel needs
-/// it. Not for faer's kernels: those take [`default_par`].
-pub fn kernel_par() -> faer::Par {
-    if parallel_ok() {
-        faer::Par::Rayon(std::num::NonZeroUsize::MIN)
-    } else {
-        faer::Par::Seq
-    }
-}
-
-/// `Par::rayon(0)` in the process that owns the pool, `Par::Seq` in a fork child.
-pub fn default_par() -> faer::Par {
-    if parallel_ok() {
-        faer::Par::rayon(0)
-    } else {
-        faer::Par::Seq
-    }
-}
 pub use factors::{InputFactor, OutputFactor};
 pub use solve::{solve, solve_shared, Method, SolveOptions, SolveResult};

@@ -70,7 +70,7 @@ pub struct SolveOptions {
 
 /// The defaults of the solve options (SPEC §3; the authors' published
 /// configuration), the one place they are written: [`SolveOptions::default`]
-/// reads them through [`DEFAULTS`], and the binding (`python.rs`) writes the
+/// reads them through [`DEFAULTS`], and the binding (`python/solve.rs`) writes the
 /// Python signatures of `solve` and `solve_shared` from this list, so that
 /// `inspect.signature` shows the values and `_core.SOLVE_DEFAULTS` (built from
 /// `SolveOptions::default()`) gives them to the Python side.
@@ -145,7 +145,7 @@ impl Default for SolveOptions {
             max_applications: d.max_applications,
             dense_fallback: d.dense_fallback,
             seed: 0x10_2A_DA,
-            par: if d.deterministic { Par::Seq } else { crate::default_par() },
+            par: if d.deterministic { Par::Seq } else { crate::parallel::default_par() },
         }
     }
 }
@@ -156,7 +156,30 @@ impl SolveOptions {
         Self { rank, n_pop, ..Self::default() }
     }
 
-    pub(crate) fn check_scalars(&self) -> Result<()> {
+    /// The options' own rules (SPEC §3, "Inputs are validated before any
+    /// work"), those that need no array: the rank against `shape = (n, m)`
+    /// when it is given (`Z` is `n × n`, `Ḡ` is `m × n`), else only `r ≥ 1`;
+    /// then the scalars. The solve checks its options by this very call
+    /// (`validate::validate_module`), so a caller that checks them first gets
+    /// the solve's errors, word for word.
+    pub fn check(&self, shape: Option<(usize, usize)>) -> Result<()> {
+        match shape {
+            Some((n, m)) if self.rank < 1 || self.rank >= n.min(m) => {
+                return Err(Error::InvalidArgument(format!(
+                    "rank must satisfy 1 ≤ r < min(n, m) = min({n}, {m}) = {}, got {}",
+                    n.min(m),
+                    self.rank
+                )));
+            }
+            None if self.rank < 1 => {
+                return Err(Error::InvalidArgument(format!("rank must be ≥ 1, got {}", self.rank)));
+            }
+            _ => {}
+        }
+        self.check_scalars()
+    }
+
+    fn check_scalars(&self) -> Result<()> {
         let bad = |name: &str, v: f64, need: &str| {
             Err(Error::InvalidArgument(format!(
                 "{name} must be {need}, got {v:?}"

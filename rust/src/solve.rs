@@ -141,7 +141,7 @@ pub fn for_each_module<T: Send>(
     f: impl Fn(usize) -> Result<T> + Sync + Send,
 ) -> Result<Vec<T>> {
     use rayon::prelude::*;
-    if crate::parallel_ok() {
+    if crate::parallel::parallel_ok() {
         (0..k).into_par_iter().map(f).collect()
     } else {
         (0..k).map(f).collect()

@@ -30,7 +30,7 @@ pub fn validate_input_factor(z: MatRef<'_, f64>) -> Result<()> {
     let n = z.nrows();
     // One parallel pass accepts a valid Z; the ordered scan below names the
     // first offending entry of an invalid one.
-    let s = crate::kernels::scan(z, true, crate::kernel_par());
+    let s = crate::kernels::scan(z, true, crate::parallel::kernel_par());
     if s.finite && s.max_asym <= SYMMETRY_TOL * s.max_abs {
         return Ok(());
     }
@@ -95,18 +95,11 @@ pub fn validate_module(n: usize, y: &[f64], g: MatRef<'_, f64>, opts: &SolveOpti
             )));
         }
     }
-    let summary = crate::kernels::scan(g, false, crate::kernel_par());
+    let summary = crate::kernels::scan(g, false, crate::parallel::kernel_par());
     if !summary.finite {
         first_non_finite("G", g)?;
     }
-    if opts.rank < 1 || opts.rank >= n.min(m) {
-        return Err(Error::InvalidArgument(format!(
-            "rank must satisfy 1 ≤ r < min(n, m) = min({n}, {m}) = {}, got {}",
-            n.min(m),
-            opts.rank
-        )));
-    }
-    opts.check_scalars()?;
+    opts.check(Some((n, m)))?;
     let ly = opts.output_damping.unwrap_or(opts.damping);
     if let Some(j) = y.iter().position(|v| v + ly <= 0.0) {
         return Err(Error::InvalidArgument(format!(

@@ -356,7 +356,7 @@ fn row_dot_matches_gemm_in_every_shape() {
             par.as_mut(),
             -0.5,
             true,
-            lora_da::kernel_par(),
+            lora_da::parallel::kernel_par(),
         );
         assert_eq!(seq, par, "thread count changed bits at ({m},{n},{k})");
         let expect = &base - &want * faer::Scale(0.5);
@@ -381,7 +381,7 @@ fn blocked_cholesky_and_solves_match_faer() {
             faer::Par::Seq,
         );
         let lambda = 1e-3;
-        let ours = cholesky(z.as_ref(), lambda, lora_da::kernel_par()).expect("positive definite");
+        let ours = cholesky(z.as_ref(), lambda, lora_da::parallel::kernel_par()).expect("positive definite");
         let zl = Mat::<f64>::from_fn(n, n, |i, j| z[(i, j)] + if i == j { lambda } else { 0.0 });
         let theirs = zl.llt(faer::Side::Lower).unwrap().L().to_owned();
         let err = (&ours.as_ref().to_owned() - &theirs).norm_max() / theirs.norm_max();
@@ -407,16 +407,16 @@ fn blocked_cholesky_and_solves_match_faer() {
             let mut reversed = b.clone();
             if lower {
                 faer::linalg::triangular_solve::solve_lower_triangular_in_place(l.as_ref(), want.as_mut(), faer::Par::Seq);
-                tri.solve_lower(par.as_mut(), lora_da::kernel_par());
+                tri.solve_lower(par.as_mut(), lora_da::parallel::kernel_par());
                 tri.solve_lower(seq.as_mut(), Par::Seq);
-                tri.solve_lower(strided.as_mut().transpose_mut(), lora_da::kernel_par());
-                tri.solve_lower(reversed.as_mut().reverse_cols_mut(), lora_da::kernel_par());
+                tri.solve_lower(strided.as_mut().transpose_mut(), lora_da::parallel::kernel_par());
+                tri.solve_lower(reversed.as_mut().reverse_cols_mut(), lora_da::parallel::kernel_par());
             } else {
                 faer::linalg::triangular_solve::solve_upper_triangular_in_place(l.transpose(), want.as_mut(), faer::Par::Seq);
-                tri.solve_upper(par.as_mut(), lora_da::kernel_par());
+                tri.solve_upper(par.as_mut(), lora_da::parallel::kernel_par());
                 tri.solve_upper(seq.as_mut(), Par::Seq);
-                tri.solve_upper(strided.as_mut().transpose_mut(), lora_da::kernel_par());
-                tri.solve_upper(reversed.as_mut().reverse_cols_mut(), lora_da::kernel_par());
+                tri.solve_upper(strided.as_mut().transpose_mut(), lora_da::parallel::kernel_par());
+                tri.solve_upper(reversed.as_mut().reverse_cols_mut(), lora_da::parallel::kernel_par());
             }
             let err = (&par - &want).norm_max() / want.norm_max().max(1.0);
             assert!(err < 1e-10, "n = {n}, lower = {lower}: {err:e}");
@@ -427,9 +427,9 @@ fn blocked_cholesky_and_solves_match_faer() {
                 let mut other = b.clone();
                 pool.install(|| {
                     if lower {
-                        tri.solve_lower(other.as_mut(), lora_da::kernel_par())
+                        tri.solve_lower(other.as_mut(), lora_da::parallel::kernel_par())
                     } else {
-                        tri.solve_upper(other.as_mut(), lora_da::kernel_par())
+                        tri.solve_upper(other.as_mut(), lora_da::parallel::kernel_par())
                     }
                 });
                 assert_eq!(par, other, "n = {n}, lower = {lower}: {threads} threads changed the bits");
@@ -438,8 +438,8 @@ fn blocked_cholesky_and_solves_match_faer() {
             assert_eq!(par, reversed, "n = {n}, lower = {lower}: reversed columns changed the bits");
         }
         let mut x = b.clone();
-        tri.solve_lower(x.as_mut(), lora_da::kernel_par());
-        tri.solve_upper(x.as_mut(), lora_da::kernel_par());
+        tri.solve_lower(x.as_mut(), lora_da::parallel::kernel_par());
+        tri.solve_upper(x.as_mut(), lora_da::parallel::kernel_par());
         let mut back = Mat::<f64>::zeros(n, 9);
         faer::linalg::matmul::matmul(
             back.as_mut(),
@@ -455,7 +455,7 @@ fn blocked_cholesky_and_solves_match_faer() {
     // Not positive definite: the failing pivot, not NaN.
     let mut z = Mat::<f64>::identity(200, 200);
     z[(150, 150)] = -1.0;
-    assert_eq!(cholesky(z.as_ref(), 0.0, lora_da::kernel_par()).err().map(|p| p.index), Some(150));
+    assert_eq!(cholesky(z.as_ref(), 0.0, lora_da::parallel::kernel_par()).err().map(|p| p.index), Some(150));
 }
 
 /// `scan` finds non-finite values, the largest magnitude and the asymmetry
@@ -465,11 +465,11 @@ fn scan_summarises_any_layout() {
     use lora_da::kernels::scan;
     let n = 97;
     let mut z = Mat::<f64>::from_fn(n, n, |i, j| ((i * j) % 7) as f64 - 3.0);
-    let s = scan(z.as_ref(), true, lora_da::kernel_par());
+    let s = scan(z.as_ref(), true, lora_da::parallel::kernel_par());
     assert!(s.finite && s.max_abs == 3.0 && s.max_asym == 0.0);
     z[(90, 3)] += 0.25;
     for view in [z.as_ref(), z.transpose()] {
-        let s = scan(view, true, lora_da::kernel_par());
+        let s = scan(view, true, lora_da::parallel::kernel_par());
         assert_eq!(s.max_asym, 0.25);
     }
     z[(5, 80)] = f64::NAN;
@@ -488,7 +488,7 @@ fn checked_lower_copy_is_the_lower_triangle_and_its_scan() {
             z[(2, n - 5)] = -1e3;
         }
         for view in [z.as_ref(), z.transpose()] {
-            for par in [lora_da::kernel_par(), Par::Seq] {
+            for par in [lora_da::parallel::kernel_par(), Par::Seq] {
                 let (copy, s) = lower_copy_checked(view, par);
                 let want = Mat::<f64>::from_fn(n, n, |i, j| if i >= j { view[(i, j)] } else { 0.0 });
                 assert_eq!(copy.as_ref().to_owned(), want, "n = {n}");
@@ -498,10 +498,10 @@ fn checked_lower_copy_is_the_lower_triangle_and_its_scan() {
         }
         if n > 1 {
             z[(n - 1, 0)] = f64::INFINITY;
-            assert!(!lower_copy_checked(z.as_ref(), lora_da::kernel_par()).1.finite);
+            assert!(!lower_copy_checked(z.as_ref(), lora_da::parallel::kernel_par()).1.finite);
             z[(n - 1, 0)] = 0.0;
             z[(0, n - 1)] = f64::NAN;
-            assert!(!lower_copy_checked(z.as_ref(), lora_da::kernel_par()).1.finite);
+            assert!(!lower_copy_checked(z.as_ref(), lora_da::parallel::kernel_par()).1.finite);
         }
     }
 }
@@ -523,7 +523,7 @@ fn normal_and_transposed_products_match_gemm() {
         let mut want_u = Mat::<f64>::zeros(n, k);
         faer::linalg::matmul::matmul(want_u.as_mut(), faer::Accum::Replace, a.transpose(), ds.as_ref(), 1.0, faer::Par::Seq);
         let mut results = Vec::new();
-        for par in [lora_da::kernel_par(), Par::Seq] {
+        for par in [lora_da::parallel::kernel_par(), Par::Seq] {
             let mut s = Mat::<f64>::zeros(m, k);
             let mut u = Mat::<f64>::zeros(n, k);
             normal_product(a, x.as_ref(), &d, s.as_mut(), u.as_mut(), par);

@@ -5,8 +5,7 @@ use faer::{MatMut, MatRef, Par};
 use rayon::prelude::*;
 
 #[cfg(target_arch = "x86_64")]
-use super::Simd;
-use super::{fma, simd};
+use super::simd::{fma, simd, Simd};
 
 /// Rows of the big operand computed together (register blocking).
 const ROWS: usize = 3;
@@ -105,7 +104,7 @@ pub fn row_dot(
             }
         }
     };
-    if crate::pooled(par) && a.nrows() > TASK_ROWS {
+    if crate::parallel::pooled(par) && a.nrows() > TASK_ROWS {
         a.par_row_chunks(TASK_ROWS)
             .zip(out.par_row_chunks_mut(TASK_ROWS))
             .for_each(|(a, o)| run(a, o));

@@ -1,5 +1,6 @@
 //! Kernels of the matrix-free solve, grouped by what they compute (SPEC §4):
 //!
+//! * [`simd`] — which vector instructions this CPU offers, asked once;
 //! * [`dot`] — `a · x` as dot products with the rows of `a` (SIMD micro-kernels);
 //! * [`products`] — the tall products `aᵀ p`, and `Ḡ`'s two products in one pass;
 //! * [`transpose`] — copies with contiguous rows;
@@ -16,6 +17,7 @@
 //! the rows are split among threads, so results are bit-identical for any
 //! thread count.
 
+mod simd;
 pub mod dot;
 pub mod products;
 pub mod scan;
@@ -25,47 +27,3 @@ pub use dot::row_dot;
 pub use products::{normal_product, transposed_product};
 pub use scan::{lower_copy_checked, scan, Scan};
 pub use transpose::{transpose, RowsView};
-
-/// The vector instructions the kernels may use on this CPU (asked once).
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Simd {
-    /// `avx512f, avx512vl, avx2, fma`: every feature the AVX-512 kernels are
-    /// compiled with, or calling them is undefined.
-    Avx512,
-    Avx2Fma,
-    Portable,
-}
-
-pub(crate) fn simd() -> Simd {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::sync::OnceLock;
-        static LEVEL: OnceLock<Simd> = OnceLock::new();
-        *LEVEL.get_or_init(|| {
-            if is_x86_feature_detected!("avx512f")
-                && is_x86_feature_detected!("avx512vl")
-                && is_x86_feature_detected!("avx2")
-                && is_x86_feature_detected!("fma")
-            {
-                Simd::Avx512
-            } else if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                Simd::Avx2Fma
-            } else {
-                Simd::Portable
-            }
-        })
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    Simd::Portable
-}
-
-/// Fused on the vector paths (compiled with FMA), plain on the portable one
-/// (where `mul_add` would be a library call per element).
-#[inline(always)]
-pub(crate) fn fma<const FUSED: bool>(a: f64, b: f64, c: f64) -> f64 {
-    if FUSED {
-        a.mul_add(b, c)
-    } else {
-        a * b + c
-    }
-}

@@ -5,8 +5,8 @@ use faer::{MatMut, MatRef, Par};
 use rayon::prelude::*;
 
 #[cfg(target_arch = "x86_64")]
-use super::Simd;
-use super::{fma, row_dot, simd};
+use super::dot::row_dot;
+use super::simd::{fma, simd, Simd};
 
 /// Rows of `a` handled together by [`normal_product`]: their dot products
 /// first, then (still in cache) their rank-`ROW_BLOCK` update of `aᵀ p`.
@@ -127,7 +127,7 @@ fn tall_update(a: MatRef<'_, f64>, weights: Weights<'_>, mut u: MatMut<'_, f64>,
             i0 += rb;
         }
     };
-    if crate::pooled(par) && chunks > 1 {
+    if crate::parallel::pooled(par) && chunks > 1 {
         jobs.par_iter_mut().for_each(work);
     } else {
         jobs.iter_mut().for_each(work);

@@ -84,7 +84,7 @@ pub fn lower_copy_checked(z: MatRef<'_, f64>, par: Par) -> (BigMat, Scan) {
         x.merge(&y);
         x
     };
-    let acc = if crate::pooled(par) && n > TILE {
+    let acc = if crate::parallel::pooled(par) && n > TILE {
         out.as_mut()
             .par_col_chunks_mut(TILE)
             .enumerate()
@@ -169,7 +169,7 @@ pub fn scan(a: MatRef<'_, f64>, symmetry: bool, par: Par) -> Scan {
         x
     };
     let blocks = vm.div_ceil(TILE);
-    let acc = if crate::pooled(par) && blocks > 1 {
+    let acc = if crate::parallel::pooled(par) && blocks > 1 {
         (0..blocks).into_par_iter().map(|b| block(b * TILE)).reduce(Lanes::new, merge)
     } else {
         (0..blocks).map(|b| block(b * TILE)).fold(Lanes::new(), merge)

@@ -35,7 +35,7 @@ pub fn transpose(a: MatRef<'_, f64>, par: Par) -> BigMat {
             }
         }
     };
-    if crate::pooled(par) {
+    if crate::parallel::pooled(par) {
         out.as_mut()
             .par_col_chunks_mut(TILE)
             .enumerate()
