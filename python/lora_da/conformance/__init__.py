@@ -1,4 +1,4 @@
-"""The conformance kit (issue 24): cases cut from real statistics, their exact
+"""The conformance kit: cases cut from real statistics, their exact
 answers, and a checker that holds any implementation's ``A``/``B`` to SPEC §5's
 tolerances (:mod:`lora_da.conformance.tolerances`, their one source).
 
