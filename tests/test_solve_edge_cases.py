@@ -294,7 +294,7 @@ extreme = st.tuples(st.integers(0, 9), st.sampled_from(VALID_EXTREMES), st.sampl
                    st.floats(allow_nan=True, allow_infinity=True)).map(
     lambda t: t[1] if t[0] < 8 else t[2] if t[0] == 8 else t[3])
 
-# The rules of SolveOptions::check_scalars (and torch_solve._check_scalars).
+# The rules of SolveOptions::check_scalars (check_solve_options; torch_solve calls it too).
 RULES = {
     "n_pop": lambda v: v > 0 and math.isfinite(v),
     "alpha": math.isfinite,

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from lora_da._core import SOLVE_DEFAULTS, lowrank_output_precision, num_threads, solve_shared
+from lora_da._core import CONTRACT_RESIDUAL, SOLVE_DEFAULTS, lowrank_output_precision, num_threads, solve_shared
 from lora_da.errors import InvalidArgumentError
 from lora_da.memory import OutOfMemoryError
 from lora_da.memory import release as _release
@@ -21,7 +21,7 @@ from lora_da.plan import DEVICE_SOLVE_WORKERS
 from lora_da.quality import warn_poor
 from lora_da.results import ModuleInit, check_finite_result
 from lora_da.statistics import Statistics
-from lora_da.torch_solve import CONTRACT_RESIDUAL, solve_group_device
+from lora_da.torch_solve import solve_group_device
 
 
 def _real(name: str, v) -> int | float:

@@ -33,12 +33,10 @@ import scipy.linalg
 import scipy.linalg.lapack
 import torch
 
-from lora_da._core import SOLVE_DEFAULTS
+from lora_da._core import CONTRACT_RESIDUAL, SOLVE_DEFAULTS, SYMMETRY_TOL, check_solve_options
 from lora_da.errors import InvalidArgumentError, LoraDAError, NonFiniteError, NotPositiveDefiniteError, ShapeError
 from lora_da.results import DeviceSolveResult, check_finite_result
 
-CONTRACT_RESIDUAL = 1e-10
-SYMMETRY_TOL = 1e-10
 
 # Vectors beyond r in the filtered block: more cost little while the product
 # with Ω′ stays memory-bound, and widen the gap the filter converges at.
@@ -284,30 +282,6 @@ def fix_signs(V: torch.Tensor) -> torch.Tensor:
     return V * s
 
 
-def _check_scalars(*, rank, n_pop, alpha, beta, damping, output_damping, gamma, tol) -> None:
-    """The core's rules for the hyper-parameters (``SolveOptions::check_scalars``), with the same messages."""
-    def bad(name, v, need):
-        raise InvalidArgumentError(f"torch_solve: {name} must be {need}, got {v!r}")
-
-    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1:
-        bad("rank", rank, "an integer ≥ 1")
-    real = lambda v: isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool)  # noqa: E731
-    if not (real(n_pop) and n_pop > 0 and math.isfinite(n_pop)):
-        bad("n_pop", n_pop, "a finite number > 0")
-    if not (real(alpha) and math.isfinite(alpha)):
-        bad("alpha", alpha, "finite")
-    if not (real(beta) and beta >= 0 and math.isfinite(beta)):
-        bad("beta", beta, "finite and ≥ 0")
-    if not (real(damping) and damping >= 0 and math.isfinite(damping)):
-        bad("damping", damping, "finite and ≥ 0")
-    if output_damping is not None and not (real(output_damping) and output_damping >= 0 and math.isfinite(output_damping)):
-        bad("output_damping", output_damping, "finite and ≥ 0")
-    if not (real(gamma) and gamma > 0 and math.isfinite(gamma)):
-        bad("gamma", gamma, "finite and > 0")
-    if not (real(tol) and 0 < tol < 1):
-        bad("tol", tol, "in (0, 1)")
-
-
 def solve_group_device(
     Z: torch.Tensor,
     ys: list[torch.Tensor],
@@ -334,8 +308,11 @@ def solve_group_device(
     ``deterministic`` is accepted with the shared options and changes nothing
     here (on a GPU the last bits may vary between runs)."""
     names = list(names) if names is not None else [""] * len(Gs)
-    _check_scalars(rank=rank, n_pop=n_pop, alpha=alpha, beta=beta, damping=damping, output_damping=output_damping,
-                   gamma=gamma, tol=tol)
+    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)):
+        raise InvalidArgumentError(f"torch_solve: rank must be an integer ≥ 1, got {rank!r}")
+    # the core's own rules and messages: one definition of each option's domain
+    check_solve_options(rank=rank, n_pop=n_pop, alpha=alpha, beta=beta, damping=damping, output_damping=output_damping,
+                        gamma=gamma, tol=tol, method=method, name="torch_solve")
     if len(ys) != len(Gs) or len(names) != len(Gs) or (output_precisions is not None and len(output_precisions) != len(Gs)):
         raise ShapeError(f"torch_solve: {len(ys)} y vectors, {len(Gs)} gradients, {len(names)} names")
     if not isinstance(Z, torch.Tensor) or Z.dim() != 2 or Z.shape[0] != Z.shape[1] or Z.shape[0] == 0:

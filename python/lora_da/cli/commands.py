@@ -182,15 +182,10 @@ def _validate_solve_options(args) -> None:
     damping used to surface only after the whole collection pass."""
     import math
 
-    import numpy as np
+    from lora_da._core import check_solve_options
 
-    from lora_da._core import solve
-
-    config = _config(args)
-    kw = dict(config.solve_kwargs(), rank=1, method="auto")
-    # the core's own scalar rules (its check runs before any work), on a 2 × 2 problem:
-    # one definition of each domain, not a copy here that could drift
-    solve(np.eye(2), np.ones(2), np.zeros((2, 2)), **kw)
+    # the core's own rules and messages, not a copy here that could drift
+    check_solve_options(**_config(args).solve_kwargs())
     solve_device(args.solve_device)
     lora_alpha = getattr(args, "lora_alpha", None)
     if lora_alpha is not None and not (math.isfinite(lora_alpha) and lora_alpha > 0):

@@ -25,8 +25,10 @@ same size; Davis–Kahan's sin θ theorem divides it by the gap.
 
 from __future__ import annotations
 
+from lora_da._core import CONTRACT_RESIDUAL
+
 UNIT_ROUNDOFF = 2.0**-53
-RESIDUAL = 1e-10  # SPEC §5: the eigen-residual every solver must reach, relative to ‖Ω‖₂
+RESIDUAL = CONTRACT_RESIDUAL  # SPEC §5: the eigen-residual every solver must reach, relative to ‖Ω‖₂
 SIGMA_RESIDUAL = 1e-9  # SPEC §5: σ to a relative residual of 1e-9
 SUBSPACE_CHECKABLE = 0.1  # a sin θ bound above this says nothing: the subspace is not checked
 
