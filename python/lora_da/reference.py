@@ -56,7 +56,7 @@ def _spectral_norm(omega: np.ndarray) -> float:
 
 
 def fix_signs(v: np.ndarray) -> np.ndarray:
-    """SPEC §3.7: each column's entry of largest magnitude is made positive
+    """SPEC §3 step 7: each column's entry of largest magnitude is made positive
     (the first such entry on ties, as ``numpy.argmax``)."""
     v = np.array(v, dtype=np.float64, copy=True)
     idx = np.argmax(np.abs(v), axis=0)

@@ -1,4 +1,4 @@
-//! The Cholesky factorization of `Z + λI` (SPEC §3.1) and its triangular
+//! The Cholesky factorization of `Z + λI` (SPEC §3 step 1) and its triangular
 //! solves: the factor the guidance operator applies `Z_λ⁻¹` with.
 
 use faer::reborrow::IntoConst;
@@ -12,7 +12,7 @@ use crate::kernels::{lower_copy_checked, row_dot};
 use crate::pow2::{exponent, ldexp};
 use crate::validate::{validate_input_factor, SYMMETRY_TOL};
 
-/// The Cholesky factor of `2^scale_exp · (Z + λ I)` (SPEC §3.1), shared by
+/// The Cholesky factor of `2^scale_exp · (Z + λ I)` (SPEC §3 step 1), shared by
 /// the modules that share one input factor, kept as `L` and `Lᵀ` for the
 /// triangular solves of the operator (see [`Triangular`]).
 ///
@@ -283,7 +283,7 @@ pub struct NonPositivePivot {
     pub index: usize,
 }
 
-/// The lower Cholesky factor of `Z + λ I` (SPEC §3.1), or the first pivot
+/// The lower Cholesky factor of `Z + λ I` (SPEC §3 step 1), or the first pivot
 /// that is not positive. Only the lower triangle of `z` is read.
 ///
 /// Right-looking by column blocks: factor the diagonal block, solve the panel

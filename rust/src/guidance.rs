@@ -2,8 +2,8 @@
 //!
 //! With `Z_λ = L Lᵀ`, `D = diag(ỹ)` and the mean gradient `Ḡ` (`m × n`):
 //!
-//! * `Δ = −Z_λ⁻¹ Ḡᵀ D` (`n × m`), the natural-gradient step (§3.3);
-//! * `Ω = −α Δ̂ Δ̂ᵀ + β c Z_λ⁻¹` (§3.6) with `Δ̂ = Δ / σ`, `c = c′ / σ²` and
+//! * `Δ = −Z_λ⁻¹ Ḡᵀ D` (`n × m`), the natural-gradient step (§3 step 3);
+//! * `Ω = −α Δ̂ Δ̂ᵀ + β c Z_λ⁻¹` (§3 step 6) with `Δ̂ = Δ / σ`, `c = c′ / σ²` and
 //!   `c′ = Σ ỹ / N_pop`, so that `Ω = Ω′ / σ²` with
 //!   `Ω′ = −α Δ Δᵀ + β c′ Z_λ⁻¹ = Z_λ⁻¹ (β c′ I − α Ḡᵀ D² Ḡ Z_λ⁻¹)`.
 //!
@@ -87,9 +87,9 @@ impl SymmetricOperator for Guidance<'_> {
     }
 
     /// `Ω′ X`, and what it contains on the way: `Δ Δᵀ X = Z_λ⁻¹ Ḡᵀ D² Ḡ W`
-    /// (the Krylov run for `Ω′` then also yields `σ² = ‖Δ Δᵀ‖₂`, SPEC §3.4 —
+    /// (the Krylov run for `Ω′` then also yields `σ² = ‖Δ Δᵀ‖₂`, SPEC §3 step 4 —
     /// the bottom of `Ω′` is mostly the top of `Δ Δᵀ`) and `Δᵀ X = −D Ḡ W`
-    /// (so `B` comes with the eigenvectors, SPEC §3.8), `W = Z_λ⁻¹ X`.
+    /// (so `B` comes with the eigenvectors, SPEC §3 step 8), `W = Z_λ⁻¹ X`.
     fn apply_with_aux(&self, x: MatRef<'_, f64>) -> Products {
         let (mut q, mut s, u) = self.delta_gram_parts(x);
         q *= faer::Scale(self.beta_c);
@@ -100,7 +100,7 @@ impl SymmetricOperator for Guidance<'_> {
     }
 }
 
-/// `Δ Δᵀ` as an operator: its largest eigenvalue is `σ² = ‖Δ‖₂²` (SPEC §3.4).
+/// `Δ Δᵀ` as an operator: its largest eigenvalue is `σ² = ‖Δ‖₂²` (SPEC §3 step 4).
 pub struct DeltaGram<'a, 'b>(pub &'a Guidance<'b>);
 
 impl SymmetricOperator for DeltaGram<'_, '_> {

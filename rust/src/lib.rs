@@ -15,7 +15,7 @@
 //! * [`factors`] — streaming float64 K-FAC factors `Z`, `y` (SPEC §2);
 //! * [`options`] — the solve options and their defaults (SPEC §3);
 //! * [`validate`] — the inputs are validated before any work (SPEC §3);
-//! * [`cholesky`] — `Z + λI = L Lᵀ` and its triangular solves (SPEC §3.1);
+//! * [`cholesky`] — `Z + λI = L Lᵀ` and its triangular solves (SPEC §3 step 1);
 //! * [`eigensolver`] — block Krylov for extreme eigenpairs (SPEC §4);
 //! * [`guidance`] — the matrix-free operator `Ω` and the step `Δ` (SPEC §3–§4);
 //! * [`solve`] — the per-module initialization and its diagnostics (SPEC §3, §5);

@@ -41,7 +41,7 @@ pub struct SolveResult {
     pub a: Mat<f64>,
     /// `B = Δ̂ᵀ V / √γ`, `m × r`.
     pub b: Mat<f64>,
-    /// `V`, `n × r`, orthonormal, ascending eigenvalues, sign-fixed (§3.7).
+    /// `V`, `n × r`, orthonormal, ascending eigenvalues, sign-fixed (§3 step 7).
     pub v: Mat<f64>,
     /// The `r` smallest eigenvalues of `Ω`, ascending.
     pub eigenvalues: Vec<f64>,
@@ -68,7 +68,7 @@ pub struct SolveResult {
     pub notes: Vec<String>,
 }
 
-/// `ỹ = 1 / (y + λ_y)` (SPEC §3.2).
+/// `ỹ = 1 / (y + λ_y)` (SPEC §3 step 2).
 pub fn output_precision(y: &[f64], opts: &SolveOptions) -> Vec<f64> {
     let ly = opts.output_damping.unwrap_or(opts.damping);
     y.iter().map(|v| 1.0 / (v + ly)).collect()
@@ -676,7 +676,7 @@ fn krylov_delta_norm(
     }
 }
 
-/// SPEC §3.7: each column's entry of largest magnitude is positive (the first
+/// SPEC §3 step 7: each column's entry of largest magnitude is positive (the first
 /// such entry on ties).
 /// Returns which columns were negated.
 pub fn fix_signs(v: &mut Mat<f64>) -> Vec<bool> {
