@@ -40,7 +40,8 @@ from lora_da.init import LoraDAConfig
 from lora_da.pipeline import collect_and_solve, compute_init
 from lora_da.results import Inits, ModuleInit, RunReport
 from lora_da.quality import POOR_GAP_REL, PoorInitWarning
-from lora_da.statistics import ModuleInfo, Statistics
+from lora_da.statistics import Statistics
+from lora_da.statistics_file import ModuleInfo
 from lora_da.version import __version__  # noqa: F401 (the package's version)
 
 

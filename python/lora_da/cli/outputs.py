@@ -134,7 +134,7 @@ def _safetensors_metadata(path: Path) -> dict | None:
 
 
 def _is_statistics_header(meta: dict | None) -> bool:
-    from lora_da.statistics import FORMAT
+    from lora_da.statistics_file import FORMAT
 
     try:
         header = json.loads(meta["lora_da"])  # a state dict's "lora_da" is the string "state-dict"

@@ -16,7 +16,7 @@ from lora_da.collect.losses import as_rows, row_weights
 from lora_da.collect.targets import Target
 from lora_da.errors import InvalidArgumentError, LoraDAError, NonFiniteError, ShapeError
 from lora_da.plan import FLUSH_THREADS, Unit, gram_block_rows
-from lora_da.statistics import StatisticsWriter
+from lora_da.statistics_file import StatisticsWriter
 
 
 class DeviceSums:

@@ -20,7 +20,7 @@ from lora_da.errors import InvalidArgumentError, LoraDAError
 from lora_da.memory import OutOfMemoryError
 from lora_da.memory import release as _release
 from lora_da.plan import DEVICE_SOLVE_WORKERS, MemoryPlan, Step, Unit, available_host_bytes, choose_plan
-from lora_da.statistics import StatisticsWriter, file_header
+from lora_da.statistics_file import StatisticsWriter, file_header
 
 
 def free_device_bytes(dev: torch.device) -> int:

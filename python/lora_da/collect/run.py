@@ -23,7 +23,8 @@ from lora_da.collect.targets import Target, linear_kind, module_shape, resolve_t
 from lora_da.distributed import active_group, agree, all_reduce_statistics, check_same_options, together
 from lora_da.errors import InvalidArgumentError, NonFiniteError, ShapeError, StatisticsFileError
 from lora_da.plan import MemoryPlan, available_host_bytes
-from lora_da.statistics import ModuleInfo, Statistics, StatisticsWriter
+from lora_da.statistics import Statistics
+from lora_da.statistics_file import ModuleInfo, StatisticsWriter
 
 
 def collect_statistics(

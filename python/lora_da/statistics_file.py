@@ -1,0 +1,380 @@
+"""The statistics file (SPEC §6): its format and header, the header's
+validation before any tensor is read, memory-mapped reading of its tensors,
+and the writer that fills a file as a collection goes (version 2)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from dataclasses import fields as dataclass_fields
+from pathlib import Path
+
+import numpy as np
+
+from lora_da._core import InputFactor
+from lora_da.errors import ShapeError, StatisticsFileError
+from lora_da.files import install, temp_file_beside
+
+FORMAT = "lora-da-statistics"
+# Version 2 (SPEC §6): the compensation tensors may be absent (all zeros), as in a
+# file written pass by pass from device sums. Version 1 files are read unchanged.
+FORMAT_VERSION = 2
+READS_VERSIONS = (1, 2)
+
+
+@dataclass
+class ModuleInfo:
+    """One targeted linear module, in the out × in (``m × n``) convention."""
+
+    name: str
+    in_features: int  # n
+    out_features: int  # m
+    kind: str  # "linear" or "conv1d" (stored transposed)
+    input_group: str  # key of the shared input factor
+
+
+# -- the header's schema -------------------------------------------------------------
+
+FLOAT_DTYPES = ("F16", "F32", "F64")
+_MAX_COUNT = 2**63 - 1  # the Rust core counts in u64/i64; beyond this a count is garbage anyway
+_KINDS = ("linear", "conv1d")
+_CONFIG_CHOICES = {
+    "token_mask": ("attention", "labels"),
+    "output_fisher": ("diagonal", "sequence_lowrank"),
+    "task": ("causal-lm", "seq-cls"),
+}
+
+
+def _short(v) -> str:
+    r = repr(v)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
+def _describe(v) -> str:
+    """A JSON value as the header's author wrote it: its JSON type and (short) value."""
+    if v is None:
+        return "null"
+    kind = {dict: "object", list: "array", str: "string", bool: "boolean"}.get(type(v), "number")
+    return f"{kind} {_short(v)}"
+
+
+def validate_header(path, header) -> tuple[dict[str, ModuleInfo], dict, dict, int, dict, dict]:
+    """Check a decoded ``lora_da`` header against the format, every type, range
+    and cross-reference, so that the loader below it only meets the values it
+    expects; anything else is a :class:`StatisticsFileError` naming ``path``,
+    the header field and the value. Returns ``(modules, groups, outputs,
+    n_samples, config, model)``."""
+
+    def bad(msg: str) -> StatisticsFileError:
+        return StatisticsFileError(f"{path}: {msg}")
+
+    def obj(v, where: str) -> dict:
+        if not isinstance(v, dict):
+            raise bad(f"header field {where} must be a JSON object, got {_describe(v)}")
+        return v
+
+    def count(v, where: str, minimum: int) -> int:
+        # bool is an int in Python, and NaN/1e999 arrive as floats: both are refused here
+        if isinstance(v, bool) or not isinstance(v, int) or not minimum <= v <= _MAX_COUNT:
+            raise bad(f"header field {where} must be an integer ≥ {minimum}, got {_short(v)}")
+        return v
+
+    def text(v, where: str) -> str:
+        if not isinstance(v, str):
+            raise bad(f"header field {where} must be a string, got {_describe(v)}")
+        return v
+
+    def fields(d: dict, where: str, required: set, *, exact: bool = False) -> None:
+        missing = sorted(required - d.keys())
+        if missing:
+            raise bad(f"header field {where} lacks {', '.join(missing)}")
+        # only where the keys become keyword arguments; elsewhere a newer writer may add fields
+        extra = sorted(d.keys() - required) if exact else []
+        if extra:
+            raise bad(f"header field {where} has unknown field(s) {', '.join(_short(k) for k in extra[:5])}")
+
+    header = obj(header, "(the header itself)")
+    if header.get("format") != FORMAT:
+        raise bad(f"format {_short(header.get('format'))} is not {FORMAT!r}")
+    version = header.get("format_version")
+    if isinstance(version, bool) or version not in READS_VERSIONS:
+        raise bad(f"format version {_short(version)}; this lora-da reads versions "
+                  f"{', '.join(map(str, READS_VERSIONS))}")
+    fields(header, "header", {"format", "format_version", "n_samples", "modules", "groups", "outputs"})
+    n_samples = count(header["n_samples"], "n_samples", 1)
+
+    groups = obj(header["groups"], "groups")
+    for g, info in groups.items():
+        info = obj(info, f"groups[{g!r}]")
+        fields(info, f"groups[{g!r}]", {"n", "tokens"})
+        count(info["n"], f"groups[{g!r}].n", 1)
+        count(info["tokens"], f"groups[{g!r}].tokens", 0)
+
+    raw_modules = obj(header["modules"], "modules")
+    if not raw_modules:
+        raise bad("the statistics describe no module (an adapter needs at least one)")
+    modules: dict[str, ModuleInfo] = {}
+    for name, v in raw_modules.items():
+        where = f"modules[{name!r}]"
+        v = obj(v, where)
+        fields(v, where, {fd.name for fd in dataclass_fields(ModuleInfo)}, exact=True)
+        if v["name"] != name:
+            raise bad(f"{where}.name is {_short(v['name'])}, not the module's key")
+        kind = text(v["kind"], f"{where}.kind")
+        if kind not in _KINDS:
+            raise bad(f"{where}.kind must be one of {', '.join(_KINDS)}, got {_short(kind)}")
+        group = text(v["input_group"], f"{where}.input_group")
+        n = count(v["in_features"], f"{where}.in_features", 1)
+        m = count(v["out_features"], f"{where}.out_features", 1)
+        if group not in groups:
+            raise bad(f"module {name!r} refers to input group {group!r}, which the header does not list")
+        if groups[group]["n"] != n:
+            raise bad(f"module {name!r} has in_features {n}, its input group {group!r} has n = {groups[group]['n']}")
+        modules[name] = ModuleInfo(name=name, in_features=n, out_features=m, kind=kind, input_group=group)
+
+    # zero tokens would surface later as a division by zero that names neither the file nor the module
+    for g, info in groups.items():
+        if info["tokens"] == 0:
+            users = [k for k, mi in modules.items() if mi.input_group == g]
+            raise bad(f"input group {g!r} (module(s) {users[:3]}) counted no token; its Z = (1/T) Σ x xᵀ is undefined")
+
+    outputs = obj(header["outputs"], "outputs")
+    if outputs.keys() != modules.keys():
+        diff = sorted(outputs.keys() ^ modules.keys())
+        raise bad(f"header fields modules and outputs list different modules ({', '.join(_short(k) for k in diff[:3])})")
+    config = obj(header.get("config", {}), "config")
+    for name, o in outputs.items():
+        where = f"outputs[{name!r}]"
+        o = obj(o, where)
+        fields(o, where, {"tokens", "samples", "per_sample"})
+        if count(o["tokens"], f"{where}.tokens", 0) == 0:
+            raise bad(f"module {name!r} counted no output token; its y = (1/T) Σ g ⊙ g is undefined")
+        if not isinstance(o["per_sample"], bool):
+            raise bad(f"header field {where}.per_sample must be true or false, got {_short(o['per_sample'])}")
+        count(o["samples"], f"{where}.samples", 1 if o["per_sample"] else 0)
+        if config.get("output_fisher") == "sequence_lowrank" and not o["per_sample"]:
+            raise bad(f"{where}: output_fisher is sequence_lowrank but the per-sample sums were not kept")
+
+    for key, choices in _CONFIG_CHOICES.items():
+        if key in config and config[key] not in choices:
+            raise bad(f"header field config.{key} must be one of {', '.join(choices)}, got {_short(config[key])}")
+    if "batches_done" in config:
+        count(config["batches_done"], "config.batches_done", 0)
+    if "finished" in config and not isinstance(config["finished"], bool):
+        raise bad(f"header field config.finished must be true or false, got {_short(config['finished'])}")
+    for key in ("model_fingerprint", "data_fingerprint"):
+        if key in config:
+            text(config[key], f"config.{key}")
+    model = obj(header.get("model", {}), "model")
+    for key in ("class", "name_or_path"):
+        if key in model:
+            text(model[key], f"model.{key}")
+    return modules, groups, outputs, n_samples, config, model
+
+
+# -- memory-mapped statistics (SPEC §6: read one group at a time) -------------------------
+
+_NP_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16}
+
+
+class Mapped:
+    """The tensors of a safetensors file as copy-on-write memory maps: pages are
+    read from disk when touched and dropped by the kernel when memory is short."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            self.entries = json.loads(f.read(size))
+        self.base = 8 + size
+
+    def array(self, key: str) -> np.ndarray:
+        e = self.entries[key]
+        start, _ = e["data_offsets"]
+        return np.memmap(self.path, dtype=_NP_DTYPES[e["dtype"]], mode="c", offset=self.base + start,
+                         shape=tuple(e["shape"]))
+
+    def checked(self, key: str) -> np.ndarray:
+        a = self.array(key)
+        if a.dtype != np.float64:
+            a = a.astype(np.float64)
+        # chunked, so that the check needs no second copy of a large Ḡ
+        flat = a.reshape(-1)
+        for i in range(0, flat.size, 1 << 24):
+            if not np.isfinite(flat[i:i + (1 << 24)]).all():
+                raise StatisticsFileError(f"{self.path}: tensor {key!r} has non-finite values")
+        return a
+
+
+class LazyInputFactors(Mapping):
+    """Input group → :class:`InputFactor`, built from the mapped file each time it is asked for."""
+
+    def __init__(self, mapped: Mapped, groups: dict, keys: set):
+        self.mapped, self.groups, self.keys_ = mapped, groups, keys
+
+    def __getitem__(self, g: str) -> InputFactor:
+        info = self.groups[g]
+        comp = self.mapped.checked(f"input_comp.{g}") if f"input_comp.{g}" in self.keys_ else None
+        return InputFactor.from_packed(info["n"], self.mapped.checked(f"input.{g}"), info["tokens"], comp)
+
+    def __iter__(self):
+        return iter(self.groups)
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+
+class LazyGrads(Mapping):
+    """Module → its ``Σ_s ∂ℓ_s/∂W`` as a memory map, checked finite the first time it is asked for."""
+
+    def __init__(self, mapped: Mapped, modules: dict):
+        self.mapped, self.modules, self.ok = mapped, modules, set()
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self.modules:
+            raise KeyError(name)
+        if name in self.ok:
+            return self.mapped.array(f"grad.{name}")
+        a = self.mapped.checked(f"grad.{name}")
+        self.ok.add(name)
+        return a
+
+    def __iter__(self):
+        return iter(self.modules)
+
+    def __len__(self) -> int:
+        return len(self.modules)
+
+
+# -- a statistics file written as it is collected (SPEC §6, §7) --------------------------------
+
+
+def _packed_col_start(n: int, j: int) -> int:
+    """Offset of column ``j`` in the packed lower triangle (column-major), as the core's ``packed_col_start``."""
+    return j * n - (j * (j + 1)) // 2 + j
+
+
+class StatisticsWriter:
+    """One statistics file (SPEC §6, version 2), written tensor by tensor as
+    each input group's pass ends, so that the host never holds more than one
+    group's sums: the data region is laid out when the file is opened (fixed
+    shapes first, the per-sample sums last, once their count is known), the
+    header is written last into space reserved for it (safetensors allows a
+    header padded with spaces), and the file is renamed into place only when
+    complete. The compensation tensors are left out: device sums are plain
+    float64 sums."""
+
+    def __init__(self, path, modules: dict[str, ModuleInfo], group_n: dict[str, int], per_sample: bool,
+                 placeholder_header: dict):
+        self.path = Path(path)
+        self.modules, self.group_n, self.per_sample = modules, group_n, per_sample
+        self.entries: dict[str, dict] = {}
+        end = 0
+        for g, n in group_n.items():
+            end = self._place(f"input.{g}", [n * (n + 1) // 2], end)
+        for name, mi in modules.items():
+            end = self._place(f"output.{name}", [mi.out_features], end)
+            end = self._place(f"grad.{name}", [mi.out_features, mi.in_features], end)
+        self.fixed_end = end
+        self.end = end
+        # room for the final header: the placeholder's, with every count at its widest, and slack
+        widest = self._header_bytes(placeholder_header, samples=10**15)
+        self.reserved = -(-(len(widest) + 4096) // 8) * 8
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, self.tmp = temp_file_beside(self.path)
+        self.fd = fd
+        try:
+            os.ftruncate(fd, 8 + self.reserved + self.end)
+        except BaseException:
+            self.abort()
+            raise
+
+    def _place(self, key: str, shape: list[int], start: int) -> int:
+        size = 8 * int(np.prod(shape))
+        self.entries[key] = {"dtype": "F64", "shape": shape, "data_offsets": [start, start + size]}
+        return start + size
+
+    @property
+    def file_bytes(self) -> int:
+        return 8 + self.reserved + self.end
+
+    def set_samples(self, n_samples: int) -> None:
+        """Lay out the per-sample sums (``sequence_lowrank``) once the sample count is known."""
+        if not self.per_sample or any(k.startswith("samples.") for k in self.entries):
+            return
+        end = self.fixed_end
+        for name, mi in self.modules.items():
+            end = self._place(f"samples.{name}", [n_samples, mi.out_features], end)
+        self.end = end
+        os.ftruncate(self.fd, 8 + self.reserved + self.end)
+
+    def _pwrite(self, data: np.ndarray, offset: int) -> None:
+        view = memoryview(np.ascontiguousarray(data, dtype=np.float64)).cast("B")
+        done = 0
+        while done < len(view):
+            done += os.pwrite(self.fd, view[done:], offset + done)
+
+    def write(self, key: str, array: np.ndarray) -> None:
+        e = self.entries[key]
+        if tuple(array.shape) != tuple(e["shape"]):
+            raise ShapeError(f"StatisticsWriter: {key} has shape {tuple(array.shape)}, the layout says {tuple(e['shape'])}")
+        self._pwrite(array, 8 + self.reserved + e["data_offsets"][0])
+
+    def write_gram(self, key: str, upper: np.ndarray) -> None:
+        """The packed lower triangle (column-major) from ``upper`` (``n × n``), whose row ``j``
+        from ``j`` on holds column ``j`` of the Gram's lower triangle (its transpose's rows)."""
+        n = upper.shape[0]
+        base = 8 + self.reserved + self.entries[key]["data_offsets"][0]
+        for j in range(n):
+            self._pwrite(upper[j, j:], base + 8 * _packed_col_start(n, j))
+
+    def _header_bytes(self, header: dict, samples: int | None = None) -> bytes:
+        entries = dict(self.entries)
+        if self.per_sample and samples is not None:
+            entries = dict(entries, **{f"samples.{k}": {"dtype": "F64", "shape": [samples, mi.out_features],
+                                                       "data_offsets": [10**15, 10**15]}
+                                       for k, mi in self.modules.items()})
+        return json.dumps({"__metadata__": {"lora_da": json.dumps(header)}, **entries}, separators=(",", ":")).encode()
+
+    def finish(self, header: dict) -> None:
+        """Write the header into its reserved space, flush, and rename the file into place."""
+        try:
+            raw = self._header_bytes(header)
+            if len(raw) > self.reserved:
+                raise StatisticsFileError(f"{self.path}: the header outgrew the space reserved for it "
+                                          f"({len(raw)} > {self.reserved} bytes)")
+            os.pwrite(self.fd, self.reserved.to_bytes(8, "little") + raw + b" " * (self.reserved - len(raw)), 0)
+            os.fsync(self.fd)
+            os.close(self.fd)
+            self.fd = None
+            install(self.tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        if os.path.exists(self.tmp):
+            os.unlink(self.tmp)
+
+
+def file_header(*, modules: dict[str, ModuleInfo], groups: dict, outputs: dict, n_samples: int, config: dict,
+                model: dict, new_weights=()) -> dict:
+    """The ``lora_da`` header of a statistics file (SPEC §6)."""
+    header = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "n_samples": n_samples,
+        "modules": {k: asdict(v) for k, v in modules.items()},
+        "groups": groups,
+        "outputs": outputs,
+        "config": config,
+        "model": model,
+    }
+    if new_weights:
+        header["new_weights"] = sorted(new_weights)
+    return header
