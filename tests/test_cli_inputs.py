@@ -248,7 +248,7 @@ def test_compare_refuses_a_negative_label(encoder, tmp_path, capsys):
 
 def test_collect_checkpoint_resumes_after_ctrl_c_and_returns_a_finished_pass(model_dir, data_file, tmp_path, capsys,
                                                                              monkeypatch):
-    import lora_da.collect as collect
+    import lora_da.collect.run as collect  # where a run takes its default loss
 
     ck, out, whole = tmp_path / "ck.safetensors", tmp_path / "s.safetensors", tmp_path / "whole.safetensors"
     assert main(["collect", str(model_dir), str(data_file), "--out", str(whole), "-q"]) == 0
