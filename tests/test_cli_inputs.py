@@ -355,3 +355,16 @@ def test_fuzz_jsonl_reader(tmp_path):
     check()
     print(f"fuzz_jsonl_reader: {counts}")
     assert counts["read"] > 0 and counts["refused"] > 0
+
+
+@pytest.mark.parametrize("rank", ["100000000000000000000", "9" * 45])
+def test_a_rank_past_64_bits_is_a_one_line_error(rank, tmp_path, capsys):
+    """Before the statistics are read: the core counts in 64 bits, and a larger --rank had
+    ended in an OverflowError's traceback."""
+    stats = tmp_path / "s.safetensors"
+    stats.write_bytes(b"not read")
+    assert main(["solve", str(stats), "--n-pop", "10", "--rank", rank,
+                 "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "--rank must be less than 2⁶³" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()

@@ -1,7 +1,7 @@
 """The offline demo behind ``lora-da demo``: a two-arm preset of :mod:`lora_da.compare`,
 PEFT's default LoRA init against LoRA-DA (SPEC §2–§3, γ chosen as in :mod:`lora_da.gamma`)
 on a tiny sentiment task, MiniLM on the VADER lexicon. The command line only parses its
-options (:func:`lora_da.cli.cmd_demo`); everything it prints is computed here.
+options (:func:`lora_da.cli.commands.cmd_demo`); everything it prints is computed here.
 
 The lexicon is read by :func:`lora_da.compare.tasks.read_label_rows`, batched by
 :func:`lora_da.compare.tasks.label_batches` and scored by

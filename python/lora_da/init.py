@@ -33,8 +33,9 @@ def _real(name: str, v) -> int | float:
     try:
         f = float(v)
     except OverflowError:
+        hint = "; pass the number of fine-tuning samples" if name == "n_pop" else ""
         raise InvalidArgumentError(f"LoraDAConfig: {name} = {str(v)[:12]}… ({len(str(v))} digits) is too large for "
-                                   "a float64; pass the number of fine-tuning samples") from None
+                                   f"a float64{hint}") from None
     return int(v) if isinstance(v, numbers.Integral) and abs(f) < 2.0**53 else f
 
 
@@ -79,6 +80,10 @@ class LoraDAConfig:
         self.n_pop = _real("n_pop", self.n_pop)
         if not (math.isfinite(self.n_pop) and self.n_pop > 0):
             raise InvalidArgumentError(f"LoraDAConfig: n_pop must be a finite number > 0, got {self.n_pop!r}")
+        for name in ("alpha", "beta", "damping", "gamma", "tol"):  # their ranges: the core's check, at the solve
+            setattr(self, name, _real(name, getattr(self, name)))
+        if self.output_damping is not None:
+            self.output_damping = _real("output_damping", self.output_damping)
         if self.rank is not None:
             # numpy integers are integers too; a float 8.0, a bool or a string is not
             if isinstance(self.rank, (bool, np.bool_)) or not isinstance(self.rank, numbers.Integral) or self.rank < 1:

@@ -79,14 +79,18 @@ def collect_and_solve(model, dataloader, target_modules, config: LoraDAConfig, *
                                 checkpoint=checkpoint_path is not None, **config.to_dict()), group,
                            "collect_and_solve")
     if checkpoint_path is not None or accumulates_on_host(device, max_device_bytes, accumulate_on):
+        t0 = time.perf_counter()
         stats = collect_statistics(model, dataloader, target_modules, loss_fn=loss_fn, token_mask=config.token_mask,
                                    output_fisher=config.output_fisher, max_samples=max_samples,
                                    max_device_bytes=max_device_bytes, max_host_bytes=max_host_bytes,
                                    checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every, resume=resume,
                                    progress=progress, accumulate_on=accumulate_on,
                                    reduce_across_ranks=reduce_across_ranks)
-        return compute_init(stats, config, progress=progress, device=None if device.type == "cpu" else device,
-                            across_ranks=group is not None)
+        t1 = time.perf_counter()
+        inits = compute_init(stats, config, progress=progress, device=None if device.type == "cpu" else device,
+                             across_ranks=group is not None)
+        inits.report = RunReport(plan=stats.plan, collect_seconds=t1 - t0, solve_seconds=time.perf_counter() - t1)
+        return inits
     run = Run.start(model, dataloader, target_modules, loss_fn=loss_fn, token_mask=config.token_mask,
                      output_fisher=config.output_fisher, max_samples=max_samples, checkpoint_path=None,
                      checkpoint_every=None, resume=False, progress=progress)

@@ -99,7 +99,8 @@ class RunReport:
 
 
 class Inits(dict):
-    """``{module name: ModuleInit}`` in the statistics' module order, with the
+    """``{module name: ModuleInit}`` in the statistics' module order (or, from
+    ``initialize_lora_da_weights``, ``{module name: SolveResult}``), with the
     run's :class:`RunReport` as ``report`` (None where no run was timed)."""
 
     def __init__(self, inits=(), report: RunReport | None = None):

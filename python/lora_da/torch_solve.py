@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import time
 
 import numpy as np
@@ -282,6 +283,33 @@ def fix_signs(V: torch.Tensor) -> torch.Tensor:
     return V * s
 
 
+def _check_options(*, rank, method, **reals) -> None:
+    """The types here (a bool, None or a string is not a number; the binding would
+    convert or reject them without naming the option), the domains by the core's own
+    rules and messages (``check_solve_options``): one definition of each."""
+    def bad(name, v, need):
+        raise InvalidArgumentError(f"torch_solve: {name} must be {need}, got {v!r}")
+
+    if isinstance(rank, (bool, np.bool_)) or not isinstance(rank, numbers.Integral) or rank < 1:
+        bad("rank", rank, "an integer ≥ 1")
+    if rank >= 2**63:
+        bad("rank", f"{str(rank)[:12]}…", "less than 2⁶³")
+    floats = {}
+    for name, v in reals.items():
+        if v is None and name == "output_damping":
+            floats[name] = None
+            continue
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real):
+            bad(name, v, "a real number")
+        try:
+            floats[name] = float(v)
+        except OverflowError:
+            bad(name, f"{str(v)[:12]}…", "representable in float64")
+    if method not in ("auto", "krylov", "dense"):
+        bad("method", method, "'auto', 'krylov' or 'dense'")
+    check_solve_options(rank=int(rank), method=method, name="torch_solve", **floats)
+
+
 def solve_group_device(
     Z: torch.Tensor,
     ys: list[torch.Tensor],
@@ -308,11 +336,8 @@ def solve_group_device(
     ``deterministic`` is accepted with the shared options and changes nothing
     here (on a GPU the last bits may vary between runs)."""
     names = list(names) if names is not None else [""] * len(Gs)
-    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)):
-        raise InvalidArgumentError(f"torch_solve: rank must be an integer ≥ 1, got {rank!r}")
-    # the core's own rules and messages: one definition of each option's domain
-    check_solve_options(rank=rank, n_pop=n_pop, alpha=alpha, beta=beta, damping=damping, output_damping=output_damping,
-                        gamma=gamma, tol=tol, method=method, name="torch_solve")
+    _check_options(rank=rank, n_pop=n_pop, alpha=alpha, beta=beta, damping=damping, output_damping=output_damping,
+                   gamma=gamma, tol=tol, method=method)
     if len(ys) != len(Gs) or len(names) != len(Gs) or (output_precisions is not None and len(output_precisions) != len(Gs)):
         raise ShapeError(f"torch_solve: {len(ys)} y vectors, {len(Gs)} gradients, {len(names)} names")
     if not isinstance(Z, torch.Tensor) or Z.dim() != 2 or Z.shape[0] != Z.shape[1] or Z.shape[0] == 0:

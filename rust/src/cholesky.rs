@@ -91,7 +91,7 @@ impl InputCholesky {
                 break;
             }
             // From 1e-10 of the mean diagonal, or of 1 for a zero diagonal (as
-            // `device_solve.inverse_input` does): Z = 0 has no scale, and the
+            // `torch_solve.inverse_input` does): Z = 0 has no scale, and the
             // denormal λ that MIN_POSITIVE gave made σ = ‖Δ‖ overflow.
             let base = if mean_diag != 0.0 { mean_diag.abs() } else { 1.0 };
             lambda = (lambda * 10.0).max(1e-10 * base);

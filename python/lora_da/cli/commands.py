@@ -1,5 +1,5 @@
 """The commands: each checks its arguments and outputs before any work, then calls the
-library (:func:`lora_da.collect.collect_statistics`, :func:`lora_da.init.compute_init`,
+library (:func:`lora_da.collect.collect_statistics`, :func:`lora_da.pipeline.compute_init`,
 :func:`lora_da.gamma.search_gamma`, :mod:`lora_da.report`, :func:`lora_da.demo.run_demo`)
 and writes through the output safety net (:mod:`lora_da.cli.outputs`)."""
 
@@ -184,8 +184,11 @@ def _validate_solve_options(args) -> None:
 
     from lora_da._core import check_solve_options
 
+    kwargs = _config(args).solve_kwargs()
+    if kwargs["rank"] >= 2**63:  # the core counts in 64 bits: past that, a number it cannot read
+        raise CLIError(f"--rank must be less than 2⁶³, got {str(kwargs['rank'])[:12]}…")
     # the core's own rules and messages, not a copy here that could drift
-    check_solve_options(**_config(args).solve_kwargs())
+    check_solve_options(**kwargs)
     solve_device(args.solve_device)
     lora_alpha = getattr(args, "lora_alpha", None)
     if lora_alpha is not None and not (math.isfinite(lora_alpha) and lora_alpha > 0):
