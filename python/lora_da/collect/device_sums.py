@@ -114,7 +114,7 @@ class DeviceSums:
         self.flags = []
         self.batch_samples += samples
 
-    def flush(self, host: HostSums, staging: Staging) -> None:
+    def flush(self, host: HostSums) -> None:
         """Into the host's compensated accumulators, then zero. The transfers and the
         host's additions of the groups run on several threads (the core and NumPy release
         the GIL), each with its own host copy: the plan counts ``FLUSH_THREADS`` of them."""
@@ -313,10 +313,3 @@ class Staging:
         view = self.buf[:k].view(t.shape)
         view.copy_(t)
         return view.numpy()
-
-    def lower(self, rows: list[torch.Tensor], n: int) -> np.ndarray:
-        return self.host(lower_full(rows, n))
-
-    def add_into(self, acc: np.ndarray, t: torch.Tensor) -> None:
-        """``acc += t`` (exact float64 addition; into zeros it is a copy)."""
-        np.add(acc, self.host(t), out=acc)

@@ -191,7 +191,7 @@ def collect_on_device(run, *, max_device_bytes, max_host_bytes, keep_on_host: bo
                                 run.n_samples += bsz
                                 run.batches_done = index + 1
                                 if keep_on_host and writer is None and run.checkpoint_due():
-                                    sums.flush(run.host, staging)
+                                    sums.flush(run.host)
                                     run.snapshot().save(run.checkpoint_path)
                     if p == 0:
                         first_prints = prints
@@ -203,7 +203,7 @@ def collect_on_device(run, *, max_device_bytes, max_host_bytes, keep_on_host: bo
                 if writer is not None:
                     sums.write(run.writer, run.written, staging, run.n_samples)
                 elif keep_on_host:
-                    sums.flush(run.host, staging)
+                    sums.flush(run.host)
                 else:
                     on_pass(sums, run.n_samples)
                 del sums
