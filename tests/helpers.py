@@ -189,6 +189,20 @@ def check_compute_init_on(device):
 WORDS = "the a cat dog sat on mat ran fast slow red blue big small and or is was very good bad".split()
 
 
+def word_tokenizer(d) -> int:
+    """A word-level fast tokenizer over ``WORDS`` ([PAD] = 0, [UNK] = 1) saved into ``d``; its vocabulary size."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[PAD]": 0, "[UNK]": 1}
+    for w in WORDS:
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]").save_pretrained(d)
+    return len(vocab)
+
+
 # -- a tiny classifier under transformers' Trainer (LoraDACallback) --------------------------
 
 

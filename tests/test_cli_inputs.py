@@ -15,23 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import WORDS, assert_same_statistics
+from helpers import WORDS, assert_same_statistics, word_tokenizer
 
 import lora_da
 from lora_da.cli import main
-
-
-def _tokenizer(d: Path) -> int:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"[PAD]": 0, "[UNK]": 1}
-    for w in WORDS:
-        vocab.setdefault(w, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]").save_pretrained(d)
-    return len(vocab)
 
 
 def _bert(d: Path, head_labels: int | None = None) -> Path:
@@ -39,7 +26,7 @@ def _bert(d: Path, head_labels: int | None = None) -> Path:
     from transformers import BertConfig, BertForSequenceClassification, BertModel
 
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=_tokenizer(d), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+    cfg = BertConfig(vocab_size=word_tokenizer(d), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                      intermediate_size=24, max_position_embeddings=16, pad_token_id=0)
     if head_labels is None:
         BertModel(cfg).save_pretrained(d)

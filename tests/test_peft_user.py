@@ -217,19 +217,13 @@ def test_outputs_follow_the_umask(umask_022, six_sample_stats, tmp_path, capsys)
 
 @pytest.fixture(scope="module")
 def tiny_encoder(tmp_path_factory):
-    from helpers import WORDS
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+    from helpers import WORDS, word_tokenizer
+    from transformers import BertConfig, BertModel
 
     d = tmp_path_factory.mktemp("tiny-bert-compare")
-    vocab = {"[PAD]": 0, "[UNK]": 1}
-    for w in WORDS:
-        vocab.setdefault(w, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]").save_pretrained(d)
+    vocab_size = word_tokenizer(d)
     torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+    BertModel(BertConfig(vocab_size=vocab_size, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                          intermediate_size=24, max_position_embeddings=32, pad_token_id=0)).save_pretrained(d)
     rng = np.random.default_rng(3)
     data_path = d / "rows.jsonl"
