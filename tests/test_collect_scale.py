@@ -14,7 +14,7 @@ from helpers import LLAMA_TARGETS, batches, check_compute_init_on, data, tiny_ll
 import lora_da
 from lora_da.torch_solve import solve_group_device
 from lora_da.pipeline import collect_and_solve
-from lora_da.plan import FLUSH_THREADS, Unit, plan_passes
+from lora_da.plan import FLUSH_THREADS, STAGE_BYTES, Unit, plan_passes
 from lora_da.reference import reference_solve, relative_residual, subspace_sin_theta
 from lora_da.synthetic import make_problem
 
@@ -38,9 +38,8 @@ def test_plan_covers_every_unit_in_order_within_the_budget(extra):
     for p, q in zip(plan.passes, plan.passes[1:]):
         assert sum(u.device_bytes for u in p) + q[0].device_bytes > budget
     assert plan.statistics_bytes == sum(u.host_bytes for u in us)
-    # what the host holds: the statistics and the flush threads' host copies (each an n × n Gram or a Ḡ)
-    assert plan.host_bytes == plan.statistics_bytes + FLUSH_THREADS * max(
-        8 * u.n * max(u.n, *(m for _, m in u.modules)) for u in us)
+    # what the host holds: the statistics and, per flush thread, an n × n Gram and its page-locked staging
+    assert plan.host_bytes == plan.statistics_bytes + FLUSH_THREADS * (max(8 * u.n * u.n for u in us) + STAGE_BYTES)
 
 
 def test_plan_budget_is_free_memory_less_the_step():

@@ -370,3 +370,29 @@ def test_a_new_factor_leaves_its_zero_pages_untouched():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert int(out.stdout.split()[-1]) < 0.1e9
+
+
+def test_touch_faults_in_the_pages_and_changes_no_sum():
+    """``touch`` puts a new factor's pages in resident memory (so that a flush does
+    not pay their first touch) and leaves what a used factor holds bit for bit."""
+    import subprocess
+    import sys
+
+    code = ("import lora_da\n"
+            "def rss():\n"
+            "    for line in open('/proc/self/status'):\n"
+            "        if line.startswith('VmRSS:'): return int(line.split()[1]) * 1024\n"
+            "f = lora_da.InputFactor(10000); before = rss(); f.touch(); print(rss() - before)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert int(out.stdout.split()[-1]) > 0.7e9  # 2 × 10000·10001/2 float64 = 0.8 GB
+
+    rng = np.random.default_rng(3)
+    f = lora_da.InputFactor(37)
+    f.add(rng.standard_normal((50, 37)) * 1e3)
+    f.add(rng.standard_normal((20, 37)).astype(np.float32))
+    before, tokens = f.packed_raw(), f.tokens
+    f.touch()
+    after = f.packed_raw()
+    assert f.tokens == tokens
+    assert all(np.array_equal(a, b) for a, b in zip(before, after))

@@ -47,6 +47,18 @@ impl CompensatedSum {
         self.sum.len()
     }
 
+    /// Faults in every page of the sums and compensations, each page's first
+    /// value rewritten with itself: the values do not change, and a later
+    /// addition does not pay the first touch of fresh pages.
+    pub fn touch(&mut self) {
+        const PAGE_VALUES: usize = 4096 / std::mem::size_of::<f64>();
+        for v in [&mut self.sum, &mut self.comp] {
+            for i in (0..v.len()).step_by(PAGE_VALUES) {
+                v[i] = std::hint::black_box(v[i]);
+            }
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.sum.is_empty()
     }
@@ -356,6 +368,12 @@ impl InputFactor {
         } else {
             panels.into_iter().for_each(panel);
         }
+    }
+
+    /// Faults in the accumulator's pages ([`CompensatedSum::touch`]): what is
+    /// summed does not change.
+    pub fn touch(&mut self) {
+        self.gram.touch();
     }
 
     /// Add a precomputed partial Gram matrix `Σ x xᵀ` over `tokens` rows (its

@@ -15,7 +15,7 @@ from lora_da.collect.host_sums import HostSums
 from lora_da.collect.losses import as_rows, row_weights
 from lora_da.collect.targets import Target
 from lora_da.errors import InvalidArgumentError, LoraDAError, NonFiniteError, ShapeError
-from lora_da.plan import FLUSH_THREADS, Unit, gram_block_rows
+from lora_da.plan import FLUSH_THREADS, STAGE_BYTES, Unit, gram_block_rows
 from lora_da.statistics_file import StatisticsWriter
 
 
@@ -126,6 +126,11 @@ class DeviceSums:
 
         local = threading.local()
 
+        def staging() -> Staging:
+            if getattr(local, "staging", None) is None:
+                local.staging = Staging(self.grad_device)
+            return local.staging
+
         def gram(u):
             if tokens[u.group]:
                 # assembled on the host, block by block: no n × n temporary on the device. One
@@ -137,11 +142,12 @@ class DeviceSums:
                     buf = local.buf = np.empty(u.n * u.n)
                 full = buf[:u.n * u.n].reshape(u.n, u.n)
                 for (a, b), blk in zip(gram_block_rows(u.n), self.gram[u.group]):
-                    full[a:b, :b] = blk.cpu().numpy()
+                    for rows, part in staging().blocks(blk):
+                        full[a:b, :b][rows] = part
                 host.add_gram(u.group, u.n, full, tokens[u.group])
 
         def grad(name):
-            host.add_grad(name, self.grad[name])
+            host.add_grad(name, staging().blocks(self.grad[name]))
 
         workers = 1 if self.grad_device.type != "cuda" else FLUSH_THREADS
         with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -294,22 +300,50 @@ def float64_copy(t: torch.Tensor) -> torch.Tensor:
 
 
 class Staging:
-    """Host side of the device-to-host transfers of a flush: one page-locked
-    buffer (on CUDA) reused for every tensor, so a pass's sums reach the host
-    at the link's speed without a pageable copy each (SPEC §7 counts it)."""
+    """Host side of device-to-host transfers: a page-locked buffer (on CUDA)
+    reused for every copy, so sums reach the host at the link's speed without
+    fresh pageable pages each (SPEC §7 counts it). :meth:`blocks` streams a
+    tensor through at most ``STAGE_BYTES`` of it; :meth:`host` stages a whole
+    tensor (the statistics file's writer takes whole arrays)."""
 
     def __init__(self, device):
         self.device = torch.device(device)
         self.buf: torch.Tensor | None = None
+        self.pageable = self.device.type != "cuda"
+
+    def staged(self, k: int) -> torch.Tensor | None:
+        """``k`` float64 of the page-locked buffer, grown as needed; None without page-locked memory."""
+        if self.pageable:
+            return None
+        if self.buf is None or self.buf.numel() < k:
+            self.buf = None
+            try:
+                self.buf = torch.empty(k, dtype=torch.float64, pin_memory=True)
+            except RuntimeError:  # no page-locked memory to be had: pageable copies from now on
+                self.pageable = True
+                return None
+        return self.buf[:k]
+
+    def blocks(self, t: torch.Tensor):
+        """A 2-D ``t`` on the host as ``(rows, block)`` pairs of consecutive rows
+        (at most ``STAGE_BYTES`` each), each block valid until the next is asked for."""
+        t = t.detach()
+        step = max(1, STAGE_BYTES // (8 * max(1, t.shape[1])))
+        for a in range(0, t.shape[0], step):
+            part = t[a:a + step]
+            buf = self.staged(part.numel())
+            if buf is None:
+                yield slice(a, a + step), part.cpu().numpy()
+                continue
+            view = buf.view(part.shape)
+            view.copy_(part)
+            yield slice(a, a + step), view.numpy()
 
     def host(self, t: torch.Tensor) -> np.ndarray:
         """A host copy of ``t`` (float64), valid until the next call."""
-        if self.device.type != "cuda":
+        buf = self.staged(t.numel())
+        if buf is None:
             return t.detach().cpu().numpy()
-        k = t.numel()
-        if self.buf is None or self.buf.numel() < k:
-            self.buf = None
-            self.buf = torch.empty(k, dtype=torch.float64, pin_memory=True)
-        view = self.buf[:k].view(t.shape)
+        view = buf.view(t.shape)
         view.copy_(t)
         return view.numpy()

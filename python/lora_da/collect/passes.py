@@ -13,6 +13,7 @@ from dataclasses import replace
 import torch
 
 from lora_da.collect.device_sums import DeviceSums, Staging
+from lora_da.collect.host_sums import PageToucher
 from lora_da.collect.hooks import Recorder, check_groups, frozen
 from lora_da.collect.losses import slice_batch, token_mask_of
 from lora_da.distributed import agree, together
@@ -162,6 +163,7 @@ def collect_on_device(run, *, max_device_bytes, max_host_bytes, keep_on_host: bo
                 if sums is None:
                     split_pass(run, passes, p)
                     continue
+                toucher = PageToucher(run.host, pass_units) if keep_on_host and writer is None else None
                 source = itertools.chain([first], stream) if p == 0 else run.batches()
                 names = [name for u in pass_units for name, _ in u.modules]
                 check = lambda: check_groups({n: run.targets[n] for n in names},  # noqa: E731
@@ -191,6 +193,7 @@ def collect_on_device(run, *, max_device_bytes, max_host_bytes, keep_on_host: bo
                                 run.n_samples += bsz
                                 run.batches_done = index + 1
                                 if keep_on_host and writer is None and run.checkpoint_due():
+                                    toucher.wait()
                                     sums.flush(run.host)
                                     run.snapshot().save(run.checkpoint_path)
                     if p == 0:
@@ -203,6 +206,7 @@ def collect_on_device(run, *, max_device_bytes, max_host_bytes, keep_on_host: bo
                 if writer is not None:
                     sums.write(run.writer, run.written, staging, run.n_samples)
                 elif keep_on_host:
+                    toucher.wait()
                     sums.flush(run.host)
                 else:
                     on_pass(sums, run.n_samples)

@@ -96,6 +96,16 @@ impl PyInputFactor {
         locked(py, &self.inner, "InputFactor.add", |f| f.add_rows(&rows))
     }
 
+    /// Fault in the accumulator's host pages without the GIL (the sums do not
+    /// change): a new factor's zeros are untouched pages, whose first touch
+    /// otherwise falls on the first addition.
+    fn touch(&self, py: Python<'_>) -> PyResult<()> {
+        locked(py, &self.inner, "InputFactor.touch", |f| {
+            f.touch();
+            Ok(())
+        })
+    }
+
     /// Add a partial Gram matrix `Σ x xᵀ` (float64, `(n, n)`) over `tokens` rows.
     fn add_gram(&self, py: Python<'_>, gram: &Bound<'_, PyAny>, tokens: i128) -> PyResult<()> {
         let tokens = count::<u64>(tokens, "InputFactor.add_gram: tokens")?;
