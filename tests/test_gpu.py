@@ -128,3 +128,18 @@ def test_every_collection_option_at_once_on_cuda(tmp_path):
 
     torch.backends.cuda.matmul.allow_tf32 = False
     check_collection_options("cuda", "auto", tmp_path, rel=1e-6, checkpoint=False)
+
+
+def test_compute_init_on_cuda_reads_a_streamed_file_as_it_reads_memory(tmp_path):
+    """From a memory-mapped statistics file the Ḡ go to the GPU through a page-locked
+    buffer read from the file: the same inits, bit for bit, as from the statistics in memory."""
+    ids, mask = data()
+    path = tmp_path / "s.safetensors"
+    mapped = lora_da.collect_statistics(tiny_llama().cuda(), batches(ids, mask, 3), LLAMA_TARGETS, progress=False,
+                                        out=str(path))
+    loaded = lora_da.Statistics.load(path)
+    cfg = lora_da.LoraDAConfig(rank=2, n_pop=100)
+    a = lora_da.compute_init(mapped, cfg, progress=False, device="cuda")
+    b = lora_da.compute_init(loaded, cfg, progress=False, device="cuda")
+    for n in loaded.modules:
+        assert np.array_equal(a[n].result.A, b[n].result.A) and np.array_equal(a[n].result.B, b[n].result.B), n

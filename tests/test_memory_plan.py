@@ -363,6 +363,31 @@ def test_statistics_streamed_to_disk_equal_the_in_memory_ones_bit_for_bit(tmp_pa
         st.merge(mem)
 
 
+def test_a_mapped_file_reads_each_grad_into_a_buffer_bit_for_bit_and_checked(tmp_path):
+    """compute_init on a GPU reads a streamed file's Ḡ into a reused page-locked buffer
+    rather than through its map: the same values as the map, and a non-finite or
+    truncated tensor is still refused by name."""
+    import json
+
+    path = tmp_path / "s.safetensors"
+    stats = device_statistics(out=str(path))
+    for n in stats.modules:
+        want = np.asarray(stats.grad_sums[n])
+        got = np.full(want.shape, np.nan)
+        stats.grad_sums.read_into(n, got)
+        assert np.array_equal(got, want), n
+    name = stats.modules[0] if isinstance(stats.modules, list) else next(iter(stats.modules))
+    raw = path.read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    start, _ = json.loads(raw[8:8 + size])[f"grad.{name}"]["data_offsets"]
+    bad = tmp_path / "bad.safetensors"
+    at = 8 + size + start + 8 * 5
+    bad.write_bytes(raw[:at] + np.array([np.inf]).tobytes() + raw[at + 8:])
+    broken = lora_da.Statistics.load(bad, mmap=True)
+    with pytest.raises(lora_da.StatisticsFileError, match=f"grad.{name}.*non-finite"):
+        broken.grad_sums.read_into(name, np.empty(np.asarray(stats.grad_sums[name]).shape))
+
+
 def test_a_host_too_small_for_the_statistics_is_refused_before_the_first_batch(tmp_path):
     stats_bytes = sum(a.nbytes for g in host_statistics().grad_sums.values() for a in [g])
     loss, calls = counting_loss()

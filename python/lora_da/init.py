@@ -317,8 +317,8 @@ def _compute_init_on_device(stats: Statistics, config: LoraDAConfig, groups: dic
             Z = _input_mean_on(stats.input_factors[group], device, pinned)
             ys = [torch.as_tensor(stats.output_factor(n), device=device) for n in names]
             # on the CPU as_tensor shares the statistics' memory: divide into a new tensor there
-            Gs = [_divided(torch.as_tensor(np.ascontiguousarray(stats.grad_sums[n]), device=device), stats.n_samples,
-                           in_place=device.type != "cpu") for n in names]
+            Gs = [_divided(g, stats.n_samples, in_place=device.type != "cpu")
+                  for g in _grad_sums_on(stats, names, device, pinned)]
             if device.type == "cuda":
                 torch.cuda.current_stream(device).synchronize()  # the solve runs on another stream
             return Z, ys, Gs
@@ -384,6 +384,32 @@ def _input_mean_on(factor, device, local) -> torch.Tensor:
     view = buf[:n * n].view(n, n)
     factor.mean_into(view.numpy())
     return view.to(device, non_blocking=True)
+
+
+def _grad_sums_on(stats: Statistics, names: list[str], device, local) -> list[torch.Tensor]:
+    """The modules' ``Σ_s ∂ℓ_s/∂W`` on ``device``. From a memory-mapped statistics file
+    to a GPU they are read into this thread's page-locked buffer (``local.grads``; no
+    page faults on the map) and sent at the link's speed. The caller synchronizes
+    before the buffer is reused."""
+    read_into = getattr(stats.grad_sums, "read_into", None)
+    if device.type != "cuda" or read_into is None:
+        return [torch.as_tensor(np.ascontiguousarray(stats.grad_sums[n]), device=device) for n in names]
+    shapes = [(stats.modules[n].out_features, stats.modules[n].in_features) for n in names]
+    total = sum(m * n for m, n in shapes)
+    buf = getattr(local, "grads", None)
+    if buf is None or buf.numel() < total:
+        local.grads = None
+        try:
+            local.grads = buf = torch.empty(total, dtype=torch.float64, pin_memory=True)
+        except RuntimeError:  # no page-locked memory to be had: the pageable copies
+            return [torch.as_tensor(np.ascontiguousarray(stats.grad_sums[n]), device=device) for n in names]
+    out, at = [], 0
+    for name, (m, n) in zip(names, shapes):
+        view = buf[at:at + m * n].view(m, n)
+        read_into(name, view.numpy())
+        out.append(view.to(device, non_blocking=True))
+        at += m * n
+    return out
 
 
 def _divided(t: torch.Tensor, k: int, *, in_place: bool) -> torch.Tensor:
