@@ -238,6 +238,8 @@ class Expected:
     cond: float  # cond₂(Z_λ)
     n: int
     alignment: float  # ‖Δ̂ᵀ V Vᵀ‖_F = γ ‖B A‖_F (0 when Ḡ = 0)
+    # the reference's Δ̂ (n × m; 0 when Ḡ = 0): not on file, set from the oracle by checker.prepare
+    delta_hat: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def gap(self) -> float:
@@ -275,5 +277,8 @@ def omega_and_exact(case: Case, inputs: Inputs, name: str):
                    sigma=1.0 if zero else float(np.ldexp(ref.sigma, -e)),
                    c=float(np.ldexp(ref.c, -e)) if zero else float(np.ldexp(ref.c, e)),
                    cond=cond, n=Z.shape[0],
-                   alignment=0.0 if zero else float(np.linalg.norm(ref.delta_hat.T @ ref.V @ ref.V.T)))
+                   alignment=0.0 if zero else float(np.linalg.norm(ref.delta_hat.T @ ref.V @ ref.V.T)),
+                   # Δ̂ is unchanged by the rescaling when normalized; unnormalized Δ scales as 2^−e
+                   delta_hat=np.zeros_like(ref.delta_hat) if zero else
+                   (ref.delta_hat if opts["normalize"] else np.ldexp(ref.delta_hat, -e)))
     return ref.omega, exp
