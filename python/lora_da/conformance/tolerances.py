@@ -80,8 +80,8 @@ def stored(r: int, unit: float) -> float:
     return 4 * r * unit
 
 
-def _storage(reason: str, extra: float) -> str:
-    return reason if extra == 0 else f"{reason}; + storage 4r·u_store = {extra:.1e}"
+def _storage(reason: str, extra: float, term: str = "s = 4r·u_store") -> str:
+    return reason if extra == 0 else f"{reason}; + storage {term} = {extra:.1e}"
 
 
 def eigenvalue(n: int, cond: float, r: int = 1, unit: float = 0.0) -> tuple[float, str]:
@@ -112,7 +112,7 @@ def objective(n: int, cond: float, r: int, unit: float = 0.0) -> tuple[float, st
     s = stored(r, unit)
     return r * tol + r * s, _storage(
         f"r eigenvalue bounds: the bottom-r objective is what any basis of the cluster must reach ({r}·{tol:.1e})",
-        r * s)
+        r * s, "r·s")
 
 
 def product(n: int, cond: float, gap_rel: float, r: int, alignment: float,
@@ -129,7 +129,7 @@ def product(n: int, cond: float, gap_rel: float, r: int, alignment: float,
         return None, "B = 0 here: checked as exactly zero"
     extra = stored(r, unit) / alignment
     bound = ((2 * r) ** 0.5 * s + sig) / alignment + extra
-    return bound, _storage(f"projector: (√(2r)·sinθ bound + σ bound) / ‖Δ̂ᵀVVᵀ‖_F = {alignment:.2f}", extra)
+    return bound, _storage(f"projector: (√(2r)·sinθ bound + σ bound) / ‖Δ̂ᵀVVᵀ‖_F = {alignment:.2f}", extra, "s/a")
 
 
 def coefficient(n: int, cond: float, r: int, unit: float = 0.0) -> tuple[float, str]:
