@@ -2,8 +2,8 @@
 
 The cases' inputs are regenerated once per module from their recipes (MiniLM on
 VADER words, a random Llama: the demo extra); the core must pass every case,
-and a plain dense recipe of SPEC §3 with one planted error must fail at least
-one case that the same recipe without the error passes.
+and a plain dense recipe of SPEC §3 with one planted error must fail exactly the
+cases tests/MUTATIONS.md lists for it (the same recipe without the error passes them).
 """
 
 from __future__ import annotations
@@ -437,6 +437,7 @@ def test_spec_table_is_tolerances_py():
         assert got["c rel. error"] == pytest.approx(tolerances.scale_c(n, cond)[0])
 
 
+@pytest.mark.filterwarnings("ignore:lora-da.*poor init")  # q_proj's gap is small: what the check allows for
 def test_peft_adapter_with_a_rank_pattern_checks_each_module_at_its_own_r(tmp_path, capsys):
     from safetensors.numpy import save_file
 

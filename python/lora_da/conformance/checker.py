@@ -1,9 +1,14 @@
 """Check another implementation's ``A``/``B`` against the exact answer (SPEC §5).
 
 Per module of each case it measures the subspace (``sin θ_max`` between the
-span of ``Aᵀ`` and the exact ``V``), the relative error of ``B·A``, the error
-of the Rayleigh quotients of ``Aᵀ``'s columns and of the bottom-r objective,
-relative to ``‖Ω‖₂``, and, where the results carry them, σ and c. Each is held
+span of ``Aᵀ`` and the exact ``V``), the relative error of ``B·A``, ``B``
+against ``Δ̂ᵀAᵀ`` (the reference's ``Δ̂``, the result's own ``A``: SPEC §3
+step 8 fixes ``B`` from ``A``, so this holds where the subspace is not
+determined), ``‖γAAᵀ − I‖₂`` (``A``'s scale), the error of the Rayleigh
+quotients of ``Aᵀ``'s columns and of the bottom-r objective, relative to
+``‖Ω‖₂``, and, where the results carry them, σ and c. Results stored narrower
+than float64 get the storage term of every bound, and a ``warning:`` line
+saying how much that hides. Each is held
 to the bound that :mod:`lora_da.conformance.tolerances` gives, with the
 reason printed next to it.
 """
