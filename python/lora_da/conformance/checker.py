@@ -400,7 +400,7 @@ def _adapter_ranks(d: Path, names: list[str], weights_rank) -> tuple[dict[str, i
         return {n: r for n in names}, "adapter_config.json"
     from peft.utils.other import get_pattern_key
 
-    return {n: int(pattern.get(get_pattern_key(pattern.keys(), n), r)) for n in names}, \
+    return {n: int(pattern.get(get_pattern_key(list(pattern), n), r)) for n in names}, \
         "adapter_config.json (rank_pattern)"
 
 
