@@ -2,8 +2,8 @@
 
 The cases' inputs are regenerated once per module from their recipes (MiniLM on
 VADER words, a random Llama: the demo extra); the core must pass every case,
-and a plain dense recipe of SPEC §3 with one planted error must fail at least
-one case that the same recipe without the error passes.
+and a plain dense recipe of SPEC §3 with one planted error must fail exactly the
+cases tests/MUTATIONS.md lists for it (the same recipe without the error passes them).
 """
 
 from __future__ import annotations
@@ -34,12 +34,15 @@ def prepared(inputs):
     return checker.prepare(inputs)
 
 
-def recipe(inputs, *, float32=False, lobpcg10=False, no_sigma=False, transpose_g=False):
+def recipe(inputs, *, float32=False, lobpcg10=False, no_sigma=False, transpose_g=False, seed=0, only=None):
     """A plain dense implementation of SPEC §3 (no rescaling, no checks), with one
-    planted error switched on at a time. A module it crashes on gets no answer."""
+    planted error switched on at a time (``seed``: LOBPCG's start); ``only``: the
+    names of the cases to run. A module it crashes on gets no answer."""
     dt = np.float32 if float32 else np.float64
     out = {}
     for case in CASES:
+        if only is not None and case.name not in only:
+            continue
         inp, o = inputs[case.name], case.options()
         lam = o["damping"]
         lam_y = lam if o["output_damping"] is None else o["output_damping"]
@@ -63,7 +66,7 @@ def recipe(inputs, *, float32=False, lobpcg10=False, no_sigma=False, transpose_g
                     omega = o["beta"] * c * (zinv + zinv.T) / 2 - o["alpha"] * dhat @ dhat.T
                     r = o["rank"]
                     if lobpcg10:  # the authors' 10 iterations, convergence never checked
-                        X = torch.randn(n, r, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+                        X = torch.randn(n, r, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
                         w = torch.from_numpy(np.asarray(omega, np.float64))
                         V = torch.lobpcg(w, k=r, X=X, largest=False, niter=10)[1].numpy()
                     else:
@@ -125,13 +128,35 @@ def test_cases_have_the_properties_they_claim(inputs, prepared):
     assert tiny.sigma == np.ldexp(huge.sigma, 1100) and tiny.c == np.ldexp(huge.c, -1100)
 
 
+CHECKS = {"sin θ", "B·A rel. error", "B = Δ̂ᵀAᵀ", "γAAᵀ = I", "eigenvalues", "objective", "σ rel. error",
+          "c rel. error"}
+ZERO_CHECKS = {"sin θ", "‖B·A‖ (Ḡ = 0)", "‖B‖ (Ḡ = 0)", "γAAᵀ = I", "eigenvalues", "objective", "σ rel. error",
+               "c rel. error"}
+# the core's smallest bound/value per check over every module of every case must stay above this
+CORE_MARGIN = 5.0
+
+
 def test_core_passes_every_case(inputs, prepared):
     report = checker.check_results(checker.solve_with_core(inputs), prepared=prepared)
     text = report.format()
     assert report.ok, text
     assert text.splitlines()[-1].startswith("verdict: PASS")
     assert {m.case for m in report.modules} == {c.name for c in CASES}
-    assert all(len(m.checks) == 6 for m in report.modules)  # sin θ, B·A, eigenvalues, objective, σ, c
+    for m in report.modules:  # every check runs on every module (B and A's scale included)
+        whats = {c.what for c in m.checks}
+        assert whats == (ZERO_CHECKS if m.case == "minilm_zero_gradient" else CHECKS), (m.case, whats)
+    # the margin: how far below its bound the core's error is, the worst module per check
+    margins = {}
+    for m in report.modules:
+        for c in m.checks:
+            if c.bound is not None and c.bound > 0:
+                margin = c.bound / c.value if c.value > 0 else float("inf")
+                if margin < margins.get(c.what, (float("inf"),))[0]:
+                    margins[c.what] = (margin, f"{m.case}/{m.module}", c.value, c.bound)
+    print("\ncore margins (bound / error, worst module per check):")
+    for what, (margin, where, value, bound) in sorted(margins.items(), key=lambda kv: kv[1][0]):
+        print(f"  {what:<16} {margin:9.1f}   {value:.1e} ≤ {bound:.1e}   {where}")
+    assert all(mg >= CORE_MARGIN for mg, *_ in margins.values()), margins
 
 
 def test_plain_float64_recipe_passes_all_but_the_extreme_scales(inputs, prepared):
@@ -139,23 +164,78 @@ def test_plain_float64_recipe_passes_all_but_the_extreme_scales(inputs, prepared
     assert sorted(failed) == ["minilm_huge_scale", "minilm_tiny_scale"]  # σ² leaves the float64 range
 
 
-@pytest.mark.parametrize("perturbation", ["float32", "lobpcg10", "no_sigma", "transpose_g"])
-def test_each_perturbation_fails_a_case_the_plain_recipe_passes(inputs, prepared, perturbation):
+EXTREME = {"minilm_huge_scale", "minilm_tiny_scale"}  # the plain recipe fails them already (σ² out of range)
+OTHERS = {c.name for c in CASES} - EXTREME
+# Which cases each planted error fails (tests/MUTATIONS.md): Ḡ = 0 makes σ = 1 and Δ̂ = 0, so a
+# missing σ or a transposed Ḡ changes nothing there.
+PERTURBATION_FAILS = {
+    "float32": OTHERS,
+    "lobpcg10": OTHERS,
+    "no_sigma": OTHERS - {"minilm_zero_gradient"},
+    "transpose_g": OTHERS - {"minilm_zero_gradient"},
+}
+
+
+@pytest.mark.parametrize("perturbation", sorted(PERTURBATION_FAILS))
+def test_each_perturbation_fails_the_cases_it_should(inputs, prepared, perturbation):
     report = checker.check_results(recipe(inputs, **{perturbation: True}), prepared=prepared)
-    caught = set(report.failed_cases()) - {"minilm_huge_scale", "minilm_tiny_scale"}
-    assert caught, report.format()
+    assert set(report.failed_cases()) - EXTREME == PERTURBATION_FAILS[perturbation], report.format()
     assert not report.ok and report.format().splitlines()[-1].startswith("verdict: FAIL")
 
 
+def _failed_checks(report, case):
+    return {c.what for m in report.modules if m.case == case for c in m.checks if not c.ok}
+
+
+def test_float32_solves_fail_the_cond1e8_case_on_a_and_b_alone(inputs, prepared):
+    # without the σ and c it reports, a float32 recipe is still caught on cond(Z) ≈ 1e8, by A and by B
+    res = {k: v for k, v in recipe(inputs, float32=True, only={"minilm_cond1e8"}).items()
+           if k.endswith(("/A", "/B"))}
+    bad = _failed_checks(checker.check_results(res, prepared=prepared), "minilm_cond1e8")
+    assert {"sin θ", "B = Δ̂ᵀAᵀ"} <= bad, bad
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_ten_lobpcg_iterations_fail_the_cond1e8_case_from_any_start(inputs, prepared, seed):
+    res = recipe(inputs, lobpcg10=True, seed=seed, only={"minilm_cond1e8"})
+    assert "sin θ" in _failed_checks(checker.check_results(res, prepared=prepared), "minilm_cond1e8")
+
+
 def test_a_checked_quantity_fails_for_the_reason_it_names(prepared):
-    # B scaled by 1 + 1e-3: only B·A can see it; A alone (the subspace, eigenvalues) stays right
+    # B scaled by 1 + 1e-3: only B's checks can see it; A alone (the subspace, eigenvalues) stays right
     case = next(c for c in CASES if c.name == "llama_sequence_lowrank")
     name = case.modules[0]
     omega, e = prepared.answers[(case.name, name)]
     v = checker.check_module(case, name, e, omega, e.A, e.B * (1 + 1e-3))
     bad = {c.what for c in v.checks if not c.ok}
-    assert bad == {"B·A rel. error"}
+    assert bad == {"B·A rel. error", "B = Δ̂ᵀAᵀ"}
     assert checker.check_module(case, name, e, omega, e.A, e.B).ok
+
+
+def test_b_is_checked_where_the_subspace_is_not_determined(prepared):
+    # minilm_near_degenerate: no sin θ and no B·A bound (gap ≈ 2e-7·‖Ω‖), yet B = Δ̂ᵀAᵀ is fixed by A
+    case = next(c for c in CASES if c.name == "minilm_near_degenerate")
+    name = case.modules[0]
+    omega, e = prepared.answers[(case.name, name)]
+    assert checker.check_module(case, name, e, omega, e.A, e.B).ok
+    rng = np.random.default_rng(0)
+    for B in (rng.standard_normal(e.B.shape) * np.abs(e.B).max(), e.B * 3.4e6, e.B * (1 + 1e-4)):
+        v = checker.check_module(case, name, e, omega, e.A, B)
+        assert {c.what for c in v.checks if not c.ok} == {"B = Δ̂ᵀAᵀ"}, v
+
+
+def test_a_scale_and_orthonormality_are_checked_on_every_case(prepared):
+    # A·4 with B/4 leaves B·A and the subspace unchanged: only γAAᵀ = I (and B = Δ̂ᵀAᵀ) can see it
+    for case in CASES:
+        for name in case.modules:
+            omega, e = prepared.answers[(case.name, name)]
+            bad = {c.what for c in checker.check_module(case, name, e, omega, 4 * e.A, e.B / 4).checks if not c.ok}
+            assert "γAAᵀ = I" in bad and bad <= {"γAAᵀ = I", "B = Δ̂ᵀAᵀ"}, (case.name, bad)
+            # rows orthogonal but not orthonormal: one row doubled
+            A = e.A.copy()
+            A[0] *= 2
+            bad = {c.what for c in checker.check_module(case, name, e, omega, A, e.B).checks if not c.ok}
+            assert "γAAᵀ = I" in bad, (case.name, bad)
 
 
 def test_tolerances_grow_with_cond_and_n_and_shrink_with_the_gap():
@@ -244,3 +324,267 @@ def test_export_command_and_bad_results(inputs, tmp_path, monkeypatch, capsys):
     garbage.write_bytes(b"not a safetensors file")
     assert conformance_main(["check", str(garbage), "--inputs", str(d)]) == 2
     assert "garbage.safetensors" in capsys.readouterr().err
+
+
+def _save(path, results, dtype):
+    """A results file as another implementation would write it, in ``dtype`` (torch: bfloat16 too)."""
+    from safetensors.torch import save_file
+
+    save_file({k: torch.from_numpy(np.ascontiguousarray(v)).to(dtype) for k, v in results.items()}, str(path))
+
+
+def test_narrow_results_are_read_and_their_floor_is_said(inputs, prepared, tmp_path):
+    # bfloat16 and float16 results (as PEFT adapters often are) are read, widened, and checked
+    # with s = 4r·u_store more on each bound; the output says how little that leaves
+    core = {k: v for k, v in checker.solve_with_core(inputs).items() if k.endswith(("/A", "/B"))}
+    for dtype, unit, name in ((torch.bfloat16, 2.0**-8, "bfloat16"), (torch.float16, 2.0**-11, "float16"),
+                              (torch.float32, 2.0**-24, "float32")):
+        path = tmp_path / f"core_{name}.safetensors"
+        _save(path, core, dtype)
+        results, units = checker.read_results(path)
+        assert all(r.dtype == np.float64 for r in results.values()) and set(units.values()) == {unit}
+        report = checker.check_results(results, prepared=prepared, units=units)
+        assert report.ok, report.format()
+        warnings = [n for n in report.notes if n.startswith("warning:")]
+        assert {c.rank for c in CASES} == {8, 4} and len(warnings) == 2  # one line per rank
+        for r in (8, 4):
+            floor = tolerances.stored(r, unit)
+            assert any(f"stored as {name}" in w and f"{floor:.1e}" in w and f"r = {r}" in w for w in warnings), warnings
+        # the bounds the checker applied are tolerances.py's, storage term included
+        m = report.modules[0]
+        _, e = prepared.answers[(m.case, m.module)]
+        sin = next(c for c in m.checks if c.what == "sin θ")
+        assert sin.bound == tolerances.subspace(e.n, e.cond, e.gap_rel, 8, unit)[0]
+    # float64 results: no warning
+    assert not [n for n in checker.check_results(core, prepared=prepared).notes if n.startswith("warning:")]
+
+
+def test_a_bfloat16_results_file_is_checked_from_the_command_line(inputs, tmp_path, capsys):
+    # SPEC §5 accepts bfloat16 results; numpy cannot read them ("data type bfloat16 not understood")
+    d = export(tmp_path / "cases", inputs)
+    path = tmp_path / "core_bf16.safetensors"
+    _save(path, {k: v for k, v in checker.solve_with_core(inputs).items() if k.endswith(("/A", "/B"))}, torch.bfloat16)
+    assert conformance_main(["check", str(path), "--inputs", str(d)]) == 0, capsys.readouterr()
+    out = capsys.readouterr().out
+    assert "warning:" in out and "bfloat16" in out and out.splitlines()[-1].startswith("verdict: PASS")
+
+
+def test_storage_term_is_one_formula_on_every_bound():
+    n, cond, g, r, a = 384, 7e7, 4e-4, 8, 0.25
+    for unit in (2.0**-24, 2.0**-8):
+        s = tolerances.stored(r, unit)
+        assert s == 4 * r * unit
+        assert tolerances.eigenvalue(n, cond, r, unit)[0] == pytest.approx(tolerances.eigenvalue(n, cond)[0] + s)
+        assert tolerances.subspace(n, cond, g, r, unit)[0] == pytest.approx(tolerances.subspace(n, cond, g)[0] + s)
+        assert tolerances.objective(n, cond, r, unit)[0] == pytest.approx(tolerances.objective(n, cond, r)[0] + r * s)
+        assert tolerances.product(n, cond, g, r, a, unit)[0] == pytest.approx(
+            tolerances.product(n, cond, g, r, a)[0] + s / a)
+        assert tolerances.coefficient(n, cond, r, unit)[0] == pytest.approx(tolerances.coefficient(n, cond, r)[0] + s)
+        assert tolerances.orthonormality(n, r, unit)[0] == pytest.approx(tolerances.orthonormality(n, r)[0] + s)
+
+
+def _spec_conformance_section():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "SPEC.md").read_text(encoding="utf-8")
+    start = text.index("**Conformance tolerances**")
+    return text[start:text.index("**Routes**", start)]
+
+
+def _evaluate(formula: str, **env) -> float:
+    """A formula of SPEC §5's table, in its notation, as a number."""
+    import math
+    import re
+
+    expr = formula.replace("·", "*").replace("u_store", "U").replace("ρ_σ", "RS")
+    expr = re.sub(r"√\(", "sqrt(", expr)
+    expr = re.sub(r"√(\w)", r"sqrt(\1)", expr)
+    expr = re.sub(r"(\d)([A-Za-zηκρ(])", r"\1*\2", expr)  # 2η → 2*η, 4r → 4*r
+    expr = expr.replace("ρ", "RHO").replace("η", "ETA").replace("κ", "K")
+    return eval(expr, {"sqrt": math.sqrt, "__builtins__": {}}, env)  # SPEC's own text, parsed above
+
+
+def test_spec_table_is_tolerances_py():
+    """SPEC §5's conformance table and definitions name the same formulas as
+    tolerances.FORMULAS, and those formulas, evaluated, are the functions' bounds."""
+    import re
+
+    spec = _spec_conformance_section()
+    rows = {}
+    for line in spec.splitlines():
+        m = re.match(r"\| `([^`]+)` \| `([^`]+)` \|", line)
+        if m:
+            rows[m.group(1)] = m.group(2)
+    defined = dict(re.findall(r"`(η|s) = ([^`]+)`", spec))
+    assert {**rows, **defined} == tolerances.FORMULAS
+    assert float(re.search(r"`ρ = ([0-9.e+-]+)`", spec).group(1)) == tolerances.RESIDUAL
+    assert float(re.search(r"`ρ_σ = ([0-9.e+-]+)`", spec).group(1)) == tolerances.SIGMA_RESIDUAL
+    assert f"above {tolerances.SUBSPACE_CHECKABLE:g}" in spec
+    u = tolerances.UNIT_ROUNDOFF
+    for n, cond, g, r, a, unit in ((384, 7.4e7, 4.2e-4, 8, 0.24, 0.0), (64, 3e3, 2e-2, 4, 1.5, 2.0**-24)):
+        eta = _evaluate(tolerances.FORMULAS["η"], n=n, u=u, K=cond)
+        s = _evaluate(tolerances.FORMULAS["s"], r=r, U=unit)
+        assert eta == pytest.approx(tolerances.rounding(n, cond)) and s == tolerances.stored(r, unit)
+        env = {"n": n, "u": u, "r": r, "g": g, "a": a, "ETA": eta, "s": s, "RHO": tolerances.RESIDUAL,
+               "RS": tolerances.SIGMA_RESIDUAL}
+        got = {what: _evaluate(f, **env) for what, f in rows.items()}
+        assert got["eigenvalues"] == pytest.approx(tolerances.eigenvalue(n, cond, r, unit)[0])
+        assert got["sin θ"] == pytest.approx(tolerances.subspace(n, cond, g, r, unit)[0])
+        assert got["objective"] == pytest.approx(tolerances.objective(n, cond, r, unit)[0])
+        assert got["B·A rel. error"] == pytest.approx(tolerances.product(n, cond, g, r, a, unit)[0])
+        assert got["B = Δ̂ᵀAᵀ"] == pytest.approx(tolerances.coefficient(n, cond, r, unit)[0])
+        assert got["γAAᵀ = I"] == pytest.approx(tolerances.orthonormality(n, r, unit)[0])
+        assert got["σ rel. error"] == pytest.approx(tolerances.sigma(n, cond)[0])
+        assert got["c rel. error"] == pytest.approx(tolerances.scale_c(n, cond)[0])
+
+
+@pytest.mark.filterwarnings("ignore:lora-da.*poor init")  # q_proj's gap is small: what the check allows for
+def test_peft_adapter_with_a_rank_pattern_checks_each_module_at_its_own_r(tmp_path, capsys):
+    from safetensors.numpy import save_file
+
+    from lora_da import LoraDAConfig, compute_init
+
+    stats = cases._llama_statistics()
+    path = tmp_path / "stats.safetensors"
+    stats.save(path)
+    k = "model.layers.0.self_attn.k_proj"
+    inits = compute_init(stats, LoraDAConfig(n_pop=100, rank=4, gamma=16.0, ranks={k: 2}), progress=False)
+    assert inits[k].result.A.shape[0] == 2
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    save_file({f"base_model.model.{name}.lora_{w}.weight": np.ascontiguousarray(getattr(init.result, w))
+               for name, init in inits.items() for w in ("A", "B")}, str(adapter / "adapter_model.safetensors"))
+    args = ["check", str(adapter), "--statistics", str(path), "--n-pop", "100", "--gamma", "16"]
+    # PEFT's config: r = 4, and "k_proj" → 2 by its rank_pattern rule
+    (adapter / "adapter_config.json").write_text(json.dumps({"r": 4, "rank_pattern": {"k_proj": 2}}))
+    assert conformance_main(args) == 0, capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "verdict: PASS" in out and "r=2" in out and "ranks [2, 4]" in out
+    # without a config, each module's lora_A rows say its r
+    (adapter / "adapter_config.json").unlink()
+    assert conformance_main(args) == 0, capsys.readouterr().out
+    # a config that disagrees with the weights is a shape error naming both shapes
+    (adapter / "adapter_config.json").write_text(json.dumps({"r": 4}))
+    assert conformance_main(args) == 1
+    assert "A (2, 64)" in capsys.readouterr().out
+
+
+def test_export_follows_the_umask_and_describes_its_layout(inputs, tmp_path):
+    import os
+    import stat
+
+    from safetensors import safe_open
+
+    old = os.umask(0o022)
+    try:
+        d = export(tmp_path / "cases", inputs)
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in d.iterdir()}
+        assert stat.S_IMODE(d.stat().st_mode) == 0o755 and set(modes.values()) == {0o644}, modes
+        os.umask(0o077)
+        d = export(tmp_path / "cases", inputs, overwrite=True)
+        assert stat.S_IMODE(d.stat().st_mode) == 0o700
+        assert {stat.S_IMODE(p.stat().st_mode) for p in d.iterdir()} == {0o600}
+    finally:
+        os.umask(old)
+    manifest = json.loads((d / "manifest.json").read_text(encoding="utf-8"))
+    layout = manifest["layout"]["inputs"]
+    assert set(layout) == {"Z", "y/<module>", "G/<module>", "U/<module>"}
+    assert layout["U/<module>"]["shape"] == ["N_s", "m"] and "transpose" in layout["U/<module>"]["meaning"]
+    assert manifest["layout"]["results"]["<case>/<module>/A"]["shape"] == ["r", "n"]
+    # every tensor of every case file has the shape its layout entry says, with one n, m, N_s
+    for entry in manifest["cases"]:
+        with safe_open(str(d / entry["file"]), "np") as f:
+            dims = {"n": f.get_tensor("Z").shape[0]}
+            for module in entry["modules"]:
+                dims["m"] = f.get_tensor(f"G/{module}").shape[0]
+                for key in sorted(f.keys()):
+                    if key == "Z" or key.endswith("/" + module):
+                        spec = layout["Z" if key == "Z" else key.split("/")[0] + "/<module>"]["shape"]
+                        shape = f.get_tensor(key).shape
+                        for sym, size in zip(spec, shape):
+                            assert dims.setdefault(sym, size) == size, (entry["name"], key, spec, shape)
+                        assert len(spec) == len(shape)
+            assert ("N_s" in dims) == (entry["options"]["output_fisher"] == "sequence_lowrank")
+
+
+def _bench():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benches" / "bench_conformance.py"
+    spec = importlib.util.spec_from_file_location("bench_conformance", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+FAKE_AUTHORS = '''
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from lora_da.reference import reference_solve
+
+
+def _compute_group_initializations(collector, groups, grads, rank, alpha, beta, n_pop, damping, gamma,
+                                   lobpcg_iters, normalize, svd_iters, output_fisher_mode="diagonal"):
+    with open(Path(__file__).with_suffix(".calls.jsonl"), "a", encoding="utf-8") as f:
+        f.write(json.dumps(dict(groups=groups, rank=rank, alpha=alpha, beta=beta, n_pop=n_pop, damping=damping,
+                                gamma=gamma, lobpcg_iters=lobpcg_iters, normalize=normalize, svd_iters=svd_iters,
+                                output_fisher_mode=output_fisher_mode)) + "\\n")
+    if output_fisher_mode != "diagonal":
+        raise NotImplementedError("this fake solves the diagonal Fisher only")
+    out = {}
+    for group, names in groups.items():
+        f = collector.input_factors[group]
+        Z = (f.value / f.tokens).double().numpy()
+        for name in names:
+            o = collector.output_factors[name]
+            y = (o.value / o.tokens).double().numpy()
+            G = grads[name + ".weight"].double().numpy()
+            ref = reference_solve(Z, y, G, rank=rank, n_pop=n_pop, alpha=alpha, beta=beta, damping=damping,
+                                  gamma=gamma, normalize=normalize and bool(np.any(G)))
+            out[name + ".weight"] = {"lora_A": torch.from_numpy(ref.A), "lora_B": torch.from_numpy(ref.B)}
+    return {beta: out}
+'''
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the fake solves float32-cast inputs: 2⁶⁰⁰ overflows
+def test_bench_runs_an_authors_file_on_every_case(inputs, tmp_path):
+    # a stand-in for the authors' lora_da.py with the call signature the bench uses: the bench must
+    # hand it each case's statistics (as float32, token count 1) and options, and file its A/B under
+    # the case's result keys; what it raises is the case's note
+    from lora_da.reference import reference_solve
+
+    bench = _bench()
+    fake = tmp_path / "lora_da_fake.py"
+    fake.write_text(FAKE_AUTHORS, encoding="utf-8")
+    out, notes = bench.run_authors_file(fake, inputs)
+    calls = [json.loads(line) for line in fake.with_suffix(".calls.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert len(calls) == len(CASES)
+    def f32(a):
+        return a.astype(np.float32).astype(np.float64)
+
+    for case, call in zip(CASES, calls):
+        o, inp = case.options(), inputs[case.name]
+        assert call == {"groups": {case.name: list(case.modules)}, "rank": o["rank"], "alpha": o["alpha"],
+                        "beta": o["beta"], "n_pop": o["n_pop"], "damping": o["damping"], "gamma": o["gamma"],
+                        "lobpcg_iters": 10, "normalize": o["normalize"], "svd_iters": 16,
+                        "output_fisher_mode": case.output_fisher}
+        for name in case.modules:
+            G = f32(inp.G[name])
+            try:
+                if case.output_fisher != "diagonal":
+                    raise NotImplementedError
+                with np.errstate(all="ignore"):
+                    ref = reference_solve(f32(inp.Z), f32(inp.y[name]), G, rank=o["rank"], n_pop=o["n_pop"],
+                                          alpha=o["alpha"], beta=o["beta"], damping=o["damping"], gamma=o["gamma"],
+                                          normalize=o["normalize"] and bool(np.any(G)))
+            except (ValueError, ArithmeticError, NotImplementedError, np.linalg.LinAlgError) as e:
+                assert notes[case.name] == f"raised {type(e).__name__}"
+                assert not any(k.startswith(case.name + "/") for k in out)
+                break
+            np.testing.assert_array_equal(out[result_key(case.name, name, "A")], ref.A)
+            np.testing.assert_array_equal(out[result_key(case.name, name, "B")], ref.B)
+    assert "llama_sequence_lowrank" in notes

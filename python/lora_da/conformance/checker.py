@@ -1,15 +1,21 @@
 """Check another implementation's ``A``/``B`` against the exact answer (SPEC §5).
 
 Per module of each case it measures the subspace (``sin θ_max`` between the
-span of ``Aᵀ`` and the exact ``V``), the relative error of ``B·A``, the error
-of the Rayleigh quotients of ``Aᵀ``'s columns and of the bottom-r objective,
-relative to ``‖Ω‖₂``, and, where the results carry them, σ and c. Each is held
+span of ``Aᵀ`` and the exact ``V``), the relative error of ``B·A``, ``B``
+against ``Δ̂ᵀAᵀ`` (the reference's ``Δ̂``, the result's own ``A``: SPEC §3
+step 8 fixes ``B`` from ``A``, so this holds where the subspace is not
+determined), ``‖γAAᵀ − I‖₂`` (``A``'s scale), the error of the Rayleigh
+quotients of ``Aᵀ``'s columns and of the bottom-r objective, relative to
+``‖Ω‖₂``, and, where the results carry them, σ and c. Results stored narrower
+than float64 get the storage term of every bound, and a ``warning:`` line
+saying how much that hides. Each is held
 to the bound that :mod:`lora_da.conformance.tolerances` gives, with the
 reason printed next to it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -102,17 +108,12 @@ def _orthonormal(M: np.ndarray) -> np.ndarray:
     return q
 
 
-def _plus(bound_reason, extra: float):
-    bound, reason = bound_reason
-    if bound is None or extra == 0:
-        return bound, reason
-    return bound + extra, f"{reason}; + storage {extra:.1e}"
-
-
 def check_module(case: Case, module: str, exp: Expected, omega: np.ndarray, A, B, sigma=None, c=None,
                  unit: float = 0.0) -> ModuleVerdict:
     """Measure one module's ``A`` (``r × n``), ``B`` (``m × r``) against ``exp``;
-    ``unit`` is the unit roundoff of the format they were stored in (0: float64)."""
+    ``unit`` is the unit roundoff of the format they were stored in (0: float64).
+    ``exp.delta_hat`` (the reference's ``Δ̂``) must be set: ``B`` is checked as
+    ``Δ̂ᵀAᵀ`` (SPEC §3 step 8) on every case."""
     v = ModuleVerdict(case.name, module)
     r, n = exp.A.shape
     m = exp.B.shape[0]
@@ -124,8 +125,10 @@ def check_module(case: Case, module: str, exp: Expected, omega: np.ndarray, A, B
     if not (np.isfinite(A).all() and np.isfinite(B).all()):
         v.error = "A or B is not finite"
         return v
+    if exp.delta_hat is None:
+        raise InvalidArgumentError(f"lora_da.conformance: {case.name}/{module}: the reference's Δ̂ is missing "
+                                   "(prepare() sets it)")
     norm = exp.omega_norm
-    extra = tol.stored(r, unit)
     # the subspace: sin θ between span(Aᵀ) and the exact V (A's scale and basis do not matter here)
     V_ref = exp.A.T / np.linalg.norm(exp.A[0])
     if np.linalg.matrix_rank(A) < r:
@@ -133,7 +136,7 @@ def check_module(case: Case, module: str, exp: Expected, omega: np.ndarray, A, B
         return v
     Q = _orthonormal(A.T)
     sin = float(np.linalg.norm(Q - V_ref @ (V_ref.T @ Q), 2))
-    bound, why = _plus(tol.subspace(exp.n, exp.cond, exp.gap_rel), extra)
+    bound, why = tol.subspace(exp.n, exp.cond, exp.gap_rel, r, unit)
     v.checks.append(Check("sin θ", sin, bound, why))
     # B·A: the product PEFT uses
     ba, ba_ref = B @ A, exp.B @ exp.A
@@ -142,15 +145,28 @@ def check_module(case: Case, module: str, exp: Expected, omega: np.ndarray, A, B
         v.checks.append(Check("‖B·A‖ (Ḡ = 0)", float(np.linalg.norm(ba)), 0.0,
                               "SPEC §3: Ḡ = 0 gives B = 0 exactly"))
     else:
-        bound, why = _plus(tol.product(exp.n, exp.cond, exp.gap_rel, r, exp.alignment), extra / max(exp.alignment, 1e-300))
+        bound, why = tol.product(exp.n, exp.cond, exp.gap_rel, r, exp.alignment, unit)
         v.checks.append(Check("B·A rel. error", float(np.linalg.norm(ba - ba_ref)) / ref_norm, bound, why))
+    # B from the result's own A (SPEC §3 step 8: B = Δ̂ᵀV/√γ = Δ̂ᵀAᵀ), on every case
+    dh = exp.delta_hat
+    dh_norm = exp.delta_hat_norm
+    if dh_norm == 0:
+        v.checks.append(Check("‖B‖ (Ḡ = 0)", float(np.linalg.norm(B)), 0.0, "SPEC §3: Ḡ = 0 gives B = 0 exactly"))
+    else:
+        bound, why = tol.coefficient(exp.n, exp.cond, r, unit)
+        err = float(np.linalg.norm(B - dh.T @ A.T)) / (dh_norm * float(np.linalg.norm(A)))
+        v.checks.append(Check("B = Δ̂ᵀAᵀ", err, bound, why))
+    # A's scale and orthonormality: γ·A·Aᵀ = VᵀV = I
+    gamma = case.options()["gamma"]
+    bound, why = tol.orthonormality(exp.n, r, unit)
+    v.checks.append(Check("γAAᵀ = I", float(np.linalg.norm(gamma * (A @ A.T) - np.eye(r), 2)), bound, why))
     # eigenvalues: Rayleigh quotients of the returned vectors, and the bottom-r objective
     W = A.T
     rq = np.sort(np.einsum("ij,ij->j", W, omega @ W) / np.einsum("ij,ij->j", W, W))
-    bound, why = _plus(tol.eigenvalue(exp.n, exp.cond), extra)
+    bound, why = tol.eigenvalue(exp.n, exp.cond, r, unit)
     v.checks.append(Check("eigenvalues", float(np.abs(rq - exp.eigenvalues).max()) / norm, bound, why))
     obj = float(np.trace(Q.T @ omega @ Q))
-    bound, why = _plus(tol.objective(exp.n, exp.cond, r), r * extra)
+    bound, why = tol.objective(exp.n, exp.cond, r, unit)
     v.checks.append(Check("objective", abs(obj - float(exp.eigenvalues.sum())) / norm, bound, why))
     if sigma is not None:
         bound, why = tol.sigma(exp.n, exp.cond)
@@ -252,7 +268,9 @@ def prepare(inputs: dict[str, Inputs] | None = None, *, cases=CASES, expected: d
             recorded = None
         for name in case.modules:
             omega, exp = omega_and_exact(case, inp, name)
-            answers[(case.name, name)] = (omega, exp if recorded is None else recorded[name])
+            if recorded is not None:  # the file has no Δ̂: the oracle's, on the same inputs
+                exp = dataclasses.replace(recorded[name], delta_hat=exp.delta_hat, delta_hat_norm=exp.delta_hat_norm)
+            answers[(case.name, name)] = (omega, exp)
     return Prepared(tuple(cases), answers, notes)
 
 
@@ -264,6 +282,7 @@ def check_results(results: dict[str, np.ndarray], inputs: dict[str, Inputs] | No
     (``prepared`` reuses one preparation for several results). ``units``: the unit
     roundoff each result tensor was stored with, where its dtype no longer says."""
     units = units or {}
+    narrow: dict[tuple[float, int], list[str]] = {}
     if prepared is None:
         prepared = prepare(inputs, cases=cases, expected=expected, checksums=checksums)
     cases = prepared.cases
@@ -281,10 +300,33 @@ def check_results(results: dict[str, np.ndarray], inputs: dict[str, Inputs] | No
                 continue
             sig, c = results.get(result_key(case.name, name, "sigma")), results.get(result_key(case.name, name, "c"))
             unit = max(units.get(ka, _unit(results[ka])), units.get(kb, _unit(results[kb])))
+            if unit > 0:
+                narrow.setdefault((unit, case.rank), []).append(f"{case.name}/{name}")
             report.modules.append(check_module(case, name, exp, omega, results[ka], results[kb],
                                                None if sig is None else float(np.asarray(sig).reshape(-1)[0]),
                                                None if c is None else float(np.asarray(c).reshape(-1)[0]), unit=unit))
+    report.notes += storage_warnings(narrow)
     return report
+
+
+_FORMATS = {2.0**-24: "float32", 2.0**-11: "float16", 2.0**-8: "bfloat16"}
+
+
+def storage_warnings(narrow: dict[tuple[float, int], list[str]]) -> list[str]:
+    """One ``warning:`` line per storage format and rank: the floor that storing
+    ``A``/``B`` narrower than float64 adds to every bound (``tolerances.stored``),
+    below which the checker cannot see an error."""
+    lines = []
+    for (unit, r), mods in sorted(narrow.items(), key=lambda kv: (-kv[0][0], kv[0][1])):
+        floor = tol.stored(r, unit)
+        fmt = _FORMATS.get(unit, f"a format of u = {unit:.1e}")
+        what = mods[0] if len(mods) == 1 else f"{len(mods)} modules (first {mods[0]})"
+        lines.append(f"warning: {what}: A/B stored as {fmt} (u = {unit:.1e}) limit what can be checked: every bound "
+                     f"gets s = 4r·u_store = {floor:.1e} more at r = {r} (r·s = {r * floor:.1e} on the objective); "
+                     f"errors below that floor are not seen" +
+                     ("; the sin θ bound then says little" if floor >= tol.SUBSPACE_CHECKABLE else "") +
+                     ". Store float64 results to check them fully.")
+    return lines
 
 
 def solve_with_core(inputs: dict[str, Inputs], cases=CASES) -> dict[str, np.ndarray]:
@@ -306,29 +348,69 @@ def solve_with_core(inputs: dict[str, Inputs], cases=CASES) -> dict[str, np.ndar
     return out
 
 
-def read_results(path) -> dict[str, np.ndarray]:
-    """A results safetensors file (keys ``<case>/<module>/A`` …), each array in its stored
-    dtype (the checker widens them, and allows for their rounding)."""
+def _read_safetensors(path) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Every tensor of a safetensors file widened to float64, and the unit roundoff of
+    the format it was stored in (0 for float64). Read through torch, which knows
+    bfloat16 (numpy does not: SPEC §5 accepts bfloat16 results)."""
+    import torch
     from safetensors import safe_open
 
+    out, units = {}, {}
+    with safe_open(str(path), "pt") as f:
+        for k in f.keys():
+            t = f.get_tensor(k)
+            if not t.dtype.is_floating_point:
+                raise ShapeError(f"lora_da.conformance: {path}: tensor {k} is {t.dtype}, not a floating-point type")
+            out[k] = t.to(torch.float64).numpy()
+            units[k] = 0.0 if t.dtype == torch.float64 else float(torch.finfo(t.dtype).eps) / 2
+    return out, units
+
+
+def read_results(path) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """A results safetensors file (keys ``<case>/<module>/A`` …): ``(results, units)``,
+    each array widened to float64 and ``units[key]`` the unit roundoff of the format it
+    was stored in (float64, float32, float16 or bfloat16), which the bounds allow for
+    (``tolerances.stored``); pass both to :func:`check_results`."""
     path = Path(path)
     if not path.is_file():
         raise InvalidArgumentError(f"lora_da.conformance: RESULTS {path} is not a file")
     try:
-        with safe_open(str(path), "np") as f:
-            return {k: np.asarray(f.get_tensor(k)) for k in f.keys()}
+        return _read_safetensors(path)
+    except ShapeError:
+        raise
     except Exception as e:  # safetensors raises its own error types for a malformed file
         raise ShapeError(f"lora_da.conformance: {path} is not a readable safetensors file of A/B tensors: {e}") from e
+
+
+def _adapter_ranks(d: Path, names: list[str], weights_rank) -> tuple[dict[str, int], str]:
+    """Each module's r: by the adapter's ``adapter_config.json`` (``r`` and PEFT's own
+    ``rank_pattern`` rule), else by its ``lora_A``'s rows; and where it came from."""
+    import json
+
+    cfg_path = d / "adapter_config.json"
+    if not cfg_path.is_file():
+        return {n: weights_rank(n) for n in names}, "lora_A's rows (no adapter_config.json)"
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        r = int(cfg["r"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise InvalidArgumentError(f"lora_da.conformance: {cfg_path}: no readable integer 'r' ({e})") from e
+    pattern = cfg.get("rank_pattern") or {}
+    if not pattern:
+        return {n: r for n in names}, "adapter_config.json"
+    from peft.utils.other import get_pattern_key
+
+    return {n: int(pattern.get(get_pattern_key(list(pattern), n), r)) for n in names}, \
+        "adapter_config.json (rank_pattern)"
 
 
 def check_adapter(adapter_dir, statistics_path, *, n_pop: float, gamma: float, alpha: float, beta: float,
                   damping: float, normalize: bool = True, output_fisher: str = "diagonal") -> Report:
     """Check a PEFT adapter directory against the statistics file it was computed
-    from: every module of the adapter found in the statistics is a case (one
-    per input group), at the adapter's rank and the given SPEC §3 options."""
-    import torch
-    from safetensors import safe_open
-
+    from: every module of the adapter found in the statistics is checked at its
+    own r (a ``rank_pattern`` gives modules different ones) and the given SPEC §3
+    options; the modules of one input group with one r are solved together, as
+    one case (SPEC §3: each distinct r is solved on its own)."""
     from lora_da.conformance.cases import cut
     from lora_da.statistics import Statistics
 
@@ -336,12 +418,7 @@ def check_adapter(adapter_dir, statistics_path, *, n_pop: float, gamma: float, a
     files = [d / "adapter_model.safetensors"]
     if not files[0].is_file():
         raise InvalidArgumentError(f"lora_da.conformance: {d} has no adapter_model.safetensors (not a PEFT adapter)")
-    with safe_open(str(files[0]), "pt") as f:
-        weights, stored_units = {}, {}
-        for k in f.keys():
-            t = f.get_tensor(k)
-            weights[k] = t.to(torch.float64).numpy()
-            stored_units[k] = 0.0 if t.dtype == torch.float64 else float(torch.finfo(t.dtype).eps) / 2
+    weights, stored_units = _read_safetensors(files[0])
     stats = Statistics.load(statistics_path)
 
     def key(module: str, which: str):
@@ -353,20 +430,30 @@ def check_adapter(adapter_dir, statistics_path, *, n_pop: float, gamma: float, a
         return None if k is None else weights[k]
 
     results, units, cases = {}, {}, []
+    notes = []
     for group, names in stats.groups().items():
         present = [n for n in names if find(n, "lora_A") is not None and find(n, "lora_B") is not None]
         if not present:
             continue
-        rank = find(present[0], "lora_A").shape[0]
-        case = Case(name=group, source="statistics", modules=tuple(present), covers=f"input group {group}",
-                    rank=rank, n_pop=n_pop, gamma=gamma, output_fisher=output_fisher,
-                    extra={"alpha": alpha, "beta": beta, "damping": damping, "normalize": normalize})
-        cases.append(case)
+        ranks, source = _adapter_ranks(d, present, lambda n: find(n, "lora_A").shape[0])
+        by_rank: dict[int, list[str]] = {}
         for n in present:
-            for which, what in (("lora_A", "A"), ("lora_B", "B")):
-                results[result_key(group, n, what)] = find(n, which)
-                units[result_key(group, n, what)] = stored_units[key(n, which)]
+            by_rank.setdefault(ranks[n], []).append(n)
+        for rank, mods in sorted(by_rank.items()):
+            name = group if len(by_rank) == 1 else f"{group} (r={rank})"
+            case = Case(name=name, source="statistics", modules=tuple(mods), covers=f"input group {group}, r = {rank}",
+                        rank=rank, n_pop=n_pop, gamma=gamma, output_fisher=output_fisher,
+                        extra={"alpha": alpha, "beta": beta, "damping": damping, "normalize": normalize})
+            cases.append(case)
+            for n in mods:
+                for which, what in (("lora_A", "A"), ("lora_B", "B")):
+                    results[result_key(name, n, what)] = find(n, which)
+                    units[result_key(name, n, what)] = stored_units[key(n, which)]
+        if len(by_rank) > 1:
+            notes.append(f"note: input group {group}: ranks {sorted(by_rank)} (from {source}), each solved on its own")
     if not cases:
         raise InvalidArgumentError(f"lora_da.conformance: no module of {statistics_path} has lora_A/lora_B in {d}")
     inputs = {c.name: cut(c, stats) for c in cases}
-    return check_results(results, inputs, cases=cases, expected={}, checksums={}, units=units)
+    report = check_results(results, inputs, cases=cases, expected={}, checksums={}, units=units)
+    report.notes[:0] = notes
+    return report

@@ -74,7 +74,8 @@ def cmd_check(args) -> int:
             from lora_da.conformance.export import read_exported
 
             inputs = read_exported(args.inputs)
-        report = checker.check_results(checker.read_results(path), inputs)
+        results, units = checker.read_results(path)
+        report = checker.check_results(results, inputs, units=units)
     print(report.format())
     return 0 if report.ok else 1
 
