@@ -234,3 +234,41 @@ def test_preserve_output_adapters_with_patterns_or_dora_convert_for_the_original
     fresh = PeftModel.from_pretrained(tiny_llama(), tmp_path / "out")
     with torch.no_grad():
         torch.testing.assert_close(fresh(**x).logits, trained, rtol=1e-10, atol=1e-10)
+
+
+def _lora_a_modules(peft_model) -> set[str]:
+    """The modules PEFT gave a ``lora_A`` (names in the base model)."""
+    return {n.removesuffix(".lora_A") for n, _ in peft_model.get_base_model().named_modules() if n.endswith(".lora_A")}
+
+
+@pytest.mark.parametrize("model_fn", [tiny_llama, tiny_gpt2])
+@pytest.mark.parametrize("target_modules", ["all-linear", "ALL-LINEAR", None])
+def test_the_state_dict_covers_the_modules_peft_adapts_for_all_linear_and_the_default(model_fn, target_modules):
+    # "all-linear": every Linear/Conv1D but the output head; None: PEFT's default for the model type
+    # (q_proj, v_proj for Llama; c_attn for GPT-2). The keys are those of PEFT's own model.
+    ids, mask, _ = _x()
+    pc = LoraConfig(r=2, target_modules=target_modules, fan_in_fan_out=model_fn is tiny_gpt2)
+    sd = lora_da.get_lora_da_state_dict(model_fn(), batches(ids, mask, 3), pc,
+                                        lora_da.LoraDAConfig(n_pop=100, gamma=4.0), progress=False)
+    assert pc.target_modules == target_modules  # the caller's config is not rewritten
+    peft_model = get_peft_model(model_fn(), LoraConfig(r=2, target_modules=target_modules,
+                                                      fan_in_fan_out=model_fn is tiny_gpt2))
+    adapted = _lora_a_modules(peft_model)
+    assert {k.removesuffix(".lora_A.weight") for k in sd if k.endswith(".lora_A.weight")} == adapted
+    assert {k.removesuffix(".lora_B.weight") for k in sd if k.endswith(".lora_B.weight")} == adapted
+    assert not any(n.endswith("lm_head") for n in adapted)
+    if target_modules is None:
+        assert {n.rsplit(".", 1)[1] for n in adapted} == ({"q_proj", "v_proj"} if model_fn is tiny_llama else {"c_attn"})
+    else:
+        assert len(adapted) == (14 if model_fn is tiny_llama else 8)  # 7 per Llama layer, 4 per GPT-2 block
+
+
+def test_no_default_target_modules_for_the_model_type_is_one_clear_error():
+    class Plain(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+
+    with pytest.raises(InvalidArgumentError, match="target_modules=None: PEFT has no default target modules for "
+                                                   "model type 'custom'; pass target_modules"):
+        lora_da.get_lora_da_state_dict(Plain(), [], LoraConfig(r=2), lora_da.LoraDAConfig(n_pop=10), progress=False)

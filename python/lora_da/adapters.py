@@ -34,13 +34,38 @@ from lora_da.statistics import Statistics
 
 
 def _peft_targets(model: torch.nn.Module, peft_config) -> list[str]:
-    """Names of the base model's modules that ``peft_config`` targets, by PEFT's own rule."""
+    """Names of the base model's modules that ``peft_config`` targets, by PEFT's own rule
+    (on :func:`_as_peft_resolves`'s copy: the model type's default or ``"all-linear"`` expanded)."""
     from peft.tuners.tuners_utils import check_target_module_exists
 
     names = [n for n, _ in model.named_modules() if n and check_target_module_exists(peft_config, n)]
     if not names:
         raise InvalidArgumentError(f"peft_config.target_modules={peft_config.target_modules!r} matches no module")
     return resolve_targets(model, names)
+
+
+def _as_peft_resolves(model: torch.nn.Module, peft_config):
+    """A copy of ``peft_config`` whose ``target_modules`` are those ``get_peft_model(model,
+    peft_config)`` would adapt: None becomes PEFT's default for the model type (its
+    ``TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING``), ``"all-linear"`` every linear
+    and Conv1D layer but the output head (PEFT's own expansion). PEFT rewrites the config
+    it is given; the caller's is left as it was."""
+    import copy
+
+    from peft.tuners.tuners_utils import BaseTuner, _maybe_include_all_linear_layers
+    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    config = copy.deepcopy(peft_config)
+    if config.target_modules is None:
+        model_type = BaseTuner.get_model_config(model).get("model_type")
+        default = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type)
+        if default is None:
+            raise InvalidArgumentError(
+                f"LoraConfig.target_modules=None: PEFT has no default target modules for model type {model_type!r}; "
+                "pass target_modules (module names, or 'all-linear')"
+            )
+        config.target_modules = default if isinstance(default, str) else set(default)
+    return _maybe_include_all_linear_layers(config, model)
 
 
 def state_dict_of(inits, prefix: str = "", scale: float = 1.0) -> dict[str, torch.Tensor]:
@@ -187,6 +212,7 @@ def get_lora_da_state_dict(
     _check_peft_config(peft_config)
     lora_da_config = lora_da_config.with_rank(peft_config.r)
     _check_rank(lora_da_config, peft_config)
+    peft_config = _as_peft_resolves(model, peft_config)
     names = _peft_targets(model, peft_config)
     lora_da_config = _with_ranks(lora_da_config, _pattern_ranks(peft_config, names))
     if statistics is None:
