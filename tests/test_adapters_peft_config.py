@@ -272,3 +272,26 @@ def test_no_default_target_modules_for_the_model_type_is_one_clear_error():
     with pytest.raises(InvalidArgumentError, match="target_modules=None: PEFT has no default target modules for "
                                                    "model type 'custom'; pass target_modules"):
         lora_da.get_lora_da_state_dict(Plain(), [], LoraConfig(r=2), lora_da.LoraDAConfig(n_pop=10), progress=False)
+
+
+@pytest.mark.parametrize("model_fn,targets,kw", [
+    (tiny_llama, ["q_proj", "v_proj", "down_proj"], dict(rank_pattern={"v_proj": 2}, alpha_pattern={"q_proj": 32})),
+    (tiny_gpt2, ["c_attn", "c_proj"], dict(use_rslora=True, fan_in_fan_out=True)),
+])
+def test_a_dora_state_dict_loaded_by_peft_starts_where_initialize_lora_da_weights_does(model_fn, targets, kw):
+    # the state dict carries m = ‖W + s·B A‖ under PEFT's key: loaded with set_peft_model_state_dict
+    # the DoRA adapter gives the logits of the initialize_lora_da_weights route (a stale m would not)
+    from peft import set_peft_model_state_dict
+
+    ids, mask, x = _x()
+    cfg = lora_da.LoraDAConfig(n_pop=100, gamma=4.0)
+    pc = dict(r=4, lora_alpha=8, target_modules=targets, use_dora=True, lora_dropout=0.0, **kw)
+    sd = lora_da.get_lora_da_state_dict(model_fn(torch.float32), batches(ids, mask, 3), LoraConfig(**pc), cfg,
+                                        progress=False)
+    loaded = get_peft_model(model_fn(torch.float32), LoraConfig(**pc))
+    result = set_peft_model_state_dict(loaded, {f"base_model.model.{k}": v for k, v in sd.items()})
+    assert not result.unexpected_keys
+    solved = get_peft_model(model_fn(torch.float32), LoraConfig(**pc))
+    lora_da.initialize_lora_da_weights(solved, batches(ids, mask, 3), lora_da_config=cfg, progress=False)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**x).logits, solved(**x).logits, rtol=1e-6, atol=1e-6)

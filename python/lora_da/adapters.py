@@ -17,7 +17,7 @@ import tempfile
 import numpy as np
 import torch
 
-from lora_da.collect import resolve_targets
+from lora_da.collect import linear_kind, resolve_targets
 from lora_da.errors import InvalidArgumentError, LoraDAError, NonFiniteError, ShapeError
 from lora_da.files import follow_umask, write_atomic
 from lora_da.init import LoraDAConfig
@@ -207,8 +207,9 @@ def get_lora_da_state_dict(
     **collect_kwargs,
 ) -> dict[str, torch.Tensor]:
     """``{"<module>.lora_A.weight": A, "<module>.lora_B.weight": B}`` (float32) for
-    the modules ``peft_config`` targets, computed from one pass over ``dataloader``
-    (or from ``statistics`` already collected)."""
+    the modules ``get_peft_model(model, peft_config)`` would adapt, computed from one pass
+    over ``dataloader`` (or from ``statistics`` already collected); with ``use_dora``
+    also DoRA's ``"<module>.lora_magnitude_vector"`` for the new weights."""
     _check_peft_config(peft_config)
     lora_da_config = lora_da_config.with_rank(peft_config.r)
     _check_rank(lora_da_config, peft_config)
@@ -224,7 +225,46 @@ def get_lora_da_state_dict(
             raise InvalidArgumentError(f"the statistics have no entry for targeted module(s) {missing[:5]}")
         inits = compute_init(statistics, lora_da_config, modules=names, progress=progress)
     check_zero_gradients(inits)
-    return state_dict_of(inits)
+    out = state_dict_of(inits)
+    if getattr(peft_config, "use_dora", False):
+        out.update(_dora_magnitudes(model, peft_config, out, names))
+    return out
+
+
+def _dora_magnitudes(model: torch.nn.Module, peft_config, state_dict: dict[str, torch.Tensor],
+                     names: list[str]) -> dict[str, torch.Tensor]:
+    """DoRA (``use_dora``) on the state-dict route: ``{"<module>.lora_magnitude_vector": m}``
+    (PEFT's own key, as ``get_peft_model_state_dict`` writes it), ``m = ‖W + s·B A‖`` (rows)
+    from the base ``W`` and the ``A``, ``B`` of ``state_dict``, so that an adapter loaded with
+    ``set_peft_model_state_dict`` starts as :func:`initialize_lora_da_weights` leaves it
+    (:func:`_refresh_dora_magnitude`). ``s`` is the layer's scale as PEFT sets it: the
+    module's ``alpha_pattern`` entry (else ``lora_alpha``) over its r (√r with rsLoRA)."""
+    import math
+
+    from peft.utils.other import get_pattern_key
+
+    pattern = getattr(peft_config, "alpha_pattern", None) or {}
+    out = {}
+    for name in names:
+        ka, kb = _lora_keys(name)
+        A, B = state_dict[ka], state_dict[kb]
+        alpha = pattern.get(get_pattern_key(pattern.keys(), name), peft_config.lora_alpha)
+        r = A.shape[0]
+        s = alpha / (math.sqrt(r) if peft_config.use_rslora else r)
+        module = model.get_submodule(name)
+        W = module.weight.detach()
+        if linear_kind(module) == "conv1d":
+            W = W.T  # stored in × out; the norms are per output feature
+        m = _dora_norms(W, s, A, B).float()
+        _check_finite_cast(name, "DoRA magnitude", m, m, "float32")
+        out[f"{name}.lora_magnitude_vector"] = m.cpu().contiguous()
+    return out
+
+
+def _dora_norms(W: torch.Tensor, s: float, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """``‖W + s·B A‖`` per row (output feature), in float64; ``W`` out × in."""
+    W = W.double()
+    return torch.linalg.norm(W + s * (B.double() @ A.double()).to(W.device), dim=1)
 
 
 def _lora_layers(peft_model, adapter_name):
@@ -416,12 +456,12 @@ def _refresh_dora_magnitude(layer, adapter_name: str) -> None:
     if not mags or adapter_name not in mags:
         return
     dora = mags[adapter_name]
-    W = layer.get_base_layer().weight.double()
+    W = layer.get_base_layer().weight
     if getattr(layer, "fan_in_fan_out", False):
         W = W.T  # Conv1D stores in × out; the norms are per output feature
-    wa, wb = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
-    merged = W + layer.scaling[adapter_name] * (wb.double() @ wa.double()).to(W.device)
-    dora.weight.data.copy_(torch.linalg.norm(merged, dim=1).to(device=dora.weight.device, dtype=dora.weight.dtype))
+    norms = _dora_norms(W, layer.scaling[adapter_name], layer.lora_A[adapter_name].weight,
+                        layer.lora_B[adapter_name].weight)
+    dora.weight.data.copy_(norms.to(device=dora.weight.device, dtype=dora.weight.dtype))
     if hasattr(dora, "_cache_clear"):
         dora._cache_clear()
 
