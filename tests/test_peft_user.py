@@ -77,10 +77,21 @@ def test_the_peft_path_warns_and_its_report_names_the_poor_modules(tmp_path):
     ids, mask = data()
     peft_model = get_peft_model(tiny_llama(), LoraConfig(r=12, target_modules=["q_proj"]))
     with pytest.warns(PoorInitWarning) as caught:
-        lora_da.initialize_lora_da_weights(peft_model, batches(ids[:1], mask[:1], 1),
-                                           lora_da_config=lora_da.LoraDAConfig(n_pop=100), progress=False)
+        results = lora_da.initialize_lora_da_weights(peft_model, batches(ids[:1], mask[:1], 1),
+                                                     lora_da_config=lora_da.LoraDAConfig(n_pop=100), progress=False)
     assert [w.filename for w in caught if w.category is PoorInitWarning] == [__file__]
     assert "model.layers.0.self_attn.q_proj:" in str(caught[0].message) and ".base_layer" not in str(caught[0].message)
+    # the returned results carry the warnings compute_init's do, on the same statistics
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PoorInitWarning)
+        stats = lora_da.collect_statistics(tiny_llama(), batches(ids[:1], mask[:1], 1), ["q_proj"], progress=False)
+        expected = lora_da.compute_init(stats, lora_da.LoraDAConfig(n_pop=100, rank=12), progress=False)
+    assert set(results) == set(expected)
+    for name, res in results.items():
+        # the same two findings (their numbers are of a gap at rounding level: compared by their opening words)
+        assert res.name == name and [w[:24] for w in res.warnings] == [w[:24] for w in expected[name].warnings]
+        assert len(res.warnings) == 2
+        assert res.eigenvalues[-1] > 0 and res.rank == 12  # the solve's own fields read through
     peft_model.save_pretrained(tmp_path / "a")
     report = json.loads((tmp_path / "a" / "lora_da_report.json").read_text())
     assert report["poor_init"] == sorted(report["modules"]) and len(report["poor_init"]) == 2

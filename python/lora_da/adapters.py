@@ -22,7 +22,7 @@ from lora_da.errors import InvalidArgumentError, LoraDAError, NonFiniteError, Sh
 from lora_da.files import follow_umask, write_atomic
 from lora_da.init import LoraDAConfig
 from lora_da.pipeline import collect_and_solve, compute_init
-from lora_da.results import Inits
+from lora_da.results import Inits, ModuleInit
 from lora_da.report import (  # noqa: F401 (REPORT_NAME, module_report: re-exported)
     REPORT_NAME,
     add_model_card_section,
@@ -301,8 +301,9 @@ def initialize_lora_da_weights(
     adapter disabled). Every shape is checked before any weight is written.
     With ``preserve_output`` the base weights lose ``s·B A`` and the model's
     :meth:`save_pretrained` is guarded (see :func:`save_initial_adapter`).
-    Returns ``{module: SolveResult}`` when it solved, with the run's :class:`~lora_da.RunReport`
-    as ``report`` (None when it solved kept statistics), else ``{}``.
+    Returns ``{module: ModuleInit}`` when it solved (``A``, ``B``, the solve's diagnostics and
+    the poor-init ``warnings``, as :func:`~lora_da.compute_init`'s), with the run's
+    :class:`~lora_da.RunReport` as ``report`` (None when it solved kept statistics), else ``{}``.
 
     A thin wrapper, as PEFT's EVA is: :func:`_solve_lora_layers` computes the
     weights, :func:`_load_lora_da_state_dict` checks and writes them.
@@ -335,7 +336,7 @@ def initialize_lora_da_weights(
                                    loss_fn=loss_fn, progress=progress, **collect_kwargs)
         check_zero_gradients(inits)
         state_dict = state_dict_of(inits)
-        results = Inits({name: init.result for name, init in inits.items()}, inits.report)
+        results = inits
     _load_lora_da_state_dict(peft_model, state_dict, layers, adapter_name, lora_da_config, results)
     return results
 
@@ -357,7 +358,8 @@ def _solve_lora_layers(peft_model, layers: dict, dataloader, statistics: Statist
     with peft_model.disable_adapter():
         solved = collect_and_solve(peft_model.get_base_model(), dataloader, [f"{n}{suffix}" for n in layers],
                                    lora_da_config, loss_fn=loss_fn, progress=progress, **collect_kwargs)
-    return Inits({k[: -len(suffix)] if k.endswith(suffix) else k: v for k, v in solved.items()}, solved.report)
+    return Inits({k.removesuffix(suffix): ModuleInit(k.removesuffix(suffix), v.result, v.seconds)
+                  for k, v in solved.items()}, solved.report)
 
 
 def _load_lora_da_state_dict(peft_model, state_dict: dict[str, torch.Tensor], layers: dict, adapter_name: str,
