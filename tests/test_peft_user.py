@@ -280,6 +280,16 @@ def test_compare_with_one_seed_records_the_run_and_says_no_spread_was_measured(t
     assert f"parameters: {n_params:,} (BertForSequenceClassification)" in text
 
 
+def test_compare_says_a_poor_init_in_one_line_of_its_own(tiny_encoder, tmp_path, capsys):
+    # one calibration row at r = 8: every module's init is poor (the library's PoorInitWarning);
+    # compare says it as the other commands do, not as Python's warning with a source line
+    assert _compare(tiny_encoder, tmp_path / "cmp", "--seeds", "1", "--methods", "LoRA-DA", "--calib", "1") == 0
+    captured = capsys.readouterr()
+    said = [line for line in captured.out.splitlines() if "poor init" in line]
+    assert len(said) == 1 and said[0].startswith("lora-da: warning: 2 of 2 modules have a poor init — ")
+    assert "PoorInitWarning" not in captured.err and "initialize_lora_da_weights(" not in captured.err
+
+
 def test_compare_refuses_unknown_methods_and_shows_defaults(tiny_encoder, tmp_path, capsys):
     assert _compare(tiny_encoder, tmp_path / "x", "--methods", "LoRA-DA", "LoRA-XYZ") != 0
     err = capsys.readouterr().err

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import warnings
 
 # the options results.md records, in the order the parser declares them
 _RECORDED = ("model", "data", "vader", "target_modules", "train", "select", "eval", "calib", "seeds", "steps", "lrs",
@@ -80,8 +81,31 @@ def cmd_compare(args) -> int:
     task.about.clear()
     task.about.update({"data": f"{args.data} ({len(rows)} labeled rows{', VADER lexicon' if args.vader else ''})",
                        **rest})
-    compare.run_comparison([task], seeds=list(range(args.seeds)), lrs=args.lrs, steps=args.steps, out_dir=args.out,
-                           device=device, only=args.methods, methods=methods, command=command_line(args),
-                           internal_checks=False,
-                           sensitivity=() if args.no_sensitivity else compare.SENSITIVITY_GAMMAS)
+    with warnings.catch_warnings():
+        _poor_init_as_lines()
+        compare.run_comparison([task], seeds=list(range(args.seeds)), lrs=args.lrs, steps=args.steps,
+                               out_dir=args.out, device=device, only=args.methods, methods=methods,
+                               command=command_line(args), internal_checks=False,
+                               sensitivity=() if args.no_sensitivity else compare.SENSITIVITY_GAMMAS)
     return 0
+
+
+def _poor_init_as_lines() -> None:
+    """Within the caller's ``warnings.catch_warnings()``: each :class:`~lora_da.quality.PoorInitWarning`
+    an arm raises is printed as one ``lora-da: warning: ...`` line on stdout, as the other commands
+    say it, not as Python's warning with a source line; the same message once."""
+    from lora_da.quality import PoorInitWarning
+
+    shown = warnings.showwarning
+    said: set[str] = set()
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if not issubclass(category, PoorInitWarning):
+            return shown(message, category, filename, lineno, file, line)
+        text = str(message).removeprefix("lora-da: ")
+        if text not in said:
+            said.add(text)
+            print(f"lora-da: warning: {text}", flush=True)
+
+    warnings.simplefilter("always", PoorInitWarning)  # "once" is ours above, whatever the caller's filters say
+    warnings.showwarning = show
