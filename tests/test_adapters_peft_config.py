@@ -295,3 +295,25 @@ def test_a_dora_state_dict_loaded_by_peft_starts_where_initialize_lora_da_weight
     lora_da.initialize_lora_da_weights(solved, batches(ids, mask, 3), lora_da_config=cfg, progress=False)
     with torch.no_grad():
         torch.testing.assert_close(loaded(**x).logits, solved(**x).logits, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("route", ["peft_model", "state_dict"])
+def test_statistics_without_a_targeted_module_are_refused_by_name_on_both_routes(route):
+    # the statistics hold q_proj only; the adapter targets v_proj too: say the statistics lack it,
+    # on the PEFT route as on the state-dict route, before anything is written
+    ids, mask, _ = _x()
+    stats = lora_da.collect_statistics(tiny_llama(), batches(ids, mask, 3), ["q_proj"], progress=False)
+    pc = LoraConfig(r=2, target_modules=["q_proj", "v_proj"])
+    cfg = lora_da.LoraDAConfig(n_pop=100)
+    want = (r"the statistics have no entry for targeted module\(s\) \['model.layers.0.self_attn.v_proj', "
+            r"'model.layers.1.self_attn.v_proj'\]")
+    if route == "state_dict":
+        with pytest.raises(InvalidArgumentError, match=want):
+            lora_da.get_lora_da_state_dict(tiny_llama(), None, pc, cfg, statistics=stats, progress=False)
+        return
+    peft_model = get_peft_model(tiny_llama(), pc)
+    before = {n: p.detach().clone() for n, p in peft_model.named_parameters()}
+    with pytest.raises(InvalidArgumentError, match=want):
+        lora_da.initialize_lora_da_weights(peft_model, statistics=stats, lora_da_config=cfg, progress=False)
+    for n, p in peft_model.named_parameters():
+        torch.testing.assert_close(p, before[n], rtol=0, atol=0)

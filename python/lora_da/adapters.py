@@ -220,9 +220,7 @@ def get_lora_da_state_dict(
         inits = collect_and_solve(model, dataloader, names, lora_da_config, loss_fn=loss_fn, progress=progress,
                                   **collect_kwargs)
     else:
-        missing = [n for n in names if n not in statistics.modules]
-        if missing:
-            raise InvalidArgumentError(f"the statistics have no entry for targeted module(s) {missing[:5]}")
+        _check_statistics_cover(statistics, names)
         inits = compute_init(statistics, lora_da_config, modules=names, progress=progress)
     check_zero_gradients(inits)
     out = state_dict_of(inits)
@@ -265,6 +263,18 @@ def _dora_norms(W: torch.Tensor, s: float, A: torch.Tensor, B: torch.Tensor) -> 
     """``‖W + s·B A‖`` per row (output feature), in float64; ``W`` out × in."""
     W = W.double()
     return torch.linalg.norm(W + s * (B.double() @ A.double()).to(W.device), dim=1)
+
+
+def _check_statistics_cover(statistics: Statistics, names: list[str]) -> None:
+    """Every targeted module has statistics, before any solve: a module without them would be
+    left at PEFT's init while the report says LoRA-DA."""
+    missing = [n for n in names if n not in statistics.modules]
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise InvalidArgumentError(
+            f"the statistics have no entry for targeted module(s) {missing[:5]}{more}: collect them with these "
+            "modules among the targets, or leave these modules out of the adapter"
+        )
 
 
 def _lora_layers(peft_model, adapter_name):
@@ -347,8 +357,8 @@ def _solve_lora_layers(peft_model, layers: dict, dataloader, statistics: Statist
     from ``statistics`` when given (the layers they cover), else one pass of
     ``dataloader`` through the base model with the adapter disabled."""
     if statistics is not None:
-        return compute_init(statistics, lora_da_config, modules=[n for n in layers if n in statistics.modules],
-                            progress=progress)
+        _check_statistics_cover(statistics, list(layers))
+        return compute_init(statistics, lora_da_config, modules=list(layers), progress=progress)
     # hook the wrapped base layers; the results are named after the LoRA layers
     suffix = ".base_layer"
     if lora_da_config.ranks:
