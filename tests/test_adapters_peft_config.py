@@ -317,3 +317,20 @@ def test_statistics_without_a_targeted_module_are_refused_by_name_on_both_routes
         lora_da.initialize_lora_da_weights(peft_model, statistics=stats, lora_da_config=cfg, progress=False)
     for n, p in peft_model.named_parameters():
         torch.testing.assert_close(p, before[n], rtol=0, atol=0)
+
+
+def test_layer_replication_is_refused_with_the_reason_on_both_routes():
+    # replicated layers share their base weights: statistics of the replicated model are of no model that
+    # exists before it; refused before any pass, and the PEFT model's adapter is left as it was
+    ids, mask, _ = _x()
+    kw = dict(r=2, target_modules=["q_proj"], layer_replication=[[0, 2], [1, 2]])
+    cfg = lora_da.LoraDAConfig(n_pop=10)
+    want = "LoraConfig.layer_replication: replicated layers share their base weights"
+    with pytest.raises(InvalidArgumentError, match=want):
+        lora_da.get_lora_da_state_dict(tiny_llama(), batches(ids, mask, 3), LoraConfig(**kw), cfg, progress=False)
+    peft_model = get_peft_model(tiny_llama(), LoraConfig(**kw))
+    before = {n: p.detach().clone() for n, p in peft_model.named_parameters()}
+    with pytest.raises(InvalidArgumentError, match=want):
+        lora_da.initialize_lora_da_weights(peft_model, batches(ids, mask, 3), lora_da_config=cfg, progress=False)
+    for n, p in peft_model.named_parameters():
+        torch.testing.assert_close(p, before[n], rtol=0, atol=0)

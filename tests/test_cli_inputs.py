@@ -265,6 +265,44 @@ def test_collect_checkpoint_resumes_after_ctrl_c_and_returns_a_finished_pass(mod
     assert_same_statistics(lora_da.Statistics.load(out), lora_da.Statistics.load(whole), exact_grad=False)
 
 
+def test_init_checkpoint_resumes_after_ctrl_c_and_a_rerun_returns_the_finished_pass(model_dir, data_file, tmp_path,
+                                                                                   capsys, monkeypatch):
+    # init's pass checkpoints as collect's does: Ctrl-C, then the same command resumes; a rerun of
+    # the finished command runs no batch and writes the same adapter from the checkpoint's statistics
+    from safetensors.torch import load_file
+
+    import lora_da.collect.run as collect
+
+    ck, whole = tmp_path / "ck.safetensors", tmp_path / "whole.safetensors"
+    out, stats = tmp_path / "adapter", tmp_path / "s.safetensors"
+    assert main(["collect", str(model_dir), str(data_file), "--out", str(whole), "-q"]) == 0
+    real, calls = collect.default_loss, []
+
+    def interrupted(model, batch):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(model, batch)
+
+    monkeypatch.setattr(collect, "default_loss", interrupted)
+    args = ["init", str(model_dir), str(data_file), "--n-pop", "100", "--rank", "2", "--gamma", "16", "--out", str(out),
+            "--save-stats", str(stats), "--checkpoint", str(ck), "--checkpoint-every", "1", "--overwrite"]
+    assert main([*args, "-q"]) == 130
+    assert f"rerun the same command to resume from {ck}" in capsys.readouterr().err
+    assert not out.exists() and not stats.exists() and lora_da.Statistics.load(ck).config["batches_done"] == 2
+    monkeypatch.setattr(collect, "default_loss", real)
+    assert main(args) == 0
+    assert "resuming at batch 3 of 3" in capsys.readouterr().err  # 12 rows, --batch-size 4
+    assert_same_statistics(lora_da.Statistics.load(stats), lora_da.Statistics.load(whole), exact_grad=False)
+    first = load_file(out / "adapter_model.safetensors")
+    monkeypatch.setattr(collect, "default_loss", interrupted)  # a rerun runs no batch at all
+    calls.clear()
+    assert main(args) == 0 and not calls
+    assert "already finished" in capsys.readouterr().err
+    again = load_file(out / "adapter_model.safetensors")
+    assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
+
+
 # -- fuzzing the JSONL reader (FUZZING.md, "The CLI's JSONL reader") ------------------------------
 
 import os  # noqa: E402

@@ -462,18 +462,23 @@ def test_an_edge_choice_out_of_noise_suggests_going_further_and_a_clear_interior
     assert s.best == 4.0 and not s.at_edge() and s.verdict() == ""
 
 
-def test_search_gamma_keeps_the_per_sample_losses_and_the_cli_reports_the_verdict(tmp_path, capsys, tiny_encoder):
+def test_search_gamma_keeps_the_per_sample_losses_and_the_cli_reports_the_verdict(tmp_path, capsys, tiny_encoder,
+                                                                                  monkeypatch):
+    # the CLI's search on a grid of two candidates: whichever wins sits at an edge, so the verdict is
+    # known to say so, with the next grid past that edge at the grid's ratio (4)
+    import lora_da.gamma as gamma
+
+    real = gamma.search_gamma
+    monkeypatch.setattr(gamma, "search_gamma", lambda *a, **kw: real(*a, **{**kw, "gammas": (4.0, 16.0)}))
     d, data_path = tiny_encoder
     out = tmp_path / "adapter"
     assert main(["init", str(d), str(data_path), "--n-pop", "100", "--rank", "2", "--gamma", "auto", "--batch-size",
                  "8", "--targets", "query,value", "--out", str(out), "-q"]) == 0
     search = json.loads((out / "lora_da_report.json").read_text())["gamma_search"]
-    grid = [row["gamma"] for row in search["table"]]
-    assert search["at_edge"] == (search["chosen"] in (min(grid), max(grid)))
-    printed = capsys.readouterr().out
-    if search["verdict"]:
-        assert f"lora-da: note: {search['verdict']}" in printed
-    assert (search["next_grid"] is not None) == search["at_edge"]
+    assert [row["gamma"] for row in search["table"]] == [4.0, 16.0] and search["at_edge"]
+    assert f"γ = {search['chosen']:g} is at the edge of the grid" in search["verdict"]
+    assert f"lora-da: note: {search['verdict']}" in capsys.readouterr().out
+    assert search["next_grid"] == ([0.0625, 0.25, 1.0, 4.0] if search["chosen"] == 4.0 else [16.0, 64.0, 256.0, 1024.0])
 
     from lora_da.gamma import held_back_loss, held_back_losses
 
