@@ -176,6 +176,39 @@ def test_the_saved_adapter_says_lora_da_in_its_model_card(tmp_path, six_sample_s
                  "--overwrite"]) == 0
 
 
+def test_the_model_card_marks_only_a_list_it_cuts():
+    from lora_da.report import model_card_section
+
+    for n, cut in ((2, False), (5, False), (7, True)):
+        poor = [f"m{i}" for i in range(n)]
+        line = next(x for x in model_card_section({"poor_init": poor, "modules": {}}).splitlines()
+                    if x.startswith("- modules with a poor init"))
+        assert line.endswith(f": {n} ({', '.join(poor[:5])}{', …' if cut else ''})"), line
+
+
+def test_counts_of_one_are_singular(one_sample_stats, data_file, model_dir, tmp_path, capsys):
+    from lora_da.quality import assess
+
+    # "only 1 of the 2 eigenvalues is negative, so the last direction comes ...", not "the last 1 directions"
+    said = assess([-1.0, 0.5], gap=1.0, omega_norm=2.0)[0]
+    assert "only 1 of the 2 eigenvalues is negative, so the last direction comes from the variance term" in said
+    said = assess([-1.0, -0.5, 0.5, 0.7], gap=1.0, omega_norm=2.0)[0]
+    assert "only 2 of the 4 eigenvalues are negative, so the last 2 directions come from the variance term" in said
+    assert ", 1 sample, " in repr(one_sample_stats)
+    one_row = tmp_path / "one.jsonl"
+    one_row.write_text('{"text": "the cat sat"}\n')
+    assert main(["collect", str(model_dir), str(one_row), "--targets", "q_proj", "--out", str(tmp_path / "s.st"),
+                 "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "lora-da: collected 2 modules (2 input groups), 1 sample, " in out
+    assert main(["solve", str(tmp_path / "s.st"), "--n-pop", "10", "--rank", "1", "--format", "state-dict",
+                 "--out", str(tmp_path / "sd.safetensors"), "-q"]) == 0
+    assert "(2 modules)" in capsys.readouterr().out
+    stats = lora_da.collect_statistics(tiny_llama(), batches(*[t[:1] for t in data()], 1),
+                                       ["model.layers.0.self_attn.q_proj"], progress=False)
+    assert repr(stats).startswith("Statistics(1 module in 1 input group, 1 sample, ")
+
+
 def test_statistics_print_a_summary_not_every_module(six_sample_stats):
     text = repr(six_sample_stats)
     assert text.startswith("Statistics(3 modules") or text.startswith("Statistics(6 modules")
@@ -291,14 +324,36 @@ def test_compare_says_a_poor_init_in_one_line_of_its_own(tiny_encoder, tmp_path,
 
 
 def test_compare_refuses_unknown_methods_and_shows_defaults(tiny_encoder, tmp_path, capsys):
-    assert _compare(tiny_encoder, tmp_path / "x", "--methods", "LoRA-DA", "LoRA-XYZ") != 0
+    # an unknown arm is a usage error: exit status 2, as argparse's own (a bad --seeds type too)
+    assert _compare(tiny_encoder, tmp_path / "x", "--methods", "LoRA-DA", "LoRA-XYZ") == 2
     err = capsys.readouterr().err
-    assert "unknown arm(s) ['LoRA-XYZ']" in err and "'PEFT default'" in err
+    assert err.startswith("lora-da: error: --methods: unknown arm(s) ['LoRA-XYZ']") and "'PEFT default'" in err
     assert not (tmp_path / "x").exists()
+    assert _compare(tiny_encoder, tmp_path / "x", "--seeds", "0") == 2
+    assert _compare(tiny_encoder, tmp_path / "x", "--seeds", "x") == 2
+    capsys.readouterr()
     assert main(["compare", "--help"]) == 0
     help_text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     for default in ("(default: 1024)", "(default: 3)", "(default: 100)", "(default: lora_da_compare)"):
         assert default in help_text
+    # a default of None or False says nothing: the help says what happens without the option
+    assert "(default: None)" not in help_text and "(default: False)" not in help_text
+    assert "(default: every arm the installed PEFT has)" in help_text
+
+
+def test_init_help_shows_the_defaults():
+    import argparse
+
+    from lora_da.cli import build_parser
+
+    parser = build_parser()
+    init = next(a for a in parser._subparsers._group_actions if isinstance(a, argparse._SubParsersAction)).choices["init"]
+    help_text = " ".join(init.format_help().split())
+    for option in ("--rank", "--batch-size", "--max-length", "--damping", "--method", "--lora-alpha", "--format",
+                   "--token-mask"):
+        action = next(a for a in init._actions if option in a.option_strings)
+        value = f"{action.default:g}" if isinstance(action.default, float) else str(action.default)
+        assert f"(default {value})" in help_text, option
 
 
 def test_compare_reads_the_jsonl_of_the_other_commands_with_its_checks(tmp_path):

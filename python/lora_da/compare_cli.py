@@ -14,9 +14,19 @@ _RECORDED = ("model", "data", "vader", "target_modules", "train", "select", "eva
              "methods", "no_sensitivity", "device", "out")
 
 
+class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's default in its help, except None and False: a required option, a flag, or
+    one whose help says what happens without it ("(default: None)" said nothing)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def add_subcommand(sub) -> None:
     p = sub.add_parser("compare", help="fine-tune a local classifier under several LoRA inits and compare them",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       formatter_class=_Defaults,
                        description="Fine-tune one local classifier under several LoRA initializations (same data, "
                                    "steps and search budget) and compare them on held-out rows; ends with a verdict.")
     p.add_argument("--model", required=True, help="local model directory (AutoModelForSequenceClassification)")
@@ -61,16 +71,16 @@ def cmd_compare(args) -> int:
     import torch
 
     from lora_da import compare
-    from lora_da.errors import CLIError
+    from lora_da.errors import UsageError
 
     methods = compare.available_methods()  # prints a note for each arm the installed PEFT lacks
     if args.methods:
         known = [m.name for m in methods]
         unknown = [m for m in args.methods if m not in known]
         if unknown:
-            raise CLIError(f"--methods: unknown arm(s) {unknown}; the arms are: " + ", ".join(repr(k) for k in known))
+            raise UsageError(f"--methods: unknown arm(s) {unknown}; the arms are: " + ", ".join(repr(k) for k in known))
     if args.seeds < 1:
-        raise CLIError(f"--seeds must be ≥ 1, got {args.seeds}")
+        raise UsageError(f"--seeds must be ≥ 1, got {args.seeds}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     rows = compare.read_label_rows(args.data, vader=args.vader)
     task = compare.classification_task(args.model, rows, n_train=args.train, n_select=args.select, n_eval=args.eval,
