@@ -234,3 +234,103 @@ def test_preserve_output_adapters_with_patterns_or_dora_convert_for_the_original
     fresh = PeftModel.from_pretrained(tiny_llama(), tmp_path / "out")
     with torch.no_grad():
         torch.testing.assert_close(fresh(**x).logits, trained, rtol=1e-10, atol=1e-10)
+
+
+def _lora_a_modules(peft_model) -> set[str]:
+    """The modules PEFT gave a ``lora_A`` (names in the base model)."""
+    return {n.removesuffix(".lora_A") for n, _ in peft_model.get_base_model().named_modules() if n.endswith(".lora_A")}
+
+
+@pytest.mark.parametrize("model_fn", [tiny_llama, tiny_gpt2])
+@pytest.mark.parametrize("target_modules", ["all-linear", "ALL-LINEAR", None])
+def test_the_state_dict_covers_the_modules_peft_adapts_for_all_linear_and_the_default(model_fn, target_modules):
+    # "all-linear": every Linear/Conv1D but the output head; None: PEFT's default for the model type
+    # (q_proj, v_proj for Llama; c_attn for GPT-2). The keys are those of PEFT's own model.
+    ids, mask, _ = _x()
+    pc = LoraConfig(r=2, target_modules=target_modules, fan_in_fan_out=model_fn is tiny_gpt2)
+    sd = lora_da.get_lora_da_state_dict(model_fn(), batches(ids, mask, 3), pc,
+                                        lora_da.LoraDAConfig(n_pop=100, gamma=4.0), progress=False)
+    assert pc.target_modules == target_modules  # the caller's config is not rewritten
+    peft_model = get_peft_model(model_fn(), LoraConfig(r=2, target_modules=target_modules,
+                                                      fan_in_fan_out=model_fn is tiny_gpt2))
+    adapted = _lora_a_modules(peft_model)
+    assert {k.removesuffix(".lora_A.weight") for k in sd if k.endswith(".lora_A.weight")} == adapted
+    assert {k.removesuffix(".lora_B.weight") for k in sd if k.endswith(".lora_B.weight")} == adapted
+    assert not any(n.endswith("lm_head") for n in adapted)
+    if target_modules is None:
+        assert {n.rsplit(".", 1)[1] for n in adapted} == ({"q_proj", "v_proj"} if model_fn is tiny_llama else {"c_attn"})
+    else:
+        assert len(adapted) == (14 if model_fn is tiny_llama else 8)  # 7 per Llama layer, 4 per GPT-2 block
+
+
+def test_no_default_target_modules_for_the_model_type_is_one_clear_error():
+    class Plain(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+
+    with pytest.raises(InvalidArgumentError, match="target_modules=None: PEFT has no default target modules for "
+                                                   "model type 'custom'; pass target_modules"):
+        lora_da.get_lora_da_state_dict(Plain(), [], LoraConfig(r=2), lora_da.LoraDAConfig(n_pop=10), progress=False)
+
+
+@pytest.mark.parametrize("model_fn,targets,kw", [
+    (tiny_llama, ["q_proj", "v_proj", "down_proj"], dict(rank_pattern={"v_proj": 2}, alpha_pattern={"q_proj": 32})),
+    (tiny_gpt2, ["c_attn", "c_proj"], dict(use_rslora=True, fan_in_fan_out=True)),
+])
+def test_a_dora_state_dict_loaded_by_peft_starts_where_initialize_lora_da_weights_does(model_fn, targets, kw):
+    # the state dict carries m = ‖W + s·B A‖ under PEFT's key: loaded with set_peft_model_state_dict
+    # the DoRA adapter gives the logits of the initialize_lora_da_weights route (a stale m would not)
+    from peft import set_peft_model_state_dict
+
+    ids, mask, x = _x()
+    cfg = lora_da.LoraDAConfig(n_pop=100, gamma=4.0)
+    pc = dict(r=4, lora_alpha=8, target_modules=targets, use_dora=True, lora_dropout=0.0, **kw)
+    sd = lora_da.get_lora_da_state_dict(model_fn(torch.float32), batches(ids, mask, 3), LoraConfig(**pc), cfg,
+                                        progress=False)
+    loaded = get_peft_model(model_fn(torch.float32), LoraConfig(**pc))
+    result = set_peft_model_state_dict(loaded, {f"base_model.model.{k}": v for k, v in sd.items()})
+    assert not result.unexpected_keys
+    solved = get_peft_model(model_fn(torch.float32), LoraConfig(**pc))
+    lora_da.initialize_lora_da_weights(solved, batches(ids, mask, 3), lora_da_config=cfg, progress=False)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**x).logits, solved(**x).logits, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("route", ["peft_model", "state_dict"])
+def test_statistics_without_a_targeted_module_are_refused_by_name_on_both_routes(route):
+    # the statistics hold q_proj only; the adapter targets v_proj too: say the statistics lack it,
+    # on the PEFT route as on the state-dict route, before anything is written
+    ids, mask, _ = _x()
+    stats = lora_da.collect_statistics(tiny_llama(), batches(ids, mask, 3), ["q_proj"], progress=False)
+    pc = LoraConfig(r=2, target_modules=["q_proj", "v_proj"])
+    cfg = lora_da.LoraDAConfig(n_pop=100)
+    want = (r"the statistics have no entry for targeted module\(s\) \['model.layers.0.self_attn.v_proj', "
+            r"'model.layers.1.self_attn.v_proj'\]")
+    if route == "state_dict":
+        with pytest.raises(InvalidArgumentError, match=want):
+            lora_da.get_lora_da_state_dict(tiny_llama(), None, pc, cfg, statistics=stats, progress=False)
+        return
+    peft_model = get_peft_model(tiny_llama(), pc)
+    before = {n: p.detach().clone() for n, p in peft_model.named_parameters()}
+    with pytest.raises(InvalidArgumentError, match=want):
+        lora_da.initialize_lora_da_weights(peft_model, statistics=stats, lora_da_config=cfg, progress=False)
+    for n, p in peft_model.named_parameters():
+        torch.testing.assert_close(p, before[n], rtol=0, atol=0)
+
+
+def test_layer_replication_is_refused_with_the_reason_on_both_routes():
+    # replicated layers share their base weights: statistics of the replicated model are of no model that
+    # exists before it; refused before any pass, and the PEFT model's adapter is left as it was
+    ids, mask, _ = _x()
+    kw = dict(r=2, target_modules=["q_proj"], layer_replication=[[0, 2], [1, 2]])
+    cfg = lora_da.LoraDAConfig(n_pop=10)
+    want = "LoraConfig.layer_replication: replicated layers share their base weights"
+    with pytest.raises(InvalidArgumentError, match=want):
+        lora_da.get_lora_da_state_dict(tiny_llama(), batches(ids, mask, 3), LoraConfig(**kw), cfg, progress=False)
+    peft_model = get_peft_model(tiny_llama(), LoraConfig(**kw))
+    before = {n: p.detach().clone() for n, p in peft_model.named_parameters()}
+    with pytest.raises(InvalidArgumentError, match=want):
+        lora_da.initialize_lora_da_weights(peft_model, batches(ids, mask, 3), lora_da_config=cfg, progress=False)
+    for n, p in peft_model.named_parameters():
+        torch.testing.assert_close(p, before[n], rtol=0, atol=0)

@@ -233,36 +233,71 @@ def test_compare_refuses_a_negative_label(encoder, tmp_path, capsys):
 # -- --checkpoint ----------------------------------------------------------------------------------
 
 
-def test_collect_checkpoint_resumes_after_ctrl_c_and_returns_a_finished_pass(model_dir, data_file, tmp_path, capsys,
-                                                                             monkeypatch):
-    import lora_da.collect.run as collect  # where a run takes its default loss
+class _CtrlC:
+    """The default loss, with a Ctrl-C at the third batch while ``armed``; ``calls`` counts its batches."""
 
-    ck, out, whole = tmp_path / "ck.safetensors", tmp_path / "s.safetensors", tmp_path / "whole.safetensors"
-    assert main(["collect", str(model_dir), str(data_file), "--out", str(whole), "-q"]) == 0
-    real, calls = collect.default_loss, []
+    def __init__(self, monkeypatch):
+        import lora_da.collect.run as collect  # where a run takes its default loss
 
-    def interrupted(model, batch):
-        calls.append(1)
-        if len(calls) == 3:
+        self.real, self.calls, self.armed = collect.default_loss, [], True
+        monkeypatch.setattr(collect, "default_loss", self)
+
+    def __call__(self, model, batch):
+        self.calls.append(1)
+        if self.armed and len(self.calls) == 3:
             raise KeyboardInterrupt
-        return real(model, batch)
+        return self.real(model, batch)
 
-    monkeypatch.setattr(collect, "default_loss", interrupted)
-    args = ["collect", str(model_dir), str(data_file), "--out", str(out), "--checkpoint", str(ck),
-            "--checkpoint-every", "1"]
+
+def _interrupt_resume_rerun(args, ck, outputs, monkeypatch, capsys, after_resume):
+    """``args`` (a command with ``--checkpoint ck --checkpoint-every 1``) stopped by Ctrl-C at the
+    third of three batches, then run again (it resumes), then once more (it runs no batch):
+    ``after_resume()`` checks the outputs after each of the last two runs."""
+    ctrl_c = _CtrlC(monkeypatch)
     assert main([*args, "-q"]) == 130
     assert f"rerun the same command to resume from {ck}" in capsys.readouterr().err
-    assert not out.exists() and lora_da.Statistics.load(ck).config["batches_done"] == 2
-    monkeypatch.setattr(collect, "default_loss", real)
+    assert not any(p.exists() for p in outputs) and lora_da.Statistics.load(ck).config["batches_done"] == 2
+    ctrl_c.armed = False
     assert main(args) == 0
     assert "resuming at batch 3 of 3" in capsys.readouterr().err  # 12 rows, --batch-size 4
-    assert_same_statistics(lora_da.Statistics.load(out), lora_da.Statistics.load(whole), exact_grad=False)
-    out.unlink()
-    monkeypatch.setattr(collect, "default_loss", interrupted)  # a rerun runs no batch at all
-    calls.clear()
-    assert main(args) == 0 and not calls
+    first = after_resume()
+    ctrl_c.armed, ctrl_c.calls = True, []
+    assert main(args) == 0 and not ctrl_c.calls
     assert "already finished" in capsys.readouterr().err
-    assert_same_statistics(lora_da.Statistics.load(out), lora_da.Statistics.load(whole), exact_grad=False)
+    return first, after_resume()
+
+
+def test_collect_checkpoint_resumes_after_ctrl_c_and_returns_a_finished_pass(model_dir, data_file, tmp_path, capsys,
+                                                                             monkeypatch):
+    ck, out, whole = tmp_path / "ck.safetensors", tmp_path / "s.safetensors", tmp_path / "whole.safetensors"
+    assert main(["collect", str(model_dir), str(data_file), "--out", str(whole), "-q"]) == 0
+    args = ["collect", str(model_dir), str(data_file), "--out", str(out), "--checkpoint", str(ck),
+            "--checkpoint-every", "1", "--overwrite"]
+
+    def same_as_whole():
+        assert_same_statistics(lora_da.Statistics.load(out), lora_da.Statistics.load(whole), exact_grad=False)
+
+    _interrupt_resume_rerun(args, ck, [out], monkeypatch, capsys, same_as_whole)
+
+
+def test_init_checkpoint_resumes_after_ctrl_c_and_a_rerun_returns_the_finished_pass(model_dir, data_file, tmp_path,
+                                                                                   capsys, monkeypatch):
+    # init's pass checkpoints as collect's does; the rerun of the finished command writes the
+    # same adapter from the checkpoint's statistics
+    from safetensors.torch import load_file
+
+    ck, whole = tmp_path / "ck.safetensors", tmp_path / "whole.safetensors"
+    out, stats = tmp_path / "adapter", tmp_path / "s.safetensors"
+    assert main(["collect", str(model_dir), str(data_file), "--out", str(whole), "-q"]) == 0
+    args = ["init", str(model_dir), str(data_file), "--n-pop", "100", "--rank", "2", "--gamma", "16", "--out", str(out),
+            "--save-stats", str(stats), "--checkpoint", str(ck), "--checkpoint-every", "1", "--overwrite"]
+
+    def adapter():
+        assert_same_statistics(lora_da.Statistics.load(stats), lora_da.Statistics.load(whole), exact_grad=False)
+        return load_file(out / "adapter_model.safetensors")
+
+    first, again = _interrupt_resume_rerun(args, ck, [out, stats], monkeypatch, capsys, adapter)
+    assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
 
 
 # -- fuzzing the JSONL reader (FUZZING.md, "The CLI's JSONL reader") ------------------------------

@@ -77,10 +77,21 @@ def test_the_peft_path_warns_and_its_report_names_the_poor_modules(tmp_path):
     ids, mask = data()
     peft_model = get_peft_model(tiny_llama(), LoraConfig(r=12, target_modules=["q_proj"]))
     with pytest.warns(PoorInitWarning) as caught:
-        lora_da.initialize_lora_da_weights(peft_model, batches(ids[:1], mask[:1], 1),
-                                           lora_da_config=lora_da.LoraDAConfig(n_pop=100), progress=False)
+        results = lora_da.initialize_lora_da_weights(peft_model, batches(ids[:1], mask[:1], 1),
+                                                     lora_da_config=lora_da.LoraDAConfig(n_pop=100), progress=False)
     assert [w.filename for w in caught if w.category is PoorInitWarning] == [__file__]
     assert "model.layers.0.self_attn.q_proj:" in str(caught[0].message) and ".base_layer" not in str(caught[0].message)
+    # the returned results carry the warnings compute_init's do, on the same statistics
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PoorInitWarning)
+        stats = lora_da.collect_statistics(tiny_llama(), batches(ids[:1], mask[:1], 1), ["q_proj"], progress=False)
+        expected = lora_da.compute_init(stats, lora_da.LoraDAConfig(n_pop=100, rank=12), progress=False)
+    assert set(results) == set(expected)
+    for name, res in results.items():
+        # the same two findings (their numbers are of a gap at rounding level: compared by their opening words)
+        assert res.name == name and [w[:24] for w in res.warnings] == [w[:24] for w in expected[name].warnings]
+        assert len(res.warnings) == 2
+        assert res.eigenvalues[-1] > 0 and res.rank == 12  # the solve's own fields read through
     peft_model.save_pretrained(tmp_path / "a")
     report = json.loads((tmp_path / "a" / "lora_da_report.json").read_text())
     assert report["poor_init"] == sorted(report["modules"]) and len(report["poor_init"]) == 2
@@ -163,6 +174,39 @@ def test_the_saved_adapter_says_lora_da_in_its_model_card(tmp_path, six_sample_s
     # --overwrite still recognizes the folder as a lora-da adapter
     assert main(["solve", str(stats_path), "--n-pop", "1000", "--rank", "2", "--out", str(tmp_path / "cli"), "-q",
                  "--overwrite"]) == 0
+
+
+def test_the_model_card_marks_only_a_list_it_cuts():
+    from lora_da.report import model_card_section
+
+    for n, cut in ((2, False), (5, False), (7, True)):
+        poor = [f"m{i}" for i in range(n)]
+        line = next(x for x in model_card_section({"poor_init": poor, "modules": {}}).splitlines()
+                    if x.startswith("- modules with a poor init"))
+        assert line.endswith(f": {n} ({', '.join(poor[:5])}{', …' if cut else ''})"), line
+
+
+def test_counts_of_one_are_singular(one_sample_stats, data_file, model_dir, tmp_path, capsys):
+    from lora_da.quality import assess
+
+    # "only 1 of the 2 eigenvalues is negative, so the last direction comes ...", not "the last 1 directions"
+    said = assess([-1.0, 0.5], gap=1.0, omega_norm=2.0)[0]
+    assert "only 1 of the 2 eigenvalues is negative, so the last direction comes from the variance term" in said
+    said = assess([-1.0, -0.5, 0.5, 0.7], gap=1.0, omega_norm=2.0)[0]
+    assert "only 2 of the 4 eigenvalues are negative, so the last 2 directions come from the variance term" in said
+    assert ", 1 sample, " in repr(one_sample_stats)
+    one_row = tmp_path / "one.jsonl"
+    one_row.write_text('{"text": "the cat sat"}\n')
+    assert main(["collect", str(model_dir), str(one_row), "--targets", "q_proj", "--out", str(tmp_path / "s.st"),
+                 "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "lora-da: collected 2 modules (2 input groups), 1 sample, " in out
+    assert main(["solve", str(tmp_path / "s.st"), "--n-pop", "10", "--rank", "1", "--format", "state-dict",
+                 "--out", str(tmp_path / "sd.safetensors"), "-q"]) == 0
+    assert "(2 modules)" in capsys.readouterr().out
+    stats = lora_da.collect_statistics(tiny_llama(), batches(*[t[:1] for t in data()], 1),
+                                       ["model.layers.0.self_attn.q_proj"], progress=False)
+    assert repr(stats).startswith("Statistics(1 module in 1 input group, 1 sample, ")
 
 
 def test_statistics_print_a_summary_not_every_module(six_sample_stats):
@@ -269,15 +313,47 @@ def test_compare_with_one_seed_records_the_run_and_says_no_spread_was_measured(t
     assert f"parameters: {n_params:,} (BertForSequenceClassification)" in text
 
 
+def test_compare_says_a_poor_init_in_one_line_of_its_own(tiny_encoder, tmp_path, capsys):
+    # one calibration row at r = 8: every module's init is poor (the library's PoorInitWarning);
+    # compare says it as the other commands do, not as Python's warning with a source line
+    assert _compare(tiny_encoder, tmp_path / "cmp", "--seeds", "1", "--methods", "LoRA-DA", "--calib", "1") == 0
+    captured = capsys.readouterr()
+    said = [line for line in captured.out.splitlines() if "poor init" in line]
+    assert len(said) == 1 and said[0].startswith("lora-da: warning: 2 of 2 modules have a poor init — ")
+    assert "PoorInitWarning" not in captured.err and "initialize_lora_da_weights(" not in captured.err
+
+
 def test_compare_refuses_unknown_methods_and_shows_defaults(tiny_encoder, tmp_path, capsys):
-    assert _compare(tiny_encoder, tmp_path / "x", "--methods", "LoRA-DA", "LoRA-XYZ") != 0
+    # an unknown arm is a usage error: exit status 2, as argparse's own (a bad --seeds type too)
+    assert _compare(tiny_encoder, tmp_path / "x", "--methods", "LoRA-DA", "LoRA-XYZ") == 2
     err = capsys.readouterr().err
-    assert "unknown arm(s) ['LoRA-XYZ']" in err and "'PEFT default'" in err
+    assert err.startswith("lora-da: error: --methods: unknown arm(s) ['LoRA-XYZ']") and "'PEFT default'" in err
     assert not (tmp_path / "x").exists()
+    assert _compare(tiny_encoder, tmp_path / "x", "--seeds", "0") == 2
+    assert _compare(tiny_encoder, tmp_path / "x", "--seeds", "x") == 2
+    capsys.readouterr()
     assert main(["compare", "--help"]) == 0
     help_text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     for default in ("(default: 1024)", "(default: 3)", "(default: 100)", "(default: lora_da_compare)"):
         assert default in help_text
+    # a default of None or False says nothing: the help says what happens without the option
+    assert "(default: None)" not in help_text and "(default: False)" not in help_text
+    assert "(default: every arm the installed PEFT has)" in help_text
+
+
+def test_init_help_shows_the_defaults():
+    import argparse
+
+    from lora_da.cli import build_parser
+
+    parser = build_parser()
+    init = next(a for a in parser._subparsers._group_actions if isinstance(a, argparse._SubParsersAction)).choices["init"]
+    help_text = " ".join(init.format_help().split())
+    for option in ("--rank", "--batch-size", "--max-length", "--damping", "--method", "--lora-alpha", "--format",
+                   "--token-mask"):
+        action = next(a for a in init._actions if option in a.option_strings)
+        value = f"{action.default:g}" if isinstance(action.default, float) else str(action.default)
+        assert f"(default {value})" in help_text, option
 
 
 def test_compare_reads_the_jsonl_of_the_other_commands_with_its_checks(tmp_path):
@@ -441,18 +517,23 @@ def test_an_edge_choice_out_of_noise_suggests_going_further_and_a_clear_interior
     assert s.best == 4.0 and not s.at_edge() and s.verdict() == ""
 
 
-def test_search_gamma_keeps_the_per_sample_losses_and_the_cli_reports_the_verdict(tmp_path, capsys, tiny_encoder):
+def test_search_gamma_keeps_the_per_sample_losses_and_the_cli_reports_the_verdict(tmp_path, capsys, tiny_encoder,
+                                                                                  monkeypatch):
+    # the CLI's search on a grid of two candidates: whichever wins sits at an edge, so the verdict is
+    # known to say so, with the next grid past that edge at the grid's ratio (4)
+    import lora_da.gamma as gamma
+
+    real = gamma.search_gamma
+    monkeypatch.setattr(gamma, "search_gamma", lambda *a, **kw: real(*a, **{**kw, "gammas": (4.0, 16.0)}))
     d, data_path = tiny_encoder
     out = tmp_path / "adapter"
     assert main(["init", str(d), str(data_path), "--n-pop", "100", "--rank", "2", "--gamma", "auto", "--batch-size",
                  "8", "--targets", "query,value", "--out", str(out), "-q"]) == 0
     search = json.loads((out / "lora_da_report.json").read_text())["gamma_search"]
-    grid = [row["gamma"] for row in search["table"]]
-    assert search["at_edge"] == (search["chosen"] in (min(grid), max(grid)))
-    printed = capsys.readouterr().out
-    if search["verdict"]:
-        assert f"lora-da: note: {search['verdict']}" in printed
-    assert (search["next_grid"] is not None) == search["at_edge"]
+    assert [row["gamma"] for row in search["table"]] == [4.0, 16.0] and search["at_edge"]
+    assert f"γ = {search['chosen']:g} is at the edge of the grid" in search["verdict"]
+    assert f"lora-da: note: {search['verdict']}" in capsys.readouterr().out
+    assert search["next_grid"] == ([0.0625, 0.25, 1.0, 4.0] if search["chosen"] == 4.0 else [16.0, 64.0, 256.0, 1024.0])
 
     from lora_da.gamma import held_back_loss, held_back_losses
 

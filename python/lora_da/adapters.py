@@ -17,12 +17,12 @@ import tempfile
 import numpy as np
 import torch
 
-from lora_da.collect import resolve_targets
+from lora_da.collect import linear_kind, resolve_targets
 from lora_da.errors import InvalidArgumentError, LoraDAError, NonFiniteError, ShapeError
 from lora_da.files import follow_umask, write_atomic
 from lora_da.init import LoraDAConfig
 from lora_da.pipeline import collect_and_solve, compute_init
-from lora_da.results import Inits
+from lora_da.results import Inits, ModuleInit
 from lora_da.report import (  # noqa: F401 (REPORT_NAME, module_report: re-exported)
     REPORT_NAME,
     add_model_card_section,
@@ -34,13 +34,38 @@ from lora_da.statistics import Statistics
 
 
 def _peft_targets(model: torch.nn.Module, peft_config) -> list[str]:
-    """Names of the base model's modules that ``peft_config`` targets, by PEFT's own rule."""
+    """Names of the base model's modules that ``peft_config`` targets, by PEFT's own rule
+    (on :func:`_as_peft_resolves`'s copy: the model type's default or ``"all-linear"`` expanded)."""
     from peft.tuners.tuners_utils import check_target_module_exists
 
     names = [n for n, _ in model.named_modules() if n and check_target_module_exists(peft_config, n)]
     if not names:
         raise InvalidArgumentError(f"peft_config.target_modules={peft_config.target_modules!r} matches no module")
     return resolve_targets(model, names)
+
+
+def _as_peft_resolves(model: torch.nn.Module, peft_config):
+    """A copy of ``peft_config`` whose ``target_modules`` are those ``get_peft_model(model,
+    peft_config)`` would adapt: None becomes PEFT's default for the model type (its
+    ``TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING``), ``"all-linear"`` every linear
+    and Conv1D layer but the output head (PEFT's own expansion). PEFT rewrites the config
+    it is given; the caller's is left as it was."""
+    import copy
+
+    from peft.tuners.tuners_utils import BaseTuner, _maybe_include_all_linear_layers
+    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    config = copy.deepcopy(peft_config)
+    if config.target_modules is None:
+        model_type = BaseTuner.get_model_config(model).get("model_type")
+        default = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type)
+        if default is None:
+            raise InvalidArgumentError(
+                f"LoraConfig.target_modules=None: PEFT has no default target modules for model type {model_type!r}; "
+                "pass target_modules (module names, or 'all-linear')"
+            )
+        config.target_modules = default if isinstance(default, str) else set(default)
+    return _maybe_include_all_linear_layers(config, model)
 
 
 def state_dict_of(inits, prefix: str = "", scale: float = 1.0) -> dict[str, torch.Tensor]:
@@ -182,23 +207,74 @@ def get_lora_da_state_dict(
     **collect_kwargs,
 ) -> dict[str, torch.Tensor]:
     """``{"<module>.lora_A.weight": A, "<module>.lora_B.weight": B}`` (float32) for
-    the modules ``peft_config`` targets, computed from one pass over ``dataloader``
-    (or from ``statistics`` already collected)."""
+    the modules ``get_peft_model(model, peft_config)`` would adapt, computed from one pass
+    over ``dataloader`` (or from ``statistics`` already collected); with ``use_dora``
+    also DoRA's ``"<module>.lora_magnitude_vector"`` for the new weights."""
     _check_peft_config(peft_config)
     lora_da_config = lora_da_config.with_rank(peft_config.r)
     _check_rank(lora_da_config, peft_config)
+    peft_config = _as_peft_resolves(model, peft_config)
     names = _peft_targets(model, peft_config)
     lora_da_config = _with_ranks(lora_da_config, _pattern_ranks(peft_config, names))
     if statistics is None:
         inits = collect_and_solve(model, dataloader, names, lora_da_config, loss_fn=loss_fn, progress=progress,
                                   **collect_kwargs)
     else:
-        missing = [n for n in names if n not in statistics.modules]
-        if missing:
-            raise InvalidArgumentError(f"the statistics have no entry for targeted module(s) {missing[:5]}")
+        _check_statistics_cover(statistics, names)
         inits = compute_init(statistics, lora_da_config, modules=names, progress=progress)
     check_zero_gradients(inits)
-    return state_dict_of(inits)
+    out = state_dict_of(inits)
+    if getattr(peft_config, "use_dora", False):
+        out.update(_dora_magnitudes(model, peft_config, out, names))
+    return out
+
+
+def _dora_magnitudes(model: torch.nn.Module, peft_config, state_dict: dict[str, torch.Tensor],
+                     names: list[str]) -> dict[str, torch.Tensor]:
+    """DoRA (``use_dora``) on the state-dict route: ``{"<module>.lora_magnitude_vector": m}``
+    (PEFT's own key, as ``get_peft_model_state_dict`` writes it), ``m = ‖W + s·B A‖`` (rows)
+    from the base ``W`` and the ``A``, ``B`` of ``state_dict``, so that an adapter loaded with
+    ``set_peft_model_state_dict`` starts as :func:`initialize_lora_da_weights` leaves it
+    (:func:`_refresh_dora_magnitude`). ``s`` is the layer's scale as PEFT sets it: the
+    module's ``alpha_pattern`` entry (else ``lora_alpha``) over its r (√r with rsLoRA)."""
+    import math
+
+    from peft.utils.other import get_pattern_key
+
+    pattern = getattr(peft_config, "alpha_pattern", None) or {}
+    out = {}
+    for name in names:
+        ka, kb = _lora_keys(name)
+        A, B = state_dict[ka], state_dict[kb]
+        alpha = pattern.get(get_pattern_key(pattern.keys(), name), peft_config.lora_alpha)
+        r = A.shape[0]
+        s = alpha / (math.sqrt(r) if peft_config.use_rslora else r)
+        module = model.get_submodule(name)
+        W = module.weight.detach()
+        if linear_kind(module) == "conv1d":
+            W = W.T  # stored in × out; the norms are per output feature
+        m = _dora_norms(W, s, A, B).float()
+        _check_finite_cast(name, "DoRA magnitude", m, m, "float32")
+        out[f"{name}.lora_magnitude_vector"] = m.cpu().contiguous()
+    return out
+
+
+def _dora_norms(W: torch.Tensor, s: float, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """``‖W + s·B A‖`` per row (output feature), in float64; ``W`` out × in."""
+    W = W.double()
+    return torch.linalg.norm(W + s * (B.double() @ A.double()).to(W.device), dim=1)
+
+
+def _check_statistics_cover(statistics: Statistics, names: list[str]) -> None:
+    """Every targeted module has statistics, before any solve: a module without them would be
+    left at PEFT's init while the report says LoRA-DA."""
+    missing = [n for n in names if n not in statistics.modules]
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise InvalidArgumentError(
+            f"the statistics have no entry for targeted module(s) {missing[:5]}{more}: collect them with these "
+            "modules among the targets, or leave these modules out of the adapter"
+        )
 
 
 def _lora_layers(peft_model, adapter_name):
@@ -235,8 +311,9 @@ def initialize_lora_da_weights(
     adapter disabled). Every shape is checked before any weight is written.
     With ``preserve_output`` the base weights lose ``s·B A`` and the model's
     :meth:`save_pretrained` is guarded (see :func:`save_initial_adapter`).
-    Returns ``{module: SolveResult}`` when it solved, with the run's :class:`~lora_da.RunReport`
-    as ``report`` (None when it solved kept statistics), else ``{}``.
+    Returns ``{module: ModuleInit}`` when it solved (``A``, ``B``, the solve's diagnostics and
+    the poor-init ``warnings``, as :func:`~lora_da.compute_init`'s), with the run's
+    :class:`~lora_da.RunReport` as ``report`` (None when it solved kept statistics), else ``{}``.
 
     A thin wrapper, as PEFT's EVA is: :func:`_solve_lora_layers` computes the
     weights, :func:`_load_lora_da_state_dict` checks and writes them.
@@ -269,7 +346,7 @@ def initialize_lora_da_weights(
                                    loss_fn=loss_fn, progress=progress, **collect_kwargs)
         check_zero_gradients(inits)
         state_dict = state_dict_of(inits)
-        results = Inits({name: init.result for name, init in inits.items()}, inits.report)
+        results = inits
     _load_lora_da_state_dict(peft_model, state_dict, layers, adapter_name, lora_da_config, results)
     return results
 
@@ -280,8 +357,8 @@ def _solve_lora_layers(peft_model, layers: dict, dataloader, statistics: Statist
     from ``statistics`` when given (the layers they cover), else one pass of
     ``dataloader`` through the base model with the adapter disabled."""
     if statistics is not None:
-        return compute_init(statistics, lora_da_config, modules=[n for n in layers if n in statistics.modules],
-                            progress=progress)
+        _check_statistics_cover(statistics, list(layers))
+        return compute_init(statistics, lora_da_config, modules=list(layers), progress=progress)
     # hook the wrapped base layers; the results are named after the LoRA layers
     suffix = ".base_layer"
     if lora_da_config.ranks:
@@ -291,7 +368,8 @@ def _solve_lora_layers(peft_model, layers: dict, dataloader, statistics: Statist
     with peft_model.disable_adapter():
         solved = collect_and_solve(peft_model.get_base_model(), dataloader, [f"{n}{suffix}" for n in layers],
                                    lora_da_config, loss_fn=loss_fn, progress=progress, **collect_kwargs)
-    return Inits({k[: -len(suffix)] if k.endswith(suffix) else k: v for k, v in solved.items()}, solved.report)
+    return Inits({k.removesuffix(suffix): ModuleInit(k.removesuffix(suffix), v.result, v.seconds)
+                  for k, v in solved.items()}, solved.report)
 
 
 def _load_lora_da_state_dict(peft_model, state_dict: dict[str, torch.Tensor], layers: dict, adapter_name: str,
@@ -390,12 +468,12 @@ def _refresh_dora_magnitude(layer, adapter_name: str) -> None:
     if not mags or adapter_name not in mags:
         return
     dora = mags[adapter_name]
-    W = layer.get_base_layer().weight.double()
+    W = layer.get_base_layer().weight
     if getattr(layer, "fan_in_fan_out", False):
         W = W.T  # Conv1D stores in × out; the norms are per output feature
-    wa, wb = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
-    merged = W + layer.scaling[adapter_name] * (wb.double() @ wa.double()).to(W.device)
-    dora.weight.data.copy_(torch.linalg.norm(merged, dim=1).to(device=dora.weight.device, dtype=dora.weight.dtype))
+    norms = _dora_norms(W, layer.scaling[adapter_name], layer.lora_A[adapter_name].weight,
+                        layer.lora_B[adapter_name].weight)
+    dora.weight.data.copy_(norms.to(device=dora.weight.device, dtype=dora.weight.dtype))
     if hasattr(dora, "_cache_clear"):
         dora._cache_clear()
 

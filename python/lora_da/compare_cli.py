@@ -7,15 +7,26 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import warnings
 
 # the options results.md records, in the order the parser declares them
 _RECORDED = ("model", "data", "vader", "target_modules", "train", "select", "eval", "calib", "seeds", "steps", "lrs",
              "methods", "no_sensitivity", "device", "out")
 
 
+class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's default in its help, except None and False: a required option, a flag, or
+    one whose help says what happens without it ("(default: None)" said nothing)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def add_subcommand(sub) -> None:
     p = sub.add_parser("compare", help="fine-tune a local classifier under several LoRA inits and compare them",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       formatter_class=_Defaults,
                        description="Fine-tune one local classifier under several LoRA initializations (same data, "
                                    "steps and search budget) and compare them on held-out rows; ends with a verdict.")
     p.add_argument("--model", required=True, help="local model directory (AutoModelForSequenceClassification)")
@@ -60,16 +71,16 @@ def cmd_compare(args) -> int:
     import torch
 
     from lora_da import compare
-    from lora_da.errors import CLIError
+    from lora_da.errors import UsageError
 
     methods = compare.available_methods()  # prints a note for each arm the installed PEFT lacks
     if args.methods:
         known = [m.name for m in methods]
         unknown = [m for m in args.methods if m not in known]
         if unknown:
-            raise CLIError(f"--methods: unknown arm(s) {unknown}; the arms are: " + ", ".join(repr(k) for k in known))
+            raise UsageError(f"--methods: unknown arm(s) {unknown}; the arms are: " + ", ".join(repr(k) for k in known))
     if args.seeds < 1:
-        raise CLIError(f"--seeds must be ≥ 1, got {args.seeds}")
+        raise UsageError(f"--seeds must be ≥ 1, got {args.seeds}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     rows = compare.read_label_rows(args.data, vader=args.vader)
     task = compare.classification_task(args.model, rows, n_train=args.train, n_select=args.select, n_eval=args.eval,
@@ -80,8 +91,31 @@ def cmd_compare(args) -> int:
     task.about.clear()
     task.about.update({"data": f"{args.data} ({len(rows)} labeled rows{', VADER lexicon' if args.vader else ''})",
                        **rest})
-    compare.run_comparison([task], seeds=list(range(args.seeds)), lrs=args.lrs, steps=args.steps, out_dir=args.out,
-                           device=device, only=args.methods, methods=methods, command=command_line(args),
-                           internal_checks=False,
-                           sensitivity=() if args.no_sensitivity else compare.SENSITIVITY_GAMMAS)
+    with warnings.catch_warnings():
+        _poor_init_as_lines()
+        compare.run_comparison([task], seeds=list(range(args.seeds)), lrs=args.lrs, steps=args.steps,
+                               out_dir=args.out, device=device, only=args.methods, methods=methods,
+                               command=command_line(args), internal_checks=False,
+                               sensitivity=() if args.no_sensitivity else compare.SENSITIVITY_GAMMAS)
     return 0
+
+
+def _poor_init_as_lines() -> None:
+    """Within the caller's ``warnings.catch_warnings()``: each :class:`~lora_da.quality.PoorInitWarning`
+    an arm raises is printed as one ``lora-da: warning: ...`` line on stdout, as the other commands
+    say it, not as Python's warning with a source line; the same message once."""
+    from lora_da.quality import PoorInitWarning
+
+    shown = warnings.showwarning
+    said: set[str] = set()
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if not issubclass(category, PoorInitWarning):
+            return shown(message, category, filename, lineno, file, line)
+        text = str(message).removeprefix("lora-da: ")
+        if text not in said:
+            said.add(text)
+            print(f"lora-da: warning: {text}", flush=True)
+
+    warnings.simplefilter("always", PoorInitWarning)  # "once" is ours above, whatever the caller's filters say
+    warnings.showwarning = show

@@ -22,7 +22,8 @@ theirs, so ``lora_da.errors.ShapeError`` is their name in reprs and pickles.
 :class:`CLIError` is apart: the error of a command (``lora-da ...``), not of the
 library — a user's choice on the command line refused, or an optional extra that
 is not installed. The command line prints it as one line and exits with its
-``exit_code``. It lives here, below every command, so that the modules a command
+``exit_code``: 1, or 2 for a :class:`UsageError` (an option's value refused after
+parsing, as argparse's own usage errors exit). It lives here, below every command, so that the modules a command
 runs (the demo, compare, conformance) can raise it without importing the CLI.
 """
 
@@ -43,6 +44,7 @@ __all__ = [
     "NotPositiveDefiniteError",
     "StatisticsFileError",
     "CLIError",
+    "UsageError",
 ]
 
 
@@ -51,3 +53,10 @@ class CLIError(Exception):
     ``lora-da: error: <message>`` on stderr, exit status :attr:`exit_code`."""
 
     exit_code = 1
+
+
+class UsageError(CLIError):
+    """An option's value refused by a command after argparse parsed it (an unknown arm
+    name for ``compare --methods``): exit status 2, as argparse's own usage errors."""
+
+    exit_code = 2

@@ -17,6 +17,8 @@ from __future__ import annotations
 import math
 import warnings
 
+from lora_da.words import count
+
 # Relative to ‖Ω‖₂. Ten times GAP_TOL (1e-4), the Krylov route's bound on how far its
 # λ_{r+1} (an upper bound) may sit above the true one, so a degenerate cut cannot hide
 # behind that error; and by Davis–Kahan a relative change of Ω of 1e-4 (a few samples
@@ -42,7 +44,8 @@ def assess(eigenvalues, gap, omega_norm) -> list[str]:
     if ev[-1] >= 0:
         k = sum(1 for v in ev if v < 0)
         if k:
-            how = (f"only {k} of the {r} eigenvalues are negative, so the last {r - k} directions come from the "
+            last = "the last direction comes" if r - k == 1 else f"the last {r - k} directions come"
+            how = (f"only {k} of the {r} eigenvalues {'is' if k == 1 else 'are'} negative, so {last} from the "
                    f"variance term alone (use r ≤ {k}, or more calibration samples)")
         else:
             how = ("no eigenvalue is negative: the gradient informs no direction, all come from the variance term "
@@ -90,5 +93,6 @@ def warn_poor(inits: dict) -> None:
         return
     shown = "; ".join(f"{name}: {msgs[0]}" for name, msgs in list(poor.items())[:3])
     more = f"; and {len(poor) - 3} more" if len(poor) > 3 else ""
-    warnings.warn(f"lora-da: {len(poor)} of {len(inits)} modules have a poor init — {shown}{more}",
+    warnings.warn(f"lora-da: {len(poor)} of {count(len(inits), 'module')} {'has' if len(poor) == 1 else 'have'} "
+                  f"a poor init — {shown}{more}",
                   PoorInitWarning, stacklevel=_caller_level())

@@ -21,6 +21,7 @@ from pathlib import Path
 from lora_da.errors import CLIError
 from lora_da.files import write_atomic, write_text_atomic
 from lora_da.version import __version__
+from lora_da.words import count
 
 REPORT_NAME = "lora_da_report.json"
 REPORT_FORMAT = "lora-da-report"
@@ -105,7 +106,8 @@ def model_card_section(report: dict) -> str:
         f"β = {cfg.get('beta')}, α = {cfg.get('alpha')}, preserve_output = {cfg.get('preserve_output')}",
         f"- modules: {len(report.get('modules') or {})}"
         + (f"; calibration samples: {report['n_samples']}" if report.get("n_samples") is not None else ""),
-        f"- modules with a poor init (see the report): {len(poor)}" + (f" ({', '.join(poor[:5])}…)" if poor else ""),
+        f"- modules with a poor init (see the report): {len(poor)}"
+        + (f" ({', '.join(poor[:5])}{', …' if len(poor) > 5 else ''})" if poor else ""),
         f"- every setting and each module's diagnostics: `{REPORT_NAME}` "
         f"(format `{REPORT_FORMAT}` version {report.get('version')})",
         "",
@@ -241,8 +243,8 @@ def format_table(report: dict) -> str:
         for msg in msgs:
             out.append(f"warning: poor init: {name}: {msg}")
     if poor:
-        out.append(f"lora-da report: {len(poor)} of {len(report['modules'])} modules have a poor init (warnings "
-                   "above; SPEC §5, 'A poor init')")
+        out.append(f"lora-da report: {len(poor)} of {count(len(report['modules']), 'module')} "
+                   f"{'has' if len(poor) == 1 else 'have'} a poor init (warnings above; SPEC §5, 'A poor init')")
     return "\n".join(out)
 
 
@@ -334,7 +336,7 @@ def figure(report: dict):
         if poor_x:
             ax.plot(poor_x, poor_y, linestyle="none", marker="x", markersize=7, color="crimson", label="poor init")
         n_poor = sum(n in poor for _, n, _ in rows)
-        ax.set_title(f"{kind} ({len(rows)} modules" + (f", {n_poor} poor)" if n_poor else ")"), fontsize=9)
+        ax.set_title(f"{kind} ({count(len(rows), 'module')}" + (f", {n_poor} poor)" if n_poor else ")"), fontsize=9)
         ax.set_xlabel("i", fontsize=8)
         ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
         ax.set_ylabel("(λ_r+1 − λ_i) / ‖Ω‖₂", fontsize=8)

@@ -62,11 +62,19 @@ def check_finite_result(res, name: str = "") -> None:
 
 @dataclass
 class ModuleInit:
-    """One module's ``A`` (``r × n``), ``B`` (``m × r``) and solve diagnostics."""
+    """One module's ``A`` (``r × n``), ``B`` (``m × r``) and solve diagnostics: its
+    ``result``'s fields (``eigenvalues``, ``gap``, ``notes``, ...) read through, so it stands
+    wherever that result did, with the poor-init :attr:`warnings` beside them."""
 
     name: str
     result: SolveResult | DeviceSolveResult
     seconds: float
+
+    def __getattr__(self, attr: str):
+        # only for names the dataclass lacks; "result" and dunders (copy, pickle) are not looked up in it
+        if attr == "result" or attr.startswith("__"):
+            raise AttributeError(attr)
+        return getattr(self.result, attr)
 
     @property
     def A(self) -> np.ndarray:
@@ -99,8 +107,8 @@ class RunReport:
 
 
 class Inits(dict):
-    """``{module name: ModuleInit}`` in the statistics' module order (or, from
-    ``initialize_lora_da_weights``, ``{module name: SolveResult}``), with the
+    """``{module name: ModuleInit}`` in the statistics' module order (from
+    ``initialize_lora_da_weights``: named after the adapter's LoRA layers), with the
     run's :class:`RunReport` as ``report`` (None where no run was timed)."""
 
     def __init__(self, inits=(), report: RunReport | None = None):

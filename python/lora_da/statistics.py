@@ -30,6 +30,7 @@ import numpy as np
 from lora_da._core import InputFactor, OutputFactor
 from lora_da.errors import InvalidArgumentError, ShapeError, StatisticsFileError
 from lora_da.files import write_atomic
+from lora_da.words import count
 from lora_da.statistics_file import (FLOAT_DTYPES, FORMAT, FORMAT_VERSION, READS_VERSIONS, LazyGrads, LazyInputFactors,
                                      Mapped, ModuleInfo, StatisticsWriter, file_header, validate_header)
 
@@ -58,8 +59,8 @@ class Statistics:
         nbytes = sum(8 * (f.n * (f.n + 1) // 2) for f in self.input_factors.values()) + sum(
             g.nbytes for g in self.grad_sums.values()) + sum(8 * f.m for f in self.output_factors.values())
         model = self.model.get("name_or_path") or self.model.get("class") or "?"
-        return (f"Statistics({len(names)} modules in {len(self.input_factors)} input groups, {self.n_samples} samples, "
-                f"{tokens} tokens over the groups, {nbytes / 2**20:.1f} MiB float64, model {model!r}; "
+        return (f"Statistics({count(len(names), 'module')} in {count(len(self.input_factors), 'input group')}, "
+                f"{count(self.n_samples, 'sample')}, {count(tokens, 'token')} over the groups, {nbytes / 2**20:.1f} MiB float64, model {model!r}; "
                 f"modules: {shown})")
 
     def input_factor(self, name: str) -> np.ndarray:

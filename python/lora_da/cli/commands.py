@@ -32,6 +32,7 @@ from lora_da.data import all_labels, infer_task, make_batches, read_data
 from lora_da.data import num_labels as count_labels
 from lora_da.errors import CLIError
 from lora_da.report import build_report, format_table, load_report, pyplot, save_figure
+from lora_da.words import count
 
 
 def _collect(args, search: bool = False):
@@ -87,8 +88,8 @@ def _collect(args, search: bool = False):
     tokens = sum(f.tokens for f in stats.input_factors.values())
     groups = len(stats.input_factors)
     print(
-        f"lora-da: collected {len(stats.modules)} modules ({groups} input groups), "
-        f"{stats.n_samples} samples, {tokens} tokens (summed over input groups)"
+        f"lora-da: collected {count(len(stats.modules), 'module')} ({count(groups, 'input group')}), "
+        f"{count(stats.n_samples, 'sample')}, {count(tokens, 'token')} (summed over input groups)"
     )
     if search:
         held = make_batches(tokenizer, held_texts, held_labels, args.batch_size, args.max_length, args.task)
@@ -208,14 +209,15 @@ def _solve(args, stats):
         # said below, one line per module, instead of Python's warning with a source line
         warnings.simplefilter("ignore", PoorInitWarning)
         inits = compute_init(stats, config, progress=not args.quiet, device=solve_device(args.solve_device))
-    print(f"lora-da: solved {len(inits)} modules in {time.perf_counter() - t0:.2f} s (rank {config.rank}, γ {config.gamma:g})")
+    print(f"lora-da: solved {count(len(inits), 'module')} in {time.perf_counter() - t0:.2f} s (rank {config.rank}, γ {config.gamma:g})")
     # on stdout with the other progress lines: stderr carries a failed command's one error line
     poor = {name: init.warnings for name, init in inits.items() if init.warnings}
     for name, msgs in poor.items():
         for msg in msgs:
             print(f"lora-da: warning: poor init: {name}: {msg}")
     if poor:
-        print(f"lora-da: warning: {len(poor)} of {len(inits)} modules have a poor init (SPEC §5); the report lists them")
+        print(f"lora-da: warning: {len(poor)} of {count(len(inits), 'module')} {'has' if len(poor) == 1 else 'have'} "
+              "a poor init (SPEC §5); the report lists them")
     return inits, config
 
 
@@ -304,7 +306,7 @@ def cmd_report(args) -> int:
         report = build_report(inits, config, stats=stats)
     cfg = report.get("config", {})
     print(
-        f"lora-da report: {len(report['modules'])} modules, {report.get('n_samples', '?')} samples, "
+        f"lora-da report: {count(len(report['modules']), 'module')}, {report.get('n_samples', '?')} samples, "
         f"rank {cfg.get('rank', '?')}, n_pop {cfg.get('n_pop', '?')}, γ {cfg.get('gamma', '?')}"
     )
     print(format_table(report))

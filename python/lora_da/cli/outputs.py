@@ -20,6 +20,7 @@ from lora_da.cli.models import modules_to_save, refuse_head_targets
 from lora_da.errors import CLIError
 from lora_da.files import follow_umask, fsync_path, temp_file_beside, write_atomic
 from lora_da.report import REPORT_NAME, add_model_card_section, is_report, write_report
+from lora_da.words import count
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."  # PEFT's key prefix in a saved adapter's weights
@@ -247,7 +248,7 @@ def write_outputs(args, stats, inits, config, report: dict) -> None:
             add_model_card_section(folder, report)
 
         write_atomic(out, write_adapter, directory=True)
-        print(f"lora-da: wrote PEFT adapter ({len(inits)} modules) to {out}")
+        print(f"lora-da: wrote PEFT adapter ({count(len(inits), 'module')}) to {out}")
     else:
         tensors = state_dict_of(inits)
         for key, w in stats.new_weights.items():  # load into the base model (strict=False) before wrapping it
@@ -262,7 +263,7 @@ def write_outputs(args, stats, inits, config, report: dict) -> None:
             install_together([(stage / out.name, out), (stage / rep.name, rep)])
         finally:
             shutil.rmtree(stage, ignore_errors=True)
-        print(f"lora-da: wrote state dict ({len(inits)} modules) to {out}; report {rep}")
+        print(f"lora-da: wrote state dict ({count(len(inits), 'module')}) to {out}; report {rep}")
 
 
 def install_together(moves: list[tuple[Path, Path]]) -> None:

@@ -63,9 +63,12 @@ def _add_collect_args(p) -> None:
     p.add_argument("data", metavar="DATA", help="JSONL file ('text' [+ 'label']) or .txt file (one sample a line)")
     p.add_argument("--targets", default="all-linear", help="comma-separated module names/suffixes, or all-linear (default)")
     p.add_argument("--max-samples", type=positive_int("--max-samples"), default=256, help="calibration samples (default 256)")
-    p.add_argument("--batch-size", type=positive_int("--batch-size"), default=4)
-    p.add_argument("--max-length", type=positive_int("--max-length"), default=128)
-    p.add_argument("--token-mask", choices=["attention", "labels"], default="attention")
+    p.add_argument("--batch-size", type=positive_int("--batch-size"), default=4, help="samples per batch (default %(default)s)")
+    p.add_argument("--max-length", type=positive_int("--max-length"), default=128,
+                   help="tokens per sample, longer ones cut (default %(default)s)")
+    p.add_argument("--token-mask", choices=["attention", "labels"], default="attention",
+                   help="the tokens whose statistics count: every attended one, or those with a next-token label "
+                        "(default %(default)s)")
     p.add_argument("--task", choices=["causal-lm", "seq-cls"], default=None,
                    help="default: seq-cls when the data have 'label' fields, causal-lm when neither they have "
                         "labels nor the model is a classifier (anything else asks for the flag)")
@@ -84,17 +87,18 @@ def _add_collect_args(p) -> None:
 
 def _add_solve_args(p, *, n_pop_required: bool) -> None:
     p.add_argument("--n-pop", type=number, required=n_pop_required, default=None, help="size of the fine-tuning set")
-    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--rank", type=int, default=8, help="LoRA r (default %(default)s)")
     from lora_da._core import SOLVE_DEFAULTS  # the core's defaults, their one source
 
     p.add_argument("--alpha", type=float, default=SOLVE_DEFAULTS["alpha"], help="bias weight α (default %(default)g)")
     p.add_argument("--beta", type=float, default=SOLVE_DEFAULTS["beta"], help="variance weight β (default %(default)g)")
-    p.add_argument("--damping", type=float, default=SOLVE_DEFAULTS["damping"])
+    p.add_argument("--damping", type=float, default=SOLVE_DEFAULTS["damping"], help="damping λ of Z (default %(default)g)")
     p.add_argument("--gamma", type=gamma_arg, default=SOLVE_DEFAULTS["gamma"],
                    help="scale γ (default %(default)g, the published value for 7B models; smaller models usually want "
                         "1-64): a number, or 'auto' (init only) to choose it on held-back data")
     p.add_argument("--no-normalize", action="store_true", help="do not normalize Δ by its spectral norm")
-    p.add_argument("--method", choices=["auto", "krylov", "dense"], default=SOLVE_DEFAULTS["method"])
+    p.add_argument("--method", choices=["auto", "krylov", "dense"], default=SOLVE_DEFAULTS["method"],
+                   help="eigensolver route (default %(default)s)")
     p.add_argument("--solve-device", default="auto",
                    help="where to solve: auto (a CUDA GPU when there is one, else the host), host (the Rust core "
                         "and LAPACK), or a torch device such as cuda:1 (float64 on that device)")
@@ -102,14 +106,16 @@ def _add_solve_args(p, *, n_pop_required: bool) -> None:
 
 def _add_output_args(p) -> None:
     p.add_argument("--out", required=True, help="output: adapter directory (peft) or .safetensors file (state-dict)")
-    p.add_argument("--lora-alpha", type=float, default=16.0)
+    p.add_argument("--lora-alpha", type=float, default=16.0, help="PEFT's lora_alpha (default %(default)g)")
     p.add_argument("--rslora", action="store_true", help="rsLoRA scaling lora_alpha/sqrt(r)")
-    p.add_argument("--format", choices=["peft", "state-dict"], default="peft")
+    p.add_argument("--format", choices=["peft", "state-dict"], default="peft",
+                   help="a PEFT adapter folder or one .safetensors state dict (default %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
 
 
 def _add_common(p) -> None:
-    p.add_argument("--output-fisher", choices=["diagonal", "sequence_lowrank"], default=None)
+    p.add_argument("--output-fisher", choices=["diagonal", "sequence_lowrank"], default=None,
+                   help="output-side Fisher (default: the statistics' own, else diagonal)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 

@@ -25,6 +25,7 @@ from lora_da.errors import InvalidArgumentError, NonFiniteError, ShapeError, Sta
 from lora_da.plan import MemoryPlan, available_host_bytes
 from lora_da.statistics import Statistics
 from lora_da.statistics_file import ModuleInfo, StatisticsWriter
+from lora_da.words import count
 
 
 def collect_statistics(
@@ -240,7 +241,7 @@ class Run:
         if self.progress:
             total = dataloader_length(self.dataloader)
             print(f"lora-da: {self.checkpoint_path}: resuming at batch {self.skip + 1}"
-                  f"{f' of {total}' if total is not None else ''} ({self.n_samples} samples already summed)",
+                  f"{f' of {total}' if total is not None else ''} ({count(self.n_samples, 'sample')} already summed)",
                   file=sys.stderr)
 
     def confirm_finished(self) -> None:
@@ -259,8 +260,8 @@ class Run:
                 f"dataloader has {total}; delete it or pass resume=False"
             )
         if self.progress:
-            print(f"lora-da: {self.checkpoint_path}: the pass already finished ({self.n_samples} samples, "
-                  f"{self.batches_done} batches) on this model, data and options; returning its statistics",
+            print(f"lora-da: {self.checkpoint_path}: the pass already finished ({count(self.n_samples, 'sample')}, "
+                  f"{count(self.batches_done, 'batch', 'batches')}) on this model, data and options; returning its statistics",
                   file=sys.stderr)
 
     def snapshot(self) -> Statistics:
