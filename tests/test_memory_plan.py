@@ -310,6 +310,48 @@ def test_statistics_streamed_to_disk_equal_the_in_memory_ones_bit_for_bit(tmp_pa
         st.merge(mem)
 
 
+@pytest.mark.parametrize("kw", [{}, {"output_fisher": "sequence_lowrank"}])
+def test_a_gram_of_several_blocks_is_streamed_to_disk_bit_for_bit(tmp_path, monkeypatch, kw):
+    """The device keeps the Gram as its lower block triangle (``GRAM_BLOCK`` rows a block): the
+    blocks above the diagonal are never formed, so the file's packed triangle must be read from
+    the columns of the lower one. With blocks of 12 rows every group (n = 32, 40) spans three or
+    four blocks; the streamed Gram equals the in-memory one bit for bit and the host's
+    accumulators to rounding."""
+    monkeypatch.setattr(lora_da.plan, "GRAM_BLOCK", 12)
+    path = tmp_path / "stats.safetensors"
+    st = device_statistics(out=path, **kw)
+    assert all(u.n > 2 * 12 for p in st.plan.passes for u in p)
+    mem, host = device_statistics(**kw), host_statistics(**kw)
+    for n in mem.modules:
+        Z = st.input_factor(n)
+        assert np.array_equal(Z, mem.input_factor(n)), n
+        ref = host.input_factor(n)
+        assert np.abs(Z - ref).max() <= 1e-13 * np.abs(ref).max(), n
+        assert np.array_equal(st.mean_grad(n), mem.mean_grad(n)) and np.array_equal(st.output_factor(n), mem.output_factor(n))
+    again = lora_da.Statistics.load(path)
+    assert all(np.array_equal(again.input_factor(n), mem.input_factor(n)) for n in mem.modules)
+
+
+@pytest.mark.parametrize("kw", [{}, {"output_fisher": "sequence_lowrank"}, {"max_device_bytes": 40_000}])
+def test_the_plans_file_bytes_are_the_files_data(tmp_path, kw):
+    """``MemoryPlan.file_bytes`` (what the plan prints and the disk must hold) against the file
+    ``out=`` writes: a safetensors file is an 8-byte length, the header, then the data; the plan
+    counts the data of the fixed-size tensors (packed Gram triangles, Ḡ, Σg²); the per-sample
+    sums of ``sequence_lowrank`` (N × m per module) come on top, their N unknown when planned."""
+    import struct
+
+    path = tmp_path / "stats.safetensors"
+    st = device_statistics(out=path, **kw)
+    raw = path.read_bytes()
+    (header_len,) = struct.unpack("<Q", raw[:8])
+    data_bytes = len(raw) - 8 - header_len
+    per_sample = 8 * st.n_samples * sum(i.out_features for i in st.modules.values()) if kw.get("output_fisher") else 0
+    assert data_bytes == st.plan.file_bytes + per_sample
+    # and the counts are those of the statistics' own arrays
+    packed = sum(8 * f.n * (f.n + 1) // 2 for f in st.input_factors.values())
+    assert st.plan.file_bytes == packed + sum(8 * (g.size + g.shape[0]) for g in st.grad_sums.values())
+
+
 def test_a_host_too_small_for_the_statistics_is_refused_before_the_first_batch(tmp_path):
     stats_bytes = sum(a.nbytes for g in host_statistics().grad_sums.values() for a in [g])
     loss, calls = counting_loss()
