@@ -340,6 +340,56 @@ def test_sequence_lowrank_gives_each_module_of_a_shared_input_its_own_precision(
     check_shared_lowrank_solves(solve(), brute)
 
 
+# -- LoraDAConfig.token_mask on the host path of collect_and_solve and initialize_lora_da_weights -----
+
+MASK_TARGETS = ["q_proj", "down_proj"]
+MASK_CONFIG = lora_da.LoraDAConfig(n_pop=100, rank=2, gamma=4.0, token_mask="labels")
+
+
+def _labels_statistics():
+    """The label-masked statistics (first three tokens and the padding at -100), collected
+    directly: test_collect checks them against per-sample autograd with that mask."""
+    return lora_da.collect_statistics(tiny_llama(), labeled_batches(), MASK_TARGETS, token_mask="labels",
+                                      progress=False)
+
+
+def _assert_same_inits(got, want):
+    assert set(got) == set(want)
+    for n in want:
+        np.testing.assert_array_equal(got[n].A, want[n].A)
+        np.testing.assert_array_equal(got[n].B, want[n].B)
+
+
+def test_collect_and_solve_on_the_host_path_takes_the_configs_token_mask():
+    """On the CPU (host accumulators) collect_and_solve collects, then solves: the config's
+    token_mask must reach the collection. Same statistics, same solve: the same bits."""
+    stats = _labels_statistics()
+    want = lora_da.compute_init(stats, MASK_CONFIG, progress=False)
+    got = collect_and_solve(tiny_llama(), labeled_batches(), MASK_TARGETS, MASK_CONFIG, progress=False)
+    _assert_same_inits(got, want)
+    # not vacuous: the attention mask counts other tokens and gives other weights
+    other = lora_da.compute_init(lora_da.collect_statistics(tiny_llama(), labeled_batches(), MASK_TARGETS,
+                                                            progress=False), MASK_CONFIG, progress=False)
+    assert all(np.abs(other[n].B - want[n].B).max() > 1e-3 * np.abs(want[n].B).max() for n in want)
+
+
+def test_initialize_lora_da_weights_takes_the_configs_token_mask():
+    """The PEFT entry point (statistics of the base layers, adapter disabled) on the host path:
+    each layer's solve and the weights written are those of the label-masked statistics."""
+    from peft import LoraConfig, get_peft_model
+
+    want = lora_da.compute_init(_labels_statistics(), MASK_CONFIG, progress=False)
+    peft_model = get_peft_model(tiny_llama(), LoraConfig(r=2, lora_alpha=4, target_modules=MASK_TARGETS))
+    results = lora_da.initialize_lora_da_weights(peft_model, labeled_batches(), lora_da_config=MASK_CONFIG,
+                                                 progress=False)
+    _assert_same_inits(results, want)
+    base = peft_model.get_base_model()
+    for n in want:
+        layer = base.get_submodule(n)
+        np.testing.assert_array_equal(layer.lora_A["default"].weight.detach().numpy(), want[n].A.astype(np.float32))
+        np.testing.assert_array_equal(layer.lora_B["default"].weight.detach().numpy(), want[n].B.astype(np.float32))
+
+
 # ("device", True): the planned device sums flush at every checkpoint and again at the end
 # of the pass; a checkpoint on the last batch leaves that final flush no u_s to pass.
 @pytest.mark.parametrize("accumulate_on,checkpoint", [("host", True), ("device", False), ("device", True)])
