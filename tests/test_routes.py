@@ -269,9 +269,9 @@ def _one_module_statistics(p) -> lora_da.Statistics:
                               grad_sums={"q": p.G.copy()}, n_samples=1)
 
 
-# At tol = 1e-10 the iterative routes stop at a residual of 6.9e-11 (torch's filter) and
-# 5.7e-12 (Krylov) here: a tol of 1e-13 is met only where it is honoured.
-TOL_PROBLEM = dict(n=120, m=90, cond=1e6, seed=5)
+# At the default tol (1e-12) torch's filter stops at a residual of 1.7e-13 here, at 1e-10 at
+# 1.2e-11, and Krylov at 1e-10 at 3.8e-12: a tol of 1e-13 is met only where it is honoured.
+TOL_PROBLEM = dict(n=60, m=40, cond=1e6, seed=4)
 
 
 @pytest.mark.parametrize("tol", [1e-4, 1e-13])
@@ -280,7 +280,7 @@ def test_the_iterative_routes_meet_the_configs_tol_and_never_less_than_the_contr
     """``LoraDAConfig.tol`` is the iterative eigensolver's stopping residual (SPEC §5):
     tighter than the contract it is met by the route's own residual; looser, the result
     still meets the contract (1e-10). Either way it agrees with the reference."""
-    from lora_da._core import CONTRACT_RESIDUAL
+    from lora_da._core import CONTRACT_RESIDUAL, SOLVE_DEFAULTS
 
     p = lora_da.synthetic.make_problem(TOL_PROBLEM["n"], TOL_PROBLEM["m"], cond=TOL_PROBLEM["cond"],
                                        seed=TOL_PROBLEM["seed"])
@@ -291,9 +291,10 @@ def test_the_iterative_routes_meet_the_configs_tol_and_never_less_than_the_contr
     assert res.residual <= min(tol, CONTRACT_RESIDUAL), (res.method, res.residual, res.notes)
     if tol < CONTRACT_RESIDUAL:
         assert res.method in ("krylov", "chebyshev"), res.notes
-        # at the contract's tol the same route stops short of this one: the problem tells them apart
-        loose = HOST_ROUTES[route](stats, lora_da.LoraDAConfig(n_pop=100.0, rank=4, tol=CONTRACT_RESIDUAL))
-        assert loose["q"].result.residual > tol, loose["q"].result.residual
+        # a looser tol stops the same route short of this one: the problem tells them apart
+        for loose_tol in (CONTRACT_RESIDUAL, SOLVE_DEFAULTS["tol"])[:2 if route == "torch_cpu" else 1]:
+            loose = HOST_ROUTES[route](stats, lora_da.LoraDAConfig(n_pop=100.0, rank=4, tol=loose_tol))
+            assert loose["q"].result.residual > tol, (loose_tol, loose["q"].result.residual)
     check_route(inits, stats, cfg, cfg.damping)
 
 
