@@ -128,3 +128,62 @@ def test_every_collection_option_at_once_on_cuda(tmp_path):
 
     torch.backends.cuda.matmul.allow_tf32 = False
     check_collection_options("cuda", "auto", tmp_path, rel=1e-6, checkpoint=False)
+
+
+# -- the planner's byte counts against the CUDA allocator's own counters (issue 27 item 4) -----
+
+
+def test_unit_device_bytes_are_what_the_device_sums_allocate():
+    """``Unit.device_bytes`` against ``torch.cuda.memory_allocated``'s growth when a pass's
+    float64 sums are allocated (the allocator rounds each tensor up to 512 bytes), for n
+    below, above and at twice the Gram's block size."""
+    from lora_da.collect.device_sums import DeviceSums
+    from lora_da.plan import Unit
+
+    class T:  # the fields DeviceSums reads of a target
+        def __init__(self, m, n):
+            self.m, self.n = m, n
+
+    units = [Unit("a", 40, (("a", 24),)), Unit("b", 1100, (("b", 8), ("b2", 16))), Unit("c", 2048, (("c", 3),))]
+    targets = {name: T(m, u.n) for u in units for name, m in u.modules}
+    groups = {name: u.group for u in units for name, _ in u.modules}
+    dev = torch.device("cuda")
+    torch.cuda.synchronize(dev)
+    before = torch.cuda.memory_allocated(dev)
+    sums = DeviceSums(units, targets, groups, dev, per_sample=False)
+    torch.cuda.synchronize(dev)
+    held = torch.cuda.memory_allocated(dev) - before
+    count = sum(len(b) for b in sums.gram.values()) + len(sums.grad) + len(sums.sumsq) + len(sums.tokens) + len(
+        sums.gram_tokens)
+    want = sum(u.device_bytes for u in units)
+    assert want <= held <= want + 512 * count, (held, want)
+    del sums
+
+
+@pytest.mark.parametrize("method", ["auto", "dense"])
+def test_unit_solve_bytes_bound_the_peak_of_a_cuda_solve(method):
+    """``Unit.solve_bytes`` against ``torch.cuda.max_memory_allocated`` above the uploaded
+    inputs during one group's solve (after a first solve has made cuBLAS's and cuSOLVER's
+    lasting work spaces): at least that peak, at most twice it (the device's route differs from
+    the host's: its factor, inverse and eigensolver allocate their own outputs and work spaces)."""
+    from lora_da.plan import Unit
+    from lora_da.synthetic import make_problem
+    from lora_da.torch_solve import solve_group_device
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    dev = torch.device("cuda")
+    n, m = 1024, 256
+    p = make_problem(n, m, cond=1e4, seed=1)
+    Z, ys, Gs = torch.tensor(p.Z, device=dev), [torch.tensor(p.y, device=dev)], [torch.tensor(p.G, device=dev)]
+    solve = lambda: solve_group_device(Z, ys, Gs, rank=8, n_pop=100.0, method=method)  # noqa: E731
+    solve()
+    torch.cuda.synchronize(dev)
+    base = torch.cuda.memory_allocated(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    (res,) = solve()
+    torch.cuda.synchronize(dev)
+    peak = torch.cuda.max_memory_allocated(dev) - base
+    assert res.method == ("chebyshev" if method == "auto" else "dense"), res.notes
+    need = Unit("g", n, (("g", m),)).solve_bytes
+    assert peak > 3 * 8 * n * n  # the n × n work space is seen
+    assert peak <= need <= 2 * peak, (peak, need)

@@ -81,6 +81,68 @@ def test_host_bytes_equal_the_statistics_kept():
     assert held == sum(u.host_bytes for u in units)
 
 
+# One torch_solve of one group in a fresh process, its peak resident memory above what it held
+# before: every buffer of 64 KiB or more is its own mapping (a fixed mmap threshold; glibc's
+# dynamic one would keep freed buffers in the heap), NumPy's huge pages are off (they round
+# up to 2 MiB), and VmHWM is reset to VmRSS before the solve (/proc/self/clear_refs). This
+# counts torch's CPU tensors and the NumPy arrays SciPy's LAPACK calls make alike.
+_SOLVE_PEAK = r"""
+import json, re, sys
+import torch
+from lora_da.synthetic import make_problem
+from lora_da.torch_solve import solve_group_device
+
+def status(key):
+    with open("/proc/self/status") as f:
+        return int(re.search(key + r":\s+(\d+) kB", f.read()).group(1)) * 1024
+
+n, m, method = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+p = make_problem(n, m, cond=1e4, seed=1)
+Z, ys, Gs = torch.tensor(p.Z), [torch.tensor(p.y)], [torch.tensor(p.G)]
+solve = lambda: solve_group_device(Z, ys, Gs, rank=8, n_pop=100.0, method=method)
+solve()  # the libraries' one-time buffers
+peaks = []
+for _ in range(2):
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError as e:
+        print(json.dumps({"skip": str(e)}))
+        sys.exit(0)
+    before = status("VmRSS")
+    res = solve()
+    peaks.append(status("VmHWM") - before)
+print(json.dumps({"peak": min(peaks), "method": res[0].method}))
+"""
+
+
+@pytest.mark.parametrize("method", ["auto", "dense"])
+def test_solve_bytes_bound_what_a_torch_solve_holds(method):
+    """``Unit.solve_bytes`` (the work space the plan keeps free beside a pass's sums for each
+    device solve) against the peak of what one solve of one group allocates on the CPU, by
+    the filtered subspace iteration (``auto``) and the dense route: at least the peak, and
+    not so far above it that the plan would split passes for nothing."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    if not os.path.exists("/proc/self/clear_refs"):
+        pytest.skip("needs Linux's /proc/self/clear_refs")
+    n, m = 400, 100
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", NUMPY_MADVISE_HUGEPAGE="0", OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-c", _SOLVE_PEAK, str(n), str(m), method], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    if "skip" in got:
+        pytest.skip(got["skip"])
+    assert got["method"] == ("chebyshev" if method == "auto" else "dense")
+    need = Unit("g", n, (("g", m),)).solve_bytes
+    assert got["peak"] > 4 * 8 * n * n  # the measure sees the n × n work space (Z_λ⁻¹, Ω′, …)
+    assert got["peak"] <= need <= 1.5 * got["peak"], (got["peak"], need)
+
+
 # -- choosing a plan -------------------------------------------------------------------------
 
 
