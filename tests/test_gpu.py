@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import LLAMA_TARGETS, batches, data, tiny_llama
-from route_cases import (CASE_IDS, CASES, SHARED_CONFIG, SHARED_TARGETS, check_preserve_output,
+from route_cases import (CASE_IDS, CASES, SHARED_CONFIG, SHARED_TARGETS, check_per_module_ranks, check_preserve_output,
                          check_shared_lowrank_solves, check_shared_lowrank_statistics, labeled_batches, run_case,
                          shared_lowrank_brute_force, with_method)
 
@@ -98,6 +98,13 @@ def test_every_option_on_the_cuda_route_matches_the_reference(case, method):
         return inits
 
     run_case(case, route)
+
+
+@pytest.mark.parametrize("method", ["auto", "dense"])
+def test_per_module_ranks_on_the_cuda_route_match_the_reference(method):
+    """``LoraDAConfig.ranks`` on the GPU: two modules of one Z at r = 4 and 2 (test_routes' case)."""
+    check_per_module_ranks(lambda stats, cfg: lora_da.compute_init(stats, with_method(cfg, method), progress=False,
+                                                                   device="cuda"))
 
 
 @pytest.mark.parametrize("use_rslora", [False, True])

@@ -17,7 +17,7 @@ import pytest
 import torch
 from helpers import batches, brute_force, check_against_reference, data, tiny_gpt2, tiny_llama
 from route_cases import (CASE_IDS, CASES, SHARED_CONFIG, SHARED_TARGETS, check_collection_options,
-                         check_preserve_output, check_route,
+                         check_per_module_ranks, check_preserve_output, check_route,
                          check_shared_lowrank_solves, check_shared_lowrank_statistics, config_of, group_statistics,
                          labeled_batches, run_case, shared_lowrank_brute_force, with_method)
 
@@ -241,6 +241,11 @@ HOST_ROUTES = {
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_every_option_on_every_host_route_matches_the_reference(case, route):
     run_case(case, HOST_ROUTES[route])
+
+
+@pytest.mark.parametrize("route", list(HOST_ROUTES))
+def test_per_module_ranks_on_every_host_route_match_the_reference(route):
+    check_per_module_ranks(HOST_ROUTES[route])
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c[0] in ("auto_damping", "tol")], ids=["auto_damping", "tol"])
