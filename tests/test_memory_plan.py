@@ -395,6 +395,22 @@ def test_a_gram_of_several_blocks_is_streamed_to_disk_bit_for_bit(tmp_path, monk
     assert all(np.array_equal(again.input_factor(n), mem.input_factor(n)) for n in mem.modules)
 
 
+def test_out_on_the_host_path_writes_the_statistics_it_returns(tmp_path):
+    """On the host path (a CPU model) ``out=`` saves the collected statistics at the end:
+    the file holds what the call returns and what a collection without ``out`` gives, bit for bit."""
+    path = tmp_path / "stats.safetensors"
+    got = host_statistics(out=path, output_fisher="sequence_lowrank")
+    plain = host_statistics(output_fisher="sequence_lowrank")
+    again = lora_da.Statistics.load(path)
+    for n in plain.modules:
+        for f in ("mean_grad", "input_factor", "output_factor"):
+            assert np.array_equal(getattr(again, f)(n), getattr(plain, f)(n)), (n, f)
+            assert np.array_equal(getattr(got, f)(n), getattr(plain, f)(n)), (n, f)
+        assert np.array_equal(again.output_factors[n].sample_sums(), plain.output_factors[n].sample_sums())
+    assert again.n_samples == plain.n_samples == 6
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stats.safetensors"]
+
+
 @pytest.mark.parametrize("kw", [{}, {"output_fisher": "sequence_lowrank"}, {"max_device_bytes": 40_000}])
 def test_the_plans_file_bytes_are_the_files_data(tmp_path, kw):
     """``MemoryPlan.file_bytes`` (what the plan prints and the disk must hold) against the file
