@@ -194,3 +194,47 @@ def test_unit_solve_bytes_bound_the_peak_of_a_cuda_solve(method):
     need = Unit("g", n, (("g", m),)).solve_bytes
     assert peak > 3 * 8 * n * n  # the n × n work space is seen
     assert peak <= need <= 2 * peak, (peak, need)
+
+
+# -- collect_statistics(out=...) and LoraDAConfig.token_mask on CUDA (tests/COVERAGE.md) ----------
+
+
+def test_statistics_streamed_to_disk_on_cuda_equal_the_in_memory_ones(tmp_path, monkeypatch):
+    """``out=`` on a GPU, the Gram in several blocks (``GRAM_BLOCK`` patched to 12 rows, as
+    test_memory_plan does on the CPU): the file against the in-memory collection and the host rows."""
+    import lora_da.plan
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    monkeypatch.setattr(lora_da.plan, "GRAM_BLOCK", 12)
+    ids, mask = data()
+    path = tmp_path / "stats.safetensors"
+    st = lora_da.collect_statistics(tiny_llama().cuda(), batches(ids, mask, 3), LLAMA_TARGETS, progress=False, out=path)
+    mem = lora_da.collect_statistics(tiny_llama().cuda(), batches(ids, mask, 3), LLAMA_TARGETS, progress=False)
+    host = lora_da.collect_statistics(tiny_llama().cuda(), batches(ids, mask, 3), LLAMA_TARGETS, progress=False,
+                                      max_device_bytes=0)
+    close(mem, st, 1e-13)
+    close(host, st, 1e-13)
+    close(host, lora_da.Statistics.load(path), 1e-13)
+
+
+def test_collect_and_solve_on_cuda_takes_the_configs_token_mask():
+    """``LoraDAConfig(token_mask="labels")`` through collect_and_solve on a GPU against the
+    label-masked statistics solved by the Rust core (test_routes' host-path test, on CUDA)."""
+    from lora_da.pipeline import collect_and_solve
+    from lora_da.reference import subspace_sin_theta
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    targets = ["q_proj", "down_proj"]
+    cfg = lora_da.LoraDAConfig(n_pop=100, rank=2, gamma=4.0, token_mask="labels")
+    stats = lora_da.collect_statistics(tiny_llama().cuda(), labeled_batches("cuda"), targets, token_mask="labels",
+                                       progress=False, max_device_bytes=0)
+    want = lora_da.compute_init(stats, with_method(cfg, "dense"), progress=False)
+    got = collect_and_solve(tiny_llama().cuda(), labeled_batches("cuda"), targets, cfg, progress=False)
+    other = lora_da.compute_init(lora_da.collect_statistics(tiny_llama().cuda(), labeled_batches("cuda"), targets,
+                                                            progress=False, max_device_bytes=0),
+                                 with_method(cfg, "dense"), progress=False)
+    assert set(got) == set(want)
+    for n in want:
+        assert subspace_sin_theta(want[n].result.V, got[n].result.V) <= 1e-8
+        assert np.abs(want[n].B - got[n].B).max() <= 1e-8 * np.abs(want[n].B).max()
+        assert np.abs(other[n].B - want[n].B).max() > 1e-3 * np.abs(want[n].B).max()  # the mask matters here
