@@ -320,6 +320,34 @@ def test_the_krylov_route_of_auto_above_the_dense_cut_over_honours_every_option(
     check_route(inits, stats, cfg, cfg.damping)
 
 
+def test_per_module_ranks_on_the_krylov_route_of_auto_above_the_dense_cut_over():
+    """``LoraDAConfig.ranks`` at n > 512: two modules of one Z at r = 4 and 2, each by the Rust
+    core's Krylov (one call per r), against the reference at its own r."""
+    n = HOST_DENSE_BELOW + 8
+    p = lora_da.synthetic.make_problem(n, 300, cond=1e2, signal_rank=8, seed=2)
+    other = lora_da.synthetic.make_problem(n, 200, cond=1e2, signal_rank=8, seed=3)
+    f = lora_da.InputFactor(n)
+    f.add_gram(p.Z, 1)
+    modules, outputs, grads = {}, {}, {}
+    for name, (y, G) in {"q": (p.y, p.G), "k": (other.y, other.G)}.items():
+        o = lora_da.OutputFactor(len(y))
+        o.add_sums(y, 1)
+        o.count_samples(1)
+        outputs[name], grads[name] = o, G.copy()
+        modules[name] = lora_da.ModuleInfo(name=name, in_features=n, out_features=len(y), kind="linear", input_group="x")
+    stats = lora_da.Statistics(modules=modules, input_factors={"x": f}, output_factors=outputs, grad_sums=grads,
+                               n_samples=1)
+    cfg = lora_da.LoraDAConfig(n_pop=1000.0, rank=3, ranks={"q": 4, "k": 2}, gamma=5.0)
+    inits = lora_da.compute_init(stats, cfg, progress=False)
+    for name, r in (("q", 4), ("k", 2)):
+        res = inits[name].result
+        assert isinstance(res, SolveResult) and res.method == "krylov", res.notes
+        assert res.A.shape == (r, n)
+        opts = dict(rank=r, n_pop=1000.0, damping=cfg.damping, gamma=5.0)
+        ref = reference_solve(p.Z, stats.output_factor(name), stats.mean_grad(name), **opts)
+        check_against_reference(res, ref, p.Z, opts)
+
+
 def test_solve_group_device_takes_every_option_directly():
     """The torch route called as a library function (as ``compute_init``'s host
     route calls it), output_damping and sequence_lowrank precisions per module."""
@@ -405,16 +433,19 @@ def _assert_same_inits(got, want):
         np.testing.assert_array_equal(got[n].B, want[n].B)
 
 
-def test_collect_and_solve_on_the_host_path_takes_the_configs_token_mask():
+@pytest.mark.parametrize("method", ["auto", "krylov"])  # the host's LAPACK route at n ≤ 512, the Rust core
+def test_collect_and_solve_on_the_host_path_takes_the_configs_token_mask(method):
     """On the CPU (host accumulators) collect_and_solve collects, then solves: the config's
     token_mask must reach the collection. Same statistics, same solve: the same bits."""
+    cfg = with_method(MASK_CONFIG, method)
     stats = _labels_statistics()
-    want = lora_da.compute_init(stats, MASK_CONFIG, progress=False)
-    got = collect_and_solve(tiny_llama(), labeled_batches(), MASK_TARGETS, MASK_CONFIG, progress=False)
+    want = lora_da.compute_init(stats, cfg, progress=False)
+    got = collect_and_solve(tiny_llama(), labeled_batches(), MASK_TARGETS, cfg, progress=False)
+    assert all(isinstance(i.result, SolveResult if method == "krylov" else DeviceSolveResult) for i in got.values())
     _assert_same_inits(got, want)
     # not vacuous: the attention mask counts other tokens and gives other weights
     other = lora_da.compute_init(lora_da.collect_statistics(tiny_llama(), labeled_batches(), MASK_TARGETS,
-                                                            progress=False), MASK_CONFIG, progress=False)
+                                                            progress=False), cfg, progress=False)
     assert all(np.abs(other[n].B - want[n].B).max() > 1e-3 * np.abs(want[n].B).max() for n in want)
 
 
