@@ -17,7 +17,7 @@ import pytest
 import torch
 from helpers import batches, brute_force, check_against_reference, data, tiny_gpt2, tiny_llama
 from route_cases import (CASE_IDS, CASES, SHARED_CONFIG, SHARED_TARGETS, check_collection_options,
-                         check_per_module_ranks, check_preserve_output, check_route,
+                         check_per_module_ranks, check_preserve_output, check_route, tol_problem_statistics,
                          check_shared_lowrank_solves, check_shared_lowrank_statistics, config_of, group_statistics,
                          labeled_batches, run_case, shared_lowrank_brute_force, with_method)
 
@@ -263,22 +263,6 @@ def test_routes_agree_on_the_raised_damping_and_meet_the_tolerance(case):
                 assert init.result.method in ("krylov", "chebyshev") and init.result.residual <= cfg.tol, route
 
 
-def _one_module_statistics(p) -> lora_da.Statistics:
-    """Statistics that are exactly the problem's Z, y, Ḡ (one token, one sample)."""
-    f, o = lora_da.InputFactor(p.n), lora_da.OutputFactor(p.m)
-    f.add_gram(p.Z, 1)
-    o.add_sums(p.y, 1)
-    o.count_samples(1)
-    info = lora_da.ModuleInfo(name="q", in_features=p.n, out_features=p.m, kind="linear", input_group="x")
-    return lora_da.Statistics(modules={"q": info}, input_factors={"x": f}, output_factors={"q": o},
-                              grad_sums={"q": p.G.copy()}, n_samples=1)
-
-
-# At the default tol (1e-12) torch's filter stops at a residual of 1.7e-13 here, at 1e-10 at
-# 1.2e-11, and Krylov at 1e-10 at 3.8e-12: a tol of 1e-13 is met only where it is honoured.
-TOL_PROBLEM = dict(n=60, m=40, cond=1e6, seed=4)
-
-
 @pytest.mark.parametrize("tol", [1e-4, 1e-13])
 @pytest.mark.parametrize("route", ["core_krylov", "torch_cpu"])
 def test_the_iterative_routes_meet_the_configs_tol_and_never_less_than_the_contract(route, tol):
@@ -287,9 +271,7 @@ def test_the_iterative_routes_meet_the_configs_tol_and_never_less_than_the_contr
     still meets the contract (1e-10). Either way it agrees with the reference."""
     from lora_da._core import CONTRACT_RESIDUAL, SOLVE_DEFAULTS
 
-    p = lora_da.synthetic.make_problem(TOL_PROBLEM["n"], TOL_PROBLEM["m"], cond=TOL_PROBLEM["cond"],
-                                       seed=TOL_PROBLEM["seed"])
-    stats = _one_module_statistics(p)
+    stats = tol_problem_statistics()
     cfg = lora_da.LoraDAConfig(n_pop=100.0, rank=4, tol=tol)
     inits = HOST_ROUTES[route](stats, cfg)
     res = inits["q"].result
