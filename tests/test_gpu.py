@@ -144,20 +144,13 @@ def test_unit_device_bytes_are_what_the_device_sums_allocate():
     """``Unit.device_bytes`` against ``torch.cuda.memory_allocated``'s growth when a pass's
     float64 sums are allocated (the allocator rounds each tensor up to 512 bytes), for n
     below, above and at twice the Gram's block size."""
-    from lora_da.collect.device_sums import DeviceSums
-    from lora_da.plan import Unit
+    from helpers import device_sums_of, sums_units
 
-    class T:  # the fields DeviceSums reads of a target
-        def __init__(self, m, n):
-            self.m, self.n = m, n
-
-    units = [Unit("a", 40, (("a", 24),)), Unit("b", 1100, (("b", 8), ("b2", 16))), Unit("c", 2048, (("c", 3),))]
-    targets = {name: T(m, u.n) for u in units for name, m in u.modules}
-    groups = {name: u.group for u in units for name, _ in u.modules}
+    units = sums_units()
     dev = torch.device("cuda")
     torch.cuda.synchronize(dev)
     before = torch.cuda.memory_allocated(dev)
-    sums = DeviceSums(units, targets, groups, dev, per_sample=False)
+    sums = device_sums_of(units, dev)
     torch.cuda.synchronize(dev)
     held = torch.cuda.memory_allocated(dev) - before
     count = sum(len(b) for b in sums.gram.values()) + len(sums.grad) + len(sums.sumsq) + len(sums.tokens) + len(

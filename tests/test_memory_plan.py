@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import LLAMA_TARGETS, batches, data, tiny_llama
+from helpers import LLAMA_TARGETS, batches, data, device_sums_of, sums_units, tiny_llama
 
 import lora_da
 import lora_da.collect as collect
@@ -53,14 +53,8 @@ def test_unit_bytes_equal_the_tensors_the_pass_allocates():
     """``Unit.device_bytes`` (what the plan counts) against the sizes of the
     tensors ``DeviceSums`` actually holds, for groups of one and of several
     modules and for n below, at and above the Gram's block size."""
-    class T:  # the fields DeviceSums reads of a target
-        def __init__(self, m, n):
-            self.m, self.n = m, n
-
-    units = [Unit("a", 40, (("a", 24),)), Unit("b", 1100, (("b", 8), ("b2", 16))), Unit("c", 2048, (("c", 3),))]
-    targets = {name: T(m, u.n) for u in units for name, m in u.modules}
-    groups = {name: u.group for u in units for name, _ in u.modules}
-    sums = DeviceSums(units, targets, groups, "cpu", per_sample=False)
+    units = sums_units()
+    sums = device_sums_of(units, "cpu")
     held = sum(t.numel() * t.element_size() for blocks in sums.gram.values() for t in blocks)
     held += sum(t.numel() * t.element_size() for d in (sums.grad, sums.sumsq) for t in d.values())
     assert held == sum(u.device_bytes for u in units)
