@@ -124,6 +124,28 @@ def assert_same_statistics(a, b, exact_grad=True):
         assert a.output_factors[n].tokens == b.output_factors[n].tokens
 
 
+# -- the planner's units and the device sums they allocate (test_memory_plan, test_gpu) -----------
+
+
+def sums_units():
+    """Input groups of one and of several modules, n below, above and at twice the Gram's block size."""
+    from lora_da.plan import Unit
+
+    return [Unit("a", 40, (("a", 24),)), Unit("b", 1100, (("b", 8), ("b2", 16))), Unit("c", 2048, (("c", 3),))]
+
+
+def device_sums_of(units, device):
+    """The float64 sums one pass of ``units`` allocates on ``device`` (no model: only the
+    fields DeviceSums reads of a target)."""
+    from types import SimpleNamespace
+
+    from lora_da.collect.device_sums import DeviceSums
+
+    targets = {name: SimpleNamespace(m=m, n=u.n) for u in units for name, m in u.modules}
+    groups = {name: u.group for u in units for name, _ in u.modules}
+    return DeviceSums(units, targets, groups, device, per_sample=False)
+
+
 # -- the solve against the SciPy reference (SPEC §3, §5) --------------------------------------
 
 EPS = np.finfo(np.float64).eps

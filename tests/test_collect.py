@@ -244,6 +244,37 @@ def test_bad_statistics_files(tmp_path):
         lora_da.Statistics.load(tmp_path / "other.safetensors")
 
 
+@pytest.mark.parametrize("accumulate_on", ["host", "device"])
+def test_every_target_modules_form_selects_the_modules_and_their_statistics(accumulate_on):
+    """``target_modules`` as PEFT takes it: None and "all-linear" (every linear layer but the
+    head), a regular expression over full names, a list of full names, a list of suffixes.
+    Each form selects the modules a plain walk of the model finds, and each selected module's
+    statistics are those of the same module under another form, bit for bit; a regular
+    expression that picks two modules of one input keeps them in one group."""
+    model = tiny_llama()
+    linears = sorted(n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head")
+    ids, mask = data()
+
+    def collect(targets):
+        return lora_da.collect_statistics(model, batches(ids, mask, 3), targets, progress=False,
+                                          accumulate_on=accumulate_on)
+
+    whole = collect(LLAMA_TARGETS)  # suffixes
+    assert sorted(whole.modules) == linears
+    q, k = "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.k_proj"
+    two = ["model.layers.0.mlp.down_proj", "model.layers.1.self_attn.o_proj"]
+    forms = [(None, linears), ("all-linear", linears), (r"model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj", linears),
+             (linears, linears), (r"model\.layers\.1\.self_attn\.(q|k)_proj", [k, q]), (two, two)]
+    for form, want in forms:
+        st = collect(form)
+        assert sorted(st.modules) == want, form
+        for n in want:
+            for f in ("mean_grad", "input_factor", "output_factor"):
+                assert np.array_equal(getattr(st, f)(n), getattr(whole, f)(n)), (form, n, f)
+        if want == [k, q]:
+            assert list(st.groups().values()) == [[q, k]]
+
+
 def test_bad_targets_and_data():
     model = tiny_llama()
     with pytest.raises(lora_da.InvalidArgumentError, match="matches no module"):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import LLAMA_TARGETS, batches, data, tiny_llama
-from route_cases import (CASE_IDS, CASES, SHARED_CONFIG, SHARED_TARGETS, check_preserve_output,
+from route_cases import (CASE_IDS, CASES, SHARED_CONFIG, SHARED_TARGETS, check_per_module_ranks, check_preserve_output,
                          check_shared_lowrank_solves, check_shared_lowrank_statistics, labeled_batches, run_case,
                          shared_lowrank_brute_force, with_method)
 
@@ -100,6 +100,13 @@ def test_every_option_on_the_cuda_route_matches_the_reference(case, method):
     run_case(case, route)
 
 
+@pytest.mark.parametrize("method", ["auto", "dense"])
+def test_per_module_ranks_on_the_cuda_route_match_the_reference(method):
+    """``LoraDAConfig.ranks`` on the GPU: two modules of one Z at r = 4 and 2 (test_routes' case)."""
+    check_per_module_ranks(lambda stats, cfg: lora_da.compute_init(stats, with_method(cfg, method), progress=False,
+                                                                   device="cuda"))
+
+
 @pytest.mark.parametrize("use_rslora", [False, True])
 def test_preserve_output_on_cuda_keeps_the_base_logits(use_rslora):
     """The PEFT path with the model on the GPU (statistics and solve there)."""
@@ -143,3 +150,117 @@ def test_compute_init_on_cuda_reads_a_streamed_file_as_it_reads_memory(tmp_path)
     b = lora_da.compute_init(loaded, cfg, progress=False, device="cuda")
     for n in loaded.modules:
         assert np.array_equal(a[n].result.A, b[n].result.A) and np.array_equal(a[n].result.B, b[n].result.B), n
+
+
+# -- the planner's byte counts against the CUDA allocator's own counters -----
+
+
+def test_unit_device_bytes_are_what_the_device_sums_allocate():
+    """``Unit.device_bytes`` against ``torch.cuda.memory_allocated``'s growth when a pass's
+    float64 sums are allocated (the allocator rounds each tensor up to 512 bytes), for n
+    below, above and at twice the Gram's block size."""
+    from helpers import device_sums_of, sums_units
+
+    units = sums_units()
+    dev = torch.device("cuda")
+    torch.cuda.synchronize(dev)
+    before = torch.cuda.memory_allocated(dev)
+    sums = device_sums_of(units, dev)
+    torch.cuda.synchronize(dev)
+    held = torch.cuda.memory_allocated(dev) - before
+    count = sum(len(b) for b in sums.gram.values()) + len(sums.grad) + len(sums.sumsq) + len(sums.tokens) + len(
+        sums.gram_tokens)
+    want = sum(u.device_bytes for u in units)
+    assert want <= held <= want + 512 * count, (held, want)
+    del sums
+
+
+@pytest.mark.parametrize("method", ["auto", "dense"])
+def test_unit_solve_bytes_bound_the_peak_of_a_cuda_solve(method):
+    """``Unit.solve_bytes`` against ``torch.cuda.max_memory_allocated`` above the uploaded
+    inputs during one group's solve (after a first solve has made cuBLAS's and cuSOLVER's
+    lasting work spaces): at least that peak, at most twice it (the device's route differs from
+    the host's: its factor, inverse and eigensolver allocate their own outputs and work spaces)."""
+    from lora_da.plan import Unit
+    from lora_da.synthetic import make_problem
+    from lora_da.torch_solve import solve_group_device
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    dev = torch.device("cuda")
+    n, m = 1024, 256
+    p = make_problem(n, m, cond=1e4, seed=1)
+    Z, ys, Gs = torch.tensor(p.Z, device=dev), [torch.tensor(p.y, device=dev)], [torch.tensor(p.G, device=dev)]
+    solve = lambda: solve_group_device(Z, ys, Gs, rank=8, n_pop=100.0, method=method)  # noqa: E731
+    solve()
+    torch.cuda.synchronize(dev)
+    base = torch.cuda.memory_allocated(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    (res,) = solve()
+    torch.cuda.synchronize(dev)
+    peak = torch.cuda.max_memory_allocated(dev) - base
+    assert res.method == ("chebyshev" if method == "auto" else "dense"), res.notes
+    need = Unit("g", n, (("g", m),)).solve_bytes
+    assert peak > 3 * 8 * n * n  # the n × n work space is seen
+    assert peak <= need <= 2 * peak, (peak, need)
+
+
+# -- collect_statistics(out=...) and LoraDAConfig.token_mask on CUDA (tests/COVERAGE.md) ----------
+
+
+def test_statistics_streamed_to_disk_on_cuda_equal_the_in_memory_ones(tmp_path, monkeypatch):
+    """``out=`` on a GPU, the Gram in several blocks (``GRAM_BLOCK`` patched to 12 rows, as
+    test_memory_plan does on the CPU): the file against the in-memory collection and the host rows."""
+    import lora_da.plan
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    monkeypatch.setattr(lora_da.plan, "GRAM_BLOCK", 12)
+    ids, mask = data()
+    path = tmp_path / "stats.safetensors"
+    st = lora_da.collect_statistics(tiny_llama().cuda(), batches(ids, mask, 3), LLAMA_TARGETS, progress=False, out=path)
+    mem = lora_da.collect_statistics(tiny_llama().cuda(), batches(ids, mask, 3), LLAMA_TARGETS, progress=False)
+    host = lora_da.collect_statistics(tiny_llama().cuda(), batches(ids, mask, 3), LLAMA_TARGETS, progress=False,
+                                      max_device_bytes=0)
+    close(mem, st, 1e-13)
+    close(host, st, 1e-13)
+    close(host, lora_da.Statistics.load(path), 1e-13)
+
+
+def test_collect_and_solve_on_cuda_takes_the_configs_token_mask():
+    """``LoraDAConfig(token_mask="labels")`` through collect_and_solve on a GPU against the
+    label-masked statistics solved by the Rust core (test_routes' host-path test, on CUDA)."""
+    from lora_da.pipeline import collect_and_solve
+    from lora_da.reference import subspace_sin_theta
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    targets = ["q_proj", "down_proj"]
+    cfg = lora_da.LoraDAConfig(n_pop=100, rank=2, gamma=4.0, token_mask="labels")
+    stats = lora_da.collect_statistics(tiny_llama().cuda(), labeled_batches("cuda"), targets, token_mask="labels",
+                                       progress=False, max_device_bytes=0)
+    want = lora_da.compute_init(stats, with_method(cfg, "dense"), progress=False)
+    got = collect_and_solve(tiny_llama().cuda(), labeled_batches("cuda"), targets, cfg, progress=False)
+    other = lora_da.compute_init(lora_da.collect_statistics(tiny_llama().cuda(), labeled_batches("cuda"), targets,
+                                                            progress=False, max_device_bytes=0),
+                                 with_method(cfg, "dense"), progress=False)
+    assert set(got) == set(want)
+    for n in want:
+        assert subspace_sin_theta(want[n].result.V, got[n].result.V) <= 1e-8
+        assert np.abs(want[n].B - got[n].B).max() <= 1e-8 * np.abs(want[n].B).max()
+        assert np.abs(other[n].B - want[n].B).max() > 1e-3 * np.abs(want[n].B).max()  # the mask matters here
+
+
+@pytest.mark.parametrize("tol", [1e-4, 1e-13])
+def test_the_cuda_route_meets_the_configs_tol_and_never_less_than_the_contract(tol):
+    """test_routes' tol test on the GPU's filtered subspace iteration: a tol of 1e-13 is met by
+    its own residual, one of 1e-4 still meets the contract; against the reference either way."""
+    from route_cases import check_route, tol_problem_statistics
+
+    from lora_da._core import CONTRACT_RESIDUAL
+
+    stats = tol_problem_statistics()
+    cfg = lora_da.LoraDAConfig(n_pop=100.0, rank=4, tol=tol)
+    inits = lora_da.compute_init(stats, cfg, progress=False, device="cuda")
+    res = inits["q"].result
+    assert res.residual <= min(tol, CONTRACT_RESIDUAL), (res.method, res.residual, res.notes)
+    if tol < CONTRACT_RESIDUAL:
+        assert res.method == "chebyshev", res.notes
+    check_route(inits, stats, cfg, cfg.damping)

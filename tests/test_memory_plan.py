@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import LLAMA_TARGETS, batches, data, tiny_llama
+from helpers import LLAMA_TARGETS, batches, data, device_sums_of, sums_units, tiny_llama
 
 import lora_da
 import lora_da.collect as collect
@@ -55,14 +55,8 @@ def test_unit_bytes_equal_the_tensors_the_pass_allocates():
     """``Unit.device_bytes`` (what the plan counts) against the sizes of the
     tensors ``DeviceSums`` actually holds, for groups of one and of several
     modules and for n below, at and above the Gram's block size."""
-    class T:  # the fields DeviceSums reads of a target
-        def __init__(self, m, n):
-            self.m, self.n = m, n
-
-    units = [Unit("a", 40, (("a", 24),)), Unit("b", 1100, (("b", 8), ("b2", 16))), Unit("c", 2048, (("c", 3),))]
-    targets = {name: T(m, u.n) for u in units for name, m in u.modules}
-    groups = {name: u.group for u in units for name, _ in u.modules}
-    sums = DeviceSums(units, targets, groups, "cpu", per_sample=False)
+    units = sums_units()
+    sums = device_sums_of(units, "cpu")
     held = sum(t.numel() * t.element_size() for blocks in sums.gram.values() for t in blocks)
     held += sum(t.numel() * t.element_size() for d in (sums.grad, sums.sumsq) for t in d.values())
     assert held == sum(u.device_bytes for u in units)
@@ -81,6 +75,68 @@ def test_host_bytes_equal_the_statistics_kept():
     held += sum(a.nbytes for f in stats.output_factors.values() for a in f.sum_raw())
     held += sum(g.nbytes for g in stats.grad_sums.values())
     assert held == sum(u.host_bytes for u in units)
+
+
+# One torch_solve of one group in a fresh process, its peak resident memory above what it held
+# before: every buffer of 64 KiB or more is its own mapping (a fixed mmap threshold; glibc's
+# dynamic one would keep freed buffers in the heap), NumPy's huge pages are off (they round
+# up to 2 MiB), and VmHWM is reset to VmRSS before the solve (/proc/self/clear_refs). This
+# counts torch's CPU tensors and the NumPy arrays SciPy's LAPACK calls make alike.
+_SOLVE_PEAK = r"""
+import json, re, sys
+import torch
+from lora_da.synthetic import make_problem
+from lora_da.torch_solve import solve_group_device
+
+def status(key):
+    with open("/proc/self/status") as f:
+        return int(re.search(key + r":\s+(\d+) kB", f.read()).group(1)) * 1024
+
+n, m, method = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+p = make_problem(n, m, cond=1e4, seed=1)
+Z, ys, Gs = torch.tensor(p.Z), [torch.tensor(p.y)], [torch.tensor(p.G)]
+solve = lambda: solve_group_device(Z, ys, Gs, rank=8, n_pop=100.0, method=method)
+solve()  # the libraries' one-time buffers
+peaks = []
+for _ in range(2):
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError as e:
+        print(json.dumps({"skip": str(e)}))
+        sys.exit(0)
+    before = status("VmRSS")
+    res = solve()
+    peaks.append(status("VmHWM") - before)
+print(json.dumps({"peak": min(peaks), "method": res[0].method}))
+"""
+
+
+@pytest.mark.parametrize("method", ["auto", "dense"])
+def test_solve_bytes_bound_what_a_torch_solve_holds(method):
+    """``Unit.solve_bytes`` (the work space the plan keeps free beside a pass's sums for each
+    device solve) against the peak of what one solve of one group allocates on the CPU, by
+    the filtered subspace iteration (``auto``) and the dense route: at least the peak, and
+    not so far above it that the plan would split passes for nothing."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    if not os.path.exists("/proc/self/clear_refs"):
+        pytest.skip("needs Linux's /proc/self/clear_refs")
+    n, m = 400, 100
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", NUMPY_MADVISE_HUGEPAGE="0", OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-c", _SOLVE_PEAK, str(n), str(m), method], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    if "skip" in got:
+        pytest.skip(got["skip"])
+    assert got["method"] == ("chebyshev" if method == "auto" else "dense")
+    need = Unit("g", n, (("g", m),)).solve_bytes
+    assert got["peak"] > 4 * 8 * n * n  # the measure sees the n × n work space (Z_λ⁻¹, Ω′, …)
+    assert got["peak"] <= need <= 1.5 * got["peak"], (got["peak"], need)
 
 
 # -- choosing a plan -------------------------------------------------------------------------
@@ -386,6 +442,65 @@ def test_a_mapped_file_reads_each_grad_into_a_buffer_bit_for_bit_and_checked(tmp
     broken = lora_da.Statistics.load(bad, mmap=True)
     with pytest.raises(lora_da.StatisticsFileError, match=f"grad.{name}.*non-finite"):
         broken.grad_sums.read_into(name, np.empty(np.asarray(stats.grad_sums[name]).shape))
+
+
+@pytest.mark.parametrize("kw", [{}, {"output_fisher": "sequence_lowrank"}])
+def test_a_gram_of_several_blocks_is_streamed_to_disk_bit_for_bit(tmp_path, monkeypatch, kw):
+    """The device keeps the Gram as its lower block triangle (``GRAM_BLOCK`` rows a block): the
+    blocks above the diagonal are never formed, so the file's packed triangle must be read from
+    the columns of the lower one. With blocks of 12 rows every group (n = 32, 40) spans three or
+    four blocks; the streamed Gram equals the in-memory one bit for bit and the host's
+    accumulators to rounding."""
+    monkeypatch.setattr(lora_da.plan, "GRAM_BLOCK", 12)
+    path = tmp_path / "stats.safetensors"
+    st = device_statistics(out=path, **kw)
+    assert all(u.n > 2 * 12 for p in st.plan.passes for u in p)
+    mem, host = device_statistics(**kw), host_statistics(**kw)
+    for n in mem.modules:
+        Z = st.input_factor(n)
+        assert np.array_equal(Z, mem.input_factor(n)), n
+        ref = host.input_factor(n)
+        assert np.abs(Z - ref).max() <= 1e-13 * np.abs(ref).max(), n
+        assert np.array_equal(st.mean_grad(n), mem.mean_grad(n))
+        assert np.array_equal(st.output_factor(n), mem.output_factor(n))
+    again = lora_da.Statistics.load(path)
+    assert all(np.array_equal(again.input_factor(n), mem.input_factor(n)) for n in mem.modules)
+
+
+def test_out_on_the_host_path_writes_the_statistics_it_returns(tmp_path):
+    """On the host path (a CPU model) ``out=`` saves the collected statistics at the end:
+    the file holds what the call returns and what a collection without ``out`` gives, bit for bit."""
+    path = tmp_path / "stats.safetensors"
+    got = host_statistics(out=path, output_fisher="sequence_lowrank")
+    plain = host_statistics(output_fisher="sequence_lowrank")
+    again = lora_da.Statistics.load(path)
+    for n in plain.modules:
+        for f in ("mean_grad", "input_factor", "output_factor"):
+            assert np.array_equal(getattr(again, f)(n), getattr(plain, f)(n)), (n, f)
+            assert np.array_equal(getattr(got, f)(n), getattr(plain, f)(n)), (n, f)
+        assert np.array_equal(again.output_factors[n].sample_sums(), plain.output_factors[n].sample_sums())
+    assert again.n_samples == plain.n_samples == 6
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stats.safetensors"]
+
+
+@pytest.mark.parametrize("kw", [{}, {"output_fisher": "sequence_lowrank"}, {"max_device_bytes": 40_000}])
+def test_the_plans_file_bytes_are_the_files_data(tmp_path, kw):
+    """``MemoryPlan.file_bytes`` (what the plan prints and the disk must hold) against the file
+    ``out=`` writes: a safetensors file is an 8-byte length, the header, then the data; the plan
+    counts the data of the fixed-size tensors (packed Gram triangles, Ḡ, Σg²); the per-sample
+    sums of ``sequence_lowrank`` (N × m per module) come on top, their N unknown when planned."""
+    import struct
+
+    path = tmp_path / "stats.safetensors"
+    st = device_statistics(out=path, **kw)
+    raw = path.read_bytes()
+    (header_len,) = struct.unpack("<Q", raw[:8])
+    data_bytes = len(raw) - 8 - header_len
+    per_sample = 8 * st.n_samples * sum(i.out_features for i in st.modules.values()) if kw.get("output_fisher") else 0
+    assert data_bytes == st.plan.file_bytes + per_sample
+    # and the counts are those of the statistics' own arrays
+    packed = sum(8 * f.n * (f.n + 1) // 2 for f in st.input_factors.values())
+    assert st.plan.file_bytes == packed + sum(8 * (g.size + g.shape[0]) for g in st.grad_sums.values())
 
 
 def test_a_host_too_small_for_the_statistics_is_refused_before_the_first_batch(tmp_path):

@@ -517,6 +517,31 @@ def test_an_edge_choice_out_of_noise_suggests_going_further_and_a_clear_interior
     assert s.best == 4.0 and not s.at_edge() and s.verdict() == ""
 
 
+@pytest.mark.parametrize("gamma", [9.0, 1024.0])
+def test_unit_state_dict_brings_a_solve_to_gamma_one(gamma):
+    """SPEC §3 step 8: ``A = Vᵀ/√γ`` and ``B = Δ̂ᵀV/√γ``, so the weights at γ = 1 that
+    ``search_gamma`` divides by each candidate's √γ are ``A·√γ = Vᵀ`` and ``B·√γ = Δ̂ᵀV``:
+    against the SciPy reference solved at γ = 1, to float32 rounding."""
+    from lora_da.adapters import _lora_keys
+    from lora_da.gamma import unit_state_dict
+
+    ids, mask = data()
+    stats = lora_da.collect_statistics(tiny_llama(), batches(ids, mask, 3), ["o_proj", "down_proj"], progress=False)
+    inits = lora_da.compute_init(stats, lora_da.LoraDAConfig(n_pop=100, rank=2, gamma=gamma), progress=False)
+    unit = unit_state_dict(inits, gamma)
+    assert set(unit) == {k for n in inits for k in _lora_keys(n)}
+    for n, init in inits.items():
+        ka, kb = _lora_keys(n)
+        assert unit[ka].dtype == unit[kb].dtype == torch.float32
+        ref = reference_solve(stats.input_factor(n), stats.output_factor(n), stats.mean_grad(n), rank=2, n_pop=100.0,
+                              gamma=1.0)
+        V = init.result.V
+        assert ref.gap >= 1e-3 * ref.omega_norm and np.abs(V - ref.V).max() <= 1e-8  # a determined subspace
+        np.testing.assert_allclose(unit[ka].double().numpy(), V.T, rtol=0, atol=2**-23 * np.abs(V).max())
+        B1 = ref.delta_hat.T @ V
+        np.testing.assert_allclose(unit[kb].double().numpy(), B1, rtol=0, atol=1e-6 * np.abs(B1).max())
+
+
 def test_search_gamma_keeps_the_per_sample_losses_and_the_cli_reports_the_verdict(tmp_path, capsys, tiny_encoder,
                                                                                   monkeypatch):
     # the CLI's search on a grid of two candidates: whichever wins sits at an edge, so the verdict is

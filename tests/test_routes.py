@@ -17,7 +17,7 @@ import pytest
 import torch
 from helpers import batches, brute_force, check_against_reference, data, tiny_gpt2, tiny_llama
 from route_cases import (CASE_IDS, CASES, SHARED_CONFIG, SHARED_TARGETS, check_collection_options,
-                         check_preserve_output, check_route,
+                         check_per_module_ranks, check_preserve_output, check_route, tol_problem_statistics,
                          check_shared_lowrank_solves, check_shared_lowrank_statistics, config_of, group_statistics,
                          labeled_batches, run_case, shared_lowrank_brute_force, with_method)
 
@@ -243,6 +243,11 @@ def test_every_option_on_every_host_route_matches_the_reference(case, route):
     run_case(case, HOST_ROUTES[route])
 
 
+@pytest.mark.parametrize("route", list(HOST_ROUTES))
+def test_per_module_ranks_on_every_host_route_match_the_reference(route):
+    check_per_module_ranks(HOST_ROUTES[route])
+
+
 @pytest.mark.parametrize("case", [c for c in CASES if c[0] in ("auto_damping", "tol")], ids=["auto_damping", "tol"])
 def test_routes_agree_on_the_raised_damping_and_meet_the_tolerance(case):
     """auto_damping raises λ by the same rule on every route; a tighter ``tol``
@@ -256,6 +261,28 @@ def test_routes_agree_on_the_raised_damping_and_meet_the_tolerance(case):
         for route in ("core_krylov", "torch_cpu"):
             for init in results[route].values():
                 assert init.result.method in ("krylov", "chebyshev") and init.result.residual <= cfg.tol, route
+
+
+@pytest.mark.parametrize("tol", [1e-4, 1e-13])
+@pytest.mark.parametrize("route", ["core_krylov", "torch_cpu"])
+def test_the_iterative_routes_meet_the_configs_tol_and_never_less_than_the_contract(route, tol):
+    """``LoraDAConfig.tol`` is the iterative eigensolver's stopping residual (SPEC §5):
+    tighter than the contract it is met by the route's own residual; looser, the result
+    still meets the contract (1e-10). Either way it agrees with the reference."""
+    from lora_da._core import CONTRACT_RESIDUAL, SOLVE_DEFAULTS
+
+    stats = tol_problem_statistics()
+    cfg = lora_da.LoraDAConfig(n_pop=100.0, rank=4, tol=tol)
+    inits = HOST_ROUTES[route](stats, cfg)
+    res = inits["q"].result
+    assert res.residual <= min(tol, CONTRACT_RESIDUAL), (res.method, res.residual, res.notes)
+    if tol < CONTRACT_RESIDUAL:
+        assert res.method in ("krylov", "chebyshev"), res.notes
+        # a looser tol stops the same route short of this one: the problem tells them apart
+        for loose_tol in (CONTRACT_RESIDUAL, SOLVE_DEFAULTS["tol"])[:2 if route == "torch_cpu" else 1]:
+            loose = HOST_ROUTES[route](stats, lora_da.LoraDAConfig(n_pop=100.0, rank=4, tol=loose_tol))
+            assert loose["q"].result.residual > tol, (loose_tol, loose["q"].result.residual)
+    check_route(inits, stats, cfg, cfg.damping)
 
 
 def test_the_krylov_route_of_auto_above_the_dense_cut_over_honours_every_option():
@@ -273,6 +300,34 @@ def test_the_krylov_route_of_auto_above_the_dense_cut_over_honours_every_option(
     inits = lora_da.compute_init(stats, cfg, progress=False)
     assert isinstance(inits["q"].result, SolveResult) and inits["q"].result.method == "krylov", inits["q"].result.notes
     check_route(inits, stats, cfg, cfg.damping)
+
+
+def test_per_module_ranks_on_the_krylov_route_of_auto_above_the_dense_cut_over():
+    """``LoraDAConfig.ranks`` at n > 512: two modules of one Z at r = 4 and 2, each by the Rust
+    core's Krylov (one call per r), against the reference at its own r."""
+    n = HOST_DENSE_BELOW + 8
+    p = lora_da.synthetic.make_problem(n, 300, cond=1e2, signal_rank=8, seed=2)
+    other = lora_da.synthetic.make_problem(n, 200, cond=1e2, signal_rank=8, seed=3)
+    f = lora_da.InputFactor(n)
+    f.add_gram(p.Z, 1)
+    modules, outputs, grads = {}, {}, {}
+    for name, (y, G) in {"q": (p.y, p.G), "k": (other.y, other.G)}.items():
+        o = lora_da.OutputFactor(len(y))
+        o.add_sums(y, 1)
+        o.count_samples(1)
+        outputs[name], grads[name] = o, G.copy()
+        modules[name] = lora_da.ModuleInfo(name=name, in_features=n, out_features=len(y), kind="linear", input_group="x")
+    stats = lora_da.Statistics(modules=modules, input_factors={"x": f}, output_factors=outputs, grad_sums=grads,
+                               n_samples=1)
+    cfg = lora_da.LoraDAConfig(n_pop=1000.0, rank=3, ranks={"q": 4, "k": 2}, gamma=5.0)
+    inits = lora_da.compute_init(stats, cfg, progress=False)
+    for name, r in (("q", 4), ("k", 2)):
+        res = inits[name].result
+        assert isinstance(res, SolveResult) and res.method == "krylov", res.notes
+        assert res.A.shape == (r, n)
+        opts = dict(rank=r, n_pop=1000.0, damping=cfg.damping, gamma=5.0)
+        ref = reference_solve(p.Z, stats.output_factor(name), stats.mean_grad(name), **opts)
+        check_against_reference(res, ref, p.Z, opts)
 
 
 def test_solve_group_device_takes_every_option_directly():
@@ -338,6 +393,59 @@ def test_sequence_lowrank_gives_each_module_of_a_shared_input_its_own_precision(
              "collect_and_solve": lambda: collect_and_solve(tiny_llama(), labeled_batches(), SHARED_TARGETS, cfg,
                                                             progress=False, accumulate_on="device")}[route]
     check_shared_lowrank_solves(solve(), brute)
+
+
+# -- LoraDAConfig.token_mask on the host path of collect_and_solve and initialize_lora_da_weights -----
+
+MASK_TARGETS = ["q_proj", "down_proj"]
+MASK_CONFIG = lora_da.LoraDAConfig(n_pop=100, rank=2, gamma=4.0, token_mask="labels")
+
+
+def _labels_statistics():
+    """The label-masked statistics (first three tokens and the padding at -100), collected
+    directly: test_collect checks them against per-sample autograd with that mask."""
+    return lora_da.collect_statistics(tiny_llama(), labeled_batches(), MASK_TARGETS, token_mask="labels",
+                                      progress=False)
+
+
+def _assert_same_inits(got, want):
+    assert set(got) == set(want)
+    for n in want:
+        np.testing.assert_array_equal(got[n].A, want[n].A)
+        np.testing.assert_array_equal(got[n].B, want[n].B)
+
+
+@pytest.mark.parametrize("method", ["auto", "krylov"])  # the host's LAPACK route at n ≤ 512, the Rust core
+def test_collect_and_solve_on_the_host_path_takes_the_configs_token_mask(method):
+    """On the CPU (host accumulators) collect_and_solve collects, then solves: the config's
+    token_mask must reach the collection. Same statistics, same solve: the same bits."""
+    cfg = with_method(MASK_CONFIG, method)
+    stats = _labels_statistics()
+    want = lora_da.compute_init(stats, cfg, progress=False)
+    got = collect_and_solve(tiny_llama(), labeled_batches(), MASK_TARGETS, cfg, progress=False)
+    assert all(isinstance(i.result, SolveResult if method == "krylov" else DeviceSolveResult) for i in got.values())
+    _assert_same_inits(got, want)
+    # not vacuous: the attention mask counts other tokens and gives other weights
+    other = lora_da.compute_init(lora_da.collect_statistics(tiny_llama(), labeled_batches(), MASK_TARGETS,
+                                                            progress=False), cfg, progress=False)
+    assert all(np.abs(other[n].B - want[n].B).max() > 1e-3 * np.abs(want[n].B).max() for n in want)
+
+
+def test_initialize_lora_da_weights_takes_the_configs_token_mask():
+    """The PEFT entry point (statistics of the base layers, adapter disabled) on the host path:
+    each layer's solve and the weights written are those of the label-masked statistics."""
+    from peft import LoraConfig, get_peft_model
+
+    want = lora_da.compute_init(_labels_statistics(), MASK_CONFIG, progress=False)
+    peft_model = get_peft_model(tiny_llama(), LoraConfig(r=2, lora_alpha=4, target_modules=MASK_TARGETS))
+    results = lora_da.initialize_lora_da_weights(peft_model, labeled_batches(), lora_da_config=MASK_CONFIG,
+                                                 progress=False)
+    _assert_same_inits(results, want)
+    base = peft_model.get_base_model()
+    for n in want:
+        layer = base.get_submodule(n)
+        np.testing.assert_array_equal(layer.lora_A["default"].weight.detach().numpy(), want[n].A.astype(np.float32))
+        np.testing.assert_array_equal(layer.lora_B["default"].weight.detach().numpy(), want[n].B.astype(np.float32))
 
 
 # ("device", True): the planned device sums flush at every checkpoint and again at the end
