@@ -51,7 +51,7 @@ def test_plan_budget_is_free_memory_less_the_step():
     two = plan_passes(us, device_free=total + 1000, reserve=1001, max_device_bytes=None, host_free=None,
                       max_host_bytes=None, keep_on_host=True)
     assert len(two.passes) == 2
-    assert "2 pass(es)" in two.describe()
+    assert "2 passes over the data" in two.describe()
 
 
 def test_plan_refuses_what_cannot_fit():

@@ -345,8 +345,9 @@ def test_a_pass_whose_sums_cannot_be_allocated_is_split(monkeypatch):
 # -- out of memory in a device solve -----------------------------------------------------------
 
 
-def test_a_device_solve_that_runs_out_of_memory_is_solved_on_the_host(monkeypatch):
-    cfg = lora_da.LoraDAConfig(n_pop=100, rank=2, gamma=4.0)
+@pytest.mark.parametrize("method", ["auto", "krylov"])  # krylov: the host's result is the core's SolveResult
+def test_a_device_solve_that_runs_out_of_memory_is_solved_on_the_host(monkeypatch, method):
+    cfg = lora_da.LoraDAConfig(n_pop=100, rank=2, gamma=4.0, method=method)
     stats = host_statistics()
     calls = {"n": 0}
     real = init._solve_on_device
@@ -361,8 +362,8 @@ def test_a_device_solve_that_runs_out_of_memory_is_solved_on_the_host(monkeypatc
     ids, mask = data()
     got = pipeline.collect_and_solve(tiny_llama(), batches(ids, mask, 3), LLAMA_TARGETS, cfg, progress=False,
                                  accumulate_on="device")
-    notes = [n for i in got.values() for n in i.result.notes]
-    assert any("solved on the host" in n for n in notes)
+    on_host = [name for name, i in got.items() if any("solved on the host" in n for n in i.result.notes)]
+    assert on_host  # the first group solved (the widest: down_proj)
     for n in stats.modules:
         ref = reference_solve(stats.input_factor(n), stats.output_factor(n), stats.mean_grad(n), rank=2, n_pop=100.0,
                               gamma=4.0)

@@ -19,7 +19,7 @@ from lora_da.memory import OutOfMemoryError
 from lora_da.memory import release as _release
 from lora_da.plan import DEVICE_SOLVE_WORKERS
 from lora_da.quality import warn_poor
-from lora_da.results import ModuleInit, check_finite_result
+from lora_da.results import ModuleInit, check_finite_result, with_note
 from lora_da.statistics import Statistics
 from lora_da.torch_solve import solve_group_device
 
@@ -451,8 +451,8 @@ def solve_on_device_or_host(inputs, host_inputs, names, config: LoraDAConfig, pr
     results = _solve_on_host(np.ascontiguousarray(to_np(Z)), [to_np(y) for y in ys],
                              [np.ascontiguousarray(to_np(G)) for G in Gs], names,
                              None if precisions is None else [to_np(p) for p in precisions], config)
-    for r in results:
-        r.notes.append("solved on the host: its device work space did not fit in the free device memory")
+    results = [with_note(r, "solved on the host: its device work space did not fit in the free device memory")
+               for r in results]
     dt = (time.perf_counter() - t0) / len(names)
     return [ModuleInit(name, res, dt) for name, res in zip(names, results)]
 

@@ -33,6 +33,7 @@ import os
 from dataclasses import dataclass, field
 
 from lora_da.errors import InvalidArgumentError
+from lora_da.words import count
 
 GiB = 1 << 30
 
@@ -172,8 +173,8 @@ class MemoryPlan:
         if self.micro_batch is not None and self.batch is not None and self.micro_batch < self.batch:
             mb = f"; each batch of {self.batch} split into micro-batches of {self.micro_batch}"
         lines = [
-            f"lora-da plan: {self.modules} modules in {sum(len(p) for p in self.passes)} input groups; "
-            f"{len(self.passes)} pass(es) over the data{mb}",
+            f"lora-da plan: {count(self.modules, 'module')} in {count(sum(len(p) for p in self.passes), 'input group')}; "
+            f"{count(len(self.passes), 'pass', 'passes')} over the data{mb}",
             f"  device: {gb(self.device_bytes)} of float64 running sums per pass (budget {gb(self.device_budget)}, "
             f"{gb(self.reserve)} held back for forward + backward, {gb(self.device_free)} free)",
         ]
@@ -417,7 +418,7 @@ def choose_plan(
     why = [f"micro-batch {best.micro_batch}: a step takes ~{step_bytes(step, best.micro_batch) / GiB:.2f} GiB, "
            f"lora-da's per-call temporaries {transient_bytes(step, best.micro_batch) / GiB:.2f} GiB"]
     if alt is not None:
-        why.append(f"the next best, micro-batch {alt.micro_batch} with {len(alt.passes)} pass(es), "
+        why.append(f"the next best, micro-batch {alt.micro_batch} with {count(len(alt.passes), 'pass', 'passes')}, "
                    f"is estimated {alt.estimate / best.estimate:.2f}× as long")
     best.why = "; ".join(why)
     return best

@@ -38,6 +38,17 @@ class DeviceSolveResult:
         return self.A.shape[0]
 
 
+def with_note(res, note: str):
+    """``res`` with ``note`` added to its notes: the core's :class:`SolveResult` hands out a
+    copy of its notes (appending to it is lost), so it becomes a :class:`DeviceSolveResult`
+    with the same fields."""
+    if isinstance(res, DeviceSolveResult):
+        res.notes.append(note)
+        return res
+    names = [f for f in DeviceSolveResult.__dataclass_fields__ if f != "notes"]
+    return DeviceSolveResult(**{f: getattr(res, f) for f in names}, notes=[*res.notes, note])
+
+
 RESULT_ARRAYS = ("A", "B", "V", "eigenvalues")
 RESULT_SCALARS = ("next_eigenvalue", "gap", "residual", "sigma", "c", "omega_norm", "damping")
 

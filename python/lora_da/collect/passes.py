@@ -20,6 +20,7 @@ from lora_da.distributed import agree, together
 from lora_da.errors import InvalidArgumentError, LoraDAError
 from lora_da.memory import OutOfMemoryError
 from lora_da.memory import release as _release
+from lora_da.words import count
 from lora_da.plan import DEVICE_SOLVE_WORKERS, MemoryPlan, Step, Unit, available_host_bytes, choose_plan
 from lora_da.statistics_file import StatisticsWriter, file_header
 
@@ -108,7 +109,7 @@ def plan_device(run, step: Step, batch: int, *, max_device_bytes, max_host_bytes
                        host_free=host_free, max_host_bytes=max_host_bytes, keep_on_host=keep_on_host,
                        to_disk=to_disk, max_solve_workers=DEVICE_SOLVE_WORKERS if dev.type == "cuda" else 1)
     if step.samples < batch:
-        plan.notes.insert(0, f"the first batch ({batch} samples) ran out of device memory in a plain forward + "
+        plan.notes.insert(0, f"the first batch ({count(batch, 'sample')}) ran out of device memory in a plain forward + "
                              f"backward; it fit at {step.samples}")
     return plan
 
@@ -200,7 +201,7 @@ def collect_on_device(run, *, max_device_bytes, max_host_bytes, keep_on_host: bo
                         first_prints = prints
                     if p > 0 and samples != run.n_samples - run.n_samples_at_start:
                         raise InvalidArgumentError(
-                            f"pass {p + 1} saw {samples} samples, the first {run.n_samples - run.n_samples_at_start}: "
+                            f"pass {p + 1} saw {count(samples, 'sample')}, the first {run.n_samples - run.n_samples_at_start}: "
                             "the dataloader must yield the same batches on every pass"
                         )
                 if writer is not None:
