@@ -156,6 +156,24 @@ def test_a_head_named_as_a_target_is_refused_before_the_pass(encoder, tmp_path, 
     one_error_line(capsys, "--targets selects classifier", "modules_to_save")
 
 
+@pytest.mark.parametrize("targets", ["query,classifier", "classifier"])
+def test_a_classifiers_own_head_named_as_a_target_is_refused(classifier3, tmp_path, capsys, monkeypatch, targets):
+    """PEFT's SEQ_CLS model saves ``classifier`` whole itself, so an adapter that also
+    targets it does not load (the head the model brings, not only one lora-da creates)."""
+    import lora_da.collect
+
+    def no_pass(*a, **k):
+        raise AssertionError("the pass ran")
+
+    monkeypatch.setattr(lora_da.collect, "collect_statistics", no_pass)
+    data = _rows(tmp_path / "d.jsonl", [0, 1, 2, 1])
+    out = tmp_path / "adapter"
+    assert main(["init", str(classifier3), str(data), "--n-pop", "10", "--rank", "2", "--gamma", "4", "--out", str(out),
+                 "-q", "--targets", targets]) != 0
+    one_error_line(capsys, "--targets selects classifier", "SEQ_CLS", "modules_to_save")
+    assert not out.exists()
+
+
 # -- 11: model errors, an unwritable --out --------------------------------------------------------
 
 

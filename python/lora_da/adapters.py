@@ -146,6 +146,32 @@ def _check_peft_config(peft_config) -> None:
         )
 
 
+# the modules each task's PeftModel class adds to ``modules_to_save`` itself (PEFT's
+# PeftModelForSequenceClassification, ...ForTokenClassification, ...ForQuestionAnswering)
+_TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
+               "QUESTION_ANS": ("qa_outputs",)}
+
+
+def task_heads(names, task_type) -> list[str]:
+    """The modules of ``names`` that PEFT saves whole for ``task_type`` (its
+    ``modules_to_save``, matched by PEFT's own rule: the name ends with the head's)."""
+    heads = _TASK_HEADS.get(str(getattr(task_type, "value", task_type)), ())
+    return sorted(n for n in names if any(n.endswith(h) for h in heads))
+
+
+def check_no_task_head(names, task_type, option: str = "LoraConfig.target_modules") -> None:
+    """Refuse targets that are the task's head: PEFT's model class for ``task_type`` puts
+    that head in ``modules_to_save`` itself, and its loader then finds no base weight
+    under the LoRA-wrapped name: the adapter does not load, or loses its LoRA A/B."""
+    both = task_heads(names, task_type)
+    if both:
+        raise InvalidArgumentError(
+            f"{option} selects {', '.join(both)}, the head of a {getattr(task_type, 'value', task_type)} model, which "
+            "PEFT saves whole for that task (modules_to_save) and cannot also load as a LoRA target: leave it out of "
+            f"{option}"
+        )
+
+
 def _pattern_ranks(peft_config, names: list[str]) -> dict[str, int]:
     """Each targeted module's r by PEFT's own ``rank_pattern`` rule (its ``get_pattern_key``)."""
     pattern = getattr(peft_config, "rank_pattern", None) or {}
@@ -188,6 +214,7 @@ def get_lora_da_state_dict(
     lora_da_config = lora_da_config.with_rank(peft_config.r)
     _check_rank(lora_da_config, peft_config)
     names = _peft_targets(model, peft_config)
+    check_no_task_head(names, getattr(peft_config, "task_type", None))
     lora_da_config = _with_ranks(lora_da_config, _pattern_ranks(peft_config, names))
     if statistics is None:
         inits = collect_and_solve(model, dataloader, names, lora_da_config, loss_fn=loss_fn, progress=progress,
