@@ -66,6 +66,18 @@ def test_weights_that_overflow_the_adapters_dtype_are_refused_before_any_write()
     _assert_unchanged(model, before)
 
 
+def test_a_float16_dora_magnitude_that_overflows_is_refused_before_any_write():
+    """A and B fit float16, ‖W + s·B·A‖ does not: DoRA's magnitude was written as inf."""
+    ids, mask = data()
+    model = get_peft_model(tiny_llama(torch.float32).half(), LoraConfig(r=2, target_modules=["q_proj"], use_dora=True),
+                           autocast_adapter_dtype=False)
+    before = _params(model)
+    with pytest.raises(NonFiniteError, match="q_proj: the LoRA-DA DoRA magnitude.*float16.*larger gamma"):
+        lora_da.initialize_lora_da_weights(model, batches(ids, mask, 3), progress=False,
+                                           lora_da_config=lora_da.LoraDAConfig(n_pop=100, gamma=1e-5))
+    _assert_unchanged(model, before)
+
+
 def test_state_dict_of_refuses_an_a_or_b_past_float32():
     from types import SimpleNamespace
 

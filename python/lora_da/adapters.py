@@ -346,6 +346,7 @@ def _load_lora_da_state_dict(peft_model, state_dict: dict[str, torch.Tensor], la
         _check_finite_cast(name, "A", A_cast, A, wa.dtype)
         _check_finite_cast(name, "B", B_cast, B, wb.dtype)
         base = _residual_base(layer, adapter_name, A_cast, B_cast) if lora_da_config.preserve_output else None
+        _check_dora_magnitude(name, layer, adapter_name, A_cast, B_cast, base)
         plan.append((name, layer, A_cast, B_cast, base))
     for name, layer, A, B, base in plan:
         layer.lora_A[adapter_name].weight.copy_(A)
@@ -425,6 +426,21 @@ def _refresh_dora_magnitude(layer, adapter_name: str) -> None:
     dora.weight.data.copy_(torch.linalg.norm(merged, dim=1).to(device=dora.weight.device, dtype=dora.weight.dtype))
     if hasattr(dora, "_cache_clear"):
         dora._cache_clear()
+
+
+def _check_dora_magnitude(name: str, layer, adapter_name: str, A: torch.Tensor, B: torch.Tensor, base) -> None:
+    """DoRA: the magnitude :func:`_refresh_dora_magnitude` will write, ``‖W + s·B A‖`` from
+    the weights about to be written (``base``: the new base of ``preserve_output``), checked
+    finite in the magnitude's dtype before any write: float16 overflows where A and B do not."""
+    mags = getattr(layer, "lora_magnitude_vector", None)
+    if not mags or adapter_name not in mags:
+        return
+    W = (base if base is not None else layer.get_base_layer().weight).double()
+    if getattr(layer, "fan_in_fan_out", False):
+        W = W.T
+    m = torch.linalg.norm(W + layer.scaling[adapter_name] * (B.double() @ A.double()).to(W.device), dim=1)
+    dtype = mags[adapter_name].weight.dtype
+    _check_finite_cast(name, "DoRA magnitude ‖W + s·B·A‖", m.to(dtype), m, dtype)
 
 
 # on the base layer itself, so that wrapping the modified base in a new PeftModel still shows it
