@@ -131,6 +131,31 @@ def test_an_adapter_beside_a_preserved_one_is_refused():
     _assert_unchanged(model, before)
 
 
+def test_preserve_output_beside_an_adapter_on_other_layers_is_refused_and_changes_nothing():
+    """W − s·B·A on q_proj changes the base the v_proj adapter runs on: whole model, not per layer."""
+    ids, mask = data()
+    model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]))
+    model.add_adapter("other", LoraConfig(r=2, target_modules=["v_proj"]))
+    before = _params(model)
+    cfg = lora_da.LoraDAConfig(n_pop=10, gamma=4.0, preserve_output=True)
+    with pytest.raises(InvalidArgumentError, match="'default' to be the only adapter of the model.*\\['other'\\]"):
+        lora_da.initialize_lora_da_weights(model, batches(ids, mask, 3), lora_da_config=cfg, progress=False)
+    _assert_unchanged(model, before)
+
+
+def test_an_adapter_on_other_layers_than_a_preserved_one_is_refused():
+    ids, mask = data()
+    model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]))
+    lora_da.initialize_lora_da_weights(model, batches(ids, mask, 3), progress=False,
+                                       lora_da_config=lora_da.LoraDAConfig(n_pop=10, gamma=4.0, preserve_output=True))
+    model.add_adapter("other", LoraConfig(r=2, target_modules=["v_proj"]))
+    before = _params(model)
+    with pytest.raises(lora_da.LoraDAError, match="'default' was initialized with preserve_output.*'other'"):
+        lora_da.initialize_lora_da_weights(model, batches(ids, mask, 3), adapter_name="other", progress=False,
+                                           lora_da_config=lora_da.LoraDAConfig(n_pop=10, gamma=4.0))
+    _assert_unchanged(model, before)
+
+
 # -- 6: zero gradients ----------------------------------------------------------------------------
 
 

@@ -284,10 +284,11 @@ def initialize_lora_da_weights(
     layers = dict(_lora_layers(peft_model, adapter_name))
     # each layer's own r, as PEFT resolved rank_pattern for it
     lora_da_config = _with_ranks(lora_da_config, {n: int(layer.r[adapter_name]) for n, layer in layers.items()})
-    for name, layer in layers.items():  # before any collection: its statistics would be of the modified base
-        _check_not_preserved(name, layer, adapter_name)
-        if lora_da_config.preserve_output:
-            _check_only_adapter(name, layer, adapter_name)
+    # before any collection (its statistics would be of the modified base); the whole model, not
+    # the adapter's layers: W − s·B·A on any layer changes the base every adapter sees
+    _check_not_preserved(peft_model, adapter_name)
+    if lora_da_config.preserve_output:
+        _check_only_adapter(peft_model, adapter_name)
     results = {}
     if state_dict is None:
         if dataloader is None and statistics is None:
@@ -452,36 +453,38 @@ def _mark_preserved(layer, adapter_name: str) -> None:
     base.__dict__.setdefault(_PRESERVED, set()).add(adapter_name)
 
 
-def _check_not_preserved(name: str, layer, adapter_name: str) -> None:
-    """A second initialization of an adapter whose ``s·B A`` was already subtracted
-    from the base would subtract again (preserve_output) or leave the base off by the
-    old ``s·B A`` (without it): either way the step-0 outputs are wrong."""
-    preserved = layer.get_base_layer().__dict__.get(_PRESERVED, ())
+def _check_not_preserved(peft_model, adapter_name: str) -> None:
+    """An adapter initialized with ``preserve_output`` anywhere in the model took its ``s·B A``
+    out of the base weights: statistics or a subtraction for any adapter (itself again, or
+    another) on that model would be of a modified base, and the step-0 outputs wrong. The
+    marks are on the base layers, so a modified base wrapped in a new PeftModel shows them too."""
+    preserved = set()
+    for module in peft_model.get_base_model().modules():
+        preserved |= set(module.__dict__.get(_PRESERVED, ()))
     others = sorted(a for a in preserved if a != adapter_name)
     if others:
         raise LoraDAError(
-            f"{name}: adapter {others[0]!r} was initialized with preserve_output=True, so these base weights already "
+            f"adapter {others[0]!r} was initialized with preserve_output=True, so this model's base weights already "
             f"lost its s·B·A; statistics or a subtraction for {adapter_name!r} on them would be of a modified model. "
             "Start from a freshly loaded base model."
         )
     if adapter_name in preserved:
         raise LoraDAError(
-            f"{name}: adapter {adapter_name!r} was already initialized with preserve_output=True, so its base "
-            "weights already lost s·B·A; initializing it again would corrupt them. Start from a freshly loaded "
-            "base model."
+            f"adapter {adapter_name!r} was already initialized with preserve_output=True, so its base weights "
+            "already lost s·B·A; initializing it again would corrupt them. Start from a freshly loaded base model."
         )
 
 
-def _check_only_adapter(name: str, layer, adapter_name: str) -> None:
-    """``preserve_output`` makes ``W − s·B A`` reproduce the base for this adapter alone:
-    another adapter on the same layer would then start from a changed base, and this
-    one would not reproduce the base while the other is active."""
-    others = sorted(a for a in layer.lora_A if a != adapter_name)
+def _check_only_adapter(peft_model, adapter_name: str) -> None:
+    """``preserve_output`` makes ``W − s·B A`` reproduce the base for this adapter alone: any
+    other adapter of the model, on these layers or others, would run on the changed base
+    weights and no longer start from the base model."""
+    others = sorted(a for a in peft_model.peft_config if a != adapter_name)
     if others:
         raise InvalidArgumentError(
-            f"{name}: preserve_output=True needs {adapter_name!r} to be the only adapter on its layers, but the layer "
-            f"also holds {others}: subtracting s·B·A from the shared base weights would change what those adapters "
-            "start from. Initialize one adapter per base model, or pass preserve_output=False"
+            f"preserve_output=True needs {adapter_name!r} to be the only adapter of the model, but it also holds "
+            f"{others}: subtracting s·B·A from the base weights would change what those adapters start from. "
+            "Initialize one adapter per base model, or pass preserve_output=False"
         )
 
 
