@@ -45,6 +45,39 @@ def test_the_callback_refuses_preserve_output_when_it_is_built():
     lora_da.LoraDACallback(lora_da.LoraDAConfig(n_pop=100))  # the plain config still builds
 
 
+@pytest.mark.parametrize("late", ["set on the config", "config swapped"])
+def test_the_callback_refuses_preserve_output_set_after_it_was_built(late, tmp_path):
+    """Checked again when training begins, before any step: the Trainer would otherwise
+    die at its first checkpoint save, where the save guard refuses."""
+    import dataclasses
+
+    from helpers import ClassifierRows
+    from transformers import Trainer, TrainingArguments
+
+    cfg = lora_da.LoraDAConfig(n_pop=6)
+    cb = lora_da.LoraDACallback(cfg, progress=False)
+    if late == "set on the config":
+        cfg.preserve_output = True
+    else:
+        cb.lora_da_config = dataclasses.replace(cfg, preserve_output=True)
+    model = peft_classifier()
+    before = _params(model)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=1, learning_rate=0.0,
+                             report_to=[], use_cpu=True, save_strategy="steps", save_steps=1, logging_strategy="no")
+    trainer = Trainer(model=model, args=args, train_dataset=ClassifierRows(), callbacks=[cb])
+    with pytest.raises(InvalidArgumentError, match="preserve_output=True cannot be combined with the Trainer"):
+        trainer.train()
+    _assert_unchanged(model, before)
+    assert not list(tmp_path.glob("checkpoint-*")) and cb.results is None
+
+
+def test_the_callback_takes_numpy_integers_for_max_samples():
+    assert lora_da.LoraDACallback(lora_da.LoraDAConfig(n_pop=6), max_samples=np.int64(8)).max_samples == 8
+    for bad in (True, 2.5, 0, "8"):
+        with pytest.raises(InvalidArgumentError, match="max_samples must be a positive integer or None"):
+            lora_da.LoraDACallback(lora_da.LoraDAConfig(n_pop=6), max_samples=bad)
+
+
 # -- 4: finite in float32, infinite in the adapter's dtype ------------------------------------
 
 
