@@ -224,6 +224,25 @@ def test_some_zero_gradients_warn_and_name_the_modules():
             lora_da_config=lora_da.LoraDAConfig(n_pop=10), progress=False)
 
 
+def test_compute_init_and_collect_and_solve_refuse_all_zero_gradients_and_warn_on_some():
+    """The lower routes returned B = 0 everywhere with no word (labels all -100: no gradient)."""
+    ids, mask = data()
+    no_grad = [dict(b, labels=torch.full_like(b["input_ids"], -100)) for b in batches(ids, mask, 3)]
+    targets = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"]
+    cfg = lora_da.LoraDAConfig(n_pop=10, rank=2)
+    with pytest.raises(InvalidArgumentError, match="zero in every one of the 2 targeted modules"):
+        lora_da.collect_and_solve(tiny_llama(), no_grad, targets, cfg, progress=False)
+    stats = lora_da.collect_statistics(tiny_llama(), no_grad, targets, progress=False)
+    with pytest.raises(InvalidArgumentError, match="zero in every one of the 2 targeted modules"):
+        lora_da.compute_init(stats, cfg, progress=False)
+    some = lora_da.collect_statistics(tiny_llama(), batches(ids, mask, 3), targets, progress=False)
+    some.grad_sums[targets[1]][:] = 0.0
+    with pytest.warns(UserWarning, match=f"zero in 1 of 2 modules \\({targets[1]}\\): their B is 0"):
+        inits = lora_da.compute_init(some, cfg, progress=False)
+    assert inits[targets[1]].result.zero_gradient and not np.abs(inits[targets[1]].B).any()
+    assert np.abs(inits[targets[0]].B).any()
+
+
 # -- 14, 17: loose config types -----------------------------------------------------------------
 
 

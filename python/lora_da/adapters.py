@@ -31,6 +31,7 @@ from lora_da.report import (  # noqa: F401 (REPORT_NAME, module_report: re-expor
     write_report,
 )
 from lora_da.statistics import Statistics
+from lora_da.quality import check_zero_gradients, zero_gradient_modules  # noqa: F401 (re-exported)
 
 
 def _peft_targets(model: torch.nn.Module, peft_config) -> list[str]:
@@ -77,31 +78,6 @@ def _check_finite_cast(name: str, which: str, cast, original, dtype) -> None:
         f"{name}: the LoRA-DA {which} (largest |entry| {big:.3g}) is not finite in the adapter's dtype {dtype}; "
         "γ is too small for this model: pass a larger gamma (it divides B·A)"
     )
-
-
-def zero_gradient_modules(inits) -> list[str]:
-    """The modules whose mean gradient Ḡ was exactly zero (their ``B`` is 0)."""
-    return [n for n, i in inits.items() if bool(getattr(getattr(i, "result", i), "zero_gradient", False))]
-
-
-def check_zero_gradients(inits, *, warn: bool = True) -> list[str]:
-    """Refuse weights in which every module's gradient was zero (``B = 0`` everywhere: the
-    adapter would start exactly where PEFT's default does, with nothing learned from the
-    data); warn about the modules that have one. Returns those modules."""
-    zero = zero_gradient_modules(inits)
-    if inits and len(zero) == len(inits):
-        raise InvalidArgumentError(
-            f"the mean gradient is zero in every one of the {len(zero)} targeted modules, so every B would be 0: "
-            "the loss has no gradient on these samples (causal-LM rows of a single token, or labels all -100); "
-            "pass samples of at least two tokens, or labels the loss can use"
-        )
-    if zero and warn:
-        import warnings
-
-        shown = ", ".join(zero[:5]) + (f" and {len(zero) - 5} more" if len(zero) > 5 else "")
-        warnings.warn(f"lora-da: the mean gradient is zero in {len(zero)} of {len(inits)} modules ({shown}): "
-                      "their B is 0", UserWarning, stacklevel=3)
-    return zero
 
 
 def _lora_keys(name: str, prefix: str = "") -> tuple[str, str]:
