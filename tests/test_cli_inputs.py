@@ -248,6 +248,35 @@ def test_compare_refuses_a_negative_label(encoder, tmp_path, capsys):
     one_error_line(capsys, f"{data}:2", "label -1")
 
 
+@pytest.mark.parametrize("label, needle", [
+    ("99999999999", "label 99999999999 asks for a 100000000000-way"),  # was a MemoryError in the label balance
+    ("1.5", "label '1.5' is not a class index"),  # was skipped without a word
+    ("pos", "label 'pos' is not a class index"),
+])
+def test_compare_refuses_a_label_that_is_not_a_class_index(encoder, tmp_path, capsys, label, needle):
+    data = tmp_path / "d.tsv"
+    data.write_text("the cat\t0\n" f"a dog\t{label}\n" + "".join(f"{w}\t{k % 2}\n" for k, w in enumerate(WORDS)))
+    assert main(["compare", "--model", str(encoder), "--data", str(data), "--out", str(tmp_path / "c"),
+                 "--train", "8", "--select", "4", "--eval", "4"]) != 0
+    one_error_line(capsys, f"{data}:2", needle)
+    assert not (tmp_path / "c").exists()
+
+
+def test_compare_reads_a_header_line_and_class_indices():
+    import tempfile
+
+    from lora_da.compare import read_label_rows
+
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "d.tsv"
+        p.write_text("text\tlabel\nthe cat\t0\na dog\t+2\n\n")
+        assert read_label_rows(p) == [("the cat", 0), ("a dog", 2)]
+        p.write_text('{"text": "a", "label": 10000}\n')
+        p = p.rename(Path(d) / "d.jsonl")
+        with pytest.raises(ValueError, match="d.jsonl: label 10000 asks for a 10001-way"):
+            read_label_rows(p)
+
+
 # -- --checkpoint ----------------------------------------------------------------------------------
 
 
