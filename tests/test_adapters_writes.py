@@ -268,6 +268,61 @@ def test_numpy_integers_and_huge_n_pop():
             lora_da.LoraDAConfig(n_pop=10, rank=bad)
 
 
+@pytest.mark.parametrize("kw, match", [
+    (dict(rank=True), "solve: rank must be an integer, got True"),  # was taken as 1
+    (dict(rank=2.0), "solve: rank must be an integer, got 2.0"),  # was a raw TypeError
+    (dict(rank=10**30), "solve: rank = 100000000000… \\(31 digits\\) is past 64 bits"),
+    (dict(n_pop=10**400), "solve: n_pop = 100000000000… \\(401 digits\\) is too large for a float64"),
+    (dict(n_pop=True), "solve: n_pop must be a real number, got True"),
+    (dict(max_applications=True), "solve: max_applications must be an integer, got True"),
+    (dict(normalize="no"), "solve: normalize must be True or False, got 'no'"),
+])
+def test_the_cores_solve_refuses_loose_numbers_by_name(kw, match):
+    Z, y, G = np.eye(3) + 0.1, np.ones(3), np.arange(9.0).reshape(3, 3)
+    args = dict(rank=1, n_pop=10.0) | kw
+    with pytest.raises(InvalidArgumentError, match=match):
+        lora_da.solve(Z, y, G, **args)
+    with pytest.raises(InvalidArgumentError, match=match.replace("solve:", "solve_shared:")):
+        lora_da.solve_shared(Z, [y], [G], **args)
+    want = lora_da.solve(Z, y, G, rank=1, n_pop=10.0)
+    got = lora_da.solve(Z, y, G, rank=np.int64(1), n_pop=np.float32(10.0))  # numpy numbers are numbers
+    np.testing.assert_array_equal(got.A, want.A)
+
+
+def test_collect_statistics_refuses_loose_counts_and_negative_bytes_at_entry():
+    ids, mask = data()
+    for bad in (2.5, True, 0, "3"):
+        with pytest.raises(InvalidArgumentError, match=f"max_samples must be a positive integer or None, got {bad!r}"):
+            lora_da.collect_statistics(tiny_llama(), batches(ids, mask, 3), ["q_proj"], max_samples=bad, progress=False)
+    for name in ("max_host_bytes", "max_device_bytes"):
+        with pytest.raises(InvalidArgumentError, match=f"collect_statistics: {name} must be a number of bytes ≥ 0"):
+            lora_da.collect_statistics(tiny_llama(), batches(ids, mask, 3), ["q_proj"], progress=False, **{name: -5})
+    stats = lora_da.collect_statistics(tiny_llama(), batches(ids, mask, 3), ["q_proj"], max_samples=np.int64(4),
+                                       progress=False)
+    assert stats.n_samples == 4
+
+
+def test_gamma_search_takes_numpy_numbers_and_refuses_bools(monkeypatch):
+    import lora_da.gamma as gamma
+
+    model = peft_classifier()
+    unit = {}
+    for name, m in model.get_base_model().named_modules():
+        if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {}):
+            unit[f"{name}.lora_A.weight"] = torch.full(m.lora_A["default"].weight.shape, 0.01)
+            unit[f"{name}.lora_B.weight"] = torch.full(m.lora_B["default"].weight.shape, 0.01)
+    losses = iter([0.7, 0.4, 0.7, 0.6])  # γ = 4 is best
+    monkeypatch.setattr(gamma, "held_back_loss", lambda *a, **k: next(losses))
+    monkeypatch.setattr(gamma, "held_back_losses", lambda *a, **k: [next(losses)])
+    monkeypatch.setattr(gamma, "train_steps", lambda *a, **k: [])
+    cfg = lora_da.LoraDAConfig(n_pop=10)
+    found = gamma.search_gamma(lambda: model, unit, [{}], [{}], cfg, gammas=[np.float32(4), np.int64(16)])
+    assert found.best == 4.0 and type(found.best) is float
+    for bad in ([True], [4.0, 10**400], [np.float64("nan")]):
+        with pytest.raises(InvalidArgumentError, match="gammas must be positive finite numbers"):
+            gamma.search_gamma(lambda: model, unit, [{}], [{}], cfg, gammas=bad)
+
+
 # -- 10: the γ search never picks a diverged candidate ---------------------------------------------
 
 
