@@ -133,6 +133,33 @@ def test_a_refused_merge_changes_nothing():
         np.testing.assert_array_equal(mine.grad_sums[n], 2 * want.grad_sums[n])
 
 
+def test_a_merge_of_a_wrong_shard_names_it_and_changes_nothing():
+    """A non-Statistics, a wrong-shaped or a missing gradient sum: one line naming the shard
+    or module (they were an AttributeError, numpy's ValueError, a KeyError)."""
+    import copy
+
+    ids, mask = data()
+    mine = lora_da.collect_statistics(tiny_llama(), batches(ids, mask, 3), TARGETS, progress=False)
+    want = lora_da.collect_statistics(tiny_llama(), batches(ids, mask, 3), TARGETS, progress=False)
+    name = next(iter(mine.modules))
+    with pytest.raises(InvalidArgumentError, match="Statistics.merge: the other shard must be a lora_da.Statistics, got object"):
+        mine.merge(object())
+    wrong = copy.copy(want)  # the other shard: the same but for what is spoilt (new dicts, shared factors)
+    wrong.grad_sums = dict(want.grad_sums, **{name: want.grad_sums[name][:, :-1]})
+    with pytest.raises(ShapeError, match=f"module {re.escape(name)}: the other shard's gradient sum is"):
+        mine.merge(wrong)
+    missing = copy.copy(want)
+    missing.grad_sums = {n: g for n, g in want.grad_sums.items() if n != name}
+    with pytest.raises(ShapeError, match=f"module {re.escape(name)}: the other shard has no gradient sum"):
+        mine.merge(missing)
+    no_output = copy.copy(want)
+    no_output.output_factors = {n: f for n, f in want.output_factors.items() if n != name}
+    with pytest.raises(ShapeError, match=f"module {re.escape(name)}: the other shard has no output factor"):
+        mine.merge(no_output)
+    assert_same_statistics(mine, want)
+    assert mine.n_samples == want.n_samples
+
+
 # -- 15, 16: inputs_embeds, misused loss functions and model outputs --------------------------------
 
 
