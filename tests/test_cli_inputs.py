@@ -216,6 +216,32 @@ def test_bad_jsonl_is_one_line_naming_the_file(case, model_dir, tmp_path, capsys
     one_error_line(capsys, *needles)
 
 
+def test_a_bad_byte_on_a_later_line_is_reported_at_that_line(model_dir, tmp_path, capsys):
+    """The text-mode reader decoded ahead in chunks and named line 1."""
+    data = tmp_path / "d.jsonl"
+    good = "".join(json.dumps({"text": f"the cat sat {w}"}) + "\n" for w in WORDS[:3])
+    data.write_bytes(good.encode() + json.dumps({"text": "caf\u00e9"}, ensure_ascii=False).encode("latin-1") + b"\n")
+    assert main(["collect", str(model_dir), str(data), "--out", str(tmp_path / "s.safetensors"), "-q"]) != 0
+    one_error_line(capsys, f"{data}:4", "not UTF-8")
+    assert main(["collect", str(model_dir), str(data), "--out", str(tmp_path / "s.safetensors"), "-q",
+                 "--task", "causal-lm"]) != 0
+    one_error_line(capsys, f"{data}:4", "not UTF-8")
+
+
+@pytest.mark.parametrize("rows, where", [
+    (["{not json"], 1),
+    ([json.dumps({"text": "the cat"}), json.dumps({"text": "a dog"}), "{not json"], 3),
+    ([json.dumps({"text": "the cat"}), json.dumps({"txt": "a dog"})], 2),
+])
+def test_a_malformed_file_on_a_non_causal_model_is_bad_data_not_a_missing_label(encoder, tmp_path, capsys, rows,
+                                                                                where):
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(rows) + "\n")
+    assert _collect(encoder, data, tmp_path / "s.safetensors") != 0
+    line = one_error_line(capsys, f"{data}:{where}")
+    assert "no 'label' field" not in line
+
+
 def test_token_mask_labels_with_class_labels(encoder, tmp_path, capsys):
     data = _rows(tmp_path / "d.jsonl", [0, 1])
     assert _collect(encoder, data, tmp_path / "s.safetensors", "--token-mask", "labels") != 0
