@@ -302,15 +302,21 @@ def test_collect_statistics_refuses_loose_counts_and_negative_bytes_at_entry():
     assert stats.n_samples == 4
 
 
-def test_gamma_search_takes_numpy_numbers_and_refuses_bools(monkeypatch):
-    import lora_da.gamma as gamma
-
+def _model_and_unit():
+    """A PEFT classifier and unit weights (0.01 everywhere) for its LoRA layers: a γ search's inputs."""
     model = peft_classifier()
     unit = {}
     for name, m in model.get_base_model().named_modules():
         if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {}):
             unit[f"{name}.lora_A.weight"] = torch.full(m.lora_A["default"].weight.shape, 0.01)
             unit[f"{name}.lora_B.weight"] = torch.full(m.lora_B["default"].weight.shape, 0.01)
+    return model, unit
+
+
+def test_gamma_search_takes_numpy_numbers_and_refuses_bools(monkeypatch):
+    import lora_da.gamma as gamma
+
+    model, unit = _model_and_unit()
     losses = iter([0.7, 0.4, 0.7, 0.6])  # γ = 4 is best
     monkeypatch.setattr(gamma, "held_back_loss", lambda *a, **k: next(losses))
     monkeypatch.setattr(gamma, "held_back_losses", lambda *a, **k: [next(losses)])
@@ -329,12 +335,7 @@ def test_gamma_search_takes_numpy_numbers_and_refuses_bools(monkeypatch):
 def test_gamma_search_skips_a_nan_candidate(monkeypatch):
     import lora_da.gamma as gamma
 
-    model = peft_classifier()
-    unit = {}
-    for name, m in model.get_base_model().named_modules():
-        if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {}):
-            unit[f"{name}.lora_A.weight"] = torch.full(m.lora_A["default"].weight.shape, 0.01)
-            unit[f"{name}.lora_B.weight"] = torch.full(m.lora_B["default"].weight.shape, 0.01)
+    model, unit = _model_and_unit()
     losses = iter([0.7, float("nan"), 0.7, 0.5, 0.7, 0.6])  # γ = 1 diverges; γ = 4 is best
     monkeypatch.setattr(gamma, "held_back_loss", lambda *a, **k: next(losses))  # before the steps
     monkeypatch.setattr(gamma, "held_back_losses", lambda *a, **k: [next(losses)])  # after them, per sample

@@ -11,6 +11,7 @@ Each test failed on the code before the fix (checked by stashing the fix)."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -376,6 +377,33 @@ def jsonl_lines(draw) -> bytes:
     return b"   "
 
 
+def _decodes(line: bytes) -> bool:
+    try:
+        line.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+def _row_ok(line: bytes) -> bool:
+    """A blank line, or one the reader takes as a row (an object with a non-empty Unicode 'text')."""
+    if not _decodes(line):
+        return False
+    if not line.strip():
+        return True
+    try:
+        obj = json.loads(line)
+    except (ValueError, RecursionError):
+        return False
+    if not (isinstance(obj, dict) and isinstance(obj.get("text"), str) and obj["text"].strip()):
+        return False
+    try:
+        obj["text"].encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def test_fuzz_jsonl_reader(tmp_path):
     """Every data file either reads into non-empty Unicode texts and class indices 0..K-1
     (the first --max-samples of them, and the labels of the whole file), or is refused
@@ -401,6 +429,13 @@ def test_fuzz_jsonl_reader(tmp_path):
         except (ValueError, CLIError) as e:
             assert str(path) in str(e) or "--task" in str(e), f"the message does not name the file: {e}"
             assert "\n" not in str(e)
+            at = re.match(re.escape(str(path)) + r":(\d+):", str(e))
+            if "not UTF-8" in str(e):  # the line named is the first that does not decode (not line 1)
+                assert at, e
+                n = int(at.group(1))
+                assert not _decodes(lines[n - 1]) and all(_decodes(x) for x in lines[:n - 1]), (n, e)
+            if "no 'label' field" in str(e) or "has 'label' fields" in str(e):  # a task refused: the rows are good
+                assert all(_row_ok(x) for x in lines), e
             counts["refused"] += 1
             return
         assert 1 <= len(texts) <= limit

@@ -22,26 +22,23 @@ def check_numbers(where: str, options: dict) -> dict:
     or a float) within 64 bits, and each real option a ``float`` (any real number, not a bool)
     within float64's range; anything else refused naming ``where`` and the option."""
     out = dict(options)
-    for name in _INTEGERS:
-        v = out.get(name)
-        if v is None:
-            continue
-        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-            raise InvalidArgumentError(f"{where}: {name} must be an integer, got {v!r}")
-        if not -(2**63) <= v < 2**63:
-            raise InvalidArgumentError(f"{where}: {name} = {str(v)[:12]}… ({len(str(v))} digits) is past 64 bits")
-        out[name] = int(v)
-    for name in _REALS:
-        v = out.get(name)
-        if v is None:
-            continue
-        if isinstance(v, bool) or not isinstance(v, numbers.Real):
-            raise InvalidArgumentError(f"{where}: {name} must be a real number, got {v!r}")
-        try:
-            out[name] = float(v)
-        except OverflowError:
-            raise InvalidArgumentError(f"{where}: {name} = {str(v)[:12]}… ({len(str(v))} digits) is too large for a "
-                                       "float64") from None
+    for names, kind, need in ((_INTEGERS, numbers.Integral, "an integer"), (_REALS, numbers.Real, "a real number")):
+        for name in names:
+            v = out.get(name)
+            if v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, kind):
+                raise InvalidArgumentError(f"{where}: {name} must be {need}, got {v!r}")
+            digits = f"{str(v)[:12]}… ({len(str(v))} digits)"
+            if kind is numbers.Integral:
+                if not -(2**63) <= v < 2**63:
+                    raise InvalidArgumentError(f"{where}: {name} = {digits} is past 64 bits")
+                out[name] = int(v)
+                continue
+            try:
+                out[name] = float(v)
+            except OverflowError:
+                raise InvalidArgumentError(f"{where}: {name} = {digits} is too large for a float64") from None
     for name in ("normalize", "auto_damping", "deterministic", "dense_fallback"):
         v = out.get(name)
         if v is not None and not isinstance(v, bool) and type(v).__name__ != "bool_":
