@@ -233,6 +233,15 @@ def test_token_mask_labels_needs_labels_of_the_inputs_shape(labels):
         lora_da.collect_statistics(tiny_classifier(), bs, ["query"], token_mask="labels", progress=False)
 
 
+def test_class_labels_of_shape_b1_are_named_by_the_default_loss():
+    ids, mask = data()
+    bs = [{"input_ids": ids[i:i + 3], "attention_mask": mask[i:i + 3], "labels": torch.tensor([[0], [1], [1]])}
+          for i in (0, 3)]
+    with pytest.raises(InvalidArgumentError, match=r"one class id per sample, labels of shape \(3,\); these have "
+                                                   r"shape \(3, 1\): flatten them, or pass loss_fn"):
+        lora_da.collect_statistics(tiny_classifier(), bs, ["query"], progress=False)
+
+
 def test_token_mask_labels_refuses_float_labels_of_the_tokens_shape():
     ids, mask = data()
     bs = [{"input_ids": ids[i:i + 3], "attention_mask": mask[i:i + 3], "labels": _with_labels(ids, mask)[i:i + 3].double()}

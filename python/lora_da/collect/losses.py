@@ -70,6 +70,10 @@ def default_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
             raise InvalidArgumentError("sequence classification needs 'labels' in every batch")
         if logits.shape[-1] == 1 or labels.dtype.is_floating_point:
             return ((logits.float().squeeze(-1) - labels.float()) ** 2).reshape(labels.shape[0], -1).mean(1)
+        if tuple(labels.shape) != (logits.shape[0],):  # (B, 1) class ids: cross_entropy's raw RuntimeError
+            raise InvalidArgumentError(
+                f"default loss: sequence classification needs one class id per sample, labels of shape "
+                f"({logits.shape[0]},); these have shape {tuple(labels.shape)}: flatten them, or pass loss_fn")
         return torch.nn.functional.cross_entropy(logits.float(), labels, reduction="none")
     raise InvalidArgumentError(f"default loss: cannot interpret logits of shape {tuple(logits.shape)}; pass loss_fn")
 
