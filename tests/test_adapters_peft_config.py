@@ -190,6 +190,26 @@ def test_modules_to_save_are_left_to_peft_and_the_head_is_not_solved():
     torch.testing.assert_close(head.modules_to_save["default"].weight, before, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("targets", [["query", "classifier"], ["classifier"]])
+def test_the_task_head_as_a_target_is_refused_before_the_pass(targets, monkeypatch):
+    """PEFT's SEQ_CLS model saves ``classifier`` whole (modules_to_save) itself: a state
+    dict that also holds its LoRA A/B does not load. Refused before any collection."""
+    from helpers import tiny_classifier
+
+    import lora_da.adapters
+
+    def no_pass(*a, **k):
+        raise AssertionError("the pass ran")
+
+    monkeypatch.setattr(lora_da.adapters, "collect_and_solve", no_pass)
+    pc = LoraConfig(r=2, target_modules=targets, task_type="SEQ_CLS")
+    with pytest.raises(InvalidArgumentError, match="selects classifier, the head of a SEQ_CLS model.*leave it out"):
+        lora_da.get_lora_da_state_dict(tiny_classifier(), [], pc, lora_da.LoraDAConfig(n_pop=10), progress=False)
+    # without a task type PEFT saves nothing whole, and the head is an ordinary target
+    assert lora_da.adapters.task_heads(["classifier", "bert.pooler.dense"], None) == []
+    assert lora_da.adapters.task_heads(["classifier", "model.score", "q"], "SEQ_CLS") == ["classifier", "model.score"]
+
+
 def test_target_parameters_is_refused_with_the_reason():
     pc = LoraConfig(r=4, target_modules=[], target_parameters=["model.layers.0.mlp.down_proj.weight"])
     with pytest.raises(InvalidArgumentError, match="target_parameters.*target_modules instead"):

@@ -45,6 +45,39 @@ def test_the_callback_refuses_preserve_output_when_it_is_built():
     lora_da.LoraDACallback(lora_da.LoraDAConfig(n_pop=100))  # the plain config still builds
 
 
+@pytest.mark.parametrize("late", ["set on the config", "config swapped"])
+def test_the_callback_refuses_preserve_output_set_after_it_was_built(late, tmp_path):
+    """Checked again when training begins, before any step: the Trainer would otherwise
+    die at its first checkpoint save, where the save guard refuses."""
+    import dataclasses
+
+    from helpers import ClassifierRows
+    from transformers import Trainer, TrainingArguments
+
+    cfg = lora_da.LoraDAConfig(n_pop=6)
+    cb = lora_da.LoraDACallback(cfg, progress=False)
+    if late == "set on the config":
+        cfg.preserve_output = True
+    else:
+        cb.lora_da_config = dataclasses.replace(cfg, preserve_output=True)
+    model = peft_classifier()
+    before = _params(model)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=1, learning_rate=0.0,
+                             report_to=[], use_cpu=True, save_strategy="steps", save_steps=1, logging_strategy="no")
+    trainer = Trainer(model=model, args=args, train_dataset=ClassifierRows(), callbacks=[cb])
+    with pytest.raises(InvalidArgumentError, match="preserve_output=True cannot be combined with the Trainer"):
+        trainer.train()
+    _assert_unchanged(model, before)
+    assert not list(tmp_path.glob("checkpoint-*")) and cb.results is None
+
+
+def test_the_callback_takes_numpy_integers_for_max_samples():
+    assert lora_da.LoraDACallback(lora_da.LoraDAConfig(n_pop=6), max_samples=np.int64(8)).max_samples == 8
+    for bad in (True, 2.5, 0, "8"):
+        with pytest.raises(InvalidArgumentError, match="max_samples must be a positive integer or None"):
+            lora_da.LoraDACallback(lora_da.LoraDAConfig(n_pop=6), max_samples=bad)
+
+
 # -- 4: finite in float32, infinite in the adapter's dtype ------------------------------------
 
 
@@ -63,6 +96,18 @@ def test_weights_that_overflow_the_adapters_dtype_are_refused_before_any_write()
     before = _params(model)
     with pytest.raises(NonFiniteError, match="float16.*larger gamma"):
         lora_da.initialize_lora_da_weights(model, state_dict=state, lora_da_config=lora_da.LoraDAConfig(n_pop=10))
+    _assert_unchanged(model, before)
+
+
+def test_a_float16_dora_magnitude_that_overflows_is_refused_before_any_write():
+    """A and B fit float16, ‖W + s·B·A‖ does not: DoRA's magnitude was written as inf."""
+    ids, mask = data()
+    model = get_peft_model(tiny_llama(torch.float32).half(), LoraConfig(r=2, target_modules=["q_proj"], use_dora=True),
+                           autocast_adapter_dtype=False)
+    before = _params(model)
+    with pytest.raises(NonFiniteError, match="q_proj: the LoRA-DA DoRA magnitude.*float16.*larger gamma"):
+        lora_da.initialize_lora_da_weights(model, batches(ids, mask, 3), progress=False,
+                                           lora_da_config=lora_da.LoraDAConfig(n_pop=100, gamma=1e-5))
     _assert_unchanged(model, before)
 
 
@@ -119,6 +164,31 @@ def test_an_adapter_beside_a_preserved_one_is_refused():
     _assert_unchanged(model, before)
 
 
+def test_preserve_output_beside_an_adapter_on_other_layers_is_refused_and_changes_nothing():
+    """W − s·B·A on q_proj changes the base the v_proj adapter runs on: whole model, not per layer."""
+    ids, mask = data()
+    model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]))
+    model.add_adapter("other", LoraConfig(r=2, target_modules=["v_proj"]))
+    before = _params(model)
+    cfg = lora_da.LoraDAConfig(n_pop=10, gamma=4.0, preserve_output=True)
+    with pytest.raises(InvalidArgumentError, match="'default' to be the only adapter of the model.*\\['other'\\]"):
+        lora_da.initialize_lora_da_weights(model, batches(ids, mask, 3), lora_da_config=cfg, progress=False)
+    _assert_unchanged(model, before)
+
+
+def test_an_adapter_on_other_layers_than_a_preserved_one_is_refused():
+    ids, mask = data()
+    model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]))
+    lora_da.initialize_lora_da_weights(model, batches(ids, mask, 3), progress=False,
+                                       lora_da_config=lora_da.LoraDAConfig(n_pop=10, gamma=4.0, preserve_output=True))
+    model.add_adapter("other", LoraConfig(r=2, target_modules=["v_proj"]))
+    before = _params(model)
+    with pytest.raises(lora_da.LoraDAError, match="'default' was initialized with preserve_output.*'other'"):
+        lora_da.initialize_lora_da_weights(model, batches(ids, mask, 3), adapter_name="other", progress=False,
+                                           lora_da_config=lora_da.LoraDAConfig(n_pop=10, gamma=4.0))
+    _assert_unchanged(model, before)
+
+
 # -- 6: zero gradients ----------------------------------------------------------------------------
 
 
@@ -154,6 +224,25 @@ def test_some_zero_gradients_warn_and_name_the_modules():
             lora_da_config=lora_da.LoraDAConfig(n_pop=10), progress=False)
 
 
+def test_compute_init_and_collect_and_solve_refuse_all_zero_gradients_and_warn_on_some():
+    """The lower routes returned B = 0 everywhere with no word (labels all -100: no gradient)."""
+    ids, mask = data()
+    no_grad = [dict(b, labels=torch.full_like(b["input_ids"], -100)) for b in batches(ids, mask, 3)]
+    targets = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"]
+    cfg = lora_da.LoraDAConfig(n_pop=10, rank=2)
+    with pytest.raises(InvalidArgumentError, match="zero in every one of the 2 targeted modules"):
+        lora_da.collect_and_solve(tiny_llama(), no_grad, targets, cfg, progress=False)
+    stats = lora_da.collect_statistics(tiny_llama(), no_grad, targets, progress=False)
+    with pytest.raises(InvalidArgumentError, match="zero in every one of the 2 targeted modules"):
+        lora_da.compute_init(stats, cfg, progress=False)
+    some = lora_da.collect_statistics(tiny_llama(), batches(ids, mask, 3), targets, progress=False)
+    some.grad_sums[targets[1]][:] = 0.0
+    with pytest.warns(UserWarning, match=f"zero in 1 of 2 modules \\({targets[1]}\\): their B is 0"):
+        inits = lora_da.compute_init(some, cfg, progress=False)
+    assert inits[targets[1]].result.zero_gradient and not np.abs(inits[targets[1]].B).any()
+    assert np.abs(inits[targets[0]].B).any()
+
+
 # -- 14, 17: loose config types -----------------------------------------------------------------
 
 
@@ -179,18 +268,74 @@ def test_numpy_integers_and_huge_n_pop():
             lora_da.LoraDAConfig(n_pop=10, rank=bad)
 
 
-# -- 10: the γ search never picks a diverged candidate ---------------------------------------------
+@pytest.mark.parametrize("kw, match", [
+    (dict(rank=True), "solve: rank must be an integer, got True"),  # was taken as 1
+    (dict(rank=2.0), "solve: rank must be an integer, got 2.0"),  # was a raw TypeError
+    (dict(rank=10**30), "solve: rank = 100000000000… \\(31 digits\\) is past 64 bits"),
+    (dict(n_pop=10**400), "solve: n_pop = 100000000000… \\(401 digits\\) is too large for a float64"),
+    (dict(n_pop=True), "solve: n_pop must be a real number, got True"),
+    (dict(max_applications=True), "solve: max_applications must be an integer, got True"),
+    (dict(normalize="no"), "solve: normalize must be True or False, got 'no'"),
+])
+def test_the_cores_solve_refuses_loose_numbers_by_name(kw, match):
+    Z, y, G = np.eye(3) + 0.1, np.ones(3), np.arange(9.0).reshape(3, 3)
+    args = dict(rank=1, n_pop=10.0) | kw
+    with pytest.raises(InvalidArgumentError, match=match):
+        lora_da.solve(Z, y, G, **args)
+    with pytest.raises(InvalidArgumentError, match=match.replace("solve:", "solve_shared:")):
+        lora_da.solve_shared(Z, [y], [G], **args)
+    want = lora_da.solve(Z, y, G, rank=1, n_pop=10.0)
+    got = lora_da.solve(Z, y, G, rank=np.int64(1), n_pop=np.float32(10.0))  # numpy numbers are numbers
+    np.testing.assert_array_equal(got.A, want.A)
 
 
-def test_gamma_search_skips_a_nan_candidate(monkeypatch):
-    import lora_da.gamma as gamma
+def test_collect_statistics_refuses_loose_counts_and_negative_bytes_at_entry():
+    ids, mask = data()
+    for bad in (2.5, True, 0, "3"):
+        with pytest.raises(InvalidArgumentError, match=f"max_samples must be a positive integer or None, got {bad!r}"):
+            lora_da.collect_statistics(tiny_llama(), batches(ids, mask, 3), ["q_proj"], max_samples=bad, progress=False)
+    for name in ("max_host_bytes", "max_device_bytes"):
+        with pytest.raises(InvalidArgumentError, match=f"collect_statistics: {name} must be a number of bytes ≥ 0"):
+            lora_da.collect_statistics(tiny_llama(), batches(ids, mask, 3), ["q_proj"], progress=False, **{name: -5})
+    stats = lora_da.collect_statistics(tiny_llama(), batches(ids, mask, 3), ["q_proj"], max_samples=np.int64(4),
+                                       progress=False)
+    assert stats.n_samples == 4
 
+
+def _model_and_unit():
+    """A PEFT classifier and unit weights (0.01 everywhere) for its LoRA layers: a γ search's inputs."""
     model = peft_classifier()
     unit = {}
     for name, m in model.get_base_model().named_modules():
         if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {}):
             unit[f"{name}.lora_A.weight"] = torch.full(m.lora_A["default"].weight.shape, 0.01)
             unit[f"{name}.lora_B.weight"] = torch.full(m.lora_B["default"].weight.shape, 0.01)
+    return model, unit
+
+
+def test_gamma_search_takes_numpy_numbers_and_refuses_bools(monkeypatch):
+    import lora_da.gamma as gamma
+
+    model, unit = _model_and_unit()
+    losses = iter([0.7, 0.4, 0.7, 0.6])  # γ = 4 is best
+    monkeypatch.setattr(gamma, "held_back_loss", lambda *a, **k: next(losses))
+    monkeypatch.setattr(gamma, "held_back_losses", lambda *a, **k: [next(losses)])
+    monkeypatch.setattr(gamma, "train_steps", lambda *a, **k: [])
+    cfg = lora_da.LoraDAConfig(n_pop=10)
+    found = gamma.search_gamma(lambda: model, unit, [{}], [{}], cfg, gammas=[np.float32(4), np.int64(16)])
+    assert found.best == 4.0 and type(found.best) is float
+    for bad in ([True], [4.0, 10**400], [np.float64("nan")]):
+        with pytest.raises(InvalidArgumentError, match="gammas must be positive finite numbers"):
+            gamma.search_gamma(lambda: model, unit, [{}], [{}], cfg, gammas=bad)
+
+
+# -- 10: the γ search never picks a diverged candidate ---------------------------------------------
+
+
+def test_gamma_search_skips_a_nan_candidate(monkeypatch):
+    import lora_da.gamma as gamma
+
+    model, unit = _model_and_unit()
     losses = iter([0.7, float("nan"), 0.7, 0.5, 0.7, 0.6])  # γ = 1 diverges; γ = 4 is best
     monkeypatch.setattr(gamma, "held_back_loss", lambda *a, **k: next(losses))  # before the steps
     monkeypatch.setattr(gamma, "held_back_losses", lambda *a, **k: [next(losses)])  # after them, per sample

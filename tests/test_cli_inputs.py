@@ -11,6 +11,7 @@ Each test failed on the code before the fix (checked by stashing the fix)."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -156,6 +157,24 @@ def test_a_head_named_as_a_target_is_refused_before_the_pass(encoder, tmp_path, 
     one_error_line(capsys, "--targets selects classifier", "modules_to_save")
 
 
+@pytest.mark.parametrize("targets", ["query,classifier", "classifier"])
+def test_a_classifiers_own_head_named_as_a_target_is_refused(classifier3, tmp_path, capsys, monkeypatch, targets):
+    """PEFT's SEQ_CLS model saves ``classifier`` whole itself, so an adapter that also
+    targets it does not load (the head the model brings, not only one lora-da creates)."""
+    import lora_da.collect
+
+    def no_pass(*a, **k):
+        raise AssertionError("the pass ran")
+
+    monkeypatch.setattr(lora_da.collect, "collect_statistics", no_pass)
+    data = _rows(tmp_path / "d.jsonl", [0, 1, 2, 1])
+    out = tmp_path / "adapter"
+    assert main(["init", str(classifier3), str(data), "--n-pop", "10", "--rank", "2", "--gamma", "4", "--out", str(out),
+                 "-q", "--targets", targets]) != 0
+    one_error_line(capsys, "--targets selects classifier", "SEQ_CLS", "modules_to_save")
+    assert not out.exists()
+
+
 # -- 11: model errors, an unwritable --out --------------------------------------------------------
 
 
@@ -198,6 +217,32 @@ def test_bad_jsonl_is_one_line_naming_the_file(case, model_dir, tmp_path, capsys
     one_error_line(capsys, *needles)
 
 
+def test_a_bad_byte_on_a_later_line_is_reported_at_that_line(model_dir, tmp_path, capsys):
+    """The text-mode reader decoded ahead in chunks and named line 1."""
+    data = tmp_path / "d.jsonl"
+    good = "".join(json.dumps({"text": f"the cat sat {w}"}) + "\n" for w in WORDS[:3])
+    data.write_bytes(good.encode() + json.dumps({"text": "caf\u00e9"}, ensure_ascii=False).encode("latin-1") + b"\n")
+    assert main(["collect", str(model_dir), str(data), "--out", str(tmp_path / "s.safetensors"), "-q"]) != 0
+    one_error_line(capsys, f"{data}:4", "not UTF-8")
+    assert main(["collect", str(model_dir), str(data), "--out", str(tmp_path / "s.safetensors"), "-q",
+                 "--task", "causal-lm"]) != 0
+    one_error_line(capsys, f"{data}:4", "not UTF-8")
+
+
+@pytest.mark.parametrize("rows, where", [
+    (["{not json"], 1),
+    ([json.dumps({"text": "the cat"}), json.dumps({"text": "a dog"}), "{not json"], 3),
+    ([json.dumps({"text": "the cat"}), json.dumps({"txt": "a dog"})], 2),
+])
+def test_a_malformed_file_on_a_non_causal_model_is_bad_data_not_a_missing_label(encoder, tmp_path, capsys, rows,
+                                                                                where):
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(rows) + "\n")
+    assert _collect(encoder, data, tmp_path / "s.safetensors") != 0
+    line = one_error_line(capsys, f"{data}:{where}")
+    assert "no 'label' field" not in line
+
+
 def test_token_mask_labels_with_class_labels(encoder, tmp_path, capsys):
     data = _rows(tmp_path / "d.jsonl", [0, 1])
     assert _collect(encoder, data, tmp_path / "s.safetensors", "--token-mask", "labels") != 0
@@ -228,6 +273,35 @@ def test_compare_refuses_a_negative_label(encoder, tmp_path, capsys):
     data.write_text("the cat\t0\na dog\t-1\n")
     assert main(["compare", "--model", str(encoder), "--data", str(data), "--out", str(tmp_path / "c")]) != 0
     one_error_line(capsys, f"{data}:2", "label -1")
+
+
+@pytest.mark.parametrize("label, needle", [
+    ("99999999999", "label 99999999999 asks for a 100000000000-way"),  # was a MemoryError in the label balance
+    ("1.5", "label '1.5' is not a class index"),  # was skipped without a word
+    ("pos", "label 'pos' is not a class index"),
+])
+def test_compare_refuses_a_label_that_is_not_a_class_index(encoder, tmp_path, capsys, label, needle):
+    data = tmp_path / "d.tsv"
+    data.write_text("the cat\t0\n" f"a dog\t{label}\n" + "".join(f"{w}\t{k % 2}\n" for k, w in enumerate(WORDS)))
+    assert main(["compare", "--model", str(encoder), "--data", str(data), "--out", str(tmp_path / "c"),
+                 "--train", "8", "--select", "4", "--eval", "4"]) != 0
+    one_error_line(capsys, f"{data}:2", needle)
+    assert not (tmp_path / "c").exists()
+
+
+def test_compare_reads_a_header_line_and_class_indices():
+    import tempfile
+
+    from lora_da.compare import read_label_rows
+
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "d.tsv"
+        p.write_text("text\tlabel\nthe cat\t0\na dog\t+2\n\n")
+        assert read_label_rows(p) == [("the cat", 0), ("a dog", 2)]
+        p.write_text('{"text": "a", "label": 10000}\n')
+        p = p.rename(Path(d) / "d.jsonl")
+        with pytest.raises(ValueError, match="d.jsonl: label 10000 asks for a 10001-way"):
+            read_label_rows(p)
 
 
 # -- --checkpoint ----------------------------------------------------------------------------------
@@ -338,6 +412,33 @@ def jsonl_lines(draw) -> bytes:
     return b"   "
 
 
+def _decodes(line: bytes) -> bool:
+    try:
+        line.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+def _row_ok(line: bytes) -> bool:
+    """A blank line, or one the reader takes as a row (an object with a non-empty Unicode 'text')."""
+    if not _decodes(line):
+        return False
+    if not line.strip():
+        return True
+    try:
+        obj = json.loads(line)
+    except (ValueError, RecursionError):
+        return False
+    if not (isinstance(obj, dict) and isinstance(obj.get("text"), str) and obj["text"].strip()):
+        return False
+    try:
+        obj["text"].encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def test_fuzz_jsonl_reader(tmp_path):
     """Every data file either reads into non-empty Unicode texts and class indices 0..K-1
     (the first --max-samples of them, and the labels of the whole file), or is refused
@@ -363,6 +464,13 @@ def test_fuzz_jsonl_reader(tmp_path):
         except (ValueError, CLIError) as e:
             assert str(path) in str(e) or "--task" in str(e), f"the message does not name the file: {e}"
             assert "\n" not in str(e)
+            at = re.match(re.escape(str(path)) + r":(\d+):", str(e))
+            if "not UTF-8" in str(e):  # the line named is the first that does not decode (not line 1)
+                assert at, e
+                n = int(at.group(1))
+                assert not _decodes(lines[n - 1]) and all(_decodes(x) for x in lines[:n - 1]), (n, e)
+            if "no 'label' field" in str(e) or "has 'label' fields" in str(e):  # a task refused: the rows are good
+                assert all(_row_ok(x) for x in lines), e
             counts["refused"] += 1
             return
         assert 1 <= len(texts) <= limit

@@ -9,6 +9,7 @@ Each test failed on the code before the fix (checked by stashing the fix)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -147,6 +148,33 @@ def test_a_refused_merge_changes_nothing():
         np.testing.assert_array_equal(mine.grad_sums[n], 2 * want.grad_sums[n])
 
 
+def test_a_merge_of_a_wrong_shard_names_it_and_changes_nothing():
+    """A non-Statistics, a wrong-shaped or a missing gradient sum: one line naming the shard
+    or module (they were an AttributeError, numpy's ValueError, a KeyError)."""
+    import copy
+
+    ids, mask = data()
+    mine = lora_da.collect_statistics(tiny_llama(), batches(ids, mask, 3), TARGETS, progress=False)
+    want = lora_da.collect_statistics(tiny_llama(), batches(ids, mask, 3), TARGETS, progress=False)
+    name = next(iter(mine.modules))
+    with pytest.raises(InvalidArgumentError, match="Statistics.merge: the other shard must be a lora_da.Statistics, got object"):
+        mine.merge(object())
+    wrong = copy.copy(want)  # the other shard: the same but for what is spoilt (new dicts, shared factors)
+    wrong.grad_sums = dict(want.grad_sums, **{name: want.grad_sums[name][:, :-1]})
+    with pytest.raises(ShapeError, match=f"module {re.escape(name)}: the other shard's gradient sum is"):
+        mine.merge(wrong)
+    missing = copy.copy(want)
+    missing.grad_sums = {n: g for n, g in want.grad_sums.items() if n != name}
+    with pytest.raises(ShapeError, match=f"module {re.escape(name)}: the other shard has no gradient sum"):
+        mine.merge(missing)
+    no_output = copy.copy(want)
+    no_output.output_factors = {n: f for n, f in want.output_factors.items() if n != name}
+    with pytest.raises(ShapeError, match=f"module {re.escape(name)}: the other shard has no output factor"):
+        mine.merge(no_output)
+    assert_same_statistics(mine, want)
+    assert mine.n_samples == want.n_samples
+
+
 # -- 15, 16: inputs_embeds, misused loss functions and model outputs --------------------------------
 
 
@@ -202,6 +230,76 @@ def test_a_model_returning_bare_logits():
     got = lora_da.collect_statistics(bare, bs, ["query"], progress=False)
     want = lora_da.collect_statistics(bare.inner, bs, ["query"], progress=False)
     assert [n.removeprefix("inner.") for n in got.modules] == list(want.modules)
+    for a, b in zip(got.modules, want.modules):
+        np.testing.assert_array_equal(got.mean_grad(a), want.mean_grad(b))
+
+
+@pytest.mark.parametrize("labels", [
+    torch.tensor([[0., 1.], [1., 0.], [1., 1.]]),  # multi-label targets: the mask was ignored, every token counted
+    torch.tensor([[0], [1], [1]]),  # class labels (B, 1): a raw RuntimeError in the loss
+    torch.tensor([[0, 1], [1, 0], [1, 1]]),  # integer (B, 2): not the tokens' (B, T) either
+], ids=["float-B2", "B1", "int-B2"])
+def test_token_mask_labels_needs_labels_of_the_inputs_shape(labels):
+    ids, mask = data()
+    bs = [{"input_ids": ids[i:i + 3], "attention_mask": mask[i:i + 3], "labels": labels} for i in (0, 3)]
+    with pytest.raises(InvalidArgumentError,
+                       match=rf"token_mask='labels' needs per-token labels .*input's shape \(3, 9\).*shape "
+                             rf"{re.escape(str(tuple(labels.shape)))}.*pass token_mask='attention'"):
+        lora_da.collect_statistics(tiny_classifier(), bs, ["query"], token_mask="labels", progress=False)
+
+
+def test_class_labels_of_shape_b1_are_named_by_the_default_loss():
+    ids, mask = data()
+    bs = [{"input_ids": ids[i:i + 3], "attention_mask": mask[i:i + 3], "labels": torch.tensor([[0], [1], [1]])}
+          for i in (0, 3)]
+    with pytest.raises(InvalidArgumentError, match=r"one class id per sample, labels of shape \(3,\); these have "
+                                                   r"shape \(3, 1\): flatten them, or pass loss_fn"):
+        lora_da.collect_statistics(tiny_classifier(), bs, ["query"], progress=False)
+
+
+def test_token_mask_labels_refuses_float_labels_of_the_tokens_shape():
+    ids, mask = data()
+    bs = [{"input_ids": ids[i:i + 3], "attention_mask": mask[i:i + 3], "labels": _with_labels(ids, mask)[i:i + 3].double()}
+          for i in (0, 3)]
+    with pytest.raises(InvalidArgumentError, match="token_mask='labels' needs per-token class ids.*torch.float64"):
+        lora_da.collect_statistics(tiny_llama(), bs, TARGETS, token_mask="labels", progress=False)
+
+
+def test_inputs_embeds_without_labels_or_input_ids_says_what_to_pass():
+    ids, mask = data()
+    model = tiny_llama()
+    with torch.no_grad():
+        embeds = model.get_input_embeddings()(ids)
+    bs = [{"inputs_embeds": embeds[i:i + 3], "attention_mask": mask[i:i + 3]} for i in (0, 3)]
+    with pytest.raises(InvalidArgumentError, match="neither.*give batches of inputs_embeds their 'labels'.*loss_fn"):
+        lora_da.collect_statistics(model, bs, TARGETS, progress=False)
+
+
+class _Wrapped(torch.nn.Module):
+    def __init__(self, give):
+        super().__init__()
+        self.inner, self.give = tiny_llama(), give
+
+    def forward(self, **kw):
+        return self.give(self.inner(**kw).logits)
+
+
+@pytest.mark.parametrize("give, match", [
+    (lambda logits: {"hidden": logits}, r"returned dict \(keys \['hidden'\]\) without logits; pass loss_fn"),
+    (lambda logits: None, "returned NoneType without logits; pass loss_fn"),
+    (lambda logits: 3.0, "returned float without logits; pass loss_fn"),
+], ids=["dict", "None", "float"])
+def test_a_model_output_without_logits_is_named(give, match):
+    ids, mask = data()
+    with pytest.raises(InvalidArgumentError, match="default loss: the model " + match):
+        lora_da.collect_statistics(_Wrapped(give), batches(ids, mask, 3), ["q_proj"], progress=False)
+
+
+def test_a_model_returning_a_dict_with_logits_is_read():
+    ids, mask = data()
+    wrapped = _Wrapped(lambda logits: {"logits": logits})
+    got = lora_da.collect_statistics(wrapped, batches(ids, mask, 3), ["q_proj"], progress=False)
+    want = lora_da.collect_statistics(wrapped.inner, batches(ids, mask, 3), ["q_proj"], progress=False)
     for a, b in zip(got.modules, want.modules):
         np.testing.assert_array_equal(got.mean_grad(a), want.mean_grad(b))
 

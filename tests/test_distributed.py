@@ -327,3 +327,37 @@ def test_options_that_differ_between_ranks_are_refused_on_every_rank(tmp_path):
             assert got[r][option].startswith("InvalidArgumentError:"), (r, option, got[r][option])
             assert f"the ranks disagree on {option} ({text}" in got[r][option], (r, option, got[r][option])
         assert got[r]["same"] == 18  # the ranks still work together afterwards
+
+
+def _loss_of_another_process(scale):
+    """A loss function as another rank has it: the same code, another object (another address)."""
+    def scaled_loss(model, batch, scale=1.0):
+        return scale
+    import functools
+
+    return functools.partial(scaled_loss, scale=scale)
+
+
+class _Callable:
+    def __call__(self, model, batch):
+        return 0.0
+
+
+def test_identical_callables_agree_across_ranks_and_different_arguments_do_not(monkeypatch):
+    """The options are compared by stand-ins that do not hold addresses: an identical
+    functools.partial (or callable instance) on two ranks was refused (its repr differs)."""
+    import pytest
+
+    import lora_da.distributed as d
+
+    def check(mine, theirs):
+        monkeypatch.setattr(d, "gather_objects", lambda obj, group: [obj, {k: d._option_value(v) for k, v in theirs.items()}])
+        d.check_same_options(mine, None, "collect_statistics")
+
+    check({"loss_fn": _loss_of_another_process(1.0)}, {"loss_fn": _loss_of_another_process(1.0)})
+    check({"loss_fn": _Callable()}, {"loss_fn": _Callable()})
+    check({"targets": ("q_proj",), "tm": "labels"}, {"targets": ["q_proj"], "tm": "labels"})
+    with pytest.raises(lora_da.InvalidArgumentError, match=r"disagree on loss_fn .*scale=1.0.*scale=3.0.*same loss_fn"):
+        check({"loss_fn": _loss_of_another_process(1.0)}, {"loss_fn": _loss_of_another_process(3.0)})
+    with pytest.raises(lora_da.InvalidArgumentError, match="disagree on loss_fn"):
+        check({"loss_fn": _loss_of_another_process(1.0)}, {"loss_fn": _Callable()})

@@ -23,9 +23,8 @@ from lora_da._core import (
     SolveResult,
     lowrank_output_precision,
     num_threads,
-    solve,
-    solve_shared,
 )
+from lora_da.core_args import solve, solve_shared  # the core's, their numeric options checked by name
 from lora_da.adapters import get_lora_da_state_dict, initialize_lora_da_weights, save_initial_adapter
 from lora_da.collect import collect_statistics
 from lora_da.errors import (

@@ -31,6 +31,7 @@ from lora_da.report import (  # noqa: F401 (REPORT_NAME, module_report: re-expor
     write_report,
 )
 from lora_da.statistics import Statistics
+from lora_da.quality import check_zero_gradients, zero_gradient_modules  # noqa: F401 (re-exported)
 
 
 def _peft_targets(model: torch.nn.Module, peft_config) -> list[str]:
@@ -104,31 +105,6 @@ def _check_finite_cast(name: str, which: str, cast, original, dtype) -> None:
     )
 
 
-def zero_gradient_modules(inits) -> list[str]:
-    """The modules whose mean gradient Ḡ was exactly zero (their ``B`` is 0)."""
-    return [n for n, i in inits.items() if bool(getattr(getattr(i, "result", i), "zero_gradient", False))]
-
-
-def check_zero_gradients(inits, *, warn: bool = True) -> list[str]:
-    """Refuse weights in which every module's gradient was zero (``B = 0`` everywhere: the
-    adapter would start exactly where PEFT's default does, with nothing learned from the
-    data); warn about the modules that have one. Returns those modules."""
-    zero = zero_gradient_modules(inits)
-    if inits and len(zero) == len(inits):
-        raise InvalidArgumentError(
-            f"the mean gradient is zero in every one of the {len(zero)} targeted modules, so every B would be 0: "
-            "the loss has no gradient on these samples (causal-LM rows of a single token, or labels all -100); "
-            "pass samples of at least two tokens, or labels the loss can use"
-        )
-    if zero and warn:
-        import warnings
-
-        shown = ", ".join(zero[:5]) + (f" and {len(zero) - 5} more" if len(zero) > 5 else "")
-        warnings.warn(f"lora-da: the mean gradient is zero in {len(zero)} of {len(inits)} modules ({shown}): "
-                      "their B is 0", UserWarning, stacklevel=3)
-    return zero
-
-
 def _lora_keys(name: str, prefix: str = "") -> tuple[str, str]:
     """The state-dict keys of module ``name``'s ``A`` and ``B``."""
     return f"{prefix}{name}.lora_A.weight", f"{prefix}{name}.lora_B.weight"
@@ -168,6 +144,32 @@ def _check_peft_config(peft_config) -> None:
         raise InvalidArgumentError(
             "LoraConfig.layer_replication: replicated layers share their base weights, so each copy's LoRA-DA "
             "statistics would be of a model that does not exist before the replication; not supported"
+        )
+
+
+# the modules each task's PeftModel class adds to ``modules_to_save`` itself (PEFT's
+# PeftModelForSequenceClassification, ...ForTokenClassification, ...ForQuestionAnswering)
+_TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
+               "QUESTION_ANS": ("qa_outputs",)}
+
+
+def task_heads(names, task_type) -> list[str]:
+    """The modules of ``names`` that PEFT saves whole for ``task_type`` (its
+    ``modules_to_save``, matched by PEFT's own rule: the name ends with the head's)."""
+    heads = _TASK_HEADS.get(str(getattr(task_type, "value", task_type)), ())
+    return sorted(n for n in names if any(n.endswith(h) for h in heads))
+
+
+def check_no_task_head(names, task_type, option: str = "LoraConfig.target_modules") -> None:
+    """Refuse targets that are the task's head: PEFT's model class for ``task_type`` puts
+    that head in ``modules_to_save`` itself, and its loader then finds no base weight
+    under the LoRA-wrapped name: the adapter does not load, or loses its LoRA A/B."""
+    both = task_heads(names, task_type)
+    if both:
+        raise InvalidArgumentError(
+            f"{option} selects {', '.join(both)}, the head of a {getattr(task_type, 'value', task_type)} model, which "
+            "PEFT saves whole for that task (modules_to_save) and cannot also load as a LoRA target: leave it out of "
+            f"{option}"
         )
 
 
@@ -215,6 +217,7 @@ def get_lora_da_state_dict(
     _check_rank(lora_da_config, peft_config)
     peft_config = _as_peft_resolves(model, peft_config)
     names = _peft_targets(model, peft_config)
+    check_no_task_head(names, getattr(peft_config, "task_type", None))
     lora_da_config = _with_ranks(lora_da_config, _pattern_ranks(peft_config, names))
     if statistics is None:
         inits = collect_and_solve(model, dataloader, names, lora_da_config, loss_fn=loss_fn, progress=progress,
@@ -334,10 +337,11 @@ def initialize_lora_da_weights(
     layers = dict(_lora_layers(peft_model, adapter_name))
     # each layer's own r, as PEFT resolved rank_pattern for it
     lora_da_config = _with_ranks(lora_da_config, {n: int(layer.r[adapter_name]) for n, layer in layers.items()})
-    for name, layer in layers.items():  # before any collection: its statistics would be of the modified base
-        _check_not_preserved(name, layer, adapter_name)
-        if lora_da_config.preserve_output:
-            _check_only_adapter(name, layer, adapter_name)
+    # before any collection (its statistics would be of the modified base); the whole model, not
+    # the adapter's layers: W − s·B·A on any layer changes the base every adapter sees
+    _check_not_preserved(peft_model, adapter_name)
+    if lora_da_config.preserve_output:
+        _check_only_adapter(peft_model, adapter_name)
     results = {}
     if state_dict is None:
         if dataloader is None and statistics is None:
@@ -397,6 +401,7 @@ def _load_lora_da_state_dict(peft_model, state_dict: dict[str, torch.Tensor], la
         _check_finite_cast(name, "A", A_cast, A, wa.dtype)
         _check_finite_cast(name, "B", B_cast, B, wb.dtype)
         base = _residual_base(layer, adapter_name, A_cast, B_cast) if lora_da_config.preserve_output else None
+        _check_dora_magnitude(name, layer, adapter_name, A_cast, B_cast, base)
         plan.append((name, layer, A_cast, B_cast, base))
     for name, layer, A, B, base in plan:
         layer.lora_A[adapter_name].weight.copy_(A)
@@ -478,6 +483,21 @@ def _refresh_dora_magnitude(layer, adapter_name: str) -> None:
         dora._cache_clear()
 
 
+def _check_dora_magnitude(name: str, layer, adapter_name: str, A: torch.Tensor, B: torch.Tensor, base) -> None:
+    """DoRA: the magnitude :func:`_refresh_dora_magnitude` will write, ``‖W + s·B A‖`` from
+    the weights about to be written (``base``: the new base of ``preserve_output``), checked
+    finite in the magnitude's dtype before any write: float16 overflows where A and B do not."""
+    mags = getattr(layer, "lora_magnitude_vector", None)
+    if not mags or adapter_name not in mags:
+        return
+    W = (base if base is not None else layer.get_base_layer().weight).double()
+    if getattr(layer, "fan_in_fan_out", False):
+        W = W.T
+    m = torch.linalg.norm(W + layer.scaling[adapter_name] * (B.double() @ A.double()).to(W.device), dim=1)
+    dtype = mags[adapter_name].weight.dtype
+    _check_finite_cast(name, "DoRA magnitude ‖W + s·B·A‖", m.to(dtype), m, dtype)
+
+
 # on the base layer itself, so that wrapping the modified base in a new PeftModel still shows it
 _PRESERVED = "_lora_da_preserved_for"
 
@@ -487,36 +507,38 @@ def _mark_preserved(layer, adapter_name: str) -> None:
     base.__dict__.setdefault(_PRESERVED, set()).add(adapter_name)
 
 
-def _check_not_preserved(name: str, layer, adapter_name: str) -> None:
-    """A second initialization of an adapter whose ``s·B A`` was already subtracted
-    from the base would subtract again (preserve_output) or leave the base off by the
-    old ``s·B A`` (without it): either way the step-0 outputs are wrong."""
-    preserved = layer.get_base_layer().__dict__.get(_PRESERVED, ())
+def _check_not_preserved(peft_model, adapter_name: str) -> None:
+    """An adapter initialized with ``preserve_output`` anywhere in the model took its ``s·B A``
+    out of the base weights: statistics or a subtraction for any adapter (itself again, or
+    another) on that model would be of a modified base, and the step-0 outputs wrong. The
+    marks are on the base layers, so a modified base wrapped in a new PeftModel shows them too."""
+    preserved = set()
+    for module in peft_model.get_base_model().modules():
+        preserved |= set(module.__dict__.get(_PRESERVED, ()))
     others = sorted(a for a in preserved if a != adapter_name)
     if others:
         raise LoraDAError(
-            f"{name}: adapter {others[0]!r} was initialized with preserve_output=True, so these base weights already "
+            f"adapter {others[0]!r} was initialized with preserve_output=True, so this model's base weights already "
             f"lost its s·B·A; statistics or a subtraction for {adapter_name!r} on them would be of a modified model. "
             "Start from a freshly loaded base model."
         )
     if adapter_name in preserved:
         raise LoraDAError(
-            f"{name}: adapter {adapter_name!r} was already initialized with preserve_output=True, so its base "
-            "weights already lost s·B·A; initializing it again would corrupt them. Start from a freshly loaded "
-            "base model."
+            f"adapter {adapter_name!r} was already initialized with preserve_output=True, so its base weights "
+            "already lost s·B·A; initializing it again would corrupt them. Start from a freshly loaded base model."
         )
 
 
-def _check_only_adapter(name: str, layer, adapter_name: str) -> None:
-    """``preserve_output`` makes ``W − s·B A`` reproduce the base for this adapter alone:
-    another adapter on the same layer would then start from a changed base, and this
-    one would not reproduce the base while the other is active."""
-    others = sorted(a for a in layer.lora_A if a != adapter_name)
+def _check_only_adapter(peft_model, adapter_name: str) -> None:
+    """``preserve_output`` makes ``W − s·B A`` reproduce the base for this adapter alone: any
+    other adapter of the model, on these layers or others, would run on the changed base
+    weights and no longer start from the base model."""
+    others = sorted(a for a in peft_model.peft_config if a != adapter_name)
     if others:
         raise InvalidArgumentError(
-            f"{name}: preserve_output=True needs {adapter_name!r} to be the only adapter on its layers, but the layer "
-            f"also holds {others}: subtracting s·B·A from the shared base weights would change what those adapters "
-            "start from. Initialize one adapter per base model, or pass preserve_output=False"
+            f"preserve_output=True needs {adapter_name!r} to be the only adapter of the model, but it also holds "
+            f"{others}: subtracting s·B·A from the base weights would change what those adapters start from. "
+            "Initialize one adapter per base model, or pass preserve_output=False"
         )
 
 

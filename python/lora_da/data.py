@@ -29,23 +29,18 @@ def read_data(path: str, task: str, limit: int | None = None) -> tuple[list[str]
     jsonl = p.suffix.lower() in (".jsonl", ".json", ".ndjson")
     if task == "seq-cls" and not jsonl:
         raise ValueError(f"{path}: seq-cls needs a JSONL file with 'text' and 'label' fields")
-    i = 0
-    try:
-        with open(p, encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
-                if limit is not None and len(texts) >= limit:
-                    break
-                if not line.strip():
-                    continue
-                if not jsonl:
-                    texts.append(line.rstrip("\r\n"))
-                    continue
-                text, label = _parse_jsonl_line(path, i, line, task)
-                texts.append(text)
-                if label is not None:
-                    labels.append(label)
-    except UnicodeDecodeError:
-        raise ValueError(f"{path}:{i + 1}: not UTF-8 text (convert the file to UTF-8)") from None
+    for i, line in _lines(path):
+        if limit is not None and len(texts) >= limit:
+            break
+        if not line.strip():
+            continue
+        if not jsonl:
+            texts.append(line.rstrip("\r\n"))
+            continue
+        text, label = _parse_jsonl_line(path, i, line, task)
+        texts.append(text)
+        if label is not None:
+            labels.append(label)
     if not texts:
         raise ValueError(f"{path}: no sample found")
     return texts, (labels if task == "seq-cls" else None)
@@ -56,24 +51,35 @@ def all_labels(path: str) -> set[int]:
     the classification head's size comes from all the classes, not from the calibration
     slice (a file sorted by label would otherwise give a head too small)."""
     seen: set[int] = set()
-    i = 0
-    try:
-        with open(path, encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except (ValueError, RecursionError) as e:
-                    raise ValueError(f"{path}:{i}: not valid JSON ({getattr(e, 'msg', type(e).__name__)})") from None
-                lab = obj.get("label") if isinstance(obj, dict) else None
-                if isinstance(lab, bool) or not isinstance(lab, int) or lab < 0:
-                    raise ValueError(f"{path}:{i}: seq-cls needs a class index 0..K-1 in the 'label' field, got "
-                                     f"{json.dumps(lab)[:40]}")
-                seen.add(lab)
-    except UnicodeDecodeError:
-        raise ValueError(f"{path}:{i + 1}: not UTF-8 text (convert the file to UTF-8)") from None
+    for i, line in _lines(path):
+        if not line.strip():
+            continue
+        obj = _json_line(path, i, line)
+        lab = obj.get("label") if isinstance(obj, dict) else None
+        if isinstance(lab, bool) or not isinstance(lab, int) or lab < 0:
+            raise ValueError(f"{path}:{i}: seq-cls needs a class index 0..K-1 in the 'label' field, got "
+                             f"{json.dumps(lab)[:40]}")
+        seen.add(lab)
     return seen
+
+
+def _lines(path: str):
+    """``(line number, text)`` of each line of ``path``, each line decoded on its own: a byte
+    that is not UTF-8 is reported at its own line (a text-mode file decodes ahead in chunks,
+    and named line 1 for a bad byte further on)."""
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, 1):
+            try:
+                yield i, raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ValueError(f"{path}:{i}: not UTF-8 text (convert the file to UTF-8)") from None
+
+
+def _json_line(path: str, i: int, line: str):
+    try:
+        return json.loads(line)
+    except (ValueError, RecursionError) as e:  # bad JSON, nested past the limit
+        raise ValueError(f"{path}:{i}: not valid JSON ({getattr(e, 'msg', type(e).__name__)})") from None
 
 
 def infer_task(data: str, model_dir: str) -> str:
@@ -81,19 +87,13 @@ def infer_task(data: str, model_dir: str) -> str:
     carry labels and the model is not a causal LM, causal LM when neither;
     anything else is ambiguous and refused with the flag to pass."""
     has_labels = False
-    if Path(data).suffix.lower() in (".jsonl", ".json", ".ndjson") and Path(data).is_file():
-        try:
-            with open(data, encoding="utf-8") as f:
-                for line in f:
-                    if line.strip():
-                        try:
-                            first = json.loads(line)
-                        except (ValueError, RecursionError):  # bad JSON, nested past the limit
-                            break  # read_data reports it with its line number
-                        has_labels = isinstance(first, dict) and "label" in first
-                        break
-        except UnicodeDecodeError:
-            pass  # read_data names the file and the line
+    jsonl = Path(data).suffix.lower() in (".jsonl", ".json", ".ndjson") and Path(data).is_file()
+    if jsonl:
+        for i, line in _lines(data):  # the first row, checked: the task is read off it
+            if line.strip():
+                _parse_jsonl_line(data, i, line, "causal-lm")
+                has_labels = "label" in json.loads(line)
+                break
     try:
         archs = json.loads((Path(model_dir) / "config.json").read_text()).get("architectures") or []
     except (OSError, ValueError, AttributeError):
@@ -101,6 +101,8 @@ def infer_task(data: str, model_dir: str) -> str:
     arch = ", ".join(archs) or "unknown architecture"
     causal = any("CausalLM" in a or "LMHead" in a for a in archs)
     classifier = any("ForSequenceClassification" in a for a in archs)
+    if jsonl and ((has_labels and causal and not classifier) or (not has_labels and (classifier or not causal))):
+        _check_rows(data)  # a malformed file is bad data (file:line), not a task to choose
     if has_labels and causal and not classifier:
         raise CLIError(
             f"{data} has 'label' fields but {model_dir} is a causal LM ({arch}): pass --task seq-cls to fit a "
@@ -116,11 +118,15 @@ def infer_task(data: str, model_dir: str) -> str:
     return "causal-lm"
 
 
+def _check_rows(path: str) -> None:
+    """Every row of a JSONL file read as :func:`read_data` reads it; the first bad one raised."""
+    for i, line in _lines(path):
+        if line.strip():
+            _parse_jsonl_line(path, i, line, "causal-lm")
+
+
 def _parse_jsonl_line(path: str, i: int, line: str, task: str) -> tuple[str, int | None]:
-    try:
-        obj = json.loads(line)
-    except (ValueError, RecursionError) as e:
-        raise ValueError(f"{path}:{i}: not valid JSON ({getattr(e, 'msg', type(e).__name__)})") from None
+    obj = _json_line(path, i, line)
     if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
         raise ValueError(f"{path}:{i}: each line must be an object with a string 'text' field")
     if not obj["text"].strip():

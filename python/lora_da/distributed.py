@@ -11,6 +11,8 @@ solve on one rank, or split the modules between ranks.
 
 from __future__ import annotations
 
+import functools
+
 import pickle
 import time
 import warnings
@@ -214,14 +216,31 @@ def together(group, what: str):
 
 
 def _option_value(v):
-    """A comparable, printable stand-in for an option: a function by its qualified name
-    (the same code on every rank), a collection by its items, anything else by repr."""
+    """A comparable, printable stand-in for an option that is the same on every rank that
+    passes the same thing, whatever the addresses of its objects there:
+
+    * a ``functools.partial``: its function's stand-in with its positional and keyword
+      arguments' stand-ins (a repr would hold the function's address);
+    * a function, method or class: its module and qualified name (the same code);
+    * a list, tuple, set or dict: its items' stand-ins (a tuple as a list: ``("q_proj",)``
+      and ``["q_proj"]`` select the same modules; a set sorted);
+    * an object whose class keeps ``object``'s repr (``<... at 0x...>``, e.g. a callable
+      instance): its class's module and qualified name;
+    * anything else: its repr (strings, numbers, None, enums)."""
+    if isinstance(v, functools.partial):
+        args = ", ".join(_option_value(a) for a in v.args)
+        kw = ", ".join(f"{k}={_option_value(x)}" for k, x in sorted(v.keywords.items()))
+        return f"functools.partial({_option_value(v.func)}, args=[{args}], keywords={{{kw}}})"
     if callable(v) and hasattr(v, "__qualname__"):
         return f"{getattr(v, '__module__', '?')}.{v.__qualname__}"
     if isinstance(v, (set, frozenset)):
-        return repr(sorted(v, key=repr))
-    if isinstance(v, tuple):
-        return repr(list(v))  # ("q_proj",) and ["q_proj"] select the same modules
+        return "{" + ", ".join(sorted(_option_value(x) for x in v)) + "}"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_option_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{_option_value(k)}: {_option_value(x)}" for k, x in sorted(v.items(), key=repr)) + "}"
+    if type(v).__repr__ is object.__repr__:
+        return f"<{type(v).__module__}.{type(v).__qualname__} object>"
     return repr(v)
 
 

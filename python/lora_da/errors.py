@@ -60,3 +60,14 @@ class UsageError(CLIError):
     name for ``compare --methods``): exit status 2, as argparse's own usage errors."""
 
     exit_code = 2
+
+
+def whole_number(value, name: str, *, minimum: int = 1, what: str | None = None) -> int:
+    """A count or size a user gives (``max_samples``, ``rank``, ...) as an ``int``: a Python or
+    numpy integer ≥ ``minimum``. A bool (which Python counts as 0 or 1), a float (even 2.0)
+    or anything else is refused with an :class:`InvalidArgumentError` naming ``name``."""
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise InvalidArgumentError(f"{name} must be {what or f'an integer ≥ {minimum}'}, got {value!r}")
+    return int(value)

@@ -149,8 +149,20 @@ def search_gamma(make_model, unit: dict[str, torch.Tensor], train_batches, val_b
     from lora_da.adapters import initialize_lora_da_weights
     from lora_da.errors import InvalidArgumentError
 
-    if not gammas or any(not (isinstance(g, (int, float)) and math.isfinite(g) and g > 0) for g in gammas):
+    import numbers
+
+    # numpy's numbers too (np.float32(4) was refused); a bool is not a γ (True was taken as 1)
+    def positive(g) -> bool:
+        if isinstance(g, bool) or not isinstance(g, numbers.Real):
+            return False
+        try:
+            return math.isfinite(float(g)) and g > 0
+        except OverflowError:  # an integer past float64
+            return False
+
+    if not gammas or not all(positive(g) for g in gammas):
         raise InvalidArgumentError(f"search_gamma: gammas must be positive finite numbers, got {gammas!r}")
+    gammas = [float(g) for g in gammas]
     if not train_batches or not val_batches:
         raise InvalidArgumentError("search_gamma: needs calibration batches to train on and held-back batches to score")
     table, losses = [], {}

@@ -14,7 +14,7 @@ from lora_da.distributed import active_group, check_same_options, owners, share_
 from lora_da.errors import InvalidArgumentError
 from lora_da.init import LoraDAConfig, check_rank, on_streams, output_precisions, solve_on_device_or_host, solve_statistics
 from lora_da.plan import solve_order
-from lora_da.quality import warn_poor
+from lora_da.quality import check_zero_gradients, check_zero_statistics, warn_poor
 from lora_da.results import Inits, ModuleInit, RunReport
 from lora_da.statistics import Statistics
 
@@ -34,6 +34,7 @@ def compute_init(
     group must call it, with the same statistics) spreads the input groups
     over the ranks, largest first, and gathers the results: every rank
     returns all modules, each computed once, with the same bits everywhere."""
+    check_zero_statistics(stats, modules)  # before any solve; the same statistics on every rank
     group = active_group(across_ranks)
     if group is not None:
         config = config.with_rank()
@@ -160,4 +161,5 @@ def collect_and_solve(model, dataloader, target_modules, config: LoraDAConfig, *
                                               gather_seconds=timings["gather"])
     inits = Inits({n: inits[n] for n in run.targets if n in inits}, report)
     warn_poor(inits)
+    check_zero_gradients(inits)
     return inits

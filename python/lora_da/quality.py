@@ -96,3 +96,43 @@ def warn_poor(inits: dict) -> None:
     warnings.warn(f"lora-da: {len(poor)} of {count(len(inits), 'module')} {'has' if len(poor) == 1 else 'have'} "
                   f"a poor init — {shown}{more}",
                   PoorInitWarning, stacklevel=_caller_level())
+
+
+def zero_gradient_modules(inits) -> list[str]:
+    """The modules whose mean gradient Ḡ was exactly zero (their ``B`` is 0)."""
+    return [n for n, i in inits.items() if bool(getattr(getattr(i, "result", i), "zero_gradient", False))]
+
+
+def check_zero_gradients(inits, *, warn: bool = True) -> list[str]:
+    """Refuse weights in which every module's gradient was zero (``B = 0`` everywhere: the
+    adapter would start exactly where PEFT's default does, with nothing learned from the
+    data); warn about the modules that have one. Returns those modules."""
+    return _refuse_or_warn_zero(zero_gradient_modules(inits), len(inits), warn)
+
+
+def check_zero_statistics(stats, modules=None) -> list[str]:
+    """:func:`check_zero_gradients` read off the statistics, before any solve: a module whose
+    gradient sum is exactly zero gets ``B = 0`` (SPEC §3). ``modules``: those to be solved."""
+    import numpy as np
+
+    names = [n for n in (stats.modules if modules is None else modules) if n in stats.grad_sums]
+    return _refuse_or_warn_zero([n for n in names if not np.any(stats.grad_sums[n])], len(names), True)
+
+
+def _refuse_or_warn_zero(zero: list[str], total: int, warn: bool) -> list[str]:
+    """The one wording of the zero-gradient refusal and warning, whichever route finds it
+    (the same text at the user's line: Python shows it once when two routes both check)."""
+    if total and len(zero) == total:
+        from lora_da.errors import InvalidArgumentError
+
+        raise InvalidArgumentError(
+            f"the mean gradient is zero in every one of the {total} targeted modules, so every B would be 0: "
+            "the loss has no gradient on these samples (causal-LM rows of a single token, or labels all -100); "
+            "pass samples of at least two tokens, or labels the loss can use"
+        )
+    if zero and warn:
+        names = [n.removesuffix(".base_layer") for n in zero]  # the PEFT path solves the wrapped layers
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        warnings.warn(f"lora-da: the mean gradient is zero in {len(zero)} of {total} modules ({shown}): their B is 0",
+                      PoorInitWarning, stacklevel=_caller_level())
+    return zero

@@ -89,6 +89,9 @@ class Statistics:
         All or nothing: everything is checked first, and the sums are formed on
         copies and swapped in only when every one succeeded, so a refused merge
         leaves this object exactly as it was."""
+        if not isinstance(other, Statistics):
+            raise InvalidArgumentError(f"Statistics.merge: the other shard must be a lora_da.Statistics, got "
+                                       f"{type(other).__name__}")
         if isinstance(self.input_factors, LazyInputFactors):
             raise InvalidArgumentError("Statistics.merge: these statistics are memory-mapped from their file (read-only); "
                                        "load them with Statistics.load(path, mmap=False) to merge into them")
@@ -101,6 +104,16 @@ class Statistics:
             if self.config.get(key) != other.config.get(key):
                 raise ShapeError(f"Statistics.merge: {key} {other.config.get(key)!r} cannot merge into "
                                  f"{self.config.get(key)!r}")
+        for what, mine, theirs in (("output factor", self.output_factors, other.output_factors),
+                                   ("gradient sum", self.grad_sums, other.grad_sums)):
+            for name in sorted(set(mine) ^ set(theirs)):  # a raw KeyError in the sums otherwise
+                holder = "the other shard" if name in mine else "this shard"
+                raise ShapeError(f"Statistics.merge: module {name}: {holder} has no {what} for it")
+        for name, g in self.grad_sums.items():
+            theirs = np.shape(other.grad_sums[name])
+            if theirs != np.shape(g):
+                raise ShapeError(f"Statistics.merge: module {name}: the other shard's gradient sum is {theirs}, this "
+                                 f"one's {np.shape(g)} (out × in)")
         for name, f in other.output_factors.items():
             if f.per_sample != self.output_factors[name].per_sample:
                 raise ShapeError(f"Statistics.merge: module {name}: per-sample sums (output_fisher='sequence_lowrank') "

@@ -14,7 +14,7 @@ from __future__ import annotations
 from transformers import TrainerCallback
 
 from lora_da.adapters import initialize_lora_da_weights
-from lora_da.errors import InvalidArgumentError
+from lora_da.errors import InvalidArgumentError, whole_number
 from lora_da.init import LoraDAConfig
 
 
@@ -35,20 +35,9 @@ class LoraDACallback(TrainerCallback):
 
     def __init__(self, lora_da_config: LoraDAConfig, *, max_samples: int | None = 256, adapter_name: str = "default",
                  progress: bool = True, **collect_kwargs):
-        if not isinstance(lora_da_config, LoraDAConfig):
-            raise InvalidArgumentError(
-                f"LoraDACallback needs a lora_da.LoraDAConfig, got {type(lora_da_config).__name__}")
-        if lora_da_config.preserve_output:
-            # preserve_output rewrites the base weights, and every checkpoint the Trainer saves would then be
-            # refused by the save guard (hours into a run) or, saved plainly, be wrong on a fresh base model
-            raise InvalidArgumentError(
-                "LoraDACallback: preserve_output=True cannot be combined with the Trainer, whose checkpoint saves "
-                "would store an adapter for the modified base weights; pass preserve_output=False, or initialize "
-                "before training with lora_da.initialize_lora_da_weights(...) and lora_da.save_initial_adapter(model, "
-                "path), and save the final model with save_pretrained(out, path_initial_model_for_weight_conversion=path)"
-            )
-        if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1):
-            raise InvalidArgumentError(f"LoraDACallback: max_samples must be a positive integer or None, got {max_samples!r}")
+        _check_config(lora_da_config)
+        if max_samples is not None:
+            max_samples = whole_number(max_samples, "LoraDACallback: max_samples", what="a positive integer or None")
         self.lora_da_config = lora_da_config
         self.max_samples = max_samples
         self.adapter_name = adapter_name
@@ -59,12 +48,31 @@ class LoraDACallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
         if state.global_step > 0 or self.results is not None:
             return  # resumed (the checkpoint holds the trained adapter) or already initialized
+        # again here, before any step: the config may have been changed (or swapped) since the callback was
+        # built, and preserve_output would otherwise end the run at its first checkpoint save
+        _check_config(self.lora_da_config)
         if model is None or train_dataloader is None:
             raise InvalidArgumentError("LoraDACallback: the Trainer passed no model or train dataloader to on_train_begin")
         batches = _first_samples(train_dataloader, self.max_samples)
         self.results = initialize_lora_da_weights(
             model, batches, lora_da_config=self.lora_da_config, adapter_name=self.adapter_name,
             progress=self.progress and state.is_local_process_zero, **self.collect_kwargs,
+        )
+
+
+def _check_config(lora_da_config) -> None:
+    """A :class:`LoraDAConfig` without ``preserve_output``, which the Trainer cannot save."""
+    if not isinstance(lora_da_config, LoraDAConfig):
+        raise InvalidArgumentError(
+            f"LoraDACallback needs a lora_da.LoraDAConfig, got {type(lora_da_config).__name__}")
+    if lora_da_config.preserve_output:
+        # preserve_output rewrites the base weights, and every checkpoint the Trainer saves would then be
+        # refused by the save guard (hours into a run) or, saved plainly, be wrong on a fresh base model
+        raise InvalidArgumentError(
+            "LoraDACallback: preserve_output=True cannot be combined with the Trainer, whose checkpoint saves "
+            "would store an adapter for the modified base weights; pass preserve_output=False, or initialize "
+            "before training with lora_da.initialize_lora_da_weights(...) and lora_da.save_initial_adapter(model, "
+            "path), and save the final model with save_pretrained(out, path_initial_model_for_weight_conversion=path)"
         )
 
 

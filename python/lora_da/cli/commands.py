@@ -17,6 +17,7 @@ from lora_da.cli.models import (
     modules_to_save,
     parse_targets,
     refuse_head_targets,
+    refuse_task_heads,
     solve_device,
 )
 from lora_da.cli.outputs import (
@@ -26,6 +27,7 @@ from lora_da.cli.outputs import (
     guard_outputs,
     overlaps,
     prepare_out,
+    task_type,
     write_outputs,
 )
 from lora_da.data import all_labels, infer_task, make_batches, read_data
@@ -63,7 +65,7 @@ def _collect(args, search: bool = False):
         labels, held_labels = (labels[:-k], labels[-k:]) if labels is not None else (None, None)
     model, tokenizer, new_weights = load_model_checked(args.model_dir, args.task, num_labels, args.device, args.quiet,
                                                         args.seed)
-    check_head_not_targeted(model, targets, new_weights)
+    check_head_not_targeted(model, targets, new_weights, args.task)
     batches = make_batches(tokenizer, texts, labels, args.batch_size, args.max_length, args.task)
     checkpoint = getattr(args, "checkpoint", None)
     try:
@@ -251,6 +253,7 @@ def cmd_solve(args) -> int:
     prepare_out(args)
     stats = Statistics.load(args.stats)
     refuse_head_targets(sorted(set(stats.modules) & set(modules_to_save(stats) or ())))
+    refuse_task_heads(stats.modules, task_type(args, stats))
     inits, config = _solve(args, stats)
     with Writing(args.out):
         write_outputs(args, stats, inits, config, _report(args, stats, inits, config))

@@ -125,14 +125,34 @@ def model_failure(args, model, batches, e: Exception) -> str:
     return f"{args.model_dir}: the model failed on {args.data} ({type(e).__name__}: {msg}){hint}"
 
 
-def check_head_not_targeted(model, targets, new_weights: dict) -> None:
+def check_head_not_targeted(model, targets, new_weights: dict, task: str | None = None) -> None:
     """A classification head the model initializes is saved whole (PEFT
     ``modules_to_save``); PEFT's loader drops the LoRA A/B of a module that is also
-    saved whole, so a head in ``--targets`` would lose its solve without a word."""
+    saved whole, so a head in ``--targets`` would lose its solve without a word. The
+    model's own head is refused too: for ``--task seq-cls`` PEFT saves it whole itself."""
     from lora_da.collect import resolve_targets
 
     heads = {key.rsplit(".", 1)[0] for key in new_weights}
-    refuse_head_targets(sorted(heads & set(resolve_targets(model, targets))))
+    names = resolve_targets(model, targets)
+    refuse_head_targets(sorted(heads & set(names)))
+    refuse_task_heads(names, PEFT_TASK_TYPES.get(task))
+
+
+# --task → PEFT's task_type of the adapter written
+PEFT_TASK_TYPES = {"seq-cls": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}
+
+
+def refuse_task_heads(names, task_type: str | None) -> None:
+    """Refuse targets that PEFT's model class for ``task_type`` saves whole itself (a
+    SEQ_CLS adapter's ``classifier``/``score``): the adapter would not load."""
+    from lora_da.adapters import task_heads
+
+    both = task_heads(names, task_type)
+    if both:
+        raise CLIError(
+            f"--targets selects {', '.join(both)}, the head of the {task_type} model, which PEFT saves whole for that "
+            "task (modules_to_save) and cannot also load as a LoRA target. Leave it out of --targets"
+        )
 
 
 def refuse_head_targets(both: list[str]) -> None:

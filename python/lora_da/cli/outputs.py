@@ -16,7 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from lora_da.cli.models import modules_to_save, refuse_head_targets
+from lora_da.cli.models import PEFT_TASK_TYPES, modules_to_save, refuse_head_targets, refuse_task_heads
 from lora_da.errors import CLIError
 from lora_da.files import follow_umask, fsync_path, temp_file_beside, write_atomic
 from lora_da.report import REPORT_NAME, add_model_card_section, is_report, write_report
@@ -201,7 +201,7 @@ def task_type(args, stats) -> str | None:
     if task is None:
         cls = stats.model.get("class", "")
         task = "seq-cls" if "SequenceClassification" in cls else ("causal-lm" if "CausalLM" in cls else None)
-    return {"seq-cls": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}.get(task)
+    return PEFT_TASK_TYPES.get(task)
 
 
 def write_outputs(args, stats, inits, config, report: dict) -> None:
@@ -216,6 +216,7 @@ def write_outputs(args, stats, inits, config, report: dict) -> None:
 
     out = Path(args.out)
     refuse_head_targets(sorted(set(inits) & set(modules_to_save(stats) or ())))
+    refuse_task_heads(list(inits), task_type(args, stats))
     zero = check_zero_gradients(inits, warn=False)  # refused when every module's is zero
     if zero:
         print(f"lora-da: warning: the mean gradient is zero in {len(zero)} of {len(inits)} modules "

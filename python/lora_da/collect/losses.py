@@ -5,7 +5,7 @@ not depend on the batch size; ``Z`` and ``y`` use the valid tokens only
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -27,19 +27,40 @@ def causal_lm_per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> tor
     return (tok * valid).sum(1) / valid.sum(1).clamp_min(1.0)
 
 
+def _logits_of(out):
+    """The logits of a model's output: a bare tensor (out[0] of it would be its first
+    sample), a ModelOutput or dict's ``logits``, a tuple's first entry; else None."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "logits"):
+        return out.logits
+    if isinstance(out, Mapping):
+        return out.get("logits")
+    if isinstance(out, (tuple, list)) and out:
+        return out[0]
+    return None
+
+
 def default_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     """Per-sample losses for causal LMs (``labels`` or ``input_ids`` with padding
     masked) and sequence classification (``labels`` of shape ``(B,)``; the
     ``label`` key that ``datasets`` produces is accepted too)."""
     inputs = {k: v for k, v in batch.items() if k not in ("labels", "label")}
     out = model(**inputs)
-    # a model may return its logits bare; out[0] of a tensor would be its first sample
-    logits = out if isinstance(out, torch.Tensor) else (out.logits if hasattr(out, "logits") else out[0])
+    logits = _logits_of(out)
     if not isinstance(logits, torch.Tensor):
-        raise InvalidArgumentError(f"default loss: the model returned {type(out).__name__} without logits; pass loss_fn")
+        keys = f" (keys {sorted(map(str, out))[:6]})" if isinstance(out, Mapping) else ""
+        raise InvalidArgumentError(
+            f"default loss: the model returned {type(out).__name__}{keys} without logits; pass "
+            "loss_fn(model, batch) returning the per-sample losses")
     labels = batch.get("labels", batch.get("label"))
     if logits.dim() == 3:
         if labels is None:
+            if not isinstance(batch.get("input_ids"), torch.Tensor):
+                raise InvalidArgumentError(
+                    "default loss: a causal-LM batch without 'labels' takes them from 'input_ids', and this one has "
+                    f"neither (keys {sorted(map(str, batch))}): give batches of inputs_embeds their 'labels' (the "
+                    "token ids, -100 on padding), or pass loss_fn")
             labels = batch["input_ids"].clone()
             if "attention_mask" in batch:
                 labels[batch["attention_mask"] == 0] = -100
@@ -49,6 +70,10 @@ def default_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
             raise InvalidArgumentError("sequence classification needs 'labels' in every batch")
         if logits.shape[-1] == 1 or labels.dtype.is_floating_point:
             return ((logits.float().squeeze(-1) - labels.float()) ** 2).reshape(labels.shape[0], -1).mean(1)
+        if tuple(labels.shape) != (logits.shape[0],):  # (B, 1) class ids: cross_entropy's raw RuntimeError
+            raise InvalidArgumentError(
+                f"default loss: sequence classification needs one class id per sample, labels of shape "
+                f"({logits.shape[0]},); these have shape {tuple(labels.shape)}: flatten them, or pass loss_fn")
         return torch.nn.functional.cross_entropy(logits.float(), labels, reduction="none")
     raise InvalidArgumentError(f"default loss: cannot interpret logits of shape {tuple(logits.shape)}; pass loss_fn")
 
@@ -62,15 +87,34 @@ def token_mask_of(batch: dict, mode: str) -> torch.Tensor | None:
         labels = batch.get("labels")
         if labels is None:
             raise InvalidArgumentError("token_mask='labels' needs 'labels' in every batch")
-        if labels.dim() != 2:
-            # class labels (B,) have no token to shift: sequence classification masks by attention
+        tokens = _token_shape(batch)
+        if labels.dim() != 2 or (tokens is not None and tuple(labels.shape) != tokens):
+            # class labels (B,), (B, 1) or multi-label (B, K) have no token to shift: a mask read from
+            # them would not be the tokens' (and one of another shape was ignored without a word)
+            of = f" of the input's shape {tokens}" if tokens is not None else ""
             raise InvalidArgumentError(
-                f"token_mask='labels' needs per-token labels (batch, length) of a causal LM; these labels have shape "
-                f"{tuple(labels.shape)} (one class per sample?): pass token_mask='attention'")
+                f"token_mask='labels' needs per-token labels (batch, length){of} of a causal LM; these labels have "
+                f"shape {tuple(labels.shape)} (one class or label set per sample?): pass token_mask='attention'")
+        if labels.is_floating_point() or labels.is_complex():
+            raise InvalidArgumentError(
+                f"token_mask='labels' needs per-token class ids (integers, -100 for ignored tokens); these labels "
+                f"are {labels.dtype} (multi-label targets?): pass token_mask='attention'")
         valid = torch.zeros_like(labels, dtype=torch.bool)
         valid[:, :-1] = labels[:, 1:] != -100
         return valid
     raise InvalidArgumentError(f"token_mask must be 'attention' or 'labels', got {mode!r}")
+
+
+def _token_shape(batch: dict) -> tuple[int, int] | None:
+    """``(B, T)`` of the batch's tokens (``input_ids``, ``attention_mask`` or ``inputs_embeds``), or None."""
+    for key in ("input_ids", "attention_mask"):
+        v = batch.get(key)
+        if isinstance(v, torch.Tensor) and v.dim() == 2:
+            return tuple(v.shape)
+    v = batch.get("inputs_embeds")
+    if isinstance(v, torch.Tensor) and v.dim() == 3:
+        return tuple(v.shape[:2])
+    return None
 
 
 def check_losses(losses, bsz: int) -> None:

@@ -21,7 +21,7 @@ from lora_da.collect.losses import LossFn, batch_size, check_losses, default_los
 from lora_da.collect.passes import collect_on_device
 from lora_da.collect.targets import Target, linear_kind, module_shape, resolve_targets
 from lora_da.distributed import active_group, agree, all_reduce_statistics, check_same_options, together
-from lora_da.errors import InvalidArgumentError, NonFiniteError, ShapeError, StatisticsFileError
+from lora_da.errors import InvalidArgumentError, NonFiniteError, ShapeError, StatisticsFileError, whole_number
 from lora_da.plan import MemoryPlan, available_host_bytes
 from lora_da.statistics import Statistics
 from lora_da.statistics_file import ModuleInfo, StatisticsWriter
@@ -93,6 +93,9 @@ def collect_statistics(
     one group at a time. On the host path (a CPU model) ``out`` is written at
     the end.
     """
+    for name, v in (("max_device_bytes", max_device_bytes), ("max_host_bytes", max_host_bytes)):
+        if v is not None:  # at entry: a negative bound printed "-0.00 GiB available" in the host check
+            whole_number(v, f"collect_statistics: {name}", minimum=0, what="a number of bytes ≥ 0 or None")
     group = active_group(reduce_across_ranks)
     if out is not None and (checkpoint_path is not None or group is not None):
         raise InvalidArgumentError(
@@ -184,8 +187,8 @@ class Run:
             raise InvalidArgumentError(f"checkpoint_every={checkpoint_every!r} needs a checkpoint_path and must be ≥ 1")
         if output_fisher not in ("diagonal", "sequence_lowrank"):
             raise InvalidArgumentError(f"output_fisher must be 'diagonal' or 'sequence_lowrank', got {output_fisher!r}")
-        if max_samples is not None and max_samples <= 0:
-            raise InvalidArgumentError(f"max_samples must be > 0, got {max_samples}")
+        if max_samples is not None:  # a bool was taken as 1 sample, 2.5 ended in a raw TypeError
+            max_samples = whole_number(max_samples, "max_samples", what="a positive integer or None")
         token_mask_of({"attention_mask": None, "labels": torch.zeros(1, 1, dtype=torch.long)}, token_mask)
         named = dict(model.named_modules())
         targets = {}

@@ -48,23 +48,46 @@ def _dev(batch, device):
 def read_label_rows(path, *, vader: bool = False) -> list[tuple[str, int]]:
     """``text<TAB>label`` lines; with ``vader`` the VADER lexicon (label 1 iff mean valence > 0); a
     ``.jsonl``/``.json``/``.ndjson`` file is read as the other commands read it (``{"text", "label"}``
-    per line, each line checked)."""
+    per line, each line checked). A label must be a class index 0..K-1 (K ≤ ``MAX_LABELS``): any
+    other (``1.5``, ``pos``, ``-1``, ``99999999999``) is refused naming the file and line, not
+    skipped; a first line whose label field is ``label`` is a header."""
+    from lora_da.data import MAX_LABELS
+
     if not vader and Path(path).suffix.lower() in (".jsonl", ".json", ".ndjson"):
         from lora_da.data import read_data
 
         texts, labels = read_data(str(path), "seq-cls")
+        if labels and max(labels) >= MAX_LABELS:
+            raise ValueError(f"{path}: label {max(labels)} asks for a {max(labels) + 1}-way classification head; "
+                             f"labels must be class indices 0..K-1 with K ≤ {MAX_LABELS}")
         return list(zip(texts, labels))
     rows = []
     for i, line in enumerate(Path(path).read_text(encoding="utf-8", errors="replace").splitlines(), 1):
         parts = line.split("\t")
         if len(parts) < 2:
             continue
-        try:
-            rows.append((parts[0], (1 if float(parts[1]) > 0 else 0) if vader else int(parts[1])))
-        except ValueError:
+        if vader:
+            try:
+                rows.append((parts[0], 1 if float(parts[1]) > 0 else 0))
+            except ValueError:
+                continue
             continue
-        if rows[-1][1] < 0:  # a class index; a negative one ended in a StopIteration deep in the split
-            raise ValueError(f"{path}:{i}: label {rows[-1][1]} is negative; labels are class indices 0..K-1")
+        field = parts[1].strip()
+        if i == 1 and field.lower() == "label":
+            continue
+        try:
+            lab = int(field) if field.lstrip("+-").isdigit() else None
+        except ValueError:
+            lab = None
+        if lab is None:
+            raise ValueError(f"{path}:{i}: label {field[:40]!r} is not a class index; labels are integers 0..K-1 "
+                             "(map names or scores to class indices first)")
+        if lab < 0:  # a class index; a negative one ended in a StopIteration deep in the split
+            raise ValueError(f"{path}:{i}: label {lab} is negative; labels are class indices 0..K-1")
+        if lab >= MAX_LABELS:  # max + 1 classes: a huge label ended in a MemoryError
+            raise ValueError(f"{path}:{i}: label {lab} asks for a {lab + 1}-way classification head; labels must be "
+                             f"class indices 0..K-1 with K ≤ {MAX_LABELS}")
+        rows.append((parts[0], lab))
     return rows
 
 
