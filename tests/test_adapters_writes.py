@@ -382,6 +382,30 @@ def test_negative_counts_and_sizes_to_the_core(call, name):
     assert f == f0 and o == o0  # a refused call changes nothing
 
 
+@pytest.mark.parametrize("call, name", [
+    (lambda f, o: lora_da.InputFactor(True), "InputFactor: n"),
+    (lambda f, o: lora_da.OutputFactor(True), "OutputFactor: m"),
+    (lambda f, o: f.add_gram(_EYE, True), "InputFactor.add_gram: tokens"),
+    (lambda f, o: lora_da.InputFactor.from_packed(3, np.zeros(6), False), "InputFactor.from_packed: tokens"),
+    (lambda f, o: o.add_sums(np.zeros(3), True), "OutputFactor.add_sums: tokens"),
+    (lambda f, o: o.count_samples(True), "OutputFactor.count_samples: k"),
+    (lambda f, o: lora_da.OutputFactor(3, per_sample=True).add(np.ones((2, 3), np.float32), [True, 1]),
+     "OutputFactor.add: sample_lengths"),
+])
+def test_a_bool_given_as_a_count_to_the_core_is_refused_by_name(call, name):
+    """Python counts True as 1; given where a count or size belongs it is a mistake, refused
+    by the core's binding with the argument's name, and nothing changes."""
+    f, o = lora_da.InputFactor(3), lora_da.OutputFactor(3)
+    f.add(np.ones((2, 3)))
+    o.add(np.ones((2, 3)))
+    o.count_samples(2)
+    f0, o0 = f.copy(), o.copy()
+    with pytest.raises(InvalidArgumentError, match=f"^{name} must be an integer, got the bool (True|False)$"):
+        call(f, o)
+    assert f == f0 and o == o0
+    assert lora_da.InputFactor(np.int64(3)).n == 3  # numpy integers stay counts
+
+
 def test_output_factor_equality_compares_contents():
     """README: ``==`` compares the accumulators (OutputFactor's compared identities: a copy was never equal)."""
     o = lora_da.OutputFactor(3, per_sample=True)

@@ -5,6 +5,7 @@ use faer::{Mat, MatRef};
 use numpy::ndarray::{Array1, Array2, ArrayView2};
 use numpy::{IntoPyArray, PyArray1, PyArray2, PyReadonlyArray1, PyReadonlyArray2};
 use pyo3::prelude::*;
+use pyo3::types::PyBool;
 
 use super::errors::InvalidArgumentError;
 use crate::error::Error;
@@ -197,7 +198,30 @@ pub(super) fn vec_to_py<'py>(py: Python<'py>, v: Vec<f64>) -> Bound<'py, PyArray
 
 /// A count or size from Python, taken as any integer and checked here: PyO3's own
 /// conversion to an unsigned type raises a bare `OverflowError` on a negative one.
-pub(super) fn count<T: TryFrom<i128>>(v: i128, what: &str) -> PyResult<T> {
+/// An integer argument from Python (numpy's integers too, through `__index__`),
+/// remembering whether it was a `bool`: Python counts `True` as 1, but a flag
+/// given where a count or size belongs is a mistake that [`count`] names.
+#[derive(Clone, Copy)]
+pub(super) struct Int {
+    pub(super) value: i128,
+    boolean: bool,
+}
+
+impl<'a, 'py> FromPyObject<'a, 'py> for Int {
+    type Error = PyErr;
+
+    fn extract(obj: Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
+        let boolean = obj.is_instance_of::<PyBool>();
+        Ok(Int { value: obj.extract::<i128>()?, boolean })
+    }
+}
+
+pub(super) fn count<T: TryFrom<i128>>(v: Int, what: &str) -> PyResult<T> {
+    if v.boolean {
+        let shown = if v.value != 0 { "True" } else { "False" };
+        return Err(PyErr::new::<InvalidArgumentError, _>(format!("{what} must be an integer, got the bool {shown}")));
+    }
+    let v = v.value;
     if v < 0 {
         return Err(PyErr::new::<InvalidArgumentError, _>(format!("{what} must be ≥ 0, got {v}")));
     }

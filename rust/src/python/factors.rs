@@ -7,7 +7,7 @@ use numpy::ndarray::Array2;
 use numpy::{IntoPyArray, PyArray1, PyArray2, PyArrayMethods};
 use pyo3::prelude::*;
 
-use super::convert::{count, matrix_arg, row_major, vec_to_py, vector_arg, RowsHolder};
+use super::convert::{count, matrix_arg, row_major, vec_to_py, vector_arg, Int, RowsHolder};
 use super::errors::guarded;
 use crate::error::{Error, Result as CoreResult};
 use crate::factors;
@@ -73,7 +73,7 @@ pub(super) struct PyInputFactor {
 #[pymethods]
 impl PyInputFactor {
     #[new]
-    fn new(py: Python<'_>, n: i128) -> PyResult<Self> {
+    fn new(py: Python<'_>, n: Int) -> PyResult<Self> {
         let n = count::<usize>(n, "InputFactor: n")?;
         let f = py.detach(|| guarded("InputFactor", || factors::InputFactor::new(n)))?;
         Ok(Self { inner: Mutex::new(f) })
@@ -107,7 +107,7 @@ impl PyInputFactor {
     }
 
     /// Add a partial Gram matrix `Σ x xᵀ` (float64, `(n, n)`) over `tokens` rows.
-    fn add_gram(&self, py: Python<'_>, gram: &Bound<'_, PyAny>, tokens: i128) -> PyResult<()> {
+    fn add_gram(&self, py: Python<'_>, gram: &Bound<'_, PyAny>, tokens: Int) -> PyResult<()> {
         let tokens = count::<u64>(tokens, "InputFactor.add_gram: tokens")?;
         let mat = matrix_arg(gram, "InputFactor.add_gram: gram")?;
         locked(py, &self.inner, "InputFactor.add_gram", |f| f.add_gram(mat.as_ref(), tokens))
@@ -168,7 +168,7 @@ impl PyInputFactor {
 
     #[staticmethod]
     #[pyo3(signature = (n, packed, tokens, compensation=None))]
-    fn from_packed(py: Python<'_>, n: i128, packed: &Bound<'_, PyAny>, tokens: i128, compensation: Option<&Bound<'_, PyAny>>) -> PyResult<Self> {
+    fn from_packed(py: Python<'_>, n: Int, packed: &Bound<'_, PyAny>, tokens: Int, compensation: Option<&Bound<'_, PyAny>>) -> PyResult<Self> {
         let n = count::<usize>(n, "InputFactor.from_packed: n")?;
         let tokens = count::<u64>(tokens, "InputFactor.from_packed: tokens")?;
         let v = vector_arg(packed, "InputFactor.from_packed: packed")?;
@@ -209,7 +209,7 @@ pub(super) struct PyOutputFactor {
 impl PyOutputFactor {
     #[new]
     #[pyo3(signature = (m, per_sample=false))]
-    fn new(py: Python<'_>, m: i128, per_sample: bool) -> PyResult<Self> {
+    fn new(py: Python<'_>, m: Int, per_sample: bool) -> PyResult<Self> {
         let m = count::<usize>(m, "OutputFactor: m")?;
         let f = py.detach(|| guarded("OutputFactor", || factors::OutputFactor::new(m, per_sample)))?;
         Ok(Self { inner: Mutex::new(f) })
@@ -235,7 +235,7 @@ impl PyOutputFactor {
     /// Add output-gradient rows `g` of shape `(T, m)`; `sample_lengths` splits
     /// them into consecutive samples (required when per-sample sums are kept).
     #[pyo3(signature = (g, sample_lengths=None))]
-    fn add(&self, py: Python<'_>, g: &Bound<'_, PyAny>, sample_lengths: Option<Vec<i128>>) -> PyResult<()> {
+    fn add(&self, py: Python<'_>, g: &Bound<'_, PyAny>, sample_lengths: Option<Vec<Int>>) -> PyResult<()> {
         let sample_lengths = sample_lengths
             .map(|v| v.into_iter().map(|l| count::<usize>(l, "OutputFactor.add: sample_lengths")).collect::<PyResult<Vec<_>>>())
             .transpose()?;
@@ -247,7 +247,7 @@ impl PyOutputFactor {
     /// Add precomputed `Σ g ⊙ g` over `tokens` rows and, for a per-sample
     /// factor, the per-sample sums `(k, m)`.
     #[pyo3(signature = (sumsq, tokens, sample_sums=None))]
-    fn add_sums(&self, py: Python<'_>, sumsq: &Bound<'_, PyAny>, tokens: i128, sample_sums: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
+    fn add_sums(&self, py: Python<'_>, sumsq: &Bound<'_, PyAny>, tokens: Int, sample_sums: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
         let tokens = count::<u64>(tokens, "OutputFactor.add_sums: tokens")?;
         let s = vector_arg(sumsq, "OutputFactor.add_sums: sumsq")?;
         let u = sample_sums
@@ -268,7 +268,7 @@ impl PyOutputFactor {
     }
 
     /// Count `k` samples (for factors without per-sample sums).
-    fn count_samples(&self, py: Python<'_>, k: i128) -> PyResult<()> {
+    fn count_samples(&self, py: Python<'_>, k: Int) -> PyResult<()> {
         let k = count::<u64>(k, "OutputFactor.count_samples: k")?;
         locked(py, &self.inner, "OutputFactor.count_samples", |f| f.count_samples(k))
     }
@@ -315,8 +315,8 @@ impl PyOutputFactor {
     fn from_parts(
         py: Python<'_>,
         sumsq: &Bound<'_, PyAny>,
-        tokens: i128,
-        samples: i128,
+        tokens: Int,
+        samples: Int,
         sample_sums: Option<&Bound<'_, PyAny>>,
         compensation: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {

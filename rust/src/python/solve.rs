@@ -6,7 +6,7 @@ use numpy::{PyArray1, PyArray2};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
-use super::convert::{count, mat_to_py, vec_to_py, vector_arg, MatrixArg};
+use super::convert::{count, mat_to_py, vec_to_py, vector_arg, Int, MatrixArg};
 use super::errors::{guarded, InvalidArgumentError};
 use crate::error::Error;
 use crate::options::{solve_defaults, Method, SolveOptions, DEFAULTS};
@@ -112,7 +112,7 @@ impl PySolveResult {
 /// [`solve_defaults`] fails to compile until it is given a type here, and its
 /// field warns as never read until [`SolveArgs::options`] converts it.
 macro_rules! option_type {
-    ($lt:lifetime, rank) => { i128 };
+    ($lt:lifetime, rank) => { Int };
     ($lt:lifetime, n_pop) => { f64 };
     ($lt:lifetime, alpha) => { f64 };
     ($lt:lifetime, beta) => { f64 };
@@ -123,7 +123,7 @@ macro_rules! option_type {
     ($lt:lifetime, method) => { &$lt str };
     ($lt:lifetime, auto_damping) => { bool };
     ($lt:lifetime, tol) => { f64 };
-    ($lt:lifetime, max_applications) => { Option<i128> };
+    ($lt:lifetime, max_applications) => { Option<Int> };
     ($lt:lifetime, deterministic) => { bool };
     ($lt:lifetime, dense_fallback) => { bool };
 }
@@ -275,7 +275,7 @@ solve_defaults!(solve_function!(
         _py: Python<'py>,
         [],
         args: SolveArgs,
-        [n: Option<i128> = None, m: Option<i128> = None, name: &str = ""]
+        [n: Option<Int> = None, m: Option<Int> = None, name: &str = ""]
     ) -> PyResult<()> {
         let opts = args.options()?;
         let shape = match (n, m) {
@@ -283,7 +283,9 @@ solve_defaults!(solve_function!(
             (None, None) => None,
             _ => {
                 return Err(PyErr::new::<InvalidArgumentError, _>(format!(
-                    "check_solve_options: n and m are given together or not at all, got n = {n:?}, m = {m:?}"
+                    "check_solve_options: n and m are given together or not at all, got n = {:?}, m = {:?}",
+                    n.map(|v| v.value),
+                    m.map(|v| v.value)
                 )))
             }
         };
