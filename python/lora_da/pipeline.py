@@ -34,7 +34,7 @@ def compute_init(
     group must call it, with the same statistics) spreads the input groups
     over the ranks, largest first, and gathers the results: every rank
     returns all modules, each computed once, with the same bits everywhere."""
-    check_zero_statistics(stats, modules)  # before any solve; the same statistics on every rank
+    check_zero_statistics(stats, modules)  # no gradient at all: refused before any solve, on every rank alike
     group = active_group(across_ranks)
     if group is not None:
         config = config.with_rank()
@@ -52,8 +52,11 @@ def compute_init(
         except Exception as e:  # raised on every rank by share_inits, not only here
             local = e
         shared = share_inits(local, group)
-        return Inits({n: shared[n] for n in stats.modules if n in shared})
-    return Inits(solve_statistics(stats, config, progress=progress, modules=modules, device=device))
+        inits = Inits({n: shared[n] for n in stats.modules if n in shared})
+    else:
+        inits = Inits(solve_statistics(stats, config, progress=progress, modules=modules, device=device))
+    check_zero_gradients(inits)  # the modules whose Ḡ alone is zero, from the solves' own flags
+    return inits
 
 
 def collect_and_solve(model, dataloader, target_modules, config: LoraDAConfig, *, loss_fn=None, progress: bool = True,
