@@ -18,8 +18,7 @@ import lora_da.pipeline as pipeline
 import lora_da.collect.device_sums as device_sums
 from lora_da.collect.device_sums import DeviceSums
 from lora_da.memory import OutOfMemoryError
-from lora_da.plan import (MARGIN_BYTES, MARGIN_FRACTION, GiB, Step, Unit, choose_plan, gram_bytes, margin, plan_passes,
-                          solve_order)
+from lora_da.plan import MARGIN_BYTES, MARGIN_FRACTION, GiB, Step, Unit, choose_plan, gram_bytes
 from lora_da.reference import reference_solve, subspace_sin_theta
 
 GRAM_ROWS = [(0, 1024), (1024, 2048)]
@@ -167,61 +166,10 @@ def test_a_step_too_large_for_its_sums_is_split_into_micro_batches():
     # everything the device holds at the peak of a pass fits what was free
     assert all(sum(u.device_bytes for u in p) + reserve <= free for p in plan.passes)
     assert "split into micro-batches" in plan.describe() and "why:" in plan.describe()
-    # and every pass leaves its solves room (the step's memory is free again then), solved in its order
+    # and every pass leaves its solves room (the step's memory is free again then)
     for p in plan.passes:
-        assert worst_solve_moment(solve_order(p, plan.host_solves, plan.solve_workers, plan.solve_room),
-                                  plan.host_solves, plan.solve_workers) <= plan.solve_room <= free
-
-
-def worst_solve_moment(order, host_solves, workers):
-    """Device bytes at the worst moment of solving ``order`` on ``workers`` threads, by
-    enumeration: when the ``k``-th solve starts, any ``workers − 1`` of the earlier ones may
-    still run (their sums and work space), every later group still holds its sums, and a
-    finished group holds nothing."""
-    import itertools
-
-    space = {u.group: 0 if u.group in host_solves else u.solve_bytes for u in order}
-    worst = 0
-    for k, u in enumerate(order):
-        waiting = sum(v.device_bytes for v in order[k:]) + space[u.group]
-        for running in itertools.combinations(order[:k], min(workers - 1, k)):
-            worst = max(worst, waiting + sum(v.device_bytes + space[v.group] for v in running))
-    return worst
-
-
-@pytest.mark.parametrize("free_gib", [11.45, 16.0, 27.45])
-@pytest.mark.parametrize("workers", [1, 2])
-def test_solving_least_work_space_first_lets_a_pass_hold_more_sums(free_gib, workers):
-    """A 7B model on a small card: solved largest first, a pass's sums must leave a
-    down_proj solve's 5.4 GiB beside all of them; solved least work space first, each
-    group's sums are freed before the larger solves start. Fewer passes, and the worst
-    moment of every pass's solves, enumerated, still fits."""
-    units = units_7b(8)
-    free = int(free_gib * GiB)
-    room = free - margin(free)
-    kw = dict(device_free=free, reserve=int(2.8 * GiB), max_device_bytes=None, host_free=None, max_host_bytes=None,
-              keep_on_host=False, solve_workers=workers, solve_room=room)
-    plan = plan_passes(units, **kw)
-    for p in plan.passes:
-        order = solve_order(p, plan.host_solves, workers, room)
-        assert worst_solve_moment(order, plan.host_solves, workers) <= room
-        assert sorted(u.group for u in order) == sorted(u.group for u in p)
-    # beside all of a pass's sums (the order before): more passes
-    beside_all = 1
-    used = 0
-    for u in units:
-        if used and used + u.device_bytes + max(u.solve_bytes for u in units) * workers > room:
-            beside_all, used = beside_all + 1, 0
-        used += u.device_bytes
-    assert len(plan.passes) <= beside_all
-    if free_gib == 11.45:
-        assert len(plan.passes) < beside_all
-
-
-def test_solve_order_is_largest_first_where_everything_fits():
-    units = units_7b(1)
-    order = solve_order(units, (), 2, 10**15)
-    assert [u.n for u in order] == sorted((u.n for u in units), reverse=True)
+        used = sum(u.device_bytes for u in p)
+        assert used + max(u.solve_bytes for u in p) <= free
 
 
 def test_a_solve_that_fits_nowhere_goes_to_the_host():
@@ -253,8 +201,8 @@ def test_two_solves_at_once_only_where_both_fit():
     tight = down.device_bytes + down.solve_bytes + 2 * GiB
     plan = choose_plan(units, step, batch=1, device_free=tight, max_device_bytes=None, host_free=None,
                        max_host_bytes=None, keep_on_host=False)
-    assert all(worst_solve_moment(solve_order(p, plan.host_solves, plan.solve_workers, plan.solve_room),
-                                  plan.host_solves, plan.solve_workers) <= tight for p in plan.passes)
+    assert all(sum(u.device_bytes for u in p) + sum(sorted((u.solve_bytes for u in p), reverse=True)[:plan.solve_workers])
+               <= tight for p in plan.passes)
 
 
 # -- out of memory in the first step ---------------------------------------------------------

@@ -13,7 +13,6 @@ from lora_da.collect.run import Run, accumulates_on_host, collect_statistics
 from lora_da.distributed import active_group, check_same_options, owners, share_inits, solve_cost
 from lora_da.errors import InvalidArgumentError
 from lora_da.init import LoraDAConfig, check_rank, on_streams, output_precisions, solve_on_device_or_host, solve_statistics
-from lora_da.plan import solve_order
 from lora_da.quality import check_zero_gradients, check_zero_statistics, warn_poor
 from lora_da.results import Inits, ModuleInit, RunReport
 from lora_da.statistics import Statistics
@@ -138,9 +137,8 @@ def collect_and_solve(model, dataloader, target_modules, config: LoraDAConfig, *
         if failed:
             return
         try:
-            plan = collection.plan
-            order = solve_order(units, plan.host_solves, plan.solve_workers, plan.solve_room)
-            for init in on_streams([task(u) for u in order], device, plan.solve_workers):
+            for init in on_streams([task(u) for u in sorted(units, key=lambda u: -u.n)], device,
+                                    collection.plan.solve_workers):
                 inits[init.name] = init
         except Exception as e:
             if group is None:

@@ -125,7 +125,6 @@ class MemoryPlan:
     host_solves: tuple[str, ...] = ()  # groups whose solve work space does not fit the device
     to_disk: str | None = None  # the statistics file written pass by pass
     device_free: int = 0  # what was free for lora-da and the step when planned
-    solve_room: int | None = None  # what a pass's sums and its solves may hold together (None: no limit)
     estimate: float | None = None  # relative cost of the plan's passes (only compared between plans)
     why: str = ""
 
@@ -282,9 +281,11 @@ def plan_passes(
         host_solves = [u.group for u in units if u.device_bytes + u.solve_bytes > room]
 
     def solve_fits(p: list[Unit], used: int) -> bool:
-        if keep_on_host:
+        on_dev = [u for u in p if u.group not in host_solves]
+        if keep_on_host or not on_dev:
             return True
-        return solve_peak(p, host_solves, solve_workers) <= room
+        need = sorted((u.solve_bytes for u in on_dev), reverse=True)[:solve_workers]
+        return used + sum(need) <= room
 
     passes: list[list[Unit]] = [[]]
     used = 0
@@ -296,8 +297,7 @@ def plan_passes(
         used += u.device_bytes
     plan = MemoryPlan(passes=passes, device_budget=budget, host_budget=host_budget, keep_on_host=keep_on_host,
                       flush_every=flush_every, reserve=reserve, solve_workers=solve_workers,
-                      host_solves=tuple(host_solves), to_disk=to_disk, device_free=device_free,
-                      solve_room=None if keep_on_host else room)
+                      host_solves=tuple(host_solves), to_disk=to_disk, device_free=device_free)
     check_host(plan, streaming_possible=True)
     if host_solves:
         plan.notes.append(f"{len(host_solves)} input group(s) (the largest: n = {max(u.n for u in units if u.group in host_solves)}) "
@@ -305,44 +305,6 @@ def plan_passes(
     if len(passes) > 1:
         plan.notes.append(f"the dataloader is read {len(passes)} times; it must yield the same batches each time")
     return plan
-
-
-def solve_order(units: list[Unit], host_solves=(), workers: int = 1, room: int | None = None) -> list[Unit]:
-    """The order in which a pass's groups are solved on the device, each group's sums
-    freed once it is solved. Largest first while every solve fits beside all the
-    pass's sums (the long solves start first, and no worker waits at the end);
-    otherwise least work space first, so that the largest solves run after the other
-    groups' sums are freed: then a pass may hold more sums (fewer passes over the
-    data) than beside-all-of-them allows."""
-    if room is None or all_at_once_peak(units, host_solves, workers) <= room:
-        return sorted(units, key=lambda u: -u.n)
-    return sorted(units, key=lambda u: (0 if u.group in host_solves else u.solve_bytes, u.device_bytes))
-
-
-def all_at_once_peak(units: list[Unit], host_solves, workers: int) -> int:
-    """Every sum of the pass held, and the ``workers`` largest work spaces."""
-    need = sorted((u.solve_bytes for u in units if u.group not in host_solves), reverse=True)[:workers]
-    return sum(u.device_bytes for u in units) + sum(need)
-
-
-def solve_peak(units: list[Unit], host_solves, workers: int) -> int:
-    """The device bytes at the worst moment of solving a pass's groups in
-    :func:`solve_order` (SPEC §7): when the ``k``-th solve starts, the groups
-    from ``k`` on still hold their sums, and up to ``workers − 1`` earlier ones
-    may still be solving (their sums and work space)."""
-    peak = all_at_once_peak(units, host_solves, workers)
-    if not units:
-        return 0
-    order = sorted(units, key=lambda u: (0 if u.group in host_solves else u.solve_bytes, u.device_bytes))
-    space = [0 if u.group in host_solves else u.solve_bytes for u in order]
-    waiting = sum(u.device_bytes for u in order)
-    running: list[int] = []  # the largest (sums + work space) of the solves started so far
-    ascending = 0
-    for u, ws in zip(order, space):
-        ascending = max(ascending, waiting + ws + sum(running))
-        waiting -= u.device_bytes
-        running = sorted(running + [u.device_bytes + ws], reverse=True)[:workers - 1]
-    return min(peak, ascending)
 
 
 @dataclass(frozen=True)
