@@ -372,12 +372,17 @@ _EYE, _ONES = np.eye(3), np.ones(3)
     (lambda f, o: lora_da.solve_shared(_EYE, [_ONES], [np.ones((3, 3))], rank=-2, n_pop=10.0), "rank"),
 ])
 def test_negative_counts_and_sizes_to_the_core(call, name):
+    refused_and_unchanged(call, f"^{name} must be ≥ 0, got -[0-9]+$")
+
+
+def refused_and_unchanged(call, message: str) -> None:
+    """``call(f, o)`` on a used input and output factor is refused with ``message`` and changes neither."""
     f, o = lora_da.InputFactor(3), lora_da.OutputFactor(3)
     f.add(np.ones((2, 3)))
     o.add(np.ones((2, 3)))
     o.count_samples(2)
     f0, o0 = f.copy(), o.copy()
-    with pytest.raises(InvalidArgumentError, match=f"^{name} must be ≥ 0, got -[0-9]+$"):
+    with pytest.raises(InvalidArgumentError, match=message):
         call(f, o)
     assert f == f0 and o == o0  # a refused call changes nothing
 
@@ -395,14 +400,7 @@ def test_negative_counts_and_sizes_to_the_core(call, name):
 def test_a_bool_given_as_a_count_to_the_core_is_refused_by_name(call, name):
     """Python counts True as 1; given where a count or size belongs it is a mistake, refused
     by the core's binding with the argument's name, and nothing changes."""
-    f, o = lora_da.InputFactor(3), lora_da.OutputFactor(3)
-    f.add(np.ones((2, 3)))
-    o.add(np.ones((2, 3)))
-    o.count_samples(2)
-    f0, o0 = f.copy(), o.copy()
-    with pytest.raises(InvalidArgumentError, match=f"^{name} must be an integer, got the bool (True|False)$"):
-        call(f, o)
-    assert f == f0 and o == o0
+    refused_and_unchanged(call, f"^{name} must be an integer, got the bool (True|False)$")
     assert lora_da.InputFactor(np.int64(3)).n == 3  # numpy integers stay counts
 
 

@@ -356,36 +356,31 @@ def test_a_new_factor_leaves_its_zero_pages_untouched():
     """A new InputFactor's zeros come from the allocator (untouched pages), not
     from writing them: writing put a 7B model's 44 GB of host factors in
     resident memory before the first batch. 2 × 1.6 GB here must not be resident."""
+    assert child_rss_growth("", "f = lora_da.InputFactor(20000)") < 0.1e9
+
+
+def child_rss_growth(setup: str, measured: str) -> int:
+    """Bytes by which ``measured`` grows a fresh process's resident set after ``setup``. The
+    resident set of that process alone, before and after: ru_maxrss would carry the parent's
+    high-water mark into a child started by vfork + exec (it read pytest's 1.4 GB in CI),
+    /proc/self/status's VmRSS does not."""
     import subprocess
     import sys
 
-    # The resident set of this process alone, before and after: ru_maxrss would
-    # carry the parent's high-water mark into a child started by vfork + exec
-    # (it read pytest's 1.4 GB in CI), /proc/self/status's VmRSS does not.
     code = ("import lora_da\n"
             "def rss():\n"
             "    for line in open('/proc/self/status'):\n"
             "        if line.startswith('VmRSS:'): return int(line.split()[1]) * 1024\n"
-            "before = rss(); f = lora_da.InputFactor(20000); print(rss() - before)")
+            f"{setup}\nbefore = rss()\n{measured}\nprint(rss() - before)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert int(out.stdout.split()[-1]) < 0.1e9
+    return int(out.stdout.split()[-1])
 
 
 def test_touch_faults_in_the_pages_and_changes_no_sum():
     """``touch`` puts a new factor's pages in resident memory (so that a flush does
     not pay their first touch) and leaves what a used factor holds bit for bit."""
-    import subprocess
-    import sys
-
-    code = ("import lora_da\n"
-            "def rss():\n"
-            "    for line in open('/proc/self/status'):\n"
-            "        if line.startswith('VmRSS:'): return int(line.split()[1]) * 1024\n"
-            "f = lora_da.InputFactor(10000); before = rss(); f.touch(); print(rss() - before)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert int(out.stdout.split()[-1]) > 0.7e9  # 2 × 10000·10001/2 float64 = 0.8 GB
+    assert child_rss_growth("f = lora_da.InputFactor(10000)", "f.touch()") > 0.7e9  # 2 × 10000·10001/2 float64 = 0.8 GB
 
     rng = np.random.default_rng(3)
     f = lora_da.InputFactor(37)
