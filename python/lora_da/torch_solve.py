@@ -35,6 +35,7 @@ import scipy.linalg.lapack
 import torch
 
 from lora_da._core import CONTRACT_RESIDUAL, SOLVE_DEFAULTS, SYMMETRY_TOL, check_solve_options
+from lora_da import plan
 from lora_da.errors import InvalidArgumentError, LoraDAError, NonFiniteError, NotPositiveDefiniteError, ShapeError
 from lora_da.results import DeviceSolveResult, check_finite_result
 
@@ -62,9 +63,33 @@ def _stage(name: str, device):
     PROFILE[name] = PROFILE.get(name, 0.0) + time.perf_counter() - t
 
 
+def _row_blocks(n: int):
+    """Rows of the element-wise passes over an ``n × n`` matrix (symmetry, finiteness, row
+    sums): temporaries of ``SOLVE_ROWS × n`` instead of a second ``n × n`` (SPEC §7 plans a
+    device solve's work space, :attr:`lora_da.plan.Unit.solve_bytes`)."""
+    rows = plan.SOLVE_ROWS
+    return ((a, min(a + rows, n)) for a in range(0, n, rows))
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    if t.dim() != 2:
+        return bool(torch.isfinite(t).all())
+    return all(bool(torch.isfinite(t[a:b]).all()) for a, b in _row_blocks(t.shape[0]))
+
+
 def _require_finite(t: torch.Tensor, what: str) -> None:
-    if not bool(torch.isfinite(t).all()):
+    if not _all_finite(t):
         raise NonFiniteError(f"torch_solve: {what} has non-finite entries")
+
+
+def _asymmetry(Z: torch.Tensor) -> float:
+    """``max |Z − Zᵀ|``, a block of rows at a time."""
+    return max(float((Z[a:b] - Z[:, a:b].T).abs().max()) for a, b in _row_blocks(Z.shape[0]))
+
+
+def _max_row_sum(S: torch.Tensor) -> float:
+    """``‖S‖_∞ = max_i Σ_j |S_ij|``, a block of rows at a time."""
+    return max(float(S[a:b].abs().sum(1).max()) for a, b in _row_blocks(S.shape[0]))
 
 
 def inverse_input(Z: torch.Tensor, damping: float, auto_damping: bool, name: str = "") -> tuple[torch.Tensor, float]:
@@ -75,14 +100,13 @@ def inverse_input(Z: torch.Tensor, damping: float, auto_damping: bool, name: str
     torch's there), the device's Cholesky on a GPU."""
     where = f"module {name}: " if name else ""
     _require_finite(Z, f"{where}Z")
-    scale = float(Z.abs().max())
-    if float((Z - Z.T).abs().max()) > SYMMETRY_TOL * max(scale, np.finfo(float).tiny):
+    scale = float(torch.linalg.vector_norm(Z, float("inf")))
+    if _asymmetry(Z) > SYMMETRY_TOL * max(scale, np.finfo(float).tiny):
         raise InvalidArgumentError(f"torch_solve: {where}Z is not symmetric")
-    sym = _symmetric(Z.clone())
     mean_diag = float(Z.diagonal().mean())
     lam = damping
     for attempt in range(13):
-        inv = _spd_inverse(sym, lam)
+        inv = _spd_inverse(Z, lam)
         if inv is not None:
             return inv, lam
         if not auto_damping or attempt == 12:
@@ -98,10 +122,13 @@ def inverse_input(Z: torch.Tensor, damping: float, auto_damping: bool, name: str
 
 
 def _spd_inverse(Z: torch.Tensor, lam: float) -> torch.Tensor | None:
-    """``(Z + λI)⁻¹``, symmetric, or None when the Cholesky fails or the inverse overflows."""
+    """``((Z + Zᵀ)/2 + λI)⁻¹``, symmetric, or None when the Cholesky fails or the inverse
+    overflows. On a GPU at most two ``n × n`` beside ``Z`` at any time (the symmetric copy
+    and its factor, then the factor and the inverse), each freed as soon as it is used."""
     n = Z.shape[0]
     if Z.device.type == "cpu":
-        a = Z.numpy() + lam * np.eye(n)
+        a = _symmetric(Z.clone()).numpy()
+        a[np.diag_indices(n)] += lam
         c, info = scipy.linalg.lapack.dpotrf(a, lower=1, clean=0, overwrite_a=1)
         if info != 0:
             return None
@@ -111,11 +138,16 @@ def _spd_inverse(Z: torch.Tensor, lam: float) -> torch.Tensor | None:
         inv = torch.from_numpy(np.tril(inv))
         inv = inv.add_(torch.tril(inv, -1).T)
         return inv if bool(torch.isfinite(inv).all()) else None
-    L, info = torch.linalg.cholesky_ex(Z + lam * torch.eye(n, dtype=Z.dtype, device=Z.device))
+    A = _symmetric(Z.clone())
+    A.diagonal().add_(lam)
+    L, info = torch.linalg.cholesky_ex(A)
+    del A
     if int(info) != 0:
         return None
-    inv = _symmetric(torch.cholesky_inverse(L))
-    return inv if bool(torch.isfinite(inv).all()) else None
+    inv = torch.cholesky_inverse(L)
+    del L
+    inv = _symmetric(inv)
+    return inv if _all_finite(inv) else None
 
 
 def _start_block(n: int, k: int, device) -> torch.Tensor:
@@ -130,7 +162,7 @@ def _top_eigenvalue(S: torch.Tensor) -> float:
     same filtered subspace iteration (its row-sum norm bounds the spectrum
     below), to a relative residual of 1e-10; its error is about the square of
     that, well inside the 1e-9 promised for σ."""
-    lower = -float(S.abs().sum(1).max())
+    lower = -_max_row_sum(S)
     if lower == 0.0:
         return 0.0
     n = S.shape[0]
@@ -138,13 +170,26 @@ def _top_eigenvalue(S: torch.Tensor) -> float:
         # LAPACK's dsyevr for the one pair: milliseconds at this size
         return max(0.0, float(scipy.linalg.eigh(S.numpy(), subset_by_index=[n - 1, n - 1], eigvals_only=True,
                                                 driver="evr")[0]))
-    values, *_ = bottom_eigenpairs(-S, 1, lower, 1e-10)
+    # the bottom of −S in S's own memory (negation is exact, and undone after)
+    S.neg_()
+    try:
+        values, *_ = bottom_eigenpairs(S, 1, lower, 1e-10)
+    finally:
+        S.neg_()
     return max(0.0, -float(values[0]))
 
 
 def _symmetric(S: torch.Tensor) -> torch.Tensor:
-    """``(S + Sᵀ)/2``: a product such as ``Δ Δᵀ`` need not come out exactly symmetric."""
-    return S.add_(S.T.clone()).mul_(0.5)
+    """``(S + Sᵀ)/2`` in place: a product such as ``Δ Δᵀ`` need not come out exactly
+    symmetric. A block of rows ``a:b`` against the same block of columns, from column
+    ``a`` on: what it reads, no earlier block has written, and both triangles get the
+    same ``(S_ij + S_ji)/2``; the temporary is ``ROWS × n``, not a copy of ``S``."""
+    n = S.shape[0]
+    for a, b in _row_blocks(n):
+        T = (S[a:b, a:] + S[a:, a:b].T).mul_(0.5)
+        S[a:b, a:].copy_(T)
+        S[a:, a:b].copy_(T.T)
+    return S
 
 
 def _small_eigh(H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,7 +232,7 @@ def _upper_bound(Omega: torch.Tensor, lower: float) -> tuple[float, float]:
     w, U = _small_eigh(X.T @ Omega @ X)
     x = X @ U[:, -1]
     bound = float(w[-1]) + float(torch.linalg.vector_norm(Omega @ x - w[-1] * x))
-    surely = float(Omega.abs().sum(1).max())
+    surely = _max_row_sum(Omega)
     return min(surely, bound + 0.01 * abs(bound)), float(w[-1])
 
 
@@ -353,8 +398,14 @@ def solve_group_device(
         z_inv, lam = inverse_input(Z, damping, auto_damping, names[0] if len(names) == 1 else ",".join(names))
     lam_y = damping if output_damping is None else output_damping
     results = []
+    # Z_λ⁻¹ is freed once the last module's Ω′ is formed: its eigensolve then holds one n × n less
+    inverse = [z_inv]
+    del z_inv
 
     def one(i, y, G) -> DeviceSolveResult:
+        z_inv = inverse[0]
+        if i == len(Gs) - 1:
+            inverse.clear()
         name = names[i]
         where = f"module {name}: " if name else ""
         if not (isinstance(y, torch.Tensor) and y.dim() == 1 and isinstance(G, torch.Tensor) and G.dim() == 2):
@@ -395,7 +446,7 @@ def solve_group_device(
                 s2 = _top_eigenvalue(delta.T @ delta if m < n else W)
             with _stage("form", dev):
                 omega = W.mul_(-alpha).add_(z_inv, alpha=beta * c_prime)  # Ω′, in W's memory
-                del W
+                del W, z_inv
             lower = -alpha * s2 if alpha > 0 else 0.0
         if method == "dense":
             with _stage("eigen", dev):
