@@ -148,7 +148,7 @@ def collect_and_solve(model, dataloader, target_modules, config: LoraDAConfig, *
 
     t0 = time.perf_counter()
     collect_on_device(run, max_device_bytes=max_device_bytes, max_host_bytes=max_host_bytes, keep_on_host=False,
-                      on_pass=solve_pass, group=group)
+                      on_pass=solve_pass, group=group, dense_solves=config.method == "dense")
     if run.n_samples == 0:
         raise InvalidArgumentError("collect_and_solve: the dataloader yielded no sample")
     if group is not None:

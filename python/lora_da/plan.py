@@ -30,6 +30,7 @@ per byte, a tenth of the rate a pass needs, so a second pass is always cheaper.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from lora_da.errors import InvalidArgumentError
@@ -45,6 +46,14 @@ GRAM_BLOCK = 1024
 # fragmentation and the libraries' work spaces (cuBLAS, cuSOLVER).
 MARGIN_BYTES = 384 << 20
 MARGIN_FRACTION = 0.04
+
+# Rows per block of a device solve's element-wise passes over an n × n matrix
+# (torch_solve: symmetry, finiteness, row sums): their temporaries are SOLVE_ROWS × n.
+SOLVE_ROWS = 1024
+
+# Samples per step up to which small user batches are joined (collect.passes.join_batches):
+# a 1.1B model's step at one sample of 512 tokens leaves the GPU mostly idle.
+MERGE_SAMPLES = 16
 
 # Threads of a flush to the host's accumulators: each assembles one Gram on the host.
 FLUSH_THREADS = 4
@@ -100,12 +109,20 @@ class Unit:
 
     @property
     def solve_bytes(self) -> int:
-        """Device work space of one solve (``torch_solve``) beyond its inputs:
-        six ``n × n`` (the symmetric ``Z``, ``Z + λI`` and its factor,
-        ``Z_λ⁻¹``, ``ΔΔᵀ``/``Ω′`` and a product), ``Δ`` and ``ḠᵀD`` of the largest
-        module, and the float64 ``Ḡ`` upload."""
+        """Device work space of one solve (``torch_solve``, the filtered or Krylov route)
+        beyond the pass's sums: the symmetric ``Z`` built from its block triangle, and at
+        the worst moment two more ``n × n`` (the factor and ``Z_λ⁻¹``, then ``Z_λ⁻¹`` and
+        ``ΔΔᵀ``/``Ω′``), ``Δ`` and ``Ḡᵀ diag(ỹ)`` of the widest module, and the element-wise
+        passes' ``SOLVE_ROWS × n`` temporaries (two at a time)."""
         m = max(m for _, m in self.modules)
-        return 8 * (6 * self.n * self.n + 3 * m * self.n)
+        rows = min(SOLVE_ROWS, self.n)
+        return 8 * (3 * self.n * self.n + 2 * m * self.n + 2 * rows * self.n)
+
+    @property
+    def dense_solve_bytes(self) -> int:
+        """The same with the device's dense symmetric eigensolver (``method="dense"``): its
+        eigenvectors and work space take up to three ``n × n`` more."""
+        return self.solve_bytes + 8 * 3 * self.n * self.n
 
 
 @dataclass
@@ -117,7 +134,8 @@ class MemoryPlan:
     host_budget: int | None
     keep_on_host: bool  # statistics end on the host (collect_statistics) or are solved pass by pass
     flush_every: int | None  # batches between flushes of device sums to the host (None: at the end of each pass)
-    reserve: int = 0  # bytes held back for the model's forward and backward
+    reserve: int = 0  # bytes held back for the model's forward and backward (the most any pass needs)
+    reserves: list[int] = field(default_factory=list)  # per pass: its graph starts at its first module
     notes: list[str] = field(default_factory=list)
     micro_batch: int | None = None  # samples per forward + backward (None: the user's batches as they come)
     batch: int | None = None  # the user's batch size (the first batch's)
@@ -171,12 +189,19 @@ class MemoryPlan:
         mb = ""
         if self.micro_batch is not None and self.batch is not None and self.micro_batch < self.batch:
             mb = f"; each batch of {self.batch} split into micro-batches of {self.micro_batch}"
+        elif self.micro_batch is not None and self.batch is not None and self.micro_batch > self.batch:
+            mb = (f"; batches of {self.batch} joined into steps of up to {self.micro_batch} samples where their "
+                  "shapes agree")
         lines = [
             f"lora-da plan: {count(self.modules, 'module')} in {count(sum(len(p) for p in self.passes), 'input group')}; "
             f"{count(len(self.passes), 'pass', 'passes')} over the data{mb}",
             f"  device: {gb(self.device_bytes)} of float64 running sums per pass (budget {gb(self.device_budget)}, "
             f"{gb(self.reserve)} held back for forward + backward, {gb(self.device_free)} free)",
         ]
+        if len(set(self.reserves)) > 1:
+            lines.append(f"  graph:  each pass's autograd graph starts at its first module: forward + backward holds "
+                         f"{gb(max(self.reserves))} in the first pass, {gb(min(self.reserves))} in the last, "
+                         "so later passes hold more sums")
         if self.keep_on_host:
             where = (f"written to {self.to_disk} as each pass ends ({gb(self.file_bytes)} on disk)" if self.to_disk
                      else f"{gb(self.statistics_bytes)} of statistics")
@@ -239,7 +264,7 @@ def plan_passes(
     units: list[Unit],
     *,
     device_free: int,
-    reserve: int,
+    reserve: int | Callable[[Unit], int],
     max_device_bytes: int | None,
     host_free: int | None,
     max_host_bytes: int | None,
@@ -248,9 +273,13 @@ def plan_passes(
     solve_workers: int = 1,
     solve_room: int | None = None,
     to_disk: str | None = None,
+    dense_solves: bool = False,
 ) -> MemoryPlan:
     """Split ``units`` (in the model's order) into passes whose device sums fit
     the budget (``device_free − reserve``, at most ``max_device_bytes``).
+    ``reserve`` may depend on the pass's first unit: a pass's autograd graph
+    starts at its first module, so a pass over the upper layers holds less of
+    the step's activations (:func:`graph_step_bytes`).
 
     ``keep_on_host``: the statistics all end on the host (or in ``to_disk``),
     so the host budget must hold what the plan keeps there (else an error
@@ -261,43 +290,55 @@ def plan_passes(
     not fit even alone in its own pass is solved on the host."""
     if not units:
         raise InvalidArgumentError("plan: no module to collect")
-    budget = max(0, device_free - reserve)
-    if max_device_bytes is not None:
-        if max_device_bytes < 0:
-            raise InvalidArgumentError(f"plan: max_device_bytes must be ≥ 0, got {max_device_bytes}")
-        budget = min(budget, max_device_bytes)
-    host_budget = _host_budget(host_free, max_host_bytes)
-    big = max(units, key=lambda u: u.device_bytes)
-    if big.device_bytes > budget:
-        raise InvalidArgumentError(
-            f"plan: the input group {big.group} needs {big.device_bytes / GiB:.2f} GiB of float64 sums on the device "
-            f"but the budget is {budget / GiB:.2f} GiB ({device_free / GiB:.2f} GiB free, {reserve / GiB:.2f} GiB held "
-            f"back for forward + backward, max_device_bytes={max_device_bytes}); use a smaller batch, raise "
+    if max_device_bytes is not None and max_device_bytes < 0:
+        raise InvalidArgumentError(f"plan: max_device_bytes must be ≥ 0, got {max_device_bytes}")
+    reserve_of = reserve if callable(reserve) else (lambda u: reserve)
+
+    def budget_of(first: Unit) -> int:
+        """What the sums of a pass that starts at ``first`` may take."""
+        b = max(0, device_free - reserve_of(first))
+        return b if max_device_bytes is None else min(b, max_device_bytes)
+
+    def refuse(u: Unit):
+        return InvalidArgumentError(
+            f"plan: the input group {u.group} needs {u.device_bytes / GiB:.2f} GiB of float64 sums on the device "
+            f"but the budget is {budget_of(u) / GiB:.2f} GiB ({device_free / GiB:.2f} GiB free, {reserve_of(u) / GiB:.2f} "
+            f"GiB held back for forward + backward, max_device_bytes={max_device_bytes}); use a smaller batch, raise "
             "max_device_bytes, or pass max_device_bytes=0 to accumulate on the host CPU (slow)"
         )
+
+    host_budget = _host_budget(host_free, max_host_bytes)
+    big = max(units, key=lambda u: u.device_bytes)
+    if big.device_bytes > budget_of(big):  # alone in its pass, as its first unit: the most room it can get
+        raise refuse(big)
     room = device_free if solve_room is None else solve_room
+    work = (lambda u: u.dense_solve_bytes) if dense_solves else (lambda u: u.solve_bytes)
     host_solves = []
     if not keep_on_host:
-        host_solves = [u.group for u in units if u.device_bytes + u.solve_bytes > room]
+        host_solves = [u.group for u in units if u.device_bytes + work(u) > room]
 
     def solve_fits(p: list[Unit], used: int) -> bool:
         on_dev = [u for u in p if u.group not in host_solves]
         if keep_on_host or not on_dev:
             return True
-        need = sorted((u.solve_bytes for u in on_dev), reverse=True)[:solve_workers]
+        need = sorted((work(u) for u in on_dev), reverse=True)[:solve_workers]
         return used + sum(need) <= room
 
     passes: list[list[Unit]] = [[]]
-    used = 0
+    used, budget = 0, budget_of(units[0])
     for u in units:
         if passes[-1] and (used + u.device_bytes > budget or not solve_fits(passes[-1] + [u], used + u.device_bytes)):
             passes.append([])
-            used = 0
+            used, budget = 0, budget_of(u)
+        if u.device_bytes > budget:  # first of a pass whose graph holds more than the largest unit's does
+            raise refuse(u)
         passes[-1].append(u)
         used += u.device_bytes
-    plan = MemoryPlan(passes=passes, device_budget=budget, host_budget=host_budget, keep_on_host=keep_on_host,
-                      flush_every=flush_every, reserve=reserve, solve_workers=solve_workers,
-                      host_solves=tuple(host_solves), to_disk=to_disk, device_free=device_free)
+    reserves = [reserve_of(p[0]) for p in passes]
+    plan = MemoryPlan(passes=passes, device_budget=budget_of(units[0]), host_budget=host_budget,
+                      keep_on_host=keep_on_host, flush_every=flush_every, reserve=max(reserves),
+                      solve_workers=solve_workers, host_solves=tuple(host_solves), to_disk=to_disk,
+                      device_free=device_free, reserves=reserves)
     check_host(plan, streaming_possible=True)
     if host_solves:
         plan.notes.append(f"{len(host_solves)} input group(s) (the largest: n = {max(u.n for u in units if u.group in host_solves)}) "
@@ -317,6 +358,11 @@ class Step:
     tokens_per_sample: int
     calls: int  # hooked module calls per step
     widest: int  # n + 2m of the widest module: its float64 copies per token
+    # The step's peak when its autograd graph starts at the last input group (None: not
+    # measured, every pass is planned at ``bytes``), and per input group the share of the
+    # hooked calls from its first call on: what of the graph a pass that starts there holds.
+    top_bytes: int | None = None
+    shares: tuple[tuple[str, float], ...] = ()
 
 
 def transient_bytes(step: Step, micro_batch: int) -> int:
@@ -328,6 +374,19 @@ def transient_bytes(step: Step, micro_batch: int) -> int:
 def step_bytes(step: Step, micro_batch: int) -> int:
     """A step's activations scale with its tokens (the probe ran at ``step.samples``)."""
     return -(-step.bytes * micro_batch // max(step.samples, 1))
+
+
+def graph_step_bytes(step: Step, micro_batch: int, first: Unit | None = None) -> int:
+    """A step of a pass whose autograd graph starts at its first unit ``first`` (SPEC §7):
+    the layers below it run without a graph and keep no activations. Between the two
+    measured ends (the graph from the first input group and from the last) the activations
+    are taken in proportion to the hooked calls the graph spans; never above the whole step."""
+    full = step_bytes(step, micro_batch)
+    share = dict(step.shares).get(first.group) if first is not None else None
+    if step.top_bytes is None or share is None:
+        return full
+    top = -(-step.top_bytes * micro_batch // max(step.samples, 1))
+    return min(full, top + int(-(-(full - top) * share // 1)))
 
 
 def choose_plan(
@@ -342,12 +401,22 @@ def choose_plan(
     keep_on_host: bool,
     to_disk: str | None = None,
     max_solve_workers: int = 2,
+    dense_solves: bool = False,
+    merge: bool = False,
 ) -> MemoryPlan:
     """The cheapest plan that fits (module docstring): micro-batches of
     ``batch``, ``batch/2``, …, 1 (never above what the probe ran), each with
     its passes and solve placement; the least estimated time wins, ties to
-    the larger micro-batch. A refusal names what would fit."""
+    the larger micro-batch. With ``merge`` (the user's batches are small and
+    may be joined) also steps of ``2·batch``, ``4·batch``, … up to
+    ``MERGE_SAMPLES``, their memory extrapolated from the probe's. A refusal
+    names what would fit."""
     sizes, mb = [], min(batch, step.samples)
+    if merge and step.samples >= batch:
+        up = 2 * batch
+        while up <= MERGE_SAMPLES:
+            sizes.insert(0, up)
+            up *= 2
     while True:
         sizes.append(mb)
         if mb == 1:
@@ -357,17 +426,23 @@ def choose_plan(
     fixed = STEP_COST_PER_CALL * step.calls + 1e-3
     candidates, errors = [], []
     for mb in sizes:
-        reserve = step_bytes(step, mb) + transient_bytes(step, mb) + margin(device_free)
+        def reserve(first: Unit, mb=mb) -> int:
+            return graph_step_bytes(step, mb, first) + transient_bytes(step, mb) + margin(device_free)
+
         for workers in range(max(1, max_solve_workers), 0, -1):
             try:
                 plan = plan_passes(units, device_free=device_free, reserve=reserve, max_device_bytes=max_device_bytes,
                                    host_free=host_free, max_host_bytes=max_host_bytes, keep_on_host=keep_on_host,
-                                   solve_workers=workers, solve_room=device_free - margin(device_free), to_disk=to_disk)
+                                   solve_workers=workers, solve_room=device_free - margin(device_free), to_disk=to_disk,
+                                   dense_solves=dense_solves)
             except InvalidArgumentError as e:
                 errors.append(e)
                 break
-            steps = -(-batch // mb)  # per user batch
-            plan.estimate = len(plan.passes) * (steps * fixed + batch * per_sample) / batch
+            steps = -(-batch // mb) if mb <= batch else batch / mb  # per user batch
+            # the backward (about two thirds of a step) runs down to each pass's first unit only
+            shares = dict(step.shares)
+            plan.estimate = sum(steps * fixed + batch * per_sample * (1 + 2 * shares.get(p[0].group, 1.0)) / 3
+                                for p in plan.passes) / batch
             plan.micro_batch, plan.batch = mb, batch
             candidates.append(plan)
             if keep_on_host:

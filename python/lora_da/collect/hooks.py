@@ -28,8 +28,13 @@ class Recorder:
     shared-input detection) and, in ``seen``, its inputs (host path) or whether
     each was finite (device path), to name the source of non-finite values."""
 
-    def __init__(self, targets: Sequence[Target], sink, stop_early: bool = False, keep_inputs: bool = True):
+    def __init__(self, targets: Sequence[Target], sink, stop_early: bool = False, keep_inputs: bool = True,
+                 start_graph: bool = False):
         self.targets, self.sink, self.handles = list(targets), sink, []
+        # With ``start_graph`` the autograd graph starts at these targets' inputs (SPEC §7):
+        # nothing else requires grad, so the layers below them keep no activations and the
+        # backward ends at them. ``order`` lists the calls' modules in forward order.
+        self.start_graph, self.order = start_graph, []
         # ``seen`` holds the inputs themselves (scanned only when a loss is not
         # finite) or, where they should not outlive their call, a finite flag each.
         self.keep_inputs = keep_inputs
@@ -40,6 +45,8 @@ class Recorder:
 
     def __enter__(self) -> Recorder:
         self.handles = [t.module.register_forward_hook(self._hook(t)) for t in self.targets]
+        if self.start_graph:
+            self.handles += [t.module.register_forward_pre_hook(_start_graph) for t in self.targets]
         return self
 
     def __exit__(self, *exc) -> None:
@@ -49,6 +56,7 @@ class Recorder:
 
     def clear(self) -> None:
         self.received = 0
+        self.order = []
         for t in self.targets:
             t.calls.clear()
             t.keys.clear()
@@ -63,6 +71,7 @@ class Recorder:
                 return
             x = args[0].detach()
             key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x._version)
+            recorder.order.append(target.name)
             target.keys.append(key)
             target.seen.append(x if recorder.keep_inputs else torch.isfinite(x).all())
 
@@ -75,6 +84,18 @@ class Recorder:
             output.register_hook(grad_hook)
 
         return hook
+
+
+def _start_graph(module, args):
+    """A target's input that takes no gradient (nothing below it is in the graph) becomes a
+    leaf that does, so that the module's output does. The leaf shares the input's storage,
+    so shared-input detection (the data pointer) sees the same tensor."""
+    if not torch.is_grad_enabled() or not args:
+        return None
+    x = args[0]
+    if isinstance(x, torch.Tensor) and x.is_floating_point() and not x.requires_grad:
+        return (x.detach().requires_grad_(True), *args[1:])
+    return None
 
 
 @contextlib.contextmanager

@@ -55,6 +55,7 @@ def probe(run, first) -> Step:
             with Recorder(run.targets.values(), lambda *a: None, keep_inputs=False) as rec:
                 run.forward_backward(sub, mb, index, rec)
                 calls = sum(len(t.keys) for t in run.targets.values())
+                order = list(rec.order)
                 run.set_groups(host_factors=False)
         except OutOfMemoryError:
             failed = True
@@ -77,37 +78,82 @@ def probe(run, first) -> Step:
     ids = sub.get("input_ids")
     per_sample = int(ids.shape[1]) if isinstance(ids, torch.Tensor) and ids.dim() == 2 else 1
     widest = max(t.n + 2 * t.m for t in run.targets.values())
+    shares = graph_shares(order, input_units(run))
+    top = probe_top(run, sub, mb, index, shares) if cuda and not run.recomputes and len(shares) > 1 else None
     return Step(samples=mb, bytes=int(step), seconds=seconds, tokens_per_sample=per_sample, calls=calls,
-                widest=widest)
+                widest=widest, top_bytes=top, shares=tuple(shares.items()))
 
 
-def input_units(run) -> list[Unit]:
+def graph_shares(order: list[str], units: list[Unit]) -> dict[str, float]:
+    """Per input group, the share of a step's hooked calls (``order``: forward order) from
+    the group's first call on: what of the step's autograd graph a pass starting there holds."""
+    first: dict[str, int] = {}
+    for i, name in enumerate(order):
+        first.setdefault(name, i)
+    out = {}
+    for u in units:
+        seen = [first[name] for name, _ in u.modules if name in first]
+        if seen:
+            out[u.group] = (len(order) - min(seen)) / len(order)
+    return out
+
+
+def probe_top(run, batch, bsz: int, index: int, shares: dict[str, float]) -> int | None:
+    """The step's device peak when its graph starts at the last input group (SPEC §7):
+    the other end of what a pass's step holds. None if it runs out of memory."""
+    last = min(shares, key=shares.get)
+    names = [n for n, g in run.groups.items() if g == last]
+    dev = run.device
+    torch.cuda.synchronize(dev)
+    before = torch.cuda.memory_allocated(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    try:
+        with Recorder([run.targets[n] for n in names], lambda *a: None, stop_early=True, keep_inputs=False,
+                      start_graph=True) as rec:
+            run.forward_backward(batch, bsz, index, rec)
+    except OutOfMemoryError:
+        _release(dev)
+        return None
+    torch.cuda.synchronize(dev)
+    return int(torch.cuda.max_memory_allocated(dev) - before)
+
+
+def input_units(run, shares: dict[str, float] | None = None) -> list[Unit]:
+    """The input groups, in the order of their first calls when ``shares`` gives it
+    (a pass's graph then spans its own layers and those above)."""
     out: dict[str, list] = {}
     for name, leader in run.groups.items():
         out.setdefault(leader, []).append((name, run.targets[name].m))
-    return [Unit(group=g, n=run.targets[g].n, modules=tuple(mods)) for g, mods in out.items()]
+    units = [Unit(group=g, n=run.targets[g].n, modules=tuple(mods)) for g, mods in out.items()]
+    if shares:
+        units.sort(key=lambda u: -shares.get(u.group, 1.0))  # stable: ties keep the targets' order
+    return units
 
 
 def plan_device(run, step: Step, batch: int, *, max_device_bytes, max_host_bytes, keep_on_host: bool,
-                group=None, to_disk=None) -> MemoryPlan:
+                group=None, to_disk=None, dense_solves: bool = False) -> MemoryPlan:
     """SPEC §7: everything the device will hold against what is free now, before the first pass."""
     dev = run.device
-    units = input_units(run)
+    units = input_units(run, dict(step.shares))
     device_free = free_device_bytes(dev)
     host_free = available_host_bytes() if keep_on_host else None
     if group is not None:
         # every rank plans from the same figures: the least room, the largest step
         big = float(1 << 62)
+        # the top of the graph as a share of the whole step (1 where not measured): the largest
+        top_share = step.top_bytes / step.bytes if step.top_bytes is not None and step.bytes > 0 else 1.0
         vals = agree([float(device_free), float(host_free if host_free is not None else big), float(step.samples),
-                      -float(step.bytes), -step.seconds, -float(step.tokens_per_sample), -float(batch)], group, "min")
+                      -float(step.bytes), -step.seconds, -float(step.tokens_per_sample), -float(batch), -top_share],
+                     group, "min")
         device_free, host = int(vals[0]), vals[1]
         host_free = None if host_free is None else int(host)
         step = replace(step, samples=int(vals[2]), bytes=int(-vals[3]), seconds=-vals[4],
-                       tokens_per_sample=int(-vals[5]))
+                       tokens_per_sample=int(-vals[5]), top_bytes=int(-(-int(-vals[3]) * -vals[7] // 1)))
         batch = int(-vals[6])
     plan = choose_plan(units, step, batch=batch, device_free=device_free, max_device_bytes=max_device_bytes,
                        host_free=host_free, max_host_bytes=max_host_bytes, keep_on_host=keep_on_host,
-                       to_disk=to_disk, max_solve_workers=DEVICE_SOLVE_WORKERS if dev.type == "cuda" else 1)
+                       to_disk=to_disk, max_solve_workers=DEVICE_SOLVE_WORKERS if dev.type == "cuda" else 1,
+                       dense_solves=dense_solves, merge=joins_batches(dev) and run.checkpoint_path is None)
     if step.samples < batch:
         plan.notes.insert(0, f"the first batch ({count(batch, 'sample')}) ran out of device memory in a plain forward + "
                              f"backward; it fit at {step.samples}")
@@ -115,7 +161,7 @@ def plan_device(run, step: Step, batch: int, *, max_device_bytes, max_host_bytes
 
 
 def collect_on_device(run, *, max_device_bytes, max_host_bytes, keep_on_host: bool, on_pass=None,
-                      group=None, to_disk=None) -> None:
+                      group=None, to_disk=None, dense_solves: bool = False) -> None:
     """Plan, then one pass per group of input groups that fits the device:
     float64 sums on the GPU, flushed to the host (``keep_on_host``; into the
     file ``to_disk`` as each pass ends when given) or handed to
@@ -142,7 +188,7 @@ def collect_on_device(run, *, max_device_bytes, max_host_bytes, keep_on_host: bo
             return
         run.plan = plan_device(run, step, first[2], max_device_bytes=max_device_bytes,
                                      max_host_bytes=max_host_bytes, keep_on_host=keep_on_host, group=group,
-                                     to_disk=to_disk)
+                                     to_disk=to_disk, dense_solves=dense_solves)
         run.micro = run.plan.micro_batch or first[2]
         if run.progress:
             print(run.plan.describe(), file=sys.stderr)
@@ -171,10 +217,14 @@ def collect_on_device(run, *, max_device_bytes, max_host_bytes, keep_on_host: bo
                                               {n: run.groups[n] for n in names})
                 samples = 0
                 prints = []
+                # small batches joined into the plan's steps (never with checkpoints: those follow batches)
+                joiner = Joiner(run) if run.micro > first[2] and run.checkpoint_path is None else None
                 # an error on one rank is raised on all at the end of the pass (no rank left waiting)
                 with together(group, f"collect: pass {p + 1}"):
+                    # the graph starts at the pass's own modules (SPEC §7), except under reentrant
+                    # checkpointing, whose segments need an input that requires grad
                     with Recorder([run.targets[n] for n in names], sums.add, stop_early=not run.recomputes,
-                                   keep_inputs=False) as rec, \
+                                   keep_inputs=False, start_graph=not run.recomputes) as rec, \
                             run.bar(f"lora-da: pass {p + 1}/{len(passes)}",
                                       batch_size=first[2]) as bar:
                         for index, batch, bsz, mask in source:
@@ -187,7 +237,10 @@ def collect_on_device(run, *, max_device_bytes, max_host_bytes, keep_on_host: bo
                                         "must yield the same batches on every pass (no shuffling), or raise "
                                         "max_device_bytes for one pass"
                                     )
-                            batch_steps(run, batch, bsz, index, rec, sums, check)
+                            if joiner is not None:
+                                joiner.add(index, batch, bsz, rec, sums, check)
+                            else:
+                                batch_steps(run, batch, bsz, index, rec, sums, check)
                             samples += bsz
                             bar.update(1)
                             if p == 0:
@@ -197,6 +250,8 @@ def collect_on_device(run, *, max_device_bytes, max_host_bytes, keep_on_host: bo
                                     toucher.wait()
                                     sums.flush(run.host)
                                     run.snapshot().save(run.checkpoint_path)
+                        if joiner is not None:
+                            joiner.flush(rec, sums, check)
                     if p == 0:
                         first_prints = prints
                     if p > 0 and samples != run.n_samples - run.n_samples_at_start:
@@ -219,6 +274,69 @@ def collect_on_device(run, *, max_device_bytes, max_host_bytes, keep_on_host: bo
         finally:
             if writer is not None:
                 writer.abort()
+
+
+def joins_batches(dev: torch.device) -> bool:
+    """Small batches are joined into larger steps on a GPU, where one sample's step leaves
+    the device mostly idle; on the CPU a step's cost is its samples' (no gain)."""
+    return dev.type == "cuda"
+
+
+def joinable(a: dict, na: int, b: dict, nb: int) -> bool:
+    """Two collated batches that can be one (SPEC §2: the sums do not change): the same keys,
+    per-sample tensors (first dimension the batch's) of the same trailing shape, dtype and
+    device, and every other value the same."""
+    if a.keys() != b.keys():
+        return False
+    for k, x in a.items():
+        y = b[k]
+        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
+            per_sample = x.dim() > 0 and x.shape[0] == na
+            if per_sample != (y.dim() > 0 and y.shape[0] == nb):
+                return False
+            if per_sample:
+                if x.shape[1:] != y.shape[1:] or x.dtype != y.dtype or x.device != y.device:
+                    return False
+            elif not (x.shape == y.shape and x.dtype == y.dtype and bool(torch.equal(x, y))):
+                return False
+        elif isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+            return False
+        else:
+            try:
+                if not bool(x is y or x == y):
+                    return False
+            except Exception:  # a value without a plain equality: keep the batches apart
+                return False
+    return True
+
+
+class Joiner:
+    """Consecutive small batches joined into steps of up to ``run.micro`` samples
+    (the plan's, lowered on out-of-memory), where :func:`joinable` allows."""
+
+    def __init__(self, run):
+        self.run, self.pending, self.n = run, [], 0
+
+    def add(self, index, batch, bsz, rec, sums, check) -> None:
+        if self.pending and (self.n + bsz > self.run.micro
+                             or not joinable(self.pending[-1][1], self.pending[-1][2], batch, bsz)):
+            self.flush(rec, sums, check)
+        self.pending.append((index, batch, bsz))
+        self.n += bsz
+        if self.n >= self.run.micro:
+            self.flush(rec, sums, check)
+
+    def flush(self, rec, sums, check) -> None:
+        if not self.pending:
+            return
+        index, batch, bsz = self.pending[0]
+        if len(self.pending) > 1:
+            batch = {k: (torch.cat([b[k] for _, b, _ in self.pending])
+                         if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == bsz else v)
+                     for k, v in batch.items()}
+        n = self.n
+        self.pending, self.n = [], 0
+        batch_steps(self.run, batch, n, index, rec, sums, check)
 
 
 def open_writer(run, path, units: list[Unit]) -> StatisticsWriter:

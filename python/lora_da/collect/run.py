@@ -21,7 +21,7 @@ from lora_da.collect.losses import LossFn, batch_size, check_losses, default_los
 from lora_da.collect.passes import collect_on_device
 from lora_da.collect.targets import Target, linear_kind, module_shape, resolve_targets
 from lora_da.distributed import active_group, agree, all_reduce_statistics, check_same_options, together
-from lora_da.errors import InvalidArgumentError, NonFiniteError, ShapeError, StatisticsFileError, whole_number
+from lora_da.errors import InvalidArgumentError, LoraDAError, NonFiniteError, ShapeError, StatisticsFileError, whole_number
 from lora_da.plan import MemoryPlan, available_host_bytes
 from lora_da.statistics import Statistics
 from lora_da.statistics_file import ModuleInfo, StatisticsWriter
@@ -360,16 +360,25 @@ class Run:
         """The back-propagated loss is ``Σ_s ℓ_s`` (SPEC §2); the hooks see the rest."""
         recorder.clear()
         with torch.enable_grad():
-            # The hooks need outputs that require grad: make the embedding output do so.
-            handle = make_inputs_require_grad(self.model)
+            # The hooks need outputs that require grad: make the embedding output do so,
+            # unless the recorder starts the graph at its own targets.
+            handle = None if recorder.start_graph else make_inputs_require_grad(self.model)
             embeds = batch.get("inputs_embeds")
-            if isinstance(embeds, torch.Tensor) and embeds.is_floating_point() and not embeds.requires_grad:
+            if (handle is not None and isinstance(embeds, torch.Tensor) and embeds.is_floating_point()
+                    and not embeds.requires_grad):
                 # the embedding layer is not called for inputs_embeds: start the graph at them instead
                 batch = dict(batch, inputs_embeds=embeds.detach().requires_grad_(True))
             try:
                 losses = self.loss_fn(self.model, batch)
             finally:
-                handle.remove()
+                if handle is not None:
+                    handle.remove()
+            if recorder.start_graph and isinstance(losses, torch.Tensor) and not losses.requires_grad:
+                # the graph starts at the pass's modules: a loss without one is reached by none of them
+                # (all of them called: the loss was detached, which check_losses names)
+                silent = [t.name for t in recorder.targets if not t.keys]
+                if silent:
+                    raise LoraDAError(f"module {silent[0]}: no output gradient in batch {index} (it was not called)")
             check_losses(losses, bsz)
             if losses.dim() != 1 or losses.shape[0] != bsz:
                 raise ShapeError(f"loss_fn must return per-sample losses of shape ({bsz},), got {tuple(losses.shape)}")
