@@ -203,6 +203,10 @@ def collect_on_device(run, *, max_device_bytes, max_host_bytes, keep_on_host: bo
         try:
             while p < len(passes):
                 pass_units = passes[p]
+                # the last pass's solves left blocks cached on their own streams: give them back
+                # so that this pass's sums and steps start from unfragmented memory
+                if p > 0:
+                    _release(dev)
                 try:
                     sums = DeviceSums(pass_units, run.targets, run.groups, dev, run.per_sample)
                 except OutOfMemoryError:
