@@ -45,7 +45,7 @@ GRAM_BLOCK = 1024
 # Held back on the device beyond the measured step: the caching allocator's
 # fragmentation and the libraries' work spaces (cuBLAS, cuSOLVER).
 MARGIN_BYTES = 384 << 20
-MARGIN_FRACTION = 0.04
+MARGIN_FRACTION = 0.08
 
 # Rows per block of a device solve's element-wise passes over an n × n matrix
 # (torch_solve: symmetry, finiteness, row sums): their temporaries are SOLVE_ROWS × n.

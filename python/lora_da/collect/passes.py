@@ -203,10 +203,11 @@ def collect_on_device(run, *, max_device_bytes, max_host_bytes, keep_on_host: bo
         try:
             while p < len(passes):
                 pass_units = passes[p]
-                # the last pass's solves left blocks cached on their own streams: give them back
-                # so that this pass's sums and steps start from unfragmented memory
-                if p > 0:
-                    _release(dev)
+                # The probe's steps (or the last pass's solves, on their own streams) left blocks
+                # cached: give them back, so that this pass's sums are not laid into their holes
+                # and its steps find whole free memory (on the H200 a 7B plan at 24 GiB ran out
+                # of memory at one sample without this, 5 GiB "free" in fragments).
+                _release(dev)
                 try:
                     sums = DeviceSums(pass_units, run.targets, run.groups, dev, run.per_sample)
                 except OutOfMemoryError:
