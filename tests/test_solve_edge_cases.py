@@ -20,6 +20,7 @@ import textwrap
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -422,3 +423,38 @@ def test_solve_moderate_scalars_match_reference(n_pop, alpha, beta, damping, out
     assert err is None, err
     assert all_finite(res)
     compare_with_reference(res, Z0 * sz, y0 * sy, G0 * sg, normalize, args)
+
+
+# -- the device solve's element-wise passes by blocks of rows (torch_solve, SPEC §7) ----------
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 23), rows=st.integers(1, 9), seed=st.integers(0, 2**16), bad=st.booleans())
+def test_the_blocked_passes_equal_the_plain_ones(n, rows, seed, bad):
+    """``_symmetric`` (in place, by blocks of ``SOLVE_ROWS`` rows) gives the bits of
+    ``(S + Sᵀ)/2`` formed whole; ``_asymmetry``, ``_max_row_sum`` and ``_all_finite``
+    give what the whole-matrix expressions give; ``_top_eigenvalue`` leaves its input
+    bit for bit as it found it (it negates it in place and back)."""
+    import lora_da.plan
+    from lora_da import torch_solve as ts
+
+    old = lora_da.plan.SOLVE_ROWS
+    lora_da.plan.SOLVE_ROWS = rows
+    try:
+        g = torch.Generator().manual_seed(seed)
+        S = torch.randn(n, n, generator=g, dtype=torch.float64) * 10.0 ** torch.randint(-3, 4, (n, 1), generator=g)
+        if bad:
+            S[seed % n, (seed // 7) % n] = float("inf")
+        plain = (S + S.T) * 0.5
+        assert ts._all_finite(S) == bool(torch.isfinite(S).all())
+        if not bad:
+            assert ts._asymmetry(S) == float((S - S.T).abs().max())
+            assert ts._max_row_sum(S) == float(S.abs().sum(1).max())
+            got = ts._symmetric(S.clone())
+            assert torch.equal(got, plain) and torch.equal(got, got.T)
+            P = plain @ plain.T  # symmetric positive semi-definite
+            before = P.clone()
+            ts._top_eigenvalue(P)
+            assert torch.equal(P, before)
+    finally:
+        lora_da.plan.SOLVE_ROWS = old
