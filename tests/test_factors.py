@@ -254,6 +254,43 @@ def test_mean_into_refuses_a_wrong_buffer_and_leaves_it():
         lora_da.InputFactor(2).mean_into(np.zeros((2, 2)))
 
 
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 140), t=st.integers(1, 10**6), seed=st.integers(0, 2**32 - 1), compensated=st.booleans())
+def test_packed_mean_into_gives_the_factors_bits_without_the_factor(n, t, seed, compensated):
+    """``InputFactor.packed_mean_into`` (compute_init's way from a statistics file's packed
+    triangle to a GPU) writes the bits of ``from_packed(...).mean_into``, with and without a
+    compensation, for n across the 64-wide tiles of the transpose; the triangle is unchanged."""
+    rng = np.random.default_rng(seed)
+    k = n * (n + 1) // 2
+    packed = rng.standard_normal(k) * 10.0 ** rng.integers(-5, 6, k)
+    comp = packed * 2.0**-60 * rng.standard_normal(k) if compensated else None
+    keep = packed.copy()
+    want = np.empty((n, n))
+    lora_da.InputFactor.from_packed(n, packed, t, comp).mean_into(want)
+    got = np.full((n, n), np.nan)
+    lora_da.InputFactor.packed_mean_into(n, packed, t, got, comp)
+    assert np.array_equal(got.view(np.int64), want.view(np.int64))
+    assert np.array_equal(packed, keep)
+
+
+def test_packed_mean_into_refuses_bad_input_by_name_and_leaves_the_buffer():
+    packed = np.arange(1.0, 11.0)  # n = 4
+    cases = [(dict(n=5), lora_da.ShapeError, "packed triangle for n = 5"),
+             (dict(tokens=0), lora_da.InvalidArgumentError, "no token"),
+             (dict(tokens=True), lora_da.InvalidArgumentError, "tokens must be an integer, got the bool"),
+             (dict(out=np.zeros((4, 3))), lora_da.ShapeError, "output holds 12 entries"),
+             (dict(out=np.zeros((4, 8))[:, ::2]), lora_da.ShapeError, "out must be contiguous"),
+             (dict(packed=packed.astype(np.float32)), lora_da.ShapeError, "packed must be a float64"),
+             (dict(packed=np.where(packed == 3.0, np.inf, packed)), lora_da.NonFiniteError, "non-finite"),
+             (dict(compensation=np.zeros(9)), lora_da.ShapeError, "compensation Some\\(9\\)")]
+    for change, error, words in cases:
+        kw = {**dict(n=4, packed=packed, tokens=3, out=np.full((4, 4), -1.0), compensation=None), **change}
+        before = kw["out"].copy()
+        with pytest.raises(error, match=words):
+            lora_da.InputFactor.packed_mean_into(**kw)
+        np.testing.assert_array_equal(kw["out"], before)
+
+
 def test_bad_input_leaves_the_accumulator_unchanged():
     rng = np.random.default_rng(6)
     f = lora_da.InputFactor(5)

@@ -21,6 +21,7 @@ from lora_da.plan import DEVICE_SOLVE_WORKERS
 from lora_da.quality import warn_poor
 from lora_da.results import ModuleInit, check_finite_result, with_note
 from lora_da.statistics import Statistics
+from lora_da.statistics_file import LazyInputFactors
 from lora_da.torch_solve import solve_group_device
 
 
@@ -314,7 +315,7 @@ def _compute_init_on_device(stats: Statistics, config: LoraDAConfig, groups: dic
         """One group's statistics on the device (SPEC §2 means: ``Ḡ`` is divided there, the same
         correctly rounded division as on the host); None when they do not fit."""
         try:
-            Z = _input_mean_on(stats.input_factors[group], device, pinned)
+            Z = _input_mean_on(stats, group, device, pinned)
             ys = [torch.as_tensor(stats.output_factor(n), device=device) for n in names]
             # on the CPU as_tensor shares the statistics' memory: divide into a new tensor there
             Gs = [_divided(g, stats.n_samples, in_place=device.type != "cpu")
@@ -366,23 +367,30 @@ def _compute_init_on_device(stats: Statistics, config: LoraDAConfig, groups: dic
     return {n: out[n] for n in stats.modules if n in out}
 
 
-def _input_mean_on(factor, device, local) -> torch.Tensor:
+def _input_mean_on(stats: Statistics, group: str, device, local) -> torch.Tensor:
     """``Z`` (SPEC §2) on ``device``. To a GPU it goes through this thread's page-locked
     buffer (``local.buf``), formed there by the core and reused for every group: no fresh
-    host pages per group, and a transfer at the link's speed. The caller synchronizes
-    before the buffer is reused."""
+    host pages per group, and a transfer at the link's speed; from a memory-mapped file
+    straight from the mapped triangle, without building the factor. The caller
+    synchronizes before the buffer is reused."""
+    factors = stats.input_factors
     if device.type != "cuda":
-        return torch.as_tensor(np.ascontiguousarray(factor.mean()), device=device)
-    n = factor.n
+        return torch.as_tensor(np.ascontiguousarray(factors[group].mean()), device=device)
+    mapped = isinstance(factors, LazyInputFactors)
+    factor = None if mapped else factors[group]
+    n = factors.groups[group]["n"] if mapped else factor.n
     buf = getattr(local, "buf", None)
     if buf is None or buf.numel() < n * n:
         local.buf = None
         try:
             local.buf = buf = torch.empty(n * n, dtype=torch.float64, pin_memory=True)
         except RuntimeError:  # no page-locked memory to be had: the pageable copy
-            return torch.as_tensor(factor.mean(), device=device)
+            return torch.as_tensor((factor or factors[group]).mean(), device=device)
     view = buf[:n * n].view(n, n)
-    factor.mean_into(view.numpy())
+    if mapped:
+        factors.mean_into(group, view.numpy())
+    else:
+        factor.mean_into(view.numpy())
     return view.to(device, non_blocking=True)
 
 

@@ -242,6 +242,15 @@ class LazyInputFactors(Mapping):
         comp = self.mapped.checked(f"input_comp.{g}") if f"input_comp.{g}" in self.keys_ else None
         return InputFactor.from_packed(info["n"], self.mapped.checked(f"input.{g}"), info["tokens"], comp)
 
+    def mean_into(self, g: str, out: np.ndarray) -> None:
+        """Group ``g``'s ``Z`` (SPEC §2) into ``out`` (``n × n`` float64) straight from the
+        mapped triangle: the values of ``self[g].mean_into(out)`` without the factor's copy
+        of the triangle and its zeroed compensation (most of a group's host time)."""
+        info = self.groups[g]
+        comp = self.mapped.checked(f"input_comp.{g}") if f"input_comp.{g}" in self.keys_ else None
+        InputFactor.packed_mean_into(info["n"], np.ascontiguousarray(self.mapped.checked(f"input.{g}")),
+                                     info["tokens"], out, comp)
+
     def __iter__(self):
         return iter(self.groups)
 

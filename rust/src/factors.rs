@@ -188,6 +188,66 @@ pub fn packed_len(n: usize) -> usize {
     n * (n + 1) / 2
 }
 
+/// `Z = (1/T) Σ_t x_t x_tᵀ` (SPEC §2), row-major into `z` (`n²` entries), straight
+/// from a packed lower triangle (column-major, as [`InputFactor::packed_raw`] and the
+/// statistics file hold it) and its compensation, if any: the values of
+/// [`InputFactor::mean_row_major`] on the factor that `from_packed` would build,
+/// without building it (no copy of the triangle, no zeroed compensation).
+///
+/// Packed column `j` (rows `j..n`) is row `j` of the upper triangle, so the upper half
+/// is written contiguously; the lower half is its transpose, copied in square tiles so
+/// that neither side of the copy strides through memory.
+pub fn packed_mean_row_major_into(n: usize, sum: &[f64], comp: Option<&[f64]>, tokens: u64, z: &mut [f64]) -> Result<()> {
+    if tokens == 0 {
+        return Err(Error::InvalidArgument("InputFactor.mean: no token has been added".into()));
+    }
+    if sum.len() != packed_len(n) || comp.is_some_and(|c| c.len() != sum.len()) {
+        return Err(Error::Shape(format!(
+            "InputFactor.mean: a packed triangle for n = {n} has {} entries, got {} (compensation {:?})",
+            packed_len(n),
+            sum.len(),
+            comp.map(|c| c.len())
+        )));
+    }
+    if z.len() != n * n {
+        return Err(Error::Shape(format!("InputFactor.mean: the output holds {} entries, Z has {}", z.len(), n * n)));
+    }
+    crate::error::check_finite("InputFactor packed triangle", sum.iter().copied())?;
+    if let Some(c) = comp {
+        crate::error::check_finite("InputFactor compensation", c.iter().copied())?;
+    }
+    let scale = 1.0 / tokens as f64;
+    for j in 0..n {
+        let off = packed_col_start(n, j);
+        let row = &mut z[j * n + j..(j + 1) * n];
+        let part = &sum[off..off + row.len()];
+        match comp {
+            // the same `sum + comp` as a factor's value, with a zero compensation where none is given
+            Some(c) => {
+                for ((v, s), c) in row.iter_mut().zip(part).zip(&c[off..off + part.len()]) {
+                    *v = (s + c) * scale;
+                }
+            }
+            None => {
+                for (v, s) in row.iter_mut().zip(part) {
+                    *v = (s + 0.0) * scale;
+                }
+            }
+        }
+    }
+    const TILE: usize = 64;
+    for i0 in (0..n).step_by(TILE) {
+        for j0 in (0..=i0).step_by(TILE) {
+            for i in i0..(i0 + TILE).min(n) {
+                for j in j0..(j0 + TILE).min(i) {
+                    z[i * n + j] = z[j * n + i];
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// [`packed_len`], or `None` where it does not fit in a `usize`. Past that
 /// check every offset of the triangle fits too: an allocation of that many
 /// values bounds `n` far below where `j · n` could wrap.
@@ -492,32 +552,7 @@ impl InputFactor {
     /// [`Self::mean_row_major`] into a caller's buffer of `n²` entries (reused
     /// memory, e.g. page-locked for transfers to a GPU).
     pub fn mean_row_major_into(&self, z: &mut [f64]) -> Result<()> {
-        if self.tokens == 0 {
-            return Err(Error::InvalidArgument("InputFactor.mean: no token has been added".into()));
-        }
-        let n = self.n;
-        if z.len() != n * n {
-            return Err(Error::Shape(format!("InputFactor.mean: the output holds {} entries, Z has {}", z.len(), n * n)));
-        }
-        let scale = 1.0 / self.tokens as f64;
-        for j in 0..n {
-            let off = packed_col_start(n, j);
-            let row = &mut z[j * n + j..(j + 1) * n];
-            for (k, v) in row.iter_mut().enumerate() {
-                *v = self.gram.value(off + k) * scale;
-            }
-        }
-        const TILE: usize = 64;
-        for i0 in (0..n).step_by(TILE) {
-            for j0 in (0..=i0).step_by(TILE) {
-                for i in i0..(i0 + TILE).min(n) {
-                    for j in j0..(j0 + TILE).min(i) {
-                        z[i * n + j] = z[j * n + i];
-                    }
-                }
-            }
-        }
-        Ok(())
+        packed_mean_row_major_into(self.n, &self.gram.sum, Some(&self.gram.comp), self.tokens, z)
     }
 
     /// `Z = (1/T) Σ_t x_t x_tᵀ` as a dense matrix (SPEC §2).

@@ -38,6 +38,13 @@ fn locked<A: Send, T: Send>(
     py.detach(|| guarded(what, || f(&mut lock(m)))).map_err(PyErr::from)
 }
 
+/// A float64 NumPy vector borrowed for reading, without a copy (a large packed triangle).
+fn readonly_vector<'py>(a: &Bound<'py, PyAny>, what: &str, arg: &str) -> PyResult<numpy::PyReadonlyArray1<'py, f64>> {
+    let bad = |why: &str| PyErr::from(Error::Shape(format!("{what}: {arg} {why}")));
+    let arr = a.cast::<PyArray1<f64>>().map_err(|_| bad("must be a float64 NumPy array of 1 dimension"))?;
+    arr.try_readonly().map_err(|_| bad("is borrowed for writing"))
+}
+
 /// Whether the accumulators behind `a` and `b` hold the same contents,
 /// compared without the GIL. Both locks are taken in one fixed (address)
 /// order, so that `a == b` and `b == a` in two threads cannot each hold one
@@ -177,6 +184,36 @@ impl PyInputFactor {
             .detach(|| guarded("InputFactor.from_packed", || factors::InputFactor::from_packed(n, &v, c.as_deref(), tokens)))
             ?;
         Ok(Self { inner: Mutex::new(f) })
+    }
+
+    /// `Z` row-major into `out` (float64, `n × n`, C-contiguous) straight from a packed
+    /// triangle (the statistics file's), without building the factor: the values of
+    /// `from_packed(n, packed, tokens, compensation).mean_into(out)`.
+    #[staticmethod]
+    #[pyo3(signature = (n, packed, tokens, out, compensation=None))]
+    fn packed_mean_into(
+        py: Python<'_>,
+        n: Int,
+        packed: &Bound<'_, PyAny>,
+        tokens: Int,
+        out: &Bound<'_, PyAny>,
+        compensation: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<()> {
+        let what = "InputFactor.packed_mean_into";
+        let n = count::<usize>(n, "InputFactor.packed_mean_into: n")?;
+        let tokens = count::<u64>(tokens, "InputFactor.packed_mean_into: tokens")?;
+        let bad = |arg: &str, why: &str| PyErr::from(Error::Shape(format!("{what}: {arg} {why}")));
+        let sum = readonly_vector(packed, what, "packed")?;
+        let comp = compensation.map(|c| readonly_vector(c, what, "compensation")).transpose()?;
+        let s = sum.as_slice().map_err(|_| bad("packed", "must be contiguous"))?;
+        let c = match &comp {
+            Some(c) => Some(c.as_slice().map_err(|_| bad("compensation", "must be contiguous"))?),
+            None => None,
+        };
+        let arr = out.cast::<PyArray2<f64>>().map_err(|_| bad("out", "must be a float64 NumPy array of 2 dimensions"))?;
+        let mut rw = arr.try_readwrite().map_err(|_| bad("out", "is not writeable (read-only or borrowed)"))?;
+        let z = rw.as_slice_mut().map_err(|_| bad("out", "must be contiguous"))?;
+        py.detach(|| guarded(what, || factors::packed_mean_row_major_into(n, s, c, tokens, z))).map_err(PyErr::from)
     }
 
     fn copy(&self, py: Python<'_>) -> PyResult<Self> {
