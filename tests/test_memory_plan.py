@@ -628,3 +628,33 @@ def test_the_plan_counts_the_staging_and_the_statistics(tmp_path):
     st = device_statistics(max_host_bytes=budget, out=tmp_path / "s.safetensors")
     assert st.plan.host_bytes == st.plan.transfer_bytes < budget
     assert "on disk" in st.plan.describe()
+
+
+def test_the_page_locked_buffer_grows_is_reused_and_falls_back_once(monkeypatch):
+    """``memory.PinnedBuffer`` (the flush's staging and compute_init's Z and Ḡ buffers): a view
+    of the requested size, the same memory while it is large enough, a larger one when not; where
+    page-locking fails, None from then on (the callers copy pageable memory)."""
+    from lora_da import memory
+
+    real = torch.empty
+    made = []
+
+    def empty(k, dtype=None, pin_memory=False):
+        assert pin_memory
+        made.append(k)
+        return real(k, dtype=dtype)
+
+    monkeypatch.setattr(memory.torch, "empty", empty)
+    buf = memory.PinnedBuffer()
+    a = buf.get(10)
+    b = buf.get(4)
+    assert a.numel() == 10 and b.numel() == 4 and b.data_ptr() == a.data_ptr() and made == [10]
+    assert buf.get(12).numel() == 12 and made == [10, 12]
+
+    def fails(*a, **k):
+        made.append("failed")
+        raise RuntimeError("no page-locked memory")
+
+    monkeypatch.setattr(memory.torch, "empty", fails)
+    gone = memory.PinnedBuffer()
+    assert gone.get(3) is None and gone.get(1) is None and made.count("failed") == 1

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from lora_da._core import CONTRACT_RESIDUAL, SOLVE_DEFAULTS, lowrank_output_precision, num_threads, solve_shared
 from lora_da.errors import InvalidArgumentError
-from lora_da.memory import OutOfMemoryError
+from lora_da.memory import OutOfMemoryError, PinnedBuffer
 from lora_da.memory import release as _release
 from lora_da.plan import DEVICE_SOLVE_WORKERS
 from lora_da.quality import warn_poor
@@ -369,7 +369,7 @@ def _compute_init_on_device(stats: Statistics, config: LoraDAConfig, groups: dic
 
 def _input_mean_on(stats: Statistics, group: str, device, local) -> torch.Tensor:
     """``Z`` (SPEC §2) on ``device``. To a GPU it goes through this thread's page-locked
-    buffer (``local.buf``), formed there by the core and reused for every group: no fresh
+    buffer (``local.z``), formed there by the core and reused for every group: no fresh
     host pages per group, and a transfer at the link's speed; from a memory-mapped file
     straight from the mapped triangle, without building the factor. The caller
     synchronizes before the buffer is reused."""
@@ -379,14 +379,12 @@ def _input_mean_on(stats: Statistics, group: str, device, local) -> torch.Tensor
     mapped = isinstance(factors, LazyInputFactors)
     factor = None if mapped else factors[group]
     n = factors.groups[group]["n"] if mapped else factor.n
-    buf = getattr(local, "buf", None)
-    if buf is None or buf.numel() < n * n:
-        local.buf = None
-        try:
-            local.buf = buf = torch.empty(n * n, dtype=torch.float64, pin_memory=True)
-        except RuntimeError:  # no page-locked memory to be had: the pageable copy
-            return torch.as_tensor((factor or factors[group]).mean(), device=device)
-    view = buf[:n * n].view(n, n)
+    if getattr(local, "z", None) is None:
+        local.z = PinnedBuffer()
+    buf = local.z.get(n * n)
+    if buf is None:  # no page-locked memory to be had: the pageable copy
+        return torch.as_tensor((factor or factors[group]).mean(), device=device)
+    view = buf.view(n, n)
     if mapped:
         factors.mean_into(group, view.numpy())
     else:
@@ -404,13 +402,11 @@ def _grad_sums_on(stats: Statistics, names: list[str], device, local) -> list[to
         return [torch.as_tensor(np.ascontiguousarray(stats.grad_sums[n]), device=device) for n in names]
     shapes = [(stats.modules[n].out_features, stats.modules[n].in_features) for n in names]
     total = sum(m * n for m, n in shapes)
-    buf = getattr(local, "grads", None)
-    if buf is None or buf.numel() < total:
-        local.grads = None
-        try:
-            local.grads = buf = torch.empty(total, dtype=torch.float64, pin_memory=True)
-        except RuntimeError:  # no page-locked memory to be had: the pageable copies
-            return [torch.as_tensor(np.ascontiguousarray(stats.grad_sums[n]), device=device) for n in names]
+    if getattr(local, "grads", None) is None:
+        local.grads = PinnedBuffer()
+    buf = local.grads.get(total)
+    if buf is None:  # no page-locked memory to be had: the pageable copies
+        return [torch.as_tensor(np.ascontiguousarray(stats.grad_sums[n]), device=device) for n in names]
     out, at = [], 0
     for name, (m, n) in zip(names, shapes):
         view = buf[at:at + m * n].view(m, n)

@@ -15,6 +15,7 @@ from lora_da.collect.host_sums import HostSums
 from lora_da.collect.losses import as_rows, row_weights
 from lora_da.collect.targets import Target
 from lora_da.errors import InvalidArgumentError, LoraDAError, NonFiniteError, ShapeError
+from lora_da.memory import PinnedBuffer
 from lora_da.plan import FLUSH_THREADS, STAGE_BYTES, Unit, gram_block_rows
 from lora_da.statistics_file import StatisticsWriter
 
@@ -308,21 +309,12 @@ class Staging:
 
     def __init__(self, device):
         self.device = torch.device(device)
-        self.buf: torch.Tensor | None = None
-        self.pageable = self.device.type != "cuda"
+        self.pinned = PinnedBuffer()
 
     def staged(self, k: int) -> torch.Tensor | None:
-        """``k`` float64 of the page-locked buffer, grown as needed; None without page-locked memory."""
-        if self.pageable:
-            return None
-        if self.buf is None or self.buf.numel() < k:
-            self.buf = None
-            try:
-                self.buf = torch.empty(k, dtype=torch.float64, pin_memory=True)
-            except RuntimeError:  # no page-locked memory to be had: pageable copies from now on
-                self.pageable = True
-                return None
-        return self.buf[:k]
+        """``k`` float64 of the page-locked buffer, grown as needed; None off a GPU or without
+        page-locked memory (pageable copies then)."""
+        return self.pinned.get(k) if self.device.type == "cuda" else None
 
     def blocks(self, t: torch.Tensor):
         """A 2-D ``t`` on the host as ``(rows, block)`` pairs of consecutive rows
