@@ -291,6 +291,47 @@ def test_packed_mean_into_refuses_bad_input_by_name_and_leaves_the_buffer():
         np.testing.assert_array_equal(kw["out"], before)
 
 
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 70), cuts=st.lists(st.integers(1, 69), max_size=5), flushes=st.integers(1, 3),
+       seed=st.integers(0, 2**32 - 1))
+def test_gram_rows_add_what_the_whole_gram_adds_bit_for_bit(n, cuts, flushes, seed):
+    """A flush's ``add_gram_rows`` over row blocks (rows a..b, columns 0..b, as the device
+    keeps the Gram's lower block triangle) leaves the sums and compensations of ``add_gram``
+    on the whole matrix, flush after flush; the tokens are counted once per flush."""
+    rng = np.random.default_rng(seed)
+    edges = sorted({0, n, *(c for c in cuts if c < n)})
+    whole, rows = lora_da.InputFactor(n), lora_da.InputFactor(n)
+    for _ in range(flushes):
+        x = rng.standard_normal((5, n)) * 10.0 ** rng.integers(-8, 9)
+        g = x.T @ x
+        whole.add_gram(g, 5)
+        first = True
+        for a, b in zip(edges, edges[1:]):
+            block = np.ascontiguousarray(g[a:b, :b])
+            rows.add_gram_rows(a, block, 5 if first else 0)
+            first = False
+    (s1, c1), (s2, c2) = whole.packed_raw(), rows.packed_raw()
+    assert np.array_equal(s1, s2) and np.array_equal(c1, c2) and whole.tokens == rows.tokens == 5 * flushes
+
+
+def test_gram_rows_refuse_what_lies_outside_or_is_not_finite_and_change_nothing():
+    f = lora_da.InputFactor(4)
+    f.add(np.ones((2, 4)))
+    before = f.copy()
+    cases = [(3, np.ones((2, 4)), lora_da.ShapeError, "rows 3..5 of width 4"),
+             (1, np.ones((2, 2)), lora_da.ShapeError, "rows 1..3 of width 2"),
+             (0, np.ones((1, 5)), lora_da.ShapeError, "width 5"),
+             (1, np.array([[1.0, np.nan, 0.0, 0.0]]), lora_da.NonFiniteError, r"non-finite value NaN at \(1, 1\)"),
+             (0, np.ones((2, 4), np.float32), lora_da.ShapeError, "float64"),
+             (0, np.ones((4, 2)).T, lora_da.ShapeError, "C-contiguous")]
+    for first, rows, error, words in cases:
+        with pytest.raises(error, match=words):
+            f.add_gram_rows(first, rows, 3)
+        assert f == before
+    f.add_gram_rows(1, np.array([[1.0, 2.0, np.nan, np.nan]]), 0)  # entries above the diagonal are not read
+    assert f != before and f.tokens == before.tokens
+
+
 def test_bad_input_leaves_the_accumulator_unchanged():
     rng = np.random.default_rng(6)
     f = lora_da.InputFactor(5)

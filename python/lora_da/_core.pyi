@@ -90,6 +90,8 @@ class InputFactor:
     def touch(self) -> None:
         """Fault in the accumulator's host pages without the GIL (the sums do not change)."""
     def add_gram(self, gram: npt.NDArray[np.float64], tokens: int) -> None: ...
+    def add_gram_rows(self, first_row: int, rows: npt.NDArray[np.float64], tokens: int) -> None:
+        """Rows first_row.. of a symmetric Σ x xᵀ ((k, width), C-contiguous): the lower-triangle entries added."""
     def merge(self, other: InputFactor) -> None: ...
     def mean(self) -> npt.NDArray[np.float64]:
         """Z = (1/T) Σ x xᵀ, (n, n)."""

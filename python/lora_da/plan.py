@@ -163,15 +163,15 @@ class MemoryPlan:
 
     @property
     def transfer_bytes(self) -> int:
-        """Host memory of the transfers while a pass is flushed: per flush thread the
-        largest Gram assembled (``n × n``) and its page-locked staging (``STAGE_BYTES``);
-        written to disk, one group's Gram and ``Ḡ`` at a time."""
+        """Host memory of the transfers while a pass is flushed: per flush thread its
+        page-locked staging (``STAGE_BYTES``), through which row blocks go straight into
+        the packed sums; written to disk, one group's Gram and ``Ḡ`` at a time."""
         units = [u for p in self.passes for u in p]
         if not units or not self.keep_on_host:
             return 0
         if self.to_disk:
             return max(8 * u.n * u.n + 8 * max(m for _, m in u.modules) * u.n for u in units)
-        return FLUSH_THREADS * (max(8 * u.n * u.n for u in units) + STAGE_BYTES)
+        return FLUSH_THREADS * STAGE_BYTES
 
     @property
     def host_bytes(self) -> int:

@@ -134,18 +134,11 @@ class DeviceSums:
 
         def gram(u):
             if tokens[u.group]:
-                # assembled on the host, block by block: no n × n temporary on the device. One
-                # buffer per thread, reused: fresh host pages cost more than the copy itself,
-                # and add_gram reads only the lower triangle, which the blocks cover.
-                buf = getattr(local, "buf", None)
-                if buf is None or buf.size < u.n * u.n:
-                    buf = local.buf = None
-                    buf = local.buf = np.empty(u.n * u.n)
-                full = buf[:u.n * u.n].reshape(u.n, u.n)
-                for (a, b), blk in zip(gram_block_rows(u.n), self.gram[u.group]):
-                    for rows, part in staging().blocks(blk):
-                        full[a:b, :b][rows] = part
-                host.add_gram(u.group, u.n, full, tokens[u.group])
+                # the device's row blocks through the staging buffer straight into the packed
+                # sums: no n × n temporary on the device or on the host
+                host.add_gram_rows(u.group, u.n, ((a + rows.start, part)
+                                                  for (a, b), blk in zip(gram_block_rows(u.n), self.gram[u.group])
+                                                  for rows, part in staging().blocks(blk)), tokens[u.group])
 
         def grad(name):
             host.add_grad(name, staging().blocks(self.grad[name]))

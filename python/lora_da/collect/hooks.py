@@ -31,10 +31,13 @@ class Recorder:
     def __init__(self, targets: Sequence[Target], sink, stop_early: bool = False, keep_inputs: bool = True,
                  start_graph: bool = False):
         self.targets, self.sink, self.handles = list(targets), sink, []
-        # With ``start_graph`` the autograd graph starts at these targets' inputs (SPEC §7):
-        # nothing else requires grad, so the layers below them keep no activations and the
-        # backward ends at them. ``order`` lists the calls' modules in forward order.
-        self.start_graph, self.order = start_graph, []
+        # With ``start_graph`` the autograd graph starts at these targets' outputs (SPEC §7):
+        # nothing below them requires grad, so the layers below keep no activations and the
+        # backward ends at them. Only the calls that take gradient in a whole step do so
+        # (``Target.grad_calls``, from the probe: a module may also be called off the loss's
+        # path, as DeBERTa's query_proj on the position embeddings). ``order`` lists the calls'
+        # modules in forward order; ``pattern`` whether each call of each target took gradient.
+        self.start_graph, self.order, self.pattern, self.counts = start_graph, [], {}, {}
         # ``seen`` holds the inputs themselves (scanned only when a loss is not
         # finite) or, where they should not outlive their call, a finite flag each.
         self.keep_inputs = keep_inputs
@@ -44,9 +47,9 @@ class Recorder:
         self.recomputes = False
 
     def __enter__(self) -> Recorder:
-        self.handles = [t.module.register_forward_hook(self._hook(t)) for t in self.targets]
-        if self.start_graph:
-            self.handles += [t.module.register_forward_pre_hook(_start_graph) for t in self.targets]
+        # the graph is started before the recording hook sees the output (hooks run in order)
+        self.handles = [t.module.register_forward_hook(self._start(t)) for t in self.targets] if self.start_graph else []
+        self.handles += [t.module.register_forward_hook(self._hook(t)) for t in self.targets]
         return self
 
     def __exit__(self, *exc) -> None:
@@ -56,7 +59,7 @@ class Recorder:
 
     def clear(self) -> None:
         self.received = 0
-        self.order = []
+        self.order, self.pattern, self.counts = [], {}, {}
         for t in self.targets:
             t.calls.clear()
             t.keys.clear()
@@ -67,7 +70,9 @@ class Recorder:
         recorder = self
 
         def hook(module, args, output):
-            if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
+            took = torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad
+            recorder.pattern.setdefault(target.name, []).append(took)
+            if not took:
                 return
             x = args[0].detach()
             key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x._version)
@@ -85,17 +90,22 @@ class Recorder:
 
         return hook
 
+    def _start(self, target: Target):
+        recorder = self
 
-def _start_graph(module, args):
-    """A target's input that takes no gradient (nothing below it is in the graph) becomes a
-    leaf that does, so that the module's output does. The leaf shares the input's storage,
-    so shared-input detection (the data pointer) sees the same tensor."""
-    if not torch.is_grad_enabled() or not args:
-        return None
-    x = args[0]
-    if isinstance(x, torch.Tensor) and x.is_floating_point() and not x.requires_grad:
-        return (x.detach().requires_grad_(True), *args[1:])
-    return None
+        def start(module, args, output):
+            """A call that takes gradient in a whole step, whose output takes none here (nothing
+            below it is in this pass's graph): its output becomes a leaf that does. No
+            gradient is then formed for its input or its own backward."""
+            i = recorder.counts.get(target.name, 0)
+            recorder.counts[target.name] = i + 1
+            calls = target.grad_calls
+            if (calls is None or i >= len(calls) or not calls[i] or not torch.is_grad_enabled()
+                    or not isinstance(output, torch.Tensor) or output.requires_grad or not output.is_floating_point()):
+                return None
+            return output.detach().requires_grad_(True)
+
+        return start
 
 
 @contextlib.contextmanager

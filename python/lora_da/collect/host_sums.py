@@ -107,9 +107,14 @@ class HostSums:
 
     # -- the device path's flush ---------------------------------------------------------
 
-    def add_gram(self, group: str, n: int, lower: np.ndarray, tokens: int) -> None:
-        """A pass's ``Σ x xᵀ`` of ``tokens`` valid tokens (its lower triangle is read)."""
-        self.input_factor(group, n).add_gram(lower, tokens)
+    def add_gram_rows(self, group: str, n: int, blocks, tokens: int) -> None:
+        """A pass's ``Σ x xᵀ`` of ``tokens`` valid tokens, given as ``(first row, rows)`` pairs
+        whose lower-triangle entries cover it once (each added in place by the core: no
+        ``n × n`` host copy)."""
+        factor = self.input_factor(group, n)
+        for first, rows in blocks:
+            factor.add_gram_rows(first, rows, tokens)
+            tokens = 0
 
     def add_grad(self, name: str, blocks) -> None:
         """A pass's ``Σ gᵀx``, given as ``(rows, block)`` pairs that cover it (a float64

@@ -17,7 +17,7 @@ from lora_da.collect.host_sums import PageToucher
 from lora_da.collect.hooks import Recorder, check_groups, frozen
 from lora_da.collect.losses import slice_batch, token_mask_of
 from lora_da.distributed import agree, together
-from lora_da.errors import InvalidArgumentError, LoraDAError
+from lora_da.errors import InvalidArgumentError, LoraDAError, NonFiniteError
 from lora_da.memory import OutOfMemoryError
 from lora_da.memory import release as _release
 from lora_da.words import count
@@ -56,6 +56,8 @@ def probe(run, first) -> Step:
                 run.forward_backward(sub, mb, index, rec)
                 calls = sum(len(t.keys) for t in run.targets.values())
                 order = list(rec.order)
+                for t in run.targets.values():
+                    t.grad_calls = tuple(rec.pattern.get(t.name, ()))
                 run.set_groups(host_factors=False)
         except OutOfMemoryError:
             failed = True
@@ -153,7 +155,8 @@ def plan_device(run, step: Step, batch: int, *, max_device_bytes, max_host_bytes
     plan = choose_plan(units, step, batch=batch, device_free=device_free, max_device_bytes=max_device_bytes,
                        host_free=host_free, max_host_bytes=max_host_bytes, keep_on_host=keep_on_host,
                        to_disk=to_disk, max_solve_workers=DEVICE_SOLVE_WORKERS if dev.type == "cuda" else 1,
-                       dense_solves=dense_solves, merge=joins_batches(dev) and run.checkpoint_path is None)
+                       dense_solves=dense_solves,
+                       merge=joins_batches(dev) and run.checkpoint_path is None and not run.per_sample)
     if step.samples < batch:
         plan.notes.insert(0, f"the first batch ({count(batch, 'sample')}) ran out of device memory in a plain forward + "
                              f"backward; it fit at {step.samples}")
@@ -222,8 +225,10 @@ def collect_on_device(run, *, max_device_bytes, max_host_bytes, keep_on_host: bo
                                               {n: run.groups[n] for n in names})
                 samples = 0
                 prints = []
-                # small batches joined into the plan's steps (never with checkpoints: those follow batches)
-                joiner = Joiner(run) if run.micro > first[2] and run.checkpoint_path is None else None
+                # small batches joined into the plan's steps (never with checkpoints, which follow
+                # batches, nor with per-sample rows, whose order follows the batches' calls)
+                joiner = (Joiner(run) if run.micro > first[2] and run.checkpoint_path is None and not run.per_sample
+                          else None)
                 # an error on one rank is raised on all at the end of the pass (no rank left waiting)
                 with together(group, f"collect: pass {p + 1}"):
                     # the graph starts at the pass's own modules (SPEC §7), except under reentrant
@@ -306,13 +311,14 @@ def joinable(a: dict, na: int, b: dict, nb: int) -> bool:
                 return False
         elif isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
             return False
-        else:
-            try:
-                if not bool(x is y or x == y):
-                    return False
-            except Exception:  # a value without a plain equality: keep the batches apart
-                return False
+        # other values only where they are plainly the batch's, not its samples' (a collated
+        # list of floats or strings is per sample, and a loss_fn may read it so)
+        elif not (isinstance(x, _PLAIN) and isinstance(y, _PLAIN) and type(x) is type(y) and x == y):
+            return False
     return True
+
+
+_PLAIN = (type(None), bool, int, float, str)
 
 
 class Joiner:
@@ -334,14 +340,26 @@ class Joiner:
     def flush(self, rec, sums, check) -> None:
         if not self.pending:
             return
-        index, batch, bsz = self.pending[0]
-        if len(self.pending) > 1:
-            batch = {k: (torch.cat([b[k] for _, b, _ in self.pending])
-                         if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == bsz else v)
-                     for k, v in batch.items()}
-        n = self.n
+        pending, n = self.pending, self.n
         self.pending, self.n = [], 0
-        batch_steps(self.run, batch, n, index, rec, sums, check)
+        index, batch, bsz = pending[0]
+        if len(pending) == 1:
+            batch_steps(self.run, batch, n, index, rec, sums, check)
+            return
+        batch = {k: (torch.cat([b[k] for _, b, _ in pending])
+                     if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == bsz else v)
+                 for k, v in batch.items()}
+        try:
+            batch_steps(self.run, batch, n, index, rec, sums, check)
+        except (NonFiniteError, LoraDAError) as e:
+            if isinstance(e, OutOfMemoryError) or "out of device memory" in str(e):
+                raise
+            # The run ends here; its error should name the user's batch and sample, not the
+            # joined step's: the joined batches again, one at a time (their sums are void now).
+            sums.flags = []
+            for i, b, k in pending:
+                batch_steps(self.run, b, k, i, rec, sums, check)
+            raise
 
 
 def open_writer(run, path, units: list[Unit]) -> StatisticsWriter:

@@ -375,10 +375,14 @@ class Run:
                     handle.remove()
             if recorder.start_graph and isinstance(losses, torch.Tensor) and not losses.requires_grad:
                 # the graph starts at the pass's modules: a loss without one is reached by none of them
-                # (all of them called: the loss was detached, which check_losses names)
                 silent = [t.name for t in recorder.targets if not t.keys]
                 if silent:
                     raise LoraDAError(f"module {silent[0]}: no output gradient in batch {index} (it was not called)")
+                names = [t.name for t in recorder.targets]
+                raise LoraDAError(
+                    f"module {names[0]}: no output gradient in batch {index}: the loss does not depend on the output "
+                    f"of {names[:3]}{' …' if len(names) > 3 else ''} (or loss_fn returned it detached, or computed it "
+                    "under torch.no_grad())")
             check_losses(losses, bsz)
             if losses.dim() != 1 or losses.shape[0] != bsz:
                 raise ShapeError(f"loss_fn must return per-sample losses of shape ({bsz},), got {tuple(losses.shape)}")

@@ -103,3 +103,4 @@ class Target:
     calls: list = field(default_factory=list)  # (x, g) pairs of this batch
     keys: list = field(default_factory=list)  # input identities of this batch's calls
     seen: list = field(default_factory=list)  # this batch's inputs (or their finite flags), to name the source of a NaN
+    grad_calls: tuple | None = None  # per call of a step, whether it takes gradient in a whole step (the probe's)
