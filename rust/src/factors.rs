@@ -469,6 +469,45 @@ impl InputFactor {
         Ok(())
     }
 
+    /// Add rows `first_row .. first_row + k` of a symmetric `Σ x xᵀ` (row-major `k × width`,
+    /// columns `0..width`): each entry on or below the diagonal into its packed place, the
+    /// same compensated addition [`Self::add_gram`] makes for it, and `tokens` to the count.
+    /// A flush hands a device's row blocks over this way, with no `n × n` host matrix.
+    /// Nothing is added unless every entry it reads is finite and the block lies within `Z`.
+    pub fn add_gram_rows(&mut self, first_row: usize, rows: &[f64], width: usize, tokens: u64) -> Result<()> {
+        let n = self.n;
+        let k = if width == 0 { 0 } else { rows.len() / width };
+        if width == 0 || rows.len() != k * width || first_row + k > n || width > n || width < first_row + k {
+            return Err(Error::Shape(format!(
+                "InputFactor.add_gram_rows: rows {first_row}..{} of width {width} (len {}) do not lie within the \
+                 ({n}, {n}) lower triangle",
+                first_row + k,
+                rows.len()
+            )));
+        }
+        let total = add_count(self.tokens, tokens, "InputFactor.add_gram_rows")?;
+        for r in 0..k {
+            let i = first_row + r;
+            for (j, v) in rows[r * width..r * width + i + 1].iter().enumerate() {
+                if !v.is_finite() {
+                    return Err(Error::NonFinite(format!(
+                        "InputFactor.add_gram_rows: non-finite value {v} at ({i}, {j})"
+                    )));
+                }
+            }
+        }
+        let (s, c) = self.gram.parts_mut();
+        for r in 0..k {
+            let i = first_row + r;
+            for (j, &v) in rows[r * width..r * width + i + 1].iter().enumerate() {
+                let at = packed_col_start(n, j) + i - j;
+                neumaier(&mut s[at], &mut c[at], v);
+            }
+        }
+        self.tokens = total;
+        Ok(())
+    }
+
     pub fn merge(&mut self, other: &InputFactor) -> Result<()> {
         if other.n != self.n {
             return Err(Error::Shape(format!(

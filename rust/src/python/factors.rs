@@ -4,7 +4,7 @@
 use std::sync::{Mutex, MutexGuard};
 
 use numpy::ndarray::Array2;
-use numpy::{IntoPyArray, PyArray1, PyArray2, PyArrayMethods};
+use numpy::{IntoPyArray, PyArray1, PyArray2, PyArrayMethods, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 
 use super::convert::{count, matrix_arg, row_major, vec_to_py, vector_arg, Int, RowsHolder};
@@ -118,6 +118,25 @@ impl PyInputFactor {
         let tokens = count::<u64>(tokens, "InputFactor.add_gram: tokens")?;
         let mat = matrix_arg(gram, "InputFactor.add_gram: gram")?;
         locked(py, &self.inner, "InputFactor.add_gram", |f| f.add_gram(mat.as_ref(), tokens))
+    }
+
+    /// Rows ``first_row ..`` of a symmetric ``Σ x xᵀ`` (a C-contiguous float64 ``(k, width)``
+    /// array, read in place): each entry on or below the diagonal added to the sums, and
+    /// ``tokens`` to the count (a flush's device row blocks, without an ``n × n`` host copy).
+    fn add_gram_rows(&self, py: Python<'_>, first_row: Int, rows: &Bound<'_, PyAny>, tokens: Int) -> PyResult<()> {
+        let what = "InputFactor.add_gram_rows";
+        let first_row = count::<usize>(first_row, "InputFactor.add_gram_rows: first_row")?;
+        let tokens = count::<u64>(tokens, "InputFactor.add_gram_rows: tokens")?;
+        let bad = |why: &str| PyErr::from(Error::Shape(format!("{what}: rows {why}")));
+        let arr = rows.cast::<PyArray2<f64>>().map_err(|_| bad("must be a float64 NumPy array of 2 dimensions"))?;
+        let ro = arr.try_readonly().map_err(|_| bad("is borrowed for writing"))?;
+        let width = arr.shape()[1];
+        // a Fortran-ordered block is contiguous too, but its slice would be read transposed
+        if !arr.is_c_contiguous() {
+            return Err(bad("must be C-contiguous"));
+        }
+        let v = ro.as_slice().map_err(|_| bad("must be C-contiguous"))?;
+        locked(py, &self.inner, what, |f| f.add_gram_rows(first_row, v, width, tokens))
     }
 
     fn merge(&self, py: Python<'_>, other: &Bound<'_, PyInputFactor>) -> PyResult<()> {
