@@ -254,3 +254,35 @@ def test_the_top_eigenvalue_leaves_its_input_unchanged_bit_for_bit():
     top = torch_solve._top_eigenvalue(S)
     assert torch.equal(S.view(torch.int64), before.view(torch.int64))
     assert abs(top - float(torch.linalg.eigvalsh(before)[-1])) <= 1e-9 * top
+
+
+def test_an_output_changed_in_place_after_the_graph_starts_there():
+    """A target followed by ``nn.ReLU(inplace=True)``: in a pass whose graph starts at it, the
+    in-place change is made on a tensor of the graph (not a leaf, which autograd refuses), and
+    the statistics equal the host path's."""
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(3)
+            self.emb = torch.nn.Embedding(50, 12)
+            self.fc1 = torch.nn.Linear(12, 16)
+            self.act = torch.nn.ReLU(inplace=True)
+            self.fc2 = torch.nn.Linear(16, 50)
+
+        def forward(self, input_ids, attention_mask=None):
+            from types import SimpleNamespace
+
+            return SimpleNamespace(logits=self.fc2(self.act(self.fc1(self.emb(input_ids)))))
+
+    ids, mask = data()
+    model = Net().double()
+    kw = dict(progress=False)
+    host = lora_da.collect_statistics(model, batches(ids, mask, 3), ["fc1", "fc2"], **kw)
+    dev = lora_da.collect_statistics(model, batches(ids, mask, 3), ["fc1", "fc2"], accumulate_on="device",
+                                     max_device_bytes=9000, **kw)
+    assert len(dev.plan.passes) == 2  # fc1 alone in the first pass: its graph starts at its output
+    for n in ("fc1", "fc2"):
+        for f in ("mean_grad", "input_factor", "output_factor"):
+            x, y = getattr(host, f)(n), getattr(dev, f)(n)
+            assert np.abs(x - y).max() <= 1e-13 * np.abs(x).max(), (n, f)

@@ -103,7 +103,9 @@ class Recorder:
             if (calls is None or i >= len(calls) or not calls[i] or not torch.is_grad_enabled()
                     or not isinstance(output, torch.Tensor) or output.requires_grad or not output.is_floating_point()):
                 return None
-            return output.detach().requires_grad_(True)
+            # a clone of the leaf, not the leaf: the model may change its output in place
+            # (``nn.ReLU(inplace=True)``), which autograd refuses on a leaf that requires grad
+            return output.detach().requires_grad_(True).clone()
 
         return start
 
