@@ -7,8 +7,9 @@ the GPU forms and sums every product in float64, and this planner decides,
 from sizes alone (no tensor is touched, so it is tested on the CPU):
 
 * the micro-batch: the user's batch is split when one training-like step at
-  that size leaves too little room for the sums (the statistics are sums of
-  per-sample terms, SPEC §2, so they do not change);
+  that size leaves too little room for the sums, and small batches are joined
+  into larger steps on a GPU (the statistics are sums of per-sample terms,
+  SPEC §2, so neither changes them);
 * which statistics stay on the device during a pass — whole input groups
   (the Gram's lower block triangle and the ``Ḡ``, ``y`` of every module fed
   by that input), in the model's order — and so how many passes over the data;
@@ -18,8 +19,10 @@ from sizes alone (no tensor is touched, so it is tested on the CPU):
 
 Everything the device will hold is counted against what is free before the
 first pass: the model's step at the micro-batch (measured on the first
-batch), lora-da's own per-call float64 temporaries, the pass's running sums,
-the largest solve's work space, and a margin for the allocator. Of the plans
+batch, with the graph from the first input group and from the last: a pass's
+graph starts at its own modules, so it is planned at its share of the step),
+lora-da's own per-call float64 temporaries, the pass's running sums, the
+largest solve's work space, and a margin for the allocator. Of the plans
 that fit, the one with the least estimated time wins; the estimate is
 passes × steps per pass × (a fixed cost per step + the measured cost per
 sample). Host accumulation of per-batch products was measured out: a batch's
