@@ -17,6 +17,14 @@ import lora_da.collect.passes as passes
 from lora_da.collect import default_loss
 from lora_da.errors import NonFiniteError
 
+def assert_near_host(host, dev, rel, fields=("mean_grad", "input_factor", "output_factor"), names=None):
+    """Each module's statistics on the device path within ``rel`` (of the largest entry) of the host path's."""
+    for n in names or host.modules:
+        for f in fields:
+            x, y = getattr(host, f)(n), getattr(dev, f)(n)
+            assert np.abs(x - y).max() <= rel * np.abs(x).max(), (n, f)
+
+
 # -- the graph started at each pass's own modules ------------------------------------------
 
 
@@ -62,10 +70,7 @@ def test_a_call_without_gradient_on_the_host_path_is_not_summed_on_the_device_pa
     for name in host.modules:
         g = host.modules[name].input_group
         assert dev.input_factors[g].tokens == host.input_factors[g].tokens
-        x, y = host.input_factor(name), dev.input_factor(name)
-        assert np.abs(x - y).max() <= 1e-12 * np.abs(x).max()
-        x, y = host.mean_grad(name), dev.mean_grad(name)
-        assert np.abs(x - y).max() <= 1e-12 * np.abs(x).max()
+    assert_near_host(host, dev, 1e-12, fields=("input_factor", "mean_grad"))
 
 
 class DeadBranch(torch.nn.Module):
@@ -142,9 +147,7 @@ def test_joined_batches_keep_every_samples_list_entries(monkeypatch):
     host = lora_da.collect_statistics(tiny_llama(), rows, LLAMA_TARGETS, progress=False, loss_fn=weighted)
     dev = lora_da.collect_statistics(tiny_llama(), rows, LLAMA_TARGETS, progress=False, loss_fn=weighted,
                                      accumulate_on="device")
-    for name in host.modules:
-        x, y = host.mean_grad(name), dev.mean_grad(name)
-        assert np.abs(x - y).max() <= 1e-13 * np.abs(x).max()
+    assert_near_host(host, dev, 1e-13, fields=("mean_grad",))
 
 
 
@@ -282,7 +285,4 @@ def test_an_output_changed_in_place_after_the_graph_starts_there():
     dev = lora_da.collect_statistics(model, batches(ids, mask, 3), ["fc1", "fc2"], accumulate_on="device",
                                      max_device_bytes=9000, **kw)
     assert len(dev.plan.passes) == 2  # fc1 alone in the first pass: its graph starts at its output
-    for n in ("fc1", "fc2"):
-        for f in ("mean_grad", "input_factor", "output_factor"):
-            x, y = getattr(host, f)(n), getattr(dev, f)(n)
-            assert np.abs(x - y).max() <= 1e-13 * np.abs(x).max(), (n, f)
+    assert_near_host(host, dev, 1e-13, names=("fc1", "fc2"))

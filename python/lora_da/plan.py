@@ -32,6 +32,7 @@ per byte, a tenth of the rate a pass needs, so a second pass is always cheaper.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -391,7 +392,7 @@ def graph_step_bytes(step: Step, micro_batch: int, first: Unit | None = None) ->
     if step.top_bytes is None or share is None:
         return full
     top = -(-step.top_bytes * micro_batch // max(step.samples, 1))
-    return min(full, top + int(-(-(full - top) * share // 1)))
+    return min(full, top + math.ceil((full - top) * share))
 
 
 def choose_plan(

@@ -95,8 +95,8 @@ class Recorder:
 
         def start(module, args, output):
             """A call that takes gradient in a whole step, whose output takes none here (nothing
-            below it is in this pass's graph): its output becomes a leaf that does. No
-            gradient is then formed for its input or its own backward."""
+            below it is in this pass's graph): the graph starts at its output (a clone of a
+            leaf). No gradient is then formed for its input or its own backward."""
             i = recorder.counts.get(target.name, 0)
             recorder.counts[target.name] = i + 1
             calls = target.grad_calls

@@ -142,10 +142,14 @@ def batch_size(batch: dict) -> int:
     raise ShapeError("cannot infer the batch size: no tensor in the batch")
 
 
+def per_sample(v, bsz: int) -> bool:
+    """A collated batch's value that holds one entry per sample: a tensor whose first dimension is the batch's."""
+    return isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == bsz
+
+
 def slice_batch(batch: dict, bsz: int, lo: int, hi: int) -> dict:
     """Samples ``lo:hi`` of a collated batch: every tensor whose first dimension is the batch's."""
-    return {k: (v[lo:hi] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == bsz else v)
-            for k, v in batch.items()}
+    return {k: (v[lo:hi] if per_sample(v, bsz) else v) for k, v in batch.items()}
 
 
 def as_rows(t: torch.Tensor) -> torch.Tensor:

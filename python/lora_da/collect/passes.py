@@ -6,6 +6,7 @@ the work goes on from where it stopped; nothing summed is lost."""
 from __future__ import annotations
 
 import itertools
+import math
 import sys
 import time
 from dataclasses import replace
@@ -15,7 +16,7 @@ import torch
 from lora_da.collect.device_sums import DeviceSums, Staging
 from lora_da.collect.host_sums import PageToucher
 from lora_da.collect.hooks import Recorder, check_groups, frozen
-from lora_da.collect.losses import slice_batch, token_mask_of
+from lora_da.collect.losses import per_sample, slice_batch, token_mask_of
 from lora_da.distributed import agree, together
 from lora_da.errors import InvalidArgumentError, LoraDAError, NonFiniteError
 from lora_da.memory import OutOfMemoryError
@@ -78,11 +79,11 @@ def probe(run, first) -> Step:
     run.recomputes = rec.recomputes
     step = torch.cuda.max_memory_allocated(dev) - before if cuda else 0
     ids = sub.get("input_ids")
-    per_sample = int(ids.shape[1]) if isinstance(ids, torch.Tensor) and ids.dim() == 2 else 1
+    tokens = int(ids.shape[1]) if isinstance(ids, torch.Tensor) and ids.dim() == 2 else 1
     widest = max(t.n + 2 * t.m for t in run.targets.values())
     shares = graph_shares(order, input_units(run))
     top = probe_top(run, sub, mb, index, shares) if cuda and not run.recomputes and len(shares) > 1 else None
-    return Step(samples=mb, bytes=int(step), seconds=seconds, tokens_per_sample=per_sample, calls=calls,
+    return Step(samples=mb, bytes=int(step), seconds=seconds, tokens_per_sample=tokens, calls=calls,
                 widest=widest, top_bytes=top, shares=tuple(shares.items()))
 
 
@@ -150,7 +151,7 @@ def plan_device(run, step: Step, batch: int, *, max_device_bytes, max_host_bytes
         device_free, host = int(vals[0]), vals[1]
         host_free = None if host_free is None else int(host)
         step = replace(step, samples=int(vals[2]), bytes=int(-vals[3]), seconds=-vals[4],
-                       tokens_per_sample=int(-vals[5]), top_bytes=int(-(-int(-vals[3]) * -vals[7] // 1)))
+                       tokens_per_sample=int(-vals[5]), top_bytes=math.ceil(int(-vals[3]) * -vals[7]))
         batch = int(-vals[6])
     plan = choose_plan(units, step, batch=batch, device_free=device_free, max_device_bytes=max_device_bytes,
                        host_free=host_free, max_host_bytes=max_host_bytes, keep_on_host=keep_on_host,
@@ -301,10 +302,10 @@ def joinable(a: dict, na: int, b: dict, nb: int) -> bool:
     for k, x in a.items():
         y = b[k]
         if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
-            per_sample = x.dim() > 0 and x.shape[0] == na
-            if per_sample != (y.dim() > 0 and y.shape[0] == nb):
+            samples = per_sample(x, na)
+            if samples != per_sample(y, nb):
                 return False
-            if per_sample:
+            if samples:
                 if x.shape[1:] != y.shape[1:] or x.dtype != y.dtype or x.device != y.device:
                     return False
             elif not (x.shape == y.shape and x.dtype == y.dtype and bool(torch.equal(x, y))):
@@ -346,13 +347,12 @@ class Joiner:
         if len(pending) == 1:
             batch_steps(self.run, batch, n, index, rec, sums, check)
             return
-        batch = {k: (torch.cat([b[k] for _, b, _ in pending])
-                     if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == bsz else v)
+        batch = {k: (torch.cat([b[k] for _, b, _ in pending]) if per_sample(v, bsz) else v)
                  for k, v in batch.items()}
         try:
             batch_steps(self.run, batch, n, index, rec, sums, check)
         except (NonFiniteError, LoraDAError) as e:
-            if isinstance(e, OutOfMemoryError) or "out of device memory" in str(e):
+            if "out of device memory" in str(e):  # steps' own error at one sample: nothing to name
                 raise
             # The run ends here; its error should name the user's batch and sample, not the
             # joined step's: the joined batches again, one at a time (their sums are void now).

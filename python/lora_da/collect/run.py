@@ -17,7 +17,7 @@ from lora_da.collect.checkpoints import (batch_digest, check_checkpoint_identity
                                          model_fingerprint, rank_path)
 from lora_da.collect.hooks import BackwardDone, Recorder, check_groups, detect_groups, frozen, make_inputs_require_grad
 from lora_da.collect.host_sums import HostSums
-from lora_da.collect.losses import LossFn, batch_size, check_losses, default_loss, token_mask_of
+from lora_da.collect.losses import LossFn, batch_size, check_losses, default_loss, slice_batch, token_mask_of
 from lora_da.collect.passes import collect_on_device
 from lora_da.collect.targets import Target, linear_kind, module_shape, resolve_targets
 from lora_da.distributed import active_group, agree, all_reduce_statistics, check_same_options, together
@@ -333,8 +333,7 @@ class Run:
             bsz = batch_size(batch)
             if self.max_samples is not None and seen + bsz > self.max_samples:
                 keep = self.max_samples - seen
-                batch = {k: (v[:keep] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == bsz else v)
-                         for k, v in batch.items()}
+                batch = slice_batch(batch, bsz, 0, keep)
                 bsz = keep
             seen += bsz
             yield index, batch, bsz, token_mask_of(batch, self.token_mask)
