@@ -100,6 +100,7 @@ def main():
     ap.add_argument("--gib", default="24")
     ap.add_argument("--skip-whole", action="store_true")
     ap.add_argument("--skip-probes", action="store_true")
+    ap.add_argument("--margins", default=None, help="plan.MARGIN_FRACTION values to run each card at, e.g. 0.04,0.08")
     ap.add_argument("--instrument", action="store_true", help="per pass: the step's peak against the planned reserve")
     args = ap.parse_args()
     import lora_da
@@ -148,7 +149,12 @@ def main():
 
     if args.instrument:
         DeviceSums.__init__, passes.batch_steps = init, steps
-    for gib in (["all"] if not args.skip_whole else []) + args.gib.split(","):
+    import lora_da.plan as plan
+
+    margins = [float(m) for m in args.margins.split(",")] if args.margins else [plan.MARGIN_FRACTION]
+    cells = [(g, m) for g in (["all"] if not args.skip_whole else []) + args.gib.split(",") for m in margins]
+    for gib, margin in cells:
+        plan.MARGIN_FRACTION = margin
         seen.clear()
         filler.set(gib, model_bytes)
         ts.PROFILE = {}
@@ -164,11 +170,11 @@ def main():
                       flush=True)
         dt = time.perf_counter() - t
         rep = inits.report
-        prof = ", ".join(f"{k} {v:.1f}" for k, v in sorted(ts.PROFILE.items()))
+        prof = ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in sorted(ts.PROFILE.items()))
         methods = {}
         for i in inits.values():
             methods[i.result.method] = methods.get(i.result.method, 0) + 1
-        out.append(f"card {gib}: {dt:.1f} s (collect {dt - rep.solve_seconds:.1f}, solve {rep.solve_seconds:.1f}); "
+        out.append(f"card {gib}, margin {margin:.0%}: {dt:.1f} s (collect {dt - rep.solve_seconds:.1f}, solve {rep.solve_seconds:.1f}); "
                    f"solve stages (synchronized) {prof}; methods {methods}")
         out.append(rep.plan.describe())
         print("\n".join(out[-2:]), flush=True)

@@ -63,6 +63,11 @@ def _stage(name: str, device):
     PROFILE[name] = PROFILE.get(name, 0.0) + time.perf_counter() - t
 
 
+def _count(name: str, k: int) -> None:
+    if PROFILE is not None:
+        PROFILE[name] = PROFILE.get(name, 0) + k
+
+
 def _row_blocks(n: int):
     """Rows of the element-wise passes over an ``n × n`` matrix (symmetry, finiteness, row
     sums): temporaries of ``SOLVE_ROWS × n`` instead of a second ``n × n`` (SPEC §7 plans a
@@ -173,9 +178,10 @@ def _top_eigenvalue(S: torch.Tensor) -> float:
     # the bottom of −S in S's own memory (negation is exact, and undone after)
     S.neg_()
     try:
-        values, *_ = bottom_eigenpairs(S, 1, lower, 1e-10)
+        values, _, _, _, applications, *_ = bottom_eigenpairs(S, 1, lower, 1e-10)
     finally:
         S.neg_()
+    _count("sigma products", applications)
     return max(0.0, -float(values[0]))
 
 
@@ -455,6 +461,7 @@ def solve_group_device(
         else:
             with _stage("eigen", dev):
                 values, vectors, residual, norm, iterations, used, more = bottom_eigenpairs(omega, rank, lower, tol)
+            _count("eigen products", iterations)
         notes += more
         sigma = 1.0 if zero_gradient or not normalize else math.sqrt(s2)
         scale2 = sigma * sigma
