@@ -63,7 +63,6 @@ def main():
         s_e = timed(lambda: torch.linalg.eigvalsh(A), 3)
         rows.append(f"| {n} | | Cholesky {s_f * 1e3:.1f} ms; cholesky_inverse {s_i * 1e3:.1f} ms; "
                     f"L⁻¹ by trsm then L⁻ᵀL⁻¹ {s_t * 1e3:.1f} ms; eigvalsh {s_e * 1e3:.1f} ms | | |")
-        del O, A, L, eye
         torch.cuda.empty_cache()
     # the solver as it runs: time per block product, overhead included
     import lora_da.torch_solve as ts
@@ -85,7 +84,6 @@ def main():
     }
     for name, f in pieces.items():
         rows.append(f"| {n} | {k} | {name} | {timed(f) * 1e3:.3f} | |")
-    del O, X
 
     for n in (4096, 11008):
         D = torch.randn(n, 4096, dtype=torch.float64, device=dev, generator=g)
@@ -107,7 +105,6 @@ def main():
         rows.append(f"| {n} | | σ: {s_sigma * 1e3:.1f} ms, {k_sigma:.0f} products ({s_sigma / k_sigma * 1e3:.3f} ms each); "
                     f"bottom 8: {s_eig * 1e3:.1f} ms, {k_eig} products ({s_eig / max(k_eig, 1) * 1e3:.3f} ms each) | | |")
         ts.PROFILE = None
-        del D, W, Zi, Om
         torch.cuda.empty_cache()
     print("\n".join(rows))
 
