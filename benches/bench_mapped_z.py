@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
-from lora_da._core import InputFactor, num_threads
+from lora_da._core import num_threads
 from lora_da.statistics_file import LazyInputFactors, Mapped
 
 
