@@ -252,6 +252,24 @@ def grid(args, shape):
         worst = max(subspace_sin_theta(ref[n], inits[n].result.V) for n in check)
         return f"sin θ vs first card {worst:.1e}" + ("" if micro == ref_micro else f" (micro-batch {micro} vs {ref_micro})")
 
+    def baseline():
+        from lora_da.compare.authors import authors_pipeline
+
+        for gib in reversed(sizes):  # the smallest card the baseline fits
+            took = filler.set(gib, model_bytes)
+            res, err = run_cell(lambda: authors_pipeline(model, batched(ids, mask, 1), TARGETS, n_pop=10000), took)
+            if err:
+                rows.append((gib, 1, "authors' pipeline", None, err, None, None))
+                say(f"baseline, card {gib}: {err}")
+                continue
+            _, dt, g, h = res
+            rows.append((gib, 1, "authors' pipeline", dt, "batch 1", g, h))
+            say(f"baseline, card {gib} GiB: {dt:.1f} s, GPU {g:.1f} GiB")
+            return gib, dt
+        return None
+
+    if not args.skip_baseline and args.baseline_first:
+        base_at = baseline()
     for gib in sizes:
         for bs in batch_sizes:
             data = batched(ids, mask, bs)
@@ -314,21 +332,8 @@ def grid(args, shape):
                              f"({plan.statistics_bytes / 2**30:.1f} GiB of statistics){vs}", g, h))
                 say(f"keep, card {gib} GiB, batch {bs}: {dt:.1f} s (collect {tc:.1f}, solve {ts:.1f}), host {h:.1f} GiB, "
                     f"statistics {plan.statistics_bytes / 2**30:.1f} GiB{vs}")
-    if not args.skip_baseline:
-        from lora_da.compare.authors import authors_pipeline
-
-        for gib in reversed(sizes):  # the smallest card the baseline fits
-            took = filler.set(gib, model_bytes)
-            res, err = run_cell(lambda: authors_pipeline(model, batched(ids, mask, 1), TARGETS, n_pop=10000), took)
-            if err:
-                rows.append((gib, 1, "authors' pipeline", None, err, None, None))
-                say(f"baseline, card {gib}: {err}")
-                continue
-            _, dt, g, h = res
-            rows.append((gib, 1, "authors' pipeline", dt, "batch 1", g, h))
-            say(f"baseline, card {gib} GiB: {dt:.1f} s, GPU {g:.1f} GiB")
-            base_at = (gib, dt)
-            break
+    if not args.skip_baseline and not args.baseline_first:
+        base_at = baseline()
     filler.set("all", model_bytes)
     print(f"\nmodel: {args.shape} shape, {model_bytes / 2**30:.1f} GiB of bf16 weights; {shape['samples']} samples × 512 tokens")
     print("| card (GiB) | batch | run | wall (s) | split / plan | GPU peak net (GiB) | host peak (GiB) | ratio to baseline |")
@@ -354,6 +359,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=1, help="runs of lora-da's default and of the baseline (median)")
     ap.add_argument("--gpu-gib", default=None, help="memory grid: card sizes in GiB, e.g. 12,24,40,80,all (largest first)")
     ap.add_argument("--batches", default="1,4,16", help="memory grid: batch sizes")
+    ap.add_argument("--baseline-first", action="store_true", help="memory grid: the baseline before the cells (a time limit then cuts cells, not it)")
     ap.add_argument("--keep", action="store_true", help="memory grid: also the keep-statistics route at the first card")
     args = ap.parse_args()
     shape = dict(SHAPES[args.shape])
