@@ -394,6 +394,62 @@ def test_an_oom_at_one_sample_is_an_error_that_says_what_to_do(monkeypatch):
         device_statistics(bs=2)
 
 
+def test_an_oom_at_one_sample_that_a_release_cures_is_redone_as_it_is(monkeypatch):
+    """Batches of one sample: the 5th float64 copy fails once (fragments the release gives
+    back); the step is redone at one sample, in the same pass, and nothing is lost."""
+    host = host_statistics(bs=1)
+    monkeypatch.setattr(device_sums, "float64_copy", fail_copy_on({5}))
+    dev = device_statistics(bs=1)
+    assert len(dev.plan.passes) == 1 and dev.plan.micro_batch == 1
+    assert any("redone after releasing" in n for n in dev.plan.notes)
+    assert_same(host, dev)
+
+
+def oom_while_holding_more_than(groups: int, after: int):
+    """DeviceSums.add that runs out of memory, from its ``after``-th call on, whenever its pass
+    holds more than ``groups`` input groups: only smaller passes fit."""
+    real = DeviceSums.add
+    calls = {"n": 0}
+
+    def add(self, target, x, g, key):
+        calls["n"] += 1
+        if calls["n"] > after and len(self.units) > groups and target.name in self.grad:
+            raise OutOfMemoryError(f"injected: a pass of {len(self.units)} groups at call {calls['n']}")
+        return real(self, target, x, g, key)
+    return add
+
+
+@pytest.mark.parametrize("kw", [{}, {"output_fisher": "sequence_lowrank"}, {"out": True}])
+def test_an_oom_that_persists_at_one_sample_moves_half_the_pass_out(monkeypatch, tmp_path, kw):
+    """From the 30th call (the first batches summed), a pass of more than two input groups
+    runs out of memory at every step, one sample too: halves of the pass move to passes of
+    their own until each fits. The groups that stay keep what they summed, the moved ones
+    are summed again from the start: the statistics equal the host path's (and a streamed
+    file, written in the planned order, is valid and the same)."""
+    host = host_statistics(bs=2, **{k: v for k, v in kw.items() if k != "out"})
+    monkeypatch.setattr(DeviceSums, "add", oom_while_holding_more_than(2, after=30))
+    if kw.get("out"):
+        kw = {"out": tmp_path / "stats.safetensors"}
+    dev = device_statistics(bs=2, **kw)
+    assert len(dev.plan.passes) >= 4 and max(len(p) for p in dev.plan.passes) <= 2
+    assert any("redone after releasing" in n for n in dev.plan.notes)
+    assert any("moved from pass 1 to a pass of their own" in n for n in dev.plan.notes)
+    assert_same(host, dev)
+    if "output_fisher" in kw:
+        for n in host.modules:
+            assert np.allclose(host.output_factors[n].sample_sums(), dev.output_factors[n].sample_sums(), rtol=1e-13)
+    if "out" in kw:
+        again = lora_da.Statistics.load(kw["out"])
+        assert_same(host, again)
+
+
+def test_an_oom_at_one_sample_is_not_met_by_moving_groups_across_ranks_or_checkpoints(monkeypatch, tmp_path):
+    """With checkpoints a moved group would be recorded as summed: the error instead."""
+    monkeypatch.setattr(DeviceSums, "add", oom_while_holding_more_than(2, after=30))
+    with pytest.raises(lora_da.LoraDAError, match="micro-batches of one sample.*could not be split"):
+        device_statistics(bs=2, checkpoint_path=tmp_path / "ck.safetensors")
+
+
 def test_a_pass_whose_sums_cannot_be_allocated_is_split(monkeypatch):
     host = host_statistics()
     real = DeviceSums.__init__

@@ -62,8 +62,21 @@ class DeviceSums:
         """The module calls of a failed step whose products were summed (its finite flags stay, to be checked)."""
         return frozenset(self.done)
 
+    def drop(self, units: list[Unit]) -> None:
+        """Free the sums of ``units``, which leave this pass (collect.passes.move_half_out);
+        their modules' calls are ignored from now on."""
+        gone = {u.group for u in units}
+        for u in units:
+            del self.gram[u.group], self.gram_tokens[u.group], self.n_of[u.group]
+            for name, _ in u.modules:
+                for d in (self.grad, self.sumsq, self.tokens, self.samples):
+                    del d[name]
+        self.units = [u for u in self.units if u.group not in gone]
+
     def add(self, target: Target, x: torch.Tensor, g: torch.Tensor, key) -> None:
         name = target.name
+        if name not in self.grad:
+            return  # its group left this pass (drop)
         call = self.call_index.get(name, 0)
         self.call_index[name] = call + 1
         self.called.add(name)

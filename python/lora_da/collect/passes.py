@@ -5,6 +5,7 @@ the work goes on from where it stopped; nothing summed is lost."""
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import sys
@@ -202,7 +203,7 @@ def collect_on_device(run, *, max_device_bytes, max_host_bytes, keep_on_host: bo
         if to_disk is not None:
             writer = open_writer(run, to_disk, [u for p in passes for u in p])
         staging = Staging(dev)
-        first_prints: list = []  # the first pass's batch fingerprints, when there are several passes
+        first_prints: list = []  # the first pass's batch fingerprints, when there are or may be several passes
         p = 0
         try:
             while p < len(passes):
@@ -224,6 +225,10 @@ def collect_on_device(run, *, max_device_bytes, max_host_bytes, keep_on_host: bo
                 names = [name for u in pass_units for name, _ in u.modules]
                 check = lambda: check_groups({n: run.targets[n] for n in names},  # noqa: E731
                                               {n: run.groups[n] for n in names})
+                # at one sample out of memory: half the pass to a pass of its own (not across ranks, whose
+                # passes must agree, nor with checkpoints, which would record the moved groups as summed)
+                run.shrink_pass = (None if group is not None or run.checkpoint_path is not None
+                                   else functools.partial(move_half_out, run, passes, p, sums))
                 samples = 0
                 prints = []
                 # small batches joined into the plan's steps (never with checkpoints, which follow
@@ -239,7 +244,8 @@ def collect_on_device(run, *, max_device_bytes, max_host_bytes, keep_on_host: bo
                             run.bar(f"lora-da: pass {p + 1}/{len(passes)}",
                                       batch_size=first[2]) as bar:
                         for index, batch, bsz, mask in source:
-                            if len(passes) > 1:
+                            # (the first pass's too when it may be split: then it becomes the reference)
+                            if len(passes) > 1 or run.shrink_pass is not None:
                                 prints.append(run.fingerprint(batch))
                                 if p > 0 and (len(prints) > len(first_prints)
                                               or prints[-1] != first_prints[len(prints) - 1]):
@@ -277,6 +283,7 @@ def collect_on_device(run, *, max_device_bytes, max_host_bytes, keep_on_host: bo
                     sums.flush(run.host)
                 else:
                     on_pass(sums, run.n_samples)
+                run.shrink_pass = None
                 del sums
                 p += 1
             if writer is not None:
@@ -426,10 +433,13 @@ def batch_steps(run, batch, bsz: int, index: int, rec, sums, check) -> None:
     steps(run, batch, bsz, index, rec, sums, check, 0, bsz, frozenset())
 
 
-def steps(run, batch, bsz, index, rec, sums, check, lo: int, hi: int, skip: frozenset) -> None:
+def steps(run, batch, bsz, index, rec, sums, check, lo: int, hi: int, skip: frozenset, retried: bool = False) -> None:
     """Samples ``lo:hi`` of a batch. A step that runs out of device memory
     halves the micro-batch and is redone on its samples, skipping the
-    module calls (``skip``) whose products it had already summed."""
+    module calls (``skip``) whose products it had already summed. At one
+    sample the step is redone once as it is (the release may have been all
+    it needed: fragments), then with half of the pass's input groups moved
+    to a pass of their own (:func:`move_half_out`), down to one group."""
     a = lo
     while a < hi:
         k = min(run.micro, hi - a)
@@ -446,15 +456,51 @@ def steps(run, batch, bsz, index, rec, sums, check, lo: int, hi: int, skip: froz
             rec.clear()
             _release(run.device)
             if run.micro == 1:
-                raise LoraDAError(
-                    f"collect: out of device memory at batch {index} with micro-batches of one sample "
-                    f"({free_device_bytes(run.device) / 2**30:.2f} GiB free now); pass a smaller max_device_bytes "
-                    "so that the plan keeps fewer sums on the device, or free device memory"
-                )
-            run.micro = (run.micro + 1) // 2
-            note(run, f"batch {index}: out of device memory; micro-batch lowered to {run.micro}, the step redone "
-                       f"without its {len(done)} module call(s) already summed")
-            steps(run, batch, bsz, index, rec, sums, check, a, a + k, skip | done)
+                if retried and not (run.shrink_pass is not None and run.shrink_pass(index)):
+                    raise LoraDAError(one_sample_error(run, index, sums))
+                if not retried:
+                    note(run, f"batch {index}: out of device memory at one sample; the step redone after "
+                              "releasing the allocator's cached blocks")
+            else:
+                run.micro = (run.micro + 1) // 2
+                note(run, f"batch {index}: out of device memory; micro-batch lowered to {run.micro}, the step redone "
+                           f"without its {len(done)} module call(s) already summed")
+            steps(run, batch, bsz, index, rec, sums, check, a, a + k, skip | done, retried=run.micro == 1)
         else:
             sums.end_step(k, index, rec.targets)
         a += k
+
+
+def move_half_out(run, passes: list, p: int, sums, index: int) -> bool:
+    """A step of one sample ran out of device memory in pass ``p`` (SPEC §7):
+    the second half of the pass's input groups leaves it for a pass of its own
+    right after it. Their sums so far are dropped (that pass sums them again
+    from the first batch); the groups that stay lose nothing and go on from
+    this step. The order of the groups over the passes is unchanged (a
+    statistics file is written in that order). False when the pass holds one
+    group, or the data cannot be read again (a one-shot iterator)."""
+    units = list(sums.units)
+    if len(units) < 2 or iter(run.dataloader) is run.dataloader:
+        return False
+    half = len(units) // 2
+    stay, moved = units[:half], units[half:]
+    sums.drop(moved)
+    passes[p:p + 1] = [stay, moved]
+    _release(run.device)
+    note(run, f"batch {index}: out of device memory at one sample; {count(len(moved), 'input group')} moved from "
+              f"pass {p + 1} to a pass of their own ({len(passes)} passes now), the step redone")
+    return True
+
+
+def one_sample_error(run, index: int, sums) -> str:
+    """What did not fit, and what would: the pass's sums beside a one-sample step."""
+    held = sum(u.device_bytes for u in sums.units)
+    free = free_device_bytes(run.device)
+    if len(sums.units) == 1:
+        what = (f"even input group {sums.units[0].group}'s sums alone ({held / 2**30:.2f} GiB) beside a one-sample "
+                "step do not fit")
+    else:
+        what = f"the pass's {count(len(sums.units), 'input group')} ({held / 2**30:.2f} GiB of sums) could not be split here"
+    return (f"collect: out of device memory at batch {index} with micro-batches of one sample: {what} "
+            f"({free / 2**30:.2f} GiB free now); free device memory, pass a smaller max_device_bytes so that the plan "
+            "keeps fewer sums on the device, or max_device_bytes=0 to sum on the host CPU")

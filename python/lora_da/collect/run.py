@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -179,6 +179,7 @@ class Run:
     finished: Statistics | None = None  # a finished checkpoint of this very pass, returned as it is
     writer: StatisticsWriter | None = None  # the statistics file each pass goes to (collect_statistics(out=...))
     written: dict = field(default_factory=dict)  # the counts already in that file, for its header
+    shrink_pass: Callable | None = None  # during a device pass: moves half its groups out (passes.move_half_out)
 
     @classmethod
     def start(cls, model, dataloader, target_modules, *, loss_fn, token_mask, output_fisher, max_samples,
