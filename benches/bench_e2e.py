@@ -332,6 +332,29 @@ def grid(args, shape):
                              f"({plan.statistics_bytes / 2**30:.1f} GiB of statistics){vs}", g, h))
                 say(f"keep, card {gib} GiB, batch {bs}: {dt:.1f} s (collect {tc:.1f}, solve {ts:.1f}), host {h:.1f} GiB, "
                     f"statistics {plan.statistics_bytes / 2**30:.1f} GiB{vs}")
+    if args.solve_workers:
+        # the same whole-GPU cell at other numbers of device solves at once (streams)
+        import lora_da.collect.passes as passes
+
+        default = passes.DEVICE_SOLVE_WORKERS
+        bs = batch_sizes[0]
+        for w in [int(x) for x in args.solve_workers.split(",")]:
+            passes.DEVICE_SOLVE_WORKERS = w
+            took = filler.set("all", model_bytes)
+            try:
+                res, err = run_cell(lambda: (lambda inits: (inits, inits.report))(
+                    collect_and_solve(model, batched(ids, mask, bs), names, cfg, progress=False)), took)
+            finally:
+                passes.DEVICE_SOLVE_WORKERS = default
+            if err:
+                say(f"solve workers {w}: {err}")
+                continue
+            (inits, rep), dt, g, h = res
+            rows.append(("all", bs, f"lora-da, {w} solves at once", dt,
+                         f"collect {dt - rep.solve_seconds:.1f} s, solve {rep.solve_seconds:.1f} s; "
+                         f"{rep.plan.solve_workers} solve(s) at once", g, h))
+            say(f"solve workers {w}: {dt:.1f} s (solve {rep.solve_seconds:.1f} s), plan {rep.plan.solve_workers}")
+            del inits
     if not args.skip_baseline and not args.baseline_first:
         base_at = baseline()
     filler.set("all", model_bytes)
@@ -359,6 +382,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=1, help="runs of lora-da's default and of the baseline (median)")
     ap.add_argument("--gpu-gib", default=None, help="memory grid: card sizes in GiB, e.g. 12,24,40,80,all (largest first)")
     ap.add_argument("--batches", default="1,4,16", help="memory grid: batch sizes")
+    ap.add_argument("--solve-workers", default=None, help="memory grid: the whole-GPU cell again at these numbers of device solves at once, e.g. 3,4")
     ap.add_argument("--baseline-first", action="store_true", help="memory grid: the baseline before the cells (a time limit then cuts cells, not it)")
     ap.add_argument("--keep", action="store_true", help="memory grid: also the keep-statistics route at the first card")
     args = ap.parse_args()
