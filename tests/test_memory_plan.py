@@ -497,6 +497,97 @@ def test_a_device_solve_that_runs_out_of_memory_is_solved_on_the_host(monkeypatc
         assert np.abs(ref.B - got[n].B).max() <= 1e-8 * np.abs(ref.B).max()
 
 
+CUSOLVER_HANDLE = ("cusolver error: CUSOLVER_STATUS_INTERNAL_ERROR, when calling `cusolverDnCreate(handle)`. "
+                   "If you keep seeing this error, you may use `torch.backends.cuda.preferred_linalg_library()`")
+
+
+def test_a_cuda_librarys_own_out_of_memory_error_is_handled_as_one(monkeypatch):
+    """A solve thread's cuSOLVER handle could not be created (the H200's whole-GPU 7B cell):
+    the solve is retried, as after torch's own out-of-memory error, and the result is the
+    reference's. An unrelated RuntimeError is not taken for one."""
+    cfg = lora_da.LoraDAConfig(n_pop=100, rank=2, gamma=4.0)
+    stats = host_statistics()
+    real = init._solve_on_device
+    calls = {"n": 0}
+
+    def flaky(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError(CUSOLVER_HANDLE)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(init, "_solve_on_device", flaky)
+    got = lora_da.compute_init(stats, cfg, progress=False, device="cpu")
+    assert calls["n"] == len(stats.groups()) + 1  # the first group twice
+    for n in stats.modules:
+        ref = reference_solve(stats.input_factor(n), stats.output_factor(n), stats.mean_grad(n), rank=2, n_pop=100.0,
+                              gamma=4.0)
+        assert subspace_sin_theta(ref.V, got[n].result.V) <= 1e-8
+    monkeypatch.setattr(init, "_solve_on_device", lambda *a, **kw: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):
+        lora_da.compute_init(stats, cfg, progress=False, device="cpu")
+
+
+def test_a_library_out_of_memory_error_inside_a_solve_is_not_called_non_finite(monkeypatch):
+    """torch_solve turns a RuntimeError of extreme values into NonFiniteError naming the module;
+    a CUDA library's out-of-memory error must reach the caller's retry instead."""
+    from lora_da import torch_solve
+
+    def oom(*a, **kw):
+        raise RuntimeError(CUSOLVER_HANDLE)
+
+    monkeypatch.setattr(torch_solve, "bottom_eigenpairs", oom)
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((64, 12))
+    Z, G, y = torch.from_numpy(X.T @ X / 64), torch.from_numpy(rng.standard_normal((5, 12))), torch.ones(5)
+    with pytest.raises(RuntimeError, match="cusolverDnCreate") as err:
+        torch_solve.solve_group_device(Z, [y.double()], [G], rank=2, n_pop=10.0, names=["q"])
+    assert not isinstance(err.value, lora_da.LoraDAError)
+
+
+def test_a_cublas_allocation_failure_in_a_step_halves_the_micro_batch(monkeypatch):
+    """cuBLAS's own allocation failure inside a hook's product: the step is redone smaller, nothing lost;
+    another RuntimeError in the step stays the user's error."""
+    host = host_statistics(bs=6)
+    count = {"n": 0}
+    real = device_sums.float64_copy
+
+    def copy(t):
+        count["n"] += 1
+        if count["n"] == 9:
+            raise RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")
+        return real(t)
+
+    monkeypatch.setattr(device_sums, "float64_copy", copy)
+    dev = device_statistics(bs=6)
+    assert any("micro-batch lowered to 3" in n for n in dev.plan.notes)
+    assert_same(host, dev)
+    monkeypatch.setattr(device_sums, "float64_copy", lambda t: (_ for _ in ()).throw(RuntimeError("shape mismatch")))
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        device_statistics(bs=6)
+
+
+def test_a_pass_that_ends_in_an_error_frees_its_device_sums(monkeypatch):
+    """The error's traceback references the pass's frame: its sums are freed before it leaves,
+    so a caller that catches the error and tries again does not run beside them."""
+    made = []
+    real = DeviceSums.__init__
+
+    def init_and_keep(self, *a, **kw):
+        real(self, *a, **kw)
+        made.append(self)
+
+    def loss(model, batch):
+        if len(made) and made[-1].batch_samples >= 3:
+            raise ValueError("the user's loss failed")
+        return collect.default_loss(model, batch)
+
+    monkeypatch.setattr(DeviceSums, "__init__", init_and_keep)
+    with pytest.raises(ValueError, match="the user's loss failed"):
+        device_statistics(bs=3, loss_fn=loss)
+    assert made and not made[-1].grad and not made[-1].gram and not made[-1].units
+
+
 def test_compute_init_on_a_device_falls_back_to_the_host_too(monkeypatch):
     cfg = lora_da.LoraDAConfig(n_pop=100, rank=2, gamma=4.0)
     stats = host_statistics()

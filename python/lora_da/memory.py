@@ -10,6 +10,22 @@ import torch
 OutOfMemoryError = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 
+# A CUDA library that cannot get device memory for a new handle or its work space says so
+# in its own words, not as torch's OutOfMemoryError: on the H200 a 7B plan's solve thread
+# met "CUSOLVER_STATUS_INTERNAL_ERROR, when calling `cusolverDnCreate(handle)`" with the
+# caching allocator holding the rest of the device.
+LIBRARY_OUT_OF_MEMORY = ("cusolverDnCreate", "cublasCreate", "cublasLtCreate", "CUSOLVER_STATUS_ALLOC_FAILED",
+                         "CUBLAS_STATUS_ALLOC_FAILED")
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` means the device's memory ran out: torch's own error, or a CUDA
+    library's (:data:`LIBRARY_OUT_OF_MEMORY`); lora-da handles both alike (SPEC §7)."""
+    if isinstance(e, OutOfMemoryError):
+        return True
+    return isinstance(e, RuntimeError) and any(s in str(e) for s in LIBRARY_OUT_OF_MEMORY)
+
+
 def release(device) -> None:
     """After an out-of-memory error: drop what the failed work still referenced
     and hand the caching allocator's free blocks back, so that the next try

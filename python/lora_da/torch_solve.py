@@ -36,6 +36,7 @@ import torch
 
 from lora_da._core import CONTRACT_RESIDUAL, SOLVE_DEFAULTS, SYMMETRY_TOL, check_solve_options
 from lora_da import plan
+from lora_da.memory import out_of_memory
 from lora_da.errors import InvalidArgumentError, LoraDAError, NonFiniteError, NotPositiveDefiniteError, ShapeError
 from lora_da.results import DeviceSolveResult, check_finite_result
 
@@ -506,9 +507,9 @@ def solve_group_device(
             results.append(one(i, y, G))
         except LoraDAError:
             raise
-        except torch.cuda.OutOfMemoryError:
-            raise
         except (ValueError, RuntimeError, ZeroDivisionError, OverflowError, np.linalg.LinAlgError) as e:
+            if out_of_memory(e):
+                raise  # the caller's to handle: released, retried, or the host (SPEC §7)
             # Finite but extreme inputs (scales near the float64 range) can break a
             # step outside the checks above: an error that names the module, not a NaN.
             raise NonFiniteError(f"torch_solve: module {names[i]}: the solve failed on extreme values ({e})") from e

@@ -62,6 +62,12 @@ class DeviceSums:
         """The module calls of a failed step whose products were summed (its finite flags stay, to be checked)."""
         return frozenset(self.done)
 
+    def free(self) -> None:
+        """Every sum's device memory, at once (a pass that ends in an error)."""
+        for d in (self.grad, self.sumsq, self.tokens, self.samples, self.gram, self.gram_tokens):
+            d.clear()
+        self.units = []
+
     def drop(self, units: list[Unit]) -> None:
         """Free the sums of ``units``, which leave this pass (collect.passes.move_half_out);
         their modules' calls are ignored from now on."""

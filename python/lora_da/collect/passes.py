@@ -20,7 +20,7 @@ from lora_da.collect.hooks import Recorder, check_groups, frozen
 from lora_da.collect.losses import per_sample, slice_batch, token_mask_of
 from lora_da.distributed import agree, together
 from lora_da.errors import InvalidArgumentError, LoraDAError, NonFiniteError
-from lora_da.memory import OutOfMemoryError
+from lora_da.memory import OutOfMemoryError, out_of_memory
 from lora_da.memory import release as _release
 from lora_da.words import count
 from lora_da.plan import DEVICE_SOLVE_WORKERS, MemoryPlan, Step, Unit, available_host_bytes, choose_plan
@@ -61,7 +61,9 @@ def probe(run, first) -> Step:
                 for t in run.targets.values():
                     t.grad_calls = tuple(rec.pattern.get(t.name, ()))
                 run.set_groups(host_factors=False)
-        except OutOfMemoryError:
+        except (OutOfMemoryError, RuntimeError) as e:
+            if not out_of_memory(e):
+                raise
             failed = True
         if not failed:
             break
@@ -115,7 +117,9 @@ def probe_top(run, batch, bsz: int, index: int, shares: dict[str, float]) -> int
         with Recorder([run.targets[n] for n in names], lambda *a: None, stop_early=True, keep_inputs=False,
                       start_graph=True) as rec:
             run.forward_backward(batch, bsz, index, rec)
-    except OutOfMemoryError:
+    except (OutOfMemoryError, RuntimeError) as e:
+        if not out_of_memory(e):
+            raise
         _release(dev)
         return None
     torch.cuda.synchronize(dev)
@@ -205,6 +209,7 @@ def collect_on_device(run, *, max_device_bytes, max_host_bytes, keep_on_host: bo
         staging = Staging(dev)
         first_prints: list = []  # the first pass's batch fingerprints, when there are or may be several passes
         p = 0
+        sums = None
         try:
             while p < len(passes):
                 pass_units = passes[p]
@@ -282,9 +287,12 @@ def collect_on_device(run, *, max_device_bytes, max_host_bytes, keep_on_host: bo
                     toucher.wait()
                     sums.flush(run.host)
                 else:
+                    # the solves' threads may create their CUDA libraries' handles, which take
+                    # device memory outside torch's allocator: the step's cached blocks go back first
+                    _release(dev)
                     on_pass(sums, run.n_samples)
                 run.shrink_pass = None
-                del sums
+                sums = None
                 p += 1
             if writer is not None:
                 writer.finish(stream_header(run))
@@ -292,6 +300,10 @@ def collect_on_device(run, *, max_device_bytes, max_host_bytes, keep_on_host: bo
         finally:
             if writer is not None:
                 writer.abort()
+            if sums is not None:
+                # an error leaves this pass: its device sums go now, not when the caller drops the
+                # traceback that references this frame (a retry would run beside them)
+                sums.free()
 
 
 def joins_batches(dev: torch.device) -> bool:
@@ -449,7 +461,9 @@ def steps(run, batch, bsz, index, rec, sums, check, lo: int, hi: int, skip: froz
         try:
             run.forward_backward(sub, k, index, rec)
             check()
-        except OutOfMemoryError:
+        except (OutOfMemoryError, RuntimeError) as e:
+            if not out_of_memory(e):
+                raise
             failed = True
         if failed:
             done = sums.abort_step()
