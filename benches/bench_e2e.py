@@ -299,7 +299,8 @@ def grid(args, shape):
             cas_at[(gib, bs)] = dt
             rows.append((gib, bs, "lora-da", dt, f"collect {dt - rep.solve_seconds:.1f} s, solve {rep.solve_seconds:.1f} s; "
                          + desc + "; " + angle, g, h))
-            say(f"card {gib} GiB, batch {bs}: {dt:.1f} s, GPU {g:.1f} GiB net, host {h:.1f} GiB; {angle}\n"
+            say(f"card {gib} GiB, batch {bs}: {dt:.1f} s (collect {dt - rep.solve_seconds:.1f}, solve {rep.solve_seconds:.1f}), "
+                f"GPU {g:.1f} GiB net, host {h:.1f} GiB; {angle}\n"
                 f"{plan.describe()}")
             del inits
         if args.keep and gib == sizes[0]:
