@@ -567,6 +567,30 @@ def test_a_cublas_allocation_failure_in_a_step_halves_the_micro_batch(monkeypatc
         device_statistics(bs=6)
 
 
+def test_a_z_that_cannot_be_formed_on_the_device_twice_is_formed_on_the_host(monkeypatch):
+    """The full Z of a pass's solve fails on the device twice (released in between): it is
+    assembled from the block triangle on the host; nothing lost, the same answer."""
+    cfg = lora_da.LoraDAConfig(n_pop=100, rank=2, gamma=4.0)
+    ids, mask = data()
+    ref = pipeline.collect_and_solve(tiny_llama(), batches(ids, mask, 3), LLAMA_TARGETS, cfg, progress=False,
+                                     accumulate_on="device")
+    real = device_sums.symmetric_from_lower
+    calls = {"n": 0}
+
+    def flaky(rows, n):
+        calls["n"] += 1
+        if calls["n"] <= 2:
+            raise OutOfMemoryError("injected: forming Z")
+        return real(rows, n)
+
+    monkeypatch.setattr(device_sums, "symmetric_from_lower", flaky)
+    got = pipeline.collect_and_solve(tiny_llama(), batches(ids, mask, 3), LLAMA_TARGETS, cfg, progress=False,
+                                     accumulate_on="device")
+    assert calls["n"] == len(ref.report.plan.passes[0]) + 2
+    for n in ref:
+        assert np.array_equal(ref[n].result.B, got[n].result.B), n
+
+
 def test_a_pass_that_ends_in_an_error_frees_its_device_sums(monkeypatch):
     """The error's traceback references the pass's frame: its sums are freed before it leaves,
     so a caller that catches the error and tries again does not run beside them."""

@@ -13,6 +13,8 @@ from lora_da.collect.run import Run, accumulates_on_host, collect_statistics
 from lora_da.distributed import active_group, check_same_options, owners, share_inits, solve_cost
 from lora_da.errors import InvalidArgumentError
 from lora_da.init import LoraDAConfig, check_rank, on_streams, output_precisions, solve_on_device_or_host, solve_statistics
+from lora_da.memory import OutOfMemoryError, out_of_memory
+from lora_da.memory import release as _release
 from lora_da.quality import check_zero_gradients, check_zero_statistics, warn_poor
 from lora_da.results import Inits, ModuleInit, RunReport
 from lora_da.statistics import Statistics
@@ -123,11 +125,23 @@ def collect_and_solve(model, dataloader, target_modules, config: LoraDAConfig, *
 
         def task(unit):
             def run():
-                Z, per_module = sums.unit_statistics(unit, n_samples)
+                # Z's n × n is lora-da's own: out of memory forming it, once more after the
+                # release, then assembled on the host and solved there (SPEC §7)
+                formed, on_host = None, unit.group in collection.plan.host_solves
+                for host_side in (False, False, True):
+                    try:
+                        formed = sums.unit_statistics(unit, n_samples, on_host=host_side)
+                        break
+                    except (OutOfMemoryError, RuntimeError) as e:
+                        if host_side or not out_of_memory(e):
+                            raise
+                        _release(device)
+                Z, per_module = formed
+                del formed
+                on_host = on_host or Z.device.type != device.type
                 names = [p[0] for p in per_module]
                 ys, Gs = [p[1] for p in per_module], [p[2] for p in per_module]
                 precisions = output_precisions(config, [p[3] for p in per_module])
-                on_host = unit.group in collection.plan.host_solves
                 inputs = None if on_host else (Z, ys, Gs)
                 host = (Z, ys, Gs)
                 del Z, ys, Gs

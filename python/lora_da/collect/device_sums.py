@@ -258,19 +258,29 @@ class DeviceSums:
         self.units = [u for u in self.units if owner[u.group] == me]
         return int(round(float(counts[-1])))
 
-    def unit_statistics(self, u: Unit, n_samples: int):
-        """``Z``, and per module ``(y, Ḡ)``, of one input group on the device (SPEC §2)."""
+    def unit_statistics(self, u: Unit, n_samples: int, on_host: bool = False):
+        """``Z``, and per module ``(y, Ḡ)``, of one input group (SPEC §2), on the device or,
+        ``on_host``, with ``Z`` and ``y`` assembled on the host (the device had no room for the
+        ``n × n``). The sums leave this object only once all of it is formed: out of memory on
+        the way, nothing is lost and the call can be made again."""
         t = float(self.gram_tokens[u.group])
         if t == 0:
             raise InvalidArgumentError(f"collect: no valid token reached module(s) {[n for n, _ in u.modules]}; check token_mask")
-        Z = symmetric_from_lower(self.gram.pop(u.group), u.n).div_(t)
+        rows = self.gram[u.group]
+        Z = symmetric_from_lower([r.cpu() for r in rows] if on_host else list(rows), u.n).div_(t)
         per_module = []
         for name, _ in u.modules:
-            y = self.sumsq.pop(name) / float(self.tokens.pop(name))
+            sumsq = self.sumsq[name].cpu() if on_host else self.sumsq[name]
+            per_module.append((name, sumsq / float(self.tokens[name])))
+        del self.gram[u.group]
+        out = []
+        for name, y in per_module:
+            del self.sumsq[name]
+            self.tokens.pop(name)
             G = self.grad.pop(name).div_(n_samples)
             u_s = torch.cat(self.samples.pop(name)).cpu().numpy() if self.per_sample else None
-            per_module.append((name, y, G, u_s))
-        return Z, per_module
+            out.append((name, y, G, u_s))
+        return Z, out
 
 
 def add_gram_lower(rows: list[torch.Tensor], x: torch.Tensor) -> None:

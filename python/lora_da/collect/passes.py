@@ -10,6 +10,7 @@ import itertools
 import math
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 
 import torch
@@ -400,6 +401,12 @@ def stream_header(run) -> dict:
                                                              **run.fingerprints), model=run.model_info())
 
 
+def one_shot(dataloader) -> bool:
+    """An iterator can be read once. Asked without calling ``iter()``: on a DataLoader with
+    persistent workers that call restarts the iterator a pass is reading."""
+    return isinstance(dataloader, Iterator)
+
+
 def check_multipass(run, n_passes: int) -> None:
     if n_passes <= 1:
         return
@@ -408,7 +415,7 @@ def check_multipass(run, n_passes: int) -> None:
             f"checkpointing needs a one-pass plan; this one has {n_passes} passes: raise max_device_bytes "
             "or collect fewer modules per run"
         )
-    if iter(run.dataloader) is run.dataloader:
+    if one_shot(run.dataloader):
         raise InvalidArgumentError(
             f"the plan needs {n_passes} passes over the data but the dataloader is a one-shot iterator; "
             "pass a list or a DataLoader"
@@ -469,17 +476,18 @@ def steps(run, batch, bsz, index, rec, sums, check, lo: int, hi: int, skip: froz
             done = sums.abort_step()
             rec.clear()
             _release(run.device)
-            if run.micro == 1:
+            if k == 1:
                 if retried and not (run.shrink_pass is not None and run.shrink_pass(index)):
                     raise LoraDAError(one_sample_error(run, index, sums))
                 if not retried:
                     note(run, f"batch {index}: out of device memory at one sample; the step redone after "
                               "releasing the allocator's cached blocks")
             else:
-                run.micro = (run.micro + 1) // 2
+                run.micro = (k + 1) // 2
                 note(run, f"batch {index}: out of device memory; micro-batch lowered to {run.micro}, the step redone "
                            f"without its {len(done)} module call(s) already summed")
-            steps(run, batch, bsz, index, rec, sums, check, a, a + k, skip | done, retried=run.micro == 1)
+            # only a step that failed at one sample counts as redone once already
+            steps(run, batch, bsz, index, rec, sums, check, a, a + k, skip | done, retried=k == 1)
         else:
             sums.end_step(k, index, rec.targets)
         a += k
@@ -494,7 +502,7 @@ def move_half_out(run, passes: list, p: int, sums, index: int) -> bool:
     statistics file is written in that order). False when the pass holds one
     group, or the data cannot be read again (a one-shot iterator)."""
     units = list(sums.units)
-    if len(units) < 2 or iter(run.dataloader) is run.dataloader:
+    if len(units) < 2 or one_shot(run.dataloader):
         return False
     half = len(units) // 2
     stay, moved = units[:half], units[half:]
