@@ -207,8 +207,16 @@ def _small_eigh(H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return w.to(H.device), S.to(H.device)
 
 
-def _residuals(Omega: torch.Tensor, X: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.vector_norm(Omega @ X - X * w[None, :], dim=0)
+def _scaled_norms(R: torch.Tensor, scale: float) -> torch.Tensor:
+    """Column norms of ``R / scale``: the entries are divided before they are squared, so that
+    a residual near ``1e-10·‖Ω‖`` neither underflows (‖Ω‖ below about 1e-145) nor overflows
+    (above about 1e145) on its way to a relative residual."""
+    return torch.linalg.vector_norm(R / scale if scale > 0 else R, dim=0)
+
+
+def _residuals(Omega: torch.Tensor, X: torch.Tensor, w: torch.Tensor, norm: float) -> torch.Tensor:
+    """``‖Ω X − X diag(w)‖ / norm`` per column."""
+    return _scaled_norms(Omega @ X - X * w[None, :], norm)
 
 
 def chebyshev_filter(Omega: torch.Tensor, X: torch.Tensor, degree: int, a: float, b: float, a0: float) -> torch.Tensor:
@@ -228,21 +236,27 @@ def chebyshev_filter(Omega: torch.Tensor, X: torch.Tensor, degree: int, a: float
 
 
 def _upper_bound(Omega: torch.Tensor, lower: float) -> tuple[float, float]:
-    """An upper bound of the spectrum and the top Ritz value: a few block power
-    steps on ``Ω′ − lower·I`` (positive semi-definite, so its dominant end is
-    the top of ``Ω′``), the top Ritz value plus its residual norm (an
-    eigenvalue lies within that of it) and a 1 % margin; never above the
-    row-sum norm, which bounds it surely."""
+    """An estimate of the spectrum's upper bound, and the top Ritz value: a few
+    block power steps on ``Ω′ − lower·I`` (positive semi-definite, so its
+    dominant end is the top of ``Ω′``), the top Ritz value plus its residual
+    norm (an eigenvalue lies within that of it: the top one once the steps
+    have found it, which a top close to the bulk relative to ``lower`` can
+    prevent) and a 1 % margin; never above the row-sum norm, which bounds it
+    surely. :func:`bottom_eigenpairs` raises it when the filtered block shows
+    a Ritz value above it."""
     n = Omega.shape[0]
     X = _start_block(n, min(n, 4), Omega.device)
     for i in range(12):
         X = Omega @ X - lower * X
         # orthonormal every fourth step (a QR is several launches and syncs on a GPU, the
         # product's own cost at n = 4096), columns only rescaled in between
-        X = torch.linalg.qr(X).Q if i % 4 == 3 else X / torch.linalg.vector_norm(X, dim=0).clamp_min(1e-300)
+        # (by the largest entry: a 2-norm's squares would leave the float64 range at extreme scales)
+        X = torch.linalg.qr(X).Q if i % 4 == 3 else X / X.abs().amax(dim=0).clamp_min(np.finfo(float).tiny)
     w, U = _small_eigh(X.T @ Omega @ X)
     x = X @ U[:, -1]
-    bound = float(w[-1]) + float(torch.linalg.vector_norm(Omega @ x - w[-1] * x))
+    big = float(w.abs().max())
+    res = float(_scaled_norms((Omega @ x - w[-1] * x)[:, None], big)[0]) * (big if big > 0 else 1.0)
+    bound = float(w[-1]) + res
     surely = _max_row_sum(Omega)
     return min(surely, bound + 0.01 * abs(bound)), float(w[-1])
 
@@ -278,11 +292,22 @@ def bottom_eigenpairs(Omega: torch.Tensor, r: int, lower: float, tol: float, max
             norm = abs(top)
         else:
             norm = float(w.abs().max())  # a Ritz value: never above ‖Ω′‖₂ either
+            # Above the bound by 1 % of that, as the estimated bound is: a block whose top Ritz
+            # value is the bound itself (−S of rank below the block's width: zeros) would
+            # otherwise leave at once for the dense solve.
+            upper += 0.01 * norm
         locked = 0
+        surely = None
         while applications < max_applications:
             a = float(w[-1])  # damp [θ_k, upper], amplify what lies below
             if not upper > a:
-                break
+                # The block's top Ritz value reached the bound, so the bound was below the top of
+                # the spectrum (an estimate: the power steps may not have found the top) and the
+                # filter amplified it: raise it, up to the row-sum norm, which bounds it surely.
+                surely = _max_row_sum(Omega) if surely is None else surely
+                if not surely > a:
+                    break
+                upper = min(surely, a + 0.01 * max(abs(a), norm))
             # The filter is 1 at the lowest unlocked Ritz value and grows like
             # cosh(d·acosh(t)); keep its range within 1e10 so that the other
             # wanted directions keep their digits beside the fastest one.
@@ -302,9 +327,8 @@ def bottom_eigenpairs(Omega: torch.Tensor, r: int, lower: float, tol: float, max
             OX = Omega @ X
             w, S = _small_eigh(X.T @ OX)
             X, OX = X @ S, OX @ S
-            res = torch.linalg.vector_norm(OX[:, :r] - X[:, :r] * w[None, :r], dim=0)
             norm = max(norm, float(w.abs().max()))
-            rel = (res / norm).cpu()
+            rel = _scaled_norms(OX[:, :r] - X[:, :r] * w[None, :r], norm).cpu()
             residual = float(rel.max())
             if residual <= tol:
                 return w[: r + 1], X[:, :r], residual, norm, applications, "chebyshev", notes
@@ -336,7 +360,7 @@ def dense_bottom(Omega: torch.Tensor, r: int, lower: float) -> tuple[torch.Tenso
         w, U = torch.linalg.eigh(Omega)
         norm = float(w.abs().max())
     X = U[:, :r]
-    residual = float(_residuals(Omega, X, w[:r]).max()) / norm
+    residual = float(_residuals(Omega, X, w[:r], norm).max())
     return w[: r + 1], X, residual, norm
 
 
