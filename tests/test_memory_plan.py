@@ -591,6 +591,42 @@ def test_a_z_that_cannot_be_formed_on_the_device_twice_is_formed_on_the_host(mon
         assert np.array_equal(ref[n].result.B, got[n].result.B), n
 
 
+def test_a_broken_cuda_context_is_not_taken_for_out_of_memory(monkeypatch):
+    """cusolverDnCreate fails alike on a full device and on a context broken by a device-side
+    assert; only the second fails a synchronization too, and only the first is out of memory."""
+    from lora_da import memory
+
+    err = RuntimeError(CUSOLVER_HANDLE)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    assert memory.out_of_memory(err)
+    assert not memory.out_of_memory(RuntimeError("CUDA error: an illegal memory access was encountered"))
+
+    def broken(*a):
+        raise RuntimeError("CUDA error: device-side assert triggered")
+
+    monkeypatch.setattr(torch.cuda, "synchronize", broken)
+    assert not memory.out_of_memory(err)
+    assert memory.out_of_memory(OutOfMemoryError("CUDA out of memory"))
+
+
+def test_a_shuffled_loader_after_a_recovery_split_is_told_why_there_were_two_passes(monkeypatch):
+    """A one-pass plan split by the recovery at one sample, on data whose order changes between
+    passes: the error says the split came from running out of memory, not from the plan."""
+    ids, mask = data()
+    rng = np.random.default_rng(0)
+
+    class Shuffled:
+        def __iter__(self):
+            order = rng.permutation(len(ids))
+            return iter(batches(ids[order], mask[order], 2))
+
+    monkeypatch.setattr(DeviceSums, "add", oom_while_holding_more_than(4, after=30))
+    with pytest.raises(lora_da.InvalidArgumentError, match="no shuffling.*the plan had one pass, and out of device"):
+        lora_da.collect_statistics(tiny_llama(), Shuffled(), LLAMA_TARGETS, progress=False, accumulate_on="device")
+
+
 def test_a_pass_that_ends_in_an_error_frees_its_device_sums(monkeypatch):
     """The error's traceback references the pass's frame: its sums are freed before it leaves,
     so a caller that catches the error and tries again does not run beside them."""

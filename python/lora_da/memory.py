@@ -23,7 +23,16 @@ def out_of_memory(e: BaseException) -> bool:
     library's (:data:`LIBRARY_OUT_OF_MEMORY`); lora-da handles both alike (SPEC §7)."""
     if isinstance(e, OutOfMemoryError):
         return True
-    return isinstance(e, RuntimeError) and any(s in str(e) for s in LIBRARY_OUT_OF_MEMORY)
+    if not (isinstance(e, RuntimeError) and any(s in str(e) for s in LIBRARY_OUT_OF_MEMORY)):
+        return False
+    # A broken CUDA context (after a device-side assert, say) fails a library's handle creation
+    # with the same words; it also fails a synchronization, which memory pressure does not.
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        try:
+            torch.cuda.synchronize()
+        except RuntimeError:
+            return False
+    return True
 
 
 def release(device) -> None:

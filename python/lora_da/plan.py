@@ -144,6 +144,7 @@ class MemoryPlan:
     flush_every: int | None  # batches between flushes of device sums to the host (None: at the end of each pass)
     reserve: int = 0  # bytes held back for the model's forward and backward (the most any pass needs)
     reserves: list[int] = field(default_factory=list)  # per pass: its graph starts at its first module
+    planned_passes: int = 0  # len(passes) as planned, before any out-of-memory recovery split one
     notes: list[str] = field(default_factory=list)
     micro_batch: int | None = None  # samples per forward + backward (None: the user's batches as they come)
     batch: int | None = None  # the user's batch size (the first batch's)
@@ -346,7 +347,7 @@ def plan_passes(
     plan = MemoryPlan(passes=passes, device_budget=budget_of(units[0]), host_budget=host_budget,
                       keep_on_host=keep_on_host, flush_every=flush_every, reserve=max(reserves),
                       solve_workers=solve_workers, host_solves=tuple(host_solves), to_disk=to_disk,
-                      device_free=device_free, reserves=reserves)
+                      device_free=device_free, reserves=reserves, planned_passes=len(passes))
     check_host(plan, streaming_possible=True)
     if host_solves:
         plan.notes.append(f"{len(host_solves)} input group(s) (the largest: n = {max(u.n for u in units if u.group in host_solves)}) "

@@ -257,8 +257,10 @@ def collect_on_device(run, *, max_device_bytes, max_host_bytes, keep_on_host: bo
                                               or prints[-1] != first_prints[len(prints) - 1]):
                                     raise InvalidArgumentError(
                                         f"pass {p + 1} got other data than pass 1 at batch {index}: the dataloader "
-                                        "must yield the same batches on every pass (no shuffling), or raise "
-                                        "max_device_bytes for one pass"
+                                        "must yield the same batches on every pass (no shuffling), or "
+                                        + ("free device memory: the plan had one pass, and out of device memory "
+                                           "some input groups went to passes of their own"
+                                           if run.plan.planned_passes == 1 else "raise max_device_bytes for one pass")
                                     )
                             if joiner is not None:
                                 joiner.add(index, batch, bsz, rec, sums, check)
