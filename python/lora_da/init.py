@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from lora_da._core import CONTRACT_RESIDUAL, SOLVE_DEFAULTS, lowrank_output_precision, num_threads, solve_shared
 from lora_da.errors import InvalidArgumentError
-from lora_da.memory import OutOfMemoryError, PinnedBuffer, out_of_memory
+from lora_da.memory import PinnedBuffer, out_of_memory
 from lora_da.memory import release as _release
 from lora_da.plan import DEVICE_SOLVE_WORKERS
 from lora_da.quality import warn_poor
@@ -323,7 +323,7 @@ def _compute_init_on_device(stats: Statistics, config: LoraDAConfig, groups: dic
             if device.type == "cuda":
                 torch.cuda.current_stream(device).synchronize()  # the solve runs on another stream
             return Z, ys, Gs
-        except (OutOfMemoryError, RuntimeError) as e:
+        except RuntimeError as e:
             if not out_of_memory(e):
                 raise
             return None
@@ -445,7 +445,7 @@ def solve_on_device_or_host(inputs, host_inputs, names, config: LoraDAConfig, pr
                 return _solve_on_device(*inputs, names, config, precisions)
             with _solo:
                 return _solve_on_device(*inputs, names, config, precisions)
-        except (OutOfMemoryError, RuntimeError) as e:
+        except RuntimeError as e:
             if not out_of_memory(e):
                 raise
             failed = True

@@ -20,7 +20,8 @@ LIBRARY_OUT_OF_MEMORY = ("cusolverDnCreate", "cublasCreate", "cublasLtCreate", "
 
 def out_of_memory(e: BaseException) -> bool:
     """Whether ``e`` means the device's memory ran out: torch's own error, or a CUDA
-    library's (:data:`LIBRARY_OUT_OF_MEMORY`); lora-da handles both alike (SPEC §7)."""
+    library's (:data:`LIBRARY_OUT_OF_MEMORY`); lora-da handles both alike (SPEC §7). Callers
+    catch ``RuntimeError`` (torch's error is one) and ask this."""
     if isinstance(e, OutOfMemoryError):
         return True
     if not (isinstance(e, RuntimeError) and any(s in str(e) for s in LIBRARY_OUT_OF_MEMORY)):

@@ -13,7 +13,7 @@ from lora_da.collect.run import Run, accumulates_on_host, collect_statistics
 from lora_da.distributed import active_group, check_same_options, owners, share_inits, solve_cost
 from lora_da.errors import InvalidArgumentError
 from lora_da.init import LoraDAConfig, check_rank, on_streams, output_precisions, solve_on_device_or_host, solve_statistics
-from lora_da.memory import OutOfMemoryError, out_of_memory
+from lora_da.memory import out_of_memory
 from lora_da.memory import release as _release
 from lora_da.quality import check_zero_gradients, check_zero_statistics, warn_poor
 from lora_da.results import Inits, ModuleInit, RunReport
@@ -132,7 +132,7 @@ def collect_and_solve(model, dataloader, target_modules, config: LoraDAConfig, *
                     try:
                         formed = sums.unit_statistics(unit, n_samples, on_host=host_side)
                         break
-                    except (OutOfMemoryError, RuntimeError) as e:
+                    except RuntimeError as e:
                         if host_side or not out_of_memory(e):
                             raise
                         _release(device)

@@ -62,7 +62,7 @@ def probe(run, first) -> Step:
                 for t in run.targets.values():
                     t.grad_calls = tuple(rec.pattern.get(t.name, ()))
                 run.set_groups(host_factors=False)
-        except (OutOfMemoryError, RuntimeError) as e:
+        except RuntimeError as e:
             if not out_of_memory(e):
                 raise
             failed = True
@@ -118,7 +118,7 @@ def probe_top(run, batch, bsz: int, index: int, shares: dict[str, float]) -> int
         with Recorder([run.targets[n] for n in names], lambda *a: None, stop_early=True, keep_inputs=False,
                       start_graph=True) as rec:
             run.forward_backward(batch, bsz, index, rec)
-    except (OutOfMemoryError, RuntimeError) as e:
+    except RuntimeError as e:
         if not out_of_memory(e):
             raise
         _release(dev)
@@ -470,7 +470,7 @@ def steps(run, batch, bsz, index, rec, sums, check, lo: int, hi: int, skip: froz
         try:
             run.forward_backward(sub, k, index, rec)
             check()
-        except (OutOfMemoryError, RuntimeError) as e:
+        except RuntimeError as e:
             if not out_of_memory(e):
                 raise
             failed = True
