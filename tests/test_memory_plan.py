@@ -355,17 +355,20 @@ def test_not_even_one_sample_fits():
 # -- out of memory during a pass ---------------------------------------------------------
 
 
+def failing_on(real, calls, error=lambda k: OutOfMemoryError(f"injected at call {k}")):
+    """``real`` raising ``error(k)`` on its k-th calls (counted from 1); ``.calls`` counts them all."""
+    def fn(*a, **kw):
+        fn.calls += 1
+        if fn.calls in calls:
+            raise error(fn.calls)
+        return real(*a, **kw)
+    fn.calls = 0
+    return fn
+
+
 def fail_copy_on(calls):
     """lora-da's per-call float64 copy raising on its k-th calls (counted from 1)."""
-    count = {"n": 0}
-    real = device_sums.float64_copy
-
-    def copy(t):
-        count["n"] += 1
-        if count["n"] in calls:
-            raise OutOfMemoryError(f"injected at copy {count['n']}")
-        return real(t)
-    return copy
+    return failing_on(device_sums.float64_copy, calls)
 
 
 @pytest.mark.parametrize("k", [1, 5, 16, 23, 28])  # 14 modules, 2 copies each per step
@@ -549,16 +552,8 @@ def test_a_cublas_allocation_failure_in_a_step_halves_the_micro_batch(monkeypatc
     """cuBLAS's own allocation failure inside a hook's product: the step is redone smaller, nothing lost;
     another RuntimeError in the step stays the user's error."""
     host = host_statistics(bs=6)
-    count = {"n": 0}
-    real = device_sums.float64_copy
-
-    def copy(t):
-        count["n"] += 1
-        if count["n"] == 9:
-            raise RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")
-        return real(t)
-
-    monkeypatch.setattr(device_sums, "float64_copy", copy)
+    cublas = RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")
+    monkeypatch.setattr(device_sums, "float64_copy", failing_on(device_sums.float64_copy, {9}, lambda k: cublas))
     dev = device_statistics(bs=6)
     assert any("micro-batch lowered to 3" in n for n in dev.plan.notes)
     assert_same(host, dev)
@@ -574,19 +569,11 @@ def test_a_z_that_cannot_be_formed_on_the_device_twice_is_formed_on_the_host(mon
     ids, mask = data()
     ref = pipeline.collect_and_solve(tiny_llama(), batches(ids, mask, 3), LLAMA_TARGETS, cfg, progress=False,
                                      accumulate_on="device")
-    real = device_sums.symmetric_from_lower
-    calls = {"n": 0}
-
-    def flaky(rows, n):
-        calls["n"] += 1
-        if calls["n"] <= 2:
-            raise OutOfMemoryError("injected: forming Z")
-        return real(rows, n)
-
+    flaky = failing_on(device_sums.symmetric_from_lower, {1, 2})
     monkeypatch.setattr(device_sums, "symmetric_from_lower", flaky)
     got = pipeline.collect_and_solve(tiny_llama(), batches(ids, mask, 3), LLAMA_TARGETS, cfg, progress=False,
                                      accumulate_on="device")
-    assert calls["n"] == len(ref.report.plan.passes[0]) + 2
+    assert flaky.calls == len(ref.report.plan.passes[0]) + 2
     for n in ref:
         assert np.array_equal(ref[n].result.B, got[n].result.B), n
 

@@ -19,6 +19,7 @@ from test_memory_plan import (
     assert_same,
     device_statistics,
     fail_copy_on,
+    failing_on,
     host_statistics,
     oom_while_holding_more_than,
 )
@@ -213,16 +214,8 @@ def test_an_oom_forming_a_pass_z_for_its_solve_is_recovered(monkeypatch):
     ids, mask = data()
     ref = lora_da.collect_and_solve(tiny_llama(), batches(ids, mask, 2), LLAMA_TARGETS, cfg, progress=False,
                                     accumulate_on="device")
-    real = device_sums.symmetric_from_lower
-    calls = {"n": 0}
-
-    def flaky(rows, n):
-        calls["n"] += 1
-        if calls["n"] == 1:
-            raise OutOfMemoryError("injected: CUDA out of memory forming Z for a solve")
-        return real(rows, n)
-
-    monkeypatch.setattr(device_sums, "symmetric_from_lower", flaky)
+    monkeypatch.setattr(device_sums, "symmetric_from_lower", failing_on(
+        device_sums.symmetric_from_lower, {1}, lambda k: OutOfMemoryError("injected: CUDA out of memory forming Z for a solve")))
     try:
         got = lora_da.collect_and_solve(tiny_llama(), batches(ids, mask, 2), LLAMA_TARGETS, cfg, progress=False,
                                         accumulate_on="device")
