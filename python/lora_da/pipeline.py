@@ -151,7 +151,7 @@ def collect_and_solve(model, dataloader, target_modules, config: LoraDAConfig, *
         if failed:
             return
         try:
-            for init in on_streams([task(u) for u in sorted(units, key=lambda u: -u.n)], device,
+            for init in on_streams([task(u) for u in collection.plan.solve_order(units)], device,
                                     collection.plan.solve_workers):
                 inits[init.name] = init
         except Exception as e:

@@ -154,6 +154,14 @@ class MemoryPlan:
     device_free: int = 0  # what was free for lora-da and the step when planned
     estimate: float | None = None  # relative cost of the plan's passes (only compared between plans)
     why: str = ""
+    solve_room: int | None = None  # device bytes a pass's sums and its solves may take together
+    dense_solves: bool = False
+    cuts: bool = False  # passes run top-down, each below the top from the gradient saved at its cut (collect.cuts)
+
+    def solve_order(self, units: list[Unit]) -> list[Unit]:
+        """The order in which a pass's groups are solved (:func:`solve_order`)."""
+        room = self.solve_room if self.solve_room is not None else 1 << 62
+        return solve_order(units, room, self.solve_workers, self.dense_solves, self.host_solves)
 
     @property
     def device_bytes(self) -> int:
@@ -211,6 +219,10 @@ class MemoryPlan:
             lines.append(f"  graph:  each pass's autograd graph starts at its first module: forward + backward holds "
                          f"{gb(max(self.reserves))} in the first pass, {gb(min(self.reserves))} in the last, "
                          "so later passes hold more sums")
+        if self.cuts:
+            lines.append("  cuts:   passes run from the top layer down; each pass below the top ends its forward at the "
+                         "input of the layer above its modules and starts its backward there, from the gradient the "
+                         "pass above saved (its graph holds its own layers only)")
         if self.keep_on_host:
             where = (f"written to {self.to_disk} as each pass ends ({gb(self.file_bytes)} on disk)" if self.to_disk
                      else f"{gb(self.statistics_bytes)} of statistics")
@@ -269,6 +281,38 @@ def check_host(plan: MemoryPlan, *, streaming_possible: bool) -> None:
     )
 
 
+def _work(u: Unit, dense: bool, host_solves=()) -> int:
+    if u.group in host_solves:
+        return 0  # its Z and Ḡ go to the host: the device holds nothing more for it
+    return u.dense_solve_bytes if dense else u.solve_bytes
+
+
+def solve_peak(order: list[Unit], workers: int, dense: bool = False, host_solves=()) -> int:
+    """Device bytes at the worst moment of a pass's solves run in ``order`` on ``workers``
+    streams (SPEC §7). A solved group's sums are freed with it, so when the ``k``-th solve
+    starts the device holds the sums of it and the groups after it, its work space, and at
+    most ``workers − 1`` earlier solves still running with their sums and work spaces
+    (bounded by the largest of those)."""
+    peak, left, done_max = 0, sum(u.device_bytes for u in order), 0
+    for u in order:
+        w = _work(u, dense, host_solves)
+        peak = max(peak, left + w + (workers - 1) * done_max)
+        left -= u.device_bytes
+        done_max = max(done_max, u.device_bytes + w)
+    return peak
+
+
+def solve_order(units: list[Unit], room: int, workers: int, dense: bool = False, host_solves=()) -> list[Unit]:
+    """Largest groups first (the long solves start first and the streams end together) where
+    that fits ``room``; else smallest work space first, so that the largest solves run when the
+    other groups' sums are already freed (on a 24 GiB card a 7B down_proj's 3.8 GB of work space
+    beside a whole pass's sums cost a third more passes)."""
+    first = sorted(units, key=lambda u: -u.n)  # stable: ties keep the model's order
+    if solve_peak(first, workers, dense, host_solves) <= room:
+        return first
+    return sorted(units, key=lambda u: (_work(u, dense, host_solves), u.device_bytes))
+
+
 def plan_passes(
     units: list[Unit],
     *,
@@ -283,6 +327,7 @@ def plan_passes(
     solve_room: int | None = None,
     to_disk: str | None = None,
     dense_solves: bool = False,
+    cut: CutModel | None = None,
 ) -> MemoryPlan:
     """Split ``units`` (in the model's order) into passes whose device sums fit
     the budget (``device_free − reserve``, at most ``max_device_bytes``).
@@ -301,11 +346,18 @@ def plan_passes(
         raise InvalidArgumentError("plan: no module to collect")
     if max_device_bytes is not None and max_device_bytes < 0:
         raise InvalidArgumentError(f"plan: max_device_bytes must be ≥ 0, got {max_device_bytes}")
-    reserve_of = reserve if callable(reserve) else (lambda u: reserve)
+    reserve_of = reserve if callable(reserve) else (lambda u, upto=None: reserve)
+    layer = dict(cut.layer_of) if cut is not None else {}
 
-    def budget_of(first: Unit) -> int:
-        """What the sums of a pass that starts at ``first`` may take."""
-        b = max(0, device_free - reserve_of(first))
+    def upto_of(top: Unit) -> int | None:
+        """The layer at whose input a pass whose highest group is ``top`` starts its backward (collect.cuts)."""
+        if cut is None or top.group not in layer:
+            return None
+        return layer[top.group] + 1 if layer[top.group] + 1 < cut.layers else None
+
+    def budget_of(first: Unit, upto: int | None = None) -> int:
+        """What the sums of a pass that starts at ``first`` (and, with cuts, ends below layer ``upto``) may take."""
+        b = max(0, device_free - (reserve_of(first, upto) if upto is not None else reserve_of(first)))
         return b if max_device_bytes is None else min(b, max_device_bytes)
 
     def refuse(u: Unit):
@@ -318,7 +370,7 @@ def plan_passes(
 
     host_budget = _host_budget(host_free, max_host_bytes)
     big = max(units, key=lambda u: u.device_bytes)
-    if big.device_bytes > budget_of(big):  # alone in its pass, as its first unit: the most room it can get
+    if big.device_bytes > budget_of(big, upto_of(big)):  # alone in its pass, as its first unit: the most room it can get
         raise refuse(big)
     room = device_free if solve_room is None else solve_room
     work = (lambda u: u.dense_solve_bytes) if dense_solves else (lambda u: u.solve_bytes)
@@ -327,27 +379,29 @@ def plan_passes(
         host_solves = [u.group for u in units if u.device_bytes + work(u) > room]
 
     def solve_fits(p: list[Unit], used: int) -> bool:
-        on_dev = [u for u in p if u.group not in host_solves]
-        if keep_on_host or not on_dev:
+        if keep_on_host:
             return True
-        need = sorted((work(u) for u in on_dev), reverse=True)[:solve_workers]
-        return used + sum(need) <= room
+        return solve_peak(solve_order(p, room, solve_workers, dense_solves, host_solves), solve_workers,
+                          dense_solves, host_solves) <= room
 
     passes: list[list[Unit]] = [[]]
-    used, budget = 0, budget_of(units[0])
+    used = 0
     for u in units:
-        if passes[-1] and (used + u.device_bytes > budget or not solve_fits(passes[-1] + [u], used + u.device_bytes)):
+        # with cuts the pass's graph ends at the layer above its highest group: it grows with the pass
+        if passes[-1] and (used + u.device_bytes > budget_of(passes[-1][0], upto_of(u))
+                           or not solve_fits(passes[-1] + [u], used + u.device_bytes)):
             passes.append([])
-            used, budget = 0, budget_of(u)
-        if u.device_bytes > budget:  # first of a pass whose graph holds more than the largest unit's does
-            raise refuse(u)
+            used = 0
+        if u.device_bytes > budget_of(passes[-1][0] if passes[-1] else u, upto_of(u)):
+            raise refuse(u)  # first of a pass whose graph holds more than the largest unit's does
         passes[-1].append(u)
         used += u.device_bytes
-    reserves = [reserve_of(p[0]) for p in passes]
+    reserves = [reserve_of(p[0], upto_of(p[-1])) if upto_of(p[-1]) is not None else reserve_of(p[0]) for p in passes]
     plan = MemoryPlan(passes=passes, device_budget=budget_of(units[0]), host_budget=host_budget,
                       keep_on_host=keep_on_host, flush_every=flush_every, reserve=max(reserves),
                       solve_workers=solve_workers, host_solves=tuple(host_solves), to_disk=to_disk,
-                      device_free=device_free, reserves=reserves, planned_passes=len(passes))
+                      device_free=device_free, reserves=reserves, planned_passes=len(passes), solve_room=room,
+                      dense_solves=dense_solves, cuts=cut is not None and len(passes) > 1)
     check_host(plan, streaming_possible=True)
     if host_solves:
         plan.notes.append(f"{len(host_solves)} input group(s) (the largest: n = {max(u.n for u in units if u.group in host_solves)}) "
@@ -372,6 +426,50 @@ class Step:
     # hooked calls from its first call on: what of the graph a pass that starts there holds.
     top_bytes: int | None = None
     shares: tuple[tuple[str, float], ...] = ()
+
+
+def pass_share(step: Step, p: list[Unit], cut: CutModel | None) -> float:
+    """A pass's step as a share of a whole step: the forward (a third) over the layers up to
+    its end, the backward (two thirds) from there down to its first group."""
+    shares = dict(step.shares)
+    s_first = shares.get(p[0].group, 1.0)
+    layer = dict(cut.layer_of) if cut is not None else {}
+    top = layer.get(p[-1].group)
+    if cut is None or top is None or top + 1 >= cut.layers:
+        return (1 + 2 * s_first) / 3
+    end = max((shares[g] for g, j in cut.layer_of if j == top + 1 and g in shares), default=0.0)
+    return ((1 - end) + 2 * max(0.0, s_first - end)) / 3
+
+
+@dataclass(frozen=True)
+class CutModel:
+    """A chain of layers whose passes may start their backward at a layer's input
+    (:mod:`lora_da.collect.cuts`), as the planner sees it."""
+
+    layer_of: tuple[tuple[str, int], ...]  # input group → the layer it is in
+    layers: int
+    row_bytes: int  # one sample's hidden state (and so its saved gradient) at a layer's input
+    samples: int  # the samples whose gradients are saved (the data's, as far as known)
+
+    @property
+    def saved_bytes(self) -> int:
+        """Two layers' saved gradients at once: the one a pass reads and the one it saves."""
+        return 2 * self.row_bytes * self.samples
+
+
+def cut_step_bytes(step: Step, micro_batch: int, first: Unit, upto: int, cut: CutModel) -> int:
+    """A step of a pass whose graph spans its first group ``first`` up to the input of layer
+    ``upto`` (SPEC §7): the activations between, taken in proportion to the hooked calls
+    there (the whole step less its top end spans the shares from the last group's to 1),
+    and the step's rows of the two saved gradients."""
+    shares = dict(step.shares)
+    full = step_bytes(step, micro_batch)
+    top = -(-(step.top_bytes or 0) * micro_batch // max(step.samples, 1))  # not measured: 0, the largest estimate
+    last = min(shares.values())
+    per_share = max(0, full - top) / max(1e-9, 1 - last)
+    start = max((shares[g] for g, j in cut.layer_of if j == upto and g in shares), default=0.0)
+    span = max(0.0, shares.get(first.group, 1.0) - start)
+    return min(full, math.ceil(per_share * span)) + 2 * micro_batch * cut.row_bytes
 
 
 def transient_bytes(step: Step, micro_batch: int) -> int:
@@ -412,6 +510,7 @@ def choose_plan(
     max_solve_workers: int = 2,
     dense_solves: bool = False,
     merge: bool = False,
+    cut: CutModel | None = None,
 ) -> MemoryPlan:
     """The cheapest plan that fits (module docstring): micro-batches of
     ``batch``, ``batch/2``, …, 1 (never above what the probe ran), each with
@@ -436,22 +535,23 @@ def choose_plan(
     fixed = STEP_FIXED_SHARE * seconds
     candidates, errors = [], []
     for mb in sizes:
-        def reserve(first: Unit, mb=mb) -> int:
-            return graph_step_bytes(step, mb, first) + transient_bytes(step, mb) + margin(device_free)
+        def reserve(first: Unit, upto: int | None = None, mb=mb) -> int:
+            graph = graph_step_bytes(step, mb, first) if upto is None else cut_step_bytes(step, mb, first, upto, cut)
+            saved = cut.saved_bytes if cut is not None else 0
+            return graph + transient_bytes(step, mb) + margin(device_free) + saved
 
         for workers in range(max(1, max_solve_workers), 0, -1):
             try:
                 plan = plan_passes(units, device_free=device_free, reserve=reserve, max_device_bytes=max_device_bytes,
                                    host_free=host_free, max_host_bytes=max_host_bytes, keep_on_host=keep_on_host,
                                    solve_workers=workers, solve_room=device_free - margin(device_free), to_disk=to_disk,
-                                   dense_solves=dense_solves)
+                                   dense_solves=dense_solves, cut=cut)
             except InvalidArgumentError as e:
                 errors.append(e)
                 break
             steps = -(-batch // mb) if mb <= batch else batch / mb  # per user batch
             # the backward (about two thirds of a step) runs down to each pass's first unit only
-            shares = dict(step.shares)
-            plan.estimate = sum(steps * fixed + batch * per_sample * (1 + 2 * shares.get(p[0].group, 1.0)) / 3
+            plan.estimate = sum(steps * fixed + batch * per_sample * pass_share(step, p, cut if plan.cuts else None)
                                 for p in plan.passes) / batch
             plan.micro_batch, plan.batch = mb, batch
             candidates.append(plan)
