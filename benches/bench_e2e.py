@@ -292,9 +292,14 @@ def grid(args, shape):
                 continue
             (inits, rep), dt, g, h = res
             plan = rep.plan
-            desc = (f"{len(plan.passes)} pass(es), micro-batch {plan.micro_batch}, {plan.solve_workers} solve(s) at once"
+            desc = (f"{len(plan.passes)} pass(es){' with cuts' if plan.cuts else ''}, micro-batch {plan.micro_batch}, "
+                    f"{plan.solve_workers} solve(s) at once"
                     + (f", {len(plan.host_solves)} host solve(s)" if plan.host_solves else "")
                     + (f"; notes: {len(plan.notes)}" if plan.notes else ""))
+            say(plan.describe())
+            on_host = sum(any("solved on the host" in n for n in i.result.notes) for i in inits.values())
+            if on_host:
+                say(f"  {on_host} module(s) solved on the host after a device solve ran out of memory")
             angle = against_first(bs, inits, plan.micro_batch)
             cas_at[(gib, bs)] = dt
             rows.append((gib, bs, "lora-da", dt, f"collect {dt - rep.solve_seconds:.1f} s, solve {rep.solve_seconds:.1f} s; "

@@ -224,8 +224,9 @@ def test_passes_over_upper_layers_are_planned_with_less_of_the_step():
     dev = lora_da.collect_statistics(tiny_llama().cuda(), batches(ids, mask, 3), LLAMA_TARGETS, progress=False,
                                      max_device_bytes=units_bytes)
     plan = dev.plan
-    assert len(plan.passes) > 1
-    assert plan.reserves[0] > plan.reserves[-1], plan.reserves
+    assert len(plan.passes) > 1 and plan.cuts
+    # run from the top down: the top pass holds the loss's end of the step, the cut ones their own layers
+    assert plan.reserves[0] > min(plan.reserves[1:]), plan.reserves
     close(host, dev, 1e-12)
 
 

@@ -44,6 +44,7 @@ class Recorder:
         # With ``stop_early`` the backward is cut once every call of this batch
         # had its gradient: a pass over the top layers need not reach the bottom.
         self.stop_early, self.expect, self.received = stop_early, None, 0
+        self.extra = 0  # other gradients awaited per step (collect.cuts: a layer input's, saved)
         self.recomputes = False
 
     def __enter__(self) -> Recorder:
@@ -82,13 +83,17 @@ class Recorder:
 
             def grad_hook(g):
                 sink(target, x, g.detach(), key)
-                recorder.received += 1
-                if recorder.expect is not None and recorder.received >= recorder.expect:
-                    raise BackwardDone
+                recorder.arrive()
 
             output.register_hook(grad_hook)
 
         return hook
+
+    def arrive(self) -> None:
+        """One awaited gradient arrived; the backward ends once all have."""
+        self.received += 1
+        if self.expect is not None and self.received >= self.expect:
+            raise BackwardDone
 
     def _start(self, target: Target):
         recorder = self

@@ -5,6 +5,7 @@ the work goes on from where it stopped; nothing summed is lost."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import math
@@ -15,6 +16,8 @@ from dataclasses import replace
 
 import torch
 
+from lora_da.collect.checkpoints import dataloader_length
+from lora_da.collect.cuts import ChainCheck, Cuts, find_stack, layer_index
 from lora_da.collect.device_sums import DeviceSums, Staging
 from lora_da.collect.host_sums import PageToucher
 from lora_da.collect.hooks import Recorder, check_groups, frozen
@@ -24,7 +27,7 @@ from lora_da.errors import InvalidArgumentError, LoraDAError, NonFiniteError
 from lora_da.memory import OutOfMemoryError, out_of_memory
 from lora_da.memory import release as _release
 from lora_da.words import count
-from lora_da.plan import DEVICE_SOLVE_WORKERS, MemoryPlan, Step, Unit, available_host_bytes, choose_plan
+from lora_da.plan import DEVICE_SOLVE_WORKERS, CutModel, MemoryPlan, Step, Unit, available_host_bytes, choose_plan
 from lora_da.statistics_file import StatisticsWriter, file_header
 
 
@@ -54,8 +57,10 @@ def probe(run, first) -> Step:
             torch.cuda.reset_peak_memory_stats(dev)
         t0 = time.perf_counter()
         failed = False
+        stack = find_stack(run.model, run.targets)
+        chain = ChainCheck(stack[1] if stack else [])
         try:
-            with Recorder(run.targets.values(), lambda *a: None, keep_inputs=False) as rec:
+            with Recorder(run.targets.values(), lambda *a: None, keep_inputs=False) as rec, chain:
                 run.forward_backward(sub, mb, index, rec)
                 calls = sum(len(t.keys) for t in run.targets.values())
                 order = list(rec.order)
@@ -81,6 +86,7 @@ def probe(run, first) -> Step:
         torch.cuda.synchronize(dev)
     seconds = time.perf_counter() - t0
     run.recomputes = rec.recomputes
+    run.cuts = Cuts(stack[0], stack[1], chain.row_bytes) if stack and chain.chained() and not run.recomputes else None
     step = torch.cuda.max_memory_allocated(dev) - before if cuda else 0
     ids = sub.get("input_ids")
     tokens = int(ids.shape[1]) if isinstance(ids, torch.Tensor) and ids.dim() == 2 else 1
@@ -139,8 +145,21 @@ def input_units(run, shares: dict[str, float] | None = None) -> list[Unit]:
     return units
 
 
+def cut_model(run, units: list[Unit], step: Step, batch: int) -> CutModel | None:
+    """What the planner needs to plan passes that start at a layer's input (collect.cuts):
+    None where the model is not a chain of layers, or where the number of samples (whose
+    gradients are saved) is not known before the first pass."""
+    cuts = run.cuts
+    batches = dataloader_length(run.dataloader)
+    if cuts is None or run.checkpoint_path is not None or batches is None:
+        return None
+    samples = batches * batch if run.max_samples is None else min(batches * batch, run.max_samples)
+    layer_of = tuple((u.group, max(layer_index(cuts.stack, name) for name, _ in u.modules)) for u in units)
+    return CutModel(layer_of=layer_of, layers=len(cuts.layers), row_bytes=cuts.row_bytes, samples=samples)
+
+
 def plan_device(run, step: Step, batch: int, *, max_device_bytes, max_host_bytes, keep_on_host: bool,
-                group=None, to_disk=None, dense_solves: bool = False) -> MemoryPlan:
+                group=None, to_disk=None, dense_solves: bool = False, first=None) -> MemoryPlan:
     """SPEC §7: everything the device will hold against what is free now, before the first pass."""
     dev = run.device
     units = input_units(run, dict(step.shares))
@@ -159,11 +178,19 @@ def plan_device(run, step: Step, batch: int, *, max_device_bytes, max_host_bytes
         step = replace(step, samples=int(vals[2]), bytes=int(-vals[3]), seconds=-vals[4],
                        tokens_per_sample=int(-vals[5]), top_bytes=math.ceil(int(-vals[3]) * -vals[7]))
         batch = int(-vals[6])
-    plan = choose_plan(units, step, batch=batch, device_free=device_free, max_device_bytes=max_device_bytes,
-                       host_free=host_free, max_host_bytes=max_host_bytes, keep_on_host=keep_on_host,
-                       to_disk=to_disk, max_solve_workers=DEVICE_SOLVE_WORKERS if dev.type == "cuda" else 1,
-                       dense_solves=dense_solves,
-                       merge=joins_batches(dev) and run.checkpoint_path is None and not run.per_sample)
+    cut = cut_model(run, units, step, batch) if group is None and to_disk is None else None
+    kw = dict(batch=batch, device_free=device_free, max_device_bytes=max_device_bytes, host_free=host_free,
+              max_host_bytes=max_host_bytes, keep_on_host=keep_on_host, to_disk=to_disk,
+              max_solve_workers=DEVICE_SOLVE_WORKERS if dev.type == "cuda" else 1, dense_solves=dense_solves,
+              merge=joins_batches(dev) and run.checkpoint_path is None and not run.per_sample)
+    plan = choose_plan(units, step, cut=cut, **kw)
+    if plan.cuts and not all(run.cuts.validate(run, c, p, first[1], first[2], first[0]) for p in plan.passes
+                             if (c := run.cuts.cut_of(p)) is not None):
+        # something from below a cut reaches the loss around it: whole passes, planned as such
+        run.cuts = None
+        plan = choose_plan(units, step, **kw)
+    if not plan.cuts:
+        run.cuts = None
     if step.samples < batch:
         plan.notes.insert(0, f"the first batch ({count(batch, 'sample')}) ran out of device memory in a plain forward + "
                              f"backward; it fit at {step.samples}")
@@ -198,11 +225,14 @@ def collect_on_device(run, *, max_device_bytes, max_host_bytes, keep_on_host: bo
             return
         run.plan = plan_device(run, step, first[2], max_device_bytes=max_device_bytes,
                                      max_host_bytes=max_host_bytes, keep_on_host=keep_on_host, group=group,
-                                     to_disk=to_disk, dense_solves=dense_solves)
+                                     to_disk=to_disk, dense_solves=dense_solves, first=first[:3])
         run.micro = run.plan.micro_batch or first[2]
         if run.progress:
             print(run.plan.describe(), file=sys.stderr)
         passes = run.plan.passes
+        if run.cuts is not None:
+            passes.reverse()  # from the top down: each pass saves the gradient the next one starts from
+            run.plan.reserves.reverse()
         check_multipass(run, len(passes))
         writer = None
         if to_disk is not None:
@@ -226,6 +256,7 @@ def collect_on_device(run, *, max_device_bytes, max_host_bytes, keep_on_host: bo
                 if sums is None:
                     split_pass(run, passes, p)
                     continue
+                use, capture = cuts_of_pass(run, passes, p, first)
                 toucher = PageToucher(run.host, pass_units) if keep_on_host and writer is None else None
                 source = itertools.chain([first], stream) if p == 0 else run.batches()
                 names = [name for u in pass_units for name, _ in u.modules]
@@ -248,7 +279,9 @@ def collect_on_device(run, *, max_device_bytes, max_host_bytes, keep_on_host: bo
                     with Recorder([run.targets[n] for n in names], sums.add, stop_early=not run.recomputes,
                                    keep_inputs=False, start_graph=not run.recomputes) as rec, \
                             run.bar(f"lora-da: pass {p + 1}/{len(passes)}",
-                                      batch_size=first[2]) as bar:
+                                      batch_size=first[2]) as bar, \
+                            (run.cuts.pass_hooks(rec, use, capture) if run.cuts is not None
+                             else contextlib.nullcontext()):
                         for index, batch, bsz, mask in source:
                             # (the first pass's too when it may be split: then it becomes the reference)
                             if len(passes) > 1 or run.shrink_pass is not None:
@@ -262,6 +295,7 @@ def collect_on_device(run, *, max_device_bytes, max_host_bytes, keep_on_host: bo
                                            "some input groups went to passes of their own"
                                            if run.plan.planned_passes == 1 else "raise max_device_bytes for one pass")
                                     )
+                            run.ordinal = samples  # this batch's first sample within the pass (collect.cuts)
                             if joiner is not None:
                                 joiner.add(index, batch, bsz, rec, sums, check)
                             else:
@@ -297,6 +331,8 @@ def collect_on_device(run, *, max_device_bytes, max_host_bytes, keep_on_host: bo
                 run.shrink_pass = None
                 sums = None
                 p += 1
+                if run.cuts is not None:  # the saved gradients no later pass starts from
+                    run.cuts.drop_unneeded(run.cuts.cut_of(q) for q in passes[p:])
             if writer is not None:
                 writer.finish(stream_header(run))
                 writer = None
@@ -355,6 +391,8 @@ class Joiner:
         if self.pending and (self.n + bsz > self.run.micro
                              or not joinable(self.pending[-1][1], self.pending[-1][2], batch, bsz)):
             self.flush(rec, sums, check)
+        if not self.pending:
+            self.ordinal = self.run.ordinal  # the joined step's first sample within the pass
         self.pending.append((index, batch, bsz))
         self.n += bsz
         if self.n >= self.run.micro:
@@ -366,6 +404,7 @@ class Joiner:
         pending, n = self.pending, self.n
         self.pending, self.n = [], 0
         index, batch, bsz = pending[0]
+        self.run.ordinal = self.ordinal
         if len(pending) == 1:
             batch_steps(self.run, batch, n, index, rec, sums, check)
             return
@@ -381,6 +420,7 @@ class Joiner:
             sums.flags = []
             for i, b, k in pending:
                 batch_steps(self.run, b, k, i, rec, sums, check)
+                self.run.ordinal += k
             raise
 
 
@@ -436,9 +476,29 @@ def split_pass(run, passes: list, p: int) -> None:
             "free device memory, or pass max_device_bytes=0 to accumulate on the host CPU (slow)"
         )
     half = len(units) // 2
-    passes[p:p + 1] = [units[:half], units[half:]]
+    # top-down with cuts: the upper half first, from the gradient saved for the whole
+    passes[p:p + 1] = [units[half:], units[:half]] if run.cuts is not None else [units[:half], units[half:]]
     note(run, f"out of device memory allocating pass {p + 1}'s sums: split it in two ({len(passes)} passes now)")
     check_multipass(run, len(passes))
+
+
+def cuts_of_pass(run, passes: list, p: int, first) -> tuple[int | None, int | None]:
+    """Where pass ``p`` ends its forward (the layer whose input gradient an earlier pass saved
+    for all samples; None: at the loss) and which layer input's gradient it saves for the next
+    pass (None: none, or that pass runs whole)."""
+    cuts = run.cuts
+    if cuts is None:
+        return None, None
+    mine = cuts.cut_of(passes[p])
+    rows = run.n_samples - run.n_samples_at_start  # every sample's gradient saved, or the pass runs whole
+    use = mine if mine is not None and mine in cuts.complete and len(cuts.saved[mine]) == rows else None
+    capture = None
+    if p + 1 < len(passes):
+        nxt = cuts.cut_of(passes[p + 1])
+        if (nxt is not None and nxt not in cuts.complete and (mine is None or nxt <= mine)
+                and cuts.validate(run, nxt, passes[p + 1], *first[1:3], first[0])):
+            capture = nxt
+    return use, capture
 
 
 def note(run, text: str) -> None:
@@ -466,6 +526,8 @@ def steps(run, batch, bsz, index, rec, sums, check, lo: int, hi: int, skip: froz
         k = min(run.micro, hi - a)
         sub = batch if (a == 0 and k == bsz) else slice_batch(batch, bsz, a, a + k)
         sums.begin_step(token_mask_of(sub, run.token_mask), skip)
+        if run.cuts is not None:
+            run.cuts.rows = (run.ordinal + a, k)
         failed = False
         try:
             run.forward_backward(sub, k, index, rec)

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from lora_da.collect.checkpoints import (batch_digest, check_checkpoint_identity, check_is_checkpoint, dataloader_length,
                                          model_fingerprint, rank_path)
+from lora_da.collect.cuts import Cuts, ForwardCut
 from lora_da.collect.hooks import BackwardDone, Recorder, check_groups, detect_groups, frozen, make_inputs_require_grad
 from lora_da.collect.host_sums import HostSums
 from lora_da.collect.losses import LossFn, batch_size, check_losses, default_loss, slice_batch, token_mask_of
@@ -180,6 +181,8 @@ class Run:
     writer: StatisticsWriter | None = None  # the statistics file each pass goes to (collect_statistics(out=...))
     written: dict = field(default_factory=dict)  # the counts already in that file, for its header
     shrink_pass: Callable | None = None  # during a device pass: moves half its groups out (passes.move_half_out)
+    ordinal: int = 0  # the current batch's first sample within the pass (the saved gradients' rows)
+    cuts: Cuts | None = None  # the layer stack's saved input gradients, when passes start at a layer (collect.cuts)
 
     @classmethod
     def start(cls, model, dataloader, target_modules, *, loss_fn, token_mask, output_fisher, max_samples,
@@ -370,6 +373,9 @@ class Run:
                 batch = dict(batch, inputs_embeds=embeds.detach().requires_grad_(True))
             try:
                 losses = self.loss_fn(self.model, batch)
+            except ForwardCut as cut:  # this pass's forward ends at a layer's input (collect.cuts)
+                self.backward_from(cut.h, recorder, index)
+                return
             finally:
                 if handle is not None:
                     handle.remove()
@@ -392,7 +398,7 @@ class Run:
                               None)
                 where = f"module {source}: non-finite input activation in " if source else ""
                 raise NonFiniteError(f"{where}batch {index}: non-finite loss for samples {bad}")
-            before = sum(len(t.keys) for t in recorder.targets)
+            before = sum(len(t.keys) for t in recorder.targets) + recorder.extra
             if not (recorder.stop_early and before):
                 losses.sum().backward()
                 # A forward call made during the backward (reentrant activation
@@ -407,6 +413,22 @@ class Run:
                 pass  # every hooked output has its gradient: the rest of the graph is not needed
             finally:
                 recorder.expect = None
+
+    def backward_from(self, h: torch.Tensor, recorder: Recorder, index: int) -> None:
+        """The backward of a pass whose forward ended at a layer's input ``h``, from the
+        gradient the pass above saved there (SPEC §7, :mod:`lora_da.collect.cuts`)."""
+        if h is None or not h.requires_grad:
+            names = [t.name for t in recorder.targets]
+            raise LoraDAError(f"module {names[0]}: no output gradient in batch {index}: the layer input above "
+                              f"{names[:3]}{' …' if len(names) > 3 else ''} does not depend on them")
+        grad = self.cuts.gradient(h)
+        recorder.expect = sum(len(t.keys) for t in recorder.targets) + recorder.extra
+        try:
+            torch.autograd.backward(h, grad)
+        except BackwardDone:
+            pass
+        finally:
+            recorder.expect = None
 
     def checkpoint_due(self) -> bool:
         return self.checkpoint_every is not None and self.batches_done % self.checkpoint_every == 0
