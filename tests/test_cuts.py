@@ -274,3 +274,18 @@ def test_cuts_give_a_24_and_a_40_gib_card_fewer_or_cheaper_passes_that_fit(free_
     for p, reserve in zip(with_cuts.passes, with_cuts.reserves):
         assert sum(u.device_bytes for u in p) + reserve <= free
         assert reserve >= 2 * cut.row_bytes * cut.samples  # the saved gradients are held back
+
+
+def test_with_cuts_a_batch_the_whole_step_could_not_take_is_still_a_candidate():
+    """24 GiB, 7B: the probe's whole step ran out of memory at 8 samples and fit at 2. No pass
+    with cuts holds the whole step, so steps of the user's 8 are planned where they fit, and
+    each pass's sums beside its step still fit."""
+    units, step, cut = seven_b(samples=2)
+    free = int(11.4 * GiB)
+    kw = dict(batch=8, device_free=free, max_device_bytes=None, host_free=None, max_host_bytes=None,
+              keep_on_host=False)
+    whole = choose_plan(units, step, **kw)
+    plan = choose_plan(units, step, cut=cut, **kw)
+    assert whole.micro_batch <= 2 and plan.micro_batch > 2 and plan.cuts
+    for p, reserve in zip(plan.passes, plan.reserves):
+        assert sum(u.device_bytes for u in p) + reserve <= free

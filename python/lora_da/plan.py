@@ -517,10 +517,13 @@ def choose_plan(
     its passes and solve placement; the least estimated time wins, ties to
     the larger micro-batch. With ``merge`` (the user's batches are small and
     may be joined) also steps of ``2·batch``, ``4·batch``, … up to
-    ``MERGE_SAMPLES``, their memory extrapolated from the probe's. A refusal
-    names what would fit."""
-    sizes, mb = [], min(batch, step.samples)
-    if merge and step.samples >= batch:
+    ``MERGE_SAMPLES``, their memory extrapolated from the probe's. With ``cut``
+    (passes that start at a layer's input) the micro-batches start at ``batch``
+    whatever the probe ran at. A refusal names what would fit."""
+    # With cuts no pass holds the whole step the probe ran (or failed to run) at: the user's
+    # batch is a candidate even where the probe had to halve it, its memory extrapolated.
+    sizes, mb = [], batch if cut is not None else min(batch, step.samples)
+    if merge and (step.samples >= batch or cut is not None):
         up = 2 * batch
         while up <= MERGE_SAMPLES:
             sizes.insert(0, up)

@@ -333,6 +333,10 @@ def collect_on_device(run, *, max_device_bytes, max_host_bytes, keep_on_host: bo
                 p += 1
                 if run.cuts is not None:  # the saved gradients no later pass starts from
                     run.cuts.drop_unneeded(run.cuts.cut_of(q) for q in passes[p:])
+                    if p == 1 and run.plan.micro_batch:
+                        # a micro-batch lowered in the top pass, which holds the loss's end of the
+                        # step, says nothing of the cut passes below it: they start at the plan's
+                        run.micro = run.plan.micro_batch
             if writer is not None:
                 writer.finish(stream_header(run))
                 writer = None
