@@ -298,8 +298,9 @@ def grid(args, shape):
                     + (f"; notes: {len(plan.notes)}" if plan.notes else ""))
             say(plan.describe())
             on_host = sum(any("solved on the host" in n for n in i.result.notes) for i in inits.values())
-            if on_host:
-                say(f"  {on_host} module(s) solved on the host after a device solve ran out of memory")
+            events = dict(lora_da.init.SOLVE_EVENTS)
+            say(f"  device solves out of memory so far (all cells): {events}; {on_host} module(s) of this cell "
+                "solved on the host")
             angle = against_first(bs, inits, plan.micro_batch)
             cas_at[(gib, bs)] = dt
             rows.append((gib, bs, "lora-da", dt, f"collect {dt - rep.solve_seconds:.1f} s, solve {rep.solve_seconds:.1f} s; "

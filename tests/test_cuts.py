@@ -165,7 +165,7 @@ def test_a_pass_split_or_shrunk_out_of_memory_keeps_its_cuts_and_sums(monkeypatc
     monkeypatch.setattr(device_sums.DeviceSums, "__init__", init)
     monkeypatch.setattr(device_sums.DeviceSums, "add", add)
     monkeypatch.setattr(passes.DeviceSums, "__init__", init)
-    got = collect(bs=1, max_device_bytes=120_000)
+    got = collect(bs=1, max_device_bytes=80_000)
     assert got.plan.cuts
     assert any("split it in two" in n for n in got.plan.notes)
     for n in one.modules:

@@ -429,6 +429,10 @@ def _host_inputs(stats: Statistics, group: str, names: list[str]):
 
 _solo = threading.Lock()
 
+# Device solves that ran out of memory since the process started: retried alone on the device,
+# and then left to the host (benches/bench_e2e.py reports them per run).
+SOLVE_EVENTS = {"retried alone": 0, "left to the host": 0}
+
 
 def solve_on_device_or_host(inputs, host_inputs, names, config: LoraDAConfig, precisions, device) -> list[ModuleInit]:
     """One input group on the device, or on the host when its work space does not fit there
@@ -450,6 +454,7 @@ def solve_on_device_or_host(inputs, host_inputs, names, config: LoraDAConfig, pr
                 raise
             failed = True
         if failed:
+            SOLVE_EVENTS["retried alone" if attempt == 0 else "left to the host"] += 1
             _release(device)
     del inputs
     _release(device)

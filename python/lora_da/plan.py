@@ -537,6 +537,8 @@ def choose_plan(
     per_sample = (1 - STEP_FIXED_SHARE) * seconds / max(step.samples, 1)
     fixed = STEP_FIXED_SHARE * seconds
     candidates, errors = [], []
+    # a pass's solves run beside the gradient it saved for the pass below
+    room = device_free - margin(device_free) - (cut.saved_bytes // 2 if cut is not None else 0)
     for mb in sizes:
         def reserve(first: Unit, upto: int | None = None, mb=mb) -> int:
             graph = graph_step_bytes(step, mb, first) if upto is None else cut_step_bytes(step, mb, first, upto, cut)
@@ -547,11 +549,13 @@ def choose_plan(
             try:
                 plan = plan_passes(units, device_free=device_free, reserve=reserve, max_device_bytes=max_device_bytes,
                                    host_free=host_free, max_host_bytes=max_host_bytes, keep_on_host=keep_on_host,
-                                   solve_workers=workers, solve_room=device_free - margin(device_free), to_disk=to_disk,
+                                   solve_workers=workers, solve_room=room, to_disk=to_disk,
                                    dense_solves=dense_solves, cut=cut)
             except InvalidArgumentError as e:
                 errors.append(e)
                 break
+            if mb > step.samples and step.samples < batch and not plan.cuts:
+                break  # one pass holds the whole step, which ran out of memory above step.samples
             steps = -(-batch // mb) if mb <= batch else batch / mb  # per user batch
             # the backward (about two thirds of a step) runs down to each pass's first unit only
             plan.estimate = sum(steps * fixed + batch * per_sample * pass_share(step, p, cut if plan.cuts else None)

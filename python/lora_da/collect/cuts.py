@@ -23,6 +23,7 @@ import contextlib
 import torch
 
 from lora_da.collect.losses import slice_batch
+from lora_da.errors import LoraDAError
 
 
 class ForwardCut(Exception):
@@ -71,7 +72,7 @@ class ChainCheck:
 
     def __init__(self, layers: list[torch.nn.Module]):
         self.layers, self.calls, self.handles = layers, [], []
-        self.row_bytes = 0
+        self.row_bytes, self.rows = 0, None
 
     def __enter__(self):
         for i, layer in enumerate(self.layers):
@@ -91,7 +92,7 @@ class ChainCheck:
             h, _ = hidden_of(args, kwargs)
             self.calls.append(("in", i, None if h is None else id(h)))
             if h is not None and h.dim() >= 2 and i == 0:
-                self.row_bytes = h[0].numel() * h.element_size()
+                self.row_bytes, self.rows = h[0].numel() * h.element_size(), h.shape[0]
         return pre
 
     def _post(self, i):
@@ -100,9 +101,12 @@ class ChainCheck:
             self.calls.append(("out", i, id(out) if isinstance(out, torch.Tensor) else None))
         return post
 
-    def chained(self) -> bool:
+    def chained(self, samples: int) -> bool:
+        """… and is the hidden state's first dimension the step's ``samples`` (the saved
+        gradient is kept per sample: not a sequence-first layer, nor a loss that runs the
+        model on more rows than samples)?"""
         n = len(self.layers)
-        if len(self.calls) != 2 * n or self.row_bytes == 0:
+        if len(self.calls) != 2 * n or self.row_bytes == 0 or self.rows != samples:
             return False
         for i in range(n):
             (k1, i1, h), (k2, i2, out) = self.calls[2 * i], self.calls[2 * i + 1]
@@ -126,6 +130,8 @@ class Cuts:
         self.use: int | None = None  # this pass's cut (its forward ends at layer use's input)
         self.capture: int | None = None  # the boundary whose gradient this pass saves
         self.rows: tuple[int, int] = (0, 0)  # the step's samples: (first ordinal, count)
+        self.limit = 1 << 62  # bytes a pass may save (the plan's: the first batch's length for every sample)
+        self.held = 0
 
     def cut_of(self, units) -> int | None:
         """The layer at whose input a pass over ``units`` can start its backward: the one
@@ -152,10 +158,11 @@ class Cuts:
         if capture is not None:
             self.saved[capture] = {}
             self.complete.discard(capture)
+            self.held = 0
             handles.append(self.layers[capture].register_forward_pre_hook(self._save(recorder), with_kwargs=True))
         try:
             yield
-            if capture is not None:
+            if capture is not None and capture in self.saved:
                 self.complete.add(capture)
         finally:
             for h in handles:
@@ -176,11 +183,18 @@ class Cuts:
             if h is None or not torch.is_grad_enabled():
                 return None
             first, k = cuts.rows
-            store = cuts.saved[cuts.capture]
+            if h.shape[0] != k:
+                raise LoraDAError(f"collect: layer {cuts.capture}'s input has {h.shape[0]} rows for a step of {k} "
+                                  "samples; the passes cannot start at a layer's input (pass max_device_bytes for one pass)")
+            store = cuts.saved.get(cuts.capture)  # None once more was saved than planned
 
             def hook(g):
-                for i in range(k):  # views of the step's gradient: kept until the pass below is done
-                    store[first + i] = g[i].detach()
+                if store is not None and cuts.capture in cuts.saved:
+                    for i in range(k):  # views of the step's gradient: kept until the pass below is done
+                        store[first + i] = g[i].detach()
+                    cuts.held += g.numel() * g.element_size()
+                    if cuts.held > cuts.limit:  # longer samples than planned: the pass below runs whole
+                        del cuts.saved[cuts.capture]
                 recorder.arrive()
 
             if h.requires_grad:
@@ -199,7 +213,7 @@ class Cuts:
         rows = self.saved[self.use]
         g = torch.stack([rows[first + i] for i in range(k)])
         if g.shape != like.shape:
-            raise RuntimeError(f"collect: the saved gradient at layer {self.use} has shape {tuple(g.shape)}, the "
+            raise LoraDAError(f"collect: the saved gradient at layer {self.use} has shape {tuple(g.shape)}, the "
                                f"hidden state {tuple(like.shape)}: the batches differ between passes")
         return g.to(like.dtype)
 

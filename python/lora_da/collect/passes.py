@@ -86,7 +86,8 @@ def probe(run, first) -> Step:
         torch.cuda.synchronize(dev)
     seconds = time.perf_counter() - t0
     run.recomputes = rec.recomputes
-    run.cuts = Cuts(stack[0], stack[1], chain.row_bytes) if stack and chain.chained() and not run.recomputes else None
+    run.cuts = (Cuts(stack[0], stack[1], chain.row_bytes) if stack and chain.chained(mb) and not run.recomputes
+                else None)
     step = torch.cuda.max_memory_allocated(dev) - before if cuda else 0
     ids = sub.get("input_ids")
     tokens = int(ids.shape[1]) if isinstance(ids, torch.Tensor) and ids.dim() == 2 else 1
@@ -183,12 +184,18 @@ def plan_device(run, step: Step, batch: int, *, max_device_bytes, max_host_bytes
               max_host_bytes=max_host_bytes, keep_on_host=keep_on_host, to_disk=to_disk,
               max_solve_workers=DEVICE_SOLVE_WORKERS if dev.type == "cuda" else 1, dense_solves=dense_solves,
               merge=joins_batches(dev) and run.checkpoint_path is None and not run.per_sample)
-    plan = choose_plan(units, step, cut=cut, **kw)
-    if plan.cuts and not all(run.cuts.validate(run, c, p, first[1], first[2], first[0]) for p in plan.passes
-                             if (c := run.cuts.cut_of(p)) is not None):
-        # something from below a cut reaches the loss around it: whole passes, planned as such
-        run.cuts = None
-        plan = choose_plan(units, step, **kw)
+    plan = choose_plan(units, step, **kw)
+    if cut is not None and len(plan.passes) > 1:
+        # cuts where they are cheaper than whole passes (their saved gradients take room too)
+        try:
+            cut_plan = choose_plan(units, step, cut=cut, **kw)
+        except InvalidArgumentError:
+            cut_plan = None
+        if (cut_plan is not None and cut_plan.cuts and cut_plan.estimate < plan.estimate
+                and all(run.cuts.validate(run, c, p, first[1], first[2], first[0]) for p in cut_plan.passes
+                        if (c := run.cuts.cut_of(p)) is not None)):
+            plan = cut_plan  # (else something from below a cut reaches the loss around it: whole passes)
+            run.cuts.limit = cut.row_bytes * cut.samples
     if not plan.cuts:
         run.cuts = None
     if step.samples < batch:
@@ -318,6 +325,8 @@ def collect_on_device(run, *, max_device_bytes, max_host_bytes, keep_on_host: bo
                             f"pass {p + 1} saw {count(samples, 'sample')}, the first {run.n_samples - run.n_samples_at_start}: "
                             "the dataloader must yield the same batches on every pass"
                         )
+                if run.cuts is not None:  # the gradient this pass read, before its solves or flush
+                    run.cuts.drop_unneeded(run.cuts.cut_of(q) for q in passes[p + 1:])
                 if writer is not None:
                     sums.write(run.writer, run.written, staging, run.n_samples)
                 elif keep_on_host:
@@ -392,11 +401,12 @@ class Joiner:
         self.run, self.pending, self.n = run, [], 0
 
     def add(self, index, batch, bsz, rec, sums, check) -> None:
+        ordinal = self.run.ordinal  # this batch's first sample (a flush below sets run.ordinal to its own)
         if self.pending and (self.n + bsz > self.run.micro
                              or not joinable(self.pending[-1][1], self.pending[-1][2], batch, bsz)):
             self.flush(rec, sums, check)
         if not self.pending:
-            self.ordinal = self.run.ordinal  # the joined step's first sample within the pass
+            self.ordinal = ordinal  # the joined step's first sample within the pass
         self.pending.append((index, batch, bsz))
         self.n += bsz
         if self.n >= self.run.micro:
