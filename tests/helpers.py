@@ -38,6 +38,20 @@ def tiny_gpt2(dtype=torch.float64):
     return GPT2LMHeadModel(cfg).to(dtype).eval()
 
 
+def units_7b(layers=4):
+    """The Llama-2-7B shape's input groups (the planner's view), ``layers`` of them."""
+    from lora_da.plan import Unit
+
+    out = []
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        out += [Unit(p + "q", 4096, ((p + "q", 4096), (p + "k", 4096), (p + "v", 4096))),
+                Unit(p + "o", 4096, ((p + "o", 4096),)),
+                Unit(p + "gate", 4096, ((p + "gate", 11008), (p + "up", 11008))),
+                Unit(p + "down", 11008, ((p + "down", 4096),))]
+    return out
+
+
 def data(n=6, length=9, seed=0):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, 50, (n, length), generator=g)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import LLAMA_TARGETS, batches, data, tiny_gpt2, tiny_llama
+from helpers import LLAMA_TARGETS, batches, data, tiny_gpt2, tiny_llama, units_7b
 
 import lora_da
 import lora_da.collect.cuts as cuts_mod
@@ -223,19 +223,6 @@ def test_a_chain_of_plain_layers_is_cut():
 
 
 # -- the planner ------------------------------------------------------------------------------
-
-
-def units_7b(layers):
-    from lora_da.plan import Unit
-
-    out = []
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        out += [Unit(p + "q", 4096, ((p + "q", 4096), (p + "k", 4096), (p + "v", 4096))),
-                Unit(p + "o", 4096, ((p + "o", 4096),)),
-                Unit(p + "gate", 4096, ((p + "gate", 11008), (p + "up", 11008))),
-                Unit(p + "down", 11008, ((p + "down", 4096),))]
-    return out
 
 
 def seven_b(samples=4):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import LLAMA_TARGETS, batches, data, device_sums_of, sums_units, tiny_llama
+from helpers import LLAMA_TARGETS, batches, data, device_sums_of, sums_units, tiny_llama, units_7b
 
 import lora_da
 import lora_da.collect as collect
@@ -141,18 +141,6 @@ def test_solve_bytes_bound_what_a_torch_solve_holds(method):
 
 
 # -- choosing a plan -------------------------------------------------------------------------
-
-
-def units_7b(layers=4):
-    """The Llama-2-7B shape's input groups, ``layers`` of them."""
-    out = []
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        out += [Unit(p + "q", 4096, ((p + "q", 4096), (p + "k", 4096), (p + "v", 4096))),
-                Unit(p + "o", 4096, ((p + "o", 4096),)),
-                Unit(p + "gate", 4096, ((p + "gate", 11008), (p + "up", 11008))),
-                Unit(p + "down", 11008, ((p + "down", 4096),))]
-    return out
 
 
 def test_a_step_too_large_for_its_sums_is_split_into_micro_batches():

@@ -373,10 +373,9 @@ def plan_passes(
     if big.device_bytes > budget_of(big, upto_of(big)):  # alone in its pass, as its first unit: the most room it can get
         raise refuse(big)
     room = device_free if solve_room is None else solve_room
-    work = (lambda u: u.dense_solve_bytes) if dense_solves else (lambda u: u.solve_bytes)
     host_solves = []
     if not keep_on_host:
-        host_solves = [u.group for u in units if u.device_bytes + work(u) > room]
+        host_solves = [u.group for u in units if u.device_bytes + _work(u, dense_solves) > room]
 
     def solve_fits(p: list[Unit], used: int) -> bool:
         if keep_on_host:
@@ -437,7 +436,7 @@ def pass_share(step: Step, p: list[Unit], cut: CutModel | None) -> float:
     top = layer.get(p[-1].group)
     if cut is None or top is None or top + 1 >= cut.layers:
         return (1 + 2 * s_first) / 3
-    end = max((shares[g] for g, j in cut.layer_of if j == top + 1 and g in shares), default=0.0)
+    end = layer_start_share(shares, cut, top + 1)
     return ((1 - end) + 2 * max(0.0, s_first - end)) / 3
 
 
@@ -457,6 +456,11 @@ class CutModel:
         return 2 * self.row_bytes * self.samples
 
 
+def layer_start_share(shares: dict[str, float], cut: CutModel, layer: int) -> float:
+    """The share of a step's hooked calls from the start of ``layer`` on (its first group's)."""
+    return max((shares[g] for g, j in cut.layer_of if j == layer and g in shares), default=0.0)
+
+
 def cut_step_bytes(step: Step, micro_batch: int, first: Unit, upto: int, cut: CutModel) -> int:
     """A step of a pass whose graph spans its first group ``first`` up to the input of layer
     ``upto`` (SPEC §7): the activations between, taken in proportion to the hooked calls
@@ -467,8 +471,7 @@ def cut_step_bytes(step: Step, micro_batch: int, first: Unit, upto: int, cut: Cu
     top = -(-(step.top_bytes or 0) * micro_batch // max(step.samples, 1))  # not measured: 0, the largest estimate
     last = min(shares.values())
     per_share = max(0, full - top) / max(1e-9, 1 - last)
-    start = max((shares[g] for g, j in cut.layer_of if j == upto and g in shares), default=0.0)
-    span = max(0.0, shares.get(first.group, 1.0) - start)
+    span = max(0.0, shares.get(first.group, 1.0) - layer_start_share(shares, cut, upto))
     return min(full, math.ceil(per_share * span)) + 2 * micro_batch * cut.row_bytes
 
 

@@ -325,7 +325,7 @@ def collect_on_device(run, *, max_device_bytes, max_host_bytes, keep_on_host: bo
                             f"pass {p + 1} saw {count(samples, 'sample')}, the first {run.n_samples - run.n_samples_at_start}: "
                             "the dataloader must yield the same batches on every pass"
                         )
-                if run.cuts is not None:  # the gradient this pass read, before its solves or flush
+                if run.cuts is not None:  # the gradient this pass read (no later pass needs it), before its solves
                     run.cuts.drop_unneeded(run.cuts.cut_of(q) for q in passes[p + 1:])
                 if writer is not None:
                     sums.write(run.writer, run.written, staging, run.n_samples)
@@ -340,12 +340,10 @@ def collect_on_device(run, *, max_device_bytes, max_host_bytes, keep_on_host: bo
                 run.shrink_pass = None
                 sums = None
                 p += 1
-                if run.cuts is not None:  # the saved gradients no later pass starts from
-                    run.cuts.drop_unneeded(run.cuts.cut_of(q) for q in passes[p:])
-                    if p == 1 and run.plan.micro_batch:
-                        # a micro-batch lowered in the top pass, which holds the loss's end of the
-                        # step, says nothing of the cut passes below it: they start at the plan's
-                        run.micro = run.plan.micro_batch
+                if run.cuts is not None and p == 1 and run.plan.micro_batch:
+                    # a micro-batch lowered in the top pass, which holds the loss's end of the
+                    # step, says nothing of the cut passes below it: they start at the plan's
+                    run.micro = run.plan.micro_batch
             if writer is not None:
                 writer.finish(stream_header(run))
                 writer = None
