@@ -157,11 +157,24 @@ class MemoryPlan:
     solve_room: int | None = None  # device bytes a pass's sums and its solves may take together
     dense_solves: bool = False
     cuts: bool = False  # passes run top-down, each below the top from the gradient saved at its cut (collect.cuts)
+    behind: bool = False  # a pass's solves may run while the next pass collects, where both fit (solves_behind)
 
     def solve_order(self, units: list[Unit]) -> list[Unit]:
         """The order in which a pass's groups are solved (:func:`solve_order`)."""
         room = self.solve_room if self.solve_room is not None else 1 << 62
         return solve_order(units, room, self.solve_workers, self.dense_solves, self.host_solves)
+
+    def solves_behind(self, p: int) -> bool:
+        """Whether pass ``p``'s solves (in :meth:`solve_order`, on ``solve_workers`` streams) may
+        run while pass ``p + 1`` collects (SPEC §7, solves behind the next pass): the worst moment
+        of those solves (:func:`solve_peak`, which holds pass ``p``'s sums not yet solved) beside
+        the next pass's sums and its step (its reserve, with the margin) within what was free.
+        ``passes`` and ``reserves`` are in the order the passes run."""
+        if (not self.behind or self.keep_on_host or p + 1 >= len(self.passes)
+                or len(self.reserves) != len(self.passes)):
+            return False
+        peak = solve_peak(self.solve_order(self.passes[p]), self.solve_workers, self.dense_solves, self.host_solves)
+        return peak + sum(u.device_bytes for u in self.passes[p + 1]) + self.reserves[p + 1] <= self.device_free
 
     @property
     def device_bytes(self) -> int:
@@ -233,6 +246,10 @@ class MemoryPlan:
             solves = f"{self.solve_workers} at a time" if self.solve_workers > 1 else "one at a time"
             host_s = f"; {len(self.host_solves)} group(s) solved on the host (work space too large)" if self.host_solves else ""
             lines.append(f"  solves: each pass is solved on the device, {solves}, then freed{host_s}")
+            behind = [p + 1 for p in range(len(self.passes) - 1) if self.solves_behind(p)]
+            if behind:
+                lines.append(f"  behind: the solves of pass(es) {', '.join(map(str, behind))} run on their own streams "
+                             "while the next pass collects (both fit the device)")
         if self.why:
             lines.append(f"  why: {self.why}")
         lines += [f"  note: {n}" for n in self.notes]
