@@ -81,12 +81,26 @@ def recipe(inputs, *, float32=False, lobpcg10=False, no_sigma=False, transpose_g
     return out
 
 
+SAME_LIBRARIES = checker.recorded_versions() == checker.recipe_versions()
+
+
 def test_recipes_regenerate_the_recorded_inputs_bit_for_bit(inputs):
+    """With the torch and transformers the answers were recorded with, the recipes give the
+    recorded inputs bit for bit. With others (a new torch moved them on 2026-12-04) every case
+    whose inputs moved is named in the checker's notes, and its answer is the oracle's."""
     _, sums = checker.load_expected()
-    assert {name: inputs[name].checksum() for name in sums} == sums
     assert set(sums) == {c.name for c in CASES}
+    got = {name: inputs[name].checksum() for name in sums}
+    if SAME_LIBRARIES:
+        assert got == sums
+    else:
+        moved = {name for name in sums if got[name] != sums[name]}
+        notes = " ".join(checker.prepare(inputs).notes)
+        assert all(f"{name}: the inputs differ" in notes for name in moved)
 
 
+@pytest.mark.skipif(not SAME_LIBRARIES, reason="the recorded answers are of the recorded inputs: "
+                    f"recorded with {checker.recorded_versions()}, running {checker.recipe_versions()}")
 def test_recorded_answers_are_the_oracle_on_the_regenerated_inputs(inputs):
     expected, _ = checker.load_expected()
     recorded = {}

@@ -180,6 +180,26 @@ def check_module(case: Case, module: str, exp: Expected, omega: np.ndarray, A, B
 # -- expected answers on file -------------------------------------------------------------------
 
 
+def recipe_versions() -> dict[str, str]:
+    """The libraries whose arithmetic the recipes' inputs depend on (a MiniLM or Llama forward
+    and backward): another torch or transformers may move the inputs' last bits, and then the
+    recorded answers give way to the oracle's (:func:`prepare`'s note)."""
+    import torch
+    import transformers
+
+    return {"torch": torch.__version__.split("+")[0], "transformers": transformers.__version__}
+
+
+def recorded_versions(path=EXPECTED_FILE) -> dict[str, str]:
+    """:func:`recipe_versions` when the expected answers were recorded (empty for older files)."""
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(str(path), "np") as f:
+        return json.loads(f.metadata()["lora_da_conformance"]).get("recorded_with", {})
+
+
 def save_expected(path, cases, inputs: dict[str, Inputs]) -> None:
     """Write every case's exact answer and its inputs' checksum (safetensors, atomically)."""
     import json
@@ -188,7 +208,8 @@ def save_expected(path, cases, inputs: dict[str, Inputs]) -> None:
 
     from safetensors.numpy import save_file
 
-    tensors, meta = {}, {"format": "lora-da-conformance-expected", "version": 1, "cases": {}}
+    tensors, meta = {}, {"format": "lora-da-conformance-expected", "version": 1, "cases": {},
+                         "recorded_with": recipe_versions()}
     for case in cases:
         inp = inputs[case.name]
         meta["cases"][case.name] = {"checksum": inp.checksum(), "modules": list(case.modules)}
