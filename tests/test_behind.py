@@ -18,7 +18,8 @@ import lora_da
 import lora_da.collect.passes as passes
 import lora_da.pipeline as pipeline
 from lora_da.errors import LoraDAError
-from lora_da.plan import GiB, choose_plan, solve_order, solve_peak
+import lora_da.plan as plan_mod
+from lora_da.plan import BEHIND_HIDDEN, GiB, choose_plan, run_seconds, solve_order, solve_peak, solve_seconds
 
 CFG = lora_da.LoraDAConfig(n_pop=100, rank=2, gamma=4.0)
 
@@ -96,29 +97,34 @@ def kw(free_gib):
                 max_host_bytes=None, keep_on_host=False, max_solve_workers=2)
 
 
-def test_the_whole_gpu_one_pass_plan_is_cut_in_two_with_the_upper_solves_behind():
-    """The 7B shape on an H200 (125 GiB free beside the model): one pass fits; cut in two, the
-    upper half's solves at their worst moment fit beside the lower half's sums and step."""
+def test_the_whole_gpu_one_pass_plan_is_cut_with_the_upper_solves_behind():
+    """The 7B shape on an H200 (125 GiB free beside the model): one pass fits. Cut at layers'
+    inputs, each pass's solves at their worst moment fit beside the next pass's sums and step,
+    and the estimated run (the extra forwards against half the solves hidden) is shorter."""
     units, step, cut = seven_b()
     one = choose_plan(units, step, **kw(125))
     assert len(one.passes) == 1
-    halves = passes.pipelined_plan(units, step, cut, kw(125), one)
-    assert halves is not None and halves.cuts and len(halves.passes) == 2
-    assert halves.estimate <= passes.PIPELINE_COST * one.estimate
-    upper, lower = halves.passes[1], halves.passes[0]  # run from the top down
-    peak = solve_peak(solve_order(upper, halves.solve_room, halves.solve_workers), halves.solve_workers)
-    assert peak + sum(u.device_bytes for u in lower) + halves.reserves[0] <= 125 * GiB
-    in_run_order = replace(halves, passes=halves.passes[::-1], reserves=halves.reserves[::-1], behind=True)
-    assert in_run_order.solves_behind(0) and not in_run_order.solves_behind(1)
-    assert "behind: the solves of pass(es) 1 run" in in_run_order.describe()
+    cuts = passes.behind_plan(units, step, cut, kw(125), one)
+    assert cuts is not None and cuts.cuts and len(cuts.passes) >= 2
+    run_order = replace(cuts, passes=cuts.passes[::-1], reserves=cuts.reserves[::-1], behind=True)
+    for p in range(len(cuts.passes) - 1):
+        upper, lower = run_order.passes[p], run_order.passes[p + 1]
+        peak = solve_peak(solve_order(upper, cuts.solve_room, cuts.solve_workers), cuts.solve_workers)
+        assert peak + sum(u.device_bytes for u in lower) + run_order.reserves[p + 1] <= 125 * GiB
+        assert run_order.solves_behind(p)
+    assert not run_order.solves_behind(len(cuts.passes) - 1)
+    assert run_seconds(run_order, 64) < run_seconds(replace(one, behind=True), 64)
+    # the model: the solves hidden are half of all but the last pass's
+    hidden = sum(solve_seconds(p) for p in run_order.passes[:-1]) * BEHIND_HIDDEN
+    assert run_seconds(run_order, 64) == pytest.approx(cuts.estimate * 64 + solve_seconds(units) - hidden)
+    assert "behind: the solves of pass(es) 1" in run_order.describe()
 
 
-def test_no_pipelined_plan_where_the_upper_solves_do_not_fit_beside_the_lower_pass():
-    """84 GiB: one pass fits, but its two halves' sums, a solve and a step do not."""
+def test_no_smaller_passes_where_the_solves_hidden_do_not_pay_for_them(monkeypatch):
     units, step, cut = seven_b()
-    one = choose_plan(units, step, **kw(84))
-    assert len(one.passes) == 1
-    assert passes.pipelined_plan(units, step, cut, kw(84), one) is None
+    one = choose_plan(units, step, **kw(125))
+    monkeypatch.setattr(plan_mod, "BEHIND_HIDDEN", 0.0)
+    assert passes.behind_plan(units, step, cut, kw(125), one) is None
 
 
 def test_solves_behind_only_where_the_plan_allows_them():

@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from lora_da.errors import InvalidArgumentError
 from lora_da.words import count
@@ -193,12 +193,13 @@ class MemoryPlan:
     def transfer_bytes(self) -> int:
         """Host memory of the transfers while a pass is flushed: per flush thread its
         page-locked staging (``STAGE_BYTES``), through which row blocks go straight into
-        the packed sums; written to disk, one group's Gram and ``Ḡ`` at a time."""
+        the packed sums; written to disk, two such buffers, one filled from the device while
+        the other's block is written."""
         units = [u for p in self.passes for u in p]
         if not units or not self.keep_on_host:
             return 0
         if self.to_disk:
-            return max(8 * u.n * u.n + 8 * max(m for _, m in u.modules) * u.n for u in units)
+            return 2 * STAGE_BYTES  # collect.device_sums.DiskStaging's two buffers
         return FLUSH_THREADS * STAGE_BYTES
 
     @property
@@ -596,6 +597,38 @@ def choose_plan(
                    f"is estimated {alt.estimate / best.estimate:.2f}× as long")
     best.why = "; ".join(why)
     return best
+
+
+# A device solve's wall time, for choosing between plans whose solves run behind the next
+# pass and plans whose solves do not (collect.passes): seconds per ``n²(n + Σm)`` and per
+# group, fitted on the H200 with two solve streams (Llama-2-7B's 128 groups 12.5 s,
+# TinyLlama's 88 groups 4 s). Only the comparison of plans on one device uses it.
+SOLVE_SECONDS_PER_UNIT = 8.9e-14
+SOLVE_SECONDS_PER_GROUP = 0.038
+
+# The share of a pass's solves that the next pass's collection hides when they run behind
+# it: both take the device's float64 units; what is hidden is the solves' idle moments
+# (host synchronizations, small kernels) and the collection's.
+BEHIND_HIDDEN = 0.5
+
+
+def solve_seconds(units: list[Unit]) -> float:
+    """Estimated wall time of ``units``' device solves (``SOLVE_SECONDS_PER_UNIT``)."""
+    return sum(SOLVE_SECONDS_PER_UNIT * u.n * u.n * (u.n + sum(m for _, m in u.modules)) + SOLVE_SECONDS_PER_GROUP
+               for u in units)
+
+
+def run_seconds(plan: MemoryPlan, samples: int, reverse: bool = False) -> float:
+    """A plan's estimated wall time over ``samples``: its passes' collection (``estimate`` is per
+    sample) and its device solves, of which those behind a next pass are ``BEHIND_HIDDEN`` hidden.
+    ``reverse``: the passes run in the opposite order of ``plan.passes`` (cuts: top down)."""
+    order = plan.passes[::-1] if reverse else plan.passes
+    in_order = replace(plan, passes=order, reserves=plan.reserves[::-1] if reverse else plan.reserves)
+    solves = 0.0
+    for p, units in enumerate(order):
+        s = solve_seconds([u for u in units if u.group not in plan.host_solves])
+        solves += s * (1 - BEHIND_HIDDEN) if in_order.solves_behind(p) else s
+    return (plan.estimate or 0.0) * samples + solves
 
 
 # Solves running at once on a GPU, each on its own stream: one solve is a chain

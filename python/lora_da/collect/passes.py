@@ -19,7 +19,7 @@ import torch
 
 from lora_da.collect.checkpoints import dataloader_length
 from lora_da.collect.cuts import ChainCheck, Cuts, find_stack, layer_index
-from lora_da.collect.device_sums import DeviceSums, Staging
+from lora_da.collect.device_sums import DeviceSums, DiskStaging
 from lora_da.collect.host_sums import PageToucher
 from lora_da.collect.hooks import Recorder, check_groups, frozen
 from lora_da.collect.losses import per_sample, slice_batch, token_mask_of
@@ -29,7 +29,7 @@ from lora_da.memory import OutOfMemoryError, out_of_memory
 from lora_da.memory import release as _release
 from lora_da.words import count
 from lora_da.plan import (DEVICE_SOLVE_WORKERS, CutModel, MemoryPlan, Step, Unit, available_host_bytes, choose_plan,
-                          solve_peak)
+                          run_seconds, solve_peak)
 from lora_da.statistics_file import StatisticsWriter, file_header
 
 
@@ -206,14 +206,13 @@ def plan_device(run, step: Step, batch: int, *, max_device_bytes, max_host_bytes
             cut_plan = None
         if cut_plan is not None and cut_plan.cuts and cut_plan.estimate < plan.estimate and valid(cut_plan):
             plan = take(cut_plan)
-    elif cut is not None and behind:
-        halves = pipelined_plan(units, step, cut, kw, plan)
-        if halves is not None and valid(halves):
-            ratio = halves.estimate / max(1e-12, plan.estimate)
-            plan = take(halves)
-            plan.notes.append("the one-pass plan cut in two at a layer's input, so that the upper half's solves "
-                              f"run while the lower half collects (the two passes estimated {ratio:.2f}× the one, "
-                              "the solves not counted)")
+    if cut is not None and behind and (plan.cuts or len(plan.passes) == 1):
+        smaller = behind_plan(units, step, cut, kw, plan)
+        if smaller is not None and valid(smaller):
+            before = len(plan.passes)
+            plan = take(smaller)
+            plan.notes.append(f"{count(before, 'pass', 'passes')} made {len(plan.passes)}, so that each pass's solves "
+                              "run while the next pass collects (estimated the shorter run)")
     plan.behind = behind
     if not plan.cuts:
         run.cuts = None
@@ -223,31 +222,32 @@ def plan_device(run, step: Step, batch: int, *, max_device_bytes, max_host_bytes
     return plan
 
 
-# A one-pass plan is cut in two (collect.cuts) where the lower half's forward, run once
-# more, costs at most this share of the one pass's estimate more: the upper half's solves
-# then run behind the lower half's collection. (On the H200 a 7B model's solves take about
-# 45 % of a whole-GPU run, its lower half's bf16 forward about 2 % of a pass.)
-PIPELINE_COST = 1.25
+# The passes' sums as shares of the chosen plan's largest pass, tried so that each pass's
+# solves fit beside the next pass (SPEC §7, solves behind the next pass): a one-pass plan is
+# cut in two, three or four at layers' inputs, a plan with cuts into smaller passes.
+BEHIND_SPLITS = {True: (1 / 2, 1 / 3, 1 / 4), False: (3 / 4, 1 / 2)}
 
 
-def pipelined_plan(units: list[Unit], step: Step, cut: CutModel, kw: dict, one: MemoryPlan) -> MemoryPlan | None:
-    """The one-pass plan ``one`` cut into two passes at a layer's input, or None where that is
-    dearer than ``PIPELINE_COST`` × its estimate or where the upper pass's solves do not fit
-    beside the lower pass (SPEC §7, solves behind the next pass)."""
-    total = sum(u.device_bytes for u in units)
-    cap = -(-total // 2)
-    if kw.get("max_device_bytes") is not None:
-        cap = min(cap, kw["max_device_bytes"])
-    try:
-        halves = choose_plan(units, step, cut=cut, **dict(kw, max_device_bytes=cap))
-    except InvalidArgumentError:
-        return None
-    if not halves.cuts or len(halves.passes) != 2 or halves.estimate > PIPELINE_COST * one.estimate:
-        return None
-    run_order = replace(halves, passes=halves.passes[::-1], reserves=halves.reserves[::-1], behind=True)
-    if not run_order.solves_behind(0):
-        return None
-    return halves
+def behind_plan(units: list[Unit], step: Step, cut: CutModel, kw: dict, plan: MemoryPlan) -> MemoryPlan | None:
+    """A plan with cuts and smaller passes whose solves run behind the next pass, where its
+    estimated wall time (:func:`lora_da.plan.run_seconds`: the passes' extra forwards against
+    the solves hidden) is shorter than ``plan``'s; None where none is."""
+    best, best_t = None, run_seconds(replace(plan, behind=True), cut.samples, reverse=plan.cuts)
+    largest = max(sum(u.device_bytes for u in p) for p in plan.passes)
+    for share in BEHIND_SPLITS[len(plan.passes) == 1]:
+        cap = int(share * largest)
+        if kw.get("max_device_bytes") is not None:
+            cap = min(cap, kw["max_device_bytes"])
+        try:
+            smaller = choose_plan(units, step, cut=cut, **dict(kw, max_device_bytes=cap))
+        except InvalidArgumentError:
+            continue
+        if not smaller.cuts or len(smaller.passes) <= len(plan.passes):
+            continue
+        t = run_seconds(replace(smaller, behind=True), cut.samples, reverse=True)
+        if t < best_t:
+            best, best_t = smaller, t
+    return best
 
 
 def collect_on_device(run, *, max_device_bytes, max_host_bytes, keep_on_host: bool, on_pass=None,
@@ -287,10 +287,10 @@ def collect_on_device(run, *, max_device_bytes, max_host_bytes, keep_on_host: bo
             passes.reverse()  # from the top down: each pass saves the gradient the next one starts from
             run.plan.reserves.reverse()
         check_multipass(run, len(passes))
-        writer = None
+        writer = to_file = None
         if to_disk is not None:
             writer = open_writer(run, to_disk, [u for p in passes for u in p])
-        staging = Staging(dev)
+            to_file = DiskStaging(dev, writer)
         first_prints: list = []  # the first pass's batch fingerprints, when there are or may be several passes
         p = 0
         sums = None
@@ -376,7 +376,7 @@ def collect_on_device(run, *, max_device_bytes, max_host_bytes, keep_on_host: bo
                 if run.cuts is not None:  # the gradient this pass read (no later pass needs it), before its solves
                     run.cuts.drop_unneeded(run.cuts.cut_of(q) for q in passes[p + 1:])
                 if writer is not None:
-                    sums.write(run.writer, run.written, staging, run.n_samples)
+                    sums.write(run.writer, run.written, to_file, run.n_samples)
                 elif keep_on_host:
                     toucher.wait()
                     sums.flush(run.host)
@@ -413,6 +413,8 @@ def collect_on_device(run, *, max_device_bytes, max_host_bytes, keep_on_host: bo
                 with contextlib.suppress(Exception):
                     solving.result()
             background.shutdown(wait=True)
+            if to_file is not None:
+                to_file.close()  # its writes end before the file is finished or removed
             if writer is not None:
                 writer.abort()
             if sums is not None:
