@@ -273,6 +273,38 @@ def test_packed_mean_into_gives_the_factors_bits_without_the_factor(n, t, seed, 
     assert np.array_equal(packed, keep)
 
 
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 140), block=st.integers(1, 64), t=st.integers(1, 10**6), seed=st.integers(0, 2**32 - 1))
+def test_a_packed_triangle_unpacked_by_torch_gives_the_cores_bits(n, block, t, seed):
+    """``lora_da.packed``: the triangle packed from the device's row blocks is the file's order
+    (the core's ``from_packed`` builds the same factor as ``add_gram`` on the whole matrix), and
+    unpacked with torch (compute_init's way from a streamed file onto a GPU) it gives the bits
+    of the core's ``packed_mean_into``, negative zeros included, for any ``GRAM_BLOCK``."""
+    import torch
+
+    from lora_da import plan
+    from lora_da.packed import packed_columns, symmetric_mean_from_packed
+
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n + 3, n)) * 10.0 ** rng.integers(-3, 4, n)
+    x[:, rng.integers(0, n)] = -0.0  # a column of zeros: its products' sums are signed zeros
+    gram = x.T @ x
+    old = plan.GRAM_BLOCK
+    plan.GRAM_BLOCK = block
+    try:
+        rows = [torch.from_numpy(gram[a:b, :b].copy()) for a, b in plan.gram_block_rows(n)]
+        parts = list(packed_columns(rows, n))
+        packed = torch.cat([p for _, p in parts])
+        assert [s for s, _ in parts] == list(np.cumsum([0] + [p.numel() for _, p in parts])[:-1])
+        assert np.array_equal(packed.numpy(), gram.T[np.triu_indices(n)])  # column-major lower = row-major upper
+        got = symmetric_mean_from_packed(packed, n, t).numpy()
+    finally:
+        plan.GRAM_BLOCK = old
+    want = np.empty((n, n))
+    lora_da.InputFactor.packed_mean_into(n, packed.numpy(), t, want, None)
+    assert np.array_equal(got.view(np.int64), want.view(np.int64))
+
+
 def test_packed_mean_into_refuses_bad_input_by_name_and_leaves_the_buffer():
     packed = np.arange(1.0, 11.0)  # n = 4
     cases = [(dict(n=5), lora_da.ShapeError, "packed triangle for n = 5"),

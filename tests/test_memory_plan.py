@@ -761,6 +761,63 @@ def test_a_gram_of_several_blocks_is_streamed_to_disk_bit_for_bit(tmp_path, monk
     assert all(np.array_equal(again.input_factor(n), mem.input_factor(n)) for n in mem.modules)
 
 
+def threaded_staging(monkeypatch, stage_elements=100, flush_bytes=4096):
+    """The GPU's way of writing a file, on the CPU: blocks of ``stage_elements`` through two
+    buffers and a writer thread, the file flushed early every ``flush_bytes``."""
+    import functools
+
+    import lora_da.collect.device_sums as device_sums
+    import lora_da.collect.passes as passes
+    import lora_da.statistics_file as statistics_file
+
+    monkeypatch.setattr(device_sums, "STAGE_BYTES", 8 * stage_elements)
+    monkeypatch.setattr(statistics_file, "FLUSH_BYTES", flush_bytes)
+    monkeypatch.setattr(passes, "DiskStaging", functools.partial(device_sums.DiskStaging, threaded=True))
+
+
+@pytest.mark.parametrize("kw", [{}, {"output_fisher": "sequence_lowrank"}, {"max_device_bytes": 40_000}])
+def test_blocks_written_by_a_thread_while_the_next_are_staged_give_the_same_bits(tmp_path, monkeypatch, kw):
+    """Every tensor goes to the file in blocks of 100 elements through two buffers, a thread
+    writing one while the next is filled, and the file is flushed early as it grows: the
+    file's Grams (blocks of 12 rows, so packed column block by column block), Ḡ and sums
+    equal the in-memory collection's bit for bit."""
+    threaded_staging(monkeypatch)
+    monkeypatch.setattr(lora_da.plan, "GRAM_BLOCK", 12)
+    path = tmp_path / "stats.safetensors"
+    st = device_statistics(out=path, **kw)
+    mem = device_statistics(**kw)
+    for n in mem.modules:
+        for f in ("mean_grad", "input_factor", "output_factor"):
+            assert np.array_equal(getattr(mem, f)(n), getattr(st, f)(n)), (n, f)
+        if "output_fisher" in kw:
+            assert np.array_equal(mem.output_factors[n].sample_sums(), st.output_factors[n].sample_sums())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stats.safetensors"]
+
+
+def test_a_write_that_fails_leaves_no_file_and_no_thread(tmp_path, monkeypatch):
+    """The disk fills up on the writer thread's third block: the error reaches the caller,
+    the partial file is removed, and neither the writer's nor the flusher's thread is left."""
+    import errno
+    import threading
+
+    import lora_da.statistics_file as statistics_file
+
+    threaded_staging(monkeypatch)
+    real, calls = statistics_file.StatisticsWriter.write_at, {"n": 0}
+
+    def write_at(self, key, start, flat):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError(errno.ENOSPC, "No space left on device (injected)")
+        return real(self, key, start, flat)
+
+    monkeypatch.setattr(statistics_file.StatisticsWriter, "write_at", write_at)
+    with pytest.raises(OSError, match="No space left"):
+        device_statistics(out=tmp_path / "stats.safetensors")
+    assert list(tmp_path.iterdir()) == []
+    assert not [t for t in threading.enumerate() if t.name.startswith(("lora-da-writer", "lora-da-flusher"))]
+
+
 def test_out_on_the_host_path_writes_the_statistics_it_returns(tmp_path):
     """On the host path (a CPU model) ``out=`` saves the collected statistics at the end:
     the file holds what the call returns and what a collection without ``out`` gives, bit for bit."""

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from lora_da._core import CONTRACT_RESIDUAL, SOLVE_DEFAULTS, lowrank_output_precision, num_threads, solve_shared
 from lora_da.errors import InvalidArgumentError
 from lora_da.memory import PinnedBuffer, out_of_memory
+from lora_da.packed import symmetric_mean_from_packed
 from lora_da.memory import release as _release
 from lora_da.plan import DEVICE_SOLVE_WORKERS
 from lora_da.quality import warn_poor
@@ -385,6 +386,14 @@ def _input_mean_on(stats: Statistics, group: str, device, local) -> torch.Tensor
     n = factors.groups[group]["n"] if mapped else factor.n
     if getattr(local, "z", None) is None:
         local.z = PinnedBuffer()
+    if mapped and not factors.compensated(group):
+        # a streamed file's triangle: read as it is (half of Z's bytes) and unpacked on the
+        # device, where the host would spend most of a group's time on it
+        buf = local.z.get(n * (n + 1) // 2)
+        if buf is not None:
+            factors.read_packed_into(group, buf.numpy())
+            packed = buf.to(device, non_blocking=True)
+            return symmetric_mean_from_packed(packed, n, factors.groups[group]["tokens"])
     buf = local.z.get(n * n)
     if buf is None:  # no page-locked memory to be had: the pageable copy
         return torch.as_tensor((factor or factors[group]).mean(), device=device)

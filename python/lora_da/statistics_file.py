@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from dataclasses import fields as dataclass_fields
@@ -251,6 +252,14 @@ class LazyInputFactors(Mapping):
         InputFactor.packed_mean_into(info["n"], np.ascontiguousarray(self.mapped.checked(f"input.{g}")),
                                      info["tokens"], out, comp)
 
+    def compensated(self, g: str) -> bool:
+        """Whether group ``g``'s triangle has a compensation (a file saved from the host's sums)."""
+        return f"input_comp.{g}" in self.keys_
+
+    def read_packed_into(self, g: str, out: np.ndarray) -> None:
+        """Group ``g``'s packed triangle (``n(n+1)/2`` float64) read into ``out``, checked finite."""
+        self.mapped.read_into(f"input.{g}", out)
+
     def __iter__(self):
         return iter(self.groups)
 
@@ -290,11 +299,6 @@ class LazyGrads(Mapping):
 # -- a statistics file written as it is collected (SPEC §6, §7) --------------------------------
 
 
-def _packed_col_start(n: int, j: int) -> int:
-    """Offset of column ``j`` in the packed lower triangle (column-major), as the core's ``packed_col_start``."""
-    return j * n - (j * (j + 1)) // 2 + j
-
-
 class StatisticsWriter:
     """One statistics file (SPEC §6, version 2), written tensor by tensor as
     each input group's pass ends, so that the host never holds more than one
@@ -324,11 +328,13 @@ class StatisticsWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, self.tmp = temp_file_beside(self.path)
         self.fd = fd
+        self.flusher = None
         try:
             os.ftruncate(fd, 8 + self.reserved + self.end)
         except BaseException:
             self.abort()
             raise
+        self.flusher = _Flusher(fd)
 
     def _place(self, key: str, shape: list[int], start: int) -> int:
         size = 8 * int(np.prod(shape))
@@ -354,20 +360,22 @@ class StatisticsWriter:
         done = 0
         while done < len(view):
             done += os.pwrite(self.fd, view[done:], offset + done)
+        self.flusher.wrote(len(view))
+
+    def write_at(self, key: str, start: int, flat: np.ndarray) -> None:
+        """Elements ``start : start + flat.size`` of tensor ``key`` in its row-major order
+        (a 1-D float64 ``flat``): a tensor written in blocks, as they reach the host."""
+        e = self.entries[key]
+        size = int(np.prod(e["shape"]))
+        if flat.ndim != 1 or start < 0 or start + flat.size > size:
+            raise ShapeError(f"StatisticsWriter: {key}: elements {start}:{start + flat.size} of a tensor of {size}")
+        self._pwrite(flat, 8 + self.reserved + e["data_offsets"][0] + 8 * start)
 
     def write(self, key: str, array: np.ndarray) -> None:
         e = self.entries[key]
         if tuple(array.shape) != tuple(e["shape"]):
             raise ShapeError(f"StatisticsWriter: {key} has shape {tuple(array.shape)}, the layout says {tuple(e['shape'])}")
         self._pwrite(array, 8 + self.reserved + e["data_offsets"][0])
-
-    def write_gram(self, key: str, upper: np.ndarray) -> None:
-        """The packed lower triangle (column-major) from ``upper`` (``n × n``), whose row ``j``
-        from ``j`` on holds column ``j`` of the Gram's lower triangle (its transpose's rows)."""
-        n = upper.shape[0]
-        base = 8 + self.reserved + self.entries[key]["data_offsets"][0]
-        for j in range(n):
-            self._pwrite(upper[j, j:], base + 8 * _packed_col_start(n, j))
 
     def _header_bytes(self, header: dict, samples: int | None = None) -> bytes:
         entries = dict(self.entries)
@@ -385,6 +393,7 @@ class StatisticsWriter:
                 raise StatisticsFileError(f"{self.path}: the header outgrew the space reserved for it "
                                           f"({len(raw)} > {self.reserved} bytes)")
             os.pwrite(self.fd, self.reserved.to_bytes(8, "little") + raw + b" " * (self.reserved - len(raw)), 0)
+            self.flusher.stop()
             os.fsync(self.fd)
             os.close(self.fd)
             self.fd = None
@@ -394,11 +403,55 @@ class StatisticsWriter:
             raise
 
     def abort(self) -> None:
+        if self.flusher is not None:
+            self.flusher.stop()  # before the descriptor it syncs is closed
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
         if os.path.exists(self.tmp):
             os.unlink(self.tmp)
+
+
+class _Flusher:
+    """Sends a file's written pages to the disk while it is still being written (a thread
+    calling ``fdatasync`` after each ``FLUSH_BYTES`` written). The kernel would start only
+    once a tenth or so of the host's memory is dirty, and the final ``fsync`` would then wait
+    for most of the file: the disk's time overlaps the writing instead (SPEC §6 files written
+    as each pass ends)."""
+
+    def __init__(self, fd: int):
+        self.fd, self.pending, self.error = fd, 0, None
+        self.wake, self.lock, self.done = threading.Event(), threading.Lock(), False
+        self.thread = threading.Thread(target=self._run, name="lora-da-flusher", daemon=True)
+        self.thread.start()
+
+    def wrote(self, k: int) -> None:
+        with self.lock:
+            self.pending += k
+            if self.pending >= FLUSH_BYTES:
+                self.pending = 0
+                self.wake.set()
+
+    def _run(self) -> None:
+        while True:
+            self.wake.wait()
+            self.wake.clear()
+            if self.done:
+                return
+            try:
+                os.fdatasync(self.fd)
+            except OSError as e:  # the final fsync reports it again, in the writer's thread
+                self.error = e
+                return
+
+    def stop(self) -> None:
+        self.done = True
+        self.wake.set()
+        self.thread.join()
+
+
+# Bytes written between two early flushes of a statistics file (_Flusher).
+FLUSH_BYTES = 1 << 30
 
 
 def file_header(*, modules: dict[str, ModuleInfo], groups: dict, outputs: dict, n_samples: int, config: dict,

@@ -5,8 +5,10 @@ file, summed across ranks, or handed to the solves, then freed."""
 
 from __future__ import annotations
 
+import queue
 import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -16,6 +18,7 @@ from lora_da.collect.losses import as_rows, row_weights
 from lora_da.collect.targets import Target
 from lora_da.errors import InvalidArgumentError, LoraDAError, NonFiniteError, ShapeError
 from lora_da.memory import PinnedBuffer
+from lora_da.packed import packed_columns
 from lora_da.plan import FLUSH_THREADS, STAGE_BYTES, Unit, gram_block_rows
 from lora_da.statistics_file import StatisticsWriter
 
@@ -185,27 +188,29 @@ class DeviceSums:
             self.samples[name] = []
         self.batch_samples = 0
 
-    def write(self, writer: StatisticsWriter, written: dict, staging: Staging, n_samples: int) -> None:
+    def write(self, writer: StatisticsWriter, written: dict, staging: DiskStaging, n_samples: int) -> None:
         """This pass's sums into the statistics file, group by group (SPEC §6), then free them;
-        ``written`` gets each group's and module's counts for the file's header."""
+        ``written`` gets each group's and module's counts for the file's header. The blocks go
+        through ``staging`` (the file's writes overlap the next blocks' transfers)."""
         writer.set_samples(n_samples)
         for u in self.units:
             t = int(self.gram_tokens.pop(u.group))
             written["groups"][u.group] = {"n": u.n, "tokens": t}
-            # the transpose's rows hold the lower triangle's columns: the file's packed order
-            upper = lower_full(self.gram.pop(u.group), u.n).T.contiguous()
-            writer.write_gram(f"input.{u.group}", staging.host(upper))
-            del upper
+            rows = self.gram.pop(u.group)
+            for start, part in packed_columns(rows, u.n):
+                staging.put(f"input.{u.group}", start, part)
+            del rows
             for name, _ in u.modules:
-                writer.write(f"grad.{name}", staging.host(self.grad.pop(name)))
-                writer.write(f"output.{name}", self.sumsq.pop(name).cpu().numpy())
+                staging.put(f"grad.{name}", 0, self.grad.pop(name))
+                staging.put(f"output.{name}", 0, self.sumsq.pop(name))
                 samples = n_samples
                 if self.per_sample:
-                    rows = torch.cat(self.samples.pop(name)).cpu().numpy()
-                    writer.write(f"samples.{name}", rows)
+                    rows = torch.cat(self.samples.pop(name))
+                    staging.put(f"samples.{name}", 0, rows)
                     samples = rows.shape[0]
                 written["outputs"][name] = {"tokens": int(self.tokens.pop(name)), "samples": samples,
                                                  "per_sample": self.per_sample}
+        staging.wait()
 
     def reduce_across(self, group, n_samples: int, owner: dict[str, int]) -> int:
         """Sum this pass's device sums over the ranks of ``group`` into each
@@ -319,17 +324,68 @@ def symmetric_from_lower(rows: list[torch.Tensor], n: int) -> torch.Tensor:
     return full
 
 
-def lower_full(rows: list[torch.Tensor], n: int) -> torch.Tensor:
-    """An ``n × n`` matrix whose lower triangle is the Gram's (the rest is not read)."""
-    full = torch.zeros(n, n, dtype=rows[0].dtype, device=rows[0].device)
-    for (a, b), blk in zip(gram_block_rows(n), rows):
-        full[a:b, :b].copy_(blk)
-    return full
-
-
 def float64_copy(t: torch.Tensor) -> torch.Tensor:
     """lora-da's own per-call float64 copy (the fault-injection tests replace it)."""
     return t.to(torch.float64, copy=True)
+
+
+class DiskStaging:
+    """Device sums into a statistics file (SPEC §6, written as each pass ends): each block of
+    at most ``STAGE_BYTES`` is copied into one of two page-locked buffers while a thread writes
+    the other's into the file, so the link, the host's copy into the page cache and the disk
+    (the writer's early flushes) overlap. Off a GPU, or without page-locked memory, blocks are
+    written as they come. The plan counts the two buffers (``MemoryPlan.transfer_bytes``)."""
+
+    BUFFERS = 2
+
+    def __init__(self, device, writer: StatisticsWriter, threaded: bool | None = None):
+        self.writer, self.jobs = writer, []
+        self.free: queue.Queue = queue.Queue()
+        cuda = torch.device(device).type == "cuda"
+        if cuda if threaded is None else threaded:
+            for _ in range(self.BUFFERS):
+                try:
+                    self.free.put(torch.empty(STAGE_BYTES // 8, dtype=torch.float64, pin_memory=cuda))
+                except RuntimeError:  # no page-locked memory to be had
+                    break
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-da-writer") if self.free.qsize() else None
+
+    def put(self, key: str, start: int, t: torch.Tensor) -> None:
+        """Tensor ``key``'s elements from ``start`` on: ``t``'s, in row-major order."""
+        flat = t.detach().reshape(-1)
+        if self.pool is None:
+            self.writer.write_at(key, start, flat.cpu().numpy())
+            return
+        step = STAGE_BYTES // 8
+        for a in range(0, flat.numel(), step):
+            part = flat[a:a + step]
+            self._raise_done()
+            buf = self.free.get()
+            view = buf[:part.numel()]
+            view.copy_(part)
+            self.jobs.append(self.pool.submit(self._write, key, start + a, view, buf))
+
+    def _write(self, key: str, start: int, view: torch.Tensor, buf: torch.Tensor) -> None:
+        try:
+            self.writer.write_at(key, start, view.numpy())
+        finally:
+            self.free.put(buf)
+
+    def _raise_done(self) -> None:
+        done = [j for j in self.jobs if j.done()]
+        self.jobs = [j for j in self.jobs if not j.done()]
+        for j in done:
+            j.result()
+
+    def wait(self) -> None:
+        """Every block written (a write's error raised here)."""
+        jobs, self.jobs = self.jobs, []
+        for j in jobs:
+            j.result()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
 
 
 class Staging:
