@@ -59,6 +59,68 @@ class HostMemory:
         self.t.join()
 
 
+class Timed:
+    """Seconds spent in some library functions (summed over threads, calls counted), by
+    wrapping them for the duration of a block: where the keep route's time goes."""
+
+    TARGETS = [
+        ("lora_da.collect.passes", "probe"),
+        ("lora_da.collect.passes", "plan_device"),
+        ("lora_da.collect.passes", "batch_steps"),
+        ("lora_da.collect.device_sums", "DeviceSums.write"),
+        ("lora_da.statistics_file", "StatisticsWriter.write_at"),
+        ("lora_da.collect.device_sums", "DiskStaging.put"),
+        ("lora_da.collect.device_sums", "DiskStaging.wait"),
+        ("lora_da.statistics_file", "StatisticsWriter.finish"),
+        ("lora_da.statistics_file", "Mapped.checked"),
+        ("lora_da.statistics_file", "Mapped.read_into"),
+        ("lora_da.statistics_file", "LazyInputFactors.mean_into"),
+        ("lora_da.init", "_input_mean_on"),
+        ("lora_da.init", "_grad_sums_on"),
+        ("lora_da.init", "solve_on_device_or_host"),
+        ("lora_da.pipeline", "solve_on_device_or_host"),
+        ("lora_da.pipeline", "check_zero_statistics"),
+        ("lora_da.pipeline", "check_zero_gradients"),
+        ("lora_da.statistics", "Statistics.load"),
+    ]
+
+    def __enter__(self):
+        import importlib
+
+        self.seconds, self.calls, self.saved = {}, {}, []
+        lock = threading.Lock()
+        for mod_name, attr in self.TARGETS:
+            mod = importlib.import_module(mod_name)
+            owner, name = (getattr(mod, attr.split(".")[0]), attr.split(".")[1]) if "." in attr else (mod, attr)
+            if not hasattr(owner, name):
+                continue
+            real = getattr(owner, name)
+            key = f"{mod_name.split('.')[-1]}.{attr}"
+
+            def wrapped(*a, _real=real, _key=key, **k):
+                t = time.perf_counter()
+                try:
+                    return _real(*a, **k)
+                finally:
+                    with lock:
+                        self.seconds[_key] = self.seconds.get(_key, 0.0) + time.perf_counter() - t
+                        self.calls[_key] = self.calls.get(_key, 0) + 1
+
+            if isinstance(owner, type) and isinstance(owner.__dict__.get(name), (staticmethod, classmethod)):
+                continue
+            self.saved.append((owner, name, real))
+            setattr(owner, name, wrapped)
+        return self
+
+    def __exit__(self, *exc):
+        for owner, name, real in reversed(self.saved):
+            setattr(owner, name, real)
+
+    def table(self) -> str:
+        return "\n".join(f"  {k}: {v:.2f} s in {self.calls[k]} call(s)"
+                         for k, v in sorted(self.seconds.items(), key=lambda kv: -kv[1]))
+
+
 def disk_speed(folder: str, gib: int = 4) -> float:
     """Bytes per second of a sequential write of ``gib`` GiB, fsynced, then removed."""
     path = os.path.join(folder, ".bench_keep_disk_probe")
@@ -128,13 +190,16 @@ def main():
     path = os.path.join(args.dir, "bench_keep.safetensors")
     if os.path.exists(path):
         os.unlink(path)
-    with HostMemory() as hm:
+    with HostMemory() as hm, Timed() as timed:
         t = time.perf_counter()
         stats = lora_da.collect_statistics(model, batches, names, progress=False, out=path)
         t_collect = time.perf_counter() - t
+        say(f"collect_statistics(out=) {t_collect:.1f} s, in functions (summed over threads):\n{timed.table()}")
+        timed.seconds, timed.calls = {}, {}
         solved = lora_da.compute_init(stats, cfg, progress=False, device="cuda")
         torch.cuda.synchronize()
         t_keep = time.perf_counter() - t
+        say(f"compute_init {t_keep - t_collect:.1f} s, in functions (summed over threads):\n{timed.table()}")
     size = os.path.getsize(path)
     say(f"keep: {t_keep:.1f} s (collect_statistics {t_collect:.1f} s, compute_init {t_keep - t_collect:.1f} s), "
         f"file {size / 2**30:.2f} GiB, host anon {hm.anon / 2**30:.1f} GiB, rss {hm.rss / 2**30:.1f} GiB\n"
