@@ -28,7 +28,6 @@ last; logs go to ``$OUT`` when set.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import os
 import sys
@@ -191,34 +190,6 @@ def host_and_link(gib: int = 2) -> str:
     return f"host first touch {gib / touch:.1f} GiB/s; link GiB/s: " + ", ".join(out)
 
 
-@contextlib.contextmanager
-def _planner(splits=None, behind=True):
-    """The planner's choices for solves behind the next pass, as a variant of a cell."""
-    import lora_da.collect.passes as passes
-
-    saved = passes.BEHIND_SPLITS, passes.behind_fits
-    if splits is not None:
-        passes.BEHIND_SPLITS = splits
-    if not behind:
-        passes.behind_fits = lambda *a: False
-    try:
-        yield
-    finally:
-        passes.BEHIND_SPLITS, passes.behind_fits = saved
-
-
-# --variants: "default" (the planner's own choice), "sequential" (each pass solved before the
-# next, no passes added for it: the sixth session's plans), "halves"/"thirds"/"quarters" (a
-# one-pass plan cut into that many passes at most, with the solves behind)
-VARIANTS = {
-    "default": contextlib.nullcontext,
-    "sequential": lambda: _planner({True: (), False: ()}, behind=False),
-    "halves": lambda: _planner({True: (1 / 2,), False: (3 / 4, 1 / 2)}),
-    "thirds": lambda: _planner({True: (1 / 3,), False: (1 / 2,)}),
-    "quarters": lambda: _planner({True: (1 / 4,), False: (1 / 3,)}),
-}
-
-
 def run_cell(fn, filler_bytes):
     """(result, seconds, GPU peak net of the filler, host peak) or the error's first line."""
     torch.cuda.synchronize()
@@ -309,17 +280,14 @@ def grid(args, shape):
 
     if not args.skip_baseline and args.baseline_first:
         base_at = baseline()
-    variants = args.variants.split(",")
     for gib in sizes:
-        for bs, variant in ((b, v) for b in batch_sizes for v in variants):
+        for bs in batch_sizes:
             data = batched(ids, mask, bs)
             took = filler.set(gib, model_bytes)
-            with VARIANTS[variant]():
-                res, err = run_cell(lambda: (lambda inits: (inits, inits.report))(
-                    collect_and_solve(model, data, names, cfg, progress=False)), took)
-            who = "lora-da" if variant == "default" else f"lora-da, {variant}"
+            res, err = run_cell(lambda: (lambda inits: (inits, inits.report))(
+                collect_and_solve(model, data, names, cfg, progress=False)), took)
             if err:
-                rows.append((gib, bs, who, None, err, None, None))
+                rows.append((gib, bs, "lora-da", None, err, None, None))
                 say(f"card {gib} GiB, batch {bs}: {err}")
                 continue
             (inits, rep), dt, g, h = res
@@ -334,12 +302,10 @@ def grid(args, shape):
             say(f"  device solves out of memory so far (all cells): {events}; {on_host} module(s) of this cell "
                 "solved on the host")
             angle = against_first(bs, inits, plan.micro_batch)
-            cas_at.setdefault((gib, bs), dt)
-            behind = f", {rep.behind_seconds:.1f} s of solves behind the next pass" if rep.behind_seconds else ""
-            rows.append((gib, bs, who, dt, f"collect {dt - rep.solve_seconds:.1f} s{behind}, solve "
-                         f"{rep.solve_seconds:.1f} s; " + desc + "; " + angle, g, h))
-            say(f"card {gib} GiB, batch {bs}, {variant}: {dt:.1f} s (collect {dt - rep.solve_seconds:.1f}{behind}, "
-                f"solve {rep.solve_seconds:.1f}), "
+            cas_at[(gib, bs)] = dt
+            rows.append((gib, bs, "lora-da", dt, f"collect {dt - rep.solve_seconds:.1f} s, solve {rep.solve_seconds:.1f} s; "
+                         + desc + "; " + angle, g, h))
+            say(f"card {gib} GiB, batch {bs}: {dt:.1f} s (collect {dt - rep.solve_seconds:.1f}, solve {rep.solve_seconds:.1f}), "
                 f"GPU {g:.1f} GiB net, host {h:.1f} GiB; {angle}\n"
                 f"{plan.describe()}")
             del inits
@@ -435,7 +401,6 @@ def main():
     ap.add_argument("--batches", default="1,4,16", help="memory grid: batch sizes")
     ap.add_argument("--solve-workers", default=None, help="memory grid: the whole-GPU cell again at these numbers of device solves at once, e.g. 3,4")
     ap.add_argument("--baseline-first", action="store_true", help="memory grid: the baseline before the cells (a time limit then cuts cells, not it)")
-    ap.add_argument("--variants", default="default", help="memory grid: planner variants per cell, of " + ",".join(VARIANTS))
     ap.add_argument("--keep", action="store_true", help="memory grid: also the keep-statistics route at the first card")
     args = ap.parse_args()
     shape = dict(SHAPES[args.shape])

@@ -298,26 +298,3 @@ def test_the_cuda_route_meets_the_configs_tol_and_never_less_than_the_contract(t
         assert res.method == "chebyshev", res.notes
     check_route(inits, stats, cfg, cfg.damping)
 
-
-def test_solves_behind_the_next_pass_on_cuda_give_the_sequential_inits(monkeypatch):
-    """A pass's solves on their own streams while the next pass collects on the default one
-    (the sums' blocks recorded on the solves' streams): the same inits as each pass solved
-    before the next, on a float64 model whose passes are the same arithmetic."""
-    import lora_da.collect.passes as passes
-    from lora_da.pipeline import collect_and_solve
-    from lora_da.reference import subspace_sin_theta
-
-    torch.backends.cuda.matmul.allow_tf32 = False
-    ids, mask = data()
-    cfg = lora_da.LoraDAConfig(n_pop=100, rank=2, gamma=4.0)
-
-    def run():
-        return collect_and_solve(tiny_llama().cuda(), batches(ids, mask, 3), LLAMA_TARGETS, cfg, progress=False,
-                                 max_device_bytes=40_000)
-
-    sequential = run()
-    monkeypatch.setattr(passes, "behind_fits", lambda run, ps, p: p + 1 < len(ps))
-    behind = run()
-    assert len(behind.report.plan.passes) > 2 and behind.report.behind_seconds > 0
-    for n in sequential:
-        assert subspace_sin_theta(sequential[n].result.V, behind[n].result.V) <= 1e-10, n

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import math
 import numbers
 import threading
@@ -481,20 +479,15 @@ def solve_on_device_or_host(inputs, host_inputs, names, config: LoraDAConfig, pr
     return [ModuleInit(name, res, dt) for name, res in zip(names, results)]
 
 
-def on_streams(tasks, device, workers: int = DEVICE_SOLVE_WORKERS, synchronized: bool = False) -> list[ModuleInit]:
+def on_streams(tasks, device, workers: int = DEVICE_SOLVE_WORKERS) -> list[ModuleInit]:
     """Run ``tasks`` (each returns a list of :class:`ModuleInit`) in order, or on
-    CUDA over ``workers`` threads with a stream each; results in task order.
-    ``synchronized``: the caller has waited for the inputs' stream already (it may
-    be busy with other work now)."""
-    if device.type != "cuda" or (workers <= 1 or len(tasks) < 2) and not synchronized:
+    CUDA over ``workers`` threads with a stream each; results in task order."""
+    if device.type != "cuda" or workers <= 1 or len(tasks) < 2:
         return [init for task in tasks for init in task()]
-    if not synchronized:
-        torch.cuda.current_stream(device).synchronize()  # the sums are complete before other streams read them
-    # torch.linalg loads its CUDA solver libraries lazily, and that first call is not thread-safe
-    # (on a stream of its own where the default stream is busy with the next pass).
-    with torch.cuda.stream(torch.cuda.Stream(device)) if synchronized else contextlib.nullcontext():
-        one = torch.ones(1, 1, dtype=torch.float64, device=device)
-        torch.linalg.cholesky_ex(one), torch.linalg.qr(one), torch.linalg.eigh(one), torch.cholesky_inverse(one)
+    torch.cuda.current_stream(device).synchronize()  # the sums are complete before other streams read them
+    # torch.linalg loads its CUDA solver libraries lazily, and that first call is not thread-safe.
+    one = torch.ones(1, 1, dtype=torch.float64, device=device)
+    torch.linalg.cholesky_ex(one), torch.linalg.qr(one), torch.linalg.eigh(one), torch.cholesky_inverse(one)
     local = threading.local()
 
     def run(task):

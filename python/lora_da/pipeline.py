@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import time
 
-import torch
-
 from lora_da.collect.passes import collect_on_device
 from lora_da.collect.run import Run, accumulates_on_host, collect_statistics
 from lora_da.distributed import active_group, check_same_options, owners, share_inits, solve_cost
@@ -107,16 +105,13 @@ def collect_and_solve(model, dataloader, target_modules, config: LoraDAConfig, *
     inits: dict[str, ModuleInit] = {}
 
     timings = {"reduce": 0.0, "solve": 0.0, "gather": 0.0}
-    behind_seconds = [0.0]  # solves that ran while the next pass collected (not added to the wall's split)
     if group is not None:
         import torch.distributed as dist
 
         load = [0.0] * dist.get_world_size(group)  # carried over the passes
     failed: list[Exception] = []
 
-    def solve_pass(sums, n_samples: int, behind: bool = False) -> None:
-        """One pass's groups solved on the device (SPEC §3, §7); ``behind``: on a background
-        thread while the next pass collects on the default stream."""
+    def solve_pass(sums, n_samples: int) -> None:
         t0 = time.perf_counter()
         units = sums.units
         if group is not None:
@@ -130,10 +125,6 @@ def collect_and_solve(model, dataloader, target_modules, config: LoraDAConfig, *
 
         def task(unit):
             def run():
-                if behind and device.type == "cuda":
-                    # the sums were allocated on the default stream, where the next pass allocates
-                    # now: their blocks are not reused before this stream's work on them is done
-                    sums.record_stream(unit, torch.cuda.current_stream(device))
                 # Z's n × n is lora-da's own: out of memory forming it, once more after the
                 # release, then assembled on the host and solved there (SPEC §7)
                 formed, on_host = None, unit.group in collection.plan.host_solves
@@ -161,16 +152,13 @@ def collect_and_solve(model, dataloader, target_modules, config: LoraDAConfig, *
             return
         try:
             for init in on_streams([task(u) for u in collection.plan.solve_order(units)], device,
-                                    collection.plan.solve_workers, synchronized=behind):
+                                    collection.plan.solve_workers):
                 inits[init.name] = init
         except Exception as e:
             if group is None:
                 raise
             failed.append(e)  # the other ranks' passes go on; share_inits raises it everywhere
-        if behind:
-            behind_seconds[0] += time.perf_counter() - t0
-        else:
-            timings["solve"] += time.perf_counter() - t0
+        timings["solve"] += time.perf_counter() - t0
 
     t0 = time.perf_counter()
     collect_on_device(run, max_device_bytes=max_device_bytes, max_host_bytes=max_host_bytes, keep_on_host=False,
@@ -184,8 +172,8 @@ def collect_and_solve(model, dataloader, target_modules, config: LoraDAConfig, *
     total = time.perf_counter() - t0
     spent = sum(timings.values())
     report = RunReport(plan=run.plan, collect_seconds=total - spent, solve_seconds=spent,
-                       reduce_seconds=timings["reduce"], own_solve_seconds=timings["solve"],
-                       gather_seconds=timings["gather"], behind_seconds=behind_seconds[0])
+                                              reduce_seconds=timings["reduce"], own_solve_seconds=timings["solve"],
+                                              gather_seconds=timings["gather"])
     inits = Inits({n: inits[n] for n in run.targets if n in inits}, report)
     warn_poor(inits)
     check_zero_gradients(inits)

@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from lora_da.errors import InvalidArgumentError
 from lora_da.words import count
@@ -157,24 +157,11 @@ class MemoryPlan:
     solve_room: int | None = None  # device bytes a pass's sums and its solves may take together
     dense_solves: bool = False
     cuts: bool = False  # passes run top-down, each below the top from the gradient saved at its cut (collect.cuts)
-    behind: bool = False  # a pass's solves may run while the next pass collects, where both fit (solves_behind)
 
     def solve_order(self, units: list[Unit]) -> list[Unit]:
         """The order in which a pass's groups are solved (:func:`solve_order`)."""
         room = self.solve_room if self.solve_room is not None else 1 << 62
         return solve_order(units, room, self.solve_workers, self.dense_solves, self.host_solves)
-
-    def solves_behind(self, p: int) -> bool:
-        """Whether pass ``p``'s solves (in :meth:`solve_order`, on ``solve_workers`` streams) may
-        run while pass ``p + 1`` collects (SPEC §7, solves behind the next pass): the worst moment
-        of those solves (:func:`solve_peak`, which holds pass ``p``'s sums not yet solved) beside
-        the next pass's sums and its step (its reserve, with the margin) within what was free.
-        ``passes`` and ``reserves`` are in the order the passes run."""
-        if (not self.behind or self.keep_on_host or p + 1 >= len(self.passes)
-                or len(self.reserves) != len(self.passes)):
-            return False
-        peak = solve_peak(self.solve_order(self.passes[p]), self.solve_workers, self.dense_solves, self.host_solves)
-        return peak + sum(u.device_bytes for u in self.passes[p + 1]) + self.reserves[p + 1] <= self.device_free
 
     @property
     def device_bytes(self) -> int:
@@ -193,13 +180,12 @@ class MemoryPlan:
     def transfer_bytes(self) -> int:
         """Host memory of the transfers while a pass is flushed: per flush thread its
         page-locked staging (``STAGE_BYTES``), through which row blocks go straight into
-        the packed sums; written to disk, two such buffers, one filled from the device while
-        the other's block is written."""
+        the packed sums; written to disk, one group's Gram and ``Ḡ`` at a time."""
         units = [u for p in self.passes for u in p]
         if not units or not self.keep_on_host:
             return 0
         if self.to_disk:
-            return 2 * STAGE_BYTES  # collect.device_sums.DiskStaging's two buffers
+            return max(8 * u.n * u.n + 8 * max(m for _, m in u.modules) * u.n for u in units)
         return FLUSH_THREADS * STAGE_BYTES
 
     @property
@@ -247,10 +233,6 @@ class MemoryPlan:
             solves = f"{self.solve_workers} at a time" if self.solve_workers > 1 else "one at a time"
             host_s = f"; {len(self.host_solves)} group(s) solved on the host (work space too large)" if self.host_solves else ""
             lines.append(f"  solves: each pass is solved on the device, {solves}, then freed{host_s}")
-            behind = [p + 1 for p in range(len(self.passes) - 1) if self.solves_behind(p)]
-            if behind:
-                lines.append(f"  behind: the solves of pass(es) {', '.join(map(str, behind))} run on their own streams "
-                             "while the next pass collects (both fit the device)")
         if self.why:
             lines.append(f"  why: {self.why}")
         lines += [f"  note: {n}" for n in self.notes]
@@ -597,38 +579,6 @@ def choose_plan(
                    f"is estimated {alt.estimate / best.estimate:.2f}× as long")
     best.why = "; ".join(why)
     return best
-
-
-# A device solve's wall time, for choosing between plans whose solves run behind the next
-# pass and plans whose solves do not (collect.passes): seconds per ``n²(n + Σm)`` and per
-# group, fitted on the H200 with two solve streams (Llama-2-7B's 128 groups 12.5 s,
-# TinyLlama's 88 groups 4 s). Only the comparison of plans on one device uses it.
-SOLVE_SECONDS_PER_UNIT = 8.9e-14
-SOLVE_SECONDS_PER_GROUP = 0.038
-
-# The share of a pass's solves that the next pass's collection hides when they run behind
-# it: both take the device's float64 units; what is hidden is the solves' idle moments
-# (host synchronizations, small kernels) and the collection's.
-BEHIND_HIDDEN = 0.5
-
-
-def solve_seconds(units: list[Unit]) -> float:
-    """Estimated wall time of ``units``' device solves (``SOLVE_SECONDS_PER_UNIT``)."""
-    return sum(SOLVE_SECONDS_PER_UNIT * u.n * u.n * (u.n + sum(m for _, m in u.modules)) + SOLVE_SECONDS_PER_GROUP
-               for u in units)
-
-
-def run_seconds(plan: MemoryPlan, samples: int, reverse: bool = False) -> float:
-    """A plan's estimated wall time over ``samples``: its passes' collection (``estimate`` is per
-    sample) and its device solves, of which those behind a next pass are ``BEHIND_HIDDEN`` hidden.
-    ``reverse``: the passes run in the opposite order of ``plan.passes`` (cuts: top down)."""
-    order = plan.passes[::-1] if reverse else plan.passes
-    in_order = replace(plan, passes=order, reserves=plan.reserves[::-1] if reverse else plan.reserves)
-    solves = 0.0
-    for p, units in enumerate(order):
-        s = solve_seconds([u for u in units if u.group not in plan.host_solves])
-        solves += s * (1 - BEHIND_HIDDEN) if in_order.solves_behind(p) else s
-    return (plan.estimate or 0.0) * samples + solves
 
 
 # Solves running at once on a GPU, each on its own stream: one solve is a chain

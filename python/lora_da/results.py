@@ -115,9 +115,6 @@ class RunReport:
     reduce_seconds: float = 0.0  # summing the ranks' sums into their owners (under a process group)
     own_solve_seconds: float = 0.0  # this rank's solves
     gather_seconds: float = 0.0  # every rank's adapters to every rank
-    # solves that ran on their own streams while the next pass collected (SPEC §7): inside
-    # collect_seconds, not part of solve_seconds
-    behind_seconds: float = 0.0
 
 
 class Inits(dict):

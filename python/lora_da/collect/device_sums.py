@@ -263,16 +263,6 @@ class DeviceSums:
         self.units = [u for u in self.units if owner[u.group] == me]
         return int(round(float(counts[-1])))
 
-    def record_stream(self, u: Unit, stream) -> None:
-        """Mark ``u``'s sums as used on ``stream`` (a solve behind the next pass, SPEC §7): the
-        caching allocator then reuses their blocks only once that stream's work on them is done,
-        not as soon as they are freed while the default stream allocates for the next pass."""
-        tensors = list(self.gram[u.group]) + [self.gram_tokens[u.group]]
-        for name, _ in u.modules:
-            tensors += [self.grad[name], self.sumsq[name], self.tokens[name]] + list(self.samples[name])
-        for t in tensors:
-            t.record_stream(stream)
-
     def unit_statistics(self, u: Unit, n_samples: int, on_host: bool = False):
         """``Z``, and per module ``(y, Ḡ)``, of one input group (SPEC §2), on the device or,
         ``on_host``, with ``Z`` and ``y`` assembled on the host (the device had no room for the

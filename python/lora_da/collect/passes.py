@@ -12,7 +12,6 @@ import math
 import sys
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 import torch
@@ -28,8 +27,7 @@ from lora_da.errors import InvalidArgumentError, LoraDAError, NonFiniteError
 from lora_da.memory import OutOfMemoryError, out_of_memory
 from lora_da.memory import release as _release
 from lora_da.words import count
-from lora_da.plan import (DEVICE_SOLVE_WORKERS, CutModel, MemoryPlan, Step, Unit, available_host_bytes, choose_plan,
-                          run_seconds, solve_peak)
+from lora_da.plan import DEVICE_SOLVE_WORKERS, CutModel, MemoryPlan, Step, Unit, available_host_bytes, choose_plan
 from lora_da.statistics_file import StatisticsWriter, file_header
 
 
@@ -187,67 +185,23 @@ def plan_device(run, step: Step, batch: int, *, max_device_bytes, max_host_bytes
               max_solve_workers=DEVICE_SOLVE_WORKERS if dev.type == "cuda" else 1, dense_solves=dense_solves,
               merge=joins_batches(dev) and run.checkpoint_path is None and not run.per_sample)
     plan = choose_plan(units, step, **kw)
-    behind = dev.type == "cuda" and group is None and not keep_on_host  # solves behind the next pass
-
-    def valid(cut_plan) -> bool:
-        # else something from below a cut reaches the loss around it: whole passes
-        return all(run.cuts.validate(run, c, p, first[1], first[2], first[0]) for p in cut_plan.passes
-                   if (c := run.cuts.cut_of(p)) is not None)
-
-    def take(cut_plan) -> MemoryPlan:
-        run.cuts.limit = cut.row_bytes * cut.samples
-        return cut_plan
-
     if cut is not None and len(plan.passes) > 1:
         # cuts where they are cheaper than whole passes (their saved gradients take room too)
         try:
             cut_plan = choose_plan(units, step, cut=cut, **kw)
         except InvalidArgumentError:
             cut_plan = None
-        if cut_plan is not None and cut_plan.cuts and cut_plan.estimate < plan.estimate and valid(cut_plan):
-            plan = take(cut_plan)
-    if cut is not None and behind and (plan.cuts or len(plan.passes) == 1):
-        smaller = behind_plan(units, step, cut, kw, plan)
-        if smaller is not None and valid(smaller):
-            before = len(plan.passes)
-            plan = take(smaller)
-            plan.notes.append(f"{count(before, 'pass', 'passes')} made {len(plan.passes)}, so that each pass's solves "
-                              "run while the next pass collects (estimated the shorter run)")
-    plan.behind = behind
+        if (cut_plan is not None and cut_plan.cuts and cut_plan.estimate < plan.estimate
+                and all(run.cuts.validate(run, c, p, first[1], first[2], first[0]) for p in cut_plan.passes
+                        if (c := run.cuts.cut_of(p)) is not None)):
+            plan = cut_plan  # (else something from below a cut reaches the loss around it: whole passes)
+            run.cuts.limit = cut.row_bytes * cut.samples
     if not plan.cuts:
         run.cuts = None
     if step.samples < batch:
         plan.notes.insert(0, f"the first batch ({count(batch, 'sample')}) ran out of device memory in a plain forward + "
                              f"backward; it fit at {step.samples}")
     return plan
-
-
-# The passes' sums as shares of the chosen plan's largest pass, tried so that each pass's
-# solves fit beside the next pass (SPEC §7, solves behind the next pass): a one-pass plan is
-# cut in two, three or four at layers' inputs, a plan with cuts into smaller passes.
-BEHIND_SPLITS = {True: (1 / 2, 1 / 3, 1 / 4), False: (3 / 4, 1 / 2)}
-
-
-def behind_plan(units: list[Unit], step: Step, cut: CutModel, kw: dict, plan: MemoryPlan) -> MemoryPlan | None:
-    """A plan with cuts and smaller passes whose solves run behind the next pass, where its
-    estimated wall time (:func:`lora_da.plan.run_seconds`: the passes' extra forwards against
-    the solves hidden) is shorter than ``plan``'s; None where none is."""
-    best, best_t = None, run_seconds(replace(plan, behind=True), cut.samples, reverse=plan.cuts)
-    largest = max(sum(u.device_bytes for u in p) for p in plan.passes)
-    for share in BEHIND_SPLITS[len(plan.passes) == 1]:
-        cap = int(share * largest)
-        if kw.get("max_device_bytes") is not None:
-            cap = min(cap, kw["max_device_bytes"])
-        try:
-            smaller = choose_plan(units, step, cut=cut, **dict(kw, max_device_bytes=cap))
-        except InvalidArgumentError:
-            continue
-        if not smaller.cuts or len(smaller.passes) <= len(plan.passes):
-            continue
-        t = run_seconds(replace(smaller, behind=True), cut.samples, reverse=True)
-        if t < best_t:
-            best, best_t = smaller, t
-    return best
 
 
 def collect_on_device(run, *, max_device_bytes, max_host_bytes, keep_on_host: bool, on_pass=None,
@@ -294,8 +248,6 @@ def collect_on_device(run, *, max_device_bytes, max_host_bytes, keep_on_host: bo
         first_prints: list = []  # the first pass's batch fingerprints, when there are or may be several passes
         p = 0
         sums = None
-        solving = None  # the solves of the previous pass, running behind this one
-        background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-da-solves")
         try:
             while p < len(passes):
                 pass_units = passes[p]
@@ -384,17 +336,7 @@ def collect_on_device(run, *, max_device_bytes, max_host_bytes, keep_on_host: bo
                     # the solves' threads may create their CUDA libraries' handles, which take
                     # device memory outside torch's allocator: the step's cached blocks go back first
                     _release(dev)
-                    if solving is not None:  # one pass's solves at a time, as planned
-                        solving, done = None, solving
-                        done.result()
-                    if behind_fits(run, passes, p):
-                        # the sums are complete before the solves' streams read them; the next pass
-                        # collects on the default stream meanwhile
-                        if dev.type == "cuda":
-                            torch.cuda.current_stream(dev).synchronize()
-                        solving = background.submit(on_pass, sums, run.n_samples, True)
-                    else:
-                        on_pass(sums, run.n_samples, False)
+                    on_pass(sums, run.n_samples)
                 run.shrink_pass = None
                 sums = None
                 p += 1
@@ -402,17 +344,10 @@ def collect_on_device(run, *, max_device_bytes, max_host_bytes, keep_on_host: bo
                     # a micro-batch lowered in the top pass, which holds the loss's end of the
                     # step, says nothing of the cut passes below it: they start at the plan's
                     run.micro = run.plan.micro_batch
-            if solving is not None:
-                solving, done = None, solving
-                done.result()
             if writer is not None:
                 writer.finish(stream_header(run))
                 writer = None
         finally:
-            if solving is not None:  # an error in a pass: the solves behind it end before it leaves
-                with contextlib.suppress(Exception):
-                    solving.result()
-            background.shutdown(wait=True)
             if to_file is not None:
                 to_file.close()  # its writes end before the file is finished or removed
             if writer is not None:
@@ -421,20 +356,6 @@ def collect_on_device(run, *, max_device_bytes, max_host_bytes, keep_on_host: bo
                 # an error leaves this pass: its device sums go now, not when the caller drops the
                 # traceback that references this frame (a retry would run beside them)
                 sums.free()
-
-
-def behind_fits(run, passes: list, p: int) -> bool:
-    """Whether pass ``p``'s solves run while pass ``p + 1`` collects (SPEC §7): the plan says
-    they fit (:meth:`MemoryPlan.solves_behind`, with the passes as they run now) and what is
-    free now, beside pass ``p``'s sums, still holds the rest of them: the solves' peak beyond
-    those sums, the next pass's sums and its step."""
-    plan = run.plan
-    if not plan.solves_behind(p):
-        return False
-    held = sum(u.device_bytes for u in passes[p])
-    peak = solve_peak(plan.solve_order(passes[p]), plan.solve_workers, plan.dense_solves, plan.host_solves)
-    need = peak - held + sum(u.device_bytes for u in passes[p + 1]) + plan.reserves[p + 1]
-    return free_device_bytes(run.device) >= need
 
 
 def joins_batches(dev: torch.device) -> bool:
