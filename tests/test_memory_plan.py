@@ -738,6 +738,39 @@ def test_a_mapped_file_reads_each_grad_into_a_buffer_bit_for_bit_and_checked(tmp
         broken.grad_sums.read_into(name, np.empty(np.asarray(stats.grad_sums[name]).shape))
 
 
+def test_compute_init_on_a_mapped_file_asks_for_each_groups_bytes_ahead(tmp_path, monkeypatch):
+    """compute_init on a streamed file asks the kernel to read each group's triangle and Ḡ
+    ahead of its preparation (posix_fadvise WILLNEED, every range inside the file's data),
+    and gives the inits it gives from the statistics in memory, bit for bit."""
+    import os
+
+    import lora_da.init as init
+
+    if not hasattr(os, "posix_fadvise"):
+        pytest.skip("no posix_fadvise on this platform")
+    monkeypatch.setattr(init, "READ_AHEAD", 2)
+    path = tmp_path / "s.safetensors"
+    mapped = device_statistics(out=str(path))
+    mem = device_statistics()
+    size = path.stat().st_size
+    asked = []
+    real = os.posix_fadvise
+
+    def advise(fd, offset, length, advice):
+        asked.append((offset, length, advice))
+        return real(fd, offset, length, advice)
+
+    monkeypatch.setattr(os, "posix_fadvise", advise)
+    cfg = lora_da.LoraDAConfig(n_pop=100, rank=2, gamma=4.0)
+    a = lora_da.compute_init(mapped, cfg, progress=False, device="cpu")
+    b = lora_da.compute_init(mem, cfg, progress=False, device="cpu")
+    assert all(np.array_equal(a[n].A, b[n].A) and np.array_equal(a[n].B, b[n].B) for n in b)
+    # every group but the first solved (the largest) asked for: its triangle and its modules' Ḡ
+    order = sorted(mapped.groups().items(), key=lambda kv: -mapped.input_factors.groups[kv[0]]["n"])
+    assert len(asked) == sum(1 + len(names) for _, names in order[1:])
+    assert all(adv == os.POSIX_FADV_WILLNEED and 0 < off and off + n <= size for off, n, adv in asked)
+
+
 @pytest.mark.parametrize("kw", [{}, {"output_fisher": "sequence_lowrank"}])
 def test_a_gram_of_several_blocks_is_streamed_to_disk_bit_for_bit(tmp_path, monkeypatch, kw):
     """The device keeps the Gram as its lower block triangle (``GRAM_BLOCK`` rows a block): the
