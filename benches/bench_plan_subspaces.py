@@ -48,7 +48,14 @@ def main():
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--length", type=int, default=256)
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--merge", type=int, default=None,
+                    help="join small batches into steps of at most this many samples (lora_da.plan.MERGE_SAMPLES): "
+                         "with the batch, every plan's micro-batch the same")
     args = ap.parse_args()
+    if args.merge is not None:
+        import lora_da.plan
+
+        lora_da.plan.MERGE_SAMPLES = args.merge
 
     import lora_da
     from lora_da.pipeline import collect_and_solve

@@ -713,12 +713,17 @@ def test_statistics_streamed_to_disk_equal_the_in_memory_ones_bit_for_bit(tmp_pa
         st.merge(mem)
 
 
-def test_a_mapped_file_reads_each_grad_into_a_buffer_bit_for_bit_and_checked(tmp_path):
+@pytest.mark.parametrize("chunk", [None, 8 * 7])
+def test_a_mapped_file_reads_each_grad_into_a_buffer_bit_for_bit_and_checked(tmp_path, monkeypatch, chunk):
     """compute_init on a GPU reads a streamed file's Ḡ into a reused page-locked buffer
     rather than through its map: the same values as the map, and a non-finite or
     truncated tensor is still refused by name."""
     import json
 
+    import lora_da.statistics_file as statistics_file
+
+    if chunk is not None:  # reads of 7 float64 on the reading threads: every tensor in many pieces
+        monkeypatch.setattr(statistics_file, "READ_CHUNK", chunk)
     path = tmp_path / "s.safetensors"
     stats = device_statistics(out=str(path))
     for n in stats.modules:
@@ -736,6 +741,14 @@ def test_a_mapped_file_reads_each_grad_into_a_buffer_bit_for_bit_and_checked(tmp
     broken = lora_da.Statistics.load(bad, mmap=True)
     with pytest.raises(lora_da.StatisticsFileError, match=f"grad.{name}.*non-finite"):
         broken.grad_sums.read_into(name, np.empty(np.asarray(stats.grad_sums[name]).shape))
+    # cut short after it was opened: the read that finds the end says so, by name
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(raw)
+    short = lora_da.Statistics.load(cut, mmap=True)
+    with open(cut, "r+b") as f:
+        f.truncate(8 + size + start + 8 * 20)
+    with pytest.raises(lora_da.StatisticsFileError, match=f"grad.{name}.*ends early"):
+        short.grad_sums.read_into(name, np.empty(np.asarray(stats.grad_sums[name]).shape))
 
 
 def test_compute_init_on_a_mapped_file_asks_for_each_groups_bytes_ahead(tmp_path, monkeypatch):

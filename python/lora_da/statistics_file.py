@@ -177,6 +177,32 @@ def validate_header(path, header) -> tuple[dict[str, ModuleInfo], dict, dict, in
 
 # -- memory-mapped statistics (SPEC §6: read one group at a time) -------------------------
 
+# Bytes per read of a tensor read into a buffer (Mapped.read_into), and the threads that read
+# them: a tensor of 128 MiB is four reads in flight at once.
+READ_CHUNK = 32 << 20
+READ_THREADS = 8
+_READERS = None
+_READERS_LOCK = threading.Lock()
+
+
+def _pread_into(fd: int, buf: memoryview, offset: int) -> int:
+    """Bytes read into ``buf`` from ``offset`` (0 at the end of the file), no copy where the platform has ``preadv``."""
+    if hasattr(os, "preadv"):
+        return os.preadv(fd, [buf], offset)
+    data = os.pread(fd, len(buf), offset)
+    buf[:len(data)] = data
+    return len(data)
+
+
+def _readers():
+    global _READERS
+    with _READERS_LOCK:
+        if _READERS is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            _READERS = ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="lora-da-reader")
+        return _READERS
+
 _NP_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16}
 
 
@@ -238,14 +264,25 @@ class Mapped:
             out[...] = self.checked(key)
             return
         view = memoryview(out.reshape(-1)).cast("B")
-        with open(self.path, "rb", buffering=0) as f:
-            f.seek(self.base + start)
-            got = 0
-            while got < end - start:
-                k = f.readinto(view[got:])
-                if not k:
-                    raise StatisticsFileError(f"{self.path}: tensor {key!r} ends early (the file was truncated)")
-                got += k
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            def read(a: int, b: int) -> None:
+                while a < b:
+                    k = _pread_into(fd, view[a:b], self.base + start + a)
+                    if not k:
+                        raise StatisticsFileError(f"{self.path}: tensor {key!r} ends early (the file was truncated)")
+                    a += k
+
+            # in chunks on several threads: a disk serves a deeper queue faster (on the H200
+            # machine one reader got about 2 GiB/s of a file just written and no longer cached)
+            chunks = [(a, min(a + READ_CHUNK, end - start)) for a in range(0, end - start, READ_CHUNK)]
+            if len(chunks) == 1:
+                read(*chunks[0])
+            else:
+                for job in [_readers().submit(read, a, b) for a, b in chunks]:
+                    job.result()
+        finally:
+            os.close(fd)
         self.check_finite(key, out)
 
 
