@@ -784,6 +784,26 @@ def test_compute_init_on_a_mapped_file_asks_for_each_groups_bytes_ahead(tmp_path
     assert all(adv == os.POSIX_FADV_WILLNEED and 0 < off and off + n <= size for off, n, adv in asked)
 
 
+def test_groups_prepared_ahead_of_the_device_solves_are_as_many_as_fit(monkeypatch):
+    """compute_init on a GPU prepares up to PREPARE_AHEAD groups ahead of each solve, as many
+    as fit beside the solves' work spaces in the free memory, each at the largest group's
+    upload; one where nothing more fits, and one off a GPU."""
+    import torch
+
+    import lora_da.init as init
+
+    stats = device_statistics()
+    order = sorted(stats.groups().items(), key=lambda kv: -init._group_n(stats, kv[0]))
+    units = [(init._group_n(stats, g), [stats.modules[n].out_features for n in names]) for g, names in order]
+    upload = max(8 * (n * n + n * (n + 1) // 2 + sum(m * n for m in ms)) for n, ms in units)
+    work = init.DEVICE_SOLVE_WORKERS * max(8 * (3 * n * n + 2 * max(ms) * n + 2 * min(1024, n) * n) for n, ms in units)
+    cuda = torch.device("cuda")
+    for free, want in [(work + 100 * upload, init.PREPARE_AHEAD), (work + 5 * upload, 3), (work, 1), (0, 1)]:
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None, free=free: (free, 1 << 40))
+        assert init._prepare_ahead(stats, order, cuda) == want, free
+    assert init._prepare_ahead(stats, order, torch.device("cpu")) == 1
+
+
 @pytest.mark.parametrize("kw", [{}, {"output_fisher": "sequence_lowrank"}])
 def test_a_gram_of_several_blocks_is_streamed_to_disk_bit_for_bit(tmp_path, monkeypatch, kw):
     """The device keeps the Gram as its lower block triangle (``GRAM_BLOCK`` rows a block): the

@@ -309,7 +309,8 @@ def _solve_on_device(Z, ys, Gs, names, config: LoraDAConfig, precisions=None) ->
 def _compute_init_on_device(stats: Statistics, config: LoraDAConfig, groups: dict, device, progress: bool):
     out: dict[str, ModuleInit] = {}
     # Largest first: the big factorizations start while memory is least fragmented.
-    order = sorted(groups.items(), key=lambda kv: -stats.input_factors[kv[0]].n)
+    order = sorted(groups.items(), key=lambda kv: -_group_n(stats, kv[0]))
+    depth = _prepare_ahead(stats, order, device)
     bar = tqdm(total=sum(len(v) for v in groups.values()), desc="lora-da: solving", unit="module", disable=not progress)
 
     def upload(group, names):
@@ -350,8 +351,8 @@ def _compute_init_on_device(stats: Statistics, config: LoraDAConfig, groups: dic
     def task(i):
         def run():
             group, names = order[i]
-            fetch(i)
-            fetch(i + 1)
+            for k in range(i, i + 1 + depth):
+                fetch(k)
             with lock:
                 future = ahead.pop(i)
             inputs = future.result()
@@ -365,7 +366,7 @@ def _compute_init_on_device(stats: Statistics, config: LoraDAConfig, groups: dic
     try:
         for i in range(1, min(READ_AHEAD, len(order))):
             advice.submit(_will_need, stats, *order[i])
-        for i in range(min(2, len(order))):
+        for i in range(min(1 + depth, len(order))):
             fetch(i)
         for init in on_streams([task(i) for i in range(len(order))], device):
             out[init.name] = init
@@ -374,6 +375,37 @@ def _compute_init_on_device(stats: Statistics, config: LoraDAConfig, groups: dic
         advice.shutdown(wait=True, cancel_futures=True)
     bar.close()
     return {n: out[n] for n in stats.modules if n in out}
+
+
+def _group_n(stats: Statistics, group: str) -> int:
+    """A group's ``n`` without building its factor (from a mapped file that would read its triangle)."""
+    factors = stats.input_factors
+    return factors.groups[group]["n"] if isinstance(factors, LazyInputFactors) else factors[group].n
+
+
+# Groups prepared (read, checked, uploaded) ahead of each device solve, at most: on the H200
+# the 7B attention file's groups took longer to prepare (mostly the disk) than to solve, and
+# one ahead left the solves waiting.
+PREPARE_AHEAD = 4
+
+
+def _prepare_ahead(stats: Statistics, order: list, device) -> int:
+    """How many groups are prepared ahead of each solve: one off a GPU; on a GPU as many as
+    fit (up to ``PREPARE_AHEAD``) beside the solves' work spaces in what is free now, each
+    counted at the largest group's upload (its triangle, ``Z`` and every ``Ḡ`` of it)."""
+    if device.type != "cuda" or not order:
+        return 1
+    from lora_da.plan import Unit
+
+    def unit(group, names):
+        return Unit(group=group, n=_group_n(stats, group),
+                    modules=tuple((n, stats.modules[n].out_features) for n in names))
+
+    units = [unit(g, names) for g, names in order]
+    upload = max(8 * (u.n * u.n + u.n * (u.n + 1) // 2 + sum(m * u.n for _, m in u.modules)) for u in units)
+    work = DEVICE_SOLVE_WORKERS * max(u.solve_bytes for u in units)
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(1, min(PREPARE_AHEAD, (free - work) // max(upload, 1) - DEVICE_SOLVE_WORKERS))
 
 
 # Groups ahead of the one being prepared whose bytes a memory-mapped statistics file is asked

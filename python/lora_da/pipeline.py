@@ -41,7 +41,7 @@ def compute_init(
         config = config.with_rank()
         all_groups = stats.groups()
         wanted = set(stats.modules) if modules is None else set(modules)
-        costs = {g: solve_cost(stats.input_factors[g].n, [stats.modules[n].out_features for n in names],
+        costs = {g: solve_cost(stats.modules[names[0]].in_features, [stats.modules[n].out_features for n in names],
                                max(config.rank_of(n) for n in names))
                  for g, names in all_groups.items() if any(n in wanted for n in names)}
         import torch.distributed as dist
