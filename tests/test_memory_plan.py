@@ -6,6 +6,8 @@ fault injection: an allocation or a step that raises ``OutOfMemoryError``."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -861,25 +863,27 @@ def test_blocks_written_by_a_thread_while_the_next_are_staged_give_the_same_bits
 
 
 def test_a_write_that_fails_leaves_no_file_and_no_thread(tmp_path, monkeypatch):
-    """The disk fills up on the writer thread's third block: the error reaches the caller,
-    the partial file is removed, and neither the writer's nor the flusher's thread is left."""
+    """The disk fills up on the writer thread's third block: the error reaches the caller
+    naming the file, the partial file is removed, and neither the writer's nor the
+    flusher's thread is left."""
     import errno
     import threading
 
     import lora_da.statistics_file as statistics_file
 
     threaded_staging(monkeypatch)
-    real, calls = statistics_file.StatisticsWriter.write_at, {"n": 0}
+    real, calls = os.pwrite, {"n": 0}
 
-    def write_at(self, key, start, flat):
+    def pwrite(fd, data, offset):
         calls["n"] += 1
         if calls["n"] == 3:
-            raise OSError(errno.ENOSPC, "No space left on device (injected)")
-        return real(self, key, start, flat)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data, offset)
 
-    monkeypatch.setattr(statistics_file.StatisticsWriter, "write_at", write_at)
-    with pytest.raises(OSError, match="No space left"):
+    monkeypatch.setattr(statistics_file.os, "pwrite", pwrite)
+    with pytest.raises(OSError, match="No space left on device .writing the statistics file .*stats.safetensors") as e:
         device_statistics(out=tmp_path / "stats.safetensors")
+    assert e.value.errno == errno.ENOSPC
     assert list(tmp_path.iterdir()) == []
     assert not [t for t in threading.enumerate() if t.name.startswith(("lora-da-writer", "lora-da-flusher"))]
 

@@ -412,8 +412,11 @@ class StatisticsWriter:
     def _pwrite(self, data: np.ndarray, offset: int) -> None:
         view = memoryview(np.ascontiguousarray(data, dtype=np.float64)).cast("B")
         done = 0
-        while done < len(view):
-            done += os.pwrite(self.fd, view[done:], offset + done)
+        try:
+            while done < len(view):
+                done += os.pwrite(self.fd, view[done:], offset + done)
+        except OSError as e:  # a full disk, a quota: the same error, naming the file it was writing
+            raise OSError(e.errno, f"{e.strerror or e} (writing the statistics file {self.path})", self.tmp) from e
         self.flusher.wrote(len(view))
 
     def write_at(self, key: str, start: int, flat: np.ndarray) -> None:
