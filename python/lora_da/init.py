@@ -16,9 +16,9 @@ from tqdm.auto import tqdm
 from lora_da._core import CONTRACT_RESIDUAL, SOLVE_DEFAULTS, lowrank_output_precision, num_threads, solve_shared
 from lora_da.errors import InvalidArgumentError
 from lora_da.memory import PinnedBuffer, out_of_memory
-from lora_da.packed import symmetric_mean_from_packed
 from lora_da.memory import release as _release
-from lora_da.plan import DEVICE_SOLVE_WORKERS
+from lora_da.packed import symmetric_mean_from_packed
+from lora_da.plan import DEVICE_SOLVE_WORKERS, Unit
 from lora_da.quality import warn_poor
 from lora_da.results import ModuleInit, check_finite_result, with_note
 from lora_da.statistics import Statistics
@@ -395,7 +395,6 @@ def _prepare_ahead(stats: Statistics, order: list, device) -> int:
     counted at the largest group's upload (its triangle, ``Z`` and every ``Ḡ`` of it)."""
     if device.type != "cuda" or not order:
         return 1
-    from lora_da.plan import Unit
 
     def unit(group, names):
         return Unit(group=group, n=_group_n(stats, group),
@@ -432,7 +431,7 @@ def _input_mean_on(stats: Statistics, group: str, device, local) -> torch.Tensor
         return torch.as_tensor(np.ascontiguousarray(factors[group].mean()), device=device)
     mapped = isinstance(factors, LazyInputFactors)
     factor = None if mapped else factors[group]
-    n = factors.groups[group]["n"] if mapped else factor.n
+    n = _group_n(stats, group)
     if getattr(local, "z", None) is None:
         local.z = PinnedBuffer()
     if mapped and not factors.compensated(group):

@@ -185,15 +185,6 @@ _READERS = None
 _READERS_LOCK = threading.Lock()
 
 
-def _pread_into(fd: int, buf: memoryview, offset: int) -> int:
-    """Bytes read into ``buf`` from ``offset`` (0 at the end of the file), no copy where the platform has ``preadv``."""
-    if hasattr(os, "preadv"):
-        return os.preadv(fd, [buf], offset)
-    data = os.pread(fd, len(buf), offset)
-    buf[:len(data)] = data
-    return len(data)
-
-
 def _readers():
     global _READERS
     with _READERS_LOCK:
@@ -268,7 +259,7 @@ class Mapped:
         try:
             def read(a: int, b: int) -> None:
                 while a < b:
-                    k = _pread_into(fd, view[a:b], self.base + start + a)
+                    k = os.preadv(fd, [view[a:b]], self.base + start + a)  # 0: the end of the file
                     if not k:
                         raise StatisticsFileError(f"{self.path}: tensor {key!r} ends early (the file was truncated)")
                     a += k
@@ -428,12 +419,6 @@ class StatisticsWriter:
             raise ShapeError(f"StatisticsWriter: {key}: elements {start}:{start + flat.size} of a tensor of {size}")
         self._pwrite(flat, 8 + self.reserved + e["data_offsets"][0] + 8 * start)
 
-    def write(self, key: str, array: np.ndarray) -> None:
-        e = self.entries[key]
-        if tuple(array.shape) != tuple(e["shape"]):
-            raise ShapeError(f"StatisticsWriter: {key} has shape {tuple(array.shape)}, the layout says {tuple(e['shape'])}")
-        self._pwrite(array, 8 + self.reserved + e["data_offsets"][0])
-
     def _header_bytes(self, header: dict, samples: int | None = None) -> bytes:
         entries = dict(self.entries)
         if self.per_sample and samples is not None:
@@ -477,7 +462,7 @@ class _Flusher:
     as each pass ends)."""
 
     def __init__(self, fd: int):
-        self.fd, self.pending, self.error = fd, 0, None
+        self.fd, self.pending = fd, 0
         self.wake, self.lock, self.done = threading.Event(), threading.Lock(), False
         self.thread = threading.Thread(target=self._run, name="lora-da-flusher", daemon=True)
         self.thread.start()
@@ -497,8 +482,7 @@ class _Flusher:
                 return
             try:
                 os.fdatasync(self.fd)
-            except OSError as e:  # the final fsync reports it again, in the writer's thread
-                self.error = e
+            except OSError:  # the final fsync reports it again, in the writer's thread
                 return
 
     def stop(self) -> None:

@@ -112,7 +112,7 @@ def inverse_input(Z: torch.Tensor, damping: float, auto_damping: bool, name: str
     # summed left to right as the core does (cholesky.rs): torch's reduction order changes
     # between releases (2.15 moved λ's last bit against the core's)
     diag = Z.diagonal().cpu().numpy()
-    mean_diag = float(np.add.accumulate(diag)[-1]) / max(len(diag), 1) if len(diag) else 0.0
+    mean_diag = float(np.add.accumulate(diag)[-1]) / len(diag) if len(diag) else 0.0
     lam = damping
     for attempt in range(13):
         inv = _spd_inverse(Z, lam)

@@ -205,9 +205,9 @@ class DeviceSums:
                 staging.put(f"output.{name}", 0, self.sumsq.pop(name))
                 samples = n_samples
                 if self.per_sample:
-                    rows = torch.cat(self.samples.pop(name))
-                    staging.put(f"samples.{name}", 0, rows)
-                    samples = rows.shape[0]
+                    u_s = torch.cat(self.samples.pop(name))
+                    staging.put(f"samples.{name}", 0, u_s)
+                    samples = u_s.shape[0]
                 written["outputs"][name] = {"tokens": int(self.tokens.pop(name)), "samples": samples,
                                                  "per_sample": self.per_sample}
         staging.wait()
