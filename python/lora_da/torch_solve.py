@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+import threading
 import time
 
 import numpy as np
@@ -133,7 +134,7 @@ def inverse_input(Z: torch.Tensor, damping: float, auto_damping: bool, name: str
 def _spd_inverse(Z: torch.Tensor, lam: float) -> torch.Tensor | None:
     """``((Z + Zᵀ)/2 + λI)⁻¹``, symmetric, or None when the Cholesky fails or the inverse
     overflows. On a GPU at most two ``n × n`` beside ``Z`` at any time (the symmetric copy
-    and its factor, then the factor and the inverse), each freed as soon as it is used."""
+    and its factor; then the factor, inverted in place, and temporaries of ``n²/2``)."""
     n = Z.shape[0]
     if Z.device.type == "cpu":
         a = _symmetric(Z.clone()).numpy()
@@ -153,17 +154,69 @@ def _spd_inverse(Z: torch.Tensor, lam: float) -> torch.Tensor | None:
     del A
     if int(info) != 0:
         return None
-    inv = torch.cholesky_inverse(L)
-    del L
-    inv = _symmetric(inv)
+    inv = _symmetric(gram_of_lower_(lower_inverse_(L)))
     return inv if _all_finite(inv) else None
 
 
+# Order below which the halving of :func:`lower_inverse_` and :func:`gram_of_lower_` stops:
+# at n = 1024 a triangular solve or product is a single efficient kernel on an H200.
+HALVING_LEAF = 1024
+
+
+def lower_inverse_(L: torch.Tensor, leaf: int = HALVING_LEAF) -> torch.Tensor:
+    """``L ← L⁻¹`` in place for a lower-triangular ``L`` (zeros above the diagonal), by halves:
+    ``[A 0; B C]⁻¹ = [A⁻¹ 0; −C⁻¹ B A⁻¹  C⁻¹]`` (LAPACK's recursive ``trtri``). With
+    :func:`gram_of_lower_` it gives ``Z_λ⁻¹`` in ``4n³/3`` flops of matrix products, where
+    ``torch.cholesky_inverse`` solves with the identity in ``2n³`` (H200, n = 11008: 41 ms
+    against 75 ms, ``benches/bench_solve_wall.py``); the temporaries are ``n²/2`` at most."""
+    n = L.shape[0]
+    if n <= leaf:
+        eye = torch.eye(n, dtype=L.dtype, device=L.device)
+        return L.copy_(torch.linalg.solve_triangular(L, eye, upper=False))
+    h = n // 2
+    lower_inverse_(L[:h, :h], leaf)
+    lower_inverse_(L[h:, h:], leaf)
+    L[h:, :h] = torch.mm(L[h:, h:], L[h:, :h] @ L[:h, :h]).neg_()
+    return L
+
+
+def gram_of_lower_(M: torch.Tensor, leaf: int = HALVING_LEAF) -> torch.Tensor:
+    """``M ← MᵀM`` in place for a lower-triangular ``M``, by halves (LAPACK's ``lauum``):
+    with ``M = [A 0; B C]``, ``MᵀM = [AᵀA + BᵀB  BᵀC; CᵀB  CᵀC]``; ``CᵀB`` is formed while
+    ``C`` is still triangular, the upper block last. Not symmetrized (the caller does)."""
+    n = M.shape[0]
+    if n <= leaf:
+        return M.copy_(M.T @ M)
+    h = n // 2
+    A, B, C = M[:h, :h], M[h:, :h], M[h:, h:]
+    BtB = B.T @ B
+    gram_of_lower_(A, leaf).add_(BtB)
+    del BtB
+    B.copy_(C.T @ B)
+    gram_of_lower_(C, leaf)
+    M[:h, h:] = B.T
+    return M
+
+
+_starts: dict = {}
+_starts_lock = threading.Lock()
+
+
 def _start_block(n: int, k: int, device) -> torch.Tensor:
-    # Drawn on the CPU with a fixed seed: the same start on every device.
-    g = torch.Generator().manual_seed(0x10DA)
-    X = torch.randn(n, k, generator=g, dtype=torch.float64).to(device)
-    return torch.linalg.qr(X).Q
+    """The iterations' orthonormal start (``n × k``), drawn on the CPU with a fixed seed: the
+    same start on every device. Kept per device and shape (read only by its callers): a 7B
+    model's solves ask for a few shapes some 700 times, and each draw and QR held the host."""
+    key = (n, k, str(device))
+    with _starts_lock:
+        X = _starts.get(key)
+    if X is None:
+        g = torch.Generator().manual_seed(0x10DA)
+        X = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64).to(device)).Q
+        if X.device.type == "cuda":
+            torch.cuda.current_stream(X.device).synchronize()  # other streams will read it
+        with _starts_lock:
+            X = _starts.setdefault(key, X)
+    return X
 
 
 def _top_eigenvalue(S: torch.Tensor) -> float:
@@ -203,6 +256,23 @@ def _symmetric(S: torch.Tensor) -> torch.Tensor:
     return S
 
 
+def _gram(D: torch.Tensor) -> torch.Tensor:
+    """``D Dᵀ`` (rows × rows), exactly symmetric, from its lower block triangle: each block of
+    rows against the rows up to the block's end (at n = 4096, five eighths of a full product's
+    flops), the diagonal blocks averaged with their transposes, the upper blocks mirrored
+    from the lower. Temporaries of one diagonal block."""
+    n = D.shape[0]
+    W = torch.empty(n, n, dtype=D.dtype, device=D.device)
+    blocks = list(_row_blocks(n))
+    for a, b in blocks:
+        W[a:b, :b].addmm_(D[a:b], D[:b].T, beta=0.0)  # beta = 0: W's unset entries are not read
+    for a, b in blocks:
+        d = W[a:b, a:b]
+        d.copy_((d + d.T).mul_(0.5))
+        W[a:b, b:] = W[b:, a:b].T
+    return W
+
+
 def _small_eigh(H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigen-decomposition of a small projected matrix on the host: a k × k
     solve on a GPU costs a launch-bound millisecond, on the CPU microseconds."""
@@ -230,10 +300,14 @@ def chebyshev_filter(Omega: torch.Tensor, X: torch.Tensor, degree: int, a: float
     e, c = (b - a) / 2, (b + a) / 2
     sigma = e / (a0 - c)
     tau = 2.0 / sigma
-    Y = (Omega @ X - c * X) * (sigma / e)
+    Y = torch.addmm(X, Omega, X, beta=-c * sigma / e, alpha=sigma / e)
     for _ in range(1, degree):
         sigma_new = 1.0 / (tau - sigma)
-        Y_new = (Omega @ Y - c * Y) * (2.0 * sigma_new / e) - (sigma * sigma_new) * X
+        # Y_new = s (Ω′Y − cY) − σσ_new X = d (X + (2c / (eσ)) Y) + s Ω′Y with s = 2σ_new/e and
+        # d = −σσ_new: two launches, not six (at n = 4096 the launches, not the product, set a
+        # step's time on an H200)
+        s, d = 2.0 * sigma_new / e, -sigma * sigma_new
+        Y_new = torch.add(X, Y, alpha=2.0 * c / (e * sigma)).addmm_(Omega, Y, beta=d, alpha=s)
         X, Y, sigma = Y, Y_new, sigma_new
     return Y
 
@@ -250,7 +324,7 @@ def _upper_bound(Omega: torch.Tensor, lower: float) -> tuple[float, float]:
     n = Omega.shape[0]
     X = _start_block(n, min(n, 4), Omega.device)
     for i in range(12):
-        X = Omega @ X - lower * X
+        X = torch.addmm(X, Omega, X, beta=-lower)
         # orthonormal every fourth step (a QR is several launches and syncs on a GPU, the
         # product's own cost at n = 4096), columns only rescaled in between
         # (by the largest entry: a 2-norm's squares would leave the float64 range at extreme scales)
@@ -483,10 +557,10 @@ def solve_group_device(
                 # real statistics with cond(Z) = 1e8 both land 2e-10 from the
                 # reference's own Ω, as the Rust core does: that is the oracle's accuracy there).
                 delta = torch.mm(z_inv, G.T * prec[None, :]).neg_()
-                W = _symmetric(delta @ delta.T)  # ΔΔᵀ
+                W = _gram(delta)  # ΔΔᵀ
             with _stage("sigma", dev):
                 # σ² = ‖Δ‖₂² = top eigenvalue of the smaller of ΔᵀΔ and ΔΔᵀ
-                s2 = _top_eigenvalue(delta.T @ delta if m < n else W)
+                s2 = _top_eigenvalue(_gram(delta.T) if m < n else W)
             with _stage("form", dev):
                 omega = W.mul_(-alpha).add_(z_inv, alpha=beta * c_prime)  # Ω′, in W's memory
                 del W, z_inv
