@@ -70,7 +70,7 @@ class HostPeak:
         self.t.join()
 
 
-def make_model(shape: dict):
+def make_model(shape: dict, device: str = "cuda"):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(vocab_size=32000, hidden_size=shape["hidden"], intermediate_size=shape["inter"],
@@ -80,7 +80,7 @@ def make_model(shape: dict):
     prev = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
-        with torch.device("cuda"):
+        with torch.device(device):
             model = LlamaForCausalLM(cfg)
     finally:
         torch.set_default_dtype(prev)

@@ -276,3 +276,19 @@ def test_with_cuts_a_batch_the_whole_step_could_not_take_is_still_a_candidate():
     assert whole.micro_batch <= 2 and plan.micro_batch > 2 and plan.cuts
     for p, reserve in zip(plan.passes, plan.reserves):
         assert sum(u.device_bytes for u in p) + reserve <= free
+
+
+def test_a_cut_plan_describes_each_pass_budget_that_its_sums_fit():
+    """The printed plan of a cut plan states the passes' budgets (the 40 GiB run printed
+    "budget 0.00 GiB": a pass holding the whole step, which no cut pass does), each pass's
+    sums fit its own budget, and the step is named as the whole step, not what a pass holds."""
+    units, step, cut = seven_b()
+    plan = choose_plan(units, step, batch=8, device_free=int(27.4 * GiB), max_device_bytes=None, host_free=None,
+                       max_host_bytes=None, keep_on_host=False, cut=cut)
+    assert plan.cuts and len(plan.budgets) == len(plan.passes) > 1
+    for p, budget, reserve in zip(plan.passes, plan.budgets, plan.reserves):
+        assert 0 < sum(u.device_bytes for u in p) <= budget == int(27.4 * GiB) - reserve
+    text = plan.describe()
+    lo, hi = min(plan.budgets) / GiB, max(plan.budgets) / GiB
+    assert f"budget {lo:.2f} GiB–{hi:.2f} GiB a pass" in text and "budget 0.00 GiB" not in text
+    assert "a whole step (each pass holds its layers' share)" in text

@@ -144,6 +144,7 @@ class MemoryPlan:
     flush_every: int | None  # batches between flushes of device sums to the host (None: at the end of each pass)
     reserve: int = 0  # bytes held back for the model's forward and backward (the most any pass needs)
     reserves: list[int] = field(default_factory=list)  # per pass: its graph starts at its first module
+    budgets: list[int] = field(default_factory=list)  # per pass: what its sums may take beside its step
     planned_passes: int = 0  # len(passes) as planned, before any out-of-memory recovery split one
     notes: list[str] = field(default_factory=list)
     micro_batch: int | None = None  # samples per forward + backward (None: the user's batches as they come)
@@ -209,10 +210,13 @@ class MemoryPlan:
         elif self.micro_batch is not None and self.batch is not None and self.micro_batch > self.batch:
             mb = (f"; batches of {self.batch} joined into steps of up to {self.micro_batch} samples where their "
                   "shapes agree")
+        budget = gb(self.device_budget)
+        if len(set(self.budgets)) > 1:
+            budget = f"{gb(min(self.budgets))}–{budget} a pass"
         lines = [
             f"lora-da plan: {count(self.modules, 'module')} in {count(sum(len(p) for p in self.passes), 'input group')}; "
             f"{count(len(self.passes), 'pass', 'passes')} over the data{mb}",
-            f"  device: {gb(self.device_bytes)} of float64 running sums per pass (budget {gb(self.device_budget)}, "
+            f"  device: {gb(self.device_bytes)} of float64 running sums per pass (budget {budget}, "
             f"{gb(self.reserve)} held back for forward + backward, {gb(self.device_free)} free)",
         ]
         if len(set(self.reserves)) > 1:
@@ -396,7 +400,8 @@ def plan_passes(
         passes[-1].append(u)
         used += u.device_bytes
     reserves = [reserve_of(p[0], upto_of(p[-1])) if upto_of(p[-1]) is not None else reserve_of(p[0]) for p in passes]
-    plan = MemoryPlan(passes=passes, device_budget=budget_of(units[0]), host_budget=host_budget,
+    budgets = [budget_of(p[0], upto_of(p[-1])) for p in passes]
+    plan = MemoryPlan(passes=passes, device_budget=max(budgets), budgets=budgets, host_budget=host_budget,
                       keep_on_host=keep_on_host, flush_every=flush_every, reserve=max(reserves),
                       solve_workers=solve_workers, host_solves=tuple(host_solves), to_disk=to_disk,
                       device_free=device_free, reserves=reserves, planned_passes=len(passes), solve_room=room,
@@ -572,7 +577,8 @@ def choose_plan(
     best = min(candidates, key=lambda p: (round(p.estimate, 12), -p.micro_batch, -p.solve_workers))
     others = [p for p in candidates if p is not best]
     alt = min(others, key=lambda p: p.estimate) if others else None
-    why = [f"micro-batch {best.micro_batch}: a step takes ~{step_bytes(step, best.micro_batch) / GiB:.2f} GiB, "
+    whole = "a whole step (each pass holds its layers' share)" if best.cuts else "a step"
+    why = [f"micro-batch {best.micro_batch}: {whole} takes ~{step_bytes(step, best.micro_batch) / GiB:.2f} GiB, "
            f"lora-da's per-call temporaries {transient_bytes(step, best.micro_batch) / GiB:.2f} GiB"]
     if alt is not None:
         why.append(f"the next best, micro-batch {alt.micro_batch} with {count(len(alt.passes), 'pass', 'passes')}, "
