@@ -300,14 +300,14 @@ def chebyshev_filter(Omega: torch.Tensor, X: torch.Tensor, degree: int, a: float
     e, c = (b - a) / 2, (b + a) / 2
     sigma = e / (a0 - c)
     tau = 2.0 / sigma
-    Y = torch.addmm(X, Omega, X, beta=-c * sigma / e, alpha=sigma / e)
+    Y = torch.addmm(X, Omega, X, beta=-(c / e) * sigma, alpha=sigma / e)
     for _ in range(1, degree):
         sigma_new = 1.0 / (tau - sigma)
         # Y_new = s (Ω′Y − cY) − σσ_new X = d (X + (2c / (eσ)) Y) + s Ω′Y with s = 2σ_new/e and
         # d = −σσ_new: two launches, not six (at n = 4096 the launches, not the product, set a
-        # step's time on an H200)
+        # step's time on an H200).
         s, d = 2.0 * sigma_new / e, -sigma * sigma_new
-        Y_new = torch.add(X, Y, alpha=2.0 * c / (e * sigma)).addmm_(Omega, Y, beta=d, alpha=s)
+        Y_new = torch.add(X, Y, alpha=(2.0 * c / e) / sigma).addmm_(Omega, Y, beta=d, alpha=s)
         X, Y, sigma = Y, Y_new, sigma_new
     return Y
 
