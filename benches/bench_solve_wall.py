@@ -9,8 +9,9 @@
 2. ``compute_init(device="cuda")`` on real statistics of the named layers (random bf16
    weights of the shape, 64 × 512 tokens) with one and two solve streams, and the summed
    kernel time of the same call under ``torch.profiler``.
-3. ``Z_λ⁻¹`` from a Cholesky factor: ``torch.cholesky_inverse`` against a blocked
-   triangular inverse and product (``L⁻¹`` then ``L⁻ᵀL⁻¹`` by halves).
+3. ``Z_λ⁻¹`` from a Cholesky factor: ``torch.cholesky_inverse`` against the triangular
+   inverse and product by halves (``lower_inverse_`` then ``gram_of_lower_``, what the
+   device solve uses since this bench first ran).
 
 Absolute GPU times, medians of a few repeats; prints a table last.
 """
@@ -104,35 +105,9 @@ def filter_products(rows):
         del O, X, O2, X2
 
 
-def blocked_inverse(L: torch.Tensor, leaf: int = 1024) -> torch.Tensor:
-    """``L⁻¹`` of a lower-triangular ``L`` by halves: ``[A 0; B C]⁻¹ = [A⁻¹ 0; −C⁻¹BA⁻¹ C⁻¹]``."""
-    n = L.shape[0]
-    if n <= leaf:
-        return torch.linalg.solve_triangular(L, torch.eye(n, dtype=L.dtype, device=L.device), upper=False)
-    h = n // 2
-    Ai, Ci = blocked_inverse(L[:h, :h], leaf), blocked_inverse(L[h:, h:], leaf)
-    out = torch.zeros_like(L)
-    out[:h, :h], out[h:, h:] = Ai, Ci
-    out[h:, :h] = -(Ci @ (L[h:, :h] @ Ai))
-    return out
-
-
-def gram_lower(M: torch.Tensor, leaf: int = 1024) -> torch.Tensor:
-    """``MᵀM`` of a lower-triangular ``M`` by halves (LAPACK's lauum, in products)."""
-    n = M.shape[0]
-    if n <= leaf:
-        return M.T @ M
-    h = n // 2
-    A, B, C = M[:h, :h], M[h:, :h], M[h:, h:]
-    out = torch.empty_like(M)
-    out[:h, :h] = gram_lower(A, leaf) + B.T @ B
-    out[h:, :h] = C.T @ B
-    out[:h, h:] = out[h:, :h].T
-    out[h:, h:] = gram_lower(C, leaf)
-    return out
-
-
 def inverses(rows):
+    from lora_da.torch_solve import gram_of_lower_, lower_inverse_
+
     dev = torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(1)
     for n in (4096, 11008):
@@ -142,12 +117,13 @@ def inverses(rows):
         rows.append((f"Cholesky, n = {n}", wall(lambda A=A: torch.linalg.cholesky_ex(A)) * 1e3))
         rows.append((f"cholesky_inverse, n = {n}", wall(lambda L=L: torch.cholesky_inverse(L)) * 1e3))
         for leaf in (512, 1024, 2048):
-            rows.append((f"blocked L⁻¹ then L⁻ᵀL⁻¹ (leaf {leaf}), n = {n}",
-                         wall(lambda L=L, leaf=leaf: gram_lower(blocked_inverse(L, leaf), leaf)) * 1e3))
+            # on a copy of L, as _spd_inverse does on its own factor (the copy is timed too: 8n² bytes)
+            rows.append((f"L⁻¹ then L⁻ᵀL⁻¹ by halves (leaf {leaf}), n = {n}",
+                         wall(lambda L=L, leaf=leaf: gram_of_lower_(lower_inverse_(L.clone(), leaf), leaf)) * 1e3))
         ref = torch.cholesky_inverse(L)
-        ours = gram_lower(blocked_inverse(L))
+        ours = gram_of_lower_(lower_inverse_(L.clone()))
         err = float((ours - ref).abs().max() / ref.abs().max())
-        rows.append((f"blocked against cholesky_inverse, n = {n}: max difference / max", err))
+        rows.append((f"by halves against cholesky_inverse, n = {n}: max difference / max", err))
         del F, A, L, ref, ours
 
 

@@ -537,7 +537,8 @@ def on_streams(tasks, device, workers: int = DEVICE_SOLVE_WORKERS) -> list[Modul
     torch.cuda.current_stream(device).synchronize()  # the sums are complete before other streams read them
     # torch.linalg loads its CUDA solver libraries lazily, and that first call is not thread-safe.
     one = torch.ones(1, 1, dtype=torch.float64, device=device)
-    torch.linalg.cholesky_ex(one), torch.linalg.qr(one), torch.linalg.eigh(one), torch.linalg.solve_triangular(one, one, upper=False)
+    torch.linalg.cholesky_ex(one), torch.linalg.qr(one), torch.linalg.eigh(one)
+    torch.linalg.solve_triangular(one, one, upper=False)
     local = threading.local()
 
     def run(task):
