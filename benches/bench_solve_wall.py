@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import threading
 import time
@@ -29,18 +28,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+from bench_filter_product import timed  # noqa: E402
+
 
 def wall(f, repeats=5):
-    f()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        f()
-        torch.cuda.synchronize()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+    """Median wall seconds of ``f`` (``bench_filter_product.timed``), five repeats by default."""
+    return timed(f, repeats)
 
 
 def device_time(f):
