@@ -156,6 +156,30 @@ def test_gradient_checkpointing_does_not_double_count(accumulate_on):
         np.testing.assert_allclose(ckpt.input_factor(n), plain.input_factor(n), atol=1e-12)
 
 
+@pytest.mark.parametrize("accumulate_on", ["host", "device"])
+def test_collection_builds_no_generation_cache_and_restores_the_flag(accumulate_on):
+    """A decoder's key/value cache is memory no statistic needs (on a GPU, a pass whose
+    graph starts high up held every lower layer's cache beside its plan): collection runs
+    with ``use_cache`` off and gives the user's setting back, after an error too."""
+    model = tiny_llama()
+    assert model.config.use_cache is True
+    caches = []
+    model.register_forward_hook(lambda mod, args, out: caches.append(out.past_key_values))
+    ids, mask = data()
+    lora_da.collect_statistics(model, batches(ids, mask, 3), ["o_proj"], progress=False, accumulate_on=accumulate_on)
+    assert caches and all(c is None for c in caches)
+    assert model.config.use_cache is True
+    assert model(input_ids=ids[:1]).past_key_values is not None  # the user's forward caches again
+
+    def failing(model, batch):
+        raise RuntimeError("loss_fn failed")
+
+    with pytest.raises(RuntimeError, match="loss_fn failed"):
+        lora_da.collect_statistics(model, batches(ids, mask, 3), ["o_proj"], loss_fn=failing, progress=False,
+                                   accumulate_on=accumulate_on)
+    assert model.config.use_cache is True
+
+
 def labeled_data():
     """Prompt tokens carry no label; sample 3 (4 tokens) has no labeled token at all."""
     ids, mask = data()
