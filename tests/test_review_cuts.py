@@ -85,6 +85,11 @@ def test_joined_steps_after_an_unjoinable_batch_read_another_batchs_saved_rows(m
     got = one_pass(tiny_llama, bl, LLAMA_TARGETS, max_device_bytes=largest_unit(one))
     assert got.plan.cuts and calls["n"] > 2
     assert any("micro-batch lowered to 3" in n for n in got.plan.notes)
+    # the note names the pass: the first below the top layer's (those run no cut step)
+    n_passes = len(got.plan.passes)
+    first_cut = min(i for i, p in enumerate(got.plan.passes) if max(int(n.split(".")[2]) for u in p for n, _ in u.modules) < 1)
+    assert any(n.startswith(f"pass {first_cut + 1} of {n_passes}, batch 0: out of device memory; micro-batch lowered to 6")
+               for n in got.plan.notes), got.plan.notes
     assert_close(one, got)
 
 

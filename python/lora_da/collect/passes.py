@@ -273,6 +273,7 @@ def collect_on_device(run, *, max_device_bytes, max_host_bytes, keep_on_host: bo
                 # passes must agree, nor with checkpoints, which would record the moved groups as summed)
                 run.shrink_pass = (None if group is not None or run.checkpoint_path is not None
                                    else functools.partial(move_half_out, run, passes, p, sums))
+                run.where = f"pass {p + 1} of {len(passes)}, " if len(passes) > 1 else ""
                 samples = 0
                 prints = []
                 # small batches joined into the plan's steps (never with checkpoints, which follow
@@ -558,11 +559,11 @@ def steps(run, batch, bsz, index, rec, sums, check, lo: int, hi: int, skip: froz
                 if retried and not (run.shrink_pass is not None and run.shrink_pass(index)):
                     raise LoraDAError(one_sample_error(run, index, sums))
                 if not retried:
-                    note(run, f"batch {index}: out of device memory at one sample; the step redone after "
+                    note(run, f"{run.where}batch {index}: out of device memory at one sample; the step redone after "
                               "releasing the allocator's cached blocks")
             else:
                 run.micro = (k + 1) // 2
-                note(run, f"batch {index}: out of device memory; micro-batch lowered to {run.micro}, the step redone "
+                note(run, f"{run.where}batch {index}: out of device memory; micro-batch lowered to {run.micro}, the step redone "
                            f"without its {len(done)} module call(s) already summed")
             # only a step that failed at one sample counts as redone once already
             steps(run, batch, bsz, index, rec, sums, check, a, a + k, skip | done, retried=k == 1)
@@ -587,7 +588,7 @@ def move_half_out(run, passes: list, p: int, sums, index: int) -> bool:
     sums.drop(moved)
     passes[p:p + 1] = [stay, moved]
     _release(run.device)
-    note(run, f"batch {index}: out of device memory at one sample; {count(len(moved), 'input group')} moved from "
+    note(run, f"{run.where}batch {index}: out of device memory at one sample; {count(len(moved), 'input group')} moved from "
               f"pass {p + 1} to a pass of their own ({len(passes)} passes now), the step redone")
     return True
 

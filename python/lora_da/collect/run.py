@@ -182,6 +182,7 @@ class Run:
     written: dict = field(default_factory=dict)  # the counts already in that file, for its header
     shrink_pass: Callable | None = None  # during a device pass: moves half its groups out (passes.move_half_out)
     ordinal: int = 0  # the current batch's first sample within the pass (the saved gradients' rows)
+    where: str = ""  # the pass being run, as the notes name it ("pass 2 of 6, ")
     cuts: Cuts | None = None  # the layer stack's saved input gradients, when passes start at a layer (collect.cuts)
 
     @classmethod
