@@ -180,6 +180,28 @@ def test_collection_builds_no_generation_cache_and_restores_the_flag(accumulate_
     assert model.config.use_cache is True
 
 
+def test_configs_that_refuse_the_change_or_hold_other_true_values_leave_the_model_restored():
+    """A custom module's ``config`` may not be transformers': one that refuses ``use_cache``
+    (a read-only property) keeps its cache and stops nothing else from being given back; a
+    truthy value other than ``True`` is turned off and comes back as it was."""
+    from types import SimpleNamespace
+
+    from lora_da.collect.hooks import frozen
+
+    class ReadOnly:
+        use_cache = property(lambda self: True)
+
+    model = tiny_llama()
+    model.train()
+    model.model.layers[0].config = ReadOnly()
+    model.model.layers[1].config = SimpleNamespace(use_cache=1)
+    with frozen(model):
+        assert model.config.use_cache is False and model.model.layers[1].config.use_cache is False
+        assert not model.training and not any(p.requires_grad for p in model.parameters())
+    assert model.training and all(p.requires_grad for p in model.parameters())
+    assert model.config.use_cache is True and model.model.layers[1].config.use_cache == 1
+
+
 def labeled_data():
     """Prompt tokens carry no label; sample 3 (4 tokens) has no labeled token at all."""
     ids, mask = data()

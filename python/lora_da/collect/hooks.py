@@ -128,7 +128,8 @@ def frozen(model: torch.nn.Module):
     # below it beside its own graph (on the H200, 1.8 GiB at 8 samples of a 7B model), which
     # no plan counts and no statistic needs.
     configs = {id(c): c for m in model.modules() if (c := getattr(m, "config", None)) is not None
-               and getattr(c, "use_cache", None) is True}
+               and not isinstance(c, dict) and getattr(c, "use_cache", None)}
+    cache_off: list = []  # (config, its own value) of those turned off, given back last
     model.eval()
     # Gradient checkpointing (what a user short of GPU memory turns on) is active
     # only in training mode in transformers' layers: keep those layers' own flag
@@ -142,18 +143,23 @@ def frozen(model: torch.nn.Module):
             m.training = True
     try:
         for c in configs.values():
-            c.use_cache = False
+            value = c.use_cache
+            try:
+                c.use_cache = False
+            except (AttributeError, TypeError, ValueError):
+                continue  # a config that refuses the change (a read-only property): its cache stays
+            cache_off.append((c, value))
         for p in model.parameters():
             p.requires_grad_(False)
         yield
     finally:
-        for c in configs.values():
-            c.use_cache = True
         for p, r in requires.items():
             p.requires_grad_(r)
             p.grad = grads_before[p]
         for m, mode in modes.items():  # each module's own mode: a model may mix them
             m.training = mode
+        for c, value in cache_off:  # last: a config that refuses its own value back stops nothing else
+            c.use_cache = value
 
 
 def make_inputs_require_grad(model: torch.nn.Module):
