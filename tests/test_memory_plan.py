@@ -1008,3 +1008,49 @@ def test_the_page_locked_buffer_grows_is_reused_and_falls_back_once(monkeypatch)
     monkeypatch.setattr(memory.torch, "empty", fails)
     gone = memory.PinnedBuffer()
     assert gone.get(3) is None and gone.get(1) is None and made.count("failed") == 1
+
+
+# -- the host path (accumulate_on="host", or max_device_bytes=0 on a GPU) -----------------------
+
+
+def test_host_path_steps_that_run_out_of_memory_are_halved_and_lose_nothing():
+    """A step of the host path keeps its inputs and output gradients on the device until its
+    products are formed: one that runs out is redone at half its samples, from where it
+    stopped, and the statistics are those of the whole batches."""
+    from lora_da.collect import default_loss
+
+    sizes = []
+
+    def loss(model, batch):
+        sizes.append(batch["input_ids"].shape[0])
+        if sizes[-1] > 2:
+            raise OutOfMemoryError("injected: the step does not fit")
+        return default_loss(model, batch)
+
+    plain = host_statistics(bs=6)
+    got = host_statistics(bs=6, loss_fn=loss)
+    assert sizes == [6, 3, 2, 2, 2]
+    assert_same(plain, got)
+
+
+@pytest.mark.parametrize("k", [1, 4, 8])  # 8 input groups' rows per step: the first, mid-way, the last
+def test_host_path_out_of_memory_after_the_gradient_products_adds_nothing(monkeypatch, k):
+    """The rows of ``Σ x xᵀ`` are brought to the host before anything is added: a step that runs
+    out of memory there, after its ``Ḡ`` products were formed, has added nothing, and its redo
+    (two steps of 3) counts each sample once."""
+    import lora_da.collect.host_sums as host_sums
+
+    plain = host_statistics(bs=6)
+    rows = failing_on(host_sums.input_rows, {k})
+    monkeypatch.setattr(host_sums, "input_rows", rows)
+    got = host_statistics(bs=6)
+    assert rows.calls == k + 2 * 8
+    assert_same(plain, got)
+
+
+def test_host_path_out_of_memory_at_one_sample_says_what_to_do():
+    def loss(model, batch):
+        raise OutOfMemoryError("injected: nothing fits")
+
+    with pytest.raises(lora_da.LoraDAError, match="one sample per step on the host path.*shorten the sequences"):
+        host_statistics(bs=3, loss_fn=loss)

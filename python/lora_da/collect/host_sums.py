@@ -90,6 +90,10 @@ class HostSums:
         for name, gsum, sumsq, tokens, u in updates:
             if not bool(torch.isfinite(gsum).all()):
                 raise NonFiniteError(f"module {name}: the gradient overflowed float64 in batch {batch_index}")
+        # every device allocation before the first addition: a step that runs out of device
+        # memory adds nothing and is redone smaller (Run.host_steps)
+        rows = [(name, input_rows(valid_rows(x, mask)[0])) for name, t in targets.items() if groups[name] == name
+                for x, _, _ in t.calls]
         for name, gsum, sumsq, tokens, u in updates:
             acc = self.grad_sums[name]
             if isinstance(acc, torch.Tensor):
@@ -98,12 +102,9 @@ class HostSums:
                 acc += gsum.cpu().numpy()
             self.outputs[name].add_sums(sumsq, tokens, u)
             self.grads_written.add(name)
-        for name, t in targets.items():
-            if groups[name] != name:
-                continue
-            for x, _, _ in t.calls:
-                xv, _ = valid_rows(x, mask)
-                add_input_rows(self.inputs[name], xv)
+        for name, r in rows:
+            if r is not None:
+                self.inputs[name].add(r)
 
     # -- the device path's flush ---------------------------------------------------------
 
@@ -162,14 +163,14 @@ class PageToucher:
         self.thread.join()
 
 
-def add_input_rows(f: InputFactor, rows: torch.Tensor) -> None:
-    """``Σ x xᵀ`` of ``rows`` into the float64 host accumulator (exact products)."""
+def input_rows(rows: torch.Tensor) -> np.ndarray | None:
+    """``rows`` on the host as :meth:`InputFactor.add` takes them (bf16 as its bits; float16
+    exact in float32), for ``Σ x xᵀ`` in float64 (exact products); None when there are none."""
     if rows.shape[0] == 0:
-        return
+        return None
     rows = rows.detach()
     if rows.dtype == torch.bfloat16:
-        f.add(rows.cpu().contiguous().view(torch.int16).numpy().view(np.uint16))
-    elif rows.dtype == torch.float64:
-        f.add(rows.cpu().numpy())
-    else:  # float32, float16 (exact in float32)
-        f.add(rows.float().cpu().numpy())
+        return rows.cpu().contiguous().view(torch.int16).numpy().view(np.uint16)
+    if rows.dtype == torch.float64:
+        return rows.cpu().numpy()
+    return rows.float().cpu().numpy()  # float32, float16

@@ -19,10 +19,11 @@ from lora_da.collect.cuts import Cuts, ForwardCut
 from lora_da.collect.hooks import BackwardDone, Recorder, check_groups, detect_groups, frozen, make_inputs_require_grad
 from lora_da.collect.host_sums import HostSums
 from lora_da.collect.losses import LossFn, batch_size, check_losses, default_loss, slice_batch, token_mask_of
-from lora_da.collect.passes import collect_on_device
+from lora_da.collect.passes import collect_on_device, free_device_bytes, note
 from lora_da.collect.targets import Target, linear_kind, module_shape, resolve_targets
 from lora_da.distributed import active_group, agree, all_reduce_statistics, check_same_options, together
 from lora_da.errors import InvalidArgumentError, LoraDAError, NonFiniteError, ShapeError, StatisticsFileError, whole_number
+from lora_da.memory import out_of_memory, release
 from lora_da.plan import MemoryPlan, available_host_bytes
 from lora_da.statistics import Statistics
 from lora_da.statistics_file import ModuleInfo, StatisticsWriter
@@ -177,6 +178,7 @@ class Run:
     fingerprints: dict = field(default_factory=dict)  # model / data fingerprints written into checkpoints
     expected_data: str | None = None  # the resumed checkpoint's data fingerprint
     micro: int = 1  # samples per forward + backward on the planned device path (plan.micro_batch, lowered on OOM)
+    host_micro: int | None = None  # samples per step on the host path (None: each batch whole; lowered on OOM)
     finished: Statistics | None = None  # a finished checkpoint of this very pass, returned as it is
     writer: StatisticsWriter | None = None  # the statistics file each pass goes to (collect_statistics(out=...))
     written: dict = field(default_factory=dict)  # the counts already in that file, for its header
@@ -460,9 +462,7 @@ class Run:
 
         with frozen(self.model), Recorder(self.targets.values(), keep) as rec, self.bar("lora-da: collecting statistics") as bar:
             for index, batch, bsz, mask in self.batches():
-                self.forward_backward(batch, bsz, index, rec)
-                self.set_groups()
-                self.host.add_batch(self.targets, self.groups, mask, index, self.per_sample)
+                self.host_steps(batch, bsz, index, rec)
                 if not self.per_sample:
                     self.host.count_samples(bsz)
                 self.n_samples += bsz
@@ -470,6 +470,42 @@ class Run:
                 bar.update(1)
                 if self.checkpoint_due():
                     self.snapshot().save(self.checkpoint_path)
+
+    def host_steps(self, batch: dict, bsz: int, index: int, rec: Recorder) -> None:
+        """One batch of the host path in steps of ``host_micro`` samples (the whole batch until
+        a step runs out of device memory, SPEC §7). A step's rows are added only once its
+        forward, backward and float64 products have all succeeded (``HostSums.add_batch``
+        allocates before it adds), so a step that runs out is redone at half its size, and
+        nothing is lost or counted twice (SPEC §2: the sums do not depend on the split)."""
+        a = 0
+        while a < bsz:
+            k = min(self.host_micro or bsz, bsz - a)
+            sub = batch if k == bsz else slice_batch(batch, bsz, a, a + k)
+            try:
+                self.forward_backward(sub, k, index, rec)
+                self.set_groups()
+                self.host.add_batch(self.targets, self.groups, token_mask_of(sub, self.token_mask), index, self.per_sample)
+            except RuntimeError as e:
+                if not out_of_memory(e):
+                    raise
+                failed = True
+            else:
+                failed = False
+            rec.clear()  # this step's rows: not held beside the next step's
+            if failed:
+                release(self.device)
+                if k == 1:
+                    raise LoraDAError(
+                        f"collect: out of device memory at batch {index} with one sample per step on the host path "
+                        f"(each step's inputs and output gradients are kept on {self.device} until its products are "
+                        f"formed; {free_device_bytes(self.device) / 2**30:.2f} GiB free now): shorten the sequences, target "
+                        "fewer modules, turn on gradient checkpointing, or collect on the device (accumulate_on='auto')"
+                    )
+                self.host_micro = (k + 1) // 2
+                note(self, f"batch {index}: out of device memory on the host path; {k} samples per step lowered to "
+                           f"{self.host_micro}, the step redone (nothing of it had been added)")
+                continue
+            a += k
 
     def module_infos(self) -> dict[str, ModuleInfo]:
         return {name: ModuleInfo(name=name, in_features=t.n, out_features=t.m, kind=t.kind, input_group=self.groups[name])
