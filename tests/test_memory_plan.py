@@ -1054,3 +1054,39 @@ def test_host_path_out_of_memory_at_one_sample_says_what_to_do():
 
     with pytest.raises(lora_da.LoraDAError, match="one sample per step on the host path.*shorten the sequences"):
         host_statistics(bs=3, loss_fn=loss)
+
+
+def test_a_device_too_small_for_any_plan_falls_back_to_the_host_path(monkeypatch):
+    """SPEC §7: when not even one input group's sums fit beside a step, ``accumulate_on="auto"``
+    sums on the host instead, with a warning that gives the planner's reason; the probe summed
+    nothing, so the statistics and the inits are the host path's. The caller's
+    ``accumulate_on="device"`` and a one-shot iterator (the probe read its first batch) keep
+    the refusal."""
+    import lora_da.collect.run as run_mod
+
+    def as_on_a_gpu(device, max_device_bytes, accumulate_on):  # on the CPU "auto" is the host path
+        return accumulate_on == "host" or max_device_bytes == 0
+
+    monkeypatch.setattr(run_mod, "accumulates_on_host", as_on_a_gpu)
+    monkeypatch.setattr(pipeline, "accumulates_on_host", as_on_a_gpu)
+    plain = host_statistics(bs=3)
+    with pytest.warns(UserWarning, match="no device plan fits.*summed on the host.*needs .* GiB of float64 sums"):
+        got = host_statistics(bs=3, max_device_bytes=1000)
+    assert got.plan is None  # the host path's statistics
+    assert_same(plain, got)
+    with pytest.raises(lora_da.DeviceTooSmallError, match="needs .* GiB of float64 sums on the device"):
+        device_statistics(bs=3, max_device_bytes=1000)
+    ids, mask = data()
+    with pytest.raises(lora_da.DeviceTooSmallError):
+        lora_da.collect_statistics(tiny_llama(), iter(batches(ids, mask, 3)), LLAMA_TARGETS, progress=False,
+                                   max_device_bytes=1000)
+
+    cfg = lora_da.LoraDAConfig(n_pop=100, rank=2)
+    ref = lora_da.collect_and_solve(tiny_llama(), batches(ids, mask, 3), LLAMA_TARGETS, cfg, progress=False,
+                                    accumulate_on="host")
+    with pytest.warns(UserWarning, match="no device plan fits"):
+        fell = lora_da.collect_and_solve(tiny_llama(), batches(ids, mask, 3), LLAMA_TARGETS, cfg, progress=False,
+                                         max_device_bytes=1000)
+    assert list(fell) == list(ref)
+    for name in ref:
+        np.testing.assert_array_equal(fell[name].result.V, ref[name].result.V)

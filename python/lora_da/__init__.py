@@ -28,6 +28,7 @@ from lora_da.core_args import solve, solve_shared  # the core's, their numeric o
 from lora_da.adapters import get_lora_da_state_dict, initialize_lora_da_weights, save_initial_adapter
 from lora_da.collect import collect_statistics
 from lora_da.errors import (
+    DeviceTooSmallError,
     InvalidArgumentError,
     LoraDAError,
     NonFiniteError,
@@ -82,6 +83,7 @@ __all__ = [
     "InvalidArgumentError",
     "NotPositiveDefiniteError",
     "StatisticsFileError",
+    "DeviceTooSmallError",
     "PoorInitWarning",
     "POOR_GAP_REL",
 ]

@@ -13,7 +13,10 @@ about bad input are also :class:`ValueError`, so generic handlers still work:
 * ``NotPositiveDefiniteError(LoraDAError, ValueError)`` — ``Z + λI`` could not
   be factored (SPEC §3 step 1); raise the damping;
 * ``StatisticsFileError(LoraDAError, ValueError)`` — a statistics file is
-  truncated, corrupted, or from another model/version.
+  truncated, corrupted, or from another model/version;
+* ``DeviceTooSmallError(InvalidArgumentError)`` — the device cannot hold one
+  input group's float64 sums beside a step (SPEC §7); with
+  ``accumulate_on="auto"`` the collection then sums on the host instead.
 
 The classes are defined in the Rust extension, where the core raises them
 (``rust/src/python/errors.rs``), and re-exported here; they report this module as
@@ -36,6 +39,14 @@ from lora_da._core import (
     StatisticsFileError,
 )
 
+
+
+class DeviceTooSmallError(InvalidArgumentError):
+    """The planner's refusal when no plan fits the device (SPEC §7): even alone in its
+    pass, an input group's sums do not fit beside the model's step. Defined here, not in
+    the core: only the planner raises it."""
+
+
 __all__ = [
     "LoraDAError",
     "ShapeError",
@@ -43,6 +54,7 @@ __all__ = [
     "InvalidArgumentError",
     "NotPositiveDefiniteError",
     "StatisticsFileError",
+    "DeviceTooSmallError",
     "CLIError",
     "UsageError",
 ]

@@ -9,9 +9,9 @@ from __future__ import annotations
 import time
 
 from lora_da.collect.passes import collect_on_device
-from lora_da.collect.run import Run, accumulates_on_host, collect_statistics
+from lora_da.collect.run import Run, accumulates_on_host, collect_statistics, host_fallback
 from lora_da.distributed import active_group, check_same_options, owners, share_inits, solve_cost
-from lora_da.errors import InvalidArgumentError
+from lora_da.errors import DeviceTooSmallError, InvalidArgumentError
 from lora_da.init import LoraDAConfig, check_rank, on_streams, output_precisions, solve_on_device_or_host, solve_statistics
 from lora_da.memory import out_of_memory
 from lora_da.memory import release as _release
@@ -69,8 +69,9 @@ def collect_and_solve(model, dataloader, target_modules, config: LoraDAConfig, *
     On a GPU the planner's passes each end with their modules solved on the
     device and their sums freed, so a model whose statistics exceed the
     device and the host (a 7B model's are ~95 GB) still runs on one GPU.
-    With a checkpoint, or on the host path, the statistics are collected
-    first (:func:`lora_da.collect_statistics`) and then solved.
+    With a checkpoint, or on the host path (also where no device plan fits,
+    with ``accumulate_on="auto"``: a warning says so), the statistics are
+    collected first (:func:`lora_da.collect_statistics`) and then solved.
 
     Under ``torch.distributed`` (more than one rank, ``reduce_across_ranks``)
     each rank passes its shard; the statistics are summed over the ranks,
@@ -84,7 +85,8 @@ def collect_and_solve(model, dataloader, target_modules, config: LoraDAConfig, *
         check_same_options(dict(target_modules=target_modules, loss_fn=loss_fn, accumulate_on=accumulate_on,
                                 checkpoint=checkpoint_path is not None, **config.to_dict()), group,
                            "collect_and_solve")
-    if checkpoint_path is not None or accumulates_on_host(device, max_device_bytes, accumulate_on):
+    def via_statistics(accumulate_on: str) -> Inits:
+        """The statistics first (:func:`collect_statistics`), then their solves."""
         t0 = time.perf_counter()
         stats = collect_statistics(model, dataloader, target_modules, loss_fn=loss_fn, token_mask=config.token_mask,
                                    output_fisher=config.output_fisher, max_samples=max_samples,
@@ -97,6 +99,9 @@ def collect_and_solve(model, dataloader, target_modules, config: LoraDAConfig, *
                              across_ranks=group is not None)
         inits.report = RunReport(plan=stats.plan, collect_seconds=t1 - t0, solve_seconds=time.perf_counter() - t1)
         return inits
+
+    if checkpoint_path is not None or accumulates_on_host(device, max_device_bytes, accumulate_on):
+        return via_statistics(accumulate_on)
     run = Run.start(model, dataloader, target_modules, loss_fn=loss_fn, token_mask=config.token_mask,
                      output_fisher=config.output_fisher, max_samples=max_samples, checkpoint_path=None,
                      checkpoint_every=None, resume=False, progress=progress)
@@ -161,8 +166,13 @@ def collect_and_solve(model, dataloader, target_modules, config: LoraDAConfig, *
         timings["solve"] += time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    collect_on_device(run, max_device_bytes=max_device_bytes, max_host_bytes=max_host_bytes, keep_on_host=False,
-                      on_pass=solve_pass, group=group, dense_solves=config.method == "dense")
+    try:
+        collect_on_device(run, max_device_bytes=max_device_bytes, max_host_bytes=max_host_bytes, keep_on_host=False,
+                          on_pass=solve_pass, group=group, dense_solves=config.method == "dense")
+    except DeviceTooSmallError as e:
+        if not host_fallback(e, accumulate_on, group, dataloader, progress):
+            raise
+        return via_statistics("host")  # the probe summed nothing: the host path starts from the first batch
     if run.n_samples == 0:
         raise InvalidArgumentError("collect_and_solve: the dataloader yielded no sample")
     if group is not None:

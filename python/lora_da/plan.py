@@ -37,7 +37,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from lora_da.errors import InvalidArgumentError
+from lora_da.errors import DeviceTooSmallError, InvalidArgumentError
 from lora_da.words import count
 
 GiB = 1 << 30
@@ -365,7 +365,7 @@ def plan_passes(
         return b if max_device_bytes is None else min(b, max_device_bytes)
 
     def refuse(u: Unit):
-        return InvalidArgumentError(
+        return DeviceTooSmallError(
             f"plan: the input group {u.group} needs {u.device_bytes / GiB:.2f} GiB of float64 sums on the device "
             f"but the budget is {budget_of(u) / GiB:.2f} GiB ({device_free / GiB:.2f} GiB free, {reserve_of(u) / GiB:.2f} "
             f"GiB held back for forward + backward, max_device_bytes={max_device_bytes}); use a smaller batch, raise "

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
@@ -19,10 +20,11 @@ from lora_da.collect.cuts import Cuts, ForwardCut
 from lora_da.collect.hooks import BackwardDone, Recorder, check_groups, detect_groups, frozen, make_inputs_require_grad
 from lora_da.collect.host_sums import HostSums
 from lora_da.collect.losses import LossFn, batch_size, check_losses, default_loss, slice_batch, token_mask_of
-from lora_da.collect.passes import collect_on_device, free_device_bytes, note
+from lora_da.collect.passes import collect_on_device, free_device_bytes, note, one_shot
 from lora_da.collect.targets import Target, linear_kind, module_shape, resolve_targets
 from lora_da.distributed import active_group, agree, all_reduce_statistics, check_same_options, together
-from lora_da.errors import InvalidArgumentError, LoraDAError, NonFiniteError, ShapeError, StatisticsFileError, whole_number
+from lora_da.errors import (DeviceTooSmallError, InvalidArgumentError, LoraDAError, NonFiniteError, ShapeError,
+                             StatisticsFileError, whole_number)
 from lora_da.memory import out_of_memory, release
 from lora_da.plan import MemoryPlan, available_host_bytes
 from lora_da.statistics import Statistics
@@ -67,7 +69,10 @@ def collect_statistics(
     batch's rows to the host instead (slow; for a GPU short of memory). On
     the CPU the rows go to the Rust accumulators. ``accumulate_on`` ("auto",
     "device" or "host") overrides that choice (``"device"`` on a CPU model
-    runs the planned float64 path on the CPU). The model's parameters
+    runs the planned float64 path on the CPU). With ``"auto"``, a device too
+    small for any plan (one input group's sums do not fit beside a step)
+    sends the collection to the host path, with a warning; the host path
+    halves a step that runs out of device memory. The model's parameters
     receive no ``.grad`` (they are restored).
 
     Long passes: with ``checkpoint_path`` and ``checkpoint_every = N`` the
@@ -122,8 +127,18 @@ def collect_statistics(
             run.collect_on_host()
     else:
         run.check_host_floor(max_host_bytes, streaming=out is not None)
-        collect_on_device(run, max_device_bytes=max_device_bytes, max_host_bytes=max_host_bytes, keep_on_host=True,
-                              group=group, to_disk=out)
+        try:
+            collect_on_device(run, max_device_bytes=max_device_bytes, max_host_bytes=max_host_bytes,
+                              keep_on_host=True, group=group, to_disk=out)
+        except DeviceTooSmallError as e:
+            if not host_fallback(e, accumulate_on, group, dataloader, progress):
+                raise
+            return collect_statistics(model, dataloader, target_modules, loss_fn=loss_fn, token_mask=token_mask,
+                                      output_fisher=output_fisher, max_samples=max_samples,
+                                      max_device_bytes=max_device_bytes, max_host_bytes=max_host_bytes,
+                                      checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every,
+                                      resume=resume, progress=progress, accumulate_on="host",
+                                      reduce_across_ranks=reduce_across_ranks, out=out)
     if out is not None and not on_host:
         if run.n_samples == 0:
             raise InvalidArgumentError("collect_statistics: the dataloader yielded no sample")
@@ -142,6 +157,20 @@ def collect_statistics(
     total = all_reduce_statistics(stats, group)
     total.plan = stats.plan
     return total
+
+
+def host_fallback(refusal: DeviceTooSmallError, accumulate_on: str, group, dataloader, progress: bool) -> bool:
+    """Whether a device too small for any plan (SPEC §7) sends the collection to the host
+    path instead: with ``accumulate_on="auto"``, outside a process group (whose ranks plan
+    together), and when the data can be read again (the probe read the first batch; nothing
+    was summed). Says so, with the planner's reason."""
+    if accumulate_on != "auto" or group is not None or one_shot(dataloader):
+        return False
+    warnings.warn(f"lora-da: no device plan fits, so the statistics are summed on the host instead (slow): {refusal}",
+                  stacklevel=3)
+    if progress:
+        print("lora-da: no device plan fits; summing on the host instead", file=sys.stderr)
+    return True
 
 
 def accumulates_on_host(device: torch.device, max_device_bytes: int | None, accumulate_on: str) -> bool:
