@@ -1056,7 +1056,7 @@ def test_host_path_out_of_memory_at_one_sample_says_what_to_do():
         host_statistics(bs=3, loss_fn=loss)
 
 
-def test_a_device_too_small_for_any_plan_falls_back_to_the_host_path(monkeypatch):
+def test_a_device_too_small_for_any_plan_falls_back_to_the_host_path(monkeypatch, tmp_path):
     """SPEC §7: when not even one input group's sums fit beside a step, ``accumulate_on="auto"``
     sums on the host instead, with a warning that gives the planner's reason; the probe summed
     nothing, so the statistics and the inits are the host path's. The caller's
@@ -1080,6 +1080,11 @@ def test_a_device_too_small_for_any_plan_falls_back_to_the_host_path(monkeypatch
     with pytest.raises(lora_da.DeviceTooSmallError):
         lora_da.collect_statistics(tiny_llama(), iter(batches(ids, mask, 3)), LLAMA_TARGETS, progress=False,
                                    max_device_bytes=1000)
+    # out= bounds the host's memory, which the host path (all statistics held to the end) would not
+    with pytest.raises(lora_da.DeviceTooSmallError):
+        lora_da.collect_statistics(tiny_llama(), batches(ids, mask, 3), LLAMA_TARGETS, progress=False,
+                                   max_device_bytes=1000, out=str(tmp_path / "stats.safetensors"))
+    assert not (tmp_path / "stats.safetensors").exists()
 
     cfg = lora_da.LoraDAConfig(n_pop=100, rank=2)
     ref = lora_da.collect_and_solve(tiny_llama(), batches(ids, mask, 3), LLAMA_TARGETS, cfg, progress=False,
@@ -1090,3 +1095,24 @@ def test_a_device_too_small_for_any_plan_falls_back_to_the_host_path(monkeypatch
     assert list(fell) == list(ref)
     for name in ref:
         np.testing.assert_array_equal(fell[name].result.V, ref[name].result.V)
+
+
+@pytest.mark.parametrize("accumulate_on", ["host", "device"])
+def test_a_non_finite_loss_in_a_split_batch_names_the_batchs_samples(accumulate_on):
+    """Steps that split a batch (out of memory above 2 samples) number the samples of a
+    non-finite loss within the user's batch, not within the step."""
+    from lora_da.collect import default_loss
+
+    ids, mask = data()
+    poisoned = ids[2:4]
+
+    def loss(model, batch):
+        if batch["input_ids"].shape[0] > 2:
+            raise OutOfMemoryError("injected: the step does not fit")
+        losses = default_loss(model, batch)
+        bad = (batch["input_ids"][:, None, :] == poisoned[None]).all(-1).any(-1)
+        return torch.where(bad, torch.full_like(losses, float("nan")), losses)
+
+    with pytest.raises(lora_da.NonFiniteError, match=r"batch 0: non-finite loss for samples \[2, 3\]"):
+        lora_da.collect_statistics(tiny_llama(), batches(ids, mask, 6), LLAMA_TARGETS, loss_fn=loss, progress=False,
+                                   accumulate_on=accumulate_on)

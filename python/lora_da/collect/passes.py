@@ -544,6 +544,7 @@ def steps(run, batch, bsz, index, rec, sums, check, lo: int, hi: int, skip: froz
         if run.cuts is not None:
             run.cuts.rows = (run.ordinal + a, k)
         failed = False
+        run.step_start = a
         try:
             run.forward_backward(sub, k, index, rec)
             check()
@@ -551,6 +552,8 @@ def steps(run, batch, bsz, index, rec, sums, check, lo: int, hi: int, skip: froz
             if not out_of_memory(e):
                 raise
             failed = True
+        finally:
+            run.step_start = 0
         if failed:
             done = sums.abort_step()
             rec.clear()

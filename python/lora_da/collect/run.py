@@ -71,8 +71,8 @@ def collect_statistics(
     "device" or "host") overrides that choice (``"device"`` on a CPU model
     runs the planned float64 path on the CPU). With ``"auto"``, a device too
     small for any plan (one input group's sums do not fit beside a step)
-    sends the collection to the host path, with a warning; the host path
-    halves a step that runs out of device memory. The model's parameters
+    sends the collection to the host path, with a warning (not with ``out``);
+    the host path halves a step that runs out of device memory. The model's parameters
     receive no ``.grad`` (they are restored).
 
     Long passes: with ``checkpoint_path`` and ``checkpoint_every = N`` the
@@ -131,7 +131,7 @@ def collect_statistics(
             collect_on_device(run, max_device_bytes=max_device_bytes, max_host_bytes=max_host_bytes,
                               keep_on_host=True, group=group, to_disk=out)
         except DeviceTooSmallError as e:
-            if not host_fallback(e, accumulate_on, group, dataloader, progress):
+            if not host_fallback(e, accumulate_on, group, dataloader, progress, out):
                 raise
             return collect_statistics(model, dataloader, target_modules, loss_fn=loss_fn, token_mask=token_mask,
                                       output_fisher=output_fisher, max_samples=max_samples,
@@ -159,12 +159,15 @@ def collect_statistics(
     return total
 
 
-def host_fallback(refusal: DeviceTooSmallError, accumulate_on: str, group, dataloader, progress: bool) -> bool:
+def host_fallback(refusal: DeviceTooSmallError, accumulate_on: str, group, dataloader, progress: bool,
+                  out=None) -> bool:
     """Whether a device too small for any plan (SPEC §7) sends the collection to the host
     path instead: with ``accumulate_on="auto"``, outside a process group (whose ranks plan
-    together), and when the data can be read again (the probe read the first batch; nothing
-    was summed). Says so, with the planner's reason."""
-    if accumulate_on != "auto" or group is not None or one_shot(dataloader):
+    together), when the data can be read again (the probe read the first batch; nothing
+    was summed), and without ``out`` (the host path holds every statistic in host memory
+    until the end, which is what ``out`` is passed to avoid). Says so, with the planner's
+    reason."""
+    if accumulate_on != "auto" or group is not None or one_shot(dataloader) or out is not None:
         return False
     warnings.warn(f"lora-da: no device plan fits, so the statistics are summed on the host instead (slow): {refusal}",
                   stacklevel=3)
@@ -208,6 +211,7 @@ class Run:
     expected_data: str | None = None  # the resumed checkpoint's data fingerprint
     micro: int = 1  # samples per forward + backward on the planned device path (plan.micro_batch, lowered on OOM)
     host_micro: int | None = None  # samples per step on the host path (None: each batch whole; lowered on OOM)
+    step_start: int = 0  # the running step's first sample within its batch (errors name the batch's samples)
     finished: Statistics | None = None  # a finished checkpoint of this very pass, returned as it is
     writer: StatisticsWriter | None = None  # the statistics file each pass goes to (collect_statistics(out=...))
     written: dict = field(default_factory=dict)  # the counts already in that file, for its header
@@ -425,7 +429,8 @@ class Run:
             if losses.dim() != 1 or losses.shape[0] != bsz:
                 raise ShapeError(f"loss_fn must return per-sample losses of shape ({bsz},), got {tuple(losses.shape)}")
             if not torch.all(torch.isfinite(losses)):
-                bad = torch.nonzero(~torch.isfinite(losses)).flatten().tolist()
+                # numbered within the user's batch, not within the step that split it
+                bad = [self.step_start + i for i in torch.nonzero(~torch.isfinite(losses)).flatten().tolist()]
                 source = next((t.name for t in recorder.targets if any(not bool(torch.isfinite(f).all()) for f in t.seen)),
                               None)
                 where = f"module {source}: non-finite input activation in " if source else ""
@@ -510,6 +515,7 @@ class Run:
         while a < bsz:
             k = min(self.host_micro or bsz, bsz - a)
             sub = batch if k == bsz else slice_batch(batch, bsz, a, a + k)
+            self.step_start, failed = a, None
             try:
                 self.forward_backward(sub, k, index, rec)
                 self.set_groups()
@@ -517,19 +523,19 @@ class Run:
             except RuntimeError as e:
                 if not out_of_memory(e):
                     raise
-                failed = True
-            else:
-                failed = False
+                failed = e
+            finally:
+                self.step_start = 0
             rec.clear()  # this step's rows: not held beside the next step's
-            if failed:
+            if failed is not None:
                 release(self.device)
                 if k == 1:
                     raise LoraDAError(
                         f"collect: out of device memory at batch {index} with one sample per step on the host path "
                         f"(each step's inputs and output gradients are kept on {self.device} until its products are "
                         f"formed; {free_device_bytes(self.device) / 2**30:.2f} GiB free now): shorten the sequences, target "
-                        "fewer modules, turn on gradient checkpointing, or collect on the device (accumulate_on='auto')"
-                    )
+                        "fewer modules, turn on gradient checkpointing, or free device memory"
+                    ) from failed
                 self.host_micro = (k + 1) // 2
                 note(self, f"batch {index}: out of device memory on the host path; {k} samples per step lowered to "
                            f"{self.host_micro}, the step redone (nothing of it had been added)")
