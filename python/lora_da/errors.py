@@ -40,7 +40,6 @@ from lora_da._core import (
 )
 
 
-
 class DeviceTooSmallError(InvalidArgumentError):
     """The planner's refusal when no plan fits the device (SPEC §7): even alone in its
     pass, an input group's sums do not fit beside the model's step. Defined here, not in
